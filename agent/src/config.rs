@@ -1,0 +1,330 @@
+//! Agent configuration (TOML). The file says what to meter and where to send it; command-line
+//! flags say how to run this process. `validate` names the bad field.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a configuration is unusable (the binary exits 64).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("config {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("config field {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Stable identity of this agent; records are keyed by (agent_id, seq).
+    pub agent_id: String,
+    /// The server's id as the grants name it; defaults to the agent id.
+    #[serde(default)]
+    pub host_id: String,
+    /// Cloud provider operating this server.
+    pub csp: String,
+    pub collector: CollectorConfig,
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+    #[serde(default)]
+    pub source: SourceConfig,
+    /// Where the spool, key and assignment cache live.
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub spool: SpoolSettings,
+    #[serde(default)]
+    pub enforcement: EnforcementConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// `http://host:port`.
+    pub url: String,
+    #[serde(default = "default_batch")]
+    pub max_batch_records: u32,
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+}
+
+fn default_batch() -> u32 {
+    512
+}
+fn default_backoff_initial() -> u64 {
+    200
+}
+fn default_backoff_max() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingConfig {
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_window")]
+    pub window_ms: u64,
+}
+
+fn default_interval() -> u64 {
+    1_000
+}
+fn default_window() -> u64 {
+    60_000
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: default_interval(),
+            window_ms: default_window(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// The NVIDIA driver through NVML.
+    #[default]
+    Nvml,
+    /// A library path other than the system's libnvidia-ml.
+    #[serde(rename = "nvml-lib")]
+    NvmlLib { path: PathBuf },
+    /// Simulated cards from a scenario file.
+    Sim {
+        scenario: PathBuf,
+        /// Simulated seconds per real second.
+        #[serde(default = "default_speed")]
+        speed: f64,
+    },
+}
+
+fn default_speed() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSettings {
+    #[serde(default = "default_spool_max")]
+    pub max_bytes: u64,
+    #[serde(default = "default_segment")]
+    pub segment_bytes: u64,
+}
+
+fn default_spool_max() -> u64 {
+    1 << 30
+}
+fn default_segment() -> u64 {
+    8 << 20
+}
+
+impl Default for SpoolSettings {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_spool_max(),
+            segment_bytes: default_segment(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforcementMode {
+    /// Record violations, touch nothing.
+    #[default]
+    Observe,
+    /// SIGTERM, grace period, SIGKILL.
+    Terminate,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EnforcementConfig {
+    #[serde(default)]
+    pub mode: EnforcementMode,
+    #[serde(default = "default_grace")]
+    pub grace_ms: u64,
+    /// Set compute mode PROHIBITED on unassigned cards. Off unless the operator turns it on.
+    #[serde(default)]
+    pub lock_unassigned: bool,
+}
+
+fn default_grace() -> u64 {
+    10_000
+}
+
+impl Default for EnforcementConfig {
+    fn default() -> Self {
+        Self {
+            mode: EnforcementMode::Observe,
+            grace_ms: default_grace(),
+            lock_unassigned: false,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut c: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if c.host_id.is_empty() {
+            c.host_id = c.agent_id.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ident = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        };
+        if !ident(&self.agent_id) {
+            return Err(invalid(
+                "agent_id",
+                "must be 1-128 characters of letters, digits, '-', '_', '.', ':'",
+            ));
+        }
+        if !ident(&self.host_id) {
+            return Err(invalid(
+                "host_id",
+                "must be 1-128 characters of letters, digits, '-', '_', '.', ':'",
+            ));
+        }
+        if self.csp.trim().is_empty() {
+            return Err(invalid("csp", "must not be empty"));
+        }
+        let url = &self.collector.url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+            return Err(invalid(
+                "collector.url",
+                format!("{url:?} is not an http:// or https:// URL"),
+            ));
+        }
+        if self.collector.max_batch_records == 0 || self.collector.max_batch_records > 10_000 {
+            return Err(invalid("collector.max_batch_records", "must be 1..=10000"));
+        }
+        if self.collector.backoff_initial_ms == 0
+            || self.collector.backoff_max_ms < self.collector.backoff_initial_ms
+        {
+            return Err(invalid(
+                "collector.backoff_max_ms",
+                "backoff_initial_ms must be positive and not above backoff_max_ms",
+            ));
+        }
+        let s = &self.sampling;
+        if s.interval_ms < 1_000 && !matches!(self.source, SourceConfig::Sim { .. }) {
+            return Err(invalid("sampling.interval_ms", "must be at least 1000"));
+        }
+        if s.interval_ms == 0 {
+            return Err(invalid("sampling.interval_ms", "must be positive"));
+        }
+        if s.window_ms < s.interval_ms || s.window_ms % s.interval_ms != 0 {
+            return Err(invalid(
+                "sampling.window_ms",
+                "must be a positive multiple of sampling.interval_ms",
+            ));
+        }
+        if 86_400_000 % s.window_ms != 0 {
+            return Err(invalid("sampling.window_ms", "must divide a day evenly"));
+        }
+        if let SourceConfig::Sim { speed, .. } = &self.source {
+            if !(speed.is_finite() && *speed > 0.0 && *speed <= 100_000.0) {
+                return Err(invalid("source.speed", "must be in (0, 100000]"));
+            }
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(invalid("state_dir", "must not be empty"));
+        }
+        if self.spool.segment_bytes < 4096 || self.spool.max_bytes < self.spool.segment_bytes {
+            return Err(invalid(
+                "spool.max_bytes",
+                "segment_bytes must be at least 4096 and max_bytes at least segment_bytes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+agent_id = "kt-gpu-001"
+csp = "kt"
+state_dir = "/var/lib/gpumeter"
+[collector]
+url = "http://127.0.0.1:7070"
+"#;
+
+    fn parse(t: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_toml(t, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.host_id, "kt-gpu-001");
+        assert_eq!(c.sampling, SamplingConfig::default());
+        assert_eq!(c.source, SourceConfig::Nvml);
+        assert_eq!(c.enforcement.mode, EnforcementMode::Observe);
+        assert!(!c.enforcement.lock_unassigned);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (GOOD.replace("kt-gpu-001", "bad id!"), "agent_id"),
+            (
+                GOOD.replace("http://127.0.0.1:7070", "127.0.0.1"),
+                "collector.url",
+            ),
+            (
+                format!("{GOOD}[sampling]\ninterval_ms = 1000\nwindow_ms = 1500\n"),
+                "sampling.window_ms",
+            ),
+            (
+                format!("{GOOD}[sampling]\ninterval_ms = 10\n"),
+                "sampling.interval_ms",
+            ),
+            (GOOD.replace("csp = \"kt\"", "csp = \" \""), "csp"),
+        ];
+        for (text, field) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+        let e = parse(&format!("{GOOD}bogus = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = parse("agent_id = 5").unwrap_err().to_string();
+        assert!(e.contains("agent.toml"), "{e}");
+    }
+}

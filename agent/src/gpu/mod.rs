@@ -1,0 +1,155 @@
+//! GPU access: the one trait every card reading goes through, and the plain data it returns.
+//!
+//! Everything is keyed by GPU UUID, never by index. A field a card does not support is `None`,
+//! never zero. Implementations may block (NVML calls do); the agent calls them off the async
+//! runtime.
+
+pub mod nvml;
+pub mod sim;
+
+/// What a card is. Read once at start and again when cards change.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CardInfo {
+    pub uuid: String,
+    pub index: u32,
+    pub name: String,
+    pub serial: Option<String>,
+    pub pci_bus_id: Option<String>,
+    pub memory_total_bytes: Option<u64>,
+    /// `Some(true)` when MIG is enabled; `None` when the card has no MIG.
+    pub mig_enabled: Option<bool>,
+}
+
+/// Inventory of a whole server.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Inventory {
+    pub driver_version: Option<String>,
+    pub cards: Vec<CardInfo>,
+}
+
+/// A process using a card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// GPU memory used by the process, where the driver reports it.
+    pub used_memory_bytes: Option<u64>,
+    /// SM utilization of this process (percent) over the sample, where the driver reports it.
+    pub sm_util_pct: Option<u32>,
+    /// `true` for a graphics context, `false` for compute.
+    pub graphics: bool,
+}
+
+/// How a utilization figure was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UtilSource {
+    /// Averaged from the driver's sample buffer since the last read.
+    Samples,
+    /// `utilization_rates`, the driver's instantaneous figure.
+    Rates,
+    /// A simulated card.
+    Simulated,
+}
+
+/// One reading of one card.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CardSample {
+    pub uuid: String,
+    /// GPU (SM) utilization, percent.
+    pub util_pct: Option<f64>,
+    /// Memory-controller utilization, percent.
+    pub mem_util_pct: Option<f64>,
+    pub util_source: Option<UtilSource>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    /// Cumulative energy counter, millijoules since driver load (may reset).
+    pub energy_counter_mj: Option<u64>,
+    pub power_mw: Option<u32>,
+    pub temperature_c: Option<u32>,
+    pub sm_clock_mhz: Option<u32>,
+    pub mem_clock_mhz: Option<u32>,
+    pub throttle_reasons: Option<u64>,
+    pub ecc_corrected_total: Option<u64>,
+    pub ecc_uncorrected_total: Option<u64>,
+    pub processes: Vec<GpuProcess>,
+}
+
+/// What reading a card gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CardReading {
+    Ok(CardSample),
+    /// The card is gone (fallen off the bus, GPU_IS_LOST); other cards carry on.
+    Lost {
+        uuid: String,
+        reason: String,
+    },
+    /// The read failed this time.
+    Failed {
+        uuid: String,
+        reason: String,
+    },
+}
+
+impl CardReading {
+    pub fn uuid(&self) -> &str {
+        match self {
+            CardReading::Ok(s) => &s.uuid,
+            CardReading::Lost { uuid, .. } | CardReading::Failed { uuid, .. } => uuid,
+        }
+    }
+}
+
+/// A driver event (XID, ECC) seen between reads. Every occurrence is one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuEvent {
+    pub uuid: String,
+    pub at_ms: i64,
+    pub kind: GpuEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuEventKind {
+    Xid(u64),
+    EccSingleBit,
+    EccDoubleBit,
+    Lost,
+    Recovered,
+}
+
+/// Why a GPU source could not start or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("cannot load the NVML library {path}: {reason}")]
+    LibraryLoad { path: String, reason: String },
+    #[error("NVML call {call} failed: {reason}")]
+    Call { call: &'static str, reason: String },
+    #[error("bad simulation scenario {path}: {reason}")]
+    Scenario { path: String, reason: String },
+}
+
+/// Every card reading goes through this trait.
+pub trait GpuSource: Send + 'static {
+    /// Cards present now.
+    fn inventory(&mut self) -> Result<Inventory, GpuError>;
+
+    /// Reads every card. `at_ms` is the sample slot's wall-clock time; a live source reads now
+    /// and ignores it, a replayable one answers for that instant.
+    fn read(&mut self, at_ms: i64) -> Vec<CardReading>;
+
+    /// Driver events seen since the last call, oldest first.
+    fn drain_events(&mut self) -> Vec<GpuEvent>;
+
+    /// Whether the source can answer for a past instant (simulation). A late sampler then
+    /// catches up slot by slot instead of marking slots missed.
+    fn replayable(&self) -> bool {
+        false
+    }
+
+    /// Sets compute mode PROHIBITED (`true`) or back to default (`false`); used only when the
+    /// operator turns on `lock_unassigned`.
+    fn set_compute_prohibited(&mut self, _uuid: &str, _prohibited: bool) -> Result<(), GpuError> {
+        Err(GpuError::Call {
+            call: "set_compute_mode",
+            reason: "not supported by this source".into(),
+        })
+    }
+}

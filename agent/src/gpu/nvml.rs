@@ -1,0 +1,850 @@
+//! The production [`GpuSource`]: NVML through `nvml-wrapper`. The only module that touches NVML
+//! types; everything leaves it as the plain data of [`crate::gpu`].
+//!
+//! Threads: [`NvmlSource`] is driven from one blocking thread (NVML calls block). It owns a second
+//! thread that waits on NVML event sets for XID and ECC events and sends every occurrence down a
+//! channel that [`GpuSource::drain_events`] empties. Both share the library through an
+//! `Arc<Nvml>`; `Device` handles borrow the `Nvml`, so they are looked up by UUID for each read
+//! instead of being stored (a table lookup in the driver). Cards are keyed by UUID, never index.
+//!
+//! Utilization comes from the driver's sample buffers, queried with the newest timestamp seen so
+//! far per card, so every sample lands in exactly one read. The buffers are primed when a card
+//! is first seen: samples from before the agent started belong to no slot of ours.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::enum_wrappers::device::{
+    Clock, ComputeMode, EccCounter, MemoryError, Sampling, TemperatureSensor,
+};
+use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
+use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::error::{Bits, NvmlError};
+use nvml_wrapper::struct_wrappers::device::{ProcessInfo, Sample};
+use nvml_wrapper::struct_wrappers::event::EventData;
+use nvml_wrapper::{Device, EventSet, Nvml};
+use tracing::{debug, info, warn};
+
+use super::{
+    CardInfo, CardReading, CardSample, GpuError, GpuEvent, GpuEventKind, GpuProcess, GpuSource,
+    Inventory, UtilSource,
+};
+
+/// What nvml-wrapper loads when no path is given.
+const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
+
+/// How long one event-thread round waits in total; also how long stopping it can take.
+const EVENT_ROUND: Duration = Duration::from_millis(500);
+
+/// How soon the event thread tries again to register a card that refused.
+const EVENT_RETRY: Duration = Duration::from_secs(30);
+
+/// NVML's XID value for "unknown"; kept as a number so every occurrence is still counted.
+const XID_UNKNOWN: u64 = 999;
+
+/// Reads every card through NVML. `Send`: hand it to the blocking thread that samples.
+pub struct NvmlSource {
+    nvml: Arc<Nvml>,
+    cards: Vec<CardState>,
+    /// Lost/recovered transitions seen by `read`, waiting for `drain_events`.
+    transitions: Vec<GpuEvent>,
+    events: mpsc::Receiver<GpuEvent>,
+    /// Tells the event thread which cards to watch (again).
+    watch: mpsc::Sender<String>,
+    stop: Arc<AtomicBool>,
+    watcher: Option<JoinHandle<()>>,
+}
+
+/// Per-card reading state.
+struct CardState {
+    uuid: String,
+    /// Newest sample timestamps seen (µs, the driver's clock).
+    last_gpu_sample: Option<u64>,
+    last_mem_sample: Option<u64>,
+    last_process_sample: Option<u64>,
+    lost: bool,
+}
+
+/// A card answered GPU_IS_LOST; carries the reason.
+struct Lost(String);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Loads the library and initializes NVML.
+fn init(lib_path: Option<&Path>) -> Result<Nvml, GpuError> {
+    let shown = lib_path.map_or_else(|| DEFAULT_LIBRARY.to_owned(), |p| p.display().to_string());
+    let mut builder = Nvml::builder();
+    if let Some(path) = lib_path {
+        builder.lib_path(path.as_os_str());
+    }
+    builder.init().map_err(|e| match e {
+        NvmlError::LibloadingError(inner) => GpuError::LibraryLoad {
+            path: shown,
+            reason: inner.to_string(),
+        },
+        NvmlError::FailedToLoadSymbol(_) | NvmlError::LibraryNotFound => GpuError::LibraryLoad {
+            path: shown,
+            reason: e.to_string(),
+        },
+        NvmlError::DriverNotLoaded => GpuError::Call {
+            call: "nvmlInit_v2",
+            reason: format!("the NVIDIA driver is not loaded (library {shown})"),
+        },
+        other => GpuError::Call {
+            call: "nvmlInit_v2",
+            reason: other.to_string(),
+        },
+    })
+}
+
+fn call_error(call: &'static str) -> impl Fn(NvmlError) -> GpuError {
+    move |e| GpuError::Call {
+        call,
+        reason: e.to_string(),
+    }
+}
+
+/// A field's value: `None` when the card does not support it or the call failed (logged), so a
+/// missing field is absent, never zero. Only a lost card stops the read.
+fn field<T>(
+    result: Result<T, NvmlError>,
+    call: &'static str,
+    uuid: &str,
+) -> Result<Option<T>, Lost> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(NvmlError::GpuLost) => Err(Lost(format!("{call}: {}", NvmlError::GpuLost))),
+        Err(NvmlError::NotSupported) => Ok(None),
+        Err(e) => {
+            debug!(gpu = %uuid, call, error = %e, "field unavailable this read");
+            Ok(None)
+        }
+    }
+}
+
+fn sample_value(v: &SampleValue) -> f64 {
+    match *v {
+        SampleValue::F64(x) => x,
+        SampleValue::U32(x) => f64::from(x),
+        // Utilization percentages; far below f64's exact-integer range.
+        #[allow(clippy::cast_precision_loss)]
+        SampleValue::U64(x) => x as f64,
+        #[allow(clippy::cast_precision_loss)]
+        SampleValue::I64(x) => x as f64,
+    }
+}
+
+/// The mean of the samples newer than `last_seen`, and the newest timestamp among them. `None`
+/// when there is nothing new or the card keeps no sample buffer.
+fn sampled(
+    dev: &Device<'_>,
+    sampling: Sampling,
+    last_seen: Option<u64>,
+    uuid: &str,
+) -> Result<Option<(f64, u64)>, Lost> {
+    let samples: Vec<Sample> = match dev.samples(sampling, last_seen) {
+        Ok(s) => s,
+        // NOT_FOUND: no sample newer than `last_seen`.
+        Err(NvmlError::NotFound) => return Ok(None),
+        Err(e) => return field::<Vec<Sample>>(Err(e), "nvmlDeviceGetSamples", uuid).map(|_| None),
+    };
+    let Some(newest) = samples.iter().map(|s| s.timestamp).max() else {
+        return Ok(None);
+    };
+    let sum: f64 = samples.iter().map(|s| sample_value(&s.value)).sum();
+    #[allow(clippy::cast_precision_loss)] // a sample buffer holds far fewer than 2^52 entries
+    let mean = sum / samples.len() as f64;
+    Ok(Some((mean, newest)))
+}
+
+/// Throttle reasons with every bit the driver set, including ones this nvml-wrapper predates.
+fn throttle_bits(dev: &Device<'_>) -> Result<u64, NvmlError> {
+    match dev.current_throttle_reasons_strict() {
+        Ok(r) => Ok(r.bits()),
+        Err(NvmlError::IncorrectBits(Bits::U64(raw))) => Ok(raw),
+        Err(e) => Err(e),
+    }
+}
+
+fn used_memory(p: &ProcessInfo) -> Option<u64> {
+    match p.used_gpu_memory {
+        UsedGpuMemory::Used(bytes) => Some(bytes),
+        UsedGpuMemory::Unavailable => None,
+    }
+}
+
+impl CardState {
+    fn new(uuid: String) -> CardState {
+        CardState {
+            uuid,
+            last_gpu_sample: None,
+            last_mem_sample: None,
+            last_process_sample: None,
+            lost: false,
+        }
+    }
+
+    /// Skips what the driver buffered before we started watching the card.
+    fn prime(&mut self, dev: &Device<'_>) {
+        let newest = |r: Result<Vec<Sample>, NvmlError>| {
+            r.ok().and_then(|s| s.iter().map(|s| s.timestamp).max())
+        };
+        self.last_gpu_sample = newest(dev.samples(Sampling::GpuUtilization, None));
+        self.last_mem_sample = newest(dev.samples(Sampling::MemoryUtilization, None));
+        self.last_process_sample = dev
+            .process_utilization_stats(None)
+            .ok()
+            .and_then(|s| s.iter().map(|s| s.timestamp).max());
+    }
+
+    fn read(&mut self, dev: &Device<'_>) -> Result<CardSample, Lost> {
+        let uuid = self.uuid.clone();
+        let uuid = uuid.as_str();
+        let mut s = CardSample {
+            uuid: uuid.to_owned(),
+            ..CardSample::default()
+        };
+
+        let gpu = sampled(dev, Sampling::GpuUtilization, self.last_gpu_sample, uuid)?;
+        let mem = sampled(dev, Sampling::MemoryUtilization, self.last_mem_sample, uuid)?;
+        if let Some((mean, newest)) = gpu {
+            s.util_pct = Some(mean);
+            s.util_source = Some(UtilSource::Samples);
+            self.last_gpu_sample = Some(newest);
+        }
+        if let Some((mean, newest)) = mem {
+            s.mem_util_pct = Some(mean);
+            self.last_mem_sample = Some(newest);
+        }
+        if gpu.is_none() || mem.is_none() {
+            // No sample buffer (or nothing new in it): the driver's instantaneous figure.
+            let rates = field(
+                dev.utilization_rates(),
+                "nvmlDeviceGetUtilizationRates",
+                uuid,
+            )?;
+            if let Some(rates) = rates {
+                if gpu.is_none() {
+                    s.util_pct = Some(f64::from(rates.gpu));
+                    s.util_source = Some(UtilSource::Rates);
+                }
+                if mem.is_none() {
+                    s.mem_util_pct = Some(f64::from(rates.memory));
+                }
+            }
+        }
+
+        if let Some(m) = field(dev.memory_info(), "nvmlDeviceGetMemoryInfo_v2", uuid)? {
+            s.memory_used_bytes = Some(m.used);
+            s.memory_total_bytes = Some(m.total);
+        }
+        s.energy_counter_mj = field(
+            dev.total_energy_consumption(),
+            "nvmlDeviceGetTotalEnergyConsumption",
+            uuid,
+        )?;
+        s.power_mw = field(dev.power_usage(), "nvmlDeviceGetPowerUsage", uuid)?;
+        s.temperature_c = field(
+            dev.temperature(TemperatureSensor::Gpu),
+            "nvmlDeviceGetTemperature",
+            uuid,
+        )?;
+        s.sm_clock_mhz = field(dev.clock_info(Clock::SM), "nvmlDeviceGetClockInfo", uuid)?;
+        s.mem_clock_mhz = field(
+            dev.clock_info(Clock::Memory),
+            "nvmlDeviceGetClockInfo",
+            uuid,
+        )?;
+        s.throttle_reasons = field(
+            throttle_bits(dev),
+            "nvmlDeviceGetCurrentClocksThrottleReasons",
+            uuid,
+        )?;
+        s.ecc_corrected_total = field(
+            dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile),
+            "nvmlDeviceGetTotalEccErrors",
+            uuid,
+        )?;
+        s.ecc_uncorrected_total = field(
+            dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
+            "nvmlDeviceGetTotalEccErrors",
+            uuid,
+        )?;
+
+        let compute = field(
+            dev.running_compute_processes(),
+            "nvmlDeviceGetComputeRunningProcesses_v3",
+            uuid,
+        )?;
+        let graphics = field(
+            dev.running_graphics_processes(),
+            "nvmlDeviceGetGraphicsRunningProcesses_v3",
+            uuid,
+        )?;
+        for p in compute.iter().flatten() {
+            s.processes.push(GpuProcess {
+                pid: p.pid,
+                used_memory_bytes: used_memory(p),
+                sm_util_pct: None,
+                graphics: false,
+            });
+        }
+        // A process with both contexts is listed once, as compute (where its CUDA work is).
+        for p in graphics.iter().flatten() {
+            if !s.processes.iter().any(|q| q.pid == p.pid) {
+                s.processes.push(GpuProcess {
+                    pid: p.pid,
+                    used_memory_bytes: used_memory(p),
+                    sm_util_pct: None,
+                    graphics: true,
+                });
+            }
+        }
+        self.read_process_utilization(dev, &mut s.processes)?;
+        Ok(s)
+    }
+
+    /// Per-process SM utilization: the mean of each process's samples since the last read. The
+    /// driver only samples processes that were busy, so a process without samples while the
+    /// query works was idle: 0, not absent.
+    fn read_process_utilization(
+        &mut self,
+        dev: &Device<'_>,
+        processes: &mut [GpuProcess],
+    ) -> Result<(), Lost> {
+        let samples = match dev.process_utilization_stats(self.last_process_sample) {
+            Ok(samples) => samples,
+            Err(NvmlError::NotFound) => Vec::new(),
+            Err(e) => {
+                field::<()>(Err(e), "nvmlDeviceGetProcessUtilization", &self.uuid)?;
+                return Ok(());
+            }
+        };
+        if let Some(newest) = samples.iter().map(|s| s.timestamp).max() {
+            self.last_process_sample = Some(newest);
+        }
+        let mut per_pid: HashMap<u32, (u64, u64)> = HashMap::new();
+        for sample in &samples {
+            let entry = per_pid.entry(sample.pid).or_default();
+            entry.0 += u64::from(sample.sm_util);
+            entry.1 += 1;
+        }
+        for p in processes.iter_mut() {
+            let mean = per_pid.get(&p.pid).map_or(0, |(sum, n)| sum / n);
+            p.sm_util_pct = Some(u32::try_from(mean).unwrap_or(u32::MAX));
+        }
+        Ok(())
+    }
+}
+
+impl NvmlSource {
+    /// Loads NVML from `lib_path` (default `libnvidia-ml.so.1`), takes the inventory and starts
+    /// the event thread.
+    pub fn open(lib_path: Option<&Path>) -> Result<NvmlSource, GpuError> {
+        let nvml = Arc::new(init(lib_path)?);
+        let (event_tx, event_rx) = mpsc::channel();
+        let (watch_tx, watch_rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let nvml = Arc::clone(&nvml);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("nvml-events".into())
+                .spawn(move || watch_events(&nvml, &watch_rx, &event_tx, &stop))
+                .map_err(|e| GpuError::Call {
+                    call: "spawn nvml-events thread",
+                    reason: e.to_string(),
+                })?
+        };
+        let mut source = NvmlSource {
+            nvml,
+            cards: Vec::new(),
+            transitions: Vec::new(),
+            events: event_rx,
+            watch: watch_tx,
+            stop,
+            watcher: Some(watcher),
+        };
+        source.inventory()?;
+        Ok(source)
+    }
+
+    fn read_card(&mut self, i: usize) -> CardReading {
+        let nvml = Arc::clone(&self.nvml);
+        let card = &mut self.cards[i];
+        let uuid = card.uuid.clone();
+        let dev = match nvml.device_by_uuid(uuid.as_str()) {
+            Ok(dev) => dev,
+            Err(e @ (NvmlError::GpuLost | NvmlError::NotFound)) => {
+                return CardReading::Lost {
+                    uuid,
+                    reason: format!("nvmlDeviceGetHandleByUUID: {e}"),
+                };
+            }
+            Err(e) => {
+                return CardReading::Failed {
+                    uuid,
+                    reason: format!("nvmlDeviceGetHandleByUUID: {e}"),
+                };
+            }
+        };
+        match card.read(&dev) {
+            Ok(sample) => CardReading::Ok(sample),
+            Err(Lost(reason)) => CardReading::Lost { uuid, reason },
+        }
+    }
+}
+
+impl GpuSource for NvmlSource {
+    fn inventory(&mut self) -> Result<Inventory, GpuError> {
+        let nvml = Arc::clone(&self.nvml);
+        let count = nvml
+            .device_count()
+            .map_err(call_error("nvmlDeviceGetCount_v2"))?;
+        let mut cards = Vec::new();
+        for index in 0..count {
+            let dev = match nvml.device_by_index(index) {
+                Ok(dev) => dev,
+                Err(e) => {
+                    warn!(index, error = %e, "card does not answer; left out of the inventory");
+                    continue;
+                }
+            };
+            let info = match card_info(&dev, index) {
+                Ok(info) => info,
+                Err(e) => {
+                    warn!(index, error = %e, "card has no readable UUID; left out of the inventory");
+                    continue;
+                }
+            };
+            if !self.cards.iter().any(|c| c.uuid == info.uuid) {
+                let mut card = CardState::new(info.uuid.clone());
+                card.prime(&dev);
+                self.cards.push(card);
+                // A send only fails once the event thread is gone, and then nothing is watched
+                // anyway.
+                let _ = self.watch.send(info.uuid.clone());
+            }
+            cards.push(info);
+        }
+        Ok(Inventory {
+            driver_version: nvml.sys_driver_version().ok(),
+            cards,
+        })
+    }
+
+    fn read(&mut self, at_ms: i64) -> Vec<CardReading> {
+        let mut readings = Vec::with_capacity(self.cards.len());
+        for i in 0..self.cards.len() {
+            let reading = self.read_card(i);
+            let card = &mut self.cards[i];
+            match &reading {
+                CardReading::Lost { reason, .. } if !card.lost => {
+                    card.lost = true;
+                    warn!(gpu = %card.uuid, %reason, "card lost");
+                    self.transitions.push(GpuEvent {
+                        uuid: card.uuid.clone(),
+                        at_ms,
+                        kind: GpuEventKind::Lost,
+                    });
+                }
+                CardReading::Ok(_) if card.lost => {
+                    card.lost = false;
+                    info!(gpu = %card.uuid, "card answers again");
+                    self.transitions.push(GpuEvent {
+                        uuid: card.uuid.clone(),
+                        at_ms,
+                        kind: GpuEventKind::Recovered,
+                    });
+                    // Its old event registration may have died with it.
+                    let _ = self.watch.send(card.uuid.clone());
+                }
+                _ => {}
+            }
+            readings.push(reading);
+        }
+        readings
+    }
+
+    fn drain_events(&mut self) -> Vec<GpuEvent> {
+        let mut events = std::mem::take(&mut self.transitions);
+        events.extend(self.events.try_iter());
+        events.sort_by_key(|e| e.at_ms);
+        events
+    }
+
+    fn set_compute_prohibited(&mut self, uuid: &str, prohibited: bool) -> Result<(), GpuError> {
+        let nvml = Arc::clone(&self.nvml);
+        let mut dev = nvml.device_by_uuid(uuid).map_err(|e| GpuError::Call {
+            call: "nvmlDeviceGetHandleByUUID",
+            reason: format!("card {uuid}: {e}"),
+        })?;
+        let mode = if prohibited {
+            ComputeMode::Prohibited
+        } else {
+            ComputeMode::Default
+        };
+        dev.set_compute_mode(mode).map_err(|e| GpuError::Call {
+            call: "nvmlDeviceSetComputeMode",
+            reason: format!("card {uuid}: {e}"),
+        })
+    }
+}
+
+impl Drop for NvmlSource {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(watcher) = self.watcher.take() {
+            // A panicked event thread has nothing left to clean up.
+            let _ = watcher.join();
+        }
+    }
+}
+
+fn card_info(dev: &Device<'_>, index: u32) -> Result<CardInfo, NvmlError> {
+    Ok(CardInfo {
+        uuid: dev.uuid()?,
+        index,
+        name: dev.name().unwrap_or_default(),
+        serial: dev.serial().ok(),
+        pci_bus_id: dev.pci_info().ok().map(|p| p.bus_id),
+        memory_total_bytes: dev.memory_info().ok().map(|m| m.total),
+        mig_enabled: dev.mig_mode().ok().map(|m| m.current == 1),
+    })
+}
+
+// ---- event thread ----
+
+/// One card's event registration. Each card gets its own set, so an event names its card
+/// without asking the (possibly lost) device, and a card that refuses registration does not
+/// take the others' registrations with it (nvml-wrapper frees a set whose registration fails).
+struct Watch<'nvml> {
+    uuid: String,
+    set: Option<EventSet<'nvml>>,
+    retry_at: Instant,
+}
+
+fn event_kinds(data: &EventData<'_>) -> Vec<GpuEventKind> {
+    let mut kinds = Vec::new();
+    if data.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
+        kinds.push(GpuEventKind::Xid(match data.event_data {
+            Some(XidError::Value(code)) => code,
+            Some(XidError::Unknown) | None => XID_UNKNOWN,
+        }));
+    }
+    if data.event_type.contains(EventTypes::SINGLE_BIT_ECC_ERROR) {
+        kinds.push(GpuEventKind::EccSingleBit);
+    }
+    if data.event_type.contains(EventTypes::DOUBLE_BIT_ECC_ERROR) {
+        kinds.push(GpuEventKind::EccDoubleBit);
+    }
+    kinds
+}
+
+fn register<'nvml>(nvml: &'nvml Nvml, uuid: &str) -> Result<EventSet<'nvml>, String> {
+    let dev = nvml.device_by_uuid(uuid).map_err(|e| e.to_string())?;
+    let supported = dev.supported_event_types().map_err(|e| e.to_string())?;
+    let wanted = supported
+        & (EventTypes::CRITICAL_XID_ERROR
+            | EventTypes::SINGLE_BIT_ECC_ERROR
+            | EventTypes::DOUBLE_BIT_ECC_ERROR);
+    if wanted.is_empty() {
+        return Err("the card reports neither XID nor ECC events".into());
+    }
+    let set = nvml.create_event_set().map_err(|e| e.to_string())?;
+    dev.register_events(wanted, set).map_err(|e| e.to_string())
+}
+
+/// The event thread: registers each card it is told about and waits on the sets in turn, in
+/// slices short enough that `stop` is seen within about [`EVENT_ROUND`].
+fn watch_events(
+    nvml: &Nvml,
+    cards: &mpsc::Receiver<String>,
+    events: &mpsc::Sender<GpuEvent>,
+    stop: &AtomicBool,
+) {
+    let mut watches: Vec<Watch<'_>> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        for uuid in cards.try_iter() {
+            match watches.iter_mut().find(|w| w.uuid == uuid) {
+                Some(w) => {
+                    w.set = None;
+                    w.retry_at = Instant::now();
+                }
+                None => watches.push(Watch {
+                    uuid,
+                    set: None,
+                    retry_at: Instant::now(),
+                }),
+            }
+        }
+        let now = Instant::now();
+        for w in watches
+            .iter_mut()
+            .filter(|w| w.set.is_none() && w.retry_at <= now)
+        {
+            match register(nvml, &w.uuid) {
+                Ok(set) => {
+                    debug!(gpu = %w.uuid, "watching XID and ECC events");
+                    w.set = Some(set);
+                }
+                Err(reason) => {
+                    debug!(gpu = %w.uuid, %reason, "no event registration; will retry");
+                    w.retry_at = now + EVENT_RETRY;
+                }
+            }
+        }
+        let active = watches.iter().filter(|w| w.set.is_some()).count();
+        if active == 0 {
+            std::thread::sleep(EVENT_ROUND / 5);
+            continue;
+        }
+        let slice = EVENT_ROUND
+            .checked_div(u32::try_from(active).unwrap_or(u32::MAX))
+            .unwrap_or(EVENT_ROUND)
+            .max(Duration::from_millis(10));
+        let slice_ms = u32::try_from(slice.as_millis()).unwrap_or(u32::MAX);
+        for w in &mut watches {
+            let Some(set) = &w.set else { continue };
+            let mut timeout = slice_ms;
+            let failed = loop {
+                match set.wait(timeout) {
+                    Ok(data) => {
+                        for kind in event_kinds(&data) {
+                            let event = GpuEvent {
+                                uuid: w.uuid.clone(),
+                                at_ms: now_ms(),
+                                kind,
+                            };
+                            info!(gpu = %w.uuid, kind = ?event.kind, "driver event");
+                            if events.send(event).is_err() {
+                                // The source is gone.
+                                return;
+                            }
+                        }
+                        // Drain what else is queued without waiting.
+                        timeout = 0;
+                    }
+                    Err(NvmlError::Timeout) => break None,
+                    Err(e) => break Some(e),
+                }
+            };
+            if let Some(e) = failed {
+                debug!(gpu = %w.uuid, error = %e, "event wait failed; registering again later");
+                w.set = None;
+                w.retry_at = Instant::now() + EVENT_RETRY;
+            }
+        }
+    }
+}
+
+// ---- probe ----
+
+/// Whether a card answers one field, for `gpumeter-agent probe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Support {
+    /// Answered; the text shows what it said.
+    Yes(String),
+    /// NOT_SUPPORTED (or not exported by this library).
+    No,
+    /// Another error.
+    Error(String),
+}
+
+/// One field of one card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldProbe {
+    pub field: &'static str,
+    pub support: Support,
+}
+
+/// One card as the probe saw it. `problem` is set when the card could not even name itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardProbe {
+    pub info: CardInfo,
+    pub problem: Option<String>,
+    pub fields: Vec<FieldProbe>,
+}
+
+/// What NVML sees on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeReport {
+    pub library: String,
+    pub driver_version: Option<String>,
+    pub nvml_version: Option<String>,
+    pub cards: Vec<CardProbe>,
+}
+
+fn support<T>(result: Result<T, NvmlError>, show: impl FnOnce(T) -> String) -> Support {
+    match result {
+        Ok(v) => Support::Yes(show(v)),
+        Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => Support::No,
+        Err(e) => Support::Error(e.to_string()),
+    }
+}
+
+/// Like [`support`], for the sample buffers, where NOT_FOUND means "supported, still empty".
+fn buffer_support<T>(result: Result<Vec<T>, NvmlError>) -> Support {
+    match result {
+        Err(NvmlError::NotFound) => Support::Yes("0 samples buffered".into()),
+        other => support(other, |v| format!("{} samples buffered", v.len())),
+    }
+}
+
+fn probe_fields(dev: &Device<'_>) -> Vec<FieldProbe> {
+    const MIB: u64 = 1 << 20;
+    let mut fields = vec![
+        (
+            "utilization samples",
+            buffer_support(dev.samples(Sampling::GpuUtilization, None)),
+        ),
+        (
+            "utilization rates",
+            support(dev.utilization_rates(), |u| {
+                format!("gpu {}%, memory {}%", u.gpu, u.memory)
+            }),
+        ),
+        (
+            "process utilization",
+            buffer_support(dev.process_utilization_stats(None)),
+        ),
+        (
+            "memory",
+            support(dev.memory_info(), |m| {
+                format!("{} of {} MiB used", m.used / MIB, m.total / MIB)
+            }),
+        ),
+        (
+            "energy",
+            support(dev.total_energy_consumption(), |e| format!("{e} mJ")),
+        ),
+        ("power", support(dev.power_usage(), |p| format!("{p} mW"))),
+        (
+            "temperature",
+            support(dev.temperature(TemperatureSensor::Gpu), |t| {
+                format!("{t} C")
+            }),
+        ),
+    ];
+    let clocks = dev
+        .clock_info(Clock::SM)
+        .and_then(|sm| dev.clock_info(Clock::Memory).map(|mem| (sm, mem)));
+    fields.push((
+        "clocks",
+        support(clocks, |(sm, mem)| format!("sm {sm} MHz, memory {mem} MHz")),
+    ));
+    fields.push((
+        "throttle reasons",
+        support(throttle_bits(dev), |r| format!("{r:#x}")),
+    ));
+    let ecc = dev
+        .total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
+        .and_then(|c| {
+            dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+                .map(|u| (c, u))
+        });
+    fields.push((
+        "ecc",
+        support(ecc, |(c, u)| {
+            format!("volatile corrected {c}, uncorrected {u}")
+        }),
+    ));
+    let processes = dev
+        .running_compute_processes()
+        .and_then(|c| dev.running_graphics_processes().map(|g| (c.len(), g.len())));
+    fields.push((
+        "processes",
+        support(processes, |(c, g)| format!("{c} compute, {g} graphics")),
+    ));
+    let events = dev.supported_event_types().and_then(|t| {
+        if t.intersects(
+            EventTypes::CRITICAL_XID_ERROR
+                | EventTypes::SINGLE_BIT_ECC_ERROR
+                | EventTypes::DOUBLE_BIT_ECC_ERROR,
+        ) {
+            Ok(t)
+        } else {
+            Err(NvmlError::NotSupported)
+        }
+    });
+    fields.push((
+        "events",
+        support(events, |t| {
+            let mut names = Vec::new();
+            if t.contains(EventTypes::CRITICAL_XID_ERROR) {
+                names.push("xid");
+            }
+            if t.contains(EventTypes::SINGLE_BIT_ECC_ERROR) {
+                names.push("ecc single-bit");
+            }
+            if t.contains(EventTypes::DOUBLE_BIT_ECC_ERROR) {
+                names.push("ecc double-bit");
+            }
+            names.join(", ")
+        }),
+    ));
+    fields.push((
+        "compute mode",
+        support(dev.compute_mode(), |m| format!("{m:?}").to_lowercase()),
+    ));
+    fields.push((
+        "accounting",
+        support(dev.is_accounting_enabled(), |on| {
+            if on { "enabled" } else { "disabled" }.to_owned()
+        }),
+    ));
+    fields
+        .into_iter()
+        .map(|(field, support)| FieldProbe { field, support })
+        .collect()
+}
+
+/// Loads NVML and asks every card for every field once. Registers no events, so it takes
+/// nothing from a running agent's event stream.
+pub fn probe_cards(lib_path: Option<&Path>) -> Result<ProbeReport, GpuError> {
+    let nvml = init(lib_path)?;
+    let count = nvml
+        .device_count()
+        .map_err(call_error("nvmlDeviceGetCount_v2"))?;
+    let mut cards = Vec::new();
+    for index in 0..count {
+        let unnamed = |problem: String| CardProbe {
+            info: CardInfo {
+                index,
+                ..CardInfo::default()
+            },
+            problem: Some(problem),
+            fields: Vec::new(),
+        };
+        let dev = match nvml.device_by_index(index) {
+            Ok(dev) => dev,
+            Err(e) => {
+                cards.push(unnamed(format!("nvmlDeviceGetHandleByIndex_v2: {e}")));
+                continue;
+            }
+        };
+        match card_info(&dev, index) {
+            Ok(info) => cards.push(CardProbe {
+                info,
+                problem: None,
+                fields: probe_fields(&dev),
+            }),
+            Err(e) => cards.push(unnamed(format!("nvmlDeviceGetUUID: {e}"))),
+        }
+    }
+    Ok(ProbeReport {
+        library: lib_path.map_or_else(|| DEFAULT_LIBRARY.to_owned(), |p| p.display().to_string()),
+        driver_version: nvml.sys_driver_version().ok(),
+        nvml_version: nvml.sys_nvml_version().ok(),
+        cards,
+    })
+}

@@ -1,0 +1,20 @@
+//! gpumeter agent: reads every GPU of a server, attributes processes to tenants, folds samples
+//! into per-card windows and streams them as signed, sequenced records to a collector.
+//!
+//! Pipeline: [`gpu`] → [`sampler`] → [`attribution`] → [`window`] → [`record`] → [`spool`] →
+//! [`uplink`]. [`run`] wires it together.
+
+pub mod assignments;
+pub mod attribution;
+pub mod clock;
+pub mod config;
+pub mod gpu;
+pub mod keys;
+pub mod ledger;
+pub mod probe;
+pub mod record;
+pub mod run;
+pub mod sampler;
+pub mod spool;
+pub mod uplink;
+pub mod window;

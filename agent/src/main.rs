@@ -1,0 +1,128 @@
+//! `gpumeter-agent`: parses the command line, loads config, starts logging, calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gpumeter_agent::config::{AgentConfig, ConfigError};
+use gpumeter_agent::run::{Agent, RunOptions, open_parts};
+
+#[derive(Parser)]
+#[command(
+    name = "gpumeter-agent",
+    version,
+    about = "Meters the GPUs of this server for gpumeter"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Print what NVML sees (cards and the fields each supports) and exit.
+    Probe {
+        /// Path of libnvidia-ml.so (default: the system's).
+        #[arg(long)]
+        nvml_lib: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Probe { nvml_lib, json } => {
+            match gpumeter_agent::probe::probe(nvml_lib.as_deref(), json) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gpumeter-agent probe: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Run { config, log_json } => {
+            let cfg = match AgentConfig::load(&config) {
+                Ok(c) => c,
+                Err(
+                    e @ (ConfigError::Read { .. }
+                    | ConfigError::Parse { .. }
+                    | ConfigError::Invalid { .. }),
+                ) => {
+                    eprintln!("gpumeter-agent: {e}");
+                    return ExitCode::from(64);
+                }
+            };
+            init_tracing(log_json);
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("gpumeter-agent: cannot start runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("gpumeter-agent: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let parts = open_parts(&cfg)?;
+    let agent = Agent::build(cfg, parts)?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    agent.run(RunOptions::default(), rx).await
+}

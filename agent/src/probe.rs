@@ -1,0 +1,118 @@
+//! `gpumeter-agent probe`: what NVML sees on this machine — the cards, like `nvidia-smi -L`, and
+//! which fields each one answers — as text for an operator or JSON for a script.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::gpu::GpuError;
+use crate::gpu::nvml::{CardProbe, ProbeReport, Support, probe_cards};
+
+/// Probes every card once through the NVML library at `lib_path` (default: the system's) and
+/// formats the result. A missing library or driver is an error, for the caller to print.
+pub fn probe(lib_path: Option<&Path>, json: bool) -> Result<String, GpuError> {
+    let report = probe_cards(lib_path)?;
+    Ok(if json {
+        let mut out = format!("{:#}", to_json(&report));
+        out.push('\n');
+        out
+    } else {
+        to_text(&report)
+    })
+}
+
+fn to_text(report: &ProbeReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "NVML library {} (driver {}, NVML {})",
+        report.library,
+        report.driver_version.as_deref().unwrap_or("unknown"),
+        report.nvml_version.as_deref().unwrap_or("unknown"),
+    );
+    if report.cards.is_empty() {
+        out.push_str("No GPUs found.\n");
+    }
+    for card in &report.cards {
+        write_card(&mut out, card);
+    }
+    out
+}
+
+fn write_card(out: &mut String, card: &CardProbe) {
+    let info = &card.info;
+    if let Some(problem) = &card.problem {
+        let _ = writeln!(out, "GPU {}: does not answer ({problem})", info.index);
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "GPU {}: {} (UUID: {})",
+        info.index, info.name, info.uuid
+    );
+    let mut facts = Vec::new();
+    if let Some(serial) = &info.serial {
+        facts.push(format!("serial {serial}"));
+    }
+    if let Some(bus) = &info.pci_bus_id {
+        facts.push(format!("pci {bus}"));
+    }
+    if let Some(total) = info.memory_total_bytes {
+        facts.push(format!("memory {} MiB", total >> 20));
+    }
+    facts.push(match info.mig_enabled {
+        Some(true) => "mig on".to_owned(),
+        Some(false) => "mig off".to_owned(),
+        None => "no mig".to_owned(),
+    });
+    let _ = writeln!(out, "    {}", facts.join(", "));
+    for f in &card.fields {
+        let (word, detail) = match &f.support {
+            Support::Yes(detail) => ("yes", detail.as_str()),
+            Support::No => ("no", ""),
+            Support::Error(reason) => ("error", reason.as_str()),
+        };
+        let line = format!("    {:<20} {word:<5} {detail}", f.field);
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+}
+
+fn to_json(report: &ProbeReport) -> Value {
+    let cards: Vec<Value> = report
+        .cards
+        .iter()
+        .map(|card| {
+            let fields: serde_json::Map<String, Value> = card
+                .fields
+                .iter()
+                .map(|f| {
+                    let v = match &f.support {
+                        Support::Yes(detail) => json!({ "supported": true, "detail": detail }),
+                        Support::No => json!({ "supported": false }),
+                        Support::Error(reason) => json!({ "supported": false, "error": reason }),
+                    };
+                    (f.field.replace(' ', "_"), v)
+                })
+                .collect();
+            let info = &card.info;
+            json!({
+                "index": info.index,
+                "uuid": info.uuid,
+                "name": info.name,
+                "serial": info.serial,
+                "pci_bus_id": info.pci_bus_id,
+                "memory_total_bytes": info.memory_total_bytes,
+                "mig_enabled": info.mig_enabled,
+                "problem": card.problem,
+                "fields": fields,
+            })
+        })
+        .collect();
+    json!({
+        "library": report.library,
+        "driver_version": report.driver_version,
+        "nvml_version": report.nvml_version,
+        "cards": cards,
+    })
+}

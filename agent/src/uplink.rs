@@ -1,0 +1,302 @@
+//! The uplink: one `Ingest.Session` stream to the collector at a time. Sends `Hello`, resumes
+//! from the collector's durable point, streams spooled records in signed batches, drops spooled
+//! records only when an `Ack` covers them, and applies assignment sets as they arrive. Any
+//! failure closes the stream and reconnects with exponential backoff; the spool keeps
+//! everything meanwhile.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use gpumeter_proto::chain;
+use gpumeter_proto::v1::{self, agent_message, collector_message, ingest_client::IngestClient};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{debug, error, info, warn};
+
+use crate::assignments::Assignments;
+use crate::clock::Clock;
+use crate::config::CollectorConfig;
+use crate::ledger::Ledger;
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("cannot connect to collector {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("collector refused the session: {0}")]
+    Refused(String),
+    #[error("collector closed the stream")]
+    Closed,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("spool: {0}")]
+    Spool(#[from] crate::spool::SpoolError),
+}
+
+/// What the uplink needs.
+pub struct Uplink {
+    pub cfg: CollectorConfig,
+    pub hello: v1::Hello,
+    pub key: SigningKey,
+    pub ledger: Ledger,
+    pub clock: Arc<dyn Clock>,
+    pub assignments: watch::Sender<Arc<Assignments>>,
+    pub assignment_cache: PathBuf,
+    /// Records in flight (sent, not acked) at most.
+    pub max_in_flight: u64,
+}
+
+/// Status the agent exposes (logs, metrics, tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UplinkStatus {
+    pub connected: bool,
+    pub sessions: u64,
+    pub acked_seq: u64,
+    pub last_error: Option<String>,
+}
+
+impl Uplink {
+    /// Runs sessions, reconnecting with backoff, until `shutdown` turns true.
+    pub async fn run(
+        self,
+        mut shutdown: watch::Receiver<bool>,
+        status: watch::Sender<UplinkStatus>,
+    ) {
+        let mut backoff = self.cfg.backoff_initial_ms;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let started = tokio::time::Instant::now();
+            let res = self.session(&mut shutdown, &status).await;
+            status.send_modify(|s| s.connected = false);
+            match res {
+                Ok(()) => return,
+                Err(e) => {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        backoff = self.cfg.backoff_initial_ms;
+                    }
+                    warn!(error = %e, retry_in_ms = backoff, "collector session ended; retrying");
+                    status.send_modify(|s| s.last_error = Some(e.to_string()));
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(backoff)) => {}
+                _ = shutdown.changed() => {}
+            }
+            backoff = (backoff * 2).min(self.cfg.backoff_max_ms);
+        }
+    }
+
+    fn apply_assignments(&self, set: &v1::AssignmentSet) {
+        match Assignments::try_from(set) {
+            Ok(a) => {
+                if let Err(e) = a.save(&self.assignment_cache) {
+                    error!(error = %e, "cannot cache assignments; enforcement offline would use the old set");
+                }
+                info!(
+                    version = a.version,
+                    cards = a.cards.len(),
+                    "assignments applied"
+                );
+                self.assignments.send_replace(Arc::new(a));
+            }
+            Err(e) => error!(error = %e, "refusing an assignment set from the collector"),
+        }
+    }
+
+    async fn session(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        status: &watch::Sender<UplinkStatus>,
+    ) -> Result<(), UplinkError> {
+        let url = self.cfg.url.clone();
+        let connect_err = |e: &dyn std::fmt::Display| UplinkError::Connect {
+            url: url.clone(),
+            reason: e.to_string(),
+        };
+        let channel = Endpoint::from_shared(url.clone())
+            .map_err(|e| connect_err(&e))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .connect()
+            .await
+            .map_err(|e| connect_err(&e))?;
+        let mut client = IngestClient::new(channel)
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20);
+
+        let (head_seq, head_hash, oldest) = {
+            let g = self.ledger.lock();
+            let (s, h) = g.spool.head();
+            (s, h, g.spool.oldest_unacked().unwrap_or(s + 1))
+        };
+        let mut hello = self.hello.clone();
+        hello.next_seq = head_seq + 1;
+        hello.chain_head = head_hash.to_vec();
+        hello.oldest_spooled_seq = oldest;
+        hello.agent_time_unix_ms = self.clock.now_ms();
+        hello.epoch = self.ledger.lock().spool.epoch();
+        let epoch = hello.epoch;
+
+        let (tx, rx) = mpsc::channel::<v1::AgentMessage>(8);
+        tx.send(v1::AgentMessage {
+            kind: Some(agent_message::Kind::Hello(hello)),
+        })
+        .await
+        .map_err(|_| UplinkError::Closed)?;
+        let mut inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| UplinkError::Refused(format!("{}: {}", s.code(), s.message())))?
+            .into_inner();
+        let welcome = match inbound.message().await {
+            Ok(Some(v1::CollectorMessage {
+                kind: Some(collector_message::Kind::Welcome(w)),
+            })) => w,
+            Ok(Some(_)) => {
+                return Err(UplinkError::Protocol(
+                    "first message was not Welcome".into(),
+                ));
+            }
+            Ok(None) => return Err(UplinkError::Closed),
+            Err(s) => {
+                return Err(UplinkError::Refused(format!(
+                    "{}: {}",
+                    s.code(),
+                    s.message()
+                )));
+            }
+        };
+        info!(collector = %welcome.collector_id, durable_seq = welcome.durable_seq, "connected to collector");
+        if let Some(set) = &welcome.assignments {
+            self.apply_assignments(set);
+        }
+        let mut sent_through = self.on_ack(welcome.durable_seq, &welcome.durable_hash, status)?;
+        if welcome.durable_seq > head_seq {
+            error!(
+                collector_seq = welcome.durable_seq,
+                agent_seq = head_seq,
+                "the collector holds more records than this agent's spool; the spool was lost"
+            );
+        }
+        let batch_max = welcome
+            .max_batch_records
+            .clamp(1, self.cfg.max_batch_records.max(1)) as usize;
+        status.send_modify(|s| {
+            s.connected = true;
+            s.sessions += 1;
+            s.last_error = None;
+        });
+        let mut acked = welcome.durable_seq;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            // Send what the window allows.
+            loop {
+                let head = self.ledger.head().0;
+                if sent_through >= head || sent_through.saturating_sub(acked) >= self.max_in_flight
+                {
+                    break;
+                }
+                let ledger = self.ledger.clone();
+                let from = sent_through + 1;
+                let records = tokio::task::spawn_blocking(move || {
+                    ledger.lock().spool.read_from(from, batch_max)
+                })
+                .await
+                .map_err(|e| UplinkError::Protocol(e.to_string()))??;
+                let Some(last) = records.last() else { break };
+                let last_seq = last.seq;
+                let last_hash = last.hash();
+                let signature = chain::sign_checkpoint(
+                    &self.key,
+                    &self.hello.agent_id,
+                    epoch,
+                    last_seq,
+                    &last_hash,
+                );
+                let batch = v1::RecordBatch {
+                    records: records
+                        .into_iter()
+                        .map(|r| v1::Record {
+                            seq: r.seq,
+                            prev_hash: r.prev_hash.to_vec(),
+                            body: r.body,
+                        })
+                        .collect(),
+                    checkpoint: Some(v1::Checkpoint {
+                        agent_id: self.hello.agent_id.clone(),
+                        epoch,
+                        seq: last_seq,
+                        chain_hash: last_hash.to_vec(),
+                        signature: signature.to_vec(),
+                    }),
+                };
+                debug!(through = last_seq, "sending batch");
+                tx.send(v1::AgentMessage {
+                    kind: Some(agent_message::Kind::Batch(batch)),
+                })
+                .await
+                .map_err(|_| UplinkError::Closed)?;
+                sent_through = last_seq;
+            }
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(v1::CollectorMessage { kind: Some(collector_message::Kind::Ack(a)) })) => {
+                        acked = acked.max(a.durable_seq);
+                        self.on_ack(a.durable_seq, &a.durable_hash, status)?;
+                    }
+                    Ok(Some(v1::CollectorMessage { kind: Some(collector_message::Kind::Assignments(set)) })) => {
+                        self.apply_assignments(&set);
+                        let _ = tx.send(v1::AgentMessage {
+                            kind: Some(agent_message::Kind::AssignmentApplied(v1::AssignmentApplied { version: set.version })),
+                        }).await;
+                    }
+                    Ok(Some(_)) => return Err(UplinkError::Protocol("unexpected message".into())),
+                    Ok(None) => return Err(UplinkError::Closed),
+                    Err(s) => return Err(UplinkError::Refused(format!("{}: {}", s.code(), s.message()))),
+                },
+                _ = self.ledger.appended.notified() => {}
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Applies an ack; returns the seq sending resumes after.
+    fn on_ack(
+        &self,
+        seq: u64,
+        hash: &[u8],
+        status: &watch::Sender<UplinkStatus>,
+    ) -> Result<u64, UplinkError> {
+        let mut g = self.ledger.lock();
+        let (head, _) = g.spool.head();
+        let (acked, _) = g.spool.acked();
+        if seq > head {
+            return Ok(head);
+        }
+        if seq > acked {
+            let h = chain::to_hash(hash).map_err(|e| UplinkError::Protocol(e.to_string()))?;
+            g.spool.ack(seq, h)?;
+            status.send_modify(|s| s.acked_seq = seq);
+        }
+        if seq < acked {
+            warn!(
+                collector_seq = seq,
+                acked,
+                "collector is behind what it acknowledged before; records after its point are gone from the spool"
+            );
+            return Ok(acked);
+        }
+        Ok(seq)
+    }
+}

@@ -1,0 +1,1603 @@
+//! Grants and the validation of a grants CSV import (pure: no I/O, no clock).
+//!
+//! File format: UTF-8 CSV (RFC 4180), one row per card, with this exact header line:
+//!
+//! ```text
+//! grant_id,program,grantee,principal,csp,host_id,gpu_uuid,valid_from,valid_until
+//! ```
+//!
+//! - A UTF-8 byte order mark at the start is skipped (spreadsheet exports write one); LF and
+//!   CRLF line ends are both accepted; blank lines are ignored. Fields may be quoted, with `""`
+//!   for a quote and commas and line breaks allowed inside quotes. Spaces around a value are
+//!   dropped, because they are invisible in a spreadsheet and never meant.
+//! - Every field is required. `program` is `hpc`, `research` or `advanced`. `principal` uses the
+//!   grammar of [`gpumeter_proto::principal`]. `gpu_uuid` is NVIDIA's form, `GPU-` or `MIG-`
+//!   followed by 8-4-4-4-12 hex digits; it is stored with lowercase hex as NVML reports it.
+//! - `valid_from` / `valid_until` are Korean calendar days `YYYY-MM-DD` (Asia/Seoul, UTC+9,
+//!   which has no daylight saving time): a grant runs from 00:00 KST of `valid_from` through the
+//!   whole of `valid_until`, so its exclusive end is 00:00 KST of the day after. RFC 3339
+//!   timestamps are accepted too, and a timestamp in `valid_until` is the exclusive end itself.
+//!
+//! Rules: rows of one `grant_id` agree on everything but `host_id` and `gpu_uuid`; a card is in
+//! a grant once; an `hpc` grant spans at most 2 hosts; an `advanced` grant lasts at most 4
+//! calendar months (counted in KST); no card is in two grants whose validity overlaps, within
+//! the file or against the grants already held (a revoked grant holds its cards only until its
+//! revocation); a grant already held cannot be imported again (amendments are separate
+//! commands, so that history is kept). An import is all or nothing, and every problem names its
+//! 1-based line in the file and the field. A card no agent has reported is only a warning,
+//! because grants are often imported before the CSP installs the agents.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, FixedOffset, Months, NaiveDate, NaiveTime};
+use gpumeter_proto::principal::PrincipalSpec;
+
+/// The header line of a grants file, column by column.
+pub const COLUMNS: [&str; 9] = [
+    "grant_id",
+    "program",
+    "grantee",
+    "principal",
+    "csp",
+    "host_id",
+    "gpu_uuid",
+    "valid_from",
+    "valid_until",
+];
+
+const KST_OFFSET_SECS: i32 = 9 * 3600;
+const KST_OFFSET_MS: i64 = KST_OFFSET_SECS as i64 * 1000;
+const DAY_MS: i64 = 86_400_000;
+
+/// Korea Standard Time, UTC+9 (no daylight saving time since 1988).
+pub const KST: FixedOffset = match FixedOffset::east_opt(KST_OFFSET_SECS) {
+    Some(offset) => offset,
+    None => panic!("UTC+9 is a valid offset"),
+};
+
+/// The longest an `advanced` grant may run.
+const ADVANCED_MAX_MONTHS: u32 = 4;
+/// The most hosts one `hpc` grant may span.
+const HPC_MAX_HOSTS: usize = 2;
+
+/// Why one grant field is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    #[error("unknown program {value:?} (expected hpc, research or advanced)")]
+    UnknownProgram { value: String },
+    #[error("bad GPU UUID {value:?}: expected GPU- or MIG- followed by 8-4-4-4-12 hex digits")]
+    BadGpuUuid { value: String },
+    #[error(
+        "bad date {value:?}: expected YYYY-MM-DD (a Korean calendar day) or an RFC 3339 timestamp"
+    )]
+    BadDate { value: String },
+}
+
+/// The ministry's GPU support programs (DESIGN.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Program {
+    Hpc,
+    Research,
+    Advanced,
+}
+
+impl Program {
+    /// The program id as written in files, reports and the wire protocol.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Program::Hpc => "hpc",
+            Program::Research => "research",
+            Program::Advanced => "advanced",
+        }
+    }
+}
+
+impl FromStr for Program {
+    type Err = GrantError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hpc" => Ok(Program::Hpc),
+            "research" => Ok(Program::Research),
+            "advanced" => Ok(Program::Advanced),
+            _ => Err(GrantError::UnknownProgram {
+                value: s.to_owned(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Program {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One card of a grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantCard {
+    pub host_id: String,
+    pub gpu_uuid: String,
+}
+
+/// A grant: who may use which cards, for which program, when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub grant_id: String,
+    pub program: Program,
+    pub grantee: String,
+    pub principal: PrincipalSpec,
+    pub csp: String,
+    /// Start, Unix milliseconds (inclusive).
+    pub valid_from_ms: i64,
+    /// End, Unix milliseconds (exclusive).
+    pub valid_until_ms: i64,
+    pub cards: Vec<GrantCard>,
+    pub revoked_at_ms: Option<i64>,
+}
+
+impl Grant {
+    /// Effective end of a grant (revocation cuts it short). Never before `valid_from_ms`, so a
+    /// grant revoked before it started covers the empty interval.
+    pub fn effective_until_ms(&self) -> i64 {
+        let end = match self.revoked_at_ms {
+            Some(revoked) => self.valid_until_ms.min(revoked),
+            None => self.valid_until_ms,
+        };
+        end.max(self.valid_from_ms)
+    }
+}
+
+/// A problem with an import, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, thiserror::Error)]
+#[error("line {line}, field {field}: {message}")]
+pub struct ImportProblem {
+    /// 1-based line of the file; for a row whose quoted field spans lines, its first line.
+    pub line: u32,
+    /// A column name, `header` for the header line, or `row` for the row as a whole.
+    pub field: String,
+    pub message: String,
+}
+
+/// A validated import, ready to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantImport {
+    /// In order of first appearance in the file; cards in row order.
+    pub grants: Vec<Grant>,
+    pub warnings: Vec<ImportProblem>,
+}
+
+/// Checks and canonicalizes a GPU or MIG UUID: the `GPU-`/`MIG-` prefix as NVIDIA writes it,
+/// hex digits lowercased as NVML reports them, so that cards compare equal to what agents send.
+pub fn parse_gpu_uuid(s: &str) -> Result<String, GrantError> {
+    let bad = || GrantError::BadGpuUuid {
+        value: s.to_owned(),
+    };
+    let rest = s
+        .strip_prefix("GPU-")
+        .or_else(|| s.strip_prefix("MIG-"))
+        .ok_or_else(bad)?;
+    let groups: Vec<&str> = rest.split('-').collect();
+    let lengths = [8usize, 4, 4, 4, 12];
+    let well_formed = groups.len() == lengths.len()
+        && groups
+            .iter()
+            .zip(lengths)
+            .all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !well_formed {
+        return Err(bad());
+    }
+    Ok(format!("{}{}", &s[..4], rest.to_ascii_lowercase()))
+}
+
+/// A date field: a whole Korean calendar day, or an instant.
+enum When {
+    Day(NaiveDate),
+    Instant(i64),
+}
+
+fn parse_when(s: &str) -> Result<When, GrantError> {
+    let bad = || GrantError::BadDate {
+        value: s.to_owned(),
+    };
+    let b = s.as_bytes();
+    let looks_like_day = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    if looks_like_day {
+        // Plain digits were checked above, so these parses only fail on overflow, never here.
+        let year = s[0..4].parse().map_err(|_| bad())?;
+        let month = s[5..7].parse().map_err(|_| bad())?;
+        let day = s[8..10].parse().map_err(|_| bad())?;
+        return NaiveDate::from_ymd_opt(year, month, day)
+            .map(When::Day)
+            .ok_or_else(bad);
+    }
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| When::Instant(t.timestamp_millis()))
+        .map_err(|_| bad())
+}
+
+fn kst_midnight_ms(day: NaiveDate) -> i64 {
+    day.and_time(NaiveTime::MIN).and_utc().timestamp_millis() - KST_OFFSET_MS
+}
+
+/// Start instant of a `valid_from` field: 00:00 KST of a day, or the timestamp itself.
+pub fn parse_valid_from(s: &str) -> Result<i64, GrantError> {
+    Ok(match parse_when(s)? {
+        When::Day(day) => kst_midnight_ms(day),
+        When::Instant(ms) => ms,
+    })
+}
+
+/// Exclusive end instant of a `valid_until` field: 00:00 KST of the day after a day (the day is
+/// inclusive), or the timestamp itself.
+pub fn parse_valid_until(s: &str) -> Result<i64, GrantError> {
+    Ok(match parse_when(s)? {
+        // KST has no DST, so every day is exactly 24 hours.
+        When::Day(day) => kst_midnight_ms(day) + DAY_MS,
+        When::Instant(ms) => ms,
+    })
+}
+
+/// Formats an instant for messages, in KST since that is how grants are written.
+fn fmt_kst(ms: i64) -> String {
+    match DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.with_timezone(&KST).to_rfc3339(),
+        None => format!("{ms} ms"),
+    }
+}
+
+/// The latest exclusive end an `advanced` grant starting at `from_ms` may have, or `None` past
+/// the end of the calendar.
+fn advanced_limit_ms(from_ms: i64) -> Option<i64> {
+    DateTime::from_timestamp_millis(from_ms)?
+        .with_timezone(&KST)
+        .checked_add_months(Months::new(ADVANCED_MAX_MONTHS))
+        .map(|t| t.timestamp_millis())
+}
+
+// ---------------------------------------------------------------------------------------------
+// CSV
+
+/// One record of the file as split by [`split_csv`].
+struct RawRecord {
+    /// 1-based line the record starts on.
+    line: u32,
+    body: Result<Vec<String>, CsvFault>,
+}
+
+struct CsvFault {
+    /// 0-based column the fault is in.
+    column: usize,
+    message: &'static str,
+}
+
+impl RawRecord {
+    fn is_blank(&self) -> bool {
+        matches!(&self.body, Ok(fields) if fields.len() == 1 && fields[0].trim().is_empty())
+    }
+}
+
+/// Splits CSV text into records (RFC 4180, LF or CRLF). A malformed record is reported and
+/// skipped to the end of its line, so one bad quote does not hide problems on later rows.
+fn split_csv(text: &str) -> Vec<RawRecord> {
+    let mut records = Vec::new();
+    let mut chars = text.chars().peekable();
+    let mut line: u32 = 1;
+    while chars.peek().is_some() {
+        let start = line;
+        let mut fields = Vec::new();
+        let mut field = String::new();
+        let mut fault = None;
+        // One iteration per field; `break` ends the record.
+        loop {
+            let column = fields.len();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                let mut closed = false;
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            field.push('"');
+                        }
+                        '"' => {
+                            closed = true;
+                            break;
+                        }
+                        '\n' => {
+                            line = line.saturating_add(1);
+                            field.push(c);
+                        }
+                        _ => field.push(c),
+                    }
+                }
+                if !closed {
+                    fault = Some(CsvFault {
+                        column,
+                        message: "quoted field is never closed",
+                    });
+                    break;
+                }
+                if chars.peek() == Some(&'\r') {
+                    chars.next();
+                    if chars.peek() != Some(&'\n') {
+                        fault = Some(CsvFault {
+                            column,
+                            message: "text after the closing quote of a field",
+                        });
+                        break;
+                    }
+                }
+                match chars.next() {
+                    None => {
+                        fields.push(std::mem::take(&mut field));
+                        break;
+                    }
+                    Some(',') => fields.push(std::mem::take(&mut field)),
+                    Some('\n') => {
+                        line = line.saturating_add(1);
+                        fields.push(std::mem::take(&mut field));
+                        break;
+                    }
+                    Some(_) => {
+                        fault = Some(CsvFault {
+                            column,
+                            message: "text after the closing quote of a field",
+                        });
+                        break;
+                    }
+                }
+            } else {
+                let mut end_of_record = false;
+                loop {
+                    match chars.next() {
+                        None => {
+                            end_of_record = true;
+                            break;
+                        }
+                        Some(',') => break,
+                        Some('\n') => {
+                            line = line.saturating_add(1);
+                            end_of_record = true;
+                            break;
+                        }
+                        Some('"') => {
+                            fault = Some(CsvFault {
+                                column,
+                                message: "quote inside an unquoted field (quote the whole field and double the quote)",
+                            });
+                            break;
+                        }
+                        // A CR before LF is trimmed with the rest of the surrounding space.
+                        Some(c) => field.push(c),
+                    }
+                }
+                if fault.is_some() {
+                    break;
+                }
+                fields.push(std::mem::take(&mut field));
+                if end_of_record {
+                    break;
+                }
+            }
+        }
+        match fault {
+            Some(fault) => {
+                // Resynchronize at the next line; `line` already counts any consumed newlines.
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        line = line.saturating_add(1);
+                        break;
+                    }
+                }
+                records.push(RawRecord {
+                    line: start,
+                    body: Err(fault),
+                });
+            }
+            None => records.push(RawRecord {
+                line: start,
+                body: Ok(fields),
+            }),
+        }
+    }
+    records
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+
+fn problem(line: u32, field: &str, message: impl Into<String>) -> ImportProblem {
+    ImportProblem {
+        line,
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A value every row of a grant must repeat, with the line that first gave it.
+struct Agreed<T> {
+    value: Option<(T, u32)>,
+}
+
+impl<T: PartialEq> Agreed<T> {
+    fn new() -> Self {
+        Agreed { value: None }
+    }
+
+    /// Takes the value a row on `line` gives for `field` (`None` when it did not parse), or
+    /// describes how it disagrees with the grant's earlier rows.
+    fn agree(
+        &mut self,
+        value: Option<T>,
+        line: u32,
+        grant_id: &str,
+        field: &str,
+        show: impl Fn(&T) -> String,
+    ) -> Option<ImportProblem> {
+        let value = value?;
+        let Some((held, first)) = &self.value else {
+            self.value = Some((value, line));
+            return None;
+        };
+        (*held != value).then(|| {
+            problem(
+                line,
+                field,
+                format!(
+                    "grant {grant_id} has {field} {} on line {first} but {} here; rows of one grant must agree",
+                    show(held),
+                    show(&value)
+                ),
+            )
+        })
+    }
+
+    fn get(&self) -> Option<&T> {
+        self.value.as_ref().map(|(v, _)| v)
+    }
+
+    fn line(&self) -> Option<u32> {
+        self.value.as_ref().map(|(_, l)| *l)
+    }
+}
+
+/// A grant being assembled from its rows.
+struct Draft {
+    grant_id: String,
+    first_line: u32,
+    program: Agreed<Program>,
+    grantee: Agreed<String>,
+    principal: Agreed<PrincipalSpec>,
+    csp: Agreed<String>,
+    from: Agreed<i64>,
+    until: Agreed<i64>,
+    /// Cards with the line of their row.
+    cards: Vec<(GrantCard, u32)>,
+    hosts: Vec<String>,
+    /// Canonical UUID → line it first appeared on in this grant.
+    uuids: HashMap<String, u32>,
+}
+
+impl Draft {
+    fn new(grant_id: &str, line: u32) -> Self {
+        Draft {
+            grant_id: grant_id.to_owned(),
+            first_line: line,
+            program: Agreed::new(),
+            grantee: Agreed::new(),
+            principal: Agreed::new(),
+            csp: Agreed::new(),
+            from: Agreed::new(),
+            until: Agreed::new(),
+            cards: Vec::new(),
+            hosts: Vec::new(),
+            uuids: HashMap::new(),
+        }
+    }
+
+    /// The validity interval, when both ends parsed and it is not empty.
+    fn interval(&self) -> Option<Interval> {
+        match (self.from.get(), self.until.get()) {
+            (Some(&from), Some(&until)) if until > from => Some((from, until)),
+            _ => None,
+        }
+    }
+}
+
+/// The value of a parsed field, or `None` after recording why it did not parse.
+fn checked<T, E: fmt::Display>(
+    result: Result<T, E>,
+    line: u32,
+    column: usize,
+    problems: &mut Vec<ImportProblem>,
+) -> Option<T> {
+    result
+        .map_err(|e| problems.push(problem(line, COLUMNS[column], e.to_string())))
+        .ok()
+}
+
+/// A validity interval, `[from, until)` in Unix milliseconds.
+type Interval = (i64, i64);
+
+fn overlaps(a: Interval, b: Interval) -> bool {
+    a.0.max(b.0) < a.1.min(b.1)
+}
+
+/// Validates a whole file against the grants already held. All or nothing: Err carries every
+/// problem found (not just the first), each naming its line (1-based file line) and field.
+pub fn parse_grants_csv(
+    text: &str,
+    held: &[Grant],
+    known_cards: &dyn Fn(&str, &str) -> bool,
+) -> Result<GrantImport, Vec<ImportProblem>> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let records = split_csv(text);
+    let mut rows = records.iter().filter(|r| !r.is_blank());
+
+    let expected_header = COLUMNS.join(",");
+    let header = match rows.next() {
+        None => {
+            return Err(vec![problem(
+                1,
+                "header",
+                format!("file is empty; the first line must be the header {expected_header}"),
+            )]);
+        }
+        Some(rec) => rec,
+    };
+    match &header.body {
+        Err(fault) => {
+            return Err(vec![problem(header.line, "header", fault.message)]);
+        }
+        Ok(fields) => {
+            if !fields.iter().map(|f| f.trim()).eq(COLUMNS) {
+                let found: Vec<&str> = fields.iter().map(|f| f.trim()).collect();
+                return Err(vec![problem(
+                    header.line,
+                    "header",
+                    format!(
+                        "expected the header {expected_header}, found {}",
+                        found.join(",")
+                    ),
+                )]);
+            }
+        }
+    }
+
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    let mut drafts: Vec<Draft> = Vec::new();
+    let mut draft_index: HashMap<String, usize> = HashMap::new();
+
+    for rec in rows {
+        let line = rec.line;
+        let fields = match &rec.body {
+            Err(fault) => {
+                let field = COLUMNS.get(fault.column).copied().unwrap_or("row");
+                problems.push(problem(line, field, fault.message));
+                continue;
+            }
+            Ok(fields) => fields,
+        };
+        if fields.len() != COLUMNS.len() {
+            problems.push(problem(
+                line,
+                "row",
+                format!("expected {} columns, found {}", COLUMNS.len(), fields.len()),
+            ));
+            continue;
+        }
+        let value = |i: usize| fields[i].trim();
+        let mut present = [true; 9];
+        for (i, name) in COLUMNS.iter().enumerate() {
+            if value(i).is_empty() {
+                present[i] = false;
+                problems.push(problem(line, name, "required field is empty"));
+            }
+        }
+        // Every field is checked even without a grant id, so that all of a row's problems
+        // are reported at once.
+        let program = present[1]
+            .then(|| value(1).parse::<Program>())
+            .and_then(|r| checked(r, line, 1, &mut problems));
+        let principal = present[3]
+            .then(|| value(3).parse::<PrincipalSpec>())
+            .and_then(|r| checked(r, line, 3, &mut problems));
+        let gpu_uuid = present[6]
+            .then(|| parse_gpu_uuid(value(6)))
+            .and_then(|r| checked(r, line, 6, &mut problems));
+        let from = present[7]
+            .then(|| parse_valid_from(value(7)))
+            .and_then(|r| checked(r, line, 7, &mut problems));
+        let until = present[8]
+            .then(|| parse_valid_until(value(8)))
+            .and_then(|r| checked(r, line, 8, &mut problems));
+        let grantee = present[2].then(|| value(2).to_owned());
+        let csp = present[4].then(|| value(4).to_owned());
+        let host_id = present[5].then(|| value(5).to_owned());
+
+        if !present[0] {
+            continue;
+        }
+        let grant_id = value(0);
+        let idx = *draft_index.entry(grant_id.to_owned()).or_insert_with(|| {
+            drafts.push(Draft::new(grant_id, line));
+            drafts.len() - 1
+        });
+        let draft = &mut drafts[idx];
+        let gid = draft.grant_id.clone();
+        let quoted = |s: &String| format!("{s:?}");
+        let shown_kst = |ms: &i64| fmt_kst(*ms);
+        let shown_end = |ms: &i64| format!("(exclusive end) {}", fmt_kst(*ms));
+        problems.extend(
+            [
+                draft
+                    .program
+                    .agree(program, line, &gid, "program", Program::to_string),
+                draft.grantee.agree(grantee, line, &gid, "grantee", quoted),
+                draft
+                    .principal
+                    .agree(principal, line, &gid, "principal", PrincipalSpec::to_string),
+                draft.csp.agree(csp, line, &gid, "csp", quoted),
+                draft.from.agree(from, line, &gid, "valid_from", shown_kst),
+                draft
+                    .until
+                    .agree(until, line, &gid, "valid_until", shown_end),
+            ]
+            .into_iter()
+            .flatten(),
+        );
+
+        if let Some(host) = host_id.as_ref().filter(|h| !draft.hosts.contains(h)) {
+            draft.hosts.push(host.clone());
+            if draft.program.get() == Some(&Program::Hpc) && draft.hosts.len() > HPC_MAX_HOSTS {
+                problems.push(problem(
+                    line,
+                    "host_id",
+                    format!(
+                        "hpc grant {gid} would span {} hosts ({}); at most {HPC_MAX_HOSTS} are allowed",
+                        draft.hosts.len(),
+                        draft.hosts.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let (Some(host), Some(uuid)) = (host_id, gpu_uuid) {
+            if !known_cards(&host, &uuid) {
+                warnings.push(problem(
+                    line,
+                    "gpu_uuid",
+                    format!("card {uuid} on host {host} has not been reported by any agent yet"),
+                ));
+            }
+            match draft.uuids.get(&uuid) {
+                Some(first) => problems.push(problem(
+                    line,
+                    "gpu_uuid",
+                    format!("card {uuid} is already in grant {gid} on line {first}"),
+                )),
+                None => {
+                    draft.uuids.insert(uuid.clone(), line);
+                    draft.cards.push((
+                        GrantCard {
+                            host_id: host,
+                            gpu_uuid: uuid,
+                        },
+                        line,
+                    ));
+                }
+            }
+        }
+    }
+
+    // Whole-grant rules.
+    let held_ids: HashSet<&str> = held.iter().map(|g| g.grant_id.as_str()).collect();
+    for draft in &drafts {
+        if held_ids.contains(draft.grant_id.as_str()) {
+            problems.push(problem(
+                draft.first_line,
+                "grant_id",
+                format!(
+                    "grant {} already exists; change it with the amend or revoke commands instead of importing it again",
+                    draft.grant_id
+                ),
+            ));
+        }
+        let (Some(&from), Some(&until)) = (draft.from.get(), draft.until.get()) else {
+            continue;
+        };
+        let until_line = draft.until.line().unwrap_or(draft.first_line);
+        if until <= from {
+            problems.push(problem(
+                until_line,
+                "valid_until",
+                format!(
+                    "grant {} ends (exclusive) at {}, not after it starts at {}",
+                    draft.grant_id,
+                    fmt_kst(until),
+                    fmt_kst(from)
+                ),
+            ));
+            continue;
+        }
+        if draft.program.get() == Some(&Program::Advanced) {
+            let limit = advanced_limit_ms(from);
+            if limit.is_none_or(|limit| until > limit) {
+                problems.push(problem(
+                    until_line,
+                    "valid_until",
+                    format!(
+                        "advanced grant {} runs until {} (exclusive), more than {ADVANCED_MAX_MONTHS} calendar months after {}",
+                        draft.grant_id,
+                        fmt_kst(until),
+                        fmt_kst(from)
+                    ),
+                ));
+            }
+        }
+    }
+
+    // No card in two grants at once. Cards are keyed case-insensitively so that a held grant
+    // stored before canonicalization still collides.
+    let mut held_by_card: HashMap<String, Vec<&Grant>> = HashMap::new();
+    for g in held {
+        for card in &g.cards {
+            held_by_card
+                .entry(card.gpu_uuid.to_ascii_lowercase())
+                .or_default()
+                .push(g);
+        }
+    }
+    // Card → (draft index, interval) of the grants earlier in this file.
+    let mut file_by_card: HashMap<String, Vec<(usize, Interval)>> = HashMap::new();
+    for (idx, draft) in drafts.iter().enumerate() {
+        let Some(interval) = draft.interval() else {
+            continue;
+        };
+        for (card, line) in &draft.cards {
+            let key = card.gpu_uuid.to_ascii_lowercase();
+            for other in held_by_card.get(&key).into_iter().flatten() {
+                // Re-importing a held grant is reported on its grant_id already.
+                if other.grant_id == draft.grant_id {
+                    continue;
+                }
+                let theirs = (other.valid_from_ms, other.effective_until_ms());
+                if overlaps(interval, theirs) {
+                    problems.push(problem(
+                        *line,
+                        "gpu_uuid",
+                        format!(
+                            "card {} is already in grant {} from {} until {} (exclusive), which overlaps grant {}",
+                            card.gpu_uuid,
+                            other.grant_id,
+                            fmt_kst(theirs.0),
+                            fmt_kst(theirs.1),
+                            draft.grant_id
+                        ),
+                    ));
+                }
+            }
+            let earlier = file_by_card.entry(key).or_default();
+            for (other_idx, theirs) in earlier.iter() {
+                if overlaps(interval, *theirs) {
+                    let other = &drafts[*other_idx];
+                    let other_line = other
+                        .cards
+                        .iter()
+                        .find(|(c, _)| c.gpu_uuid.eq_ignore_ascii_case(&card.gpu_uuid))
+                        .map_or(other.first_line, |(_, l)| *l);
+                    problems.push(problem(
+                        *line,
+                        "gpu_uuid",
+                        format!(
+                            "card {} is also in grant {} (line {other_line}) for an overlapping period",
+                            card.gpu_uuid, other.grant_id
+                        ),
+                    ));
+                }
+            }
+            earlier.push((idx, interval));
+        }
+    }
+
+    if !problems.is_empty() {
+        problems.sort_by_key(|p| p.line);
+        return Err(problems);
+    }
+
+    let mut grants = Vec::with_capacity(drafts.len());
+    for draft in drafts {
+        let line = draft.first_line;
+        let (Some(program), Some(grantee), Some(principal), Some(csp), Some(from), Some(until)) = (
+            draft.program.value,
+            draft.grantee.value,
+            draft.principal.value,
+            draft.csp.value,
+            draft.from.value,
+            draft.until.value,
+        ) else {
+            // Every missing value was reported as a problem above, so this is not reached; it
+            // still must not drop a grant silently.
+            return Err(vec![problem(line, "row", "grant is incomplete")]);
+        };
+        grants.push(Grant {
+            grant_id: draft.grant_id,
+            program: program.0,
+            grantee: grantee.0,
+            principal: principal.0,
+            csp: csp.0,
+            valid_from_ms: from.0,
+            valid_until_ms: until.0,
+            cards: draft.cards.into_iter().map(|(c, _)| c).collect(),
+            revoked_at_ms: None,
+        });
+    }
+    warnings.sort_by_key(|p| p.line);
+    Ok(GrantImport { grants, warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpumeter_proto::principal::PrincipalTerm;
+    use proptest::prelude::*;
+
+    const HEADER: &str =
+        "grant_id,program,grantee,principal,csp,host_id,gpu_uuid,valid_from,valid_until\n";
+
+    fn uuid(n: u32) -> String {
+        format!("GPU-{n:08x}-1111-2222-3333-444455556666")
+    }
+
+    /// One row with the defaults most tests do not care about.
+    fn row(id: &str, program: &str, host: &str, card: u32, from: &str, until: &str) -> String {
+        format!(
+            "{id},{program},Acme AI,uid:1001,csp-a,{host},{},{from},{until}\n",
+            uuid(card)
+        )
+    }
+
+    fn all_known(_: &str, _: &str) -> bool {
+        true
+    }
+
+    fn parse(text: &str) -> Result<GrantImport, Vec<ImportProblem>> {
+        parse_grants_csv(text, &[], &all_known)
+    }
+
+    fn ms(rfc3339: &str) -> i64 {
+        DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    /// The single problem of a file that must fail with exactly one.
+    fn only_problem(text: &str, held: &[Grant]) -> ImportProblem {
+        let problems = parse_grants_csv(text, held, &all_known).unwrap_err();
+        assert_eq!(problems.len(), 1, "expected one problem, got {problems:#?}");
+        problems.into_iter().next().unwrap()
+    }
+
+    fn assert_at(p: &ImportProblem, line: u32, field: &str) {
+        assert_eq!((p.line, p.field.as_str()), (line, field), "{p}");
+    }
+
+    fn held_grant(id: &str, card: u32, from: &str, until: &str, revoked: Option<&str>) -> Grant {
+        Grant {
+            grant_id: id.into(),
+            program: Program::Research,
+            grantee: "Old Lab".into(),
+            principal: "group:oldlab".parse().unwrap(),
+            csp: "csp-a".into(),
+            valid_from_ms: ms(from),
+            valid_until_ms: ms(until),
+            cards: vec![GrantCard {
+                host_id: "h1".into(),
+                gpu_uuid: uuid(card),
+            }],
+            revoked_at_ms: revoked.map(ms),
+        }
+    }
+
+    #[test]
+    fn grants_valid_file_parses_to_exact_instants() {
+        let text = format!(
+            "{HEADER}\
+             G1,hpc,Acme AI,uid:1001;group:acme,csp-a,h1,{},2026-04-01,2026-06-30\n\
+             G1,hpc,Acme AI,uid:1001;group:acme,csp-a,h2,{},2026-04-01,2026-06-30\n\
+             \n\
+             G2,research,KAIST,cgroup:/slurm/*,csp-b,h9,MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee,2026-05-01T09:30:00+09:00,2026-05-02T00:00:00Z\n",
+            uuid(1),
+            uuid(2)
+        );
+        let import = parse(&text).unwrap();
+        assert!(import.warnings.is_empty());
+        assert_eq!(
+            import.grants,
+            vec![
+                Grant {
+                    grant_id: "G1".into(),
+                    program: Program::Hpc,
+                    grantee: "Acme AI".into(),
+                    principal: PrincipalSpec {
+                        terms: vec![
+                            PrincipalTerm::Uid(1001),
+                            PrincipalTerm::Group("acme".into())
+                        ]
+                    },
+                    csp: "csp-a".into(),
+                    valid_from_ms: ms("2026-03-31T15:00:00Z"),
+                    valid_until_ms: ms("2026-06-30T15:00:00Z"),
+                    cards: vec![
+                        GrantCard {
+                            host_id: "h1".into(),
+                            gpu_uuid: uuid(1)
+                        },
+                        GrantCard {
+                            host_id: "h2".into(),
+                            gpu_uuid: uuid(2)
+                        },
+                    ],
+                    revoked_at_ms: None,
+                },
+                Grant {
+                    grant_id: "G2".into(),
+                    program: Program::Research,
+                    grantee: "KAIST".into(),
+                    principal: PrincipalSpec {
+                        terms: vec![PrincipalTerm::Cgroup("/slurm/*".into())]
+                    },
+                    csp: "csp-b".into(),
+                    valid_from_ms: ms("2026-05-01T00:30:00Z"),
+                    // A timestamp in valid_until is the exclusive end itself.
+                    valid_until_ms: ms("2026-05-02T00:00:00Z"),
+                    cards: vec![GrantCard {
+                        host_id: "h9".into(),
+                        gpu_uuid: "MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee".into()
+                    }],
+                    revoked_at_ms: None,
+                },
+            ]
+        );
+        assert_eq!(import.grants[0].valid_from_ms, 1_774_969_200_000);
+    }
+
+    #[test]
+    fn grants_day_bounds_are_korean_midnights() {
+        assert_eq!(
+            parse_valid_from("2026-01-01").unwrap(),
+            ms("2025-12-31T15:00:00Z")
+        );
+        assert_eq!(
+            parse_valid_until("2026-12-31").unwrap(),
+            ms("2026-12-31T15:00:00Z")
+        );
+        // Leap day exists in 2028 and not in 2026.
+        assert_eq!(
+            parse_valid_until("2028-02-29").unwrap(),
+            ms("2028-03-01T00:00:00+09:00")
+        );
+        assert!(parse_valid_from("2026-02-29").is_err());
+        assert_eq!(
+            parse_valid_from("2026-04-01T00:00:00+09:00").unwrap(),
+            ms("2026-03-31T15:00:00Z")
+        );
+    }
+
+    #[test]
+    fn grants_bom_crlf_and_quoted_fields() {
+        let text = format!(
+            "\u{feff}grant_id,program,grantee,principal,csp,host_id,gpu_uuid,valid_from,valid_until\r\n\
+             \"G1\",hpc,\"Kim, \"\"Lee\"\" & Park Co.\",\"user:alice;uid:7\",csp-a,h1,{},2026-04-01,\"2026-04-30\"\r\n\
+             \r\n\
+             G1,hpc,\"Kim, \"\"Lee\"\" & Park Co.\",user:alice;uid:7,csp-a,h1,{},2026-04-01,2026-04-30\r\n",
+            uuid(1),
+            uuid(2)
+        );
+        let import = parse(&text).unwrap();
+        assert_eq!(import.grants.len(), 1);
+        let g = &import.grants[0];
+        assert_eq!(g.grant_id, "G1");
+        assert_eq!(g.grantee, "Kim, \"Lee\" & Park Co.");
+        assert_eq!(g.principal.to_string(), "user:alice;uid:7");
+        assert_eq!(g.cards.len(), 2);
+        assert_eq!(g.cards[1].gpu_uuid, uuid(2));
+        assert_eq!(g.valid_until_ms, ms("2026-04-30T15:00:00Z"));
+    }
+
+    #[test]
+    fn grants_line_numbers_count_newlines_inside_quotes() {
+        // The grantee spans lines 2-3, so the next row starts on line 4.
+        let text = format!(
+            "{HEADER}\
+             G1,research,\"Two\nLines\",uid:1,csp-a,h1,{},2026-04-01,2026-04-30\n\
+             G1,research,\"Two\nLines\",uid:1,csp-a,h1,GPU-bad,2026-04-01,2026-04-30\n",
+            uuid(1)
+        );
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 4, "gpu_uuid");
+    }
+
+    #[test]
+    fn grants_header_missing_is_line_1() {
+        let text = row("G1", "hpc", "h1", 1, "2026-04-01", "2026-04-30");
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 1, "header");
+        assert!(p.message.contains("expected the header"), "{p}");
+    }
+
+    #[test]
+    fn grants_header_wrong_is_line_1() {
+        let text = "grant_id,program,grantee,principal,csp,host_id,gpu_uuid,valid_from\n";
+        assert_at(&only_problem(text, &[]), 1, "header");
+        let reordered =
+            "program,grant_id,grantee,principal,csp,host_id,gpu_uuid,valid_from,valid_until\n";
+        assert_at(&only_problem(reordered, &[]), 1, "header");
+        assert_at(&only_problem("", &[]), 1, "header");
+        assert_at(&only_problem("\u{feff}", &[]), 1, "header");
+    }
+
+    #[test]
+    fn grants_header_only_file_imports_nothing() {
+        let import = parse(HEADER).unwrap();
+        assert!(import.grants.is_empty());
+    }
+
+    #[test]
+    fn grants_wrong_column_count() {
+        let text = format!(
+            "{HEADER}{}G1,hpc,Acme,uid:1,csp-a,h1,{},2026-04-01\n",
+            row("G1", "hpc", "h1", 1, "2026-04-01", "2026-04-30"),
+            uuid(2)
+        );
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 3, "row");
+        assert!(p.message.contains("expected 9 columns, found 8"), "{p}");
+    }
+
+    #[test]
+    fn grants_empty_required_field() {
+        let text = format!(
+            "{HEADER}G1,hpc,  ,uid:1,csp-a,h1,{},2026-04-01,2026-04-30\n",
+            uuid(1)
+        );
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 2, "grantee");
+        assert_eq!(p.message, "required field is empty");
+    }
+
+    #[test]
+    fn grants_empty_grant_id_still_checks_the_row() {
+        let text = format!("{HEADER},hpc,Acme,uid:1,csp-a,h1,GPU-x,2026-04-01,2026-04-30\n");
+        let problems = parse(&text).unwrap_err();
+        let at: Vec<_> = problems
+            .iter()
+            .map(|p| (p.line, p.field.as_str()))
+            .collect();
+        assert_eq!(at, vec![(2, "grant_id"), (2, "gpu_uuid")]);
+    }
+
+    #[test]
+    fn grants_unknown_program() {
+        let text = format!(
+            "{HEADER}{}",
+            row("G1", "HPC", "h1", 1, "2026-04-01", "2026-04-30")
+        );
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 2, "program");
+        assert!(p.message.contains("\"HPC\""), "{p}");
+    }
+
+    #[test]
+    fn grants_malformed_principal() {
+        let text = format!(
+            "{HEADER}G1,hpc,Acme,foo:bar,csp-a,h1,{},2026-04-01,2026-04-30\n",
+            uuid(1)
+        );
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 2, "principal");
+        assert_eq!(
+            p.message,
+            "foo:bar".parse::<PrincipalSpec>().unwrap_err().to_string()
+        );
+    }
+
+    #[test]
+    fn grants_malformed_gpu_uuid() {
+        for bad in [
+            "GPU-1234",
+            "gpu-00000001-1111-2222-3333-444455556666",
+            "GPU-0000000g-1111-2222-3333-444455556666",
+            "GPU-00000001-1111-2222-3333-4444555566667",
+            "GPU-00000001-1111-2222-3333-444455556666-",
+            "0",
+        ] {
+            let text = format!("{HEADER}G1,hpc,Acme,uid:1,csp-a,h1,{bad},2026-04-01,2026-04-30\n");
+            let p = only_problem(&text, &[]);
+            assert_at(&p, 2, "gpu_uuid");
+            assert!(p.message.contains(bad), "{p}");
+        }
+    }
+
+    #[test]
+    fn grants_gpu_uuid_is_canonicalized() {
+        assert_eq!(
+            parse_gpu_uuid("GPU-ABCDEF01-1111-2222-3333-444455556666").unwrap(),
+            "GPU-abcdef01-1111-2222-3333-444455556666"
+        );
+        assert_eq!(
+            parse_gpu_uuid("MIG-ABCDEF01-1111-2222-3333-444455556666").unwrap(),
+            "MIG-abcdef01-1111-2222-3333-444455556666"
+        );
+    }
+
+    #[test]
+    fn grants_malformed_valid_from() {
+        let text = format!(
+            "{HEADER}{}",
+            row("G1", "hpc", "h1", 1, "2026-4-1", "2026-04-30")
+        );
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 2, "valid_from");
+        assert!(p.message.contains("\"2026-4-1\""), "{p}");
+    }
+
+    #[test]
+    fn grants_malformed_valid_until() {
+        let text = format!(
+            "{HEADER}{}",
+            row("G1", "hpc", "h1", 1, "2026-04-01", "2026-02-30")
+        );
+        assert_at(&only_problem(&text, &[]), 2, "valid_until");
+        let text = format!(
+            "{HEADER}{}",
+            row("G1", "hpc", "h1", 1, "2026-04-01", "2026-04-30T25:00:00Z")
+        );
+        assert_at(&only_problem(&text, &[]), 2, "valid_until");
+    }
+
+    #[test]
+    fn grants_valid_until_before_valid_from() {
+        let text = format!(
+            "{HEADER}{}",
+            row("G1", "hpc", "h1", 1, "2026-04-01", "2026-03-31")
+        );
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 2, "valid_until");
+        // A one-day grant is fine.
+        let text = format!(
+            "{HEADER}{}",
+            row("G1", "hpc", "h1", 1, "2026-04-01", "2026-04-01")
+        );
+        let g = &parse(&text).unwrap().grants[0];
+        assert_eq!(g.valid_until_ms - g.valid_from_ms, DAY_MS);
+    }
+
+    #[test]
+    fn grants_rows_of_one_grant_must_agree() {
+        let base = row("G1", "research", "h1", 1, "2026-04-01", "2026-04-30");
+        let cases = [
+            (
+                "program",
+                "G1,hpc,Acme AI,uid:1001,csp-a,h1,CARD,2026-04-01,2026-04-30\n",
+            ),
+            (
+                "grantee",
+                "G1,research,Acme,uid:1001,csp-a,h1,CARD,2026-04-01,2026-04-30\n",
+            ),
+            (
+                "principal",
+                "G1,research,Acme AI,uid:1002,csp-a,h1,CARD,2026-04-01,2026-04-30\n",
+            ),
+            (
+                "csp",
+                "G1,research,Acme AI,uid:1001,csp-b,h1,CARD,2026-04-01,2026-04-30\n",
+            ),
+            (
+                "valid_from",
+                "G1,research,Acme AI,uid:1001,csp-a,h1,CARD,2026-04-02,2026-04-30\n",
+            ),
+            (
+                "valid_until",
+                "G1,research,Acme AI,uid:1001,csp-a,h1,CARD,2026-04-01,2026-05-30\n",
+            ),
+        ];
+        for (field, disagreeing) in cases {
+            let text = format!(
+                "{HEADER}{base}{}{}",
+                row("G1", "research", "h1", 2, "2026-04-01", "2026-04-30"),
+                disagreeing.replace("CARD", &uuid(3))
+            );
+            let p = only_problem(&text, &[]);
+            assert_at(&p, 4, field);
+            assert!(p.message.contains("line 2"), "{p}");
+        }
+    }
+
+    #[test]
+    fn grants_rows_agree_on_instants_not_spelling() {
+        let text = format!(
+            "{HEADER}{}{}",
+            row("G1", "research", "h1", 1, "2026-04-01", "2026-04-30"),
+            row(
+                "G1",
+                "research",
+                "h1",
+                2,
+                "2026-03-31T15:00:00Z",
+                "2026-05-01T00:00:00+09:00"
+            )
+        );
+        assert_eq!(parse(&text).unwrap().grants[0].cards.len(), 2);
+    }
+
+    #[test]
+    fn grants_same_card_twice_in_one_grant() {
+        let text = format!(
+            "{HEADER}{}{}{}",
+            row("G1", "research", "h1", 1, "2026-04-01", "2026-04-30"),
+            row("G1", "research", "h1", 2, "2026-04-01", "2026-04-30"),
+            row("G1", "research", "h2", 1, "2026-04-01", "2026-04-30"),
+        );
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 4, "gpu_uuid");
+        assert!(p.message.contains("line 2"), "{p}");
+        // Case differences do not make it another card.
+        let text = format!(
+            "{HEADER}{}{}",
+            row("G1", "research", "h1", 10, "2026-04-01", "2026-04-30"),
+            row("G1", "research", "h1", 10, "2026-04-01", "2026-04-30")
+                .replace("GPU-0000000a", "GPU-0000000A"),
+        );
+        assert_at(&only_problem(&text, &[]), 3, "gpu_uuid");
+    }
+
+    #[test]
+    fn grants_hpc_spans_at_most_two_hosts() {
+        let text = format!(
+            "{HEADER}{}{}{}{}",
+            row("G1", "hpc", "h1", 1, "2026-04-01", "2026-04-30"),
+            row("G1", "hpc", "h2", 2, "2026-04-01", "2026-04-30"),
+            row("G1", "hpc", "h1", 3, "2026-04-01", "2026-04-30"),
+            row("G1", "hpc", "h3", 4, "2026-04-01", "2026-04-30"),
+        );
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 5, "host_id");
+        assert!(p.message.contains("h1, h2, h3"), "{p}");
+        // Research grants have no host limit.
+        let research = text.replace(",hpc,", ",research,");
+        assert_eq!(parse(&research).unwrap().grants[0].cards.len(), 4);
+    }
+
+    #[test]
+    fn grants_advanced_lasts_at_most_four_calendar_months() {
+        let ok = format!(
+            "{HEADER}{}",
+            row("A1", "advanced", "h1", 1, "2026-03-01", "2026-06-30")
+        );
+        assert!(parse(&ok).is_ok());
+        let too_long = format!(
+            "{HEADER}{}",
+            row("A1", "advanced", "h1", 1, "2026-03-01", "2026-07-01")
+        );
+        let p = only_problem(&too_long, &[]);
+        assert_at(&p, 2, "valid_until");
+        // Months are calendar months in KST: 4 months after 31 Oct is the end of February.
+        let ok = format!(
+            "{HEADER}{}",
+            row("A1", "advanced", "h1", 1, "2026-10-31", "2027-02-27")
+        );
+        assert!(parse(&ok).is_ok());
+        let too_long = format!(
+            "{HEADER}{}",
+            row("A1", "advanced", "h1", 1, "2026-10-31", "2027-02-28")
+        );
+        assert_at(&only_problem(&too_long, &[]), 2, "valid_until");
+        // Timestamps count by the instant: one millisecond over is over.
+        let edge = format!(
+            "{HEADER}{}",
+            row(
+                "A1",
+                "advanced",
+                "h1",
+                1,
+                "2026-03-01",
+                "2026-07-01T00:00:00+09:00"
+            )
+        );
+        assert!(parse(&edge).is_ok());
+        let over = edge.replace("2026-07-01T00:00:00+09:00", "2026-07-01T00:00:00.001+09:00");
+        assert_at(&only_problem(&over, &[]), 2, "valid_until");
+        // Other programs have no such limit.
+        let research = too_long.replace(",advanced,", ",research,");
+        assert!(parse(&research).is_ok());
+    }
+
+    #[test]
+    fn grants_card_overlap_within_the_file() {
+        let text = format!(
+            "{HEADER}{}{}{}",
+            row("G1", "research", "h1", 1, "2026-04-01", "2026-04-30"),
+            row("G2", "research", "h1", 2, "2026-04-01", "2026-04-30"),
+            row("G2", "research", "h1", 1, "2026-04-01", "2026-04-30"),
+        );
+        let p = only_problem(&text, &[]);
+        assert_at(&p, 4, "gpu_uuid");
+        assert!(p.message.contains("grant G1 (line 2)"), "{p}");
+    }
+
+    #[test]
+    fn grants_card_may_move_between_grants_back_to_back() {
+        let text = format!(
+            "{HEADER}{}{}",
+            row("G1", "research", "h1", 1, "2026-04-01", "2026-04-30"),
+            row("G2", "research", "h1", 1, "2026-05-01", "2026-05-31"),
+        );
+        assert_eq!(parse(&text).unwrap().grants.len(), 2);
+    }
+
+    #[test]
+    fn grants_card_overlap_with_held_grant() {
+        let held = [held_grant(
+            "OLD",
+            1,
+            "2026-01-01T00:00:00+09:00",
+            "2026-04-15T00:00:00+09:00",
+            None,
+        )];
+        let text = format!(
+            "{HEADER}{}",
+            row("G1", "research", "h1", 1, "2026-04-01", "2026-04-30")
+        );
+        let p = only_problem(&text, &held);
+        assert_at(&p, 2, "gpu_uuid");
+        assert!(p.message.contains("grant OLD"), "{p}");
+    }
+
+    #[test]
+    fn grants_revoked_held_grant_frees_its_card_at_revocation() {
+        let revoked = [held_grant(
+            "OLD",
+            1,
+            "2026-01-01T00:00:00+09:00",
+            "2026-12-31T00:00:00+09:00",
+            Some("2026-04-01T00:00:00+09:00"),
+        )];
+        let text = format!(
+            "{HEADER}{}",
+            row("G1", "research", "h1", 1, "2026-04-01", "2026-04-30")
+        );
+        assert!(parse_grants_csv(&text, &revoked, &all_known).is_ok());
+        let early = format!(
+            "{HEADER}{}",
+            row("G1", "research", "h1", 1, "2026-03-31", "2026-04-30")
+        );
+        assert_at(&only_problem(&early, &revoked), 2, "gpu_uuid");
+    }
+
+    #[test]
+    fn grants_existing_grant_id_is_an_error() {
+        let held = [held_grant(
+            "G1",
+            1,
+            "2026-04-01T00:00:00+09:00",
+            "2026-05-01T00:00:00+09:00",
+            None,
+        )];
+        let text = format!(
+            "{HEADER}\n{}{}",
+            row("G1", "research", "h1", 1, "2026-04-01", "2026-04-30"),
+            row("G1", "research", "h1", 2, "2026-04-01", "2026-04-30"),
+        );
+        let p = only_problem(&text, &held);
+        assert_at(&p, 3, "grant_id");
+    }
+
+    #[test]
+    fn grants_unknown_card_is_a_warning() {
+        let text = format!(
+            "{HEADER}{}{}",
+            row("G1", "research", "h1", 1, "2026-04-01", "2026-04-30"),
+            row("G1", "research", "h7", 2, "2026-04-01", "2026-04-30"),
+        );
+        let known_uuid = uuid(1);
+        let known = move |host: &str, card: &str| host == "h1" && card == known_uuid;
+        let import = parse_grants_csv(&text, &[], &known).unwrap();
+        assert_eq!(import.grants[0].cards.len(), 2);
+        assert_eq!(import.warnings.len(), 1);
+        assert_at(&import.warnings[0], 3, "gpu_uuid");
+    }
+
+    #[test]
+    fn grants_every_problem_is_reported_in_line_order() {
+        let text = format!(
+            "{HEADER}{}{}{}{}",
+            row("G1", "nope", "h1", 1, "2026-04-01", "2026-04-30"),
+            row("G2", "hpc", "h1", 2, "2026-04-01", "yesterday"),
+            "G3,hpc,\"unterminated,uid:1\n",
+            row("G4", "hpc", "h1", 4, "2026-04-01", "2026-04-30"),
+        );
+        let problems = parse(&text).unwrap_err();
+        let at: Vec<_> = problems
+            .iter()
+            .map(|p| (p.line, p.field.as_str()))
+            .collect();
+        // The unterminated quote swallows the rest of the file: that is what the file says.
+        assert_eq!(at, vec![(2, "program"), (3, "valid_until"), (4, "grantee")]);
+    }
+
+    #[test]
+    fn grants_csv_quote_faults_name_the_column() {
+        let text = format!(
+            "{HEADER}G1,hpc,Ac\"me,uid:1,csp-a,h1,{},2026-04-01,2026-04-30\n{}",
+            uuid(1),
+            row("G2", "hpc", "h1", 2, "2026-04-01", "2026-04-30")
+        );
+        assert_at(&only_problem(&text, &[]), 2, "grantee");
+        let text = format!(
+            "{HEADER}G1,hpc,\"Acme\"x,uid:1,csp-a,h1,{},2026-04-01,2026-04-30\n",
+            uuid(1)
+        );
+        assert_at(&only_problem(&text, &[]), 2, "grantee");
+    }
+
+    #[test]
+    fn grants_effective_until_is_cut_by_revocation() {
+        let mut g = held_grant(
+            "G",
+            1,
+            "2026-04-01T00:00:00+09:00",
+            "2026-05-01T00:00:00+09:00",
+            None,
+        );
+        assert_eq!(g.effective_until_ms(), g.valid_until_ms);
+        g.revoked_at_ms = Some(ms("2026-04-10T00:00:00+09:00"));
+        assert_eq!(g.effective_until_ms(), ms("2026-04-10T00:00:00+09:00"));
+        g.revoked_at_ms = Some(ms("2026-06-01T00:00:00+09:00"));
+        assert_eq!(g.effective_until_ms(), g.valid_until_ms);
+        g.revoked_at_ms = Some(ms("2026-01-01T00:00:00+09:00"));
+        assert_eq!(g.effective_until_ms(), g.valid_from_ms);
+    }
+
+    #[test]
+    fn grants_program_ids_round_trip() {
+        for p in [Program::Hpc, Program::Research, Program::Advanced] {
+            assert_eq!(p.as_str().parse::<Program>().unwrap(), p);
+        }
+        assert!("Research".parse::<Program>().is_err());
+    }
+
+    #[test]
+    fn grants_problem_display_names_line_and_field() {
+        let p = problem(7, "valid_until", "bad date");
+        assert_eq!(p.to_string(), "line 7, field valid_until: bad date");
+    }
+
+    /// A CSV field, quoted when it must be or when the generator says so.
+    fn field(value: &str, quote: bool) -> String {
+        if quote || value.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", value.replace('"', "\"\""))
+        } else {
+            value.to_owned()
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct GenGrant {
+        program: Program,
+        grantee: String,
+        start_day: u32,
+        days: u32,
+        hosts: Vec<u8>,
+        timestamps: bool,
+    }
+
+    fn gen_grant() -> impl Strategy<Value = GenGrant> {
+        (
+            prop_oneof![
+                Just(Program::Hpc),
+                Just(Program::Research),
+                Just(Program::Advanced)
+            ],
+            "[A-Za-z][A-Za-z ,\"&.-]{0,12}[A-Za-z.]",
+            0u32..700,
+            // 120 days fit in 4 calendar months wherever they start.
+            1u32..=120,
+            proptest::collection::vec(0u8..4, 1..6),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(program, grantee, start_day, days, mut hosts, timestamps)| {
+                    if program == Program::Hpc {
+                        for h in &mut hosts {
+                            *h %= 2;
+                        }
+                    }
+                    GenGrant {
+                        program,
+                        grantee,
+                        start_day,
+                        days,
+                        hosts,
+                        timestamps,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn grants_generated_valid_files_parse(
+            grants in proptest::collection::vec(gen_grant(), 1..6),
+            quote_mask in any::<u64>(),
+            crlf in any::<bool>(),
+            bom in any::<bool>(),
+        ) {
+            let eol = if crlf { "\r\n" } else { "\n" };
+            let mut text = String::new();
+            if bom {
+                text.push('\u{feff}');
+            }
+            text.push_str(&COLUMNS.join(","));
+            text.push_str(eol);
+            let epoch = NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+            let mut rows = 0usize;
+            let mut n = 0u64;
+            for (gi, g) in grants.iter().enumerate() {
+                let first = epoch + chrono::Days::new(u64::from(g.start_day));
+                let last = first + chrono::Days::new(u64::from(g.days - 1));
+                let (from, until) = if g.timestamps {
+                    (
+                        format!("{first}T00:00:00+09:00"),
+                        format!("{}T15:00:00Z", last),
+                    )
+                } else {
+                    (first.to_string(), last.to_string())
+                };
+                for (ci, host) in g.hosts.iter().enumerate() {
+                    let uuid = format!("GPU-{gi:08x}-0000-0000-0000-{ci:012x}");
+                    let values = [
+                        format!("G-{gi}"),
+                        g.program.as_str().to_owned(),
+                        g.grantee.clone(),
+                        "uid:1001;group:lab".to_owned(),
+                        "csp-a".to_owned(),
+                        format!("host-{host}"),
+                        uuid,
+                        from.clone(),
+                        until.clone(),
+                    ];
+                    let line: Vec<String> = values
+                        .iter()
+                        .map(|v| {
+                            n += 1;
+                            field(v, (quote_mask >> (n % 64)) & 1 == 1)
+                        })
+                        .collect();
+                    text.push_str(&line.join(","));
+                    text.push_str(eol);
+                    rows += 1;
+                }
+            }
+            let import = parse(&text).map_err(|p| TestCaseError::fail(format!("{p:#?}\n{text}")))?;
+            prop_assert_eq!(import.grants.len(), grants.len());
+            let cards: usize = import.grants.iter().map(|g| g.cards.len()).sum();
+            prop_assert_eq!(cards, rows);
+            for (parsed, generated) in import.grants.iter().zip(&grants) {
+                prop_assert_eq!(&parsed.grantee, generated.grantee.trim());
+                prop_assert_eq!(
+                    parsed.valid_until_ms - parsed.valid_from_ms,
+                    i64::from(generated.days) * DAY_MS
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! gpumeter collector: receives agents' signed record streams, keeps the verifiable ledger,
+//! holds grants, pushes card assignments, and answers queries and reports.
+
+pub mod admin;
+pub mod config;
+pub mod convert;
+pub mod demo;
+pub mod grants;
+pub mod ingest;
+pub mod query;
+pub mod report;
+pub mod server;
+pub mod store;

@@ -1,0 +1,83 @@
+//! The collector's gRPC server: `run` takes an already bound listener and a shutdown future,
+//! so tests bind port 0 and run it in-process.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gpumeter_proto::v1::{
+    admin_server::AdminServer, ingest_server::IngestServer, query_server::QueryServer,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::admin::AdminService;
+use crate::ingest::{IngestService, Limits};
+use crate::query::QueryService;
+use crate::store::Store;
+use crate::store::writer::Writer;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub collector_id: String,
+    pub limits: Limits,
+    /// Most concurrent streams on one connection.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            collector_id: "collector".into(),
+            limits: Limits::default(),
+            max_streams_per_connection: 16,
+        }
+    }
+}
+
+/// Serves Ingest, Query and Admin on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    opts: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let writer = Writer::spawn(store.clone());
+    let (grants_tx, grants_rx) = watch::channel(0u64);
+    let max_msg = opts.limits.max_message_bytes as usize;
+    let ingest = IngestService {
+        store: store.clone(),
+        writer,
+        live: Arc::new(Mutex::new(HashSet::new())),
+        limits: opts.limits.clone(),
+        collector_id: opts.collector_id.clone(),
+        grants_version: grants_rx,
+    };
+    let query = QueryService {
+        store: store.clone(),
+    };
+    let admin = AdminService {
+        store,
+        grants_version: Arc::new(grants_tx),
+    };
+    info!(%addr, "collector listening");
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(opts.max_streams_per_connection)
+        .add_service(
+            IngestServer::new(ingest)
+                .max_decoding_message_size(max_msg)
+                .max_encoding_message_size(max_msg),
+        )
+        .add_service(QueryServer::new(query).max_decoding_message_size(1 << 20))
+        .add_service(AdminServer::new(admin).max_decoding_message_size(max_msg * 2))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

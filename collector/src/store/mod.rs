@@ -1,0 +1,324 @@
+//! Storage: the one `Store` trait every backend implements, and the plain rows it takes and
+//! gives. Nothing generated from the proto files crosses this boundary.
+
+pub mod sqlite;
+pub mod writer;
+
+use gpumeter_proto::chain::Hash;
+
+use crate::grants::Grant;
+
+/// Why the store could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("database: {0}")]
+    Db(String),
+    #[error("database schema version {found} is newer than this collector knows ({known})")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error(
+        "agent {agent_id} presented a public key that differs from the one pinned for it; an admin must re-register the agent"
+    )]
+    KeyMismatch { agent_id: String },
+    #[error("agent {agent_id} is unknown")]
+    UnknownAgent { agent_id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// A GPU as an agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GpuRow {
+    pub uuid: String,
+    pub index: u32,
+    pub name: String,
+    pub serial: String,
+    pub pci_bus_id: String,
+    pub memory_total_bytes: Option<u64>,
+    pub mig_mode: String,
+}
+
+/// What an agent says when it connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentHello {
+    pub agent_id: String,
+    pub host_id: String,
+    pub csp: String,
+    pub hostname: String,
+    pub agent_version: String,
+    pub public_key: [u8; 32],
+    pub driver_version: String,
+    pub gpus: Vec<GpuRow>,
+    pub epoch: u64,
+    pub received_ms: i64,
+}
+
+/// Where an agent's ledger stands in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentState {
+    /// Highest seq held, and its hash.
+    pub durable_seq: u64,
+    pub durable_hash: Hash,
+}
+
+/// Per-principal usage in a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrincipalRow {
+    pub principal: String,
+    pub uid: Option<u32>,
+    pub occupied_ms: u64,
+    pub active_ms: u64,
+    pub memory_max_bytes: u64,
+    pub process_count: u32,
+    pub matches_grant: bool,
+}
+
+/// A card window's figures, as columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowRow {
+    pub gpu_uuid: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub interval_ms: u64,
+    pub expected_samples: u32,
+    pub good_samples: u32,
+    pub util_avg_pct: Option<f64>,
+    pub util_max_pct: Option<f64>,
+    pub mem_util_avg_pct: Option<f64>,
+    pub memory_used_max_bytes: Option<u64>,
+    pub energy_mj: Option<u64>,
+    pub energy_estimated: bool,
+    pub power_avg_w: Option<f64>,
+    pub temperature_max_c: Option<u32>,
+    pub throttle_reasons: Option<u64>,
+    /// "ok", "degraded", "lost".
+    pub health: &'static str,
+    pub unavailable_ms: u64,
+    /// "assigned", "unassigned", "expired", "revoked".
+    pub assignment_status: &'static str,
+    pub grant_id: String,
+    pub principal: String,
+    pub active_ms: u64,
+    pub occupied_ms: u64,
+    pub foreign_ms: u64,
+    pub principals: Vec<PrincipalRow>,
+}
+
+/// An event, as columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub gpu_uuid: String,
+    pub at_ms: i64,
+    /// "xid", "ecc_single_bit", "gpu_lost", "enforcement", ...
+    pub kind: &'static str,
+    pub code: i64,
+    pub detail: String,
+    pub pid: Option<u32>,
+    pub principal: String,
+    pub grant_id: String,
+    pub mode: String,
+    pub action: String,
+    pub result: String,
+}
+
+/// What a record body decoded to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordContent {
+    Window(WindowRow),
+    Event(EventRow),
+    Gap {
+        from_ms: i64,
+        until_ms: i64,
+        reason: String,
+    },
+    EpochStart {
+        epoch: u64,
+        last_acked_seq: u64,
+    },
+    /// A body this collector cannot decode (a newer agent, or damage); kept verbatim.
+    Unknown,
+}
+
+impl RecordContent {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RecordContent::Window(_) => "window",
+            RecordContent::Event(_) => "event",
+            RecordContent::Gap { .. } => "gap",
+            RecordContent::EpochStart { .. } => "epoch_start",
+            RecordContent::Unknown => "unknown",
+        }
+    }
+}
+
+/// One verified record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestRecord {
+    pub seq: u64,
+    pub prev_hash: Hash,
+    pub hash: Hash,
+    pub body: Vec<u8>,
+    pub created_ms: i64,
+    pub content: RecordContent,
+}
+
+/// A signed checkpoint, stored verbatim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRow {
+    pub epoch: u64,
+    pub seq: u64,
+    pub chain_hash: Hash,
+    pub signature: Vec<u8>,
+}
+
+/// Something an operator or auditor must see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alarm {
+    pub agent_id: String,
+    pub at_ms: i64,
+    /// "equivocation", "seq_gap", "clock_skew", ...
+    pub kind: String,
+    pub seq: Option<u64>,
+    pub detail: String,
+}
+
+/// A verified batch from one agent: committed whole or not at all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestBatch {
+    pub agent_id: String,
+    pub records: Vec<IngestRecord>,
+    pub checkpoint: CheckpointRow,
+    pub received_ms: i64,
+    pub alarms: Vec<Alarm>,
+}
+
+/// What committing a batch did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommitOutcome {
+    pub durable_seq: u64,
+    pub durable_hash: Hash,
+    /// Records already held with identical bytes.
+    pub duplicates: u64,
+    /// Seqs already held with different bytes (the first copy is kept).
+    pub equivocations: Vec<u64>,
+}
+
+/// Usage per card over a period.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CardUsageRow {
+    pub agent_id: String,
+    pub host_id: String,
+    pub csp: String,
+    pub gpu_uuid: String,
+    pub gpu_name: String,
+    pub windows: u32,
+    pub metered_ms: u64,
+    pub occupied_ms: u64,
+    pub active_ms: u64,
+    pub foreign_ms: u64,
+    pub unavailable_ms: u64,
+    pub util_avg_pct: Option<f64>,
+    pub energy_mj: u64,
+    pub memory_used_max_bytes: u64,
+}
+
+/// Usage per tenant per card over a period.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TenantUsageRow {
+    pub host_id: String,
+    pub gpu_uuid: String,
+    pub principal: String,
+    pub grant_id: String,
+    pub occupied_ms: u64,
+    pub active_ms: u64,
+    pub memory_max_bytes: u64,
+    pub matches_grant: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Usage {
+    pub cards: Vec<CardUsageRow>,
+    pub tenants: Vec<TenantUsageRow>,
+}
+
+/// A host as the collector knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HostRow {
+    pub agent_id: String,
+    pub host_id: String,
+    pub csp: String,
+    pub hostname: String,
+    pub agent_version: String,
+    pub durable_seq: u64,
+    pub last_seen_ms: i64,
+    pub gpus: Vec<GpuRow>,
+}
+
+/// One card's assignment for a host's agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignmentRow {
+    pub gpu_uuid: String,
+    pub grant_id: String,
+    pub program: String,
+    pub principal: String,
+    pub valid_from_ms: i64,
+    pub valid_until_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// The backends' common interface. Calls block; async callers use `spawn_blocking` or the
+/// [`writer::Writer`].
+pub trait Store: Send + Sync + 'static {
+    /// Registers or refreshes an agent, its host and its cards; pins its public key on first
+    /// use. Returns where its ledger stands.
+    fn hello(&self, hello: &AgentHello) -> Result<AgentState, StoreError>;
+
+    /// Commits verified batches in one transaction (group commit). Idempotent on
+    /// (agent_id, seq).
+    fn commit(&self, batches: &[IngestBatch]) -> Result<Vec<CommitOutcome>, StoreError>;
+
+    /// Hash of a stored record.
+    fn record_hash(&self, agent_id: &str, seq: u64) -> Result<Option<Hash>, StoreError>;
+
+    /// Records an alarm outside a batch.
+    fn alarm(&self, alarm: &Alarm) -> Result<(), StoreError>;
+
+    fn alarms(&self, agent_id: Option<&str>) -> Result<Vec<Alarm>, StoreError>;
+
+    /// Usage of windows starting in [from, until).
+    fn usage(&self, from_ms: i64, until_ms: i64) -> Result<Usage, StoreError>;
+
+    fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
+
+    /// Whether the collector has seen this card on this host.
+    fn known_card(&self, host_id: &str, gpu_uuid: &str) -> Result<bool, StoreError>;
+
+    fn grants(&self) -> Result<Vec<Grant>, StoreError>;
+
+    /// Stores new grants (already validated) and their history; bumps the assignments version.
+    fn insert_grants(&self, grants: &[Grant], actor: &str, at_ms: i64) -> Result<(), StoreError>;
+
+    /// The assignment map of a host, with the current assignments version.
+    fn assignments(&self, host_id: &str) -> Result<(u64, Vec<AssignmentRow>), StoreError>;
+}
+
+impl IngestBatch {
+    /// A placeholder left behind when a batch is moved out of a queue entry.
+    pub fn empty() -> Self {
+        Self {
+            agent_id: String::new(),
+            records: Vec::new(),
+            checkpoint: CheckpointRow {
+                epoch: 0,
+                seq: 0,
+                chain_hash: [0; 32],
+                signature: Vec::new(),
+            },
+            received_ms: 0,
+            alarms: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,804 @@
+//! The embedded SQLite store (rusqlite, bundled SQLite).
+//!
+//! Format and rules: one database file in WAL mode with `synchronous=FULL`, so a commit is on
+//! disk before it returns and an ack is only sent after that. Schema versions are applied in
+//! order from [`MIGRATIONS`] and recorded in `PRAGMA user_version`; a database newer than this
+//! collector is refused. `records` keeps every record's body and chain link verbatim, keyed by
+//! (agent_id, seq) forever; `windows`, `window_principals` and `events` are the decoded columns
+//! of those bodies, for queries. Rows are never updated or deleted by ingest: a duplicate with
+//! the same bytes is skipped, one with other bytes is kept out and raises an alarm.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use gpumeter_proto::chain::{GENESIS, Hash};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{
+    AgentHello, AgentState, Alarm, AssignmentRow, CardUsageRow, CommitOutcome, GpuRow, HostRow,
+    IngestBatch, RecordContent, Store, StoreError, TenantUsageRow, Usage,
+};
+use crate::grants::{Grant, GrantCard, Program};
+
+/// Schema migrations; entry i brings the schema to version i + 1.
+pub const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE agents (
+    agent_id TEXT PRIMARY KEY,
+    host_id TEXT NOT NULL,
+    csp TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    driver_version TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    epoch INTEGER NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE TABLE gpus (
+    gpu_uuid TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    host_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    pci_bus_id TEXT NOT NULL,
+    memory_total_bytes INTEGER,
+    mig_mode TEXT NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE INDEX gpus_by_host ON gpus(host_id);
+CREATE TABLE records (
+    agent_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    body BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE checkpoints (
+    agent_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    chain_hash BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE windows (
+    agent_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    gpu_uuid TEXT NOT NULL,
+    start_ms INTEGER NOT NULL,
+    end_ms INTEGER NOT NULL,
+    interval_ms INTEGER NOT NULL,
+    expected_samples INTEGER NOT NULL,
+    good_samples INTEGER NOT NULL,
+    util_avg_pct REAL,
+    util_max_pct REAL,
+    mem_util_avg_pct REAL,
+    memory_used_max_bytes INTEGER,
+    energy_mj INTEGER,
+    energy_estimated INTEGER NOT NULL,
+    power_avg_w REAL,
+    temperature_max_c INTEGER,
+    throttle_reasons INTEGER,
+    health TEXT NOT NULL,
+    unavailable_ms INTEGER NOT NULL,
+    assignment_status TEXT NOT NULL,
+    grant_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    active_ms INTEGER NOT NULL,
+    occupied_ms INTEGER NOT NULL,
+    foreign_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX windows_by_start ON windows(start_ms, gpu_uuid);
+CREATE TABLE window_principals (
+    agent_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    principal TEXT NOT NULL,
+    uid INTEGER,
+    occupied_ms INTEGER NOT NULL,
+    active_ms INTEGER NOT NULL,
+    memory_max_bytes INTEGER NOT NULL,
+    process_count INTEGER NOT NULL,
+    matches_grant INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, seq, principal)
+) WITHOUT ROWID;
+CREATE TABLE events (
+    agent_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    gpu_uuid TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    code INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    pid INTEGER,
+    principal TEXT NOT NULL,
+    grant_id TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    action TEXT NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX events_by_time ON events(at_ms);
+CREATE TABLE alarms (
+    id INTEGER PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    seq INTEGER,
+    detail TEXT NOT NULL
+);
+CREATE TABLE grants (
+    grant_id TEXT PRIMARY KEY,
+    program TEXT NOT NULL,
+    grantee TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    csp TEXT NOT NULL,
+    valid_from_ms INTEGER NOT NULL,
+    valid_until_ms INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+);
+CREATE TABLE grant_cards (
+    grant_id TEXT NOT NULL REFERENCES grants(grant_id),
+    host_id TEXT NOT NULL,
+    gpu_uuid TEXT NOT NULL,
+    PRIMARY KEY (grant_id, gpu_uuid)
+);
+CREATE INDEX grant_cards_by_host ON grant_cards(host_id);
+CREATE TABLE grant_history (
+    id INTEGER PRIMARY KEY,
+    grant_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta (key, value) VALUES ('assignments_version', '1');
+"#];
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// SQLite-backed [`Store`]. One connection writes (used by the single writer thread), another
+/// reads, so queries never wait behind a commit.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let c = Connection::open(path).map_err(|e| StoreError::Open {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    c.busy_timeout(std::time::Duration::from_secs(30))
+        .map_err(db)?;
+    c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+        .map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(c)
+}
+
+/// Applies pending migrations in one transaction each.
+pub fn migrate(c: &mut Connection) -> Result<i64, StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db)?;
+    if found > known {
+        return Err(StoreError::SchemaTooNew { found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = c.transaction().map_err(db)?;
+        tx.execute_batch(sql).map_err(db)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+    }
+    Ok(known)
+}
+
+fn hash_from(v: Vec<u8>) -> Hash {
+    v.as_slice().try_into().unwrap_or(GENESIS)
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut w = open_conn(path)?;
+        migrate(&mut w)?;
+        let r = open_conn(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer: Mutex::new(w),
+            reader: Mutex::new(r),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn w(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn r(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn durable(c: &Connection, agent_id: &str) -> Result<AgentState, StoreError> {
+        let row: Option<(i64, Vec<u8>)> = c
+            .query_row(
+                "SELECT seq, hash FROM records WHERE agent_id = ?1 ORDER BY seq DESC LIMIT 1",
+                params![agent_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        Ok(match row {
+            Some((seq, h)) => AgentState {
+                durable_seq: seq as u64,
+                durable_hash: hash_from(h),
+            },
+            None => AgentState {
+                durable_seq: 0,
+                durable_hash: GENESIS,
+            },
+        })
+    }
+}
+
+fn insert_alarm(c: &Connection, a: &Alarm) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO alarms (agent_id, at_ms, kind, seq, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            a.agent_id,
+            a.at_ms,
+            a.kind,
+            a.seq.map(|s| s as i64),
+            a.detail
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+fn opt_u64(v: Option<u64>) -> Option<i64> {
+    v.map(|x| x as i64)
+}
+
+impl Store for SqliteStore {
+    fn hello(&self, h: &AgentHello) -> Result<AgentState, StoreError> {
+        let mut c = self.w();
+        let tx = c.transaction().map_err(db)?;
+        let pinned: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT public_key FROM agents WHERE agent_id = ?1",
+                params![h.agent_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        match pinned {
+            Some(k) if k.as_slice() != h.public_key.as_slice() => {
+                return Err(StoreError::KeyMismatch {
+                    agent_id: h.agent_id.clone(),
+                });
+            }
+            Some(_) => {
+                tx.execute(
+                    "UPDATE agents SET host_id=?2, csp=?3, hostname=?4, agent_version=?5, driver_version=?6, epoch=?7, last_seen_ms=?8 WHERE agent_id=?1",
+                    params![h.agent_id, h.host_id, h.csp, h.hostname, h.agent_version, h.driver_version, h.epoch as i64, h.received_ms],
+                )
+                .map_err(db)?;
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO agents (agent_id, host_id, csp, hostname, agent_version, driver_version, public_key, epoch, first_seen_ms, last_seen_ms) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?9)",
+                    params![h.agent_id, h.host_id, h.csp, h.hostname, h.agent_version, h.driver_version, h.public_key.to_vec(), h.epoch as i64, h.received_ms],
+                )
+                .map_err(db)?;
+            }
+        }
+        for g in &h.gpus {
+            tx.execute(
+                "INSERT INTO gpus (gpu_uuid, agent_id, host_id, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode, last_seen_ms)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)
+                 ON CONFLICT(gpu_uuid) DO UPDATE SET agent_id=excluded.agent_id, host_id=excluded.host_id, idx=excluded.idx,
+                   name=excluded.name, serial=excluded.serial, pci_bus_id=excluded.pci_bus_id,
+                   memory_total_bytes=excluded.memory_total_bytes, mig_mode=excluded.mig_mode, last_seen_ms=excluded.last_seen_ms",
+                params![g.uuid, h.agent_id, h.host_id, g.index, g.name, g.serial, g.pci_bus_id, opt_u64(g.memory_total_bytes), g.mig_mode, h.received_ms],
+            )
+            .map_err(db)?;
+        }
+        let state = Self::durable(&tx, &h.agent_id)?;
+        tx.commit().map_err(db)?;
+        Ok(state)
+    }
+
+    fn commit(&self, batches: &[IngestBatch]) -> Result<Vec<CommitOutcome>, StoreError> {
+        let mut c = self.w();
+        let tx = c.transaction().map_err(db)?;
+        let mut outcomes = Vec::with_capacity(batches.len());
+        {
+            let mut ins_rec = tx
+                .prepare_cached(
+                    "INSERT INTO records (agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8) ON CONFLICT(agent_id, seq) DO NOTHING",
+                )
+                .map_err(db)?;
+            let mut get_hash = tx
+                .prepare_cached("SELECT hash FROM records WHERE agent_id=?1 AND seq=?2")
+                .map_err(db)?;
+            let mut ins_win = tx
+                .prepare_cached(
+                    "INSERT INTO windows (agent_id, seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
+                       util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj, energy_estimated, power_avg_w,
+                       temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_id, principal,
+                       active_ms, occupied_ms, foreign_ms)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25)",
+                )
+                .map_err(db)?;
+            let mut ins_pr = tx
+                .prepare_cached(
+                    "INSERT INTO window_principals (agent_id, seq, principal, uid, occupied_ms, active_ms, memory_max_bytes, process_count, matches_grant)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+                )
+                .map_err(db)?;
+            let mut ins_ev = tx
+                .prepare_cached(
+                    "INSERT INTO events (agent_id, seq, gpu_uuid, at_ms, kind, code, detail, pid, principal, grant_id, mode, action, result)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)",
+                )
+                .map_err(db)?;
+            let mut ins_cp = tx
+                .prepare_cached(
+                    "INSERT INTO checkpoints (agent_id, epoch, seq, chain_hash, signature, received_ms)
+                     VALUES (?1,?2,?3,?4,?5,?6) ON CONFLICT(agent_id, seq) DO NOTHING",
+                )
+                .map_err(db)?;
+            for b in batches {
+                let mut out = CommitOutcome::default();
+                for r in &b.records {
+                    let seq = r.seq as i64;
+                    let n = ins_rec
+                        .execute(params![
+                            b.agent_id,
+                            seq,
+                            &r.prev_hash[..],
+                            &r.hash[..],
+                            r.body,
+                            r.content.kind(),
+                            r.created_ms,
+                            b.received_ms
+                        ])
+                        .map_err(db)?;
+                    if n == 0 {
+                        let held: Vec<u8> = get_hash
+                            .query_row(params![b.agent_id, seq], |row| row.get(0))
+                            .map_err(db)?;
+                        if held.as_slice() == r.hash.as_slice() {
+                            out.duplicates += 1;
+                        } else {
+                            out.equivocations.push(r.seq);
+                            insert_alarm(
+                                &tx,
+                                &Alarm {
+                                    agent_id: b.agent_id.clone(),
+                                    at_ms: b.received_ms,
+                                    kind: "equivocation".into(),
+                                    seq: Some(r.seq),
+                                    detail: format!(
+                                        "seq {} re-sent with different bytes (held hash {}, new hash {}); the first copy is kept",
+                                        r.seq,
+                                        hex::encode(&held),
+                                        hex::encode(r.hash)
+                                    ),
+                                },
+                            )?;
+                        }
+                        continue;
+                    }
+                    match &r.content {
+                        RecordContent::Window(w) => {
+                            ins_win
+                                .execute(params![
+                                    b.agent_id,
+                                    seq,
+                                    w.gpu_uuid,
+                                    w.start_ms,
+                                    w.end_ms,
+                                    w.interval_ms as i64,
+                                    w.expected_samples,
+                                    w.good_samples,
+                                    w.util_avg_pct,
+                                    w.util_max_pct,
+                                    w.mem_util_avg_pct,
+                                    opt_u64(w.memory_used_max_bytes),
+                                    opt_u64(w.energy_mj),
+                                    w.energy_estimated,
+                                    w.power_avg_w,
+                                    w.temperature_max_c,
+                                    opt_u64(w.throttle_reasons),
+                                    w.health,
+                                    w.unavailable_ms as i64,
+                                    w.assignment_status,
+                                    w.grant_id,
+                                    w.principal,
+                                    w.active_ms as i64,
+                                    w.occupied_ms as i64,
+                                    w.foreign_ms as i64
+                                ])
+                                .map_err(db)?;
+                            for p in &w.principals {
+                                ins_pr
+                                    .execute(params![
+                                        b.agent_id,
+                                        seq,
+                                        p.principal,
+                                        p.uid,
+                                        p.occupied_ms as i64,
+                                        p.active_ms as i64,
+                                        p.memory_max_bytes as i64,
+                                        p.process_count,
+                                        p.matches_grant
+                                    ])
+                                    .map_err(db)?;
+                            }
+                        }
+                        RecordContent::Event(e) => {
+                            ins_ev
+                                .execute(params![
+                                    b.agent_id,
+                                    seq,
+                                    e.gpu_uuid,
+                                    e.at_ms,
+                                    e.kind,
+                                    e.code,
+                                    e.detail,
+                                    e.pid,
+                                    e.principal,
+                                    e.grant_id,
+                                    e.mode,
+                                    e.action,
+                                    e.result
+                                ])
+                                .map_err(db)?;
+                        }
+                        RecordContent::Gap { .. }
+                        | RecordContent::EpochStart { .. }
+                        | RecordContent::Unknown => {}
+                    }
+                }
+                let cp = &b.checkpoint;
+                ins_cp
+                    .execute(params![
+                        b.agent_id,
+                        cp.epoch as i64,
+                        cp.seq as i64,
+                        &cp.chain_hash[..],
+                        cp.signature,
+                        b.received_ms
+                    ])
+                    .map_err(db)?;
+                for a in &b.alarms {
+                    insert_alarm(&tx, a)?;
+                }
+                let st = Self::durable(&tx, &b.agent_id)?;
+                out.durable_seq = st.durable_seq;
+                out.durable_hash = st.durable_hash;
+                outcomes.push(out);
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(outcomes)
+    }
+
+    fn record_hash(&self, agent_id: &str, seq: u64) -> Result<Option<Hash>, StoreError> {
+        self.r()
+            .query_row(
+                "SELECT hash FROM records WHERE agent_id=?1 AND seq=?2",
+                params![agent_id, seq as i64],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()
+            .map(|o| o.map(hash_from))
+            .map_err(db)
+    }
+
+    fn alarm(&self, alarm: &Alarm) -> Result<(), StoreError> {
+        insert_alarm(&self.w(), alarm)
+    }
+
+    fn alarms(&self, agent_id: Option<&str>) -> Result<Vec<Alarm>, StoreError> {
+        let c = self.r();
+        let mut st = c
+            .prepare(
+                "SELECT agent_id, at_ms, kind, seq, detail FROM alarms WHERE (?1 IS NULL OR agent_id = ?1) ORDER BY id",
+            )
+            .map_err(db)?;
+        let rows = st
+            .query_map(params![agent_id], |r| {
+                Ok(Alarm {
+                    agent_id: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    kind: r.get(2)?,
+                    seq: r.get::<_, Option<i64>>(3)?.map(|s| s as u64),
+                    detail: r.get(4)?,
+                })
+            })
+            .map_err(db)?;
+        rows.collect::<Result<_, _>>().map_err(db)
+    }
+
+    fn usage(&self, from_ms: i64, until_ms: i64) -> Result<Usage, StoreError> {
+        let c = self.r();
+        let mut st = c
+            .prepare(
+                "SELECT w.agent_id, a.host_id, a.csp, w.gpu_uuid, COALESCE(g.name, ''), COUNT(*),
+                        SUM(w.good_samples * w.interval_ms + w.unavailable_ms),
+                        SUM(w.occupied_ms), SUM(w.active_ms), SUM(w.foreign_ms), SUM(w.unavailable_ms),
+                        SUM(CASE WHEN w.util_avg_pct IS NULL THEN 0 ELSE w.util_avg_pct * w.good_samples * w.interval_ms END),
+                        SUM(CASE WHEN w.util_avg_pct IS NULL THEN 0 ELSE w.good_samples * w.interval_ms END),
+                        COALESCE(SUM(w.energy_mj), 0), COALESCE(MAX(w.memory_used_max_bytes), 0)
+                 FROM windows w JOIN agents a ON a.agent_id = w.agent_id
+                 LEFT JOIN gpus g ON g.gpu_uuid = w.gpu_uuid
+                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2
+                 GROUP BY w.agent_id, w.gpu_uuid
+                 ORDER BY a.host_id, w.gpu_uuid",
+            )
+            .map_err(db)?;
+        let cards = st
+            .query_map(params![from_ms, until_ms], |r| {
+                let weighted: f64 = r.get(11)?;
+                let util_ms: i64 = r.get(12)?;
+                Ok(CardUsageRow {
+                    agent_id: r.get(0)?,
+                    host_id: r.get(1)?,
+                    csp: r.get(2)?,
+                    gpu_uuid: r.get(3)?,
+                    gpu_name: r.get(4)?,
+                    windows: r.get(5)?,
+                    metered_ms: r.get::<_, i64>(6)? as u64,
+                    occupied_ms: r.get::<_, i64>(7)? as u64,
+                    active_ms: r.get::<_, i64>(8)? as u64,
+                    foreign_ms: r.get::<_, i64>(9)? as u64,
+                    unavailable_ms: r.get::<_, i64>(10)? as u64,
+                    util_avg_pct: (util_ms > 0).then(|| weighted / util_ms as f64),
+                    energy_mj: r.get::<_, i64>(13)? as u64,
+                    memory_used_max_bytes: r.get::<_, i64>(14)? as u64,
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let mut st = c
+            .prepare(
+                "SELECT a.host_id, w.gpu_uuid, p.principal, w.grant_id, SUM(p.occupied_ms), SUM(p.active_ms),
+                        MAX(p.memory_max_bytes), MIN(p.matches_grant)
+                 FROM window_principals p
+                 JOIN windows w ON w.agent_id = p.agent_id AND w.seq = p.seq
+                 JOIN agents a ON a.agent_id = w.agent_id
+                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2
+                 GROUP BY a.host_id, w.gpu_uuid, p.principal, w.grant_id
+                 ORDER BY a.host_id, w.gpu_uuid, p.principal, w.grant_id",
+            )
+            .map_err(db)?;
+        let tenants = st
+            .query_map(params![from_ms, until_ms], |r| {
+                Ok(TenantUsageRow {
+                    host_id: r.get(0)?,
+                    gpu_uuid: r.get(1)?,
+                    principal: r.get(2)?,
+                    grant_id: r.get(3)?,
+                    occupied_ms: r.get::<_, i64>(4)? as u64,
+                    active_ms: r.get::<_, i64>(5)? as u64,
+                    memory_max_bytes: r.get::<_, i64>(6)? as u64,
+                    matches_grant: r.get(7)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        Ok(Usage { cards, tenants })
+    }
+
+    fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+        let c = self.r();
+        let mut st = c
+            .prepare(
+                "SELECT agent_id, host_id, csp, hostname, agent_version, last_seen_ms FROM agents ORDER BY host_id, agent_id",
+            )
+            .map_err(db)?;
+        let mut hosts = st
+            .query_map([], |r| {
+                Ok(HostRow {
+                    agent_id: r.get(0)?,
+                    host_id: r.get(1)?,
+                    csp: r.get(2)?,
+                    hostname: r.get(3)?,
+                    agent_version: r.get(4)?,
+                    last_seen_ms: r.get(5)?,
+                    durable_seq: 0,
+                    gpus: vec![],
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let mut gst = c
+            .prepare(
+                "SELECT gpu_uuid, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode FROM gpus WHERE agent_id = ?1 ORDER BY idx",
+            )
+            .map_err(db)?;
+        for h in &mut hosts {
+            h.durable_seq = Self::durable(&c, &h.agent_id)?.durable_seq;
+            h.gpus = gst
+                .query_map(params![h.agent_id], |r| {
+                    Ok(GpuRow {
+                        uuid: r.get(0)?,
+                        index: r.get(1)?,
+                        name: r.get(2)?,
+                        serial: r.get(3)?,
+                        pci_bus_id: r.get(4)?,
+                        memory_total_bytes: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+                        mig_mode: r.get(6)?,
+                    })
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+        }
+        Ok(hosts)
+    }
+
+    fn known_card(&self, host_id: &str, gpu_uuid: &str) -> Result<bool, StoreError> {
+        self.r()
+            .query_row(
+                "SELECT 1 FROM gpus WHERE host_id = ?1 AND gpu_uuid = ?2",
+                params![host_id, gpu_uuid],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|o| o.is_some())
+            .map_err(db)
+    }
+
+    fn grants(&self) -> Result<Vec<Grant>, StoreError> {
+        let c = self.r();
+        let mut st = c
+            .prepare(
+                "SELECT grant_id, program, grantee, principal, csp, valid_from_ms, valid_until_ms, revoked_at_ms FROM grants ORDER BY grant_id",
+            )
+            .map_err(db)?;
+        let mut grants = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, Option<i64>>(7)?,
+                ))
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?
+            .into_iter()
+            .map(
+                |(id, program, grantee, principal, csp, from, until, revoked)| {
+                    Ok(Grant {
+                        program: program.parse::<Program>().map_err(|e| {
+                            StoreError::Db(format!("grant {id}: stored program: {e}"))
+                        })?,
+                        principal: principal.parse().map_err(|e| {
+                            StoreError::Db(format!("grant {id}: stored principal: {e}"))
+                        })?,
+                        grant_id: id,
+                        grantee,
+                        csp,
+                        valid_from_ms: from,
+                        valid_until_ms: until,
+                        revoked_at_ms: revoked,
+                        cards: vec![],
+                    })
+                },
+            )
+            .collect::<Result<Vec<Grant>, StoreError>>()?;
+        let mut cst = c
+            .prepare("SELECT host_id, gpu_uuid FROM grant_cards WHERE grant_id = ?1 ORDER BY rowid")
+            .map_err(db)?;
+        for g in &mut grants {
+            g.cards = cst
+                .query_map(params![g.grant_id], |r| {
+                    Ok(GrantCard {
+                        host_id: r.get(0)?,
+                        gpu_uuid: r.get(1)?,
+                    })
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+        }
+        Ok(grants)
+    }
+
+    fn insert_grants(&self, grants: &[Grant], actor: &str, at_ms: i64) -> Result<(), StoreError> {
+        let mut c = self.w();
+        let tx = c.transaction().map_err(db)?;
+        for g in grants {
+            tx.execute(
+                "INSERT INTO grants (grant_id, program, grantee, principal, csp, valid_from_ms, valid_until_ms, revoked_at_ms)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                params![g.grant_id, g.program.as_str(), g.grantee, g.principal.to_string(), g.csp, g.valid_from_ms, g.valid_until_ms, g.revoked_at_ms],
+            )
+            .map_err(|e| StoreError::Conflict(format!("grant {}: {e}", g.grant_id)))?;
+            for card in &g.cards {
+                tx.execute(
+                    "INSERT INTO grant_cards (grant_id, host_id, gpu_uuid) VALUES (?1,?2,?3)",
+                    params![g.grant_id, card.host_id, card.gpu_uuid],
+                )
+                .map_err(db)?;
+            }
+            tx.execute(
+                "INSERT INTO grant_history (grant_id, at_ms, actor, action, detail) VALUES (?1,?2,?3,'import',?4)",
+                params![g.grant_id, at_ms, actor, format!("{} cards", g.cards.len())],
+            )
+            .map_err(db)?;
+        }
+        tx.execute(
+            "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'assignments_version'",
+            [],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
+    fn assignments(&self, host_id: &str) -> Result<(u64, Vec<AssignmentRow>), StoreError> {
+        let c = self.r();
+        let version: String = c
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'assignments_version'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        let mut st = c
+            .prepare(
+                "SELECT gc.gpu_uuid, g.grant_id, g.program, g.principal, g.valid_from_ms, g.valid_until_ms, g.revoked_at_ms
+                 FROM grant_cards gc JOIN grants g ON g.grant_id = gc.grant_id
+                 WHERE gc.host_id = ?1 ORDER BY gc.gpu_uuid, g.valid_from_ms",
+            )
+            .map_err(db)?;
+        let rows = st
+            .query_map(params![host_id], |r| {
+                Ok(AssignmentRow {
+                    gpu_uuid: r.get(0)?,
+                    grant_id: r.get(1)?,
+                    program: r.get(2)?,
+                    principal: r.get(3)?,
+                    valid_from_ms: r.get(4)?,
+                    valid_until_ms: r.get(5)?,
+                    revoked_at_ms: r.get(6)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        Ok((version.parse().unwrap_or(0), rows))
+    }
+}

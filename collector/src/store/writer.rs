@@ -1,0 +1,96 @@
+//! The single writer: one thread owns every ingest commit. Sessions hand it verified batches;
+//! it takes whatever has queued up (up to a limit), commits it all in one transaction (group
+//! commit), and only then answers each session, which only then acks its agent.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::error;
+
+use super::{CommitOutcome, IngestBatch, Store, StoreError};
+
+struct Req {
+    batch: IngestBatch,
+    reply: oneshot::Sender<Result<CommitOutcome, StoreError>>,
+}
+
+/// A handle for submitting batches to the writer thread. Cloning is cheap.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    tx: mpsc::Sender<Req>,
+}
+
+impl std::fmt::Debug for Req {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Req")
+            .field("agent", &self.batch.agent_id)
+            .finish()
+    }
+}
+
+/// Most batches folded into one transaction.
+pub const MAX_GROUP: usize = 512;
+
+impl Writer {
+    /// Starts the writer thread; it ends when every handle is dropped.
+    pub fn spawn(store: Arc<dyn Store>) -> Writer {
+        let (tx, mut rx) = mpsc::channel::<Req>(4 * MAX_GROUP);
+        let spawned = std::thread::Builder::new()
+            .name("gpumeter-writer".into())
+            .spawn(move || {
+                let mut group = Vec::with_capacity(MAX_GROUP);
+                while let Some(first) = rx.blocking_recv() {
+                    group.push(first);
+                    while group.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(r) => group.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    let batches: Vec<IngestBatch> =
+                        group.iter_mut().map(|r| std::mem::replace(&mut r.batch, IngestBatch::empty())).collect();
+                    match store.commit(&batches) {
+                        Ok(outcomes) => {
+                            for (r, o) in group.drain(..).zip(outcomes) {
+                                let _ = r.reply.send(Ok(o));
+                            }
+                        }
+                        Err(e) => {
+                            error!(error = %e, batches = group.len(), "commit failed; nothing acknowledged");
+                            for r in group.drain(..) {
+                                let _ = r.reply.send(Err(StoreError::Db(e.to_string())));
+                            }
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            error!(error = %e, "cannot start the writer thread");
+        }
+        Writer { tx }
+    }
+
+    /// Queues a batch; resolves once it is committed (or failed).
+    pub async fn commit(&self, batch: IngestBatch) -> Result<CommitOutcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Req { batch, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues a batch and returns the receiver for its outcome, so a session can keep
+    /// verifying the next batch while this one commits.
+    pub async fn submit(
+        &self,
+        batch: IngestBatch,
+    ) -> Result<oneshot::Receiver<Result<CommitOutcome, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Req { batch, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+}

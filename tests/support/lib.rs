@@ -1,0 +1,166 @@
+//! Helpers shared by the end-to-end tests: an in-process collector on a real SQLite file and
+//! port 0, the real binaries, and simulated agents.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use gpumeter_agent::clock::{Clock, ScaledClock};
+use gpumeter_agent::config::{AgentConfig, CollectorConfig, SamplingConfig, SourceConfig};
+use gpumeter_agent::gpu::sim::{Scenario, SimSource};
+use gpumeter_agent::run::{Agent, Parts, RunOptions};
+use gpumeter_collector::server::{ServerOptions, run};
+use gpumeter_collector::store::sqlite::SqliteStore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A collector serving on loopback from a SQLite file.
+pub struct TestCollector {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub db: PathBuf,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestCollector {
+    /// Starts on port 0.
+    pub async fn start(db: &Path) -> anyhow::Result<Self> {
+        Self::start_on(db, "127.0.0.1:0").await
+    }
+
+    /// Starts on a given address (to come back on the same port after a stop).
+    pub async fn start_on(db: &Path, addr: &str) -> anyhow::Result<Self> {
+        let store = Arc::new(SqliteStore::open(db)?);
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, mut rx) = watch::channel(false);
+        let task = tokio::spawn(run(listener, store, ServerOptions::default(), async move {
+            let _ = rx.changed().await;
+        }));
+        Ok(Self {
+            addr,
+            url: format!("http://{addr}"),
+            db: db.to_path_buf(),
+            stop,
+            task,
+        })
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// An agent config for a simulated host.
+pub fn agent_config(agent_id: &str, csp: &str, url: &str, state: &Path, batch: u32) -> AgentConfig {
+    AgentConfig {
+        agent_id: agent_id.into(),
+        host_id: agent_id.into(),
+        csp: csp.into(),
+        collector: CollectorConfig {
+            url: url.into(),
+            max_batch_records: batch,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 500,
+        },
+        sampling: SamplingConfig {
+            interval_ms: 1_000,
+            window_ms: 60_000,
+        },
+        source: SourceConfig::Sim {
+            scenario: PathBuf::new(),
+            speed: 1.0,
+        },
+        state_dir: state.to_path_buf(),
+        spool: Default::default(),
+        enforcement: Default::default(),
+    }
+}
+
+/// Runs a simulated agent in-process from `start` to `stop_at` (simulated time, at `speed`)
+/// and until the collector has acknowledged everything.
+pub fn spawn_sim_agent(
+    cfg: AgentConfig,
+    scenario: Scenario,
+    start: i64,
+    stop_at: i64,
+    speed: f64,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let clock: Arc<dyn Clock> = Arc::new(ScaledClock::new(start, speed));
+    let parts = Parts {
+        attributor: Box::new(scenario.attributor()),
+        source: Box::new(SimSource::new(scenario, start)),
+        clock,
+    };
+    let agent = Agent::build(cfg, parts)?;
+    Ok(tokio::spawn(async move {
+        let (tx, rx) = watch::channel(false);
+        let r = agent
+            .run(
+                RunOptions {
+                    stop_at: Some(stop_at),
+                    start_at: Some(start),
+                    drain: true,
+                    await_assignments: Some(std::time::Duration::from_secs(10)),
+                },
+                rx,
+            )
+            .await;
+        drop(tx);
+        r
+    }))
+}
+
+/// Path of a workspace binary. The first call in a test process runs `cargo build` for the
+/// binaries (a no-op when they are fresh), so tests never run a stale binary.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<bool>> = OnceLock::new();
+    let path = target_dir().join(name);
+    let mut built = BUILT
+        .get_or_init(|| Mutex::new(false))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if !*built {
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "-p",
+            "gpumeter-agent",
+            "-p",
+            "gpumeter-collector",
+            "-p",
+            "fake-nvml",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if target_dir().file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo build runs");
+        assert!(status.success(), "building the binaries failed");
+        *built = true;
+    }
+    assert!(path.exists(), "{} missing after build", path.display());
+    path
+}
+
+/// target/debug (or whichever profile runs the tests).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("test binary lives in target/<profile>/deps")
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
