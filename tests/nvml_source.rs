@@ -55,11 +55,21 @@ fn fake_library() -> &'static Path {
         let built = fs::metadata(&lib).and_then(|m| m.modified()).ok();
         if built.is_none_or(|t| t < newest_source(&sources)) {
             let cargo = option_env!("CARGO").unwrap_or("cargo");
-            let status = Command::new(cargo)
+            let mut build = Command::new(cargo);
+            build
                 .args(["build", "-p", "fake-nvml", "--manifest-path"])
-                .arg(sources.join("Cargo.toml"))
-                .status()
-                .unwrap();
+                .arg(sources.join("Cargo.toml"));
+            // Build into the profile directory this test runs from.
+            match target.file_name().and_then(|n| n.to_str()) {
+                Some("debug") | None => {}
+                Some("release") => {
+                    build.arg("--release");
+                }
+                Some(profile) => {
+                    build.args(["--profile", profile]);
+                }
+            }
+            let status = build.status().unwrap();
             assert!(status.success(), "cargo build -p fake-nvml failed");
         }
         assert!(lib.exists(), "no fake library at {}", lib.display());
@@ -557,6 +567,9 @@ fn no_driver_is_a_clear_error() {
         ),
         "{err:?}"
     );
+    assert!(err.to_string().contains("driver is not loaded"), "{err}");
+
+    let err = probe(Some(&fake.lib()), false).unwrap_err();
     assert!(err.to_string().contains("driver is not loaded"), "{err}");
 }
 

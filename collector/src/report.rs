@@ -178,10 +178,6 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.1}"))
 }
 
-fn short_uuid(u: &str) -> String {
-    u.chars().take(12).collect()
-}
-
 /// Renders rows as an aligned text table.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -231,7 +227,7 @@ pub fn usage_table(r: &UsageJson) -> String {
         .map(|c| {
             vec![
                 c.host_id.clone(),
-                short_uuid(&c.gpu_uuid),
+                c.gpu_uuid.clone(),
                 c.csp.clone(),
                 format!("{:.3}", c.metered_hours),
                 format!("{:.3}", c.occupied_hours),
@@ -265,7 +261,7 @@ pub fn usage_table(r: &UsageJson) -> String {
         .map(|t| {
             vec![
                 t.host_id.clone(),
-                short_uuid(&t.gpu_uuid),
+                t.gpu_uuid.clone(),
                 t.principal.clone(),
                 if t.grant_id.is_empty() {
                     "-".into()
@@ -346,7 +342,7 @@ mod tests {
         assert_eq!(r.cards[0].metered_hours, 0.5);
         assert_eq!(r.cards[0].energy_kwh, 1.0);
         let t = usage_table(&r);
-        assert!(t.contains("h1    GPU-01234567  "), "{t}");
+        assert!(t.contains("h1    GPU-0123456789  "), "{t}");
         assert!(t.contains("0.500"), "{t}");
         assert!(t.contains("  -  "), "{t}");
     }
