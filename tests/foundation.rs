@@ -388,3 +388,189 @@ fn rfc3339(ms: i64) -> String {
         .unwrap()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+fn write_agent_config(dir: &std::path::Path, url: &str, extra: &str) -> std::path::PathBuf {
+    let scenario = dir.join("scenario.toml");
+    std::fs::write(
+        &scenario,
+        format!(
+            "[[cards]]\nuuid = \"{A0}\"\n[[cards.phases]]\nfrom_s = 0\nutil_pct = 40\nprocesses = [{{ pid = 7, uid = 1001, user = \"alice\" }}]\n"
+        ),
+    )
+    .unwrap();
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "agent_id = \"bin-agent\"\ncsp = \"kt\"\nstate_dir = \"{}\"\n{extra}\n[collector]\nurl = \"{url}\"\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\n\n[sampling]\ninterval_ms = 1000\nwindow_ms = 60000\n\n[source]\nkind = \"sim\"\nscenario = \"{}\"\nspeed = 300.0\n",
+            dir.join("state").display(),
+            scenario.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn malformed_configs_exit_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_agent_config(dir.path(), "http://127.0.0.1:9", "");
+    let text = std::fs::read_to_string(&good).unwrap();
+    let cases = [
+        (text.replace("bin-agent", "bad agent"), "agent_id"),
+        (text.replace("http://127.0.0.1:9", "127.0.0.1:9"), "collector.url"),
+        (text.replace("window_ms = 60000", "window_ms = 1500"), "sampling.window_ms"),
+        (format!("{text}\n[enforcement]\nmode = \"nuke\"\n"), "nuke"),
+        (format!("colour = \"blue\"\n{text}"), "colour"),
+        ("agent_id = [".to_string(), "agent.toml"),
+    ];
+    for (body, field) in cases {
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, body).unwrap();
+        let out = Command::new(bin("gpumeter-agent"))
+            .args(["run", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{field}: {err}");
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    let out = Command::new(bin("gpumeter-agent"))
+        .args(["run", "--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
+    let out = Command::new(bin("gpumeter-agent")).args(["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "usage error");
+
+    let cfg = dir.path().join("collector.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\n[limits]\nmax_batch_records = 0\n").unwrap();
+    let out = Command::new(bin("gpumeter-collector"))
+        .args(["serve", "--db"])
+        .arg(dir.path().join("c.db"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_batch_records"));
+}
+
+/// The real agent binary against a collector that is not there yet: it keeps retrying (and
+/// says so), keeps metering into its spool, and delivers every window once the collector
+/// comes up on that port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let cfg = write_agent_config(dir.path(), &url, "");
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let mut agent = std::process::Command::new(bin("gpumeter-agent"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // 300x: three simulated minutes of windows pile up in the spool while nobody listens.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(agent.try_wait().unwrap().is_none(), "agent must not exit");
+    let db = dir.path().join("ledger.db");
+    let collector = TestCollector::start_on(&db, &format!("127.0.0.1:{port}")).await.unwrap();
+    // Wait for at least 5 windows to be stored.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM windows", [], |r| r.get(0)).unwrap();
+        if n >= 5 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "windows never arrived ({n})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = agent.id() as i32;
+    assert_eq!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().code(), Some(0));
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "agent exits cleanly on SIGTERM: {status:?}");
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("retrying"), "the agent logs its retries:\n{log}");
+    // Every window from the first to the last is there once, back to back.
+    let mut st = conn
+        .prepare("SELECT start_ms, end_ms, good_samples, expected_samples FROM windows ORDER BY start_ms")
+        .unwrap();
+    let w: Vec<(i64, i64, u32, u32)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for pair in w.windows(2) {
+        assert_eq!(pair[0].1, pair[1].0, "windows are contiguous: {w:?}");
+    }
+    // The first window is partial (the agent started inside it); every later one is whole.
+    assert!(w[0].3 <= 60 && w[0].2 == w[0].3, "{w:?}");
+    for x in &w[1..] {
+        assert_eq!((x.2, x.3), (60, 60), "every full window has all its samples: {w:?}");
+    }
+    let seqs: Vec<i64> = conn
+        .prepare("SELECT seq FROM records WHERE agent_id = 'bin-agent' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "no gap, no duplicate");
+    collector.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_live_session_for_the_same_agent_is_refused() {
+    use gpumeter_proto::v1::{agent_message, ingest_client::IngestClient};
+    let dir = tempfile::tempdir().unwrap();
+    let collector = TestCollector::start(&dir.path().join("l.db")).await.unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let hello = v1::AgentMessage {
+        kind: Some(agent_message::Kind::Hello(v1::Hello {
+            protocol_version: 1,
+            agent_id: "twin".into(),
+            host_id: "twin".into(),
+            csp: "kt".into(),
+            public_key: key.verifying_key().to_bytes().to_vec(),
+            epoch: 1,
+            next_seq: 1,
+            ..Default::default()
+        })),
+    };
+    let open = |hello: v1::AgentMessage| {
+        let url = collector.url.clone();
+        async move {
+            let mut c = IngestClient::connect(url).await.unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(hello).await.unwrap();
+            let r = c.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+            (tx, r)
+        }
+    };
+    let (_tx1, first) = open(hello.clone()).await;
+    let mut first = first.unwrap().into_inner();
+    let welcome = first.message().await.unwrap().unwrap();
+    assert!(matches!(welcome.kind, Some(v1::collector_message::Kind::Welcome(_))));
+    let (_tx2, second) = open(hello.clone()).await;
+    let err = match second {
+        Err(s) => s,
+        Ok(r) => r.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("twin already has a live session"), "{}", err.message());
+    // Once the first session ends, the agent may connect again.
+    drop(_tx1);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_tx3, third) = open(hello).await;
+    assert!(third.is_ok());
+    collector.stop().await.unwrap();
+}

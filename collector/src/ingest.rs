@@ -213,6 +213,8 @@ pub struct IngestService {
     pub collector_id: String,
     /// Bumped whenever grants change; sessions then push new assignment sets.
     pub grants_version: watch::Receiver<u64>,
+    /// Turns true when the server shuts down; sessions then end so the server can stop.
+    pub closing: watch::Receiver<bool>,
 }
 
 /// Removes an agent from the live set when its session ends, however it ends.
@@ -416,8 +418,13 @@ impl IngestService {
         });
         let mut grants_version = self.grants_version.clone();
         grants_version.mark_unchanged();
+        let mut closing = self.closing.clone();
         let result = loop {
+            if *closing.borrow() {
+                break Err(Status::unavailable("collector is shutting down"));
+            }
             let msg = tokio::select! {
+                _ = closing.changed() => continue,
                 m = tokio::time::timeout(self.limits.idle_timeout, inbound.message()) => m,
                 changed = grants_version.changed() => {
                     if changed.is_ok() {

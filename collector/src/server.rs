@@ -49,6 +49,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let writer = Writer::spawn(store.clone());
     let (grants_tx, grants_rx) = watch::channel(0u64);
+    let (closing_tx, closing_rx) = watch::channel(false);
     let max_msg = opts.limits.max_message_bytes as usize;
     let ingest = IngestService {
         store: store.clone(),
@@ -57,6 +58,7 @@ pub async fn run(
         limits: opts.limits.clone(),
         collector_id: opts.collector_id.clone(),
         grants_version: grants_rx,
+        closing: closing_rx,
     };
     let query = QueryService {
         store: store.clone(),
@@ -77,7 +79,11 @@ pub async fn run(
         )
         .add_service(QueryServer::new(query).max_decoding_message_size(1 << 20))
         .add_service(AdminServer::new(admin).max_decoding_message_size(max_msg * 2))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            // Open sessions are long-lived streams: end them, or a graceful stop waits forever.
+            let _ = closing_tx.send(true);
+        })
         .await?;
     Ok(())
 }
