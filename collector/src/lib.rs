@@ -11,3 +11,4 @@ pub mod query;
 pub mod report;
 pub mod server;
 pub mod store;
+pub mod verify;

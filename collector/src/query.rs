@@ -6,6 +6,7 @@ use gpumeter_proto::v1::{self, query_server::Query};
 use tonic::{Request, Response, Status};
 
 use crate::store::Store;
+use crate::verify::{Finding, VerifyReport, verify, verify_agent};
 
 #[derive(Clone)]
 pub struct QueryService {
@@ -79,6 +80,34 @@ impl Query for QueryService {
         }))
     }
 
+    async fn verify(
+        &self,
+        request: Request<v1::VerifyRequest>,
+    ) -> Result<Response<v1::VerifyReply>, Status> {
+        let agent = request.into_inner().agent_id;
+        let store = self.store.clone();
+        let report = tokio::task::spawn_blocking(move || -> Result<VerifyReport, Status> {
+            let ledger = store.ledger()?;
+            if agent.is_empty() {
+                return Ok(verify(ledger.as_ref())?);
+            }
+            let (id, key) = ledger
+                .agents()?
+                .into_iter()
+                .find(|(id, _)| *id == agent)
+                .ok_or_else(|| Status::not_found(format!("agent {agent} is unknown")))?;
+            let a = verify_agent(ledger.as_ref(), &id, &key)?;
+            Ok(VerifyReport {
+                records: a.records,
+                ok: a.findings.is_empty(),
+                agents: vec![a],
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(report_to_wire(&report)))
+    }
+
     async fn hosts(
         &self,
         _request: Request<v1::HostsRequest>,
@@ -114,5 +143,48 @@ impl Query for QueryService {
                 })
                 .collect(),
         }))
+    }
+}
+
+/// The wire form of a verification report.
+pub fn report_to_wire(r: &VerifyReport) -> v1::VerifyReply {
+    v1::VerifyReply {
+        records: r.records,
+        ok: r.ok,
+        agents: r
+            .agents
+            .iter()
+            .map(|a| v1::AgentVerification {
+                agent_id: a.agent_id.clone(),
+                records: a.records,
+                first_seq: a.first_seq,
+                last_seq: a.last_seq,
+                checkpoints: a.checkpoints,
+                findings: a.findings.iter().map(finding_to_wire).collect(),
+            })
+            .collect(),
+    }
+}
+
+fn finding_to_wire(f: &Finding) -> v1::VerifyFinding {
+    let (kind, seq, from_seq, to_seq) = match f {
+        Finding::Gap { from, to } => ("gap", 0, *from, *to),
+        Finding::Rewritten { seq } => ("rewritten", *seq, 0, 0),
+        Finding::BrokenLink { seq } => ("broken_link", *seq, 0, 0),
+        Finding::CheckpointMismatch { seq } => ("checkpoint_mismatch", *seq, 0, 0),
+        Finding::BadSignature { seq } => ("bad_signature", *seq, 0, 0),
+        Finding::Truncated {
+            last_stored,
+            checkpoint_seq,
+        } => ("truncated", *checkpoint_seq, *last_stored, *checkpoint_seq),
+        Finding::Unsigned { from, to } => ("unsigned", 0, *from, *to),
+        Finding::BadKey => ("bad_key", 0, 0, 0),
+    };
+    v1::VerifyFinding {
+        kind: kind.into(),
+        seq,
+        from_seq,
+        to_seq,
+        detail: f.to_string(),
     }
 }

@@ -1,0 +1,221 @@
+//! The verifiable ledger: `gpumeter-collector verify` re-checks every stored chain, on a live
+//! collector (`--server`) and on a copy of the database (`--db`), and catches tampering done
+//! directly in the SQLite file.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use gpumeter_agent::clock::align_down;
+use gpumeter_agent::gpu::sim::Scenario;
+use gpumeter_e2e::{TestCollector, agent_config, bin, now_ms, spawn_sim_agent};
+
+fn scenario() -> Scenario {
+    toml::from_str(
+        r#"
+[[cards]]
+uuid = "GPU-0000000c-0000-4000-8000-000000000000"
+[[cards.phases]]
+from_s = 0
+util_pct = 70
+processes = [{ pid = 5, uid = 1001, user = "alice" }]
+[[cards]]
+uuid = "GPU-0000000c-0000-4000-8000-000000000001"
+"#,
+    )
+    .unwrap()
+}
+
+/// A ledger of two agents, 20 minutes each, small batches (many checkpoints).
+async fn build_ledger(dir: &Path) -> TestCollector {
+    let collector = TestCollector::start(&dir.join("ledger.db")).await.unwrap();
+    let start = align_down(now_ms() - 7_200_000, 60_000);
+    let mut tasks = Vec::new();
+    for id in ["verify-a", "verify-b"] {
+        tasks.push(
+            spawn_sim_agent(
+                agent_config(id, "kt", &collector.url, &dir.join(id), 3),
+                scenario(),
+                start,
+                start + 1_200_000,
+                5_000.0,
+            )
+            .unwrap(),
+        );
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    collector
+}
+
+fn verify_db(db: &Path) -> (Option<i32>, String) {
+    let out = Command::new(bin("gpumeter-collector"))
+        .args(["verify", "--db"])
+        .arg(db)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Copies the ledger (a checkpointed WAL database) to a fresh file and tampers with it.
+fn tampered(
+    src: &Path,
+    dir: &Path,
+    name: &str,
+    sql: impl FnOnce(&rusqlite::Connection),
+) -> std::path::PathBuf {
+    let dst = dir.join(format!("{name}.db"));
+    let c = rusqlite::Connection::open(src).unwrap();
+    c.execute("VACUUM INTO ?1", [dst.to_str().unwrap()])
+        .unwrap();
+    let t = rusqlite::Connection::open(&dst).unwrap();
+    sql(&t);
+    dst
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_passes_an_intact_ledger_and_catches_every_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = build_ledger(dir.path()).await;
+    let db = dir.path().join("ledger.db");
+
+    // Live collector.
+    let out = Command::new(bin("gpumeter-collector"))
+        .args(["verify", "--server", &collector.url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("verify-a:") && text.contains("every chain and signature verifies"),
+        "{text}"
+    );
+
+    let n: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT MAX(seq) FROM records WHERE agent_id = 'verify-a'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(n > 40, "enough records to tamper with: {n}");
+
+    let clean = tampered(&db, dir.path(), "clean", |_| {});
+    let (code, out) = verify_db(&clean);
+    assert_eq!(code, Some(0), "{out}");
+
+    // One byte of one body.
+    let edited = tampered(&db, dir.path(), "edited", |c| {
+        let body: Vec<u8> = c
+            .query_row(
+                "SELECT body FROM records WHERE agent_id='verify-a' AND seq=20",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let mut b = body.clone();
+        let last = b.len() - 1;
+        b[last] ^= 0x01;
+        c.execute(
+            "UPDATE records SET body=?1 WHERE agent_id='verify-a' AND seq=20",
+            [b],
+        )
+        .unwrap();
+    });
+    let (code, out) = verify_db(&edited);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("record 20: stored hash does not match its body"),
+        "{out}"
+    );
+    assert!(
+        out.contains("verify-b:") && out.contains("verify-a:"),
+        "{out}"
+    );
+
+    // A deleted row.
+    let deleted = tampered(&db, dir.path(), "deleted", |c| {
+        c.execute(
+            "DELETE FROM records WHERE agent_id='verify-a' AND seq=21",
+            [],
+        )
+        .unwrap();
+    });
+    let (code, out) = verify_db(&deleted);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("records 21..=21 are missing"), "{out}");
+
+    // Two rows swapped.
+    let swapped = tampered(&db, dir.path(), "swapped", |c| {
+        c.execute_batch(
+            "UPDATE records SET seq=-1 WHERE agent_id='verify-b' AND seq=10;
+             UPDATE records SET seq=10 WHERE agent_id='verify-b' AND seq=11;
+             UPDATE records SET seq=11 WHERE agent_id='verify-b' AND seq=-1;",
+        )
+        .unwrap();
+    });
+    let (code, out) = verify_db(&swapped);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("record 10:") && out.contains("record 11:"),
+        "{out}"
+    );
+
+    // The tail cut off.
+    let truncated = tampered(&db, dir.path(), "truncated", |c| {
+        c.execute(
+            "DELETE FROM records WHERE agent_id='verify-b' AND seq > ?1",
+            [n - 4],
+        )
+        .unwrap();
+    });
+    let (code, out) = verify_db(&truncated);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("tail cut off"), "{out}");
+
+    // A forged body with its hash recomputed: the link and the signature give it away.
+    let forged = tampered(&db, dir.path(), "forged", |c| {
+        let (prev, body): (Vec<u8>, Vec<u8>) = c
+            .query_row(
+                "SELECT prev_hash, body FROM records WHERE agent_id='verify-a' AND seq=30",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        let mut b = body;
+        b[3] ^= 0x10;
+        let h = gpumeter_proto::chain::record_hash(&prev.try_into().unwrap(), 30, &b);
+        c.execute(
+            "UPDATE records SET body=?1, hash=?2 WHERE agent_id='verify-a' AND seq=30",
+            rusqlite::params![b, h.to_vec()],
+        )
+        .unwrap();
+    });
+    let (code, out) = verify_db(&forged);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("record 31: does not link"), "{out}");
+
+    // A missing file or another database is named.
+    let (code, out) = verify_db(&dir.path().join("nope.db"));
+    assert_eq!(code, Some(1));
+    assert!(out.contains("nope.db"), "{out}");
+    collector.stop().await.unwrap();
+}
