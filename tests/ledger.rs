@@ -219,3 +219,65 @@ async fn verify_passes_an_intact_ledger_and_catches_every_tampering() {
     assert!(out.contains("nope.db"), "{out}");
     collector.stop().await.unwrap();
 }
+
+/// An agent whose spool is lost (its key kept) starts a new epoch after what the collector
+/// holds: the first record of the epoch names the collector's last record, the chain stays
+/// linked, and `verify` still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_spool_starts_a_new_epoch_that_names_the_last_acked_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let collector = TestCollector::start(&db).await.unwrap();
+    let start = align_down(now_ms() - 7_200_000, 60_000);
+    let state = dir.path().join("agent");
+    let run = |from: i64, to: i64| {
+        spawn_sim_agent(
+            agent_config("epoch-agent", "kt", &collector.url, &state, 16),
+            scenario(),
+            from,
+            to,
+            5_000.0,
+        )
+        .unwrap()
+    };
+    run(start, start + 300_000).await.unwrap().unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let before: i64 = conn
+        .query_row("SELECT MAX(seq) FROM records WHERE agent_id='epoch-agent'", [], |r| r.get(0))
+        .unwrap();
+    std::fs::remove_dir_all(state.join("spool")).unwrap();
+    run(start + 600_000, start + 900_000).await.unwrap().unwrap();
+
+    let (seq, kind): (i64, String) = conn
+        .query_row(
+            "SELECT seq, kind FROM records WHERE agent_id='epoch-agent' AND seq = ?1",
+            [before + 1],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((seq, kind.as_str()), (before + 1, "epoch_start"));
+    let epochs: Vec<i64> = conn
+        .prepare("SELECT DISTINCT epoch FROM checkpoints WHERE agent_id='epoch-agent' ORDER BY epoch")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(epochs, vec![1, 2]);
+    // The second life's windows are all there: 5 minutes x 2 cards.
+    let windows: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM windows WHERE agent_id='epoch-agent' AND start_ms >= ?1",
+            [start + 600_000],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(windows, 10);
+    let (code, out) = verify_db(&{
+        let copy = dir.path().join("copy.db");
+        conn.execute("VACUUM INTO ?1", [copy.to_str().unwrap()]).unwrap();
+        copy
+    });
+    assert_eq!(code, Some(0), "{out}");
+    collector.stop().await.unwrap();
+}

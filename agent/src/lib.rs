@@ -8,6 +8,7 @@ pub mod assignments;
 pub mod attribution;
 pub mod clock;
 pub mod config;
+pub mod enforce;
 pub mod gpu;
 pub mod keys;
 pub mod ledger;

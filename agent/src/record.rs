@@ -100,6 +100,28 @@ pub fn event_body(created: UnixMs, e: v1::Event) -> Vec<u8> {
     encode_body(created, v1::record_body::Kind::Event(e))
 }
 
+/// The first record of a new epoch: names the collector's last durable point, so the break in
+/// the agent's own history is explained in the signed chain.
+pub fn epoch_start_body(
+    created: UnixMs,
+    epoch: u64,
+    previous_epoch: u64,
+    last_acked_seq: u64,
+    last_acked_hash: &Hash,
+    reason: &str,
+) -> Vec<u8> {
+    encode_body(
+        created,
+        v1::record_body::Kind::EpochStart(v1::EpochStart {
+            epoch,
+            previous_epoch,
+            last_acked_seq,
+            last_acked_hash: last_acked_hash.to_vec(),
+            reason: reason.to_string(),
+        }),
+    )
+}
+
 /// Hands out sequence numbers and chain links, continuing from a head (the spool's).
 #[derive(Debug, Clone)]
 pub struct Sequencer {

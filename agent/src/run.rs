@@ -12,6 +12,7 @@ use crate::assignments::Assignments;
 use crate::attribution::{Attributor, ProcAttributor};
 use crate::clock::{Clock, ScaledClock, SystemClock, UnixMs, align_down};
 use crate::config::{AgentConfig, SourceConfig};
+use crate::enforce::{Enforcer, ProcControl, ProcessControl};
 use crate::gpu::sim::{Scenario, SimSource};
 use crate::gpu::{GpuSource, Inventory};
 use crate::ledger::Ledger;
@@ -207,6 +208,10 @@ impl Agent {
             .iter()
             .map(|c| c.uuid.clone())
             .collect();
+        // A replayable source answers for past instants, so its pids are simulated, not
+        // processes of this host: their violations are recorded and no real pid is touched.
+        let control = (!self.parts.source.replayable())
+            .then(|| Arc::new(ProcControl::default()) as Arc<dyn ProcessControl>);
         let reader = Reader {
             source: self.parts.source,
             attributor: self.parts.attributor,
@@ -229,6 +234,7 @@ impl Agent {
                 warn!("no assignments from the collector yet; sampling without them");
             }
         }
+        let enforcer = Enforcer::new(self.cfg.enforcement.clone(), control, clock.clone());
         run_sampler(
             reader,
             cards,
@@ -236,6 +242,7 @@ impl Agent {
             clock,
             self.ledger.clone(),
             self.assignments.subscribe(),
+            enforcer,
             shutdown.clone(),
         )
         .await?;

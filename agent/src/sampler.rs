@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::assignments::{Assignments, Status};
 use crate::attribution::{Attributor, Identity, PrincipalSpec};
 use crate::clock::{Clock, UnixMs, align_up};
+use crate::enforce::{Enforcer, apply_locks};
 use crate::gpu::{CardReading, GpuEvent, GpuEventKind, GpuSource};
 use crate::ledger::Ledger;
 use crate::record::{event_body, window_body};
@@ -220,7 +221,9 @@ pub struct SamplerSettings {
 }
 
 /// Runs the sampling loop until `shutdown` turns true (or `stop_at`), then closes the open
-/// windows and spools them.
+/// windows and spools them. Each slot's reading also goes to the enforcer.
+// Each argument is a separate handle the loop owns; a struct around them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_sampler(
     mut reader: Reader,
     cards: Vec<String>,
@@ -228,12 +231,13 @@ pub async fn run_sampler(
     clock: Arc<dyn Clock>,
     ledger: Ledger,
     assignments: watch::Receiver<Arc<Assignments>>,
+    mut enforcer: Enforcer,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let periods = settings.periods;
     let interval = periods.interval_ms as i64;
     let replayable = reader.source.replayable();
-    let mut folder = SlotFolder::new(periods, cards);
+    let mut folder = SlotFolder::new(periods, cards.iter().cloned());
     let mut slot = match settings.start_at {
         Some(at) if replayable => align_up(at, periods.interval_ms),
         _ => align_up(clock.now_ms(), periods.interval_ms),
@@ -261,18 +265,32 @@ pub async fn run_sampler(
             }
         }
         let at = slot;
-        let (r, read) = tokio::task::spawn_blocking(move || {
+        // Compute-mode locks are set on the blocking thread that owns the source, before the
+        // read, so a card that just lost its assignment is closed as early as possible.
+        let locks = enforcer.lock_changes(&cards, &current, at);
+        let (r, read, locked) = tokio::task::spawn_blocking(move || {
+            let locked = apply_locks(reader.source.as_mut(), locks);
             let read = reader.read(at);
-            (reader, read)
+            (reader, read, locked)
         })
         .await?;
         reader = r;
+        pending.extend(enforcer.locks_applied(locked));
+        pending.extend(enforcer.on_slot(at, &current, &read.readings));
+        pending.extend(enforcer.drain());
         pending.extend(folder.fold(at, read, &current, clock.now_ms()));
         spool_pending(&ledger, &mut pending).await;
         if settings.stop_at.is_some_and(|s| at >= s) {
             break;
         }
         slot += interval;
+    }
+    pending.extend(enforcer.drain());
+    if enforcer.in_flight() > 0 {
+        warn!(
+            in_flight = enforcer.in_flight(),
+            "stopping with terminations in progress; their outcomes are not recorded"
+        );
     }
     pending.extend(folder.flush(clock.now_ms()));
     spool_pending(&ledger, &mut pending).await;

@@ -20,6 +20,7 @@ use crate::assignments::Assignments;
 use crate::clock::Clock;
 use crate::config::CollectorConfig;
 use crate::ledger::Ledger;
+use crate::record::event_body;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub enum UplinkError {
     Protocol(String),
     #[error("spool: {0}")]
     Spool(#[from] crate::spool::SpoolError),
+    #[error("started epoch {0}; reconnecting to announce it")]
+    NewEpoch(u64),
 }
 
 /// What the uplink needs.
@@ -96,6 +99,16 @@ impl Uplink {
             Ok(a) => {
                 if let Err(e) = a.save(&self.assignment_cache) {
                     error!(error = %e, "cannot cache assignments; enforcement offline would use the old set");
+                }
+                // Once per version: a reconnect (or a restart, the cache holding the version)
+                // brings the same version again and records nothing.
+                let previous = self.assignments.borrow().clone();
+                if a.version != previous.version {
+                    let now = self.clock.now_ms();
+                    let event = crate::enforce::assignment_changed(&previous, &a, now);
+                    if let Err(e) = self.ledger.append(&[event_body(now, event)]) {
+                        error!(error = %e, version = a.version, "cannot record the assignment change");
+                    }
                 }
                 info!(
                     version = a.version,
@@ -177,14 +190,36 @@ impl Uplink {
         if let Some(set) = &welcome.assignments {
             self.apply_assignments(set);
         }
-        let mut sent_through = self.on_ack(welcome.durable_seq, &welcome.durable_hash, status)?;
-        if welcome.durable_seq > head_seq {
+        // The collector's durable point must lie on this agent's chain. If it does not (the
+        // spool was lost, or holds another history), start a new epoch after it and reconnect.
+        let diverged = if welcome.durable_seq > head_seq {
+            true
+        } else {
+            matches!(
+                self.on_ack(welcome.durable_seq, &welcome.durable_hash, status),
+                Err(UplinkError::Spool(crate::spool::SpoolError::AckMismatch { .. }))
+            )
+        };
+        if diverged {
+            let hash = chain::to_hash(&welcome.durable_hash)
+                .map_err(|e| UplinkError::Protocol(e.to_string()))?;
+            let ledger = self.ledger.clone();
+            let now = self.clock.now_ms();
+            let (seq, ep) = (welcome.durable_seq, welcome.epoch);
+            let epoch = tokio::task::spawn_blocking(move || {
+                ledger.rebase(seq, hash, ep, now, "the agent's spool does not hold the chain the collector has")
+            })
+            .await
+            .map_err(|e| UplinkError::Protocol(e.to_string()))??;
             error!(
                 collector_seq = welcome.durable_seq,
                 agent_seq = head_seq,
-                "the collector holds more records than this agent's spool; the spool was lost"
+                epoch,
+                "spool lost or replaced: started a new epoch after the collector's last record"
             );
+            return Err(UplinkError::NewEpoch(epoch));
         }
+        let mut sent_through = self.on_ack(welcome.durable_seq, &welcome.durable_hash, status)?;
         let batch_max = welcome
             .max_batch_records
             .clamp(1, self.cfg.max_batch_records.max(1)) as usize;

@@ -1,4 +1,5 @@
-//! The `Admin` service: the operating agency's changes (grants).
+//! The `Admin` service: the operating agency's changes (grants: import, list, show, and the
+//! amendments revoke, extend and move-card, each stored with its history and pushed to agents).
 
 use std::sync::Arc;
 
@@ -7,9 +8,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::grants::{ImportProblem, parse_grants_csv};
+use crate::grants::{Amendment, Grant, ImportProblem, parse_grants_csv, parse_valid_until};
 use crate::ingest::now_ms;
-use crate::store::Store;
+use crate::store::{GrantChangeRow, Store};
 
 #[derive(Clone)]
 pub struct AdminService {
@@ -26,6 +27,92 @@ fn wire_problem(p: ImportProblem) -> v1::ImportProblem {
         line: p.line,
         field: p.field,
         message: p.message,
+    }
+}
+
+fn grant_to_wire(g: Grant) -> v1::Grant {
+    v1::Grant {
+        grant_id: g.grant_id,
+        program: g.program.as_str().into(),
+        grantee: g.grantee,
+        principal: g.principal.to_string(),
+        csp: g.csp,
+        valid_from_unix_ms: g.valid_from_ms,
+        valid_until_unix_ms: g.valid_until_ms,
+        cards: g
+            .cards
+            .into_iter()
+            .map(|c| v1::GrantCard {
+                host_id: c.host_id,
+                gpu_uuid: c.gpu_uuid,
+                from_unix_ms: c.from_ms,
+                until_unix_ms: c.until_ms,
+            })
+            .collect(),
+        revoked: g.revoked_at_ms.is_some(),
+        revoked_at_unix_ms: g.revoked_at_ms.unwrap_or(0),
+    }
+}
+
+fn change_to_wire(c: GrantChangeRow) -> v1::GrantChange {
+    v1::GrantChange {
+        at_unix_ms: c.at_ms,
+        actor: c.actor,
+        action: c.action,
+        detail: c.detail,
+    }
+}
+
+fn actor_or_default(actor: String) -> String {
+    if actor.trim().is_empty() {
+        "admin".to_string()
+    } else {
+        actor.trim().to_string()
+    }
+}
+
+fn required_grant_id(grant_id: &str) -> Result<String, Status> {
+    let id = grant_id.trim();
+    if id.is_empty() {
+        return Err(Status::invalid_argument(
+            "field grant_id: required field is empty",
+        ));
+    }
+    Ok(id.to_string())
+}
+
+/// An instant from a request; absent means now, by the collector's clock.
+fn at_or_now(at_unix_ms: Option<i64>) -> i64 {
+    at_unix_ms.unwrap_or_else(now_ms)
+}
+
+impl AdminService {
+    /// Applies one amendment, then wakes every live session to push its host's new set.
+    async fn amend(
+        &self,
+        grant_id: String,
+        amendment: Amendment,
+        actor: String,
+    ) -> Result<Response<v1::AmendGrantReply>, Status> {
+        let store = self.store.clone();
+        let id = grant_id.clone();
+        let a = amendment.clone();
+        let record =
+            tokio::task::spawn_blocking(move || store.amend_grant(&id, &a, &actor, now_ms()))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
+        self.grants_version.send_modify(|v| *v += 1);
+        let change = record.history.last().cloned().map(change_to_wire);
+        info!(
+            grant = %grant_id,
+            action = amendment.action(),
+            detail = change.as_ref().map_or("", |c| c.detail.as_str()),
+            "grant amended"
+        );
+        Ok(Response::new(v1::AmendGrantReply {
+            grant: Some(grant_to_wire(record.grant)),
+            change,
+        }))
     }
 }
 
@@ -99,26 +186,69 @@ impl Admin for AdminService {
             grants: grants
                 .into_iter()
                 .filter(|g| program.is_empty() || g.program.as_str() == program)
-                .map(|g| v1::Grant {
-                    grant_id: g.grant_id,
-                    program: g.program.as_str().into(),
-                    grantee: g.grantee,
-                    principal: g.principal.to_string(),
-                    csp: g.csp,
-                    valid_from_unix_ms: g.valid_from_ms,
-                    valid_until_unix_ms: g.valid_until_ms,
-                    cards: g
-                        .cards
-                        .into_iter()
-                        .map(|c| v1::GrantCard {
-                            host_id: c.host_id,
-                            gpu_uuid: c.gpu_uuid,
-                        })
-                        .collect(),
-                    revoked: g.revoked_at_ms.is_some(),
-                    revoked_at_unix_ms: g.revoked_at_ms.unwrap_or(0),
-                })
+                .map(grant_to_wire)
                 .collect(),
         }))
+    }
+
+    async fn get_grant(
+        &self,
+        request: Request<v1::GetGrantRequest>,
+    ) -> Result<Response<v1::GetGrantReply>, Status> {
+        let id = required_grant_id(&request.into_inner().grant_id)?;
+        let store = self.store.clone();
+        let lookup = id.clone();
+        let record = tokio::task::spawn_blocking(move || store.grant(&lookup))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??
+            .ok_or_else(|| Status::not_found(format!("grant {id} not found")))?;
+        Ok(Response::new(v1::GetGrantReply {
+            grant: Some(grant_to_wire(record.grant)),
+            history: record.history.into_iter().map(change_to_wire).collect(),
+        }))
+    }
+
+    async fn revoke_grant(
+        &self,
+        request: Request<v1::RevokeGrantRequest>,
+    ) -> Result<Response<v1::AmendGrantReply>, Status> {
+        let req = request.into_inner();
+        let id = required_grant_id(&req.grant_id)?;
+        let amendment = Amendment::Revoke {
+            at_ms: at_or_now(req.at_unix_ms),
+            reason: req.reason,
+        };
+        self.amend(id, amendment, actor_or_default(req.actor)).await
+    }
+
+    async fn extend_grant(
+        &self,
+        request: Request<v1::ExtendGrantRequest>,
+    ) -> Result<Response<v1::AmendGrantReply>, Status> {
+        let req = request.into_inner();
+        let id = required_grant_id(&req.grant_id)?;
+        let valid_until_ms = parse_valid_until(req.valid_until.trim())
+            .map_err(|e| Status::invalid_argument(format!("field valid_until: {e}")))?;
+        self.amend(
+            id,
+            Amendment::Extend { valid_until_ms },
+            actor_or_default(req.actor),
+        )
+        .await
+    }
+
+    async fn move_card(
+        &self,
+        request: Request<v1::MoveCardRequest>,
+    ) -> Result<Response<v1::AmendGrantReply>, Status> {
+        let req = request.into_inner();
+        let id = required_grant_id(&req.grant_id)?;
+        let amendment = Amendment::MoveCard {
+            from_gpu_uuid: req.from_gpu_uuid,
+            to_host_id: req.to_host_id,
+            to_gpu_uuid: req.to_gpu_uuid,
+            at_ms: at_or_now(req.at_unix_ms),
+        };
+        self.amend(id, amendment, actor_or_default(req.actor)).await
     }
 }

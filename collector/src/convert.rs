@@ -4,6 +4,7 @@
 use gpumeter_proto::v1;
 use prost::Message;
 
+use crate::grants::AmendError;
 use crate::store::{
     AgentHello, EventRow, GpuRow, PrincipalRow, RecordContent, StoreError, WindowRow,
 };
@@ -14,6 +15,13 @@ impl From<StoreError> for tonic::Status {
             StoreError::KeyMismatch { .. } => tonic::Status::permission_denied(e.to_string()),
             StoreError::UnknownAgent { .. } => tonic::Status::not_found(e.to_string()),
             StoreError::Conflict(_) => tonic::Status::failed_precondition(e.to_string()),
+            StoreError::NotFound { .. } => tonic::Status::not_found(e.to_string()),
+            StoreError::Amend(AmendError::Invalid { .. }) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+            StoreError::Amend(AmendError::Conflict { .. }) => {
+                tonic::Status::failed_precondition(e.to_string())
+            }
             StoreError::Open { .. }
             | StoreError::Db(_)
             | StoreError::SchemaTooNew { .. }

@@ -23,9 +23,15 @@
 //! calendar months (counted in KST); no card is in two grants whose validity overlaps, within
 //! the file or against the grants already held (a revoked grant holds its cards only until its
 //! revocation); a grant already held cannot be imported again (amendments are separate
-//! commands, so that history is kept). An import is all or nothing, and every problem names its
-//! 1-based line in the file and the field. A card no agent has reported is only a warning,
+//! commands, so that history is kept). An import is all or nothing, and every problem names
+//! its 1-based line in the file and the field. A card no agent has reported is only a warning,
 //! because grants are often imported before the CSP installs the agents.
+//!
+//! Amendments ([`amend`]) revoke a grant at an instant, extend its end, or move one of its
+//! cards to another card at an instant. They keep the past: a moved card stays in the grant
+//! with its own end ([`GrantCard::until_ms`]) and its replacement carries its own start, so
+//! [`Grant::card_interval`] tells which card belonged to the grant when. The rules above hold
+//! after an amendment as after an import, and a refusal names the request field at fault.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -115,11 +121,28 @@ impl fmt::Display for Program {
     }
 }
 
-/// One card of a grant.
+/// One card of a grant. A card moved into or out of a grant after it started carries its own
+/// bounds, so that what the grant held at any instant can still be told afterwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantCard {
     pub host_id: String,
     pub gpu_uuid: String,
+    /// When the card joined the grant (Unix ms, inclusive); `None`: from the grant's start.
+    pub from_ms: Option<i64>,
+    /// When the card left the grant (Unix ms, exclusive); `None`: until the grant's end.
+    pub until_ms: Option<i64>,
+}
+
+impl GrantCard {
+    /// A card held for the whole of its grant, as an import creates it.
+    pub fn new(host_id: impl Into<String>, gpu_uuid: impl Into<String>) -> Self {
+        Self {
+            host_id: host_id.into(),
+            gpu_uuid: gpu_uuid.into(),
+            from_ms: None,
+            until_ms: None,
+        }
+    }
 }
 
 /// A grant: who may use which cards, for which program, when.
@@ -147,6 +170,17 @@ impl Grant {
             None => self.valid_until_ms,
         };
         end.max(self.valid_from_ms)
+    }
+
+    /// When `card` belonged to this grant, `[from, until)` in Unix ms: the grant's validity cut
+    /// by revocation and by the card's own bounds. An empty interval comes out as `(x, x)`.
+    pub fn card_interval(&self, card: &GrantCard) -> (i64, i64) {
+        let from = card
+            .from_ms
+            .map_or(self.valid_from_ms, |f| f.max(self.valid_from_ms));
+        let end = self.effective_until_ms();
+        let until = card.until_ms.map_or(end, |u| u.min(end));
+        (from, until.max(from))
     }
 }
 
@@ -246,7 +280,7 @@ pub fn parse_valid_until(s: &str) -> Result<i64, GrantError> {
 }
 
 /// Formats an instant for messages, in KST since that is how grants are written.
-fn fmt_kst(ms: i64) -> String {
+pub fn fmt_kst(ms: i64) -> String {
     match DateTime::from_timestamp_millis(ms) {
         Some(t) => t.with_timezone(&KST).to_rfc3339(),
         None => format!("{ms} ms"),
@@ -686,13 +720,7 @@ pub fn parse_grants_csv(
                 )),
                 None => {
                     draft.uuids.insert(uuid.clone(), line);
-                    draft.cards.push((
-                        GrantCard {
-                            host_id: host,
-                            gpu_uuid: uuid,
-                        },
-                        line,
-                    ));
+                    draft.cards.push((GrantCard::new(host, uuid), line));
                 }
             }
         }
@@ -747,13 +775,13 @@ pub fn parse_grants_csv(
 
     // No card in two grants at once. Cards are keyed case-insensitively so that a held grant
     // stored before canonicalization still collides.
-    let mut held_by_card: HashMap<String, Vec<&Grant>> = HashMap::new();
+    let mut held_by_card: HashMap<String, Vec<(&Grant, Interval)>> = HashMap::new();
     for g in held {
         for card in &g.cards {
             held_by_card
                 .entry(card.gpu_uuid.to_ascii_lowercase())
                 .or_default()
-                .push(g);
+                .push((g, g.card_interval(card)));
         }
     }
     // Card → (draft index, interval) of the grants earlier in this file.
@@ -764,12 +792,11 @@ pub fn parse_grants_csv(
         };
         for (card, line) in &draft.cards {
             let key = card.gpu_uuid.to_ascii_lowercase();
-            for other in held_by_card.get(&key).into_iter().flatten() {
+            for &(other, theirs) in held_by_card.get(&key).into_iter().flatten() {
                 // Re-importing a held grant is reported on its grant_id already.
                 if other.grant_id == draft.grant_id {
                     continue;
                 }
-                let theirs = (other.valid_from_ms, other.effective_until_ms());
                 if overlaps(interval, theirs) {
                     problems.push(problem(
                         *line,
@@ -844,6 +871,335 @@ pub fn parse_grants_csv(
     Ok(GrantImport { grants, warnings })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Amendments
+
+/// A change to a grant already held. The store applies one inside a transaction, with
+/// [`amend`] deciding against every other grant held, and records it in the grant's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Amendment {
+    /// Ends the grant at `at_ms`, which may be in the past or the future but not before the
+    /// grant starts.
+    Revoke { at_ms: i64, reason: String },
+    /// Moves the grant's exclusive end later.
+    Extend { valid_until_ms: i64 },
+    /// From `at_ms` on, card `from_gpu_uuid` is replaced by `to_gpu_uuid` on `to_host_id`;
+    /// the old card stays in the grant with `until_ms = at_ms`, so its past is kept.
+    MoveCard {
+        from_gpu_uuid: String,
+        to_host_id: String,
+        to_gpu_uuid: String,
+        at_ms: i64,
+    },
+}
+
+impl Amendment {
+    /// The action name recorded in the grant history.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Amendment::Revoke { .. } => "revoke",
+            Amendment::Extend { .. } => "extend",
+            Amendment::MoveCard { .. } => "move_card",
+        }
+    }
+}
+
+/// Why an amendment is refused. `field` is the request field at fault, as the Admin RPC
+/// names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AmendError {
+    /// The request is wrong on its own terms: a malformed value or a broken program rule.
+    #[error("field {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// The request clashes with what is held: another grant's card, an earlier revocation.
+    #[error("field {field}: {message}")]
+    Conflict {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: String) -> AmendError {
+    AmendError::Invalid { field, message }
+}
+
+fn conflict(field: &'static str, message: String) -> AmendError {
+    AmendError::Conflict { field, message }
+}
+
+/// The first card of `others` held for an interval overlapping `interval`, with that grant
+/// and its card's interval.
+fn overlapping_holder<'a>(
+    others: &'a [Grant],
+    grant_id: &str,
+    gpu_uuid: &str,
+    interval: Interval,
+) -> Option<(&'a Grant, Interval)> {
+    others
+        .iter()
+        .filter(|o| o.grant_id != grant_id)
+        .flat_map(|o| o.cards.iter().map(move |c| (o, c)))
+        .filter(|(_, c)| c.gpu_uuid.eq_ignore_ascii_case(gpu_uuid))
+        .map(|(o, c)| (o, o.card_interval(c)))
+        .find(|(_, theirs)| overlaps(interval, *theirs))
+}
+
+/// Checks `amendment` against the program rules (DESIGN.md §5) and against `others`, every
+/// other grant held, and returns the amended grant with a one-line description for the
+/// history. Pure: `grant` and `others` are what the store holds inside its transaction.
+pub fn amend(
+    grant: &Grant,
+    others: &[Grant],
+    amendment: &Amendment,
+) -> Result<(Grant, String), AmendError> {
+    let id = &grant.grant_id;
+    let mut out = grant.clone();
+    match amendment {
+        Amendment::Revoke { at_ms, reason } => {
+            let at = *at_ms;
+            if let Some(revoked) = grant.revoked_at_ms {
+                return Err(conflict(
+                    "grant_id",
+                    format!(
+                        "grant {id} is already revoked (from {}); a revocation cannot be changed",
+                        fmt_kst(revoked)
+                    ),
+                ));
+            }
+            if at < grant.valid_from_ms {
+                return Err(invalid(
+                    "at_unix_ms",
+                    format!(
+                        "revocation at {} is before grant {id} starts at {}",
+                        fmt_kst(at),
+                        fmt_kst(grant.valid_from_ms)
+                    ),
+                ));
+            }
+            if at >= grant.valid_until_ms {
+                return Err(invalid(
+                    "at_unix_ms",
+                    format!(
+                        "revocation at {} is not before grant {id} ends at {} (exclusive), so it would change nothing",
+                        fmt_kst(at),
+                        fmt_kst(grant.valid_until_ms)
+                    ),
+                ));
+            }
+            out.revoked_at_ms = Some(at);
+            let mut detail = format!("revoked from {}", fmt_kst(at));
+            if !reason.trim().is_empty() {
+                detail.push_str(&format!("; reason: {}", reason.trim()));
+            }
+            Ok((out, detail))
+        }
+        Amendment::Extend { valid_until_ms } => {
+            let until = *valid_until_ms;
+            if let Some(revoked) = grant.revoked_at_ms {
+                return Err(conflict(
+                    "grant_id",
+                    format!(
+                        "grant {id} is revoked (from {}); a revoked grant cannot be extended",
+                        fmt_kst(revoked)
+                    ),
+                ));
+            }
+            if until <= grant.valid_until_ms {
+                return Err(invalid(
+                    "valid_until",
+                    format!(
+                        "new end {} (exclusive) is not after the current end {}; to end a grant early, revoke it",
+                        fmt_kst(until),
+                        fmt_kst(grant.valid_until_ms)
+                    ),
+                ));
+            }
+            if grant.program == Program::Advanced {
+                let limit = advanced_limit_ms(grant.valid_from_ms);
+                if limit.is_none_or(|limit| until > limit) {
+                    return Err(invalid(
+                        "valid_until",
+                        format!(
+                            "advanced grant {id} would run until {} (exclusive), more than {ADVANCED_MAX_MONTHS} calendar months after {}",
+                            fmt_kst(until),
+                            fmt_kst(grant.valid_from_ms)
+                        ),
+                    ));
+                }
+            }
+            out.valid_until_ms = until;
+            for card in &out.cards {
+                let interval = out.card_interval(card);
+                if let Some((other, theirs)) =
+                    overlapping_holder(others, id, &card.gpu_uuid, interval)
+                {
+                    return Err(conflict(
+                        "valid_until",
+                        format!(
+                            "extending grant {id} to {} would put card {} in it while grant {} holds the card from {} until {} (exclusive)",
+                            fmt_kst(until),
+                            card.gpu_uuid,
+                            other.grant_id,
+                            fmt_kst(theirs.0),
+                            fmt_kst(theirs.1)
+                        ),
+                    ));
+                }
+            }
+            Ok((
+                out,
+                format!(
+                    "valid_until {} -> {} (exclusive)",
+                    fmt_kst(grant.valid_until_ms),
+                    fmt_kst(until)
+                ),
+            ))
+        }
+        Amendment::MoveCard {
+            from_gpu_uuid,
+            to_host_id,
+            to_gpu_uuid,
+            at_ms,
+        } => {
+            let at = *at_ms;
+            let from_uuid = parse_gpu_uuid(from_gpu_uuid.trim())
+                .map_err(|e| invalid("from_gpu_uuid", e.to_string()))?;
+            let to_uuid = parse_gpu_uuid(to_gpu_uuid.trim())
+                .map_err(|e| invalid("to_gpu_uuid", e.to_string()))?;
+            let to_host = to_host_id.trim();
+            if to_host.is_empty() {
+                return Err(invalid("to_host_id", "required field is empty".into()));
+            }
+            if at < grant.valid_from_ms {
+                return Err(invalid(
+                    "at_unix_ms",
+                    format!(
+                        "move at {} is before grant {id} starts at {}; to change a card before the start, move it at the start",
+                        fmt_kst(at),
+                        fmt_kst(grant.valid_from_ms)
+                    ),
+                ));
+            }
+            let end = grant.effective_until_ms();
+            if at >= end {
+                return Err(conflict(
+                    "at_unix_ms",
+                    format!(
+                        "move at {} is not before grant {id} ends at {} (exclusive)",
+                        fmt_kst(at),
+                        fmt_kst(end)
+                    ),
+                ));
+            }
+            let held_at = |c: &GrantCard| {
+                let (from, until) = grant.card_interval(c);
+                c.gpu_uuid.eq_ignore_ascii_case(&from_uuid) && from <= at && at < until
+            };
+            let Some(index) = grant.cards.iter().position(held_at) else {
+                let spans: Vec<String> = grant
+                    .cards
+                    .iter()
+                    .filter(|c| c.gpu_uuid.eq_ignore_ascii_case(&from_uuid))
+                    .map(|c| {
+                        let (from, until) = grant.card_interval(c);
+                        format!("{} until {}", fmt_kst(from), fmt_kst(until))
+                    })
+                    .collect();
+                return Err(if spans.is_empty() {
+                    invalid(
+                        "from_gpu_uuid",
+                        format!("card {from_uuid} is not a card of grant {id}"),
+                    )
+                } else {
+                    conflict(
+                        "from_gpu_uuid",
+                        format!(
+                            "card {from_uuid} is not in grant {id} at {}; it is held from {}",
+                            fmt_kst(at),
+                            spans.join(", from ")
+                        ),
+                    )
+                });
+            };
+            let old = grant.cards[index].clone();
+            if old.host_id == to_host && old.gpu_uuid.eq_ignore_ascii_case(&to_uuid) {
+                return Err(invalid(
+                    "to_gpu_uuid",
+                    format!("card {to_uuid} on host {to_host} is the card being moved"),
+                ));
+            }
+            out.cards[index].until_ms = Some(at);
+            let moved = GrantCard {
+                host_id: to_host.to_owned(),
+                gpu_uuid: to_uuid.clone(),
+                from_ms: Some(at),
+                until_ms: old.until_ms,
+            };
+            let interval = out.card_interval(&moved);
+            // The new card must not already be in this grant at the same time.
+            if let Some(clash) = out.cards.iter().find(|c| {
+                c.gpu_uuid.eq_ignore_ascii_case(&to_uuid)
+                    && overlaps(interval, out.card_interval(c))
+            }) {
+                let (from, until) = out.card_interval(clash);
+                return Err(conflict(
+                    "to_gpu_uuid",
+                    format!(
+                        "card {to_uuid} is already in grant {id} from {} until {} (exclusive)",
+                        fmt_kst(from),
+                        fmt_kst(until)
+                    ),
+                ));
+            }
+            if let Some((other, theirs)) = overlapping_holder(others, id, &to_uuid, interval) {
+                return Err(conflict(
+                    "to_gpu_uuid",
+                    format!(
+                        "card {to_uuid} is in grant {} from {} until {} (exclusive), which overlaps its move into grant {id} at {}",
+                        other.grant_id,
+                        fmt_kst(theirs.0),
+                        fmt_kst(theirs.1),
+                        fmt_kst(at)
+                    ),
+                ));
+            }
+            out.cards.push(moved);
+            if grant.program == Program::Hpc {
+                // The host limit holds at every instant from the move on.
+                let mut hosts: Vec<&str> = Vec::new();
+                for c in &out.cards {
+                    let (from, until) = out.card_interval(c);
+                    if until > at.max(from) && !hosts.contains(&c.host_id.as_str()) {
+                        hosts.push(&c.host_id);
+                    }
+                }
+                if hosts.len() > HPC_MAX_HOSTS {
+                    return Err(invalid(
+                        "to_host_id",
+                        format!(
+                            "hpc grant {id} would span {} hosts ({}); at most {HPC_MAX_HOSTS} are allowed",
+                            hosts.len(),
+                            hosts.join(", ")
+                        ),
+                    ));
+                }
+            }
+            Ok((
+                out,
+                format!(
+                    "card {} on host {} -> card {to_uuid} on host {to_host} from {}",
+                    old.gpu_uuid,
+                    old.host_id,
+                    fmt_kst(at)
+                ),
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -899,10 +1255,7 @@ mod tests {
             csp: "csp-a".into(),
             valid_from_ms: ms(from),
             valid_until_ms: ms(until),
-            cards: vec![GrantCard {
-                host_id: "h1".into(),
-                gpu_uuid: uuid(card),
-            }],
+            cards: vec![GrantCard::new("h1", uuid(card))],
             revoked_at_ms: revoked.map(ms),
         }
     }
@@ -936,16 +1289,7 @@ mod tests {
                     csp: "csp-a".into(),
                     valid_from_ms: ms("2026-03-31T15:00:00Z"),
                     valid_until_ms: ms("2026-06-30T15:00:00Z"),
-                    cards: vec![
-                        GrantCard {
-                            host_id: "h1".into(),
-                            gpu_uuid: uuid(1)
-                        },
-                        GrantCard {
-                            host_id: "h2".into(),
-                            gpu_uuid: uuid(2)
-                        },
-                    ],
+                    cards: vec![GrantCard::new("h1", uuid(1)), GrantCard::new("h2", uuid(2))],
                     revoked_at_ms: None,
                 },
                 Grant {
@@ -959,10 +1303,10 @@ mod tests {
                     valid_from_ms: ms("2026-05-01T00:30:00Z"),
                     // A timestamp in valid_until is the exclusive end itself.
                     valid_until_ms: ms("2026-05-02T00:00:00Z"),
-                    cards: vec![GrantCard {
-                        host_id: "h9".into(),
-                        gpu_uuid: "MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee".into()
-                    }],
+                    cards: vec![GrantCard::new(
+                        "h9",
+                        "MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+                    )],
                     revoked_at_ms: None,
                 },
             ]
@@ -1473,6 +1817,425 @@ mod tests {
             assert_eq!(p.as_str().parse::<Program>().unwrap(), p);
         }
         assert!("Research".parse::<Program>().is_err());
+    }
+
+    fn field_of(e: &AmendError) -> &'static str {
+        match e {
+            AmendError::Invalid { field, .. } | AmendError::Conflict { field, .. } => field,
+        }
+    }
+
+    fn kst(day: &str) -> i64 {
+        ms(&format!("{day}T00:00:00+09:00"))
+    }
+
+    fn moving(from: u32, host: &str, to: u32, at: &str) -> Amendment {
+        Amendment::MoveCard {
+            from_gpu_uuid: uuid(from),
+            to_host_id: host.into(),
+            to_gpu_uuid: uuid(to),
+            at_ms: kst(at),
+        }
+    }
+
+    #[test]
+    fn grants_revoke_from_an_instant_once() {
+        let g = held_grant(
+            "G",
+            1,
+            "2026-04-01T00:00:00+09:00",
+            "2026-05-01T00:00:00+09:00",
+            None,
+        );
+        let (r, detail) = amend(
+            &g,
+            &[],
+            &Amendment::Revoke {
+                at_ms: kst("2026-04-10"),
+                reason: " idle ".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(r.revoked_at_ms, Some(kst("2026-04-10")));
+        assert_eq!(r.effective_until_ms(), kst("2026-04-10"));
+        assert!(
+            detail.contains("2026-04-10T00:00:00+09:00") && detail.ends_with("reason: idle"),
+            "{detail}"
+        );
+        // At the start is allowed (the grant never ran); before it is not.
+        assert!(
+            amend(
+                &g,
+                &[],
+                &Amendment::Revoke {
+                    at_ms: g.valid_from_ms,
+                    reason: String::new()
+                }
+            )
+            .is_ok()
+        );
+        let early = amend(
+            &g,
+            &[],
+            &Amendment::Revoke {
+                at_ms: g.valid_from_ms - 1,
+                reason: String::new(),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                early,
+                AmendError::Invalid {
+                    field: "at_unix_ms",
+                    ..
+                }
+            ),
+            "{early}"
+        );
+        let late = amend(
+            &g,
+            &[],
+            &Amendment::Revoke {
+                at_ms: g.valid_until_ms,
+                reason: String::new(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(field_of(&late), "at_unix_ms");
+        let twice = amend(
+            &r,
+            &[],
+            &Amendment::Revoke {
+                at_ms: kst("2026-04-05"),
+                reason: String::new(),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                twice,
+                AmendError::Conflict {
+                    field: "grant_id",
+                    ..
+                }
+            ),
+            "{twice}"
+        );
+    }
+
+    #[test]
+    fn grants_extend_rechecks_advanced_months_and_overlaps() {
+        let mut adv = held_grant(
+            "A",
+            1,
+            "2026-03-01T00:00:00+09:00",
+            "2026-05-01T00:00:00+09:00",
+            None,
+        );
+        adv.program = Program::Advanced;
+        // To the last day four calendar months on: allowed.
+        let (ok, detail) = amend(
+            &adv,
+            &[],
+            &Amendment::Extend {
+                valid_until_ms: kst("2026-07-01"),
+            },
+        )
+        .unwrap();
+        assert_eq!(ok.valid_until_ms, kst("2026-07-01"));
+        assert!(detail.contains("2026-07-01T00:00:00+09:00"), "{detail}");
+        let over = amend(
+            &adv,
+            &[],
+            &Amendment::Extend {
+                valid_until_ms: kst("2026-07-01") + 1,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                over,
+                AmendError::Invalid {
+                    field: "valid_until",
+                    ..
+                }
+            ),
+            "{over}"
+        );
+        assert!(over.to_string().contains("4 calendar months"), "{over}");
+        // Not later than now: that is what revoke is for.
+        let shorter = amend(
+            &adv,
+            &[],
+            &Amendment::Extend {
+                valid_until_ms: kst("2026-04-01"),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(field_of(&shorter), "valid_until");
+
+        // Card 1 is taken by grant NEXT from 2026-06-01.
+        let g = held_grant(
+            "G",
+            1,
+            "2026-04-01T00:00:00+09:00",
+            "2026-05-01T00:00:00+09:00",
+            None,
+        );
+        let next = held_grant(
+            "NEXT",
+            1,
+            "2026-06-01T00:00:00+09:00",
+            "2026-07-01T00:00:00+09:00",
+            None,
+        );
+        let others = [next];
+        assert!(
+            amend(
+                &g,
+                &others,
+                &Amendment::Extend {
+                    valid_until_ms: kst("2026-06-01")
+                }
+            )
+            .is_ok()
+        );
+        let clash = amend(
+            &g,
+            &others,
+            &Amendment::Extend {
+                valid_until_ms: kst("2026-06-02"),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                clash,
+                AmendError::Conflict {
+                    field: "valid_until",
+                    ..
+                }
+            ),
+            "{clash}"
+        );
+        assert!(clash.to_string().contains("grant NEXT"), "{clash}");
+        // Once card 1 has moved out of G, extending G no longer touches it.
+        let (moved, _) = amend(&g, &others, &moving(1, "h1", 2, "2026-04-15")).unwrap();
+        let (extended, _) = amend(
+            &moved,
+            &others,
+            &Amendment::Extend {
+                valid_until_ms: kst("2026-06-30"),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            extended.card_interval(&extended.cards[0]),
+            (kst("2026-04-01"), kst("2026-04-15"))
+        );
+        assert_eq!(
+            extended.card_interval(&extended.cards[1]),
+            (kst("2026-04-15"), kst("2026-06-30"))
+        );
+        // A revoked grant stays ended.
+        let revoked = Grant {
+            revoked_at_ms: Some(kst("2026-04-10")),
+            ..g.clone()
+        };
+        let e = amend(
+            &revoked,
+            &[],
+            &Amendment::Extend {
+                valid_until_ms: kst("2026-05-10"),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AmendError::Conflict {
+                    field: "grant_id",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn grants_move_card_keeps_the_old_cards_time() {
+        let g = held_grant(
+            "G",
+            1,
+            "2026-04-01T00:00:00+09:00",
+            "2026-05-01T00:00:00+09:00",
+            None,
+        );
+        let (m, detail) = amend(&g, &[], &moving(1, "h2", 2, "2026-04-10")).unwrap();
+        assert_eq!(m.cards.len(), 2);
+        assert_eq!(m.cards[0].until_ms, Some(kst("2026-04-10")));
+        assert_eq!(
+            m.card_interval(&m.cards[0]),
+            (kst("2026-04-01"), kst("2026-04-10"))
+        );
+        assert_eq!(
+            (m.cards[1].host_id.as_str(), m.cards[1].gpu_uuid.as_str()),
+            ("h2", uuid(2).as_str())
+        );
+        assert_eq!(
+            m.card_interval(&m.cards[1]),
+            (kst("2026-04-10"), kst("2026-05-01"))
+        );
+        assert!(
+            detail.contains(&uuid(1)) && detail.contains(&uuid(2)),
+            "{detail}"
+        );
+        // The old card is no longer there to move at a later time, but can come back.
+        let gone = amend(&m, &[], &moving(1, "h1", 3, "2026-04-20")).unwrap_err();
+        assert!(
+            matches!(
+                gone,
+                AmendError::Conflict {
+                    field: "from_gpu_uuid",
+                    ..
+                }
+            ),
+            "{gone}"
+        );
+        let (back, _) = amend(&m, &[], &moving(2, "h1", 1, "2026-04-20")).unwrap();
+        assert_eq!(back.cards.len(), 3);
+        assert_eq!(
+            back.card_interval(&back.cards[2]),
+            (kst("2026-04-20"), kst("2026-05-01"))
+        );
+        // A revocation cuts the moved-in card too.
+        let revoked = Grant {
+            revoked_at_ms: Some(kst("2026-04-25")),
+            ..back.clone()
+        };
+        assert_eq!(
+            revoked.card_interval(&revoked.cards[2]).1,
+            kst("2026-04-25")
+        );
+
+        let not_ours = amend(&g, &[], &moving(9, "h1", 2, "2026-04-10")).unwrap_err();
+        assert!(
+            matches!(
+                not_ours,
+                AmendError::Invalid {
+                    field: "from_gpu_uuid",
+                    ..
+                }
+            ),
+            "{not_ours}"
+        );
+        let bad = amend(
+            &g,
+            &[],
+            &Amendment::MoveCard {
+                from_gpu_uuid: uuid(1),
+                to_host_id: "h1".into(),
+                to_gpu_uuid: "GPU-nope".into(),
+                at_ms: kst("2026-04-10"),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(field_of(&bad), "to_gpu_uuid");
+        let no_host = amend(&g, &[], &moving(1, " ", 2, "2026-04-10")).unwrap_err();
+        assert_eq!(field_of(&no_host), "to_host_id");
+        let itself = amend(&g, &[], &moving(1, "h1", 1, "2026-04-10")).unwrap_err();
+        assert_eq!(field_of(&itself), "to_gpu_uuid");
+        let before = amend(&g, &[], &moving(1, "h1", 2, "2026-03-31")).unwrap_err();
+        assert_eq!(field_of(&before), "at_unix_ms");
+        let after = amend(&g, &[], &moving(1, "h1", 2, "2026-05-01")).unwrap_err();
+        assert_eq!(field_of(&after), "at_unix_ms");
+        // The same card on another host (a host id corrected) is a move too.
+        assert!(amend(&g, &[], &moving(1, "h7", 1, "2026-04-10")).is_ok());
+    }
+
+    #[test]
+    fn grants_move_card_checks_other_grants_and_hosts() {
+        let g = held_grant(
+            "G",
+            1,
+            "2026-04-01T00:00:00+09:00",
+            "2026-05-01T00:00:00+09:00",
+            None,
+        );
+        // Card 2 is in grant OTHER until 2026-04-15.
+        let other = held_grant(
+            "OTHER",
+            2,
+            "2026-03-01T00:00:00+09:00",
+            "2026-04-15T00:00:00+09:00",
+            None,
+        );
+        let others = [other];
+        let clash = amend(&g, &others, &moving(1, "h1", 2, "2026-04-10")).unwrap_err();
+        assert!(
+            matches!(
+                clash,
+                AmendError::Conflict {
+                    field: "to_gpu_uuid",
+                    ..
+                }
+            ),
+            "{clash}"
+        );
+        assert!(clash.to_string().contains("grant OTHER"), "{clash}");
+        assert!(amend(&g, &others, &moving(1, "h1", 2, "2026-04-15")).is_ok());
+
+        // hpc: cards on h1 and h2; moving the h2 card to h3 keeps two hosts, moving the h1
+        // card (while another stays on h1) to h3 would make three.
+        let mut hpc = g.clone();
+        hpc.program = Program::Hpc;
+        hpc.cards = vec![
+            GrantCard::new("h1", uuid(1)),
+            GrantCard::new("h1", uuid(2)),
+            GrantCard::new("h2", uuid(3)),
+        ];
+        assert!(amend(&hpc, &[], &moving(3, "h3", 4, "2026-04-10")).is_ok());
+        let three = amend(&hpc, &[], &moving(1, "h3", 4, "2026-04-10")).unwrap_err();
+        assert!(
+            matches!(
+                three,
+                AmendError::Invalid {
+                    field: "to_host_id",
+                    ..
+                }
+            ),
+            "{three}"
+        );
+    }
+
+    #[test]
+    fn grants_import_sees_a_moved_out_card_as_free() {
+        let g = held_grant(
+            "OLD",
+            1,
+            "2026-04-01T00:00:00+09:00",
+            "2026-05-01T00:00:00+09:00",
+            None,
+        );
+        let (moved, _) = amend(&g, &[], &moving(1, "h1", 2, "2026-04-10")).unwrap();
+        let held = [moved];
+        let free = format!(
+            "{HEADER}{}",
+            row("NEW", "research", "h1", 1, "2026-04-10", "2026-04-30")
+        );
+        assert!(parse_grants_csv(&free, &held, &all_known).is_ok());
+        let early = format!(
+            "{HEADER}{}",
+            row("NEW", "research", "h1", 1, "2026-04-09", "2026-04-30")
+        );
+        assert_at(&only_problem(&early, &held), 2, "gpu_uuid");
+        // The card that moved in is taken from the move on.
+        let taken = format!(
+            "{HEADER}{}",
+            row("NEW", "research", "h1", 2, "2026-04-20", "2026-04-30")
+        );
+        assert_at(&only_problem(&taken, &held), 2, "gpu_uuid");
     }
 
     #[test]

@@ -323,6 +323,10 @@ impl Ingest for IngestService {
             warn!(agent = %agent_id, skew_ms = skew, "agent clock skew");
             blocking(move || store.alarm(&alarm).map_err(Status::from)).await?;
         }
+        // Watch for grant changes from before the Welcome's assignment set is read, so a change
+        // in between is pushed rather than missed.
+        let mut grants_version = self.grants_version.clone();
+        grants_version.mark_unchanged();
         let store = self.store.clone();
         let host = h.host_id.clone();
         let assignments = blocking(move || assignment_set(store.as_ref(), &host)).await?;
@@ -338,6 +342,7 @@ impl Ingest for IngestService {
                 collector_time_unix_ms: received,
                 max_batch_records: self.limits.max_batch_records,
                 max_message_bytes: self.limits.max_message_bytes,
+                epoch: state.epoch,
             })),
         };
         tx.send(Ok(welcome))
@@ -360,6 +365,7 @@ impl Ingest for IngestService {
                     epoch,
                     key,
                     ChainCursor::new(state.durable_seq, state.durable_hash),
+                    grants_version,
                 )
                 .await
             {
@@ -382,6 +388,7 @@ impl IngestService {
         epoch: u64,
         key: VerifyingKey,
         mut cursor: ChainCursor,
+        mut grants_version: watch::Receiver<u64>,
     ) -> Result<(), Status> {
         // Acks go out in commit order from their own task, so verification of the next
         // batch overlaps the commit of this one.
@@ -416,8 +423,6 @@ impl IngestService {
                 }
             }
         });
-        let mut grants_version = self.grants_version.clone();
-        grants_version.mark_unchanged();
         let mut closing = self.closing.clone();
         let result = loop {
             if *closing.borrow() {

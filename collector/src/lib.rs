@@ -8,6 +8,7 @@ pub mod demo;
 pub mod grants;
 pub mod ingest;
 pub mod query;
+pub mod reconcile;
 pub mod report;
 pub mod server;
 pub mod store;

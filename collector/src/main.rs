@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use gpumeter_collector::config::CollectorConfig;
 use gpumeter_collector::demo::{DemoOptions, run_demo};
+use gpumeter_collector::grants::{fmt_kst, parse_gpu_uuid, parse_valid_from, parse_valid_until};
 use gpumeter_collector::report::{UsageJson, parse_period, usage_table};
 use gpumeter_collector::store::sqlite::SqliteStore;
 use gpumeter_proto::v1;
@@ -44,7 +45,7 @@ enum Command {
         #[arg(long)]
         log_json: bool,
     },
-    /// Grants: import and list.
+    /// Grants: import, list, show, and amend (revoke, extend, move a card).
     Grants {
         #[command(subcommand)]
         command: GrantsCommand,
@@ -60,6 +61,17 @@ enum Command {
         out: Option<PathBuf>,
         #[arg(long)]
         server: String,
+    },
+    /// Re-verify every agent's chain and signatures; exit 1 if anything is wrong.
+    Verify {
+        /// A running collector.
+        #[arg(long, conflicts_with = "db", required_unless_present = "db")]
+        server: Option<String>,
+        /// A copy of the ledger database, opened read-only.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
     /// Agents and cards the collector has seen.
     Hosts {
@@ -89,8 +101,9 @@ enum GrantsCommand {
         server: String,
         #[arg(long)]
         dry_run: bool,
-        #[arg(long, default_value = "admin")]
-        actor: String,
+        /// Who is making the change, for the history [default: $USER, or admin].
+        #[arg(long)]
+        actor: Option<String>,
     },
     /// List grants.
     List {
@@ -98,6 +111,65 @@ enum GrantsCommand {
         server: String,
         #[arg(long, default_value = "")]
         program: String,
+        /// Print JSON (every field, cards with their own bounds).
+        #[arg(long)]
+        json: bool,
+    },
+    /// One grant: its cards (with when each belonged to it) and its history.
+    Show {
+        grant_id: String,
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a grant from an instant (past or future, not before it starts).
+    Revoke {
+        grant_id: String,
+        /// RFC 3339, YYYY-MM-DD (00:00 KST of that day), or now.
+        #[arg(long)]
+        at: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long)]
+        server: String,
+        /// Who is making the change, for the history [default: $USER, or admin].
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Move a grant's end later (the program rules and card overlaps are checked again).
+    Extend {
+        grant_id: String,
+        /// YYYY-MM-DD (a Korean calendar day, inclusive) or RFC 3339 (the exclusive end).
+        #[arg(long)]
+        until: String,
+        #[arg(long)]
+        server: String,
+        /// Who is making the change, for the history [default: $USER, or admin].
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Replace one card of a grant by another from an instant on; the old card's time in the
+    /// grant is kept.
+    Move {
+        grant_id: String,
+        /// The card leaving the grant.
+        #[arg(long)]
+        card: String,
+        /// Host of the card joining the grant.
+        #[arg(long)]
+        to_host: String,
+        /// The card joining the grant.
+        #[arg(long)]
+        to_card: String,
+        /// RFC 3339, YYYY-MM-DD (00:00 KST of that day), or now.
+        #[arg(long, default_value = "now")]
+        at: String,
+        #[arg(long)]
+        server: String,
+        /// Who is making the change, for the history [default: $USER, or admin].
+        #[arg(long)]
+        actor: Option<String>,
     },
 }
 
@@ -212,80 +284,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             .await?;
             Ok(())
         }
-        Command::Grants { command } => match command {
-            GrantsCommand::Import {
-                file,
-                server,
-                dry_run,
-                actor,
-            } => {
-                let csv = std::fs::read_to_string(&file)
-                    .with_context(|| format!("reading {}", file.display()))?;
-                let mut c = v1::admin_client::AdminClient::connect(server.clone())
-                    .await
-                    .with_context(|| format!("connecting to {server}"))?;
-                let r = c
-                    .import_grants(v1::ImportGrantsRequest {
-                        csv,
-                        actor,
-                        dry_run,
-                    })
-                    .await?
-                    .into_inner();
-                for w in &r.warnings {
-                    eprintln!(
-                        "warning: {}:{}: field {}: {}",
-                        file.display(),
-                        w.line,
-                        w.field,
-                        w.message
-                    );
-                }
-                if !r.errors.is_empty() {
-                    for e in &r.errors {
-                        eprintln!(
-                            "error: {}:{}: field {}: {}",
-                            file.display(),
-                            e.line,
-                            e.field,
-                            e.message
-                        );
-                    }
-                    return Err(
-                        anyhow::anyhow!("{} errors; nothing imported", r.errors.len()).into(),
-                    );
-                }
-                println!(
-                    "{} {} grants ({} cards)",
-                    if r.applied { "imported" } else { "validated" },
-                    r.grants,
-                    r.cards
-                );
-                Ok(())
-            }
-            GrantsCommand::List { server, program } => {
-                let mut c = v1::admin_client::AdminClient::connect(server.clone())
-                    .await
-                    .with_context(|| format!("connecting to {server}"))?;
-                let r = c
-                    .list_grants(v1::ListGrantsRequest { program })
-                    .await?
-                    .into_inner();
-                for g in r.grants {
-                    println!(
-                        "{}\t{}\t{}\t{}\t{}\t{} cards{}",
-                        g.grant_id,
-                        g.program,
-                        g.grantee,
-                        g.principal,
-                        g.csp,
-                        g.cards.len(),
-                        if g.revoked { "\trevoked" } else { "" }
-                    );
-                }
-                Ok(())
-            }
-        },
+        Command::Grants { command } => grants(command).await,
         Command::Report {
             period,
             format,
@@ -313,6 +312,39 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                 Format::Json => serde_json::to_string_pretty(&json)? + "\n",
             };
             write_out(&text, out.as_ref())
+        }
+        Command::Verify { server, db, json } => {
+            let reply = match (server, db) {
+                (Some(server), _) => {
+                    let mut c = v1::query_client::QueryClient::connect(server.clone())
+                        .await
+                        .with_context(|| format!("connecting to {server}"))?;
+                    c.verify(v1::VerifyRequest::default()).await?.into_inner()
+                }
+                (None, Some(db)) => {
+                    let ledger = gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(&db)?;
+                    let started = std::time::Instant::now();
+                    let report = gpumeter_collector::verify::verify(&ledger)?;
+                    eprintln!("verified in {:.2} s", started.elapsed().as_secs_f64());
+                    gpumeter_collector::query::report_to_wire(&report)
+                }
+                (None, None) => {
+                    return Err(Failure {
+                        code: 2,
+                        error: anyhow::anyhow!("give --server URL or --db PATH"),
+                    });
+                }
+            };
+            if json {
+                println!("{}", verify_json(&reply));
+            } else {
+                print!("{}", render_verify(&reply));
+            }
+            if reply.ok {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("the ledger does not verify").into())
+            }
         }
         Command::Hosts { server } => {
             let mut c = v1::query_client::QueryClient::connect(server.clone())
@@ -343,4 +375,410 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Who makes a change when `--actor` is not given: the login name, else "admin".
+fn actor_or_default(actor: Option<String>) -> String {
+    actor
+        .or_else(|| std::env::var("USER").ok())
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "admin".to_string())
+}
+
+fn usage(error: anyhow::Error) -> Failure {
+    Failure { code: 2, error }
+}
+
+/// `--at`: `now` (absent, so the collector's clock decides), an RFC 3339 timestamp, or a
+/// Korean calendar day meaning its first instant.
+fn parse_at(at: &str) -> Result<Option<i64>, Failure> {
+    let at = at.trim();
+    if at == "now" {
+        return Ok(None);
+    }
+    parse_valid_from(at)
+        .map(Some)
+        .map_err(|e| usage(anyhow::anyhow!("--at: {e}, or now")))
+}
+
+fn parse_card(flag: &str, uuid: &str) -> Result<String, Failure> {
+    parse_gpu_uuid(uuid.trim()).map_err(|e| usage(anyhow::anyhow!("{flag}: {e}")))
+}
+
+/// A refusal or failure from the collector, as the operator should read it.
+fn refused(what: &str, s: tonic::Status) -> Failure {
+    let error = match s.code() {
+        tonic::Code::InvalidArgument
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::NotFound
+        | tonic::Code::PermissionDenied => anyhow::anyhow!("{what} refused: {}", s.message()),
+        _ => anyhow::anyhow!("{what} failed: {} ({:?})", s.message(), s.code()),
+    };
+    Failure { code: 1, error }
+}
+
+async fn admin_client(
+    server: &str,
+) -> Result<v1::admin_client::AdminClient<tonic::transport::Channel>, Failure> {
+    Ok(v1::admin_client::AdminClient::connect(server.to_string())
+        .await
+        .with_context(|| format!("connecting to {server}"))?)
+}
+
+fn kst(ms: i64) -> String {
+    fmt_kst(ms)
+}
+
+#[derive(serde::Serialize)]
+struct CardJson<'a> {
+    host_id: &'a str,
+    gpu_uuid: &'a str,
+    /// The card's own start when it was moved in; null: the grant's start.
+    from_unix_ms: Option<i64>,
+    /// The card's own end when it was moved out; null: the grant's end.
+    until_unix_ms: Option<i64>,
+}
+
+#[derive(serde::Serialize)]
+struct GrantJson<'a> {
+    grant_id: &'a str,
+    program: &'a str,
+    grantee: &'a str,
+    principal: &'a str,
+    csp: &'a str,
+    valid_from_unix_ms: i64,
+    /// Exclusive.
+    valid_until_unix_ms: i64,
+    revoked_at_unix_ms: Option<i64>,
+    cards: Vec<CardJson<'a>>,
+}
+
+impl<'a> From<&'a v1::Grant> for GrantJson<'a> {
+    fn from(g: &'a v1::Grant) -> Self {
+        GrantJson {
+            grant_id: &g.grant_id,
+            program: &g.program,
+            grantee: &g.grantee,
+            principal: &g.principal,
+            csp: &g.csp,
+            valid_from_unix_ms: g.valid_from_unix_ms,
+            valid_until_unix_ms: g.valid_until_unix_ms,
+            revoked_at_unix_ms: g.revoked.then_some(g.revoked_at_unix_ms),
+            cards: g
+                .cards
+                .iter()
+                .map(|c| CardJson {
+                    host_id: &c.host_id,
+                    gpu_uuid: &c.gpu_uuid,
+                    from_unix_ms: c.from_unix_ms,
+                    until_unix_ms: c.until_unix_ms,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ChangeJson<'a> {
+    at_unix_ms: i64,
+    actor: &'a str,
+    action: &'a str,
+    detail: &'a str,
+}
+
+impl<'a> From<&'a v1::GrantChange> for ChangeJson<'a> {
+    fn from(c: &'a v1::GrantChange) -> Self {
+        ChangeJson {
+            at_unix_ms: c.at_unix_ms,
+            actor: &c.actor,
+            action: &c.action,
+            detail: &c.detail,
+        }
+    }
+}
+
+/// `grants show` as text: the grant, each card with when it belonged, then the history.
+fn show_text(g: &v1::Grant, history: &[v1::GrantChange]) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
+    line("grant_id", g.grant_id.clone());
+    line("program", g.program.clone());
+    line("grantee", g.grantee.clone());
+    line("principal", g.principal.clone());
+    line("csp", g.csp.clone());
+    line("valid_from", kst(g.valid_from_unix_ms));
+    line(
+        "valid_until",
+        format!("{} (exclusive)", kst(g.valid_until_unix_ms)),
+    );
+    line(
+        "revoked_at",
+        if g.revoked {
+            kst(g.revoked_at_unix_ms)
+        } else {
+            "-".to_string()
+        },
+    );
+    out.push_str("cards:\n");
+    for c in &g.cards {
+        let from = c.from_unix_ms.map_or("grant start".to_string(), kst);
+        let until = c.until_unix_ms.map_or("grant end".to_string(), kst);
+        out.push_str(&format!(
+            "  {}\t{}\tfrom {from}\tuntil {until}\n",
+            c.host_id, c.gpu_uuid
+        ));
+    }
+    out.push_str("history:\n");
+    for h in history {
+        out.push_str(&format!(
+            "  {}\t{}\t{}\t{}\n",
+            kst(h.at_unix_ms),
+            h.actor,
+            h.action,
+            h.detail
+        ));
+    }
+    out
+}
+
+/// Prints what an amendment did.
+fn print_amended(r: v1::AmendGrantReply) {
+    let id = r.grant.map(|g| g.grant_id).unwrap_or_default();
+    match r.change {
+        Some(c) => println!(
+            "{} {id}: {} (by {}, at {})",
+            c.action,
+            c.detail,
+            c.actor,
+            kst(c.at_unix_ms)
+        ),
+        None => println!("amended {id}"),
+    }
+}
+
+async fn grants(command: GrantsCommand) -> Result<(), Failure> {
+    match command {
+        GrantsCommand::Import {
+            file,
+            server,
+            dry_run,
+            actor,
+        } => {
+            let csv = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let mut c = admin_client(&server).await?;
+            let r = c
+                .import_grants(v1::ImportGrantsRequest {
+                    csv,
+                    actor: actor_or_default(actor),
+                    dry_run,
+                })
+                .await
+                .map_err(|s| refused("import", s))?
+                .into_inner();
+            for w in &r.warnings {
+                eprintln!(
+                    "warning: {}:{}: field {}: {}",
+                    file.display(),
+                    w.line,
+                    w.field,
+                    w.message
+                );
+            }
+            if !r.errors.is_empty() {
+                for e in &r.errors {
+                    eprintln!(
+                        "error: {}:{}: field {}: {}",
+                        file.display(),
+                        e.line,
+                        e.field,
+                        e.message
+                    );
+                }
+                return Err(anyhow::anyhow!("{} errors; nothing imported", r.errors.len()).into());
+            }
+            println!(
+                "{} {} grants ({} cards)",
+                if r.applied { "imported" } else { "validated" },
+                r.grants,
+                r.cards
+            );
+            Ok(())
+        }
+        GrantsCommand::List {
+            server,
+            program,
+            json,
+        } => {
+            let mut c = admin_client(&server).await?;
+            let r = c
+                .list_grants(v1::ListGrantsRequest { program })
+                .await
+                .map_err(|s| refused("list", s))?
+                .into_inner();
+            if json {
+                let all: Vec<GrantJson> = r.grants.iter().map(GrantJson::from).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(());
+            }
+            for g in r.grants {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{} cards{}",
+                    g.grant_id,
+                    g.program,
+                    g.grantee,
+                    g.principal,
+                    g.csp,
+                    g.cards.len(),
+                    if g.revoked { "\trevoked" } else { "" }
+                );
+            }
+            Ok(())
+        }
+        GrantsCommand::Show {
+            grant_id,
+            server,
+            json,
+        } => {
+            let mut c = admin_client(&server).await?;
+            let r = c
+                .get_grant(v1::GetGrantRequest {
+                    grant_id: grant_id.clone(),
+                })
+                .await
+                .map_err(|s| refused("show", s))?
+                .into_inner();
+            let g = r
+                .grant
+                .ok_or_else(|| anyhow::anyhow!("collector answered without grant {grant_id}"))?;
+            if json {
+                let v = serde_json::json!({
+                    "grant": GrantJson::from(&g),
+                    "history": r.history.iter().map(ChangeJson::from).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", show_text(&g, &r.history));
+            }
+            Ok(())
+        }
+        GrantsCommand::Revoke {
+            grant_id,
+            at,
+            reason,
+            server,
+            actor,
+        } => {
+            let at_unix_ms = parse_at(&at)?;
+            let mut c = admin_client(&server).await?;
+            let r = c
+                .revoke_grant(v1::RevokeGrantRequest {
+                    grant_id,
+                    at_unix_ms,
+                    actor: actor_or_default(actor),
+                    reason,
+                })
+                .await
+                .map_err(|s| refused("revoke", s))?;
+            print_amended(r.into_inner());
+            Ok(())
+        }
+        GrantsCommand::Extend {
+            grant_id,
+            until,
+            server,
+            actor,
+        } => {
+            // Checked here too so that a typo is a usage error, not a refused change.
+            parse_valid_until(until.trim()).map_err(|e| usage(anyhow::anyhow!("--until: {e}")))?;
+            let mut c = admin_client(&server).await?;
+            let r = c
+                .extend_grant(v1::ExtendGrantRequest {
+                    grant_id,
+                    valid_until: until,
+                    actor: actor_or_default(actor),
+                })
+                .await
+                .map_err(|s| refused("extend", s))?;
+            print_amended(r.into_inner());
+            Ok(())
+        }
+        GrantsCommand::Move {
+            grant_id,
+            card,
+            to_host,
+            to_card,
+            at,
+            server,
+            actor,
+        } => {
+            let from_gpu_uuid = parse_card("--card", &card)?;
+            let to_gpu_uuid = parse_card("--to-card", &to_card)?;
+            if to_host.trim().is_empty() {
+                return Err(usage(anyhow::anyhow!("--to-host: must not be empty")));
+            }
+            let at_unix_ms = parse_at(&at)?;
+            let mut c = admin_client(&server).await?;
+            let r = c
+                .move_card(v1::MoveCardRequest {
+                    grant_id,
+                    from_gpu_uuid,
+                    to_host_id: to_host,
+                    to_gpu_uuid,
+                    at_unix_ms,
+                    actor: actor_or_default(actor),
+                })
+                .await
+                .map_err(|s| refused("move", s))?;
+            print_amended(r.into_inner());
+            Ok(())
+        }
+    }
+}
+
+fn render_verify(r: &v1::VerifyReply) -> String {
+    let mut out = String::new();
+    for a in &r.agents {
+        out.push_str(&format!(
+            "{}: {} records (seq {}..={}), {} checkpoints: {}\n",
+            a.agent_id,
+            a.records,
+            a.first_seq,
+            a.last_seq,
+            a.checkpoints,
+            if a.findings.is_empty() { "ok" } else { "FAILED" }
+        ));
+        for f in &a.findings {
+            out.push_str(&format!("  - {}\n", f.detail));
+        }
+    }
+    out.push_str(&format!(
+        "{} agents, {} records: {}\n",
+        r.agents.len(),
+        r.records,
+        if r.ok { "every chain and signature verifies" } else { "VERIFICATION FAILED" }
+    ));
+    out
+}
+
+fn verify_json(r: &v1::VerifyReply) -> String {
+    let agents: Vec<serde_json::Value> = r
+        .agents
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "agent_id": a.agent_id,
+                "records": a.records,
+                "first_seq": a.first_seq,
+                "last_seq": a.last_seq,
+                "checkpoints": a.checkpoints,
+                "findings": a.findings.iter().map(|f| serde_json::json!({
+                    "kind": f.kind, "seq": f.seq, "from_seq": f.from_seq, "to_seq": f.to_seq, "detail": f.detail,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({"ok": r.ok, "records": r.records, "agents": agents}))
+        .unwrap_or_default()
 }

@@ -2,11 +2,12 @@
 //! gives. Nothing generated from the proto files crosses this boundary.
 
 pub mod sqlite;
+pub mod sqlite_ledger;
 pub mod writer;
 
 use gpumeter_proto::chain::Hash;
 
-use crate::grants::Grant;
+use crate::grants::{AmendError, Amendment, Grant};
 
 /// Why the store could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,11 @@ pub enum StoreError {
     UnknownAgent { agent_id: String },
     #[error("{0}")]
     Conflict(String),
+    #[error("{what} {id} not found")]
+    NotFound { what: &'static str, id: String },
+    /// An amendment the grant rules refuse; nothing was stored.
+    #[error(transparent)]
+    Amend(#[from] AmendError),
     #[error("the store is shut down")]
     Closed,
 }
@@ -62,6 +68,8 @@ pub struct AgentState {
     /// Highest seq held, and its hash.
     pub durable_seq: u64,
     pub durable_hash: Hash,
+    /// Highest epoch of the agent's stored checkpoints (0 when none).
+    pub epoch: u64,
 }
 
 /// Per-principal usage in a window.
@@ -257,6 +265,24 @@ pub struct HostRow {
     pub gpus: Vec<GpuRow>,
 }
 
+/// One entry of a grant's history: who changed what, when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantChangeRow {
+    /// When the change was made (not when it takes effect; `detail` says that).
+    pub at_ms: i64,
+    pub actor: String,
+    /// "import", "revoke", "extend", "move_card".
+    pub action: String,
+    pub detail: String,
+}
+
+/// A grant with its whole history, oldest change first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRecord {
+    pub grant: Grant,
+    pub history: Vec<GrantChangeRow>,
+}
+
 /// One card's assignment for a host's agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssignmentRow {
@@ -301,8 +327,28 @@ pub trait Store: Send + Sync + 'static {
     /// Stores new grants (already validated) and their history; bumps the assignments version.
     fn insert_grants(&self, grants: &[Grant], actor: &str, at_ms: i64) -> Result<(), StoreError>;
 
-    /// The assignment map of a host, with the current assignments version.
+    /// The assignment map of a host, with the current assignments version. A card moved into
+    /// or out of a grant is assigned only for its own part of the grant's validity; a card that
+    /// never belonged (moved away the instant it would start) is left out.
     fn assignments(&self, host_id: &str) -> Result<(u64, Vec<AssignmentRow>), StoreError>;
+
+    /// A read-only view of the ledger for verification.
+    fn ledger(&self) -> Result<Box<dyn crate::verify::ChainSource + Send>, StoreError>;
+
+    /// One grant with its history; `Ok(None)` when there is no such grant.
+    fn grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError>;
+
+    /// Applies an amendment in one transaction: reads the grant and every other grant held,
+    /// decides with [`crate::grants::amend`], stores the amended grant, appends a history row
+    /// (`actor`, `at_ms`: when the change is made) and bumps the assignments version. Errors:
+    /// [`StoreError::NotFound`] for an unknown grant, [`StoreError::Amend`] for a refusal.
+    fn amend_grant(
+        &self,
+        grant_id: &str,
+        amendment: &Amendment,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<GrantRecord, StoreError>;
 }
 
 impl IngestBatch {

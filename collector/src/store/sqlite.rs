@@ -7,21 +7,26 @@
 //! (agent_id, seq) forever; `windows`, `window_principals` and `events` are the decoded columns
 //! of those bodies, for queries. Rows are never updated or deleted by ingest: a duplicate with
 //! the same bytes is skipped, one with other bytes is kept out and raises an alarm.
+//! Grants are the one thing changed in place, and only together with a `grant_history` row in
+//! the same transaction: an amendment updates the `grants` row and rewrites the grant's
+//! `grant_cards` rows, whose own bounds keep every card it ever held.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use gpumeter_proto::chain::{GENESIS, Hash};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AgentHello, AgentState, Alarm, AssignmentRow, CardUsageRow, CommitOutcome, GpuRow, HostRow,
-    IngestBatch, RecordContent, Store, StoreError, TenantUsageRow, Usage,
+    AgentHello, AgentState, Alarm, AssignmentRow, CardUsageRow, CommitOutcome, GpuRow,
+    GrantChangeRow, GrantRecord, HostRow, IngestBatch, RecordContent, Store, StoreError,
+    TenantUsageRow, Usage,
 };
-use crate::grants::{Grant, GrantCard, Program};
+use crate::grants::{Amendment, Grant, GrantCard, Program, amend};
 
 /// Schema migrations; entry i brings the schema to version i + 1.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE agents (
     agent_id TEXT PRIMARY KEY,
     host_id TEXT NOT NULL,
@@ -160,7 +165,29 @@ CREATE TABLE grant_history (
 );
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT INTO meta (key, value) VALUES ('assignments_version', '1');
-"#];
+"#,
+    // 2: grant amendments. A card moved into or out of a grant keeps its own bounds
+    // (card_from_ms / card_until_ms, NULL: the grant's own), so it is known which card belonged
+    // to a grant when. The table is rebuilt rather than altered because its old primary key
+    // (grant_id, gpu_uuid) would forbid a card from coming back to a grant it once left.
+    r#"
+CREATE TABLE grant_cards_v2 (
+    id INTEGER PRIMARY KEY,
+    grant_id TEXT NOT NULL REFERENCES grants(grant_id),
+    host_id TEXT NOT NULL,
+    gpu_uuid TEXT NOT NULL,
+    card_from_ms INTEGER,
+    card_until_ms INTEGER
+);
+INSERT INTO grant_cards_v2 (id, grant_id, host_id, gpu_uuid)
+    SELECT rowid, grant_id, host_id, gpu_uuid FROM grant_cards ORDER BY rowid;
+DROP TABLE grant_cards;
+ALTER TABLE grant_cards_v2 RENAME TO grant_cards;
+CREATE INDEX grant_cards_by_host ON grant_cards(host_id);
+CREATE INDEX grant_cards_by_grant ON grant_cards(grant_id);
+CREATE INDEX grant_history_by_grant ON grant_history(grant_id);
+"#,
+];
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
@@ -250,10 +277,12 @@ impl SqliteStore {
             Some((seq, h)) => AgentState {
                 durable_seq: seq as u64,
                 durable_hash: hash_from(h),
+                epoch: 0,
             },
             None => AgentState {
                 durable_seq: 0,
                 durable_hash: GENESIS,
+                epoch: 0,
             },
         })
     }
@@ -322,7 +351,14 @@ impl Store for SqliteStore {
             )
             .map_err(db)?;
         }
-        let state = Self::durable(&tx, &h.agent_id)?;
+        let mut state = Self::durable(&tx, &h.agent_id)?;
+        state.epoch = tx
+            .query_row(
+                "SELECT COALESCE(MAX(epoch), 0) FROM checkpoints WHERE agent_id = ?1",
+                params![h.agent_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(db)? as u64;
         tx.commit().map_err(db)?;
         Ok(state)
     }
@@ -676,65 +712,7 @@ impl Store for SqliteStore {
     }
 
     fn grants(&self) -> Result<Vec<Grant>, StoreError> {
-        let c = self.r();
-        let mut st = c
-            .prepare(
-                "SELECT grant_id, program, grantee, principal, csp, valid_from_ms, valid_until_ms, revoked_at_ms FROM grants ORDER BY grant_id",
-            )
-            .map_err(db)?;
-        let mut grants = st
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, i64>(6)?,
-                    r.get::<_, Option<i64>>(7)?,
-                ))
-            })
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?
-            .into_iter()
-            .map(
-                |(id, program, grantee, principal, csp, from, until, revoked)| {
-                    Ok(Grant {
-                        program: program.parse::<Program>().map_err(|e| {
-                            StoreError::Db(format!("grant {id}: stored program: {e}"))
-                        })?,
-                        principal: principal.parse().map_err(|e| {
-                            StoreError::Db(format!("grant {id}: stored principal: {e}"))
-                        })?,
-                        grant_id: id,
-                        grantee,
-                        csp,
-                        valid_from_ms: from,
-                        valid_until_ms: until,
-                        revoked_at_ms: revoked,
-                        cards: vec![],
-                    })
-                },
-            )
-            .collect::<Result<Vec<Grant>, StoreError>>()?;
-        let mut cst = c
-            .prepare("SELECT host_id, gpu_uuid FROM grant_cards WHERE grant_id = ?1 ORDER BY rowid")
-            .map_err(db)?;
-        for g in &mut grants {
-            g.cards = cst
-                .query_map(params![g.grant_id], |r| {
-                    Ok(GrantCard {
-                        host_id: r.get(0)?,
-                        gpu_uuid: r.get(1)?,
-                    })
-                })
-                .map_err(db)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(db)?;
-        }
-        Ok(grants)
+        load_grants(&self.r(), None)
     }
 
     fn insert_grants(&self, grants: &[Grant], actor: &str, at_ms: i64) -> Result<(), StoreError> {
@@ -747,25 +725,24 @@ impl Store for SqliteStore {
                 params![g.grant_id, g.program.as_str(), g.grantee, g.principal.to_string(), g.csp, g.valid_from_ms, g.valid_until_ms, g.revoked_at_ms],
             )
             .map_err(|e| StoreError::Conflict(format!("grant {}: {e}", g.grant_id)))?;
-            for card in &g.cards {
-                tx.execute(
-                    "INSERT INTO grant_cards (grant_id, host_id, gpu_uuid) VALUES (?1,?2,?3)",
-                    params![g.grant_id, card.host_id, card.gpu_uuid],
-                )
-                .map_err(db)?;
-            }
-            tx.execute(
-                "INSERT INTO grant_history (grant_id, at_ms, actor, action, detail) VALUES (?1,?2,?3,'import',?4)",
-                params![g.grant_id, at_ms, actor, format!("{} cards", g.cards.len())],
-            )
-            .map_err(db)?;
+            insert_cards(&tx, g)?;
+            insert_history(
+                &tx,
+                &g.grant_id,
+                &GrantChangeRow {
+                    at_ms,
+                    actor: actor.to_owned(),
+                    action: "import".into(),
+                    detail: format!("{} cards", g.cards.len()),
+                },
+            )?;
         }
-        tx.execute(
-            "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'assignments_version'",
-            [],
-        )
-        .map_err(db)?;
+        bump_assignments_version(&tx)?;
         tx.commit().map_err(db)
+    }
+
+    fn ledger(&self) -> Result<Box<dyn crate::verify::ChainSource + Send>, StoreError> {
+        Ok(Box::new(super::sqlite_ledger::SqliteLedger::open_read_only(&self.path)?))
     }
 
     fn assignments(&self, host_id: &str) -> Result<(u64, Vec<AssignmentRow>), StoreError> {
@@ -777,11 +754,19 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )
             .map_err(db)?;
+        // A card's own bounds cut the grant's validity (see Grant::card_interval); the
+        // revocation travels separately so the agent can say "revoked" rather than "expired".
         let mut st = c
             .prepare(
-                "SELECT gc.gpu_uuid, g.grant_id, g.program, g.principal, g.valid_from_ms, g.valid_until_ms, g.revoked_at_ms
-                 FROM grant_cards gc JOIN grants g ON g.grant_id = gc.grant_id
-                 WHERE gc.host_id = ?1 ORDER BY gc.gpu_uuid, g.valid_from_ms",
+                "SELECT gpu_uuid, grant_id, program, principal, from_ms, until_ms, revoked_at_ms FROM (
+                   SELECT gc.gpu_uuid, g.grant_id, g.program, g.principal,
+                          MAX(g.valid_from_ms, COALESCE(gc.card_from_ms, g.valid_from_ms)) AS from_ms,
+                          MIN(g.valid_until_ms, COALESCE(gc.card_until_ms, g.valid_until_ms)) AS until_ms,
+                          g.revoked_at_ms
+                   FROM grant_cards gc JOIN grants g ON g.grant_id = gc.grant_id
+                   WHERE gc.host_id = ?1)
+                 WHERE until_ms > from_ms
+                 ORDER BY gpu_uuid, from_ms",
             )
             .map_err(db)?;
         let rows = st
@@ -800,5 +785,350 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(db)?;
         Ok((version.parse().unwrap_or(0), rows))
+    }
+
+    fn grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError> {
+        let c = self.r();
+        let Some(grant) = load_grants(&c, Some(grant_id))?.into_iter().next() else {
+            return Ok(None);
+        };
+        let history = load_history(&c, grant_id)?;
+        Ok(Some(GrantRecord { grant, history }))
+    }
+
+    fn amend_grant(
+        &self,
+        grant_id: &str,
+        amendment: &Amendment,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<GrantRecord, StoreError> {
+        let mut c = self.w();
+        // Immediate: the grants read here must still be what is held when the change lands.
+        let tx = c
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let mut held = load_grants(&tx, None)?;
+        let Some(index) = held.iter().position(|g| g.grant_id == grant_id) else {
+            return Err(StoreError::NotFound {
+                what: "grant",
+                id: grant_id.to_owned(),
+            });
+        };
+        let grant = held.swap_remove(index);
+        let (amended, detail) = amend(&grant, &held, amendment)?;
+        tx.execute(
+            "UPDATE grants SET valid_from_ms = ?2, valid_until_ms = ?3, revoked_at_ms = ?4 WHERE grant_id = ?1",
+            params![grant_id, amended.valid_from_ms, amended.valid_until_ms, amended.revoked_at_ms],
+        )
+        .map_err(db)?;
+        // The card list is rewritten whole: an amendment only ends cards and adds new ones, and
+        // the rewritten rows still hold every card with its own bounds, so nothing is lost.
+        tx.execute(
+            "DELETE FROM grant_cards WHERE grant_id = ?1",
+            params![grant_id],
+        )
+        .map_err(db)?;
+        insert_cards(&tx, &amended)?;
+        insert_history(
+            &tx,
+            grant_id,
+            &GrantChangeRow {
+                at_ms,
+                actor: actor.to_owned(),
+                action: amendment.action().into(),
+                detail,
+            },
+        )?;
+        bump_assignments_version(&tx)?;
+        let history = load_history(&tx, grant_id)?;
+        tx.commit().map_err(db)?;
+        Ok(GrantRecord {
+            grant: amended,
+            history,
+        })
+    }
+}
+
+/// Grants with their cards in insertion order; one grant when `only` names it.
+fn load_grants(c: &Connection, only: Option<&str>) -> Result<Vec<Grant>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT grant_id, program, grantee, principal, csp, valid_from_ms, valid_until_ms, revoked_at_ms
+             FROM grants WHERE (?1 IS NULL OR grant_id = ?1) ORDER BY grant_id",
+        )
+        .map_err(db)?;
+    let mut grants = st
+        .query_map(params![only], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?
+        .into_iter()
+        .map(
+            |(id, program, grantee, principal, csp, from, until, revoked)| {
+                Ok(Grant {
+                    program: program
+                        .parse::<Program>()
+                        .map_err(|e| StoreError::Db(format!("grant {id}: stored program: {e}")))?,
+                    principal: principal.parse().map_err(|e| {
+                        StoreError::Db(format!("grant {id}: stored principal: {e}"))
+                    })?,
+                    grant_id: id,
+                    grantee,
+                    csp,
+                    valid_from_ms: from,
+                    valid_until_ms: until,
+                    revoked_at_ms: revoked,
+                    cards: vec![],
+                })
+            },
+        )
+        .collect::<Result<Vec<Grant>, StoreError>>()?;
+    let mut cst = c
+        .prepare_cached(
+            "SELECT host_id, gpu_uuid, card_from_ms, card_until_ms FROM grant_cards WHERE grant_id = ?1 ORDER BY id",
+        )
+        .map_err(db)?;
+    for g in &mut grants {
+        g.cards = cst
+            .query_map(params![g.grant_id], |r| {
+                Ok(GrantCard {
+                    host_id: r.get(0)?,
+                    gpu_uuid: r.get(1)?,
+                    from_ms: r.get(2)?,
+                    until_ms: r.get(3)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+    }
+    Ok(grants)
+}
+
+fn insert_cards(c: &Connection, g: &Grant) -> Result<(), StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "INSERT INTO grant_cards (grant_id, host_id, gpu_uuid, card_from_ms, card_until_ms) VALUES (?1,?2,?3,?4,?5)",
+        )
+        .map_err(db)?;
+    for card in &g.cards {
+        st.execute(params![
+            g.grant_id,
+            card.host_id,
+            card.gpu_uuid,
+            card.from_ms,
+            card.until_ms
+        ])
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
+fn insert_history(
+    c: &Connection,
+    grant_id: &str,
+    change: &GrantChangeRow,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO grant_history (grant_id, at_ms, actor, action, detail) VALUES (?1,?2,?3,?4,?5)",
+        params![grant_id, change.at_ms, change.actor, change.action, change.detail],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+fn load_history(c: &Connection, grant_id: &str) -> Result<Vec<GrantChangeRow>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT at_ms, actor, action, detail FROM grant_history WHERE grant_id = ?1 ORDER BY id",
+        )
+        .map_err(db)?;
+    st.query_map(params![grant_id], |r| {
+        Ok(GrantChangeRow {
+            at_ms: r.get(0)?,
+            actor: r.get(1)?,
+            action: r.get(2)?,
+            detail: r.get(3)?,
+        })
+    })
+    .map_err(db)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(db)
+}
+
+/// Tells sessions' next assignment sets apart from the ones before a grant change.
+fn bump_assignments_version(c: &Connection) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'assignments_version'",
+        [],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grants::AmendError;
+
+    const C1: &str = "GPU-00000001-0000-4000-8000-000000000000";
+    const C2: &str = "GPU-00000002-0000-4000-8000-000000000000";
+    const DAY: i64 = 86_400_000;
+
+    fn grant(id: &str, cards: &[(&str, &str)]) -> Grant {
+        Grant {
+            grant_id: id.into(),
+            program: Program::Research,
+            grantee: "Lab".into(),
+            principal: "user:alice".parse().unwrap(),
+            csp: "kt".into(),
+            valid_from_ms: 10 * DAY,
+            valid_until_ms: 40 * DAY,
+            cards: cards.iter().map(|(h, u)| GrantCard::new(*h, *u)).collect(),
+            revoked_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn grants_migration_keeps_cards_of_a_version_1_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute_batch(&format!(
+                "INSERT INTO grants VALUES ('G', 'hpc', 'Acme', 'user:alice', 'kt', 1, 2, NULL);
+                 INSERT INTO grant_cards VALUES ('G', 'h2', '{C2}');
+                 INSERT INTO grant_cards VALUES ('G', 'h1', '{C1}');"
+            ))
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let version: i64 = store
+            .r()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let g = &store.grants().unwrap()[0];
+        assert_eq!(
+            g.cards,
+            vec![GrantCard::new("h2", C2), GrantCard::new("h1", C1)]
+        );
+        assert_eq!(store.assignments("h1").unwrap().1.len(), 1);
+    }
+
+    #[test]
+    fn grants_amendment_is_stored_with_history_and_honoured_by_assignments() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("g.db")).unwrap();
+        store
+            .insert_grants(&[grant("G", &[("h1", C1)])], "importer", 5)
+            .unwrap();
+        let (v0, _) = store.assignments("h1").unwrap();
+        let at = 20 * DAY;
+        let move_card = Amendment::MoveCard {
+            from_gpu_uuid: C1.into(),
+            to_host_id: "h2".into(),
+            to_gpu_uuid: C2.into(),
+            at_ms: at,
+        };
+        let r = store.amend_grant("G", &move_card, "alice", 99).unwrap();
+        assert_eq!(r.grant.cards.len(), 2);
+        let actions: Vec<_> = r
+            .history
+            .iter()
+            .map(|h| (h.at_ms, h.actor.as_str(), h.action.as_str()))
+            .collect();
+        assert_eq!(
+            actions,
+            vec![(5, "importer", "import"), (99, "alice", "move_card")]
+        );
+        assert_eq!(store.grant("G").unwrap().unwrap(), r);
+        let (v1, h1) = store.assignments("h1").unwrap();
+        assert!(v1 > v0);
+        assert_eq!(
+            (h1.len(), h1[0].valid_from_ms, h1[0].valid_until_ms),
+            (1, 10 * DAY, at)
+        );
+        let (_, h2) = store.assignments("h2").unwrap();
+        assert_eq!(
+            (
+                h2.len(),
+                h2[0].gpu_uuid.as_str(),
+                h2[0].valid_from_ms,
+                h2[0].valid_until_ms
+            ),
+            (1, C2, at, 40 * DAY)
+        );
+
+        // A refusal stores nothing.
+        let e = store
+            .amend_grant(
+                "G",
+                &Amendment::Extend {
+                    valid_until_ms: DAY,
+                },
+                "alice",
+                100,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::Amend(AmendError::Invalid {
+                    field: "valid_until",
+                    ..
+                })
+            ),
+            "{e}"
+        );
+        assert_eq!(store.grant("G").unwrap().unwrap(), r);
+        assert_eq!(store.assignments("h1").unwrap().0, v1);
+        assert!(matches!(
+            store.amend_grant("NOPE", &move_card, "alice", 100),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(store.grant("NOPE").unwrap().is_none());
+
+        // Moving a card away at the grant's start leaves it out of the assignments: it never
+        // belonged.
+        store
+            .insert_grants(
+                &[grant(
+                    "H",
+                    &[("h3", "GPU-00000003-0000-4000-8000-000000000000")],
+                )],
+                "importer",
+                5,
+            )
+            .unwrap();
+        store
+            .amend_grant(
+                "H",
+                &Amendment::MoveCard {
+                    from_gpu_uuid: "GPU-00000003-0000-4000-8000-000000000000".into(),
+                    to_host_id: "h4".into(),
+                    to_gpu_uuid: "GPU-00000004-0000-4000-8000-000000000000".into(),
+                    at_ms: 10 * DAY,
+                },
+                "alice",
+                101,
+            )
+            .unwrap();
+        assert!(store.assignments("h3").unwrap().1.is_empty());
+        assert_eq!(store.assignments("h4").unwrap().1.len(), 1);
     }
 }
