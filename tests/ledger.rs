@@ -281,3 +281,71 @@ async fn a_lost_spool_starts_a_new_epoch_that_names_the_last_acked_record() {
     assert_eq!(code, Some(0), "{out}");
     collector.stop().await.unwrap();
 }
+
+async fn hello(url: &str, agent_id: &str, key: &ed25519_dalek::SigningKey) -> Result<(), tonic::Status> {
+    use gpumeter_proto::v1;
+    let mut c = v1::ingest_client::IngestClient::connect(url.to_string()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(v1::AgentMessage {
+        kind: Some(v1::agent_message::Kind::Hello(v1::Hello {
+            protocol_version: 1,
+            agent_id: agent_id.into(),
+            host_id: agent_id.into(),
+            csp: "kt".into(),
+            public_key: key.verifying_key().to_bytes().to_vec(),
+            epoch: 1,
+            next_seq: 1,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = c.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    inbound.message().await?.map(|_| ()).ok_or_else(|| tonic::Status::aborted("closed"))
+}
+
+fn register(url: &str, agent_id: &str, key: &ed25519_dalek::SigningKey) -> (Option<i32>, String) {
+    let out = Command::new(bin("gpumeter-collector"))
+        .args(["agents", "register", agent_id, "--reason", "reinstalled", "--server", url, "--key"])
+        .arg(hex::encode(key.verifying_key().to_bytes()))
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// Keys are pinned on first use or by an admin beforehand; a changed key is refused until an
+/// admin re-registers the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_key_is_refused_until_an_admin_re_registers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = TestCollector::start(&dir.path().join("keys.db")).await.unwrap();
+    let k1 = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    let k2 = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+
+    // Pinned on first use.
+    hello(&collector.url, "tofu", &k1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = hello(&collector.url, "tofu", &k2).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("tofu") && err.message().contains("re-register"), "{}", err.message());
+    let (code, out) = register(&collector.url, "tofu", &k2);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("replaced"), "{out}");
+    hello(&collector.url, "tofu", &k2).await.unwrap();
+
+    // Pre-registered before the agent ever connects: only that key gets in.
+    let (code, out) = register(&collector.url, "prereg", &k1);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("pinned (new agent)"), "{out}");
+    assert_eq!(hello(&collector.url, "prereg", &k2).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    hello(&collector.url, "prereg", &k1).await.unwrap();
+
+    // A malformed key is a usage error naming the flag.
+    let out = Command::new(bin("gpumeter-collector"))
+        .args(["agents", "register", "x", "--key", "zz", "--server", &collector.url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--key"));
+    collector.stop().await.unwrap();
+}

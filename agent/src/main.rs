@@ -28,6 +28,12 @@ enum Command {
         #[arg(long)]
         log_json: bool,
     },
+    /// Print this agent's public key (hex), creating the key if it does not exist yet, for
+    /// `gpumeter-collector agents register`.
+    Key {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print what NVML sees (cards and the fields each supports) and exit.
     Probe {
         /// Path of libnvidia-ml.so (default: the system's).
@@ -72,6 +78,25 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("gpumeter-agent probe: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Key { config } => {
+            let cfg = match AgentConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("gpumeter-agent: {e}");
+                    return ExitCode::from(64);
+                }
+            };
+            match gpumeter_agent::keys::load_or_create(&cfg.state_dir.join("agent.key")) {
+                Ok(k) => {
+                    println!("{}", hex::encode(k.verifying_key().to_bytes()));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gpumeter-agent: {e}");
                     ExitCode::from(1)
                 }
             }

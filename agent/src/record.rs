@@ -79,6 +79,7 @@ impl From<&WindowSummary> for v1::CardWindow {
             active_ms: w.active_ms,
             occupied_ms: w.occupied_ms,
             foreign_ms: w.foreign_ms,
+            grantee_occupied_ms: Some(w.grantee_occupied_ms),
         }
     }
 }

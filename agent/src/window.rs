@@ -137,6 +137,9 @@ pub struct WindowSummary {
     pub active_ms: u64,
     pub occupied_ms: u64,
     pub foreign_ms: u64,
+    /// Time in which at least one process matching the applied grant was on the card: the
+    /// union over the grantee's principals, which their per-principal rows cannot give.
+    pub grantee_occupied_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -199,6 +202,7 @@ struct Acc {
     unavailable_samples: u32,
     occupied_samples: u32,
     foreign_samples: u32,
+    grantee_samples: u32,
     principals: BTreeMap<String, PrincipalAcc>,
     applied: Applied,
 }
@@ -227,6 +231,7 @@ impl Acc {
             unavailable_samples: 0,
             occupied_samples: 0,
             foreign_samples: 0,
+            grantee_samples: 0,
             principals: BTreeMap::new(),
             applied: Applied::default(),
         }
@@ -381,6 +386,7 @@ impl CardAggregator {
             active_ms: principals.iter().map(|p| p.active_ms).sum(),
             occupied_ms: ms(acc.occupied_samples),
             foreign_ms: ms(acc.foreign_samples),
+            grantee_occupied_ms: ms(acc.grantee_samples),
             principals,
         })
     }
@@ -395,6 +401,9 @@ fn fold_processes(acc: &mut Acc, util: Option<f64>, procs: &[AttributedProcess],
     acc.occupied_samples += 1;
     if procs.iter().any(|p| !p.matches_grant) {
         acc.foreign_samples += 1;
+    }
+    if procs.iter().any(|p| p.matches_grant) {
+        acc.grantee_samples += 1;
     }
     struct Here {
         sm: u64,
@@ -535,6 +544,7 @@ mod tests {
         assert_eq!(w.power_avg_w, Some(120.0));
         assert_eq!(w.occupied_ms, 10_000);
         assert_eq!(w.foreign_ms, 5_000);
+        assert_eq!(w.grantee_occupied_ms, 10_000);
         let alice = &w.principals[0];
         assert_eq!(alice.principal, "user:alice");
         assert_eq!(alice.occupied_ms, 10_000);
@@ -588,6 +598,7 @@ mod tests {
         // deltas across the gap are kept: counter went 0 -> 1000 over the window
         assert_eq!(w.energy_mj, Some(1_000));
         assert_eq!(w.occupied_ms, 0);
+        assert_eq!(w.grantee_occupied_ms, 0);
         assert_eq!(w.active_ms, 0);
         let p = &out[1];
         assert_eq!(
@@ -673,5 +684,60 @@ mod tests {
         assert_eq!(w.principals[1].active_ms, 4_000);
         assert_eq!(w.active_ms, 8_000);
         assert_eq!(w.foreign_ms, 0);
+    }
+
+    #[test]
+    fn grantee_occupied_is_the_union_of_the_grantees_principals() {
+        // Samples 1-4: alice; 3-6: bob (both match the grant); 6-8: mallory (foreign);
+        // 9-10: nobody. The grantee had a process on the card in samples 1-6: 6 s, which no
+        // sum or maximum of the per-principal rows (4 s + 4 s) gives.
+        let mut agg = CardAggregator::new("GPU-a", P);
+        agg.prime(None);
+        let mut out = Vec::new();
+        for i in 1..=10i64 {
+            let mut procs = vec![];
+            if (1..=4).contains(&i) {
+                procs.push(proc_(1, "alice", 1001, Some(50), true));
+            }
+            if (3..=6).contains(&i) {
+                procs.push(proc_(2, "bob", 1003, Some(50), true));
+            }
+            if (6..=8).contains(&i) {
+                procs.push(proc_(3, "mallory", 1002, Some(50), false));
+            }
+            out.extend(agg.push(
+                i * 1000,
+                SlotOutcome::Good {
+                    sample: Box::new(sample(60.0, None, None)),
+                    procs,
+                },
+                &assigned(),
+            ));
+        }
+        let w = &out[0];
+        assert_eq!(w.occupied_ms, 8_000);
+        assert_eq!(w.foreign_ms, 3_000);
+        assert_eq!(w.grantee_occupied_ms, 6_000);
+        let occ: Vec<u64> = w.principals.iter().map(|p| p.occupied_ms).collect();
+        assert_eq!(occ, vec![4_000, 4_000, 3_000]);
+
+        // On an unassigned card nothing matches: all of it is foreign, none the grantee's.
+        let mut agg = CardAggregator::new("GPU-a", P);
+        agg.prime(None);
+        let mut out = Vec::new();
+        for i in 1..=10i64 {
+            out.extend(agg.push(
+                i * 1000,
+                SlotOutcome::Good {
+                    sample: Box::new(sample(60.0, None, None)),
+                    procs: vec![proc_(1, "alice", 1001, None, false)],
+                },
+                &Applied::default(),
+            ));
+        }
+        assert_eq!(
+            (out[0].occupied_ms, out[0].foreign_ms, out[0].grantee_occupied_ms),
+            (10_000, 10_000, 0)
+        );
     }
 }

@@ -173,6 +173,40 @@ impl Admin for AdminService {
         Ok(Response::new(reply))
     }
 
+    async fn register_agent(
+        &self,
+        request: Request<v1::RegisterAgentRequest>,
+    ) -> Result<Response<v1::RegisterAgentReply>, Status> {
+        let req = request.into_inner();
+        let id_ok = !req.agent_id.is_empty()
+            && req.agent_id.len() <= 128
+            && req
+                .agent_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        if !id_ok {
+            return Err(Status::invalid_argument(
+                "agent_id: must be 1-128 letters, digits, '-', '_', '.', ':'",
+            ));
+        }
+        let key: [u8; 32] = req.public_key.as_slice().try_into().map_err(|_| {
+            Status::invalid_argument(format!(
+                "public_key: {} bytes, expected 32",
+                req.public_key.len()
+            ))
+        })?;
+        gpumeter_proto::chain::verifying_key(&key)
+            .map_err(|_| Status::invalid_argument("public_key: not a valid ed25519 key"))?;
+        let actor = if req.actor.is_empty() { "admin".to_string() } else { req.actor };
+        let store = self.store.clone();
+        let (created, replaced) = tokio::task::spawn_blocking(move || {
+            store.register_agent(&req.agent_id, &key, &actor, &req.reason, now_ms())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(v1::RegisterAgentReply { created, replaced }))
+    }
+
     async fn list_grants(
         &self,
         request: Request<v1::ListGrantsRequest>,

@@ -178,6 +178,7 @@ impl From<&v1::CardWindow> for WindowRow {
             active_ms: w.active_ms,
             occupied_ms: w.occupied_ms,
             foreign_ms: w.foreign_ms,
+            grantee_occupied_ms: w.grantee_occupied_ms,
             principals: w
                 .principals
                 .iter()

@@ -62,6 +62,11 @@ enum Command {
         #[arg(long)]
         server: String,
     },
+    /// Agents: pin or replace an agent's public key.
+    Agents {
+        #[command(subcommand)]
+        command: AgentsCommand,
+    },
     /// Re-verify every agent's chain and signatures; exit 1 if anything is wrong.
     Verify {
         /// A running collector.
@@ -89,6 +94,24 @@ enum Command {
         /// Keep the SQLite ledger at this path.
         #[arg(long)]
         db: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// Pin an agent's key before it first connects, or replace the pinned key of a
+    /// reinstalled agent (`gpumeter-agent key --config agent.toml` prints it).
+    Register {
+        agent_id: String,
+        /// The agent's ed25519 public key, 64 hex digits.
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long, default_value = "admin")]
+        actor: String,
+        #[arg(long)]
+        server: String,
     },
 }
 
@@ -312,6 +335,45 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                 Format::Json => serde_json::to_string_pretty(&json)? + "\n",
             };
             write_out(&text, out.as_ref())
+        }
+        Command::Agents {
+            command:
+                AgentsCommand::Register {
+                    agent_id,
+                    key,
+                    reason,
+                    actor,
+                    server,
+                },
+        } => {
+            let public_key = hex::decode(key.trim()).map_err(|e| Failure {
+                code: 2,
+                error: anyhow::anyhow!("--key: not hex: {e}"),
+            })?;
+            let mut c = v1::admin_client::AdminClient::connect(server.clone())
+                .await
+                .with_context(|| format!("connecting to {server}"))?;
+            let r = c
+                .register_agent(v1::RegisterAgentRequest {
+                    agent_id: agent_id.clone(),
+                    public_key,
+                    actor,
+                    reason,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("register refused: {}", s.message()))?
+                .into_inner();
+            println!(
+                "agent {agent_id}: key {}",
+                if r.created {
+                    "pinned (new agent)"
+                } else if r.replaced {
+                    "replaced"
+                } else {
+                    "unchanged"
+                }
+            );
+            Ok(())
         }
         Command::Verify { server, db, json } => {
             let reply = match (server, db) {

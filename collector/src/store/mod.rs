@@ -112,6 +112,9 @@ pub struct WindowRow {
     pub active_ms: u64,
     pub occupied_ms: u64,
     pub foreign_ms: u64,
+    /// Time with at least one process of the grantee on the card; `None` from agents older
+    /// than the field.
+    pub grantee_occupied_ms: Option<u64>,
     pub principals: Vec<PrincipalRow>,
 }
 
@@ -332,6 +335,18 @@ pub trait Store: Send + Sync + 'static {
     /// never belonged (moved away the instant it would start) is left out.
     fn assignments(&self, host_id: &str) -> Result<(u64, Vec<AssignmentRow>), StoreError>;
 
+    /// Pins `public_key` for `agent_id` (creating the agent when unknown, replacing a pinned
+    /// key otherwise) and records the change as an alarm-level event for auditors. Returns
+    /// (created, replaced).
+    fn register_agent(
+        &self,
+        agent_id: &str,
+        public_key: &[u8; 32],
+        actor: &str,
+        reason: &str,
+        at_ms: i64,
+    ) -> Result<(bool, bool), StoreError>;
+
     /// A read-only view of the ledger for verification.
     fn ledger(&self) -> Result<Box<dyn crate::verify::ChainSource + Send>, StoreError>;
 
@@ -349,6 +364,77 @@ pub trait Store: Send + Sync + 'static {
         actor: &str,
         at_ms: i64,
     ) -> Result<GrantRecord, StoreError>;
+
+    /// Windows that overlap `[from, until)` (a window lasts at most a day), of one card when
+    /// `gpu_uuid` names it; ordered by card, then start, then agent and seq.
+    fn windows(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        gpu_uuid: Option<&str>,
+    ) -> Result<Vec<MeteredWindow>, StoreError>;
+
+    /// Events at instants in `[from, until)`, of one kind and one card when named; ordered by
+    /// time, then agent and seq.
+    fn events(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        kind: Option<&str>,
+        gpu_uuid: Option<&str>,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Stores an invoice import (already validated) in one transaction.
+    fn insert_invoices(
+        &self,
+        invoices: &[Invoice],
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// The invoices that count: the latest import for each (csp, grant_id, period), ordered by
+    /// CSP, grant and period.
+    fn invoices(&self) -> Result<Vec<StoredInvoice>, StoreError>;
+}
+
+/// A stored window with the host and CSP of the agent that sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeteredWindow {
+    pub agent_id: String,
+    pub host_id: String,
+    pub csp: String,
+    pub seq: u64,
+    pub window: WindowRow,
+}
+
+/// A stored event with the host and CSP of the agent that sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub agent_id: String,
+    pub host_id: String,
+    pub csp: String,
+    pub seq: u64,
+    pub event: EventRow,
+}
+
+/// One line of a CSP's invoice: GPU-hours billed for a grant in a Korean calendar month.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invoice {
+    pub csp: String,
+    pub grant_id: String,
+    /// `YYYY-MM`.
+    pub period: String,
+    pub billed_gpu_hours: f64,
+    /// Line of the imported file, for the record.
+    pub line: u32,
+}
+
+/// An invoice as held, with who imported it when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredInvoice {
+    pub invoice: Invoice,
+    pub actor: String,
+    pub imported_at_ms: i64,
 }
 
 impl IngestBatch {

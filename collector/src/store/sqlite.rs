@@ -18,9 +18,10 @@ use gpumeter_proto::chain::{GENESIS, Hash};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AgentHello, AgentState, Alarm, AssignmentRow, CardUsageRow, CommitOutcome, GpuRow,
-    GrantChangeRow, GrantRecord, HostRow, IngestBatch, RecordContent, Store, StoreError,
-    TenantUsageRow, Usage,
+    AgentHello, AgentState, Alarm, AssignmentRow, CardUsageRow, CommitOutcome, EventRow, GpuRow,
+    GrantChangeRow, GrantRecord, HostRow, IngestBatch, Invoice, MeteredWindow, PrincipalRow,
+    RecordContent, Store, StoreError, StoredEvent, StoredInvoice, TenantUsageRow, Usage,
+    WindowRow,
 };
 use crate::grants::{Amendment, Grant, GrantCard, Program, amend};
 
@@ -186,6 +187,24 @@ ALTER TABLE grant_cards_v2 RENAME TO grant_cards;
 CREATE INDEX grant_cards_by_host ON grant_cards(host_id);
 CREATE INDEX grant_cards_by_grant ON grant_cards(grant_id);
 CREATE INDEX grant_history_by_grant ON grant_history(grant_id);
+"#,
+    // 3: reconciliation. Windows keep the grantee's occupied time (NULL for windows from agents
+    // older than the field). Invoices are appended, never updated: a re-issued invoice is a new
+    // row, and the latest row for (csp, grant_id, period) is the one that counts.
+    r#"
+ALTER TABLE windows ADD COLUMN grantee_occupied_ms INTEGER;
+CREATE INDEX events_by_kind_time ON events(kind, at_ms);
+CREATE TABLE invoices (
+    id INTEGER PRIMARY KEY,
+    csp TEXT NOT NULL,
+    grant_id TEXT NOT NULL,
+    period TEXT NOT NULL,
+    billed_gpu_hours REAL NOT NULL,
+    line INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    imported_at_ms INTEGER NOT NULL
+);
+CREATE INDEX invoices_by_key ON invoices(csp, grant_id, period);
 "#,
 ];
 
@@ -382,8 +401,8 @@ impl Store for SqliteStore {
                     "INSERT INTO windows (agent_id, seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
                        util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj, energy_estimated, power_avg_w,
                        temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_id, principal,
-                       active_ms, occupied_ms, foreign_ms)
-                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25)",
+                       active_ms, occupied_ms, foreign_ms, grantee_occupied_ms)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26)",
                 )
                 .map_err(db)?;
             let mut ins_pr = tx
@@ -474,7 +493,8 @@ impl Store for SqliteStore {
                                     w.principal,
                                     w.active_ms as i64,
                                     w.occupied_ms as i64,
-                                    w.foreign_ms as i64
+                                    w.foreign_ms as i64,
+                                    opt_u64(w.grantee_occupied_ms)
                                 ])
                                 .map_err(db)?;
                             for p in &w.principals {
@@ -741,6 +761,67 @@ impl Store for SqliteStore {
         tx.commit().map_err(db)
     }
 
+    fn register_agent(
+        &self,
+        agent_id: &str,
+        public_key: &[u8; 32],
+        actor: &str,
+        reason: &str,
+        at_ms: i64,
+    ) -> Result<(bool, bool), StoreError> {
+        let mut c = self.w();
+        let tx = c.transaction().map_err(db)?;
+        let pinned: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT public_key FROM agents WHERE agent_id = ?1",
+                params![agent_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        let (created, replaced) = match &pinned {
+            None => {
+                // Host, CSP and the rest arrive with the agent's first Hello.
+                tx.execute(
+                    "INSERT INTO agents (agent_id, host_id, csp, hostname, agent_version, driver_version, public_key, epoch, first_seen_ms, last_seen_ms)
+                     VALUES (?1, ?1, '', '', '', '', ?2, 0, ?3, ?3)",
+                    params![agent_id, public_key.to_vec(), at_ms],
+                )
+                .map_err(db)?;
+                (true, false)
+            }
+            Some(k) if k.as_slice() == public_key.as_slice() => (false, false),
+            Some(_) => {
+                tx.execute(
+                    "UPDATE agents SET public_key = ?2 WHERE agent_id = ?1",
+                    params![agent_id, public_key.to_vec()],
+                )
+                .map_err(db)?;
+                (false, true)
+            }
+        };
+        insert_alarm(
+            &tx,
+            &Alarm {
+                agent_id: agent_id.to_string(),
+                at_ms,
+                kind: "key_registered".into(),
+                seq: None,
+                detail: format!(
+                    "{actor} pinned key {}{}{}",
+                    hex::encode(public_key),
+                    match &pinned {
+                        Some(old) if replaced => format!(" replacing {}", hex::encode(old)),
+                        _ => String::new(),
+                    },
+                    if reason.is_empty() { String::new() } else { format!(": {reason}") }
+                ),
+            },
+        )?;
+        tx.commit().map_err(db)?;
+        Ok((created, replaced))
+    }
+
     fn ledger(&self) -> Result<Box<dyn crate::verify::ChainSource + Send>, StoreError> {
         Ok(Box::new(super::sqlite_ledger::SqliteLedger::open_read_only(&self.path)?))
     }
@@ -848,6 +929,232 @@ impl Store for SqliteStore {
             history,
         })
     }
+
+    fn windows(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        gpu_uuid: Option<&str>,
+    ) -> Result<Vec<MeteredWindow>, StoreError> {
+        let c = self.r();
+        // The lower bound on start_ms lets the (start_ms, gpu_uuid) index answer: no window is
+        // longer than a day (the agent's window length divides a day).
+        const WHERE: &str = "w.start_ms >= ?1 - 86400000 AND w.start_ms < ?2 AND w.end_ms > ?1
+                             AND (?3 IS NULL OR w.gpu_uuid = ?3)";
+        let mut st = c
+            .prepare(&format!(
+                "SELECT w.agent_id, a.host_id, a.csp, w.seq, w.gpu_uuid, w.start_ms, w.end_ms, w.interval_ms,
+                        w.expected_samples, w.good_samples, w.util_avg_pct, w.util_max_pct, w.mem_util_avg_pct,
+                        w.memory_used_max_bytes, w.energy_mj, w.energy_estimated, w.power_avg_w,
+                        w.temperature_max_c, w.throttle_reasons, w.health, w.unavailable_ms,
+                        w.assignment_status, w.grant_id, w.principal, w.active_ms, w.occupied_ms,
+                        w.foreign_ms, w.grantee_occupied_ms
+                 FROM windows w JOIN agents a ON a.agent_id = w.agent_id
+                 WHERE {WHERE}
+                 ORDER BY w.gpu_uuid, w.start_ms, w.agent_id, w.seq"
+            ))
+            .map_err(db)?;
+        let u = |v: i64| v.max(0) as u64;
+        let mut windows = st
+            .query_map(params![from_ms, until_ms, gpu_uuid], |r| {
+                Ok(MeteredWindow {
+                    agent_id: r.get(0)?,
+                    host_id: r.get(1)?,
+                    csp: r.get(2)?,
+                    seq: u(r.get(3)?),
+                    window: WindowRow {
+                        gpu_uuid: r.get(4)?,
+                        start_ms: r.get(5)?,
+                        end_ms: r.get(6)?,
+                        interval_ms: u(r.get(7)?),
+                        expected_samples: r.get(8)?,
+                        good_samples: r.get(9)?,
+                        util_avg_pct: r.get(10)?,
+                        util_max_pct: r.get(11)?,
+                        mem_util_avg_pct: r.get(12)?,
+                        memory_used_max_bytes: r.get::<_, Option<i64>>(13)?.map(u),
+                        energy_mj: r.get::<_, Option<i64>>(14)?.map(u),
+                        energy_estimated: r.get(15)?,
+                        power_avg_w: r.get(16)?,
+                        temperature_max_c: r.get(17)?,
+                        throttle_reasons: r.get::<_, Option<i64>>(18)?.map(u),
+                        health: known(&r.get::<_, String>(19)?, HEALTHS),
+                        unavailable_ms: u(r.get(20)?),
+                        assignment_status: known(&r.get::<_, String>(21)?, STATUSES),
+                        grant_id: r.get(22)?,
+                        principal: r.get(23)?,
+                        active_ms: u(r.get(24)?),
+                        occupied_ms: u(r.get(25)?),
+                        foreign_ms: u(r.get(26)?),
+                        grantee_occupied_ms: r.get::<_, Option<i64>>(27)?.map(u),
+                        principals: vec![],
+                    },
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let index: std::collections::HashMap<(String, u64), usize> = windows
+            .iter()
+            .enumerate()
+            .map(|(i, w)| ((w.agent_id.clone(), w.seq), i))
+            .collect();
+        let mut st = c
+            .prepare(&format!(
+                "SELECT p.agent_id, p.seq, p.principal, p.uid, p.occupied_ms, p.active_ms,
+                        p.memory_max_bytes, p.process_count, p.matches_grant
+                 FROM window_principals p JOIN windows w ON w.agent_id = p.agent_id AND w.seq = p.seq
+                 WHERE {WHERE}
+                 ORDER BY p.agent_id, p.seq, p.principal"
+            ))
+            .map_err(db)?;
+        let rows = st
+            .query_map(params![from_ms, until_ms, gpu_uuid], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    u(r.get(1)?),
+                    PrincipalRow {
+                        principal: r.get(2)?,
+                        uid: r.get(3)?,
+                        occupied_ms: u(r.get(4)?),
+                        active_ms: u(r.get(5)?),
+                        memory_max_bytes: u(r.get(6)?),
+                        process_count: r.get(7)?,
+                        matches_grant: r.get(8)?,
+                    },
+                ))
+            })
+            .map_err(db)?;
+        for row in rows {
+            let (agent, seq, p) = row.map_err(db)?;
+            if let Some(&i) = index.get(&(agent, seq)) {
+                windows[i].window.principals.push(p);
+            }
+        }
+        Ok(windows)
+    }
+
+    fn events(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        kind: Option<&str>,
+        gpu_uuid: Option<&str>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let c = self.r();
+        let mut st = c
+            .prepare(
+                "SELECT e.agent_id, a.host_id, a.csp, e.seq, e.gpu_uuid, e.at_ms, e.kind, e.code, e.detail,
+                        e.pid, e.principal, e.grant_id, e.mode, e.action, e.result
+                 FROM events e JOIN agents a ON a.agent_id = e.agent_id
+                 WHERE e.at_ms >= ?1 AND e.at_ms < ?2 AND (?3 IS NULL OR e.kind = ?3)
+                   AND (?4 IS NULL OR e.gpu_uuid = ?4)
+                 ORDER BY e.at_ms, e.agent_id, e.seq",
+            )
+            .map_err(db)?;
+        st.query_map(params![from_ms, until_ms, kind, gpu_uuid], |r| {
+            Ok(StoredEvent {
+                agent_id: r.get(0)?,
+                host_id: r.get(1)?,
+                csp: r.get(2)?,
+                seq: r.get::<_, i64>(3)?.max(0) as u64,
+                event: EventRow {
+                    gpu_uuid: r.get(4)?,
+                    at_ms: r.get(5)?,
+                    kind: known(&r.get::<_, String>(6)?, EVENT_KINDS),
+                    code: r.get(7)?,
+                    detail: r.get(8)?,
+                    pid: r.get(9)?,
+                    principal: r.get(10)?,
+                    grant_id: r.get(11)?,
+                    mode: r.get(12)?,
+                    action: r.get(13)?,
+                    result: r.get(14)?,
+                },
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)
+    }
+
+    fn insert_invoices(
+        &self,
+        invoices: &[Invoice],
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.w();
+        let tx = c.transaction().map_err(db)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO invoices (csp, grant_id, period, billed_gpu_hours, line, actor, imported_at_ms)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7)",
+                )
+                .map_err(db)?;
+            for i in invoices {
+                st.execute(params![
+                    i.csp,
+                    i.grant_id,
+                    i.period,
+                    i.billed_gpu_hours,
+                    i.line,
+                    actor,
+                    at_ms
+                ])
+                .map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)
+    }
+
+    fn invoices(&self) -> Result<Vec<StoredInvoice>, StoreError> {
+        let c = self.r();
+        let mut st = c
+            .prepare(
+                "SELECT csp, grant_id, period, billed_gpu_hours, line, actor, imported_at_ms FROM invoices
+                 WHERE id IN (SELECT MAX(id) FROM invoices GROUP BY csp, grant_id, period)
+                 ORDER BY csp, grant_id, period",
+            )
+            .map_err(db)?;
+        st.query_map([], |r| {
+            Ok(StoredInvoice {
+                invoice: Invoice {
+                    csp: r.get(0)?,
+                    grant_id: r.get(1)?,
+                    period: r.get(2)?,
+                    billed_gpu_hours: r.get(3)?,
+                    line: r.get(4)?,
+                },
+                actor: r.get(5)?,
+                imported_at_ms: r.get(6)?,
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)
+    }
+}
+
+const HEALTHS: &[&str] = &["ok", "degraded", "lost"];
+const STATUSES: &[&str] = &["assigned", "unassigned", "expired", "revoked"];
+const EVENT_KINDS: &[&str] = &[
+    "xid",
+    "ecc_single_bit",
+    "ecc_double_bit",
+    "gpu_lost",
+    "gpu_recovered",
+    "enforcement",
+    "assignment_changed",
+    "agent_started",
+    "spool_full",
+];
+
+/// A stored spelling as the `&'static str` the rows carry; one this collector does not know
+/// reads as "unknown", as it was stored from a body it could not decode either.
+fn known(s: &str, set: &[&'static str]) -> &'static str {
+    set.iter().find(|k| **k == s).copied().unwrap_or("unknown")
 }
 
 /// Grants with their cards in insertion order; one grant when `only` names it.
