@@ -123,6 +123,20 @@ pub struct SpoolSettings {
     pub max_bytes: u64,
     #[serde(default = "default_segment")]
     pub segment_bytes: u64,
+    /// What to do when the spool is full (the collector unreachable for a long time).
+    #[serde(default)]
+    pub on_full: OnFull,
+}
+
+/// The spool-full policy. Neither drops a record without a record saying so.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    /// Hold new records in memory and raise an alarm until the spool has room again.
+    #[default]
+    Block,
+    /// Drop new records and write a signed gap record naming the span and cards instead.
+    Gap,
 }
 
 fn default_spool_max() -> u64 {
@@ -137,6 +151,7 @@ impl Default for SpoolSettings {
         Self {
             max_bytes: default_spool_max(),
             segment_bytes: default_segment(),
+            on_full: OnFull::Block,
         }
     }
 }

@@ -127,14 +127,22 @@ mod tests {
         ledger.append(&[b"a".to_vec(), b"b".to_vec()]).unwrap();
         // The collector already holds 40 records of an earlier life of this agent.
         let collector_head = chain::record_hash(&GENESIS, 40, b"old");
-        let epoch = ledger.rebase(40, collector_head, 1, 5, "spool lost").unwrap();
+        let epoch = ledger
+            .rebase(40, collector_head, 1, 5, "spool lost")
+            .unwrap();
         assert_eq!(epoch, 2);
         let g = ledger.lock();
         assert_eq!(g.spool.epoch(), 2);
         let recs = g.spool.read_from(0, 10).unwrap();
-        assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![41, 42, 43]);
+        assert_eq!(
+            recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![41, 42, 43]
+        );
         assert_eq!(recs[0].prev_hash, collector_head);
-        assert_eq!((recs[1].body.as_slice(), recs[2].body.as_slice()), (&b"a"[..], &b"b"[..]));
+        assert_eq!(
+            (recs[1].body.as_slice(), recs[2].body.as_slice()),
+            (&b"a"[..], &b"b"[..])
+        );
         assert_eq!(recs[2].prev_hash, recs[1].hash());
         drop(g);
         assert_eq!(ledger.head().0, 43);

@@ -1,8 +1,8 @@
 //! gpumeter agent: reads every GPU of a server, attributes processes to tenants, folds samples
 //! into per-card windows and streams them as signed, sequenced records to a collector.
 //!
-//! Pipeline: [`gpu`] → [`sampler`] → [`attribution`] → [`window`] → [`record`] → [`spool`] →
-//! [`uplink`]. [`run`] wires it together.
+//! Pipeline: [`gpu`] → [`sampler`] → [`attribution`] → [`enforce`] → [`window`] → [`record`]
+//! → [`spool`] → [`uplink`]. [`run`] wires it together.
 
 pub mod assignments;
 pub mod attribution;

@@ -101,6 +101,27 @@ pub fn event_body(created: UnixMs, e: v1::Event) -> Vec<u8> {
     encode_body(created, v1::record_body::Kind::Event(e))
 }
 
+/// An explicit statement that records for a span were not written.
+pub fn gap_body(
+    created: UnixMs,
+    from: UnixMs,
+    until: UnixMs,
+    gpu_uuids: Vec<String>,
+    records_not_written: u64,
+    reason: &str,
+) -> Vec<u8> {
+    encode_body(
+        created,
+        v1::record_body::Kind::Gap(v1::Gap {
+            from_unix_ms: from,
+            until_unix_ms: until,
+            gpu_uuids,
+            reason: reason.to_string(),
+            records_not_written,
+        }),
+    )
+}
+
 /// The first record of a new epoch: names the collector's last durable point, so the break in
 /// the agent's own history is explained in the signed chain.
 pub fn epoch_start_body(

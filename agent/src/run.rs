@@ -223,6 +223,7 @@ impl Agent {
             },
             stop_at: opts.stop_at,
             start_at: opts.start_at,
+            on_full: self.cfg.spool.on_full,
         };
         if let Some(wait) = opts.await_assignments {
             // A session counts once its Welcome (with the assignments) has been applied.

@@ -12,10 +12,12 @@ use tracing::{error, info, warn};
 use crate::assignments::{Assignments, Status};
 use crate::attribution::{Attributor, Identity, PrincipalSpec};
 use crate::clock::{Clock, UnixMs, align_up};
+use crate::config::OnFull;
 use crate::enforce::{Enforcer, apply_locks};
 use crate::gpu::{CardReading, GpuEvent, GpuEventKind, GpuSource};
 use crate::ledger::Ledger;
-use crate::record::{event_body, window_body};
+use crate::record::{event_body, gap_body, window_body};
+use crate::spool::SpoolError;
 use crate::window::{Applied, AttributedProcess, CardAggregator, Periods, SlotOutcome};
 
 /// The blocking side: the GPU source and the attributor, moved onto a blocking thread for
@@ -218,6 +220,8 @@ pub struct SamplerSettings {
     /// First slot (the priming read) for a replayable source; live sources start at the
     /// next slot after now.
     pub start_at: Option<UnixMs>,
+    /// The spool-full policy.
+    pub on_full: OnFull,
 }
 
 /// Runs the sampling loop until `shutdown` turns true (or `stop_at`), then closes the open
@@ -243,6 +247,7 @@ pub async fn run_sampler(
         _ => align_up(clock.now_ms(), periods.interval_ms),
     };
     let mut pending: Vec<Vec<u8>> = Vec::new();
+    let mut spooler = Spooler::new(settings.on_full);
     info!(
         interval_ms = periods.interval_ms,
         window_ms = periods.window_ms,
@@ -279,7 +284,7 @@ pub async fn run_sampler(
         pending.extend(enforcer.on_slot(at, &current, &read.readings));
         pending.extend(enforcer.drain());
         pending.extend(folder.fold(at, read, &current, clock.now_ms()));
-        spool_pending(&ledger, &mut pending).await;
+        spooler.flush(&ledger, &mut pending, clock.now_ms()).await;
         if settings.stop_at.is_some_and(|s| at >= s) {
             break;
         }
@@ -293,7 +298,10 @@ pub async fn run_sampler(
         );
     }
     pending.extend(folder.flush(clock.now_ms()));
-    spool_pending(&ledger, &mut pending).await;
+    spooler.flush(&ledger, &mut pending, clock.now_ms()).await;
+    if spooler.owes_gap() {
+        error!("stopping with a gap record not yet written: the spool is full");
+    }
     if !pending.is_empty() {
         error!(
             records = pending.len(),
@@ -303,27 +311,296 @@ pub async fn run_sampler(
     Ok(())
 }
 
-/// Appends what is pending; on failure keeps it for the next slot (nothing is dropped).
-async fn spool_pending(ledger: &Ledger, pending: &mut Vec<Vec<u8>>) {
-    if pending.is_empty() {
-        return;
+/// Writes pending records to the spool, applying the spool-full policy. Nothing is dropped
+/// without a record saying so: `block` keeps records in memory until the spool has room;
+/// `gap` drops them and writes a signed gap record naming the span, the cards and the count.
+#[derive(Debug)]
+pub struct Spooler {
+    policy: OnFull,
+    gap: Option<GapSpan>,
+    full: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GapSpan {
+    from: UnixMs,
+    until: UnixMs,
+    cards: std::collections::BTreeSet<String>,
+    records: u64,
+}
+
+impl GapSpan {
+    /// Widens the span by a dropped record (its window, or its creation time).
+    fn add(&mut self, body: &[u8]) {
+        use prost::Message;
+        self.records += 1;
+        let Ok(b) = v1::RecordBody::decode(body) else {
+            return;
+        };
+        let (from, until, card) = match &b.kind {
+            Some(v1::record_body::Kind::CardWindow(w)) => (
+                w.window_start_unix_ms,
+                w.window_end_unix_ms,
+                Some(w.gpu_uuid.clone()),
+            ),
+            Some(v1::record_body::Kind::Event(e)) => (e.at_unix_ms, e.at_unix_ms, None),
+            _ => (b.created_unix_ms, b.created_unix_ms, None),
+        };
+        self.from = self.from.min(from);
+        self.until = self.until.max(until);
+        self.cards.extend(card);
     }
+}
+
+impl Spooler {
+    pub fn new(policy: OnFull) -> Self {
+        Self {
+            policy,
+            gap: None,
+            full: false,
+        }
+    }
+
+    /// Appends `pending` (and a gap record owed from earlier, first).
+    pub async fn flush(&mut self, ledger: &Ledger, pending: &mut Vec<Vec<u8>>, now: UnixMs) {
+        if pending.is_empty() && self.gap.is_none() {
+            return;
+        }
+        let owed = self.gap.as_ref().map(|g| {
+            gap_body(
+                now,
+                g.from,
+                g.until,
+                g.cards.iter().cloned().collect(),
+                g.records,
+                "spool full: records not written",
+            )
+        });
+        let mut bodies: Vec<Vec<u8>> = owed.iter().cloned().collect();
+        bodies.append(pending);
+        let (mut bodies, res) = append_blocking(ledger, bodies).await;
+        match res {
+            Ok(()) => {
+                self.gap = None;
+                if self.full {
+                    self.full = false;
+                    info!("spool has room again");
+                }
+            }
+            Err(SpoolError::Full { bytes, limit }) => {
+                if owed.is_some() {
+                    bodies.remove(0);
+                }
+                if !self.full {
+                    self.full = true;
+                    error!(bytes, limit, policy = ?self.policy, "spool full: the collector has not acknowledged records for a long time");
+                }
+                match self.policy {
+                    OnFull::Block => *pending = bodies,
+                    OnFull::Gap => {
+                        let gap = self.gap.get_or_insert_with(|| GapSpan {
+                            from: i64::MAX,
+                            until: i64::MIN,
+                            cards: Default::default(),
+                            records: 0,
+                        });
+                        for b in &bodies {
+                            gap.add(b);
+                        }
+                        // The gap record itself is small: write it as soon as it fits.
+                        let g = gap.clone();
+                        let body = gap_body(
+                            now,
+                            g.from,
+                            g.until,
+                            g.cards.into_iter().collect(),
+                            g.records,
+                            "spool full: records not written",
+                        );
+                        if append_blocking(ledger, vec![body]).await.1.is_ok() {
+                            self.gap = None;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if owed.is_some() {
+                    bodies.remove(0);
+                }
+                error!(error = %e, held = bodies.len(), "cannot spool records; holding them in memory");
+                *pending = bodies;
+            }
+        }
+    }
+
+    /// Records held in memory or owed as a gap (for shutdown reporting).
+    pub fn owes_gap(&self) -> bool {
+        self.gap.is_some()
+    }
+}
+
+async fn append_blocking(
+    ledger: &Ledger,
+    bodies: Vec<Vec<u8>>,
+) -> (Vec<Vec<u8>>, Result<(), SpoolError>) {
     let l = ledger.clone();
-    let bodies = std::mem::take(pending);
-    let (bodies, res) = match tokio::task::spawn_blocking(move || {
-        let r = l.append(&bodies);
+    match tokio::task::spawn_blocking(move || {
+        let r = l.append(&bodies).map(|_| ());
         (bodies, r)
     })
     .await
     {
         Ok(v) => v,
-        Err(e) => {
-            error!(error = %e, "spool writer panicked");
-            return;
+        Err(e) => (
+            Vec::new(),
+            Err(SpoolError::Io {
+                path: "spool".into(),
+                source: std::io::Error::other(e.to_string()),
+            }),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod spooler_tests {
+    use super::*;
+    use crate::spool::{Spool, SpoolConfig};
+    use crate::window::WindowSummary;
+
+    fn window(uuid: &str, start: i64) -> Vec<u8> {
+        let w = WindowSummary {
+            gpu_uuid: uuid.into(),
+            start_ms: start,
+            end_ms: start + 60_000,
+            interval_ms: 1000,
+            expected_samples: 60,
+            good_samples: 60,
+            util_avg_pct: Some(50.0),
+            util_max_pct: Some(50.0),
+            mem_util_avg_pct: None,
+            memory_used_max_bytes: None,
+            memory_total_bytes: None,
+            energy_mj: Some(1),
+            energy_estimated: false,
+            power_avg_w: None,
+            temperature_max_c: None,
+            sm_clock_max_mhz: None,
+            mem_clock_max_mhz: None,
+            throttle_reasons: None,
+            ecc_corrected_total: None,
+            ecc_uncorrected_total: None,
+            health: crate::window::Health::Ok,
+            unavailable_ms: 0,
+            assignment: Default::default(),
+            principals: vec![],
+            active_ms: 0,
+            occupied_ms: 0,
+            grantee_occupied_ms: 0,
+            foreign_ms: 0,
+        };
+        crate::record::window_body(start, &w)
+    }
+
+    fn tiny_ledger(dir: &std::path::Path) -> Ledger {
+        let (spool, _) = Spool::open(SpoolConfig {
+            dir: dir.to_path_buf(),
+            max_bytes: 1_500,
+            segment_bytes: 400,
+        })
+        .unwrap();
+        Ledger::new(spool)
+    }
+
+    fn kinds(ledger: &Ledger) -> Vec<String> {
+        use prost::Message;
+        ledger
+            .lock()
+            .spool
+            .read_from(0, 1000)
+            .unwrap()
+            .iter()
+            .map(
+                |r| match v1::RecordBody::decode(r.body.as_slice()).unwrap().kind {
+                    Some(v1::record_body::Kind::CardWindow(_)) => "window".to_string(),
+                    Some(v1::record_body::Kind::Gap(g)) => format!(
+                        "gap {}..{} {:?} {}",
+                        g.from_unix_ms, g.until_unix_ms, g.gpu_uuids, g.records_not_written
+                    ),
+                    other => format!("{other:?}"),
+                },
+            )
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn block_holds_records_until_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = tiny_ledger(dir.path());
+        let mut sp = Spooler::new(OnFull::Block);
+        let mut held = 0;
+        for i in 0..40 {
+            let mut pending = vec![window("GPU-a", i * 60_000)];
+            sp.flush(&ledger, &mut pending, 0).await;
+            held += pending.len();
+            if !pending.is_empty() {
+                // Held, not dropped: the next flush carries it.
+                let mut again = pending.clone();
+                sp.flush(&ledger, &mut again, 0).await;
+                assert_eq!(again, pending);
+                break;
+            }
         }
-    };
-    if let Err(e) = res {
-        error!(error = %e, held = bodies.len(), "cannot spool records; holding them in memory");
-        *pending = bodies;
+        assert_eq!(held, 1, "the spool filled up and the record was held");
+        // Acks make room; the held record goes in.
+        let (seq, hash) = ledger.head();
+        ledger.lock().spool.ack(seq, hash).unwrap();
+        let mut pending = vec![window("GPU-a", 99 * 60_000)];
+        sp.flush(&ledger, &mut pending, 0).await;
+        assert!(pending.is_empty());
+        assert!(kinds(&ledger).iter().all(|k| k == "window"));
+    }
+
+    #[tokio::test]
+    async fn gap_policy_writes_a_gap_record_naming_what_was_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = tiny_ledger(dir.path());
+        let mut sp = Spooler::new(OnFull::Gap);
+        let mut written = 0;
+        let mut i = 0;
+        // Fill the spool until the first record does not fit.
+        loop {
+            let before = ledger.head().0;
+            let mut pending = vec![window("GPU-a", i * 60_000)];
+            sp.flush(&ledger, &mut pending, 0).await;
+            assert!(pending.is_empty(), "the gap policy never holds records");
+            i += 1;
+            if ledger.head().0 == before || sp.owes_gap() {
+                break;
+            }
+            written += 1;
+        }
+        // Two more are dropped while full.
+        for c in ["GPU-b", "GPU-c"] {
+            let mut pending = vec![window(c, i * 60_000)];
+            sp.flush(&ledger, &mut pending, 0).await;
+            i += 1;
+        }
+        assert!(sp.owes_gap());
+        let (seq, hash) = ledger.head();
+        ledger.lock().spool.ack(seq, hash).unwrap();
+        let mut none = vec![];
+        sp.flush(&ledger, &mut none, 0).await;
+        assert!(!sp.owes_gap());
+        let k = kinds(&ledger);
+        let first_dropped = written * 60_000;
+        assert_eq!(
+            k.last().unwrap(),
+            &format!(
+                "gap {}..{} [\"GPU-a\", \"GPU-b\", \"GPU-c\"] 3",
+                first_dropped,
+                first_dropped + 3 * 60_000
+            ),
+            "{k:?}"
+        );
     }
 }

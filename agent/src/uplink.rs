@@ -197,7 +197,9 @@ impl Uplink {
         } else {
             matches!(
                 self.on_ack(welcome.durable_seq, &welcome.durable_hash, status),
-                Err(UplinkError::Spool(crate::spool::SpoolError::AckMismatch { .. }))
+                Err(UplinkError::Spool(
+                    crate::spool::SpoolError::AckMismatch { .. }
+                ))
             )
         };
         if diverged {
@@ -207,7 +209,13 @@ impl Uplink {
             let now = self.clock.now_ms();
             let (seq, ep) = (welcome.durable_seq, welcome.epoch);
             let epoch = tokio::task::spawn_blocking(move || {
-                ledger.rebase(seq, hash, ep, now, "the agent's spool does not hold the chain the collector has")
+                ledger.rebase(
+                    seq,
+                    hash,
+                    ep,
+                    now,
+                    "the agent's spool does not hold the chain the collector has",
+                )
             })
             .await
             .map_err(|e| UplinkError::Protocol(e.to_string()))??;
