@@ -87,6 +87,24 @@ fn grants_csv() -> String {
     )
 }
 
+/// A `windows` row: gpu_uuid, start_ms, end_ms, expected, good, unavailable_ms, util_avg_pct,
+/// energy_mj, assignment_status, grant_id, occupied_ms, active_ms, foreign_ms.
+type StoredWindow = (
+    String,
+    i64,
+    i64,
+    u32,
+    u32,
+    i64,
+    Option<f64>,
+    Option<i64>,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+);
+
 #[derive(Debug, PartialEq)]
 struct WindowTruth {
     good: u32,
@@ -187,21 +205,7 @@ async fn two_agents_stream_windows_that_match_the_scenario_exactly() {
              FROM windows ORDER BY gpu_uuid, start_ms",
         )
         .unwrap();
-    let rows: Vec<(
-        String,
-        i64,
-        i64,
-        u32,
-        u32,
-        i64,
-        Option<f64>,
-        Option<i64>,
-        String,
-        String,
-        i64,
-        i64,
-        i64,
-    )> = st
+    let rows: Vec<StoredWindow> = st
         .query_map([], |r| {
             Ok((
                 r.get(0)?,
@@ -418,8 +422,14 @@ fn malformed_configs_exit_64_naming_the_field() {
     let text = std::fs::read_to_string(&good).unwrap();
     let cases = [
         (text.replace("bin-agent", "bad agent"), "agent_id"),
-        (text.replace("http://127.0.0.1:9", "127.0.0.1:9"), "collector.url"),
-        (text.replace("window_ms = 60000", "window_ms = 1500"), "sampling.window_ms"),
+        (
+            text.replace("http://127.0.0.1:9", "127.0.0.1:9"),
+            "collector.url",
+        ),
+        (
+            text.replace("window_ms = 60000", "window_ms = 1500"),
+            "sampling.window_ms",
+        ),
         (format!("{text}\n[enforcement]\nmode = \"nuke\"\n"), "nuke"),
         (format!("colour = \"blue\"\n{text}"), "colour"),
         ("agent_id = [".to_string(), "agent.toml"),
@@ -442,11 +452,18 @@ fn malformed_configs_exit_64_naming_the_field() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
-    let out = Command::new(bin("gpumeter-agent")).args(["run"]).output().unwrap();
+    let out = Command::new(bin("gpumeter-agent"))
+        .args(["run"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "usage error");
 
     let cfg = dir.path().join("collector.toml");
-    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\n[limits]\nmax_batch_records = 0\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\n[limits]\nmax_batch_records = 0\n",
+    )
+    .unwrap();
     let out = Command::new(bin("gpumeter-collector"))
         .args(["serve", "--db"])
         .arg(dir.path().join("c.db"))
@@ -481,24 +498,44 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(agent.try_wait().unwrap().is_none(), "agent must not exit");
     let db = dir.path().join("ledger.db");
-    let collector = TestCollector::start_on(&db, &format!("127.0.0.1:{port}")).await.unwrap();
+    let collector = TestCollector::start_on(&db, &format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
     // Wait for at least 5 windows to be stored.
     let conn = rusqlite::Connection::open(&db).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let n: i64 = conn.query_row("SELECT COUNT(*) FROM windows", [], |r| r.get(0)).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM windows", [], |r| r.get(0))
+            .unwrap();
         if n >= 5 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "windows never arrived ({n})");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "windows never arrived ({n})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pid = agent.id() as i32;
-    assert_eq!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().code(), Some(0));
+    assert_eq!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .code(),
+        Some(0)
+    );
     let status = agent.wait().unwrap();
-    assert!(status.success(), "agent exits cleanly on SIGTERM: {status:?}");
+    assert!(
+        status.success(),
+        "agent exits cleanly on SIGTERM: {status:?}"
+    );
     let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
-    assert!(log.contains("retrying"), "the agent logs its retries:\n{log}");
+    assert!(
+        log.contains("retrying"),
+        "the agent logs its retries:\n{log}"
+    );
     // Every window from the first to the last is there once, back to back.
     let mut st = conn
         .prepare("SELECT start_ms, end_ms, good_samples, expected_samples FROM windows ORDER BY start_ms")
@@ -514,7 +551,11 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
     // The first window is partial (the agent started inside it); every later one is whole.
     assert!(w[0].3 <= 60 && w[0].2 == w[0].3, "{w:?}");
     for x in &w[1..] {
-        assert_eq!((x.2, x.3), (60, 60), "every full window has all its samples: {w:?}");
+        assert_eq!(
+            (x.2, x.3),
+            (60, 60),
+            "every full window has all its samples: {w:?}"
+        );
     }
     let seqs: Vec<i64> = conn
         .prepare("SELECT seq FROM records WHERE agent_id = 'bin-agent' ORDER BY seq")
@@ -523,7 +564,11 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "no gap, no duplicate");
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
     collector.stop().await.unwrap();
 }
 
@@ -531,7 +576,9 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
 async fn a_second_live_session_for_the_same_agent_is_refused() {
     use gpumeter_proto::v1::{agent_message, ingest_client::IngestClient};
     let dir = tempfile::tempdir().unwrap();
-    let collector = TestCollector::start(&dir.path().join("l.db")).await.unwrap();
+    let collector = TestCollector::start(&dir.path().join("l.db"))
+        .await
+        .unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
     let hello = v1::AgentMessage {
         kind: Some(agent_message::Kind::Hello(v1::Hello {
@@ -551,21 +598,30 @@ async fn a_second_live_session_for_the_same_agent_is_refused() {
             let mut c = IngestClient::connect(url).await.unwrap();
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             tx.send(hello).await.unwrap();
-            let r = c.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+            let r = c
+                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await;
             (tx, r)
         }
     };
     let (_tx1, first) = open(hello.clone()).await;
     let mut first = first.unwrap().into_inner();
     let welcome = first.message().await.unwrap().unwrap();
-    assert!(matches!(welcome.kind, Some(v1::collector_message::Kind::Welcome(_))));
+    assert!(matches!(
+        welcome.kind,
+        Some(v1::collector_message::Kind::Welcome(_))
+    ));
     let (_tx2, second) = open(hello.clone()).await;
     let err = match second {
         Err(s) => s,
         Ok(r) => r.into_inner().message().await.unwrap_err(),
     };
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
-    assert!(err.message().contains("twin already has a live session"), "{}", err.message());
+    assert!(
+        err.message().contains("twin already has a live session"),
+        "{}",
+        err.message()
+    );
     // Once the first session ends, the agent may connect again.
     drop(_tx1);
     drop(first);

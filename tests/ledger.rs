@@ -243,10 +243,17 @@ async fn a_lost_spool_starts_a_new_epoch_that_names_the_last_acked_record() {
     run(start, start + 300_000).await.unwrap().unwrap();
     let conn = rusqlite::Connection::open(&db).unwrap();
     let before: i64 = conn
-        .query_row("SELECT MAX(seq) FROM records WHERE agent_id='epoch-agent'", [], |r| r.get(0))
+        .query_row(
+            "SELECT MAX(seq) FROM records WHERE agent_id='epoch-agent'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     std::fs::remove_dir_all(state.join("spool")).unwrap();
-    run(start + 600_000, start + 900_000).await.unwrap().unwrap();
+    run(start + 600_000, start + 900_000)
+        .await
+        .unwrap()
+        .unwrap();
 
     let (seq, kind): (i64, String) = conn
         .query_row(
@@ -257,7 +264,9 @@ async fn a_lost_spool_starts_a_new_epoch_that_names_the_last_acked_record() {
         .unwrap();
     assert_eq!((seq, kind.as_str()), (before + 1, "epoch_start"));
     let epochs: Vec<i64> = conn
-        .prepare("SELECT DISTINCT epoch FROM checkpoints WHERE agent_id='epoch-agent' ORDER BY epoch")
+        .prepare(
+            "SELECT DISTINCT epoch FROM checkpoints WHERE agent_id='epoch-agent' ORDER BY epoch",
+        )
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()
@@ -275,16 +284,23 @@ async fn a_lost_spool_starts_a_new_epoch_that_names_the_last_acked_record() {
     assert_eq!(windows, 10);
     let (code, out) = verify_db(&{
         let copy = dir.path().join("copy.db");
-        conn.execute("VACUUM INTO ?1", [copy.to_str().unwrap()]).unwrap();
+        conn.execute("VACUUM INTO ?1", [copy.to_str().unwrap()])
+            .unwrap();
         copy
     });
     assert_eq!(code, Some(0), "{out}");
     collector.stop().await.unwrap();
 }
 
-async fn hello(url: &str, agent_id: &str, key: &ed25519_dalek::SigningKey) -> Result<(), tonic::Status> {
+async fn hello(
+    url: &str,
+    agent_id: &str,
+    key: &ed25519_dalek::SigningKey,
+) -> Result<(), tonic::Status> {
     use gpumeter_proto::v1;
-    let mut c = v1::ingest_client::IngestClient::connect(url.to_string()).await.unwrap();
+    let mut c = v1::ingest_client::IngestClient::connect(url.to_string())
+        .await
+        .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     tx.send(v1::AgentMessage {
         kind: Some(v1::agent_message::Kind::Hello(v1::Hello {
@@ -300,17 +316,36 @@ async fn hello(url: &str, agent_id: &str, key: &ed25519_dalek::SigningKey) -> Re
     })
     .await
     .unwrap();
-    let mut inbound = c.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-    inbound.message().await?.map(|_| ()).ok_or_else(|| tonic::Status::aborted("closed"))
+    let mut inbound = c
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    inbound
+        .message()
+        .await?
+        .map(|_| ())
+        .ok_or_else(|| tonic::Status::aborted("closed"))
 }
 
 fn register(url: &str, agent_id: &str, key: &ed25519_dalek::SigningKey) -> (Option<i32>, String) {
     let out = Command::new(bin("gpumeter-collector"))
-        .args(["agents", "register", agent_id, "--reason", "reinstalled", "--server", url, "--key"])
+        .args([
+            "agents",
+            "register",
+            agent_id,
+            "--reason",
+            "reinstalled",
+            "--server",
+            url,
+            "--key",
+        ])
         .arg(hex::encode(key.verifying_key().to_bytes()))
         .output()
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 /// Keys are pinned on first use or by an admin beforehand; a changed key is refused until an
@@ -318,7 +353,9 @@ fn register(url: &str, agent_id: &str, key: &ed25519_dalek::SigningKey) -> (Opti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_key_is_refused_until_an_admin_re_registers_it() {
     let dir = tempfile::tempdir().unwrap();
-    let collector = TestCollector::start(&dir.path().join("keys.db")).await.unwrap();
+    let collector = TestCollector::start(&dir.path().join("keys.db"))
+        .await
+        .unwrap();
     let k1 = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
     let k2 = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
 
@@ -327,7 +364,11 @@ async fn a_changed_key_is_refused_until_an_admin_re_registers_it() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let err = hello(&collector.url, "tofu", &k2).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
-    assert!(err.message().contains("tofu") && err.message().contains("re-register"), "{}", err.message());
+    assert!(
+        err.message().contains("tofu") && err.message().contains("re-register"),
+        "{}",
+        err.message()
+    );
     let (code, out) = register(&collector.url, "tofu", &k2);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("replaced"), "{out}");
@@ -337,12 +378,26 @@ async fn a_changed_key_is_refused_until_an_admin_re_registers_it() {
     let (code, out) = register(&collector.url, "prereg", &k1);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("pinned (new agent)"), "{out}");
-    assert_eq!(hello(&collector.url, "prereg", &k2).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        hello(&collector.url, "prereg", &k2)
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::PermissionDenied
+    );
     hello(&collector.url, "prereg", &k1).await.unwrap();
 
     // A malformed key is a usage error naming the flag.
     let out = Command::new(bin("gpumeter-collector"))
-        .args(["agents", "register", "x", "--key", "zz", "--server", &collector.url])
+        .args([
+            "agents",
+            "register",
+            "x",
+            "--key",
+            "zz",
+            "--server",
+            &collector.url,
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
