@@ -193,6 +193,37 @@ impl Default for EnforcementConfig {
 }
 
 impl AgentConfig {
+    /// A config for an agent over simulated cards (demo, tests, benchmarks): 1 s samples,
+    /// 60 s windows, fast reconnects, state under `state_dir`. The source itself is handed
+    /// to [`crate::run::Agent::build`] directly.
+    pub fn simulated(
+        agent_id: &str,
+        csp: &str,
+        url: &str,
+        state_dir: &Path,
+        max_batch_records: u32,
+    ) -> Self {
+        AgentConfig {
+            agent_id: agent_id.into(),
+            host_id: agent_id.into(),
+            csp: csp.into(),
+            collector: CollectorConfig {
+                url: url.into(),
+                max_batch_records,
+                backoff_initial_ms: 50,
+                backoff_max_ms: 1_000,
+            },
+            sampling: SamplingConfig::default(),
+            source: SourceConfig::Sim {
+                scenario: PathBuf::new(),
+                speed: 1.0,
+            },
+            state_dir: state_dir.to_path_buf(),
+            spool: SpoolSettings::default(),
+            enforcement: EnforcementConfig::default(),
+        }
+    }
+
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let mut c: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.display().to_string(),

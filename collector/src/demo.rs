@@ -2,14 +2,13 @@
 //! grants of all three programs, and three simulated GPU servers (16 cards) whose agents run
 //! faster than real time over loopback gRPC; then the usage report.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use gpumeter_agent::clock::{Clock, ScaledClock, SystemClock, align_down};
-use gpumeter_agent::config::{AgentConfig, CollectorConfig, SamplingConfig, SourceConfig};
-use gpumeter_agent::gpu::sim::SimSource;
-use gpumeter_agent::gpu::sim::{Phase, Scenario, SimCard, SimProcess, Span};
+use gpumeter_agent::config::AgentConfig;
+use gpumeter_agent::gpu::sim::{Phase, Scenario, SimCard, SimProcess, SimSource, Span};
 use gpumeter_agent::run::{Agent, Parts, RunOptions};
 use gpumeter_proto::v1;
 use tokio::net::TcpListener;
@@ -244,31 +243,6 @@ pub fn demo_grants_csv(from_day: &str, until_day: &str) -> String {
     csv
 }
 
-fn agent_config(host: &str, csp: &str, url: &str, state: &Path) -> AgentConfig {
-    AgentConfig {
-        agent_id: host.into(),
-        host_id: host.into(),
-        csp: csp.into(),
-        collector: CollectorConfig {
-            url: url.into(),
-            max_batch_records: 256,
-            backoff_initial_ms: 100,
-            backoff_max_ms: 2_000,
-        },
-        sampling: SamplingConfig {
-            interval_ms: 1_000,
-            window_ms: 60_000,
-        },
-        source: SourceConfig::Sim {
-            scenario: PathBuf::new(),
-            speed: 1.0,
-        },
-        state_dir: state.to_path_buf(),
-        spool: Default::default(),
-        enforcement: Default::default(),
-    }
-}
-
 /// Runs the demo and returns the report text.
 pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
@@ -323,7 +297,7 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     for (i, (host, scenario)) in demo_hosts(opts.minutes).into_iter().enumerate() {
         let csp = if host.starts_with("kt") { "kt" } else { "nhn" };
         let state = tmp.path().join(format!("agent-{i}"));
-        let cfg = agent_config(&host, csp, &url, &state);
+        let cfg = AgentConfig::simulated(&host, csp, &url, &state, 256);
         let clock: Arc<dyn Clock> = Arc::new(ScaledClock::new(start, opts.speed));
         let parts = Parts {
             attributor: Box::new(scenario.attributor()),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use gpumeter_agent::clock::{Clock, ScaledClock};
-use gpumeter_agent::config::{AgentConfig, CollectorConfig, SamplingConfig, SourceConfig};
+use gpumeter_agent::config::AgentConfig;
 use gpumeter_agent::gpu::sim::{Scenario, SimSource};
 use gpumeter_agent::run::{Agent, Parts, RunOptions};
 use gpumeter_collector::server::{ServerOptions, run};
@@ -57,28 +57,9 @@ impl TestCollector {
 
 /// An agent config for a simulated host.
 pub fn agent_config(agent_id: &str, csp: &str, url: &str, state: &Path, batch: u32) -> AgentConfig {
-    AgentConfig {
-        agent_id: agent_id.into(),
-        host_id: agent_id.into(),
-        csp: csp.into(),
-        collector: CollectorConfig {
-            url: url.into(),
-            max_batch_records: batch,
-            backoff_initial_ms: 50,
-            backoff_max_ms: 500,
-        },
-        sampling: SamplingConfig {
-            interval_ms: 1_000,
-            window_ms: 60_000,
-        },
-        source: SourceConfig::Sim {
-            scenario: PathBuf::new(),
-            speed: 1.0,
-        },
-        state_dir: state.to_path_buf(),
-        spool: Default::default(),
-        enforcement: Default::default(),
-    }
+    let mut cfg = AgentConfig::simulated(agent_id, csp, url, state, batch);
+    cfg.collector.backoff_max_ms = 500;
+    cfg
 }
 
 /// Runs a simulated agent in-process from `start` to `stop_at` (simulated time, at `speed`)
