@@ -9,8 +9,8 @@
 //! agent misses only lowers a window's sample count, which the checks read from the row.
 //!
 //! Each test copies the fake library into its own temp directory beside its own scenario file,
-//! so the tests run in parallel without sharing driver state. They start a process under uid
-//! 65534, so they run as root (as the enforcement tests do).
+//! so the tests run in parallel without sharing driver state. The first test starts a process
+//! under uid 65534, so it runs as root (as the enforcement tests do).
 
 // Helpers outside `#[test]` fns too: in a test, a panic is how a failure is reported.
 #![allow(clippy::unwrap_used)]
