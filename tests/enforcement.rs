@@ -624,56 +624,12 @@ async fn an_expired_grant_turns_its_grantee_into_a_violator_at_the_second() {
     collector.stop().await.unwrap();
 }
 
-/// A TCP relay in front of the collector, so a test can cut the agent's live session: the
-/// collector's graceful stop waits for open streams, and the agent never closes its own.
-struct Relay {
-    task: JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(listen: &str, to: std::net::SocketAddr) -> (Self, std::net::SocketAddr) {
-        let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            // Dropped with the task, which aborts every relayed connection.
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                conns.spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-            }
-        });
-        (Self { task }, addr)
-    }
-
-    async fn cut(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
-}
-
-/// The collector with a relay in front, both on fixed addresses so they can come back.
-struct Upstream {
-    collector: TestCollector,
-    relay: Relay,
-}
-
-impl Upstream {
-    async fn start(db: &Path, collector_at: &str, relay_at: &str) -> Self {
-        let collector = TestCollector::start_on(db, collector_at).await.unwrap();
-        let (relay, _) = Relay::start(relay_at, collector.addr).await;
-        Self { collector, relay }
-    }
-
-    async fn stop(self) {
-        self.relay.cut().await;
-        tokio::time::timeout(Duration::from_secs(10), self.collector.stop())
-            .await
-            .expect("collector stops once the session is cut")
-            .unwrap();
-    }
+/// Stops the collector; it ends the agent's open session.
+async fn stop_collector(c: TestCollector) {
+    tokio::time::timeout(Duration::from_secs(10), c.stop())
+        .await
+        .expect("collector stops within 10 s")
+        .unwrap();
 }
 
 /// A foreign process put on C0 is ended by SIGTERM within one interval plus the grace period.
@@ -691,18 +647,11 @@ async fn enforcement_goes_on_from_cached_assignments_while_the_collector_is_down
     assert_root();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
-    // Two free ports, held together so they differ.
-    let (collector_at, relay_at) = {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        (
-            a.local_addr().unwrap().to_string(),
-            b.local_addr().unwrap().to_string(),
-        )
-    };
-    let up = Upstream::start(&db, &collector_at, &relay_at).await;
+    let collector = TestCollector::start(&db).await.unwrap();
+    // The collector comes back on the same address.
+    let at = collector.addr.to_string();
     import_grants(
-        &up.collector.url,
+        &collector.url,
         &[format!(
             "G-D,hpc,Acme,uid:0,kt,enf-down,{C0},2020-01-01,2099-12-31"
         )],
@@ -715,7 +664,7 @@ async fn enforcement_goes_on_from_cached_assignments_while_the_collector_is_down
     let grace_ms = 1_000;
     let spec = |stop_at, await_collector| AgentSpec {
         state: dir.path(),
-        url: format!("http://{relay_at}"),
+        url: format!("http://{at}"),
         host: "enf-down",
         enforcement: enforcement(EnforcementMode::Terminate, grace_ms),
         window_ms: 60_000,
@@ -726,25 +675,24 @@ async fn enforcement_goes_on_from_cached_assignments_while_the_collector_is_down
     // A running agent loses its collector after the assignments arrived.
     let mut agent = start_agent(spec(now_ms() + 5_000, true), &on);
     agent.assignments_applied().await;
-    up.stop().await;
-    for addr in [&collector_at, &relay_at] {
-        assert!(
-            tokio::net::TcpStream::connect(addr.as_str()).await.is_err(),
-            "nothing listens on {addr} any more"
-        );
-    }
+    stop_collector(collector).await;
+    assert!(
+        tokio::net::TcpStream::connect(at.as_str()).await.is_err(),
+        "nothing listens on {at} any more"
+    );
     let first = foreign_is_ended(&mut procs, &on, grace_ms).await;
     assert!(!agent.status.borrow().connected, "it all happened offline");
     // The collector comes back for the agent to deliver and stop.
-    let up = Upstream::start(&db, &collector_at, &relay_at).await;
+    let collector = TestCollector::start_on(&db, &at).await.unwrap();
     agent.finish().await;
-    up.stop().await;
+    stop_collector(collector).await;
 
     // An agent started while the collector is down works from the cache on disk.
     let agent = start_agent(spec(now_ms() + 4_000, false), &on);
     let second = foreign_is_ended(&mut procs, &on, grace_ms).await;
     assert!(procs.alive(grantee), "the grantee's process lives");
-    let up = Upstream::start(&db, &collector_at, &relay_at).await;
+    assert!(!agent.status.borrow().connected, "it all happened offline");
+    let collector = TestCollector::start_on(&db, &at).await.unwrap();
     agent.finish().await;
     assert!(procs.alive(grantee));
 
@@ -766,5 +714,5 @@ async fn enforcement_goes_on_from_cached_assignments_while_the_collector_is_down
             .all(|e| e.grant_id == "G-D" && e.pid != grantee),
         "{events:#?}"
     );
-    up.stop().await;
+    stop_collector(collector).await;
 }

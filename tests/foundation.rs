@@ -284,10 +284,12 @@ async fn two_agents_stream_windows_that_match_the_scenario_exactly() {
     });
     assert_eq!(a1, (300_000, 240_000, 300_000));
 
-    // The report, through the Query service and the real CLI binary.
+    // The usage view of the report, through the Query service and the real CLI binary.
     let out = Command::new(bin("gpumeter-collector"))
         .args([
             "report",
+            "--view",
+            "usage",
             "--format",
             "json",
             "--server",
@@ -364,7 +366,14 @@ async fn two_agents_stream_windows_that_match_the_scenario_exactly() {
 
     // The table names every card.
     let out = Command::new(bin("gpumeter-collector"))
-        .args(["report", "--server", &collector.url, "--period"])
+        .args([
+            "report",
+            "--view",
+            "usage",
+            "--server",
+            &collector.url,
+            "--period",
+        ])
         .arg(format!("{}..{}", rfc3339(start), rfc3339(stop)))
         .output()
         .unwrap();

@@ -736,7 +736,11 @@ mod tests {
             ));
         }
         assert_eq!(
-            (out[0].occupied_ms, out[0].foreign_ms, out[0].grantee_occupied_ms),
+            (
+                out[0].occupied_ms,
+                out[0].foreign_ms,
+                out[0].grantee_occupied_ms
+            ),
             (10_000, 10_000, 0)
         );
     }

@@ -285,4 +285,45 @@ impl Admin for AdminService {
         };
         self.amend(id, amendment, actor_or_default(req.actor)).await
     }
+
+    async fn import_invoices(
+        &self,
+        request: Request<v1::ImportInvoicesRequest>,
+    ) -> Result<Response<v1::ImportInvoicesReply>, Status> {
+        let req = request.into_inner();
+        if req.csv.len() > MAX_CSV_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "invoice file is {} bytes, more than the limit {MAX_CSV_BYTES}",
+                req.csv.len()
+            )));
+        }
+        let store = self.store.clone();
+        let actor = actor_or_default(req.actor.clone());
+        let reply =
+            tokio::task::spawn_blocking(move || -> Result<v1::ImportInvoicesReply, Status> {
+                let held = store.grants()?;
+                match crate::invoices::parse_invoices_csv(&req.csv, &held) {
+                    Err(problems) => Ok(v1::ImportInvoicesReply {
+                        errors: problems.into_iter().map(wire_problem).collect(),
+                        ..Default::default()
+                    }),
+                    Ok(invoices) => {
+                        if !req.dry_run {
+                            store.insert_invoices(&invoices, &actor, now_ms())?;
+                        }
+                        Ok(v1::ImportInvoicesReply {
+                            invoices: invoices.len() as u32,
+                            errors: vec![],
+                            applied: !req.dry_run,
+                        })
+                    }
+                }
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        if reply.applied {
+            info!(invoices = reply.invoices, "invoices imported");
+        }
+        Ok(Response::new(reply))
+    }
 }

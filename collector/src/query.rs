@@ -5,7 +5,14 @@ use std::sync::Arc;
 use gpumeter_proto::v1::{self, query_server::Query};
 use tonic::{Request, Response, Status};
 
-use crate::store::Store;
+use crate::grants::{Grant, Program};
+use crate::reconcile::{
+    self, CardRow, CspTotal, Figures, GrantRow, IdleGrant, IdleReport, IdleSettings, Inputs,
+    Interval, InvoiceCspTotal, InvoiceRow, ProgramTotal, ReclaimableCard, Reconciliation,
+    UnassignedCard, UnassignedUse, gpu_hours,
+};
+use crate::report::parse_period;
+use crate::store::{MeteredWindow, Store, StoreError, StoredEvent};
 use crate::verify::{Finding, VerifyReport, verify, verify_agent};
 
 #[derive(Clone)]
@@ -108,6 +115,222 @@ impl Query for QueryService {
         Ok(Response::new(report_to_wire(&report)))
     }
 
+    async fn reconcile(
+        &self,
+        request: Request<v1::ReconcileRequest>,
+    ) -> Result<Response<v1::ReconcileReply>, Status> {
+        let q = request.into_inner();
+        let (from, until) = period_arg(&q.period)?;
+        let program = program_arg(&q.program)?;
+        let grant_id = (!q.grant_id.trim().is_empty()).then(|| q.grant_id.trim().to_owned());
+        let idle = idle_arg(q.idle_threshold_pct, q.idle_days, until.min(now_ms()))?;
+        let store = self.store.clone();
+        let period = q.period.trim().to_owned();
+        let report = blocking(move || -> Result<Reconciliation, Status> {
+            let grants = store.grants()?;
+            if let Some(id) = &grant_id {
+                if !grants.iter().any(|g| g.grant_id == *id) {
+                    return Err(Status::not_found(format!("grant {id} not found")));
+                }
+            }
+            let look = idle.window();
+            let (span_from, span_until) = (from.min(look.from_ms), until.max(look.until_ms));
+            let windows = store.windows(span_from, span_until, None)?;
+            let events = store.events(span_from, span_until, Some("enforcement"), None)?;
+            let invoices = store.invoices()?;
+            Ok(reconcile::reconcile(&Inputs {
+                period: &period,
+                from_ms: from,
+                until_ms: until,
+                program: program.as_deref(),
+                grant_id: grant_id.as_deref(),
+                grants: &grants,
+                windows: &windows,
+                events: &events,
+                invoices: &invoices,
+                idle,
+            }))
+        })
+        .await?;
+        Ok(Response::new(reconciliation_to_wire(&report)))
+    }
+
+    async fn card_timeline(
+        &self,
+        request: Request<v1::CardTimelineRequest>,
+    ) -> Result<Response<v1::CardTimelineReply>, Status> {
+        let q = request.into_inner();
+        let (from, until) = period_arg(&q.period)?;
+        let gpu = q.gpu_uuid.trim().to_owned();
+        if gpu.is_empty() {
+            return Err(Status::invalid_argument(
+                "gpu_uuid: required field is empty",
+            ));
+        }
+        let store = self.store.clone();
+        let (windows, events, grants) = blocking(move || {
+            Ok::<_, StoreError>((
+                store.windows(from, until, Some(&gpu))?,
+                store.events(from, until, None, Some(&gpu))?,
+                store.grants()?,
+            ))
+        })
+        .await?;
+        let gpu = q.gpu_uuid.trim();
+        let mut holdings: Vec<v1::CardHolding> = grants
+            .iter()
+            .flat_map(|g| {
+                g.cards
+                    .iter()
+                    .filter(|c| c.gpu_uuid == gpu)
+                    .filter_map(move |c| {
+                        let (a, b) = g.card_interval(c);
+                        let span = Interval {
+                            from_ms: a.max(from),
+                            until_ms: b.min(until),
+                        };
+                        (span.until_ms > span.from_ms).then(|| v1::CardHolding {
+                            grant_id: g.grant_id.clone(),
+                            span: Some(span_to_wire(span)),
+                        })
+                    })
+            })
+            .collect();
+        holdings.sort_by_key(|h| h.span.as_ref().map(|s| s.from_unix_ms));
+        Ok(Response::new(v1::CardTimelineReply {
+            gpu_uuid: gpu.to_owned(),
+            from_unix_ms: from,
+            until_unix_ms: until,
+            windows: windows.into_iter().map(timeline_window).collect(),
+            events: events.into_iter().map(event_to_wire).collect(),
+            holdings,
+        }))
+    }
+
+    async fn violations(
+        &self,
+        request: Request<v1::ViolationsRequest>,
+    ) -> Result<Response<v1::EventsReply>, Status> {
+        let q = request.into_inner();
+        let (from, until) = period_arg(&q.period)?;
+        let grant_id = q.grant_id.trim().to_owned();
+        let store = self.store.clone();
+        let events = blocking(move || -> Result<Vec<StoredEvent>, Status> {
+            let events = store.events(from, until, Some("enforcement"), None)?;
+            if grant_id.is_empty() {
+                return Ok(events);
+            }
+            let grant = store
+                .grant(&grant_id)?
+                .ok_or_else(|| Status::not_found(format!("grant {grant_id} not found")))?
+                .grant;
+            Ok(events
+                .into_iter()
+                .filter(|e| held_at(&grant, &e.event.gpu_uuid, e.event.at_ms))
+                .collect())
+        })
+        .await?;
+        Ok(Response::new(v1::EventsReply {
+            events: events.into_iter().map(event_to_wire).collect(),
+        }))
+    }
+
+    async fn events(
+        &self,
+        request: Request<v1::EventsRequest>,
+    ) -> Result<Response<v1::EventsReply>, Status> {
+        let q = request.into_inner();
+        let (from, until) = period_arg(&q.period)?;
+        let store = self.store.clone();
+        let events = blocking(move || {
+            let kind = q.kind.trim();
+            let gpu = q.gpu_uuid.trim();
+            store.events(
+                from,
+                until,
+                (!kind.is_empty()).then_some(kind),
+                (!gpu.is_empty()).then_some(gpu),
+            )
+        })
+        .await?;
+        Ok(Response::new(v1::EventsReply {
+            events: events.into_iter().map(event_to_wire).collect(),
+        }))
+    }
+
+    async fn idle_grants(
+        &self,
+        request: Request<v1::IdleGrantsRequest>,
+    ) -> Result<Response<v1::IdleGrantsReply>, Status> {
+        let q = request.into_inner();
+        let program = program_arg(&q.program)?;
+        let idle = idle_arg(q.threshold_pct, q.days, now_ms())?;
+        let store = self.store.clone();
+        let found = blocking(move || -> Result<Vec<IdleGrant>, Status> {
+            let grants = store.grants()?;
+            let look = idle.window();
+            let windows = store.windows(look.from_ms, look.until_ms, None)?;
+            let events = store.events(look.from_ms, look.until_ms, Some("enforcement"), None)?;
+            Ok(reconcile::idle_grants(
+                grants
+                    .iter()
+                    .filter(|g| program.as_deref().is_none_or(|p| g.program.as_str() == p)),
+                &windows,
+                &events,
+                idle,
+            ))
+        })
+        .await?;
+        Ok(Response::new(idle_to_wire(&IdleReport {
+            threshold_pct: idle.threshold_pct,
+            days: idle.days,
+            as_of_ms: idle.as_of_ms,
+            grants: found,
+        })))
+    }
+
+    async fn grants(
+        &self,
+        request: Request<v1::GrantsRequest>,
+    ) -> Result<Response<v1::GrantsReply>, Status> {
+        let q = request.into_inner();
+        let program = program_arg(&q.program)?;
+        let only = q.grant_id.trim().to_owned();
+        let store = self.store.clone();
+        let grants = blocking(move || -> Result<Vec<v1::AuditedGrant>, Status> {
+            let mut out = Vec::new();
+            for g in store.grants()? {
+                if program.as_deref().is_some_and(|p| g.program.as_str() != p)
+                    || (!only.is_empty() && g.grant_id != only)
+                {
+                    continue;
+                }
+                let history = store
+                    .grant(&g.grant_id)?
+                    .map(|r| r.history)
+                    .unwrap_or_default();
+                out.push(v1::AuditedGrant {
+                    grant: Some(grant_to_wire(g)),
+                    history: history
+                        .into_iter()
+                        .map(|c| v1::GrantChange {
+                            at_unix_ms: c.at_ms,
+                            actor: c.actor,
+                            action: c.action,
+                            detail: c.detail,
+                        })
+                        .collect(),
+                });
+            }
+            if !only.is_empty() && out.is_empty() {
+                return Err(Status::not_found(format!("grant {only} not found")));
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(Response::new(v1::GrantsReply { grants }))
+    }
+
     async fn hosts(
         &self,
         _request: Request<v1::HostsRequest>,
@@ -186,5 +409,491 @@ fn finding_to_wire(f: &Finding) -> v1::VerifyFinding {
         from_seq,
         to_seq,
         detail: f.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments and conversions of the reconciliation RPCs
+
+/// Idle-grant defaults: utilization under 10 % over the last 14 days (the ministry's reclaim
+/// rule of thumb; both can be asked for).
+pub const DEFAULT_IDLE_THRESHOLD_PCT: f64 = 10.0;
+pub const DEFAULT_IDLE_DAYS: u32 = 14;
+
+/// Runs store work off the async runtime.
+async fn blocking<T: Send + 'static, E: Into<Status> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Into::into)
+}
+
+fn period_arg(period: &str) -> Result<(i64, i64), Status> {
+    let (from, until) =
+        parse_period(period).map_err(|e| Status::invalid_argument(format!("period: {e}")))?;
+    if until - from > MAX_PERIOD_MS {
+        return Err(Status::invalid_argument("period: longer than 400 days"));
+    }
+    Ok((from, until))
+}
+
+fn program_arg(program: &str) -> Result<Option<String>, Status> {
+    let p = program.trim();
+    if p.is_empty() {
+        return Ok(None);
+    }
+    p.parse::<Program>()
+        .map(|p| Some(p.as_str().to_owned()))
+        .map_err(|e| Status::invalid_argument(format!("program: {e}")))
+}
+
+fn idle_arg(
+    threshold: Option<f64>,
+    days: Option<u32>,
+    as_of_ms: i64,
+) -> Result<IdleSettings, Status> {
+    let threshold_pct = threshold.unwrap_or(DEFAULT_IDLE_THRESHOLD_PCT);
+    if !(0.0..=100.0).contains(&threshold_pct) {
+        return Err(Status::invalid_argument(
+            "idle threshold_pct: must be between 0 and 100",
+        ));
+    }
+    let days = days.unwrap_or(DEFAULT_IDLE_DAYS);
+    if !(1..=366).contains(&days) {
+        return Err(Status::invalid_argument("idle days: must be 1 to 366"));
+    }
+    Ok(IdleSettings {
+        threshold_pct,
+        days,
+        as_of_ms,
+    })
+}
+
+fn now_ms() -> i64 {
+    crate::ingest::now_ms()
+}
+
+/// Whether `grant` held card `gpu` at instant `at`.
+fn held_at(grant: &Grant, gpu: &str, at: i64) -> bool {
+    grant.cards.iter().any(|c| {
+        let (from, until) = grant.card_interval(c);
+        c.gpu_uuid == gpu && at >= from && at < until
+    })
+}
+
+fn grant_to_wire(g: Grant) -> v1::Grant {
+    v1::Grant {
+        grant_id: g.grant_id,
+        program: g.program.as_str().into(),
+        grantee: g.grantee,
+        principal: g.principal.to_string(),
+        csp: g.csp,
+        valid_from_unix_ms: g.valid_from_ms,
+        valid_until_unix_ms: g.valid_until_ms,
+        cards: g
+            .cards
+            .into_iter()
+            .map(|c| v1::GrantCard {
+                host_id: c.host_id,
+                gpu_uuid: c.gpu_uuid,
+                from_unix_ms: c.from_ms,
+                until_unix_ms: c.until_ms,
+            })
+            .collect(),
+        revoked: g.revoked_at_ms.is_some(),
+        revoked_at_unix_ms: g.revoked_at_ms.unwrap_or(0),
+    }
+}
+
+fn event_to_wire(e: StoredEvent) -> v1::EventInfo {
+    v1::EventInfo {
+        agent_id: e.agent_id,
+        host_id: e.host_id,
+        csp: e.csp,
+        seq: e.seq,
+        gpu_uuid: e.event.gpu_uuid,
+        at_unix_ms: e.event.at_ms,
+        kind: e.event.kind.into(),
+        code: e.event.code,
+        detail: e.event.detail,
+        pid: e.event.pid,
+        principal: e.event.principal,
+        grant_id: e.event.grant_id,
+        mode: e.event.mode,
+        action: e.event.action,
+        result: e.event.result,
+    }
+}
+
+fn timeline_window(m: MeteredWindow) -> v1::TimelineWindow {
+    let w = m.window;
+    v1::TimelineWindow {
+        principals: w
+            .principals
+            .into_iter()
+            .map(|p| v1::TenantUsage {
+                host_id: m.host_id.clone(),
+                gpu_uuid: w.gpu_uuid.clone(),
+                principal: p.principal,
+                occupied_ms: p.occupied_ms,
+                active_ms: p.active_ms,
+                memory_max_bytes: p.memory_max_bytes,
+                matches_grant: p.matches_grant,
+                grant_id: w.grant_id.clone(),
+            })
+            .collect(),
+        agent_id: m.agent_id,
+        host_id: m.host_id,
+        seq: m.seq,
+        start_unix_ms: w.start_ms,
+        end_unix_ms: w.end_ms,
+        sample_interval_ms: w.interval_ms,
+        expected_samples: w.expected_samples,
+        good_samples: w.good_samples,
+        util_avg_pct: w.util_avg_pct,
+        unavailable_ms: w.unavailable_ms,
+        health: w.health.into(),
+        assignment_status: w.assignment_status.into(),
+        applied_grant_id: w.grant_id,
+        occupied_ms: w.occupied_ms,
+        grantee_occupied_ms: w.grantee_occupied_ms,
+        active_ms: w.active_ms,
+        foreign_ms: w.foreign_ms,
+        energy_mj: w.energy_mj,
+    }
+}
+
+fn span_to_wire(i: Interval) -> v1::TimeSpan {
+    v1::TimeSpan {
+        from_unix_ms: i.from_ms,
+        until_unix_ms: i.until_ms,
+    }
+}
+
+fn span_from_wire(s: Option<&v1::TimeSpan>) -> Interval {
+    s.map_or(
+        Interval {
+            from_ms: 0,
+            until_ms: 0,
+        },
+        |s| Interval {
+            from_ms: s.from_unix_ms,
+            until_ms: s.until_unix_ms,
+        },
+    )
+}
+
+fn figures_to_wire(f: &Figures) -> v1::Figures {
+    v1::Figures {
+        allocated_ms: f.allocated_ms,
+        unmetered_ms: f.unmetered_ms,
+        unavailable_ms: f.unavailable_ms,
+        delivered_ms: f.delivered_ms,
+        occupied_ms: f.occupied_ms,
+        active_ms: f.active_ms,
+        idle_ms: f.idle_ms,
+        foreign_ms: f.foreign_ms,
+        energy_mj: f.energy_mj,
+        violations: f.violations,
+    }
+}
+
+fn figures_from_wire(f: Option<&v1::Figures>) -> Figures {
+    let f = f.cloned().unwrap_or_default();
+    Figures {
+        allocated_ms: f.allocated_ms,
+        unmetered_ms: f.unmetered_ms,
+        unavailable_ms: f.unavailable_ms,
+        delivered_ms: f.delivered_ms,
+        occupied_ms: f.occupied_ms,
+        active_ms: f.active_ms,
+        idle_ms: f.idle_ms,
+        foreign_ms: f.foreign_ms,
+        energy_mj: f.energy_mj,
+        violations: f.violations,
+    }
+}
+
+fn idle_to_wire(r: &IdleReport) -> v1::IdleGrantsReply {
+    v1::IdleGrantsReply {
+        threshold_pct: r.threshold_pct,
+        days: r.days,
+        as_of_unix_ms: r.as_of_ms,
+        grants: r
+            .grants
+            .iter()
+            .map(|g| v1::IdleGrant {
+                grant_id: g.grant_id.clone(),
+                program: g.program.clone(),
+                grantee: g.grantee.clone(),
+                csp: g.csp.clone(),
+                window: Some(span_to_wire(g.window)),
+                allocated_ms: g.allocated_ms,
+                delivered_ms: g.delivered_ms,
+                active_ms: g.active_ms,
+                reclaimable_cards: g
+                    .reclaimable_cards
+                    .iter()
+                    .map(|c| v1::ReclaimableCard {
+                        host_id: c.host_id.clone(),
+                        gpu_uuid: c.gpu_uuid.clone(),
+                        allocated_ms: c.allocated_ms,
+                        active_ms: c.active_ms,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// `active / allocated × 100`, 0 with nothing allocated (an idle finding always has some).
+fn pct(active: u64, allocated: u64) -> f64 {
+    if allocated == 0 {
+        0.0
+    } else {
+        active as f64 * 100.0 / allocated as f64
+    }
+}
+
+/// An idle-grant reply as the report's types.
+pub fn idle_from_wire(r: &v1::IdleGrantsReply) -> IdleReport {
+    IdleReport {
+        threshold_pct: r.threshold_pct,
+        days: r.days,
+        as_of_ms: r.as_of_unix_ms,
+        grants: r
+            .grants
+            .iter()
+            .map(|g| IdleGrant {
+                grant_id: g.grant_id.clone(),
+                program: g.program.clone(),
+                grantee: g.grantee.clone(),
+                csp: g.csp.clone(),
+                window: span_from_wire(g.window.as_ref()),
+                allocated_ms: g.allocated_ms,
+                delivered_ms: g.delivered_ms,
+                active_ms: g.active_ms,
+                utilization_pct: pct(g.active_ms, g.allocated_ms),
+                reclaimable_cards: g
+                    .reclaimable_cards
+                    .iter()
+                    .map(|c| ReclaimableCard {
+                        host_id: c.host_id.clone(),
+                        gpu_uuid: c.gpu_uuid.clone(),
+                        allocated_ms: c.allocated_ms,
+                        active_ms: c.active_ms,
+                        utilization_pct: pct(c.active_ms, c.allocated_ms),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The wire form of a reconciliation: exact integers only; see [`reconciliation_from_wire`].
+pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
+    v1::ReconcileReply {
+        period: r.period.clone(),
+        from_unix_ms: r.from_ms,
+        until_unix_ms: r.until_ms,
+        time_zone: r.time_zone.clone(),
+        program: r.program.clone().unwrap_or_default(),
+        grant_id: r.grant_id.clone().unwrap_or_default(),
+        grants: r
+            .grants
+            .iter()
+            .map(|g| v1::GrantReconciliation {
+                grant_id: g.grant_id.clone(),
+                program: g.program.clone(),
+                grantee: g.grantee.clone(),
+                principal: g.principal.clone(),
+                csp: g.csp.clone(),
+                valid_from_unix_ms: g.valid_from_ms,
+                valid_until_unix_ms: g.valid_until_ms,
+                revoked_at_unix_ms: g.revoked_at_ms,
+                cards: g
+                    .cards
+                    .iter()
+                    .map(|c| v1::CardReconciliation {
+                        host_id: c.host_id.clone(),
+                        gpu_uuid: c.gpu_uuid.clone(),
+                        intervals: c.intervals.iter().copied().map(span_to_wire).collect(),
+                        figures: Some(figures_to_wire(&c.figures)),
+                    })
+                    .collect(),
+                figures: Some(figures_to_wire(&g.figures)),
+            })
+            .collect(),
+        programs: r
+            .programs
+            .iter()
+            .map(|p| v1::ProgramTotal {
+                program: p.program.clone(),
+                grants: p.grants,
+                cards: p.cards,
+                figures: Some(figures_to_wire(&p.figures)),
+            })
+            .collect(),
+        csps: r
+            .csps
+            .iter()
+            .map(|c| v1::CspTotal {
+                csp: c.csp.clone(),
+                grants: c.grants,
+                cards: c.cards,
+                figures: Some(figures_to_wire(&c.figures)),
+                unassigned_use_ms: c.unassigned_use_ms,
+            })
+            .collect(),
+        total: Some(figures_to_wire(&r.total)),
+        unassigned: r
+            .unassigned
+            .iter()
+            .map(|u| v1::UnassignedUse {
+                csp: u.csp.clone(),
+                host_id: u.host_id.clone(),
+                cards: u
+                    .cards
+                    .iter()
+                    .map(|c| v1::UnassignedCard {
+                        gpu_uuid: c.gpu_uuid.clone(),
+                        unassigned_use_ms: c.unassigned_use_ms,
+                    })
+                    .collect(),
+                unassigned_use_ms: u.unassigned_use_ms,
+            })
+            .collect(),
+        idle: Some(idle_to_wire(&r.idle)),
+        invoices: r
+            .invoices
+            .iter()
+            .map(|i| v1::InvoiceComparison {
+                csp: i.csp.clone(),
+                grant_id: i.grant_id.clone(),
+                periods: i.periods.clone(),
+                billed_gpu_hours: i.billed_gpu_hours,
+                delivered_ms: i.delivered_ms,
+            })
+            .collect(),
+        invoice_csps: r
+            .invoice_csps
+            .iter()
+            .map(|c| v1::InvoiceCspTotal {
+                csp: c.csp.clone(),
+                billed_gpu_hours: c.billed_gpu_hours,
+                delivered_ms: c.delivered_ms,
+            })
+            .collect(),
+    }
+}
+
+/// A reconciliation reply as the report's types, with the derived values (GPU-hours, kWh,
+/// percentages, differences) computed here from the exact integers.
+pub fn reconciliation_from_wire(r: &v1::ReconcileReply) -> Reconciliation {
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    Reconciliation {
+        period: r.period.clone(),
+        from_ms: r.from_unix_ms,
+        until_ms: r.until_unix_ms,
+        time_zone: r.time_zone.clone(),
+        program: opt(&r.program),
+        grant_id: opt(&r.grant_id),
+        grants: r
+            .grants
+            .iter()
+            .map(|g| GrantRow {
+                grant_id: g.grant_id.clone(),
+                program: g.program.clone(),
+                grantee: g.grantee.clone(),
+                principal: g.principal.clone(),
+                csp: g.csp.clone(),
+                valid_from_ms: g.valid_from_unix_ms,
+                valid_until_ms: g.valid_until_unix_ms,
+                revoked_at_ms: g.revoked_at_unix_ms,
+                cards: g
+                    .cards
+                    .iter()
+                    .map(|c| CardRow {
+                        host_id: c.host_id.clone(),
+                        gpu_uuid: c.gpu_uuid.clone(),
+                        intervals: c
+                            .intervals
+                            .iter()
+                            .map(|s| span_from_wire(Some(s)))
+                            .collect(),
+                        figures: figures_from_wire(c.figures.as_ref()),
+                    })
+                    .collect(),
+                figures: figures_from_wire(g.figures.as_ref()),
+            })
+            .collect(),
+        programs: r
+            .programs
+            .iter()
+            .map(|p| ProgramTotal {
+                program: p.program.clone(),
+                grants: p.grants,
+                cards: p.cards,
+                figures: figures_from_wire(p.figures.as_ref()),
+            })
+            .collect(),
+        csps: r
+            .csps
+            .iter()
+            .map(|c| CspTotal {
+                csp: c.csp.clone(),
+                grants: c.grants,
+                cards: c.cards,
+                figures: figures_from_wire(c.figures.as_ref()),
+                unassigned_use_ms: c.unassigned_use_ms,
+                unassigned_use_gpu_hours: gpu_hours(c.unassigned_use_ms),
+            })
+            .collect(),
+        total: figures_from_wire(r.total.as_ref()),
+        unassigned: r
+            .unassigned
+            .iter()
+            .map(|u| UnassignedUse {
+                csp: u.csp.clone(),
+                host_id: u.host_id.clone(),
+                cards: u
+                    .cards
+                    .iter()
+                    .map(|c| UnassignedCard {
+                        gpu_uuid: c.gpu_uuid.clone(),
+                        unassigned_use_ms: c.unassigned_use_ms,
+                    })
+                    .collect(),
+                unassigned_use_ms: u.unassigned_use_ms,
+                unassigned_use_gpu_hours: gpu_hours(u.unassigned_use_ms),
+            })
+            .collect(),
+        idle: idle_from_wire(&r.idle.clone().unwrap_or_default()),
+        invoices: r
+            .invoices
+            .iter()
+            .map(|i| InvoiceRow {
+                csp: i.csp.clone(),
+                grant_id: i.grant_id.clone(),
+                periods: i.periods.clone(),
+                billed_gpu_hours: i.billed_gpu_hours,
+                delivered_ms: i.delivered_ms,
+                delivered_gpu_hours: gpu_hours(i.delivered_ms),
+                difference_gpu_hours: i.billed_gpu_hours.unwrap_or(0.0) - gpu_hours(i.delivered_ms),
+            })
+            .collect(),
+        invoice_csps: r
+            .invoice_csps
+            .iter()
+            .map(|c| InvoiceCspTotal {
+                csp: c.csp.clone(),
+                billed_gpu_hours: c.billed_gpu_hours,
+                delivered_ms: c.delivered_ms,
+                delivered_gpu_hours: gpu_hours(c.delivered_ms),
+                difference_gpu_hours: c.billed_gpu_hours - gpu_hours(c.delivered_ms),
+            })
+            .collect(),
     }
 }

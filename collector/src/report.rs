@@ -1,8 +1,11 @@
-//! Usage reports: periods in Korean calendar terms, and the table and JSON renderings.
+//! Reports: periods in Korean calendar terms; the usage view and the reconciliation, as
+//! terminal tables and JSON (the other formats live in `render`).
 
 use chrono::{Datelike, FixedOffset, NaiveDate, TimeZone};
 use gpumeter_proto::v1;
 use serde::Serialize;
+
+use crate::reconcile::{Figures, IdleReport, Reconciliation, gpu_hours};
 
 /// Korea Standard Time (UTC+9, no daylight saving).
 pub fn kst() -> FixedOffset {
@@ -295,6 +298,471 @@ pub fn usage_table(r: &UsageJson) -> String {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// Reconciliation: the terminal table and JSON
+
+/// Columns a terminal gives a character: 2 for Hangul and other wide scripts, so Korean
+/// labels line up.
+fn display_width(s: &str) -> usize {
+    s.chars()
+        .map(|c| match u32::from(c) {
+            0x1100..=0x115F
+            | 0x2E80..=0xA4CF
+            | 0xAC00..=0xD7A3
+            | 0xF900..=0xFAFF
+            | 0xFE30..=0xFE4F
+            | 0xFF00..=0xFF60
+            | 0xFFE0..=0xFFE6 => 2,
+            _ => 1,
+        })
+        .sum()
+}
+
+/// An aligned table; columns flagged in `right` (numbers) are right-aligned.
+fn grid(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| display_width(h)).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(display_width(c));
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            let pad = " ".repeat(w[i].saturating_sub(display_width(c)));
+            if right.get(i).copied().unwrap_or(false) {
+                out.push_str(&pad);
+                out.push_str(c);
+            } else {
+                out.push_str(c);
+                out.push_str(&pad);
+            }
+        }
+        out.trim_end().to_string() + "\n"
+    };
+    let mut out = line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    out.push_str(&line(&w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>()));
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
+}
+
+/// The words of the reconciliation table.
+struct Words {
+    title: &'static str,
+    figures_in: &'static str,
+    none: &'static str,
+    grants: &'static str,
+    programs: &'static str,
+    csps: &'static str,
+    unassigned: &'static str,
+    idle: &'static str,
+    invoices: &'static str,
+    grant_card: &'static str,
+    grant: &'static str,
+    program: &'static str,
+    grantee: &'static str,
+    csp: &'static str,
+    host: &'static str,
+    gpu: &'static str,
+    grants_n: &'static str,
+    cards_n: &'static str,
+    total: &'static str,
+    /// The eight time figures, in [`Figures::times`] order.
+    times: [&'static str; 8],
+    util: &'static str,
+    energy: &'static str,
+    violations: &'static str,
+    unassigned_use: &'static str,
+    periods: &'static str,
+    billed: &'static str,
+    difference: &'static str,
+    no_invoice: &'static str,
+}
+
+const EN: Words = Words {
+    title: "Reconciliation",
+    figures_in: "Figures in GPU-hours; utilization = active / allocated.",
+    none: "(none)",
+    grants: "Grants",
+    programs: "Programs",
+    csps: "CSPs",
+    unassigned: "Use of unassigned cards",
+    idle: "Idle grants",
+    invoices: "Invoices against delivery",
+    grant_card: "GRANT / CARD",
+    grant: "GRANT",
+    program: "PROGRAM",
+    grantee: "GRANTEE",
+    csp: "CSP",
+    host: "HOST",
+    gpu: "GPU",
+    grants_n: "GRANTS",
+    cards_n: "CARDS",
+    total: "total",
+    times: [
+        "ALLOCATED",
+        "UNMETERED",
+        "UNAVAILABLE",
+        "DELIVERED",
+        "OCCUPIED",
+        "ACTIVE",
+        "IDLE",
+        "FOREIGN",
+    ],
+    util: "UTIL_%",
+    energy: "ENERGY_KWH",
+    violations: "VIOLATIONS",
+    unassigned_use: "UNASSIGNED",
+    periods: "INVOICED",
+    billed: "BILLED",
+    difference: "DIFFERENCE",
+    no_invoice: "no invoice",
+};
+
+const KO: Words = Words {
+    title: "정산 대조",
+    figures_in: "단위: GPU시간. 활용률 = 활성 사용 / 배정.",
+    none: "(없음)",
+    grants: "과제별",
+    programs: "사업별",
+    csps: "클라우드 사업자(CSP)별",
+    unassigned: "미배정 GPU 사용",
+    idle: "유휴 과제",
+    invoices: "청구 대비 제공",
+    grant_card: "과제 / GPU",
+    grant: "과제",
+    program: "사업",
+    grantee: "수혜기관",
+    csp: "CSP",
+    host: "호스트",
+    gpu: "GPU",
+    grants_n: "과제 수",
+    cards_n: "GPU 수",
+    total: "합계",
+    times: [
+        "배정",
+        "미계측",
+        "장애",
+        "제공",
+        "점유",
+        "활성 사용",
+        "유휴",
+        "타 사용자 사용",
+    ],
+    util: "활용률(%)",
+    energy: "전력량(kWh)",
+    violations: "위반(건)",
+    unassigned_use: "미배정 사용",
+    periods: "청구 월",
+    billed: "청구",
+    difference: "차이",
+    no_invoice: "청구 없음",
+};
+
+fn kst_minute(ms: i64) -> String {
+    kst()
+        .timestamp_millis_opt(ms)
+        .single()
+        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_default()
+}
+
+fn h3(ms: u64) -> String {
+    format!("{:.3}", gpu_hours(ms))
+}
+
+fn pct1(v: Option<f64>) -> String {
+    fmt_opt(v)
+}
+
+/// The figure cells of a row: the eight times, utilization, energy, violations.
+fn figure_cells(f: &Figures) -> Vec<String> {
+    let mut cells: Vec<String> = f.times().iter().map(|(_, ms)| h3(*ms)).collect();
+    cells.push(pct1(f.utilization_pct()));
+    cells.push(format!("{:.3}", f.energy_kwh()));
+    cells.push(f.violations.to_string());
+    cells
+}
+
+fn figure_header<'a>(w: &'a Words, lead: &[&'a str]) -> (Vec<&'a str>, Vec<bool>) {
+    let mut h: Vec<&str> = lead.to_vec();
+    h.extend(w.times);
+    h.extend([w.util, w.energy, w.violations]);
+    let right = (0..h.len()).map(|i| i >= lead.len()).collect();
+    (h, right)
+}
+
+/// The terminal rendering of a reconciliation: grants with their cards, program and CSP
+/// totals, use of unassigned cards, idle grants, invoices against delivery.
+pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
+    let w = if korean { &KO } else { &EN };
+    let mut out = format!(
+        "{} {}: {} .. {} KST ({})\n",
+        w.title,
+        r.period,
+        kst_minute(r.from_ms),
+        kst_minute(r.until_ms),
+        r.time_zone
+    );
+    let mut filters = vec![];
+    if let Some(p) = &r.program {
+        filters.push(format!("{}={p}", w.program));
+    }
+    if let Some(g) = &r.grant_id {
+        filters.push(format!("{}={g}", w.grant));
+    }
+    if !filters.is_empty() {
+        out.push_str(&filters.join(", "));
+        out.push('\n');
+    }
+    out.push_str(w.figures_in);
+    out.push_str("\n\n");
+
+    out.push_str(w.grants);
+    out.push('\n');
+    if r.grants.is_empty() {
+        out.push_str(w.none);
+        out.push('\n');
+    } else {
+        let (h, right) = figure_header(w, &[w.grant_card, w.program, w.grantee, w.csp]);
+        let mut rows = Vec::new();
+        for g in &r.grants {
+            let mut row = vec![
+                g.grant_id.clone(),
+                g.program.clone(),
+                g.grantee.clone(),
+                g.csp.clone(),
+            ];
+            row.extend(figure_cells(&g.figures));
+            rows.push(row);
+            for c in &g.cards {
+                let mut row = vec![
+                    format!("  {} {}", c.host_id, c.gpu_uuid),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ];
+                row.extend(figure_cells(&c.figures));
+                rows.push(row);
+            }
+        }
+        let mut row = vec![
+            w.total.to_string(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ];
+        row.extend(figure_cells(&r.total));
+        rows.push(row);
+        out.push_str(&grid(&h, &rows, &right));
+    }
+
+    out.push('\n');
+    out.push_str(w.programs);
+    out.push('\n');
+    if r.programs.is_empty() {
+        out.push_str(w.none);
+        out.push('\n');
+    } else {
+        let (h, right) = figure_header(w, &[w.program, w.grants_n, w.cards_n]);
+        let mut right = right;
+        right[1] = true;
+        right[2] = true;
+        let rows: Vec<Vec<String>> = r
+            .programs
+            .iter()
+            .map(|p| {
+                let mut row = vec![p.program.clone(), p.grants.to_string(), p.cards.to_string()];
+                row.extend(figure_cells(&p.figures));
+                row
+            })
+            .collect();
+        out.push_str(&grid(&h, &rows, &right));
+    }
+
+    out.push('\n');
+    out.push_str(w.csps);
+    out.push('\n');
+    if r.csps.is_empty() {
+        out.push_str(w.none);
+        out.push('\n');
+    } else {
+        let (mut h, mut right) = figure_header(w, &[w.csp, w.grants_n, w.cards_n]);
+        h.push(w.unassigned_use);
+        right.push(true);
+        right[1] = true;
+        right[2] = true;
+        let rows: Vec<Vec<String>> = r
+            .csps
+            .iter()
+            .map(|c| {
+                let mut row = vec![c.csp.clone(), c.grants.to_string(), c.cards.to_string()];
+                row.extend(figure_cells(&c.figures));
+                row.push(h3(c.unassigned_use_ms));
+                row
+            })
+            .collect();
+        out.push_str(&grid(&h, &rows, &right));
+    }
+
+    out.push('\n');
+    out.push_str(w.unassigned);
+    out.push('\n');
+    let rows: Vec<Vec<String>> = r
+        .unassigned
+        .iter()
+        .flat_map(|u| {
+            u.cards.iter().map(|c| {
+                vec![
+                    u.csp.clone(),
+                    u.host_id.clone(),
+                    c.gpu_uuid.clone(),
+                    h3(c.unassigned_use_ms),
+                ]
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        out.push_str(w.none);
+        out.push('\n');
+    } else {
+        out.push_str(&grid(
+            &[w.csp, w.host, w.gpu, w.unassigned_use],
+            &rows,
+            &[false, false, false, true],
+        ));
+    }
+
+    out.push('\n');
+    out.push_str(&idle_table(&r.idle, korean));
+
+    out.push('\n');
+    out.push_str(w.invoices);
+    out.push('\n');
+    if r.invoices.is_empty() {
+        out.push_str(w.none);
+        out.push('\n');
+    } else {
+        let mut rows: Vec<Vec<String>> = r
+            .invoices
+            .iter()
+            .map(|i| {
+                vec![
+                    i.csp.clone(),
+                    i.grant_id.clone(),
+                    if i.periods.is_empty() {
+                        w.no_invoice.to_string()
+                    } else {
+                        i.periods.join(" ")
+                    },
+                    i.billed_gpu_hours
+                        .map_or("-".to_string(), |b| format!("{b:.3}")),
+                    h3(i.delivered_ms),
+                    format!("{:+.3}", i.difference_gpu_hours),
+                ]
+            })
+            .collect();
+        for c in &r.invoice_csps {
+            rows.push(vec![
+                c.csp.clone(),
+                w.total.to_string(),
+                String::new(),
+                format!("{:.3}", c.billed_gpu_hours),
+                h3(c.delivered_ms),
+                format!("{:+.3}", c.difference_gpu_hours),
+            ]);
+        }
+        out.push_str(&grid(
+            &[
+                w.csp,
+                w.grant,
+                w.periods,
+                w.billed,
+                w.times[3],
+                w.difference,
+            ],
+            &rows,
+            &[false, false, false, true, true, true],
+        ));
+    }
+    out
+}
+
+/// The idle grants with their reclaimable cards, as a table.
+pub fn idle_table(idle: &IdleReport, korean: bool) -> String {
+    let w = if korean { &KO } else { &EN };
+    let rule = if korean {
+        format!(
+            "{} (최근 {}일 활용률 {}% 미만, 기준 {} KST) 및 회수 가능 GPU\n",
+            w.idle,
+            idle.days,
+            idle.threshold_pct,
+            kst_minute(idle.as_of_ms)
+        )
+    } else {
+        format!(
+            "{} (utilization under {}% over the {} days to {} KST), with the cards to reclaim\n",
+            w.idle,
+            idle.threshold_pct,
+            idle.days,
+            kst_minute(idle.as_of_ms)
+        )
+    };
+    let mut out = rule;
+    if idle.grants.is_empty() {
+        out.push_str(w.none);
+        out.push('\n');
+        return out;
+    }
+    let mut rows = Vec::new();
+    for g in &idle.grants {
+        rows.push(vec![
+            g.grant_id.clone(),
+            g.program.clone(),
+            g.grantee.clone(),
+            g.csp.clone(),
+            h3(g.allocated_ms),
+            h3(g.active_ms),
+            format!("{:.1}", g.utilization_pct),
+        ]);
+        for c in &g.reclaimable_cards {
+            rows.push(vec![
+                format!("  {} {}", c.host_id, c.gpu_uuid),
+                String::new(),
+                String::new(),
+                String::new(),
+                h3(c.allocated_ms),
+                h3(c.active_ms),
+                format!("{:.1}", c.utilization_pct),
+            ]);
+        }
+    }
+    out.push_str(&grid(
+        &[
+            w.grant_card,
+            w.program,
+            w.grantee,
+            w.csp,
+            w.times[0],
+            w.times[5],
+            w.util,
+        ],
+        &rows,
+        &[false, false, false, false, true, true, true],
+    ));
+    out
+}
+
+/// The JSON rendering: the report's own shape (see [`Reconciliation`]), pretty-printed.
+pub fn reconciliation_json(r: &Reconciliation) -> Result<String, serde_json::Error> {
+    Ok(serde_json::to_string_pretty(r)? + "\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +813,228 @@ mod tests {
         assert!(t.contains("h1    GPU-0123456789  "), "{t}");
         assert!(t.contains("0.500"), "{t}");
         assert!(t.contains("  -  "), "{t}");
+    }
+}
+
+#[cfg(test)]
+mod reconciliation_tests {
+    use super::*;
+    use crate::reconcile::{
+        CardRow, CspTotal, GrantRow, IdleGrant, Interval, InvoiceCspTotal, InvoiceRow,
+        ProgramTotal, ReclaimableCard, UnassignedCard, UnassignedUse,
+    };
+
+    const H: u64 = 3_600_000;
+
+    fn small() -> Reconciliation {
+        let (from, until) = parse_period("2026-04").unwrap();
+        let f = Figures {
+            allocated_ms: 10 * H,
+            unmetered_ms: H,
+            unavailable_ms: H / 2,
+            delivered_ms: 17 * H / 2,
+            occupied_ms: 6 * H,
+            active_ms: 3 * H,
+            idle_ms: 5 * H / 2,
+            foreign_ms: H / 4,
+            energy_mj: 7_200_000_000,
+            violations: 2,
+        };
+        Reconciliation {
+            period: "2026-04".into(),
+            from_ms: from,
+            until_ms: until,
+            time_zone: "Asia/Seoul".into(),
+            program: None,
+            grant_id: None,
+            grants: vec![GrantRow {
+                grant_id: "G-1".into(),
+                program: "hpc".into(),
+                grantee: "에이씨미".into(),
+                principal: "user:alice".into(),
+                csp: "kt".into(),
+                valid_from_ms: from,
+                valid_until_ms: until,
+                revoked_at_ms: None,
+                cards: vec![CardRow {
+                    host_id: "h1".into(),
+                    gpu_uuid: "GPU-1".into(),
+                    intervals: vec![Interval {
+                        from_ms: from,
+                        until_ms: until,
+                    }],
+                    figures: f,
+                }],
+                figures: f,
+            }],
+            programs: vec![ProgramTotal {
+                program: "hpc".into(),
+                grants: 1,
+                cards: 1,
+                figures: f,
+            }],
+            csps: vec![CspTotal {
+                csp: "kt".into(),
+                grants: 1,
+                cards: 1,
+                figures: f,
+                unassigned_use_ms: H,
+                unassigned_use_gpu_hours: 1.0,
+            }],
+            total: f,
+            unassigned: vec![UnassignedUse {
+                csp: "kt".into(),
+                host_id: "h2".into(),
+                cards: vec![UnassignedCard {
+                    gpu_uuid: "GPU-2".into(),
+                    unassigned_use_ms: H,
+                }],
+                unassigned_use_ms: H,
+                unassigned_use_gpu_hours: 1.0,
+            }],
+            idle: IdleReport {
+                threshold_pct: 10.0,
+                days: 14,
+                as_of_ms: until,
+                grants: vec![IdleGrant {
+                    grant_id: "G-1".into(),
+                    program: "hpc".into(),
+                    grantee: "에이씨미".into(),
+                    csp: "kt".into(),
+                    window: Interval {
+                        from_ms: until - 14 * 86_400_000,
+                        until_ms: until,
+                    },
+                    allocated_ms: 336 * H,
+                    delivered_ms: 300 * H,
+                    active_ms: 3 * H,
+                    utilization_pct: 3.0 / 336.0 * 100.0,
+                    reclaimable_cards: vec![ReclaimableCard {
+                        host_id: "h1".into(),
+                        gpu_uuid: "GPU-1".into(),
+                        allocated_ms: 336 * H,
+                        active_ms: 3 * H,
+                        utilization_pct: 3.0 / 336.0 * 100.0,
+                    }],
+                }],
+            },
+            invoices: vec![InvoiceRow {
+                csp: "kt".into(),
+                grant_id: "G-1".into(),
+                periods: vec!["2026-04".into()],
+                billed_gpu_hours: Some(9.0),
+                delivered_ms: 17 * H / 2,
+                delivered_gpu_hours: 8.5,
+                difference_gpu_hours: 0.5,
+            }],
+            invoice_csps: vec![InvoiceCspTotal {
+                csp: "kt".into(),
+                billed_gpu_hours: 9.0,
+                delivered_ms: 17 * H / 2,
+                delivered_gpu_hours: 8.5,
+                difference_gpu_hours: 0.5,
+            }],
+        }
+    }
+
+    #[test]
+    fn english_table_snapshot() {
+        let want = "\
+Reconciliation 2026-04: 2026-04-01 00:00 .. 2026-05-01 00:00 KST (Asia/Seoul)
+Figures in GPU-hours; utilization = active / allocated.
+
+Grants
+GRANT / CARD  PROGRAM  GRANTEE   CSP  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  UTIL_%  ENERGY_KWH  VIOLATIONS
+------------  -------  --------  ---  ---------  ---------  -----------  ---------  --------  ------  -----  -------  ------  ----------  ----------
+G-1           hpc      에이씨미  kt      10.000      1.000        0.500      8.500     6.000   3.000  2.500    0.250    30.0       2.000           2
+  h1 GPU-1                               10.000      1.000        0.500      8.500     6.000   3.000  2.500    0.250    30.0       2.000           2
+total                                    10.000      1.000        0.500      8.500     6.000   3.000  2.500    0.250    30.0       2.000           2
+
+Programs
+PROGRAM  GRANTS  CARDS  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  UTIL_%  ENERGY_KWH  VIOLATIONS
+-------  ------  -----  ---------  ---------  -----------  ---------  --------  ------  -----  -------  ------  ----------  ----------
+hpc           1      1     10.000      1.000        0.500      8.500     6.000   3.000  2.500    0.250    30.0       2.000           2
+
+CSPs
+CSP  GRANTS  CARDS  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  UTIL_%  ENERGY_KWH  VIOLATIONS  UNASSIGNED
+---  ------  -----  ---------  ---------  -----------  ---------  --------  ------  -----  -------  ------  ----------  ----------  ----------
+kt        1      1     10.000      1.000        0.500      8.500     6.000   3.000  2.500    0.250    30.0       2.000           2       1.000
+
+Use of unassigned cards
+CSP  HOST  GPU    UNASSIGNED
+---  ----  -----  ----------
+kt   h2    GPU-2       1.000
+
+Idle grants (utilization under 10% over the 14 days to 2026-05-01 00:00 KST), with the cards to reclaim
+GRANT / CARD  PROGRAM  GRANTEE   CSP  ALLOCATED  ACTIVE  UTIL_%
+------------  -------  --------  ---  ---------  ------  ------
+G-1           hpc      에이씨미  kt     336.000   3.000     0.9
+  h1 GPU-1                              336.000   3.000     0.9
+
+Invoices against delivery
+CSP  GRANT  INVOICED  BILLED  DELIVERED  DIFFERENCE
+---  -----  --------  ------  ---------  ----------
+kt   G-1    2026-04    9.000      8.500      +0.500
+kt   total             9.000      8.500      +0.500
+";
+        let got = reconciliation_table(&small(), false);
+        assert_eq!(got, want, "\n{got}");
+    }
+
+    #[test]
+    fn korean_table_snapshot_lines_up_wide_characters() {
+        let mut r = small();
+        r.unassigned.clear();
+        r.invoices.clear();
+        r.invoice_csps.clear();
+        r.idle.grants.clear();
+        r.programs.clear();
+        r.csps.clear();
+        let want = "\
+정산 대조 2026-04: 2026-04-01 00:00 .. 2026-05-01 00:00 KST (Asia/Seoul)
+단위: GPU시간. 활용률 = 활성 사용 / 배정.
+
+과제별
+과제 / GPU  사업  수혜기관  CSP    배정  미계측   장애   제공   점유  활성 사용   유휴  타 사용자 사용  활용률(%)  전력량(kWh)  위반(건)
+----------  ----  --------  ---  ------  ------  -----  -----  -----  ---------  -----  --------------  ---------  -----------  --------
+G-1         hpc   에이씨미  kt   10.000   1.000  0.500  8.500  6.000      3.000  2.500           0.250       30.0        2.000         2
+  h1 GPU-1                       10.000   1.000  0.500  8.500  6.000      3.000  2.500           0.250       30.0        2.000         2
+합계                             10.000   1.000  0.500  8.500  6.000      3.000  2.500           0.250       30.0        2.000         2
+
+사업별
+(없음)
+
+클라우드 사업자(CSP)별
+(없음)
+
+미배정 GPU 사용
+(없음)
+
+유휴 과제 (최근 14일 활용률 10% 미만, 기준 2026-05-01 00:00 KST) 및 회수 가능 GPU
+(없음)
+
+청구 대비 제공
+(없음)
+";
+        let got = reconciliation_table(&r, true);
+        assert_eq!(got, want, "\n{got}");
+    }
+
+    #[test]
+    fn json_is_the_reports_own_shape() {
+        let v: serde_json::Value =
+            serde_json::from_str(&reconciliation_json(&small()).unwrap()).unwrap();
+        assert_eq!(v["grants"][0]["delivered_gpu_hours"], 8.5);
+        assert_eq!(v["grants"][0]["utilization_pct"], 30.0);
+        assert_eq!(v["grants"][0]["energy_kwh"], 2.0);
+        assert_eq!(
+            v["grants"][0]["cards"][0]["intervals"][0]["until_ms"],
+            v["until_ms"]
+        );
+        assert_eq!(v["invoices"][0]["difference_gpu_hours"], 0.5);
+        assert_eq!(
+            v["idle"]["grants"][0]["reclaimable_cards"][0]["gpu_uuid"],
+            "GPU-1"
+        );
     }
 }

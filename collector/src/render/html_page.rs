@@ -1,0 +1,714 @@
+//! The HTML report: one self-contained page (inline CSS and SVG, no script, no font or image
+//! to fetch) that a browser renders offline.
+//!
+//! A Content-Security-Policy of `default-src 'none'` in the page itself makes the browser
+//! refuse any fetch, so the page cannot leak that it was opened, and stays complete when mailed
+//! or archived. Every text from the data (grantee names, ids) is escaped.
+//!
+//! Sections, in order: summary; allocated vs delivered vs active per grant; per grant, a
+//! day-by-card utilization heatmap; program and CSP totals (table and bars); idle grants to
+//! reclaim; violations and use of unassigned cards; invoices vs delivered (when any invoice
+//! was imported); every grant's figures.
+
+use std::collections::HashMap;
+
+use crate::reconcile::{Figures, Reconciliation, gpu_hours};
+
+use super::days::period_days;
+use super::labels::Labels;
+use super::svg::{BarGroup, Cell, Series, clip, esc, grouped_bars, heatmap, num};
+use super::{CardDay, Lang, kst_minute};
+
+const CSS: &str = r#"
+:root { color-scheme: light; }
+body { font-family: "Noto Sans CJK KR", "Noto Sans KR", "Malgun Gothic", "Apple SD Gothic Neo", system-ui, sans-serif; margin: 24px 32px; color: #1f2933; background: #ffffff; font-size: 14px; }
+h1 { font-size: 24px; margin: 0 0 4px; }
+h2 { font-size: 18px; margin: 32px 0 8px; border-bottom: 2px solid #d9e2ec; padding-bottom: 4px; }
+h3 { font-size: 15px; margin: 18px 0 4px; }
+.meta, .note { color: #52606d; margin: 4px 0 8px; }
+.tiles { display: flex; flex-wrap: wrap; gap: 12px; margin-top: 12px; }
+.tile { border: 1px solid #d9e2ec; border-radius: 6px; padding: 10px 14px; min-width: 130px; }
+.tile .k { color: #52606d; font-size: 12px; }
+.tile .v { font-size: 20px; font-weight: 600; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: 8px 0; }
+th, td { border: 1px solid #d9e2ec; padding: 3px 8px; text-align: left; vertical-align: top; white-space: nowrap; }
+th { background: #f0f4f8; font-weight: 600; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.neg { color: #b42318; }
+tr.total td { font-weight: 600; background: #f8fafc; }
+svg.chart text { font-size: 12px; fill: #1f2933; }
+svg.chart text.value, svg.chart text.axis { fill: #52606d; font-size: 11px; }
+svg.chart text.month { font-weight: 600; }
+.bar.allocated, .legend.allocated { fill: #9ecae1; }
+.bar.delivered, .legend.delivered { fill: #3182bd; }
+.bar.active, .legend.active { fill: #e6550d; }
+.bar.unassigned, .legend.unassigned { fill: #756bb1; }
+.bar.billed, .legend.billed { fill: #31a354; }
+rect.cell { stroke: #e4e7eb; stroke-width: 0.5; }
+.swatch { display: inline-block; width: 14px; height: 12px; border: 1px solid #cbd2d9; vertical-align: middle; margin: 0 4px 0 12px; }
+footer { margin-top: 40px; color: #52606d; font-size: 12px; }
+"#;
+
+/// A table cell: text (escaped here), lines of text, or a number (right-aligned).
+enum Td {
+    Text(String),
+    Lines(Vec<String>),
+    Num(String),
+    Neg(String),
+}
+
+fn table(headers: &[&str], rows: &[(bool, Vec<Td>)]) -> String {
+    let mut s = String::from("<div class=\"scroll\"><table><thead><tr>");
+    for h in headers {
+        s.push_str(&format!("<th>{}</th>", esc(h)));
+    }
+    s.push_str("</tr></thead><tbody>");
+    for (total, cells) in rows {
+        s.push_str(if *total {
+            "<tr class=\"total\">"
+        } else {
+            "<tr>"
+        });
+        for c in cells {
+            match c {
+                Td::Text(t) => s.push_str(&format!("<td>{}</td>", esc(t))),
+                Td::Lines(ls) => {
+                    let ls: Vec<String> = ls.iter().map(|l| esc(l)).collect();
+                    s.push_str(&format!("<td>{}</td>", ls.join("<br>")));
+                }
+                Td::Num(t) => s.push_str(&format!("<td class=\"n\">{}</td>", esc(t))),
+                Td::Neg(t) => s.push_str(&format!("<td class=\"n neg\">{}</td>", esc(t))),
+            }
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</tbody></table></div>");
+    s
+}
+
+fn h(ms: u64) -> Td {
+    Td::Num(num(gpu_hours(ms), 2))
+}
+
+fn pct(p: Option<f64>) -> Td {
+    Td::Num(p.map_or("-".to_owned(), |p| format!("{}%", num(p, 1))))
+}
+
+/// The figure columns shared by the grant, program and CSP tables.
+fn figure_headers(l: &Labels) -> [&'static str; 11] {
+    [
+        l.allocated,
+        l.unmetered,
+        l.unavailable,
+        l.delivered,
+        l.occupied,
+        l.active,
+        l.idle,
+        l.foreign,
+        l.utilization,
+        l.energy,
+        l.violations,
+    ]
+}
+
+fn figure_cells(f: &Figures) -> Vec<Td> {
+    vec![
+        h(f.allocated_ms),
+        h(f.unmetered_ms),
+        h(f.unavailable_ms),
+        h(f.delivered_ms),
+        h(f.occupied_ms),
+        h(f.active_ms),
+        h(f.idle_ms),
+        h(f.foreign_ms),
+        pct(f.utilization_pct()),
+        Td::Num(num(f.energy_kwh(), 2)),
+        Td::Num(f.violations.to_string()),
+    ]
+}
+
+fn three_series(l: &Labels) -> [Series<'static>; 3] {
+    [
+        Series {
+            class: "allocated",
+            label: l.allocated,
+        },
+        Series {
+            class: "delivered",
+            label: l.delivered,
+        },
+        Series {
+            class: "active",
+            label: l.active,
+        },
+    ]
+}
+
+fn three_values(f: &Figures) -> Vec<f64> {
+    vec![
+        f.allocated_gpu_hours(),
+        f.delivered_gpu_hours(),
+        f.active_gpu_hours(),
+    ]
+}
+
+fn tile(k: &str, v: &str) -> String {
+    format!(
+        "<div class=\"tile\"><div class=\"k\">{}</div><div class=\"v\">{}</div></div>",
+        esc(k),
+        esc(v)
+    )
+}
+
+fn summary(r: &Reconciliation, l: &Labels) -> String {
+    let t = &r.total;
+    let cards: usize = r.grants.iter().map(|g| g.cards.len()).sum();
+    let gh = |ms: u64| format!("{} {}", num(gpu_hours(ms), 1), l.gpu_hours);
+    let mut s = format!(
+        "<section id=\"summary\"><h2>{}</h2><div class=\"tiles\">",
+        esc(l.summary)
+    );
+    for (k, v) in [
+        (l.grants, r.grants.len().to_string()),
+        (l.cards, cards.to_string()),
+        (l.allocated, gh(t.allocated_ms)),
+        (l.delivered, gh(t.delivered_ms)),
+        (l.active, gh(t.active_ms)),
+        (
+            l.utilization,
+            t.utilization_pct()
+                .map_or("-".into(), |p| format!("{}%", num(p, 1))),
+        ),
+        (l.idle_title, r.idle.grants.len().to_string()),
+        (l.violations, t.violations.to_string()),
+    ] {
+        s.push_str(&tile(k, &v));
+    }
+    s.push_str("</div></section>");
+    s
+}
+
+fn grants_chart(r: &Reconciliation, l: &Labels) -> String {
+    let mut s = format!(
+        "<section id=\"grants\"><h2>{}</h2><p class=\"note\">{}</p>",
+        esc(l.chart_grants),
+        esc(l.chart_grants_note)
+    );
+    if r.grants.is_empty() {
+        s.push_str(&format!("<p>{}</p>", esc(l.no_grants)));
+    } else {
+        let groups: Vec<BarGroup> = r
+            .grants
+            .iter()
+            .map(|g| BarGroup {
+                label: format!("{} · {}", g.grant_id, g.grantee),
+                title: format!("{} · {} · {}", g.grant_id, g.grantee, g.program),
+                values: three_values(&g.figures),
+            })
+            .collect();
+        s.push_str("<div class=\"scroll\">");
+        s.push_str(&grouped_bars(
+            "chart-grants",
+            &three_series(l),
+            &groups,
+            l.gpu_hours,
+        ));
+        s.push_str("</div>");
+    }
+    s.push_str("</section>");
+    s
+}
+
+fn heatmaps(r: &Reconciliation, days: &[CardDay], l: &Labels) -> String {
+    let mut s = format!(
+        "<section id=\"heatmaps\"><h2>{}</h2><p class=\"note\">{}",
+        esc(l.heatmaps),
+        esc(l.heatmaps_note)
+    );
+    for (fill, label) in [
+        ("#eef3fb", "0%"),
+        ("#6baed6", "50%"),
+        ("#08306b", "100%"),
+        ("#bdbdbd", l.no_data),
+        ("#ffffff", l.not_allocated),
+    ] {
+        s.push_str(&format!(
+            "<span class=\"swatch\" style=\"background:{fill}\"></span>{}",
+            esc(label)
+        ));
+    }
+    s.push_str("</p>");
+    let period: Vec<String> = period_days(r.from_ms, r.until_ms)
+        .into_iter()
+        .map(|d| d.day)
+        .collect();
+    let by_key: HashMap<(&str, &str, &str), &CardDay> = days
+        .iter()
+        .map(|d| {
+            (
+                (d.grant_id.as_str(), d.gpu_uuid.as_str(), d.day.as_str()),
+                d,
+            )
+        })
+        .collect();
+    for (gi, g) in r.grants.iter().enumerate() {
+        s.push_str(&format!(
+            "<h3>{} · {}</h3><div class=\"scroll\">",
+            esc(&g.grant_id),
+            esc(&g.grantee)
+        ));
+        let rows: Vec<(String, String)> = g
+            .cards
+            .iter()
+            .map(|c| {
+                (
+                    format!("{} · {}", c.host_id, clip(&c.gpu_uuid, 16)),
+                    format!("{} {}", c.host_id, c.gpu_uuid),
+                )
+            })
+            .collect();
+        let cells: Vec<Vec<Cell>> = g
+            .cards
+            .iter()
+            .map(|c| {
+                period
+                    .iter()
+                    .map(|day| {
+                        match by_key.get(&(g.grant_id.as_str(), c.gpu_uuid.as_str(), day.as_str()))
+                        {
+                            None => Cell::NotAllocated,
+                            Some(d) => d.utilization_pct.map_or(Cell::NoData, Cell::Pct),
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        s.push_str(&heatmap(&format!("heat-{gi}"), &rows, &period, &cells));
+        s.push_str("</div>");
+    }
+    if r.grants.is_empty() {
+        s.push_str(&format!("<p>{}</p>", esc(l.no_grants)));
+    }
+    s.push_str("</section>");
+    s
+}
+
+fn programs(r: &Reconciliation, l: &Labels) -> String {
+    let mut s = format!("<section id=\"programs\"><h2>{}</h2>", esc(l.programs));
+    let mut headers = vec![l.program, l.grants, l.cards];
+    headers.extend(figure_headers(l));
+    let mut rows: Vec<(bool, Vec<Td>)> = r
+        .programs
+        .iter()
+        .map(|p| {
+            let mut cells = vec![
+                Td::Text(format!("{} ({})", l.program_name(&p.program), p.program)),
+                Td::Num(p.grants.to_string()),
+                Td::Num(p.cards.to_string()),
+            ];
+            cells.extend(figure_cells(&p.figures));
+            (false, cells)
+        })
+        .collect();
+    let cards: usize = r.grants.iter().map(|g| g.cards.len()).sum();
+    let mut total = vec![
+        Td::Text(l.total.to_owned()),
+        Td::Num(r.grants.len().to_string()),
+        Td::Num(cards.to_string()),
+    ];
+    total.extend(figure_cells(&r.total));
+    rows.push((true, total));
+    s.push_str(&table(&headers, &rows));
+    let groups: Vec<BarGroup> = r
+        .programs
+        .iter()
+        .map(|p| BarGroup {
+            label: l.program_name(&p.program).to_owned(),
+            title: p.program.clone(),
+            values: three_values(&p.figures),
+        })
+        .collect();
+    if !groups.is_empty() {
+        s.push_str("<div class=\"scroll\">");
+        s.push_str(&grouped_bars(
+            "chart-programs",
+            &three_series(l),
+            &groups,
+            l.gpu_hours,
+        ));
+        s.push_str("</div>");
+    }
+    s.push_str("</section>");
+    s
+}
+
+fn csps(r: &Reconciliation, l: &Labels) -> String {
+    let mut s = format!("<section id=\"csps\"><h2>{}</h2>", esc(l.csps));
+    let mut headers = vec![l.csp, l.grants, l.cards];
+    headers.extend(figure_headers(l));
+    headers.push(l.unassigned_use);
+    let rows: Vec<(bool, Vec<Td>)> = r
+        .csps
+        .iter()
+        .map(|c| {
+            let mut cells = vec![
+                Td::Text(c.csp.clone()),
+                Td::Num(c.grants.to_string()),
+                Td::Num(c.cards.to_string()),
+            ];
+            cells.extend(figure_cells(&c.figures));
+            cells.push(h(c.unassigned_use_ms));
+            (false, cells)
+        })
+        .collect();
+    s.push_str(&table(&headers, &rows));
+    let [a, d, ac] = three_series(l);
+    let series = [
+        a,
+        d,
+        ac,
+        Series {
+            class: "unassigned",
+            label: l.unassigned_use,
+        },
+    ];
+    let groups: Vec<BarGroup> = r
+        .csps
+        .iter()
+        .map(|c| {
+            let mut values = three_values(&c.figures);
+            values.push(gpu_hours(c.unassigned_use_ms));
+            BarGroup {
+                label: c.csp.clone(),
+                title: c.csp.clone(),
+                values,
+            }
+        })
+        .collect();
+    if !groups.is_empty() {
+        s.push_str("<div class=\"scroll\">");
+        s.push_str(&grouped_bars("chart-csps", &series, &groups, l.gpu_hours));
+        s.push_str("</div>");
+    }
+    s.push_str("</section>");
+    s
+}
+
+fn idle(r: &Reconciliation, l: &Labels) -> String {
+    let i = &r.idle;
+    let mut s = format!(
+        "<section id=\"idle\"><h2>{}</h2><p class=\"note\">{}</p>",
+        esc(l.idle_title),
+        esc(&l.idle_rule(i.threshold_pct, i.days))
+    );
+    if i.grants.is_empty() {
+        s.push_str(&format!("<p>{}</p>", esc(l.idle_none)));
+    } else {
+        let headers = [
+            l.grant,
+            l.grantee,
+            l.program,
+            l.csp,
+            l.lookback,
+            l.allocated,
+            l.delivered,
+            l.active,
+            l.utilization,
+            l.reclaimable_cards,
+        ];
+        let rows: Vec<(bool, Vec<Td>)> = i
+            .grants
+            .iter()
+            .map(|g| {
+                let cards: Vec<String> = g
+                    .reclaimable_cards
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} {} ({}%)",
+                            c.host_id,
+                            c.gpu_uuid,
+                            num(c.utilization_pct, 1)
+                        )
+                    })
+                    .collect();
+                (
+                    false,
+                    vec![
+                        Td::Text(g.grant_id.clone()),
+                        Td::Text(g.grantee.clone()),
+                        Td::Text(g.program.clone()),
+                        Td::Text(g.csp.clone()),
+                        Td::Text(format!(
+                            "{} – {}",
+                            kst_minute(g.window.from_ms),
+                            kst_minute(g.window.until_ms)
+                        )),
+                        h(g.allocated_ms),
+                        h(g.delivered_ms),
+                        h(g.active_ms),
+                        pct(Some(g.utilization_pct)),
+                        Td::Lines(cards),
+                    ],
+                )
+            })
+            .collect();
+        s.push_str(&table(&headers, &rows));
+    }
+    s.push_str("</section>");
+    s
+}
+
+fn violations(r: &Reconciliation, l: &Labels) -> String {
+    let mut s = format!(
+        "<section id=\"violations\"><h2>{}</h2><p class=\"note\">{}</p>",
+        esc(l.violations_title),
+        esc(l.violations_note)
+    );
+    // Per card, so that an inspector knows which card to look at.
+    let rows: Vec<(bool, Vec<Td>)> = r
+        .grants
+        .iter()
+        .flat_map(|g| {
+            g.cards
+                .iter()
+                .filter(|c| c.figures.violations > 0 || c.figures.foreign_ms > 0)
+                .map(move |c| {
+                    (
+                        false,
+                        vec![
+                            Td::Text(g.grant_id.clone()),
+                            Td::Text(g.grantee.clone()),
+                            Td::Text(g.csp.clone()),
+                            Td::Text(c.host_id.clone()),
+                            Td::Text(c.gpu_uuid.clone()),
+                            Td::Num(c.figures.violations.to_string()),
+                            h(c.figures.foreign_ms),
+                        ],
+                    )
+                })
+        })
+        .collect();
+    if rows.is_empty() {
+        s.push_str(&format!("<p>{}</p>", esc(l.violations_none)));
+    } else {
+        s.push_str(&table(
+            &[
+                l.grant,
+                l.grantee,
+                l.csp,
+                l.host,
+                l.gpu,
+                l.violations,
+                l.foreign,
+            ],
+            &rows,
+        ));
+    }
+    s.push_str(&format!("<h3>{}</h3>", esc(l.unassigned_title)));
+    let rows: Vec<(bool, Vec<Td>)> = r
+        .unassigned
+        .iter()
+        .flat_map(|u| {
+            u.cards.iter().map(|c| {
+                (
+                    false,
+                    vec![
+                        Td::Text(u.csp.clone()),
+                        Td::Text(u.host_id.clone()),
+                        Td::Text(c.gpu_uuid.clone()),
+                        h(c.unassigned_use_ms),
+                    ],
+                )
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        s.push_str(&format!("<p>{}</p>", esc(l.unassigned_none)));
+    } else {
+        s.push_str(&table(&[l.csp, l.host, l.gpu, l.unassigned_use], &rows));
+    }
+    s.push_str("</section>");
+    s
+}
+
+fn invoices(r: &Reconciliation, l: &Labels) -> String {
+    if r.invoices.is_empty() {
+        return String::new();
+    }
+    let mut s = format!(
+        "<section id=\"invoices\"><h2>{}</h2>",
+        esc(l.invoices_title)
+    );
+    let diff = |d: f64| {
+        let t = num(d, 2);
+        if d < 0.0 { Td::Neg(t) } else { Td::Num(t) }
+    };
+    let mut rows: Vec<(bool, Vec<Td>)> = r
+        .invoices
+        .iter()
+        .map(|i| {
+            (
+                false,
+                vec![
+                    Td::Text(i.csp.clone()),
+                    Td::Text(i.grant_id.clone()),
+                    Td::Text(i.periods.join(", ")),
+                    i.billed_gpu_hours
+                        .map_or(Td::Text(l.no_invoice.to_owned()), |b| Td::Num(num(b, 2))),
+                    Td::Num(num(i.delivered_gpu_hours, 2)),
+                    diff(i.difference_gpu_hours),
+                ],
+            )
+        })
+        .collect();
+    rows.extend(r.invoice_csps.iter().map(|c| {
+        (
+            true,
+            vec![
+                Td::Text(c.csp.clone()),
+                Td::Text(l.total.to_owned()),
+                Td::Text(String::new()),
+                Td::Num(num(c.billed_gpu_hours, 2)),
+                Td::Num(num(c.delivered_gpu_hours, 2)),
+                diff(c.difference_gpu_hours),
+            ],
+        )
+    }));
+    s.push_str(&table(
+        &[
+            l.csp,
+            l.grant,
+            l.period,
+            l.billed,
+            l.delivered,
+            l.difference,
+        ],
+        &rows,
+    ));
+    let groups: Vec<BarGroup> = r
+        .invoices
+        .iter()
+        .map(|i| BarGroup {
+            label: format!("{} · {}", i.csp, i.grant_id),
+            title: format!("{} · {}", i.csp, i.grant_id),
+            values: vec![i.billed_gpu_hours.unwrap_or(0.0), i.delivered_gpu_hours],
+        })
+        .collect();
+    s.push_str("<div class=\"scroll\">");
+    s.push_str(&grouped_bars(
+        "chart-invoices",
+        &[
+            Series {
+                class: "billed",
+                label: l.billed,
+            },
+            Series {
+                class: "delivered",
+                label: l.delivered,
+            },
+        ],
+        &groups,
+        l.gpu_hours,
+    ));
+    s.push_str("</div></section>");
+    s
+}
+
+fn grant_table(r: &Reconciliation, l: &Labels) -> String {
+    let mut s = format!(
+        "<section id=\"grant-table\"><h2>{}</h2>",
+        esc(l.grant_table)
+    );
+    if r.grants.is_empty() {
+        s.push_str(&format!("<p>{}</p></section>", esc(l.no_grants)));
+        return s;
+    }
+    let mut headers = vec![
+        l.grant,
+        l.grantee,
+        l.principal,
+        l.program,
+        l.csp,
+        l.valid,
+        l.cards,
+    ];
+    headers.extend(figure_headers(l));
+    let rows: Vec<(bool, Vec<Td>)> = r
+        .grants
+        .iter()
+        .map(|g| {
+            let mut cells = vec![
+                Td::Text(g.grant_id.clone()),
+                Td::Text(g.grantee.clone()),
+                Td::Text(g.principal.clone()),
+                Td::Text(g.program.clone()),
+                Td::Text(g.csp.clone()),
+                Td::Text(format!(
+                    "{} – {}",
+                    kst_minute(g.valid_from_ms),
+                    kst_minute(g.valid_until_ms)
+                )),
+                Td::Num(g.cards.len().to_string()),
+            ];
+            cells.extend(figure_cells(&g.figures));
+            (false, cells)
+        })
+        .collect();
+    s.push_str(&table(&headers, &rows));
+    s.push_str("</section>");
+    s
+}
+
+pub(super) fn render(r: &Reconciliation, days: &[CardDay], lang: Lang) -> String {
+    let l = lang.labels();
+    let mut filters = Vec::new();
+    if let Some(p) = &r.program {
+        filters.push(format!("{} = {p}", l.program));
+    }
+    if let Some(g) = &r.grant_id {
+        filters.push(format!("{} = {g}", l.grant));
+    }
+    let filter = if filters.is_empty() {
+        l.all.to_owned()
+    } else {
+        filters.join(", ")
+    };
+    let mut s = format!(
+        "<!DOCTYPE html>\n<html lang=\"{lang}\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>{title} {period}</title>\n<style>{CSS}</style>\n</head>\n<body>\n\
+         <header><h1>{title}</h1><p class=\"meta\">{pl}: {period} ({from} – {until}) · {tzl}: {tz} · {fl}: {filter}</p></header>\n",
+        lang = lang.as_str(),
+        title = esc(l.title),
+        period = esc(&r.period),
+        pl = esc(l.period),
+        from = esc(&kst_minute(r.from_ms)),
+        until = esc(&kst_minute(r.until_ms)),
+        tzl = esc(l.time_zone),
+        tz = esc(&r.time_zone),
+        fl = esc(l.filter),
+        filter = esc(&filter),
+    );
+    for part in [
+        summary(r, l),
+        grants_chart(r, l),
+        heatmaps(r, days, l),
+        programs(r, l),
+        csps(r, l),
+        idle(r, l),
+        violations(r, l),
+        invoices(r, l),
+        grant_table(r, l),
+    ] {
+        s.push_str(&part);
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "<footer>{} · gpumeter</footer>\n</body>\n</html>\n",
+        esc(l.figures_note)
+    ));
+    s
+}
