@@ -20,8 +20,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use super::{
     AgentHello, AgentState, Alarm, AssignmentRow, CardUsageRow, CommitOutcome, EventRow, GpuRow,
     GrantChangeRow, GrantRecord, HostRow, IngestBatch, Invoice, MeteredWindow, PrincipalRow,
-    RecordContent, Store, StoreError, StoredEvent, StoredInvoice, TenantUsageRow, Usage,
-    WindowRow,
+    RecordContent, Store, StoreError, StoredEvent, StoredInvoice, TenantUsageRow, Usage, WindowRow,
 };
 use crate::grants::{Amendment, Grant, GrantCard, Program, amend};
 
@@ -454,11 +453,18 @@ impl Store for SqliteStore {
                                     at_ms: b.received_ms,
                                     kind: "equivocation".into(),
                                     seq: Some(r.seq),
+                                    // The batch's signed checkpoint covers the other
+                                    // history; it stays here as the evidence, since it
+                                    // cannot go into `checkpoints` (see below).
                                     detail: format!(
-                                        "seq {} re-sent with different bytes (held hash {}, new hash {}); the first copy is kept",
+                                        "seq {} re-sent with different bytes (held hash {}, new hash {}); the first copy is kept; the re-sent batch's checkpoint: epoch {}, seq {}, chain hash {}, signature {}",
                                         r.seq,
                                         hex::encode(&held),
-                                        hex::encode(r.hash)
+                                        hex::encode(r.hash),
+                                        b.checkpoint.epoch,
+                                        b.checkpoint.seq,
+                                        hex::encode(b.checkpoint.chain_hash),
+                                        hex::encode(&b.checkpoint.signature)
                                     ),
                                 },
                             )?;
@@ -537,17 +543,31 @@ impl Store for SqliteStore {
                         | RecordContent::Unknown => {}
                     }
                 }
+                // A batch that re-sent a record with other bytes comes with a checkpoint
+                // over the other history (links inside a batch are verified), which the
+                // ledger does not hold: stored, it would make the kept chain fail
+                // verification for good. Only a checkpoint matching the stored chain goes in.
                 let cp = &b.checkpoint;
-                ins_cp
-                    .execute(params![
-                        b.agent_id,
-                        cp.epoch as i64,
-                        cp.seq as i64,
-                        &cp.chain_hash[..],
-                        cp.signature,
-                        b.received_ms
-                    ])
-                    .map_err(db)?;
+                let vouches = out.equivocations.is_empty()
+                    || get_hash
+                        .query_row(params![b.agent_id, cp.seq as i64], |row| {
+                            row.get::<_, Vec<u8>>(0)
+                        })
+                        .optional()
+                        .map_err(db)?
+                        .is_some_and(|h| h.as_slice() == cp.chain_hash.as_slice());
+                if vouches {
+                    ins_cp
+                        .execute(params![
+                            b.agent_id,
+                            cp.epoch as i64,
+                            cp.seq as i64,
+                            &cp.chain_hash[..],
+                            cp.signature,
+                            b.received_ms
+                        ])
+                        .map_err(db)?;
+                }
                 for a in &b.alarms {
                     insert_alarm(&tx, a)?;
                 }
@@ -814,7 +834,11 @@ impl Store for SqliteStore {
                         Some(old) if replaced => format!(" replacing {}", hex::encode(old)),
                         _ => String::new(),
                     },
-                    if reason.is_empty() { String::new() } else { format!(": {reason}") }
+                    if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {reason}")
+                    }
                 ),
             },
         )?;
@@ -823,7 +847,9 @@ impl Store for SqliteStore {
     }
 
     fn ledger(&self) -> Result<Box<dyn crate::verify::ChainSource + Send>, StoreError> {
-        Ok(Box::new(super::sqlite_ledger::SqliteLedger::open_read_only(&self.path)?))
+        Ok(Box::new(
+            super::sqlite_ledger::SqliteLedger::open_read_only(&self.path)?,
+        ))
     }
 
     fn assignments(&self, host_id: &str) -> Result<(u64, Vec<AssignmentRow>), StoreError> {
@@ -1437,5 +1463,263 @@ mod tests {
             .unwrap();
         assert!(store.assignments("h3").unwrap().1.is_empty());
         assert_eq!(store.assignments("h4").unwrap().1.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod reconcile_reads_tests {
+    use super::*;
+    use crate::store::{CheckpointRow, IngestRecord};
+
+    fn hello(agent: &str, csp: &str) -> AgentHello {
+        AgentHello {
+            agent_id: agent.into(),
+            host_id: format!("host-{agent}"),
+            csp: csp.into(),
+            hostname: agent.into(),
+            agent_version: "t".into(),
+            public_key: [7; 32],
+            driver_version: "t".into(),
+            gpus: vec![],
+            epoch: 1,
+            received_ms: 0,
+        }
+    }
+
+    fn window(gpu: &str, start: i64, grantee: Option<u64>) -> WindowRow {
+        WindowRow {
+            gpu_uuid: gpu.into(),
+            start_ms: start,
+            end_ms: start + 60_000,
+            interval_ms: 1_000,
+            expected_samples: 60,
+            good_samples: 58,
+            util_avg_pct: Some(40.0),
+            util_max_pct: None,
+            mem_util_avg_pct: None,
+            memory_used_max_bytes: Some(5),
+            energy_mj: None,
+            energy_estimated: false,
+            power_avg_w: None,
+            temperature_max_c: None,
+            throttle_reasons: None,
+            health: "lost",
+            unavailable_ms: 2_000,
+            assignment_status: "assigned",
+            grant_id: "G".into(),
+            principal: "user:alice".into(),
+            active_ms: 9_000,
+            occupied_ms: 30_000,
+            foreign_ms: 10_000,
+            grantee_occupied_ms: grantee,
+            principals: vec![
+                PrincipalRow {
+                    principal: "user:alice".into(),
+                    uid: Some(1001),
+                    occupied_ms: 20_000,
+                    active_ms: 8_000,
+                    memory_max_bytes: 1,
+                    process_count: 1,
+                    matches_grant: true,
+                },
+                PrincipalRow {
+                    principal: "user:bob".into(),
+                    uid: None,
+                    occupied_ms: 10_000,
+                    active_ms: 1_000,
+                    memory_max_bytes: 2,
+                    process_count: 2,
+                    matches_grant: false,
+                },
+            ],
+        }
+    }
+
+    fn event(gpu: &str, at: i64, kind: &'static str) -> EventRow {
+        EventRow {
+            gpu_uuid: gpu.into(),
+            at_ms: at,
+            kind,
+            code: 0,
+            detail: "d".into(),
+            pid: Some(9),
+            principal: "user:bob".into(),
+            grant_id: "G".into(),
+            mode: "observe".into(),
+            action: "none".into(),
+            result: "recorded".into(),
+        }
+    }
+
+    fn batch(agent: &str, contents: Vec<RecordContent>) -> IngestBatch {
+        let records: Vec<IngestRecord> = contents
+            .into_iter()
+            .enumerate()
+            .map(|(i, content)| IngestRecord {
+                seq: i as u64 + 1,
+                prev_hash: [0; 32],
+                hash: [i as u8 + 1; 32],
+                body: vec![i as u8],
+                created_ms: 0,
+                content,
+            })
+            .collect();
+        IngestBatch {
+            agent_id: agent.into(),
+            checkpoint: CheckpointRow {
+                epoch: 1,
+                seq: records.len() as u64,
+                chain_hash: [0; 32],
+                signature: vec![],
+            },
+            records,
+            received_ms: 0,
+            alarms: vec![],
+        }
+    }
+
+    #[test]
+    fn windows_events_and_invoices_read_back_for_reconciliation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        store.hello(&hello("a", "kt")).unwrap();
+        store.hello(&hello("b", "nhn")).unwrap();
+        let day = 86_400_000;
+        store
+            .commit(&[
+                batch(
+                    "a",
+                    vec![
+                        RecordContent::Window(window("GPU-2", 10 * day, Some(25_000))),
+                        RecordContent::Window(window("GPU-1", 10 * day + 60_000, None)),
+                        // Starts before the period but runs into it.
+                        RecordContent::Window(window("GPU-1", 10 * day - 30_000, Some(1))),
+                        RecordContent::Window(window("GPU-1", 9 * day, Some(1))),
+                        RecordContent::Event(event("GPU-1", 10 * day + 5, "enforcement")),
+                        RecordContent::Event(event("GPU-1", 10 * day + 6, "xid")),
+                    ],
+                ),
+                batch(
+                    "b",
+                    vec![RecordContent::Event(event(
+                        "GPU-3",
+                        10 * day + 1,
+                        "enforcement",
+                    ))],
+                ),
+            ])
+            .unwrap();
+
+        let w = store.windows(10 * day, 11 * day, None).unwrap();
+        let got: Vec<(&str, i64, u64, &str, &str)> = w
+            .iter()
+            .map(|m| {
+                (
+                    m.window.gpu_uuid.as_str(),
+                    m.window.start_ms - 10 * day,
+                    m.seq,
+                    m.host_id.as_str(),
+                    m.csp.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("GPU-1", -30_000, 3, "host-a", "kt"),
+                ("GPU-1", 60_000, 2, "host-a", "kt"),
+                ("GPU-2", 0, 1, "host-a", "kt"),
+            ]
+        );
+        // Every column comes back as it went in.
+        assert_eq!(w[2].window, window("GPU-2", 10 * day, Some(25_000)));
+        assert_eq!(w[1].window, window("GPU-1", 10 * day + 60_000, None));
+        assert_eq!(
+            store
+                .windows(10 * day, 11 * day, Some("GPU-2"))
+                .unwrap()
+                .len(),
+            1
+        );
+
+        let e = store.events(10 * day, 11 * day, None, None).unwrap();
+        let got: Vec<(&str, &str, &str)> = e
+            .iter()
+            .map(|s| (s.event.gpu_uuid.as_str(), s.event.kind, s.csp.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("GPU-3", "enforcement", "nhn"),
+                ("GPU-1", "enforcement", "kt"),
+                ("GPU-1", "xid", "kt")
+            ]
+        );
+        assert_eq!(e[1].event, event("GPU-1", 10 * day + 5, "enforcement"));
+        let only = store
+            .events(10 * day, 11 * day, Some("enforcement"), Some("GPU-1"))
+            .unwrap();
+        assert_eq!(only.len(), 1);
+
+        let inv = |grant: &str, period: &str, hours: f64| Invoice {
+            csp: "kt".into(),
+            grant_id: grant.into(),
+            period: period.into(),
+            billed_gpu_hours: hours,
+            line: 2,
+        };
+        store
+            .insert_invoices(
+                &[inv("G", "2026-04", 10.0), inv("G", "2026-05", 3.0)],
+                "x",
+                1,
+            )
+            .unwrap();
+        store
+            .insert_invoices(&[inv("G", "2026-04", 12.5)], "y", 2)
+            .unwrap();
+        let held = store.invoices().unwrap();
+        let got: Vec<(&str, f64, &str, i64)> = held
+            .iter()
+            .map(|s| {
+                (
+                    s.invoice.period.as_str(),
+                    s.invoice.billed_gpu_hours,
+                    s.actor.as_str(),
+                    s.imported_at_ms,
+                )
+            })
+            .collect();
+        assert_eq!(got, [("2026-04", 12.5, "y", 2), ("2026-05", 3.0, "x", 1)]);
+    }
+
+    #[test]
+    fn a_version_2_database_gains_the_reconciliation_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        {
+            let mut c = Connection::open(&path).unwrap();
+            let tx = c.transaction().unwrap();
+            tx.execute_batch(MIGRATIONS[0]).unwrap();
+            tx.execute_batch(MIGRATIONS[1]).unwrap();
+            tx.pragma_update(None, "user_version", 2).unwrap();
+            tx.commit().unwrap();
+            c.execute_batch(
+                "INSERT INTO agents VALUES ('a', 'host-a', 'kt', 'a', 't', 't', x'00', 1, 0, 0);
+                 INSERT INTO windows (agent_id, seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples,
+                   good_samples, energy_estimated, health, unavailable_ms, assignment_status, grant_id, principal,
+                   active_ms, occupied_ms, foreign_ms)
+                 VALUES ('a', 1, 'GPU-1', 0, 60000, 1000, 60, 60, 0, 'ok', 0, 'assigned', 'G', 'user:a', 1, 2, 0);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let w = store.windows(0, 60_000, None).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(
+            w[0].window.grantee_occupied_ms, None,
+            "older windows carry no union"
+        );
+        assert!(store.invoices().unwrap().is_empty());
     }
 }
