@@ -530,6 +530,16 @@ async fn the_april_report_matches_the_scenario_exactly() {
         let text = report(&["--format", format, "--lang", lang]);
         assert!(text.contains("G-HPC"), "{format}: {text}");
     }
+    // The page's heatmaps get the per-day figures from the collector: metered days are
+    // drawn with a value, not as "no data".
+    let html = report(&["--format", "html"]);
+    let metered_cells = html
+        .match_indices("<rect class=\"cell")
+        .filter(|(i, _)| {
+            !html[*i..*i + 40].contains("nodata") && !html[*i..*i + 40].contains("unallocated")
+        })
+        .count();
+    assert!(metered_cells > 0, "no metered heatmap cell drawn");
     let out_file = dir.path().join("report.json");
     report(&["--format", "json", "--out", out_file.to_str().unwrap()]);
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();

@@ -342,6 +342,39 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     out.push_str(&crate::report::usage_table(
         &crate::report::UsageJson::from(&report),
     ));
+
+    // What the ministry reads: the period reconciled against the grants.
+    let rfc3339 = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default()
+    };
+    let reconciled = query
+        .reconcile(v1::ReconcileRequest {
+            period: format!("{}..{}", rfc3339(start), rfc3339(stop_at)),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    out.push_str("\n");
+    out.push_str(&crate::report::reconciliation_table(
+        &crate::query::reconciliation_from_wire(&reconciled),
+        false,
+    ));
+    let verified = query
+        .verify(v1::VerifyRequest::default())
+        .await?
+        .into_inner();
+    out.push_str(&format!(
+        "\nledger: {} records from {} agents; {}\n",
+        verified.records,
+        verified.agents.len(),
+        if verified.ok {
+            "every hash chain and signature verifies"
+        } else {
+            "VERIFICATION FAILED"
+        }
+    ));
     let _ = stop_tx.send(true);
     server.await??;
     if opts.db.is_some() {

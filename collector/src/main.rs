@@ -524,7 +524,10 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     c.verify(v1::VerifyRequest::default()).await?.into_inner()
                 }
                 (None, Some(db)) => {
-                    let ledger = gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(&db)?;
+                    let ledger =
+                        gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(
+                            &db,
+                        )?;
                     let started = std::time::Instant::now();
                     let report = gpumeter_collector::verify::verify(&ledger)?;
                     eprintln!("verified in {:.2} s", started.elapsed().as_secs_f64());
@@ -949,7 +952,11 @@ fn render_verify(r: &v1::VerifyReply) -> String {
             a.first_seq,
             a.last_seq,
             a.checkpoints,
-            if a.findings.is_empty() { "ok" } else { "FAILED" }
+            if a.findings.is_empty() {
+                "ok"
+            } else {
+                "FAILED"
+            }
         ));
         for f in &a.findings {
             out.push_str(&format!("  - {}\n", f.detail));
@@ -959,7 +966,11 @@ fn render_verify(r: &v1::VerifyReply) -> String {
         "{} agents, {} records: {}\n",
         r.agents.len(),
         r.records,
-        if r.ok { "every chain and signature verifies" } else { "VERIFICATION FAILED" }
+        if r.ok {
+            "every chain and signature verifies"
+        } else {
+            "VERIFICATION FAILED"
+        }
     ));
     out
 }
@@ -981,8 +992,10 @@ fn verify_json(r: &v1::VerifyReply) -> String {
             })
         })
         .collect();
-    serde_json::to_string_pretty(&serde_json::json!({"ok": r.ok, "records": r.records, "agents": agents}))
-        .unwrap_or_default()
+    serde_json::to_string_pretty(
+        &serde_json::json!({"ok": r.ok, "records": r.records, "agents": agents}),
+    )
+    .unwrap_or_default()
 }
 
 #[derive(Subcommand)]
@@ -1065,18 +1078,21 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
     let text = match a.format {
         Format::Table => reconciliation_table(&rec, korean),
         Format::Json => reconciliation_json(&rec)?,
-        Format::Csv => render_other("csv", &rec, korean)?,
-        Format::Focus => render_other("focus", &rec, korean)?,
-        Format::Html => render_other("html", &rec, korean)?,
+        Format::Csv => render_other("csv", &rec, &[], korean)?,
+        Format::Focus => render_other("focus", &rec, &[], korean)?,
+        Format::Html => {
+            let days = gpumeter_collector::query::card_days_from_wire(&r);
+            render_other("html", &rec, &days, korean)?
+        }
     };
     write_out(&text, a.out.as_ref())
 }
 
-/// The formats `render` draws. The page's per-day heatmaps need per-card windows, which the
-/// Query service does not send with a report yet, so they are left blank here.
+/// The formats `render` draws; `days` feeds the page's per-day heatmaps.
 fn render_other(
     format: &str,
     r: &gpumeter_collector::reconcile::Reconciliation,
+    days: &[gpumeter_collector::render::CardDay],
     korean: bool,
 ) -> Result<String, Failure> {
     use gpumeter_collector::render::{self, Lang};
@@ -1084,7 +1100,7 @@ fn render_other(
     Ok(match format {
         "csv" => render::csv(r, lang),
         "focus" => render::focus(r),
-        "html" => render::html(r, &[], lang),
+        "html" => render::html(r, days, lang),
         _ => return Err(anyhow::anyhow!("format {format} is not built yet").into()),
     })
 }

@@ -126,33 +126,51 @@ impl Query for QueryService {
         let idle = idle_arg(q.idle_threshold_pct, q.idle_days, until.min(now_ms()))?;
         let store = self.store.clone();
         let period = q.period.trim().to_owned();
-        let report = blocking(move || -> Result<Reconciliation, Status> {
-            let grants = store.grants()?;
-            if let Some(id) = &grant_id {
-                if !grants.iter().any(|g| g.grant_id == *id) {
-                    return Err(Status::not_found(format!("grant {id} not found")));
+        let report = blocking(
+            move || -> Result<(Reconciliation, Vec<crate::render::CardDay>), Status> {
+                let grants = store.grants()?;
+                if let Some(id) = &grant_id {
+                    if !grants.iter().any(|g| g.grant_id == *id) {
+                        return Err(Status::not_found(format!("grant {id} not found")));
+                    }
                 }
-            }
-            let look = idle.window();
-            let (span_from, span_until) = (from.min(look.from_ms), until.max(look.until_ms));
-            let windows = store.windows(span_from, span_until, None)?;
-            let events = store.events(span_from, span_until, Some("enforcement"), None)?;
-            let invoices = store.invoices()?;
-            Ok(reconcile::reconcile(&Inputs {
-                period: &period,
-                from_ms: from,
-                until_ms: until,
-                program: program.as_deref(),
-                grant_id: grant_id.as_deref(),
-                grants: &grants,
-                windows: &windows,
-                events: &events,
-                invoices: &invoices,
-                idle,
-            }))
-        })
+                let look = idle.window();
+                let (span_from, span_until) = (from.min(look.from_ms), until.max(look.until_ms));
+                let windows = store.windows(span_from, span_until, None)?;
+                let events = store.events(span_from, span_until, Some("enforcement"), None)?;
+                let invoices = store.invoices()?;
+                let report = reconcile::reconcile(&Inputs {
+                    period: &period,
+                    from_ms: from,
+                    until_ms: until,
+                    program: program.as_deref(),
+                    grant_id: grant_id.as_deref(),
+                    grants: &grants,
+                    windows: &windows,
+                    events: &events,
+                    invoices: &invoices,
+                    idle,
+                });
+                let days = crate::render::card_days(&report, &windows);
+                Ok((report, days))
+            },
+        )
         .await?;
-        Ok(Response::new(reconciliation_to_wire(&report)))
+        let (report, days) = report;
+        let mut reply = reconciliation_to_wire(&report);
+        reply.days = days
+            .into_iter()
+            .map(|d| v1::CardDay {
+                grant_id: d.grant_id,
+                host_id: d.host_id,
+                gpu_uuid: d.gpu_uuid,
+                day: d.day,
+                allocated_ms: d.allocated_ms,
+                delivered_ms: d.delivered_ms,
+                active_ms: d.active_ms,
+            })
+            .collect();
+        Ok(Response::new(reply))
     }
 
     async fn card_timeline(
@@ -786,6 +804,7 @@ pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
                 delivered_ms: c.delivered_ms,
             })
             .collect(),
+        days: Vec::new(),
     }
 }
 
@@ -896,4 +915,22 @@ pub fn reconciliation_from_wire(r: &v1::ReconcileReply) -> Reconciliation {
             })
             .collect(),
     }
+}
+
+/// The report page's per-day figures, from a reply.
+pub fn card_days_from_wire(r: &v1::ReconcileReply) -> Vec<crate::render::CardDay> {
+    r.days
+        .iter()
+        .map(|d| crate::render::CardDay {
+            grant_id: d.grant_id.clone(),
+            host_id: d.host_id.clone(),
+            gpu_uuid: d.gpu_uuid.clone(),
+            day: d.day.clone(),
+            allocated_ms: d.allocated_ms,
+            delivered_ms: d.delivered_ms,
+            active_ms: d.active_ms,
+            utilization_pct: (d.delivered_ms > 0 && d.allocated_ms > 0)
+                .then(|| d.active_ms as f64 * 100.0 / d.allocated_ms as f64),
+        })
+        .collect()
 }
