@@ -197,7 +197,11 @@ impl Admin for AdminService {
         })?;
         gpumeter_proto::chain::verifying_key(&key)
             .map_err(|_| Status::invalid_argument("public_key: not a valid ed25519 key"))?;
-        let actor = if req.actor.is_empty() { "admin".to_string() } else { req.actor };
+        let actor = if req.actor.is_empty() {
+            "admin".to_string()
+        } else {
+            req.actor
+        };
         let store = self.store.clone();
         let (created, replaced) = tokio::task::spawn_blocking(move || {
             store.register_agent(&req.agent_id, &key, &actor, &req.reason, now_ms())
