@@ -356,7 +356,7 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
         })
         .await?
         .into_inner();
-    out.push_str("\n");
+    out.push('\n');
     out.push_str(&crate::report::reconciliation_table(
         &crate::query::reconciliation_from_wire(&reconciled),
         false,

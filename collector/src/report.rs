@@ -181,35 +181,6 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.1}"))
 }
 
-/// Renders rows as an aligned text table.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    let mut out = line(header.iter().map(|s| s.to_string()).collect());
-    out.push('\n');
-    out.push_str(&line(w.iter().map(|n| "-".repeat(*n)).collect()));
-    out.push('\n');
-    for r in rows {
-        out.push_str(&line(r.clone()));
-        out.push('\n');
-    }
-    out
-}
-
 /// The terminal rendering: cards, then tenants.
 pub fn usage_table(r: &UsageJson) -> String {
     let period = |ms: i64| {
@@ -242,7 +213,7 @@ pub fn usage_table(r: &UsageJson) -> String {
             ]
         })
         .collect();
-    out.push_str(&table(
+    out.push_str(&grid(
         &[
             "HOST",
             "GPU",
@@ -256,6 +227,9 @@ pub fn usage_table(r: &UsageJson) -> String {
             "UNAVAIL_H",
         ],
         &rows,
+        &[
+            false, false, false, true, true, true, true, true, true, true,
+        ],
     ));
     out.push_str("\nTenants\n");
     let rows: Vec<Vec<String>> = r
@@ -282,7 +256,7 @@ pub fn usage_table(r: &UsageJson) -> String {
             ]
         })
         .collect();
-    out.push_str(&table(
+    out.push_str(&grid(
         &[
             "HOST",
             "GPU",
@@ -294,6 +268,7 @@ pub fn usage_table(r: &UsageJson) -> String {
             "UTIL_%",
         ],
         &rows,
+        &[false, false, false, false, false, true, true, true],
     ));
     out
 }
