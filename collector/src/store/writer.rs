@@ -30,6 +30,9 @@ impl std::fmt::Debug for Req {
 
 /// Most batches folded into one transaction.
 pub const MAX_GROUP: usize = 512;
+/// Most records folded into one transaction: a commit of tens of thousands of records holds
+/// every session waiting for it; a few thousand keep the fsync amortized and acks prompt.
+pub const MAX_GROUP_RECORDS: usize = 8192;
 
 impl Writer {
     /// Starts the writer thread; it ends when every handle is dropped.
@@ -40,10 +43,14 @@ impl Writer {
             .spawn(move || {
                 let mut group = Vec::with_capacity(MAX_GROUP);
                 while let Some(first) = rx.blocking_recv() {
+                    let mut records = first.batch.records.len();
                     group.push(first);
-                    while group.len() < MAX_GROUP {
+                    while group.len() < MAX_GROUP && records < MAX_GROUP_RECORDS {
                         match rx.try_recv() {
-                            Ok(r) => group.push(r),
+                            Ok(r) => {
+                                records += r.batch.records.len();
+                                group.push(r);
+                            }
                             Err(_) => break,
                         }
                     }
