@@ -78,7 +78,11 @@ struct Args {
     /// Longest each spool measurement runs, seconds.
     #[arg(long, default_value_t = 2.0)]
     spool_secs: f64,
-    /// A small run (10 agents, 100 windows, 2 s latency run, 1 s spool runs) to check it works.
+    /// Records in the ledger `verify` re-checks (DESIGN.md §8: 1 million in under 10 s).
+    #[arg(long, default_value_t = 1_000_000)]
+    verify_records: u64,
+    /// A small run (10 agents, 100 windows, 2 s latency run, 1 s spool runs, 100k records
+    /// verified) to check it works.
     #[arg(long)]
     quick: bool,
     /// Passed by `cargo bench`; ignored.
@@ -93,6 +97,7 @@ impl Args {
             self.windows = self.windows.min(100);
             self.latency_secs = self.latency_secs.min(2.0);
             self.spool_secs = self.spool_secs.min(1.0);
+            self.verify_records = self.verify_records.min(100_000);
         }
         let max_batch = gpumeter_collector::ingest::Limits::default().max_batch_records as usize;
         if self.agents == 0 || self.cards == 0 || self.windows == 0 {
@@ -1007,6 +1012,81 @@ fn spool_run(
 }
 
 /// The 1-minute load average, to judge how quiet the machine was (Linux only).
+// ---------------------------------------------------------------------------------------------
+// Verification of a large ledger
+// ---------------------------------------------------------------------------------------------
+
+struct VerifyResult {
+    records: u64,
+    checkpoints: u64,
+    agents: usize,
+    elapsed: Duration,
+    ok: bool,
+}
+
+/// Writes a ledger of `n` real window records (20 agents, chained, a signed checkpoint every
+/// 256 records) with bare rusqlite, then times `verify` over it as `verify --db` runs it.
+fn verify_run(path: &Path, n: u64, shape: Shape) -> anyhow::Result<VerifyResult> {
+    let mut c = Connection::open(path).with_context(|| format!("open {}", path.display()))?;
+    c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")?;
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let tx = c.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    let agents = 20usize;
+    let per_agent = n.div_ceil(agents as u64);
+    let tx = c.transaction()?;
+    {
+        let mut ins_agent = tx.prepare(
+            "INSERT INTO agents (agent_id, host_id, csp, hostname, agent_version, driver_version, public_key, epoch, first_seen_ms, last_seen_ms)
+             VALUES (?1, ?1, 'bench', '', '', '', ?2, 1, 0, 0)",
+        )?;
+        let mut ins_rec = tx.prepare(
+            "INSERT INTO records (agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'window', 0, 0)",
+        )?;
+        let mut ins_cp = tx.prepare(
+            "INSERT INTO checkpoints (agent_id, epoch, seq, chain_hash, signature, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+        )?;
+        for a in 0..agents {
+            let id = format!("verify-{a:02}");
+            let key = SigningKey::from_bytes(&[a as u8 + 1; 32]);
+            ins_agent.execute(params![id, key.verifying_key().to_bytes().to_vec()])?;
+            let mut head = GENESIS;
+            for seq in 1..=per_agent {
+                let w = (seq - 1) as usize / shape.cards;
+                let body = window_body(
+                    0,
+                    &summary(a, (seq - 1) as usize % shape.cards, w, shape.principals),
+                );
+                let hash = chain::record_hash(&head, seq, &body);
+                ins_rec.execute(params![id, seq as i64, &head[..], &hash[..], body])?;
+                if seq % 256 == 0 || seq == per_agent {
+                    let sig = chain::sign_checkpoint(&key, &id, EPOCH, seq, &hash);
+                    ins_cp.execute(params![id, EPOCH as i64, seq as i64, &hash[..], &sig[..]])?;
+                }
+                head = hash;
+            }
+        }
+    }
+    tx.commit()?;
+    drop(c);
+    let ledger = gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(path)?;
+    let t = Instant::now();
+    let report = gpumeter_collector::verify::verify(&ledger)?;
+    let elapsed = t.elapsed();
+    Ok(VerifyResult {
+        records: report.records,
+        checkpoints: report.agents.iter().map(|a| a.checkpoints).sum(),
+        agents: report.agents.len(),
+        elapsed,
+        ok: report.ok,
+    })
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -1389,6 +1469,30 @@ fn main() -> anyhow::Result<()> {
     if let Some(c) = lat.cpu {
         c.report(lat.wall, lat.stored);
     }
+    println!();
+    println!("ledger verification (gpumeter-collector verify --db)");
+    let v = verify_run(&tmp.path().join("verify.db"), args.verify_records, shape)?;
+    row("measure", "value", "target", "result");
+    row(
+        &format!(
+            "verify {} records, {} agents, {} checkpoints",
+            thousands(v.records as f64),
+            v.agents,
+            thousands(v.checkpoints as f64)
+        ),
+        &format!("{:.2} s", v.elapsed.as_secs_f64()),
+        "< 10 s per 1M",
+        verdict(v.ok && v.elapsed.as_secs_f64() * 1e6 / (v.records.max(1) as f64) < 10.0),
+    );
+    row(
+        "verify rate",
+        &format!(
+            "{} rec/s",
+            thousands(v.records as f64 / v.elapsed.as_secs_f64())
+        ),
+        "",
+        "",
+    );
     println!();
     println!("agent side and per-item cpu cost");
     row("measure", "value", "", "");
