@@ -1011,7 +1011,6 @@ fn spool_run(
     })
 }
 
-/// The 1-minute load average, to judge how quiet the machine was (Linux only).
 // ---------------------------------------------------------------------------------------------
 // Verification of a large ledger
 // ---------------------------------------------------------------------------------------------
@@ -1087,6 +1086,7 @@ fn verify_run(path: &Path, n: u64, shape: Shape) -> anyhow::Result<VerifyResult>
     })
 }
 
+/// The 1-minute load average, to judge how quiet the machine was (Linux only).
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
