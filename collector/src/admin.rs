@@ -17,6 +17,9 @@ pub struct AdminService {
     pub store: Arc<dyn Store>,
     /// Bumped after every grant change so sessions push new assignments.
     pub grants_version: Arc<watch::Sender<u64>>,
+    /// Held across every grant change, from reading the grants held to storing the result:
+    /// an import checks overlaps against what is held, so two changes must not interleave.
+    pub grants_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Largest grants file accepted in one import.
@@ -94,6 +97,7 @@ impl AdminService {
         amendment: Amendment,
         actor: String,
     ) -> Result<Response<v1::AmendGrantReply>, Status> {
+        let _changing = self.grants_lock.lock().await;
         let store = self.store.clone();
         let id = grant_id.clone();
         let a = amendment.clone();
@@ -129,6 +133,7 @@ impl Admin for AdminService {
                 req.csv.len()
             )));
         }
+        let _changing = self.grants_lock.lock().await;
         let store = self.store.clone();
         let actor = if req.actor.is_empty() {
             "admin".to_string()

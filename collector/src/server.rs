@@ -66,6 +66,7 @@ pub async fn run(
     let admin = AdminService {
         store,
         grants_version: Arc::new(grants_tx),
+        grants_lock: Arc::new(tokio::sync::Mutex::new(())),
     };
     info!(%addr, "collector listening");
     tonic::transport::Server::builder()
