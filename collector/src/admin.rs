@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::grants::{Amendment, Grant, ImportProblem, parse_grants_csv, parse_valid_until};
+use crate::grants::{Amendment, ImportProblem, parse_grants_csv, parse_valid_until};
 use crate::ingest::now_ms;
 use crate::store::{GrantChangeRow, Store};
 
@@ -30,30 +30,6 @@ fn wire_problem(p: ImportProblem) -> v1::ImportProblem {
         line: p.line,
         field: p.field,
         message: p.message,
-    }
-}
-
-fn grant_to_wire(g: Grant) -> v1::Grant {
-    v1::Grant {
-        grant_id: g.grant_id,
-        program: g.program.as_str().into(),
-        grantee: g.grantee,
-        principal: g.principal.to_string(),
-        csp: g.csp,
-        valid_from_unix_ms: g.valid_from_ms,
-        valid_until_unix_ms: g.valid_until_ms,
-        cards: g
-            .cards
-            .into_iter()
-            .map(|c| v1::GrantCard {
-                host_id: c.host_id,
-                gpu_uuid: c.gpu_uuid,
-                from_unix_ms: c.from_ms,
-                until_unix_ms: c.until_ms,
-            })
-            .collect(),
-        revoked: g.revoked_at_ms.is_some(),
-        revoked_at_unix_ms: g.revoked_at_ms.unwrap_or(0),
     }
 }
 
@@ -114,7 +90,7 @@ impl AdminService {
             "grant amended"
         );
         Ok(Response::new(v1::AmendGrantReply {
-            grant: Some(grant_to_wire(record.grant)),
+            grant: Some(v1::Grant::from(record.grant)),
             change,
         }))
     }
@@ -229,7 +205,7 @@ impl Admin for AdminService {
             grants: grants
                 .into_iter()
                 .filter(|g| program.is_empty() || g.program.as_str() == program)
-                .map(grant_to_wire)
+                .map(v1::Grant::from)
                 .collect(),
         }))
     }
@@ -246,7 +222,7 @@ impl Admin for AdminService {
             .map_err(|e| Status::internal(e.to_string()))??
             .ok_or_else(|| Status::not_found(format!("grant {id} not found")))?;
         Ok(Response::new(v1::GetGrantReply {
-            grant: Some(grant_to_wire(record.grant)),
+            grant: Some(v1::Grant::from(record.grant)),
             history: record.history.into_iter().map(change_to_wire).collect(),
         }))
     }

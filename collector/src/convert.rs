@@ -30,6 +30,32 @@ impl From<StoreError> for tonic::Status {
     }
 }
 
+impl From<crate::grants::Grant> for v1::Grant {
+    fn from(g: crate::grants::Grant) -> Self {
+        v1::Grant {
+            grant_id: g.grant_id,
+            program: g.program.as_str().into(),
+            grantee: g.grantee,
+            principal: g.principal.to_string(),
+            csp: g.csp,
+            valid_from_unix_ms: g.valid_from_ms,
+            valid_until_unix_ms: g.valid_until_ms,
+            cards: g
+                .cards
+                .into_iter()
+                .map(|c| v1::GrantCard {
+                    host_id: c.host_id,
+                    gpu_uuid: c.gpu_uuid,
+                    from_unix_ms: c.from_ms,
+                    until_unix_ms: c.until_ms,
+                })
+                .collect(),
+            revoked: g.revoked_at_ms.is_some(),
+            revoked_at_unix_ms: g.revoked_at_ms.unwrap_or(0),
+        }
+    }
+}
+
 /// A `Hello` that cannot be accepted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HelloError {

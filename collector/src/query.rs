@@ -328,7 +328,7 @@ impl Query for QueryService {
                     .map(|r| r.history)
                     .unwrap_or_default();
                 out.push(v1::AuditedGrant {
-                    grant: Some(grant_to_wire(g)),
+                    grant: Some(v1::Grant::from(g)),
                     history: history
                         .into_iter()
                         .map(|c| v1::GrantChange {
@@ -499,30 +499,6 @@ fn held_at(grant: &Grant, gpu: &str, at: i64) -> bool {
         let (from, until) = grant.card_interval(c);
         c.gpu_uuid == gpu && at >= from && at < until
     })
-}
-
-fn grant_to_wire(g: Grant) -> v1::Grant {
-    v1::Grant {
-        grant_id: g.grant_id,
-        program: g.program.as_str().into(),
-        grantee: g.grantee,
-        principal: g.principal.to_string(),
-        csp: g.csp,
-        valid_from_unix_ms: g.valid_from_ms,
-        valid_until_unix_ms: g.valid_until_ms,
-        cards: g
-            .cards
-            .into_iter()
-            .map(|c| v1::GrantCard {
-                host_id: c.host_id,
-                gpu_uuid: c.gpu_uuid,
-                from_unix_ms: c.from_ms,
-                until_unix_ms: c.until_ms,
-            })
-            .collect(),
-        revoked: g.revoked_at_ms.is_some(),
-        revoked_at_unix_ms: g.revoked_at_ms.unwrap_or(0),
-    }
 }
 
 fn event_to_wire(e: StoredEvent) -> v1::EventInfo {
