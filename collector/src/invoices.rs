@@ -32,57 +32,6 @@ fn problem(line: u32, field: &str, message: impl Into<String>) -> ImportProblem 
     }
 }
 
-/// Splits one line into fields; `Err(column)` names a field with a stray quote.
-fn split_line(line: &str) -> Result<Vec<String>, usize> {
-    let mut fields = Vec::new();
-    let mut chars = line.chars().peekable();
-    loop {
-        let column = fields.len();
-        let mut field = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            let mut closed = false;
-            while let Some(c) = chars.next() {
-                match c {
-                    '"' if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        field.push('"');
-                    }
-                    '"' => {
-                        closed = true;
-                        break;
-                    }
-                    _ => field.push(c),
-                }
-            }
-            if !closed {
-                return Err(column);
-            }
-            match chars.next() {
-                None => {
-                    fields.push(field);
-                    return Ok(fields);
-                }
-                Some(',') => fields.push(field),
-                Some(_) => return Err(column),
-            }
-        } else {
-            loop {
-                match chars.next() {
-                    None => {
-                        fields.push(field);
-                        return Ok(fields);
-                    }
-                    Some(',') => break,
-                    Some('"') => return Err(column),
-                    Some(c) => field.push(c),
-                }
-            }
-            fields.push(field);
-        }
-    }
-}
-
 /// Whether `s` is a month `YYYY-MM`.
 fn is_month(s: &str) -> bool {
     s.len() == 7
@@ -102,25 +51,20 @@ pub fn parse_invoices_csv(
     let mut invoices = Vec::new();
     let mut seen: HashMap<(String, String, String), u32> = HashMap::new();
     let mut header_seen = false;
-    for (i, raw) in text.split('\n').enumerate() {
-        let line = i as u32 + 1;
-        let raw = raw.strip_suffix('\r').unwrap_or(raw);
-        if raw.trim().is_empty() {
+    for raw in crate::csv::split_csv(text) {
+        if raw.is_blank() {
             continue;
         }
-        let fields = match split_line(raw) {
+        let line = raw.line;
+        let fields = match raw.body {
             Ok(f) => f,
-            Err(column) => {
+            Err(fault) => {
                 let field = if header_seen {
-                    COLUMNS.get(column).copied().unwrap_or("row")
+                    COLUMNS.get(fault.column).copied().unwrap_or("row")
                 } else {
                     "header"
                 };
-                problems.push(problem(
-                    line,
-                    field,
-                    "stray quote (quote the whole field and double the quote)",
-                ));
+                problems.push(problem(line, field, fault.message));
                 header_seen = true;
                 continue;
             }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod config;
 pub mod convert;
+mod csv;
 pub mod demo;
 pub mod grants;
 pub mod ingest;
