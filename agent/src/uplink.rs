@@ -27,8 +27,8 @@ use crate::record::event_body;
 pub enum UplinkError {
     #[error("cannot connect to collector {url}: {reason}")]
     Connect { url: String, reason: String },
-    #[error("collector refused the session: {0}")]
-    Refused(String),
+    #[error("collector refused the session: {message} ({code:?})")]
+    Refused { code: tonic::Code, message: String },
     #[error("collector closed the stream")]
     Closed,
     #[error("protocol error: {0}")]
@@ -37,6 +37,27 @@ pub enum UplinkError {
     Spool(#[from] crate::spool::SpoolError),
     #[error("started epoch {0}; reconnecting to announce it")]
     NewEpoch(u64),
+}
+
+impl UplinkError {
+    /// Whether the collector refused this agent for a reason only a person can fix: its key
+    /// is not the pinned one, or it sent something the collector rejects.
+    pub fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            UplinkError::Refused {
+                code: tonic::Code::PermissionDenied | tonic::Code::InvalidArgument,
+                ..
+            }
+        )
+    }
+}
+
+fn refused(s: tonic::Status) -> UplinkError {
+    UplinkError::Refused {
+        code: s.code(),
+        message: s.message().to_string(),
+    }
 }
 
 /// What the uplink needs.
@@ -82,7 +103,13 @@ impl Uplink {
                     if started.elapsed() > Duration::from_secs(10) {
                         backoff = self.cfg.backoff_initial_ms;
                     }
-                    warn!(error = %e, retry_in_ms = backoff, "collector session ended; retrying");
+                    if e.needs_operator() {
+                        // Retrying alone will not fix it (a refused key, a bad batch): say so
+                        // loudly; records stay spooled meanwhile.
+                        error!(error = %e, retry_in_ms = backoff, "the collector refuses this agent; an operator must act");
+                    } else {
+                        warn!(error = %e, retry_in_ms = backoff, "collector session ended; retrying");
+                    }
                     status.send_modify(|s| s.last_error = Some(e.to_string()));
                 }
             }
@@ -166,7 +193,7 @@ impl Uplink {
         let mut inbound = client
             .session(ReceiverStream::new(rx))
             .await
-            .map_err(|s| UplinkError::Refused(format!("{}: {}", s.code(), s.message())))?
+            .map_err(refused)?
             .into_inner();
         let welcome = match inbound.message().await {
             Ok(Some(v1::CollectorMessage {
@@ -179,11 +206,7 @@ impl Uplink {
             }
             Ok(None) => return Err(UplinkError::Closed),
             Err(s) => {
-                return Err(UplinkError::Refused(format!(
-                    "{}: {}",
-                    s.code(),
-                    s.message()
-                )));
+                return Err(refused(s));
             }
         };
         info!(collector = %welcome.collector_id, durable_seq = welcome.durable_seq, "connected to collector");
@@ -305,7 +328,7 @@ impl Uplink {
                     }
                     Ok(Some(_)) => return Err(UplinkError::Protocol("unexpected message".into())),
                     Ok(None) => return Err(UplinkError::Closed),
-                    Err(s) => return Err(UplinkError::Refused(format!("{}: {}", s.code(), s.message()))),
+                    Err(s) => return Err(refused(s)),
                 },
                 _ = self.ledger.appended.notified() => {}
                 _ = tick.tick() => {}
@@ -341,5 +364,21 @@ impl Uplink {
             return Ok(acked);
         }
         Ok(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_a_person_must_fix_are_raised_to_operators() {
+        let key = refused(tonic::Status::permission_denied("key differs"));
+        assert!(key.needs_operator());
+        assert!(key.to_string().contains("key differs"));
+        assert!(refused(tonic::Status::invalid_argument("bad batch")).needs_operator());
+        assert!(!refused(tonic::Status::already_exists("live session")).needs_operator());
+        assert!(!refused(tonic::Status::unavailable("shutting down")).needs_operator());
+        assert!(!UplinkError::Closed.needs_operator());
     }
 }
