@@ -65,6 +65,7 @@ impl GpuSource for LiveCards {
                             used_memory_bytes: Some(1 << 30),
                             sm_util_pct: None,
                             graphics: false,
+                            accounting: None,
                         });
                     }
                 }

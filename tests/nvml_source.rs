@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use gpumeter_agent::gpu::nvml::NvmlSource;
 use gpumeter_agent::gpu::{
     CardInfo, CardReading, CardSample, GpuError, GpuEventKind, GpuProcess, GpuSource, Inventory,
-    UtilSource,
+    ProcessAccounting, UtilSource,
 };
 use gpumeter_agent::probe::probe;
 use serde_json::{Value, json};
@@ -245,6 +245,7 @@ fn every_field_is_read_exactly() {
                     used_memory_bytes: Some(524_288_000),
                     sm_util_pct: Some(35),
                     graphics: false,
+                    accounting: None,
                 },
                 GpuProcess {
                     pid: 4343,
@@ -252,6 +253,7 @@ fn every_field_is_read_exactly() {
                     used_memory_bytes: None,
                     sm_util_pct: Some(5),
                     graphics: false,
+                    accounting: None,
                 },
                 GpuProcess {
                     pid: 4444,
@@ -259,6 +261,7 @@ fn every_field_is_read_exactly() {
                     // Supported, but no samples for it: it was idle.
                     sm_util_pct: Some(0),
                     graphics: true,
+                    accounting: None,
                 },
             ],
         }
@@ -623,4 +626,136 @@ fn probe_lists_the_cards_and_what_they_support() {
     assert_eq!(cards[1]["fields"]["ecc"]["supported"], false);
     assert_eq!(cards[1]["fields"]["accounting"]["supported"], false);
     assert_eq!(cards[0]["fields"]["accounting"]["detail"], "disabled");
+}
+
+/// Processes with accounting records, for the accounting tests. Utilization samples per process
+/// are off on card A, on on card B.
+fn accounting_scenario(mode: bool) -> Value {
+    let mut a = card_a();
+    a["not_supported"] = json!(["process_utilization"]);
+    a["accounting_mode"] = json!(mode);
+    a["processes"] = json!([
+        { "pid": 4242, "used_memory": 524_288_000u64, "sm_util": 35,
+          "accounting": { "gpu_util": 61, "mem_util": 12, "max_memory": 629_145_600u64,
+                          "time_ms": 0, "start_time_us": 1_780_000_000_123_456u64 } },
+        // Every value unavailable but the (finished-context) time.
+        { "pid": 4343, "accounting": { "time_ms": 1500, "start_time_us": 1_780_000_001_000_000u64 } },
+        // No record: NOT_FOUND.
+        { "pid": 4444, "used_memory": 1_048_576u64, "graphics": true },
+        // A record of an earlier process that had this pid and has ended.
+        { "pid": 4545, "accounting": { "gpu_util": 99, "running": false } }
+    ]);
+    let mut b = card_b();
+    b["accounting_mode"] = json!(mode);
+    b["processes"] = json!([
+        { "pid": 5151, "sm_util": 35,
+          "accounting": { "gpu_util": 61, "mem_util": 12, "max_memory": 1024 } }
+    ]);
+    json!({ "cards": [a, b] })
+}
+
+fn accounting_detail(fake: &Fake, card: usize) -> Value {
+    let report: Value = serde_json::from_str(&probe(Some(&fake.lib()), true).unwrap()).unwrap();
+    report["cards"][card]["fields"]["accounting"]["detail"].clone()
+}
+
+#[test]
+fn accounting_stats_stand_in_for_process_samples_where_the_operator_enabled_them() {
+    let fake = Fake::new(&accounting_scenario(true));
+    let mut source = fake.open();
+    let readings = read_fresh(&mut source);
+    let a = ok(&readings[0]);
+    assert_eq!(
+        a.processes,
+        vec![
+            GpuProcess {
+                pid: 4242,
+                used_memory_bytes: Some(524_288_000),
+                // No per-process samples on this card: the accounting figure.
+                sm_util_pct: Some(61),
+                graphics: false,
+                accounting: Some(ProcessAccounting {
+                    gpu_util_pct: Some(61),
+                    mem_util_pct: Some(12),
+                    max_memory_bytes: Some(629_145_600),
+                    // Reported as 0 while the process runs: not known yet.
+                    time_ms: None,
+                    start_time_us: Some(1_780_000_000_123_456),
+                    running: true,
+                }),
+            },
+            GpuProcess {
+                pid: 4343,
+                used_memory_bytes: None,
+                sm_util_pct: None,
+                graphics: false,
+                accounting: Some(ProcessAccounting {
+                    gpu_util_pct: None,
+                    mem_util_pct: None,
+                    max_memory_bytes: None,
+                    time_ms: Some(1500),
+                    start_time_us: Some(1_780_000_001_000_000),
+                    running: true,
+                }),
+            },
+            // Compute processes first, then graphics.
+            GpuProcess {
+                pid: 4545,
+                used_memory_bytes: None,
+                // The ended process's record is not this process's.
+                sm_util_pct: None,
+                graphics: false,
+                accounting: None,
+            },
+            GpuProcess {
+                pid: 4444,
+                used_memory_bytes: Some(1_048_576),
+                sm_util_pct: None,
+                graphics: true,
+                accounting: None,
+            },
+        ]
+    );
+    // Where the sample buffer has a figure for this read, it wins over the lifetime average.
+    let b = ok(&readings[1]);
+    assert_eq!(b.processes.len(), 1);
+    assert_eq!(b.processes[0].sm_util_pct, Some(35));
+    assert_eq!(
+        b.processes[0].accounting,
+        Some(ProcessAccounting {
+            gpu_util_pct: Some(61),
+            mem_util_pct: Some(12),
+            max_memory_bytes: Some(1024),
+            time_ms: None,
+            start_time_us: None,
+            running: true,
+        })
+    );
+}
+
+#[test]
+fn accounting_disabled_is_read_as_absent_and_never_enabled() {
+    let fake = Fake::new(&accounting_scenario(false));
+    let mut source = fake.open();
+    for _ in 0..2 {
+        let readings = read_fresh(&mut source);
+        for reading in &readings {
+            for p in &ok(reading).processes {
+                assert_eq!(p.accounting, None, "pid {}", p.pid);
+            }
+        }
+        let a = ok(&readings[0]);
+        // No process samples and no accounting on card A: absent, not zero.
+        assert!(a.processes.iter().all(|p| p.sm_util_pct.is_none()), "{a:?}");
+        assert_eq!(ok(&readings[1]).processes[0].sm_util_pct, Some(35));
+    }
+    // The fake keeps what nvmlDeviceSetAccountingMode set; the source set nothing.
+    assert_eq!(accounting_detail(&fake, 0), "disabled");
+    assert_eq!(accounting_detail(&fake, 1), "disabled");
+
+    // The operator turns it on: the next read picks the records up, with no restart.
+    fake.set(&accounting_scenario(true));
+    assert_eq!(accounting_detail(&fake, 0), "enabled");
+    let readings = read_fresh(&mut source);
+    assert_eq!(ok(&readings[0]).processes[0].sm_util_pct, Some(61));
 }

@@ -790,6 +790,7 @@ mod tests {
                         used_memory_bytes: None,
                         sm_util_pct: None,
                         graphics: false,
+                        accounting: None,
                     })
                     .collect(),
                 ..Default::default()

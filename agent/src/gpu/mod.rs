@@ -37,6 +37,27 @@ pub struct GpuProcess {
     pub sm_util_pct: Option<u32>,
     /// `true` for a graphics context, `false` for compute.
     pub graphics: bool,
+    /// The driver's per-process accounting record, where the operator has enabled accounting
+    /// mode on the card (the agent never enables it) and the driver holds one for this pid.
+    pub accounting: Option<ProcessAccounting>,
+}
+
+/// NVML's per-process accounting record. Figures cover the process's whole lifetime, not one
+/// sample. A value the driver reports as unavailable is `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessAccounting {
+    /// Percent of the process's lifetime during which a kernel of it was running.
+    pub gpu_util_pct: Option<u32>,
+    /// Percent of the process's lifetime during which device memory was read or written.
+    pub mem_util_pct: Option<u32>,
+    /// Most GPU memory the process ever had allocated.
+    pub max_memory_bytes: Option<u64>,
+    /// How long the compute context was active (ms); the driver fills it in only once the
+    /// process has ended, so a running process has `None`.
+    pub time_ms: Option<u64>,
+    /// When the process started (Unix µs, CPU clock).
+    pub start_time_us: Option<u64>,
+    pub running: bool,
 }
 
 /// How a utilization figure was obtained.

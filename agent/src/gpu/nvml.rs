@@ -25,14 +25,14 @@ use nvml_wrapper::enum_wrappers::device::{
 use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::{Bits, NvmlError};
-use nvml_wrapper::struct_wrappers::device::{ProcessInfo, Sample};
+use nvml_wrapper::struct_wrappers::device::{AccountingStats, ProcessInfo, Sample};
 use nvml_wrapper::struct_wrappers::event::EventData;
 use nvml_wrapper::{Device, EventSet, Nvml};
 use tracing::{debug, info, warn};
 
 use super::{
     CardInfo, CardReading, CardSample, GpuError, GpuEvent, GpuEventKind, GpuProcess, GpuSource,
-    Inventory, UtilSource,
+    Inventory, ProcessAccounting, UtilSource,
 };
 
 /// What nvml-wrapper loads when no path is given.
@@ -182,6 +182,64 @@ fn used_memory(p: &ProcessInfo) -> Option<u64> {
     }
 }
 
+/// NVML's "not available" marker (-1) in the accounting record's 64-bit fields, which
+/// nvml-wrapper passes through as is.
+const NOT_AVAILABLE_U64: u64 = u64::MAX;
+
+fn accounting(stats: &AccountingStats) -> ProcessAccounting {
+    let known = |v: u64| (v != NOT_AVAILABLE_U64).then_some(v);
+    ProcessAccounting {
+        gpu_util_pct: stats.gpu_utilization,
+        mem_util_pct: stats.memory_utilization,
+        max_memory_bytes: stats.max_memory_usage,
+        // The driver reports 0 until the process ends: not known yet, not zero.
+        time_ms: known(stats.time).filter(|&t| !(stats.is_running && t == 0)),
+        start_time_us: known(stats.start_time).filter(|&t| t != 0),
+        running: stats.is_running,
+    }
+}
+
+/// Per-process accounting records, read only where the operator has enabled accounting mode
+/// (the agent never turns it on: that is the operator's call, and it changes driver state).
+/// Accounting utilization covers the process's lifetime, so it only stands in where the sample
+/// buffer gave no figure for the pid this read.
+fn read_accounting(dev: &Device<'_>, processes: &mut [GpuProcess], uuid: &str) -> Result<(), Lost> {
+    if processes.is_empty() {
+        return Ok(());
+    }
+    // Asked once per card per read: the answer is the same for every process on the card.
+    let enabled = field(
+        dev.is_accounting_enabled(),
+        "nvmlDeviceGetAccountingMode",
+        uuid,
+    )?;
+    if enabled != Some(true) {
+        return Ok(());
+    }
+    for p in processes.iter_mut() {
+        // NOT_FOUND (no record for this pid) is absent like any unavailable field.
+        let Some(stats) = field(
+            dev.accounting_stats_for(p.pid),
+            "nvmlDeviceGetAccountingStats",
+            uuid,
+        )?
+        else {
+            continue;
+        };
+        // On a pid collision the driver answers with the record of the earlier process that
+        // ended last; a finished record for a live process is not this process's.
+        if !stats.is_running {
+            continue;
+        }
+        let record = accounting(&stats);
+        if p.sm_util_pct.is_none() {
+            p.sm_util_pct = record.gpu_util_pct;
+        }
+        p.accounting = Some(record);
+    }
+    Ok(())
+}
+
 impl CardState {
     fn new(uuid: String) -> CardState {
         CardState {
@@ -296,6 +354,7 @@ impl CardState {
                 used_memory_bytes: used_memory(p),
                 sm_util_pct: None,
                 graphics: false,
+                accounting: None,
             });
         }
         // A process with both contexts is listed once, as compute (where its CUDA work is).
@@ -306,10 +365,12 @@ impl CardState {
                     used_memory_bytes: used_memory(p),
                     sm_util_pct: None,
                     graphics: true,
+                    accounting: None,
                 });
             }
         }
         self.read_process_utilization(dev, &mut s.processes)?;
+        read_accounting(dev, &mut s.processes, uuid)?;
         Ok(s)
     }
 

@@ -325,6 +325,7 @@ impl GpuSource for SimSource {
                                 used_memory_bytes: Some(sp.memory_bytes),
                                 sm_util_pct: sp.sm_util_pct,
                                 graphics: false,
+                                accounting: None,
                             })
                             .collect()
                     })

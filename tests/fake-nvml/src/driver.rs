@@ -65,6 +65,8 @@ pub struct Driver {
     /// Event set handle `n` is `sets[n - 1]`; `None` once freed.
     sets: Vec<Option<EventSet>>,
     compute_modes: HashMap<DeviceRef, nvmlComputeMode_t>,
+    /// Accounting modes set through `nvmlDeviceSetAccountingMode`; they win over the scenario.
+    accounting_modes: HashMap<DeviceRef, bool>,
     /// Every scenario event already handed out: each is delivered once per process.
     delivered: HashSet<(DeviceRef, EventKey)>,
 }
@@ -336,6 +338,61 @@ impl Driver {
         let device = self.device(handle)?;
         self.compute_modes.insert(device, mode);
         Ok(())
+    }
+
+    pub fn accounting_mode(&mut self, handle: usize) -> Result<bool, Code> {
+        let card = self.card(handle, "nvmlDeviceGetAccountingMode", Some("accounting"))?;
+        let device = self.device(handle)?;
+        Ok(self
+            .accounting_modes
+            .get(&device)
+            .copied()
+            .unwrap_or(card.accounting_mode))
+    }
+
+    pub fn set_accounting_mode(
+        &mut self,
+        handle: usize,
+        mode: nvmlEnableState_t,
+    ) -> Result<(), Code> {
+        self.card(handle, "nvmlDeviceSetAccountingMode", Some("accounting"))?;
+        let on = match mode {
+            nvmlEnableState_enum_NVML_FEATURE_ENABLED => true,
+            nvmlEnableState_enum_NVML_FEATURE_DISABLED => false,
+            _ => return Err(nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT),
+        };
+        let device = self.device(handle)?;
+        self.accounting_modes.insert(device, on);
+        Ok(())
+    }
+
+    /// The accounting record of `pid`: NOT_SUPPORTED while accounting mode is off (as the driver
+    /// answers), NOT_FOUND for a process without one in the scenario.
+    pub fn accounting_stats(
+        &mut self,
+        handle: usize,
+        pid: u32,
+    ) -> Result<nvmlAccountingStats_t, Code> {
+        if !self.accounting_mode(handle)? {
+            return Err(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED);
+        }
+        let card = self.card(handle, "nvmlDeviceGetAccountingStats", Some("accounting"))?;
+        let record = card
+            .processes
+            .iter()
+            .find(|p| p.pid == pid)
+            .and_then(|p| p.accounting)
+            .ok_or(nvmlReturn_enum_NVML_ERROR_NOT_FOUND)?;
+        // NVML_VALUE_NOT_AVAILABLE is -1 in every width.
+        Ok(nvmlAccountingStats_t {
+            gpuUtilization: record.gpu_util.unwrap_or(u32::MAX),
+            memoryUtilization: record.mem_util.unwrap_or(u32::MAX),
+            maxMemoryUsage: record.max_memory.unwrap_or(u64::MAX),
+            time: record.time_ms.unwrap_or(u64::MAX),
+            startTime: record.start_time_us.unwrap_or(u64::MAX),
+            isRunning: u32::from(record.running),
+            reserved: [0; 5],
+        })
     }
 
     pub fn supported_events(&mut self, handle: usize, call: &str) -> Result<u64, Code> {

@@ -22,7 +22,10 @@
 //!     "power_mw": 300000, "energy_mj": 1000000, "energy_at_ms": null,
 //!     "temperature_c": 55, "sm_clock_mhz": 1980, "mem_clock_mhz": 2619,
 //!     "throttle_reasons": 4, "ecc_corrected": 0, "ecc_uncorrected": 0,
-//!     "processes": [{ "pid": 4242, "used_memory": 1048576, "sm_util": 35, "graphics": false }],
+//!     "processes": [{ "pid": 4242, "used_memory": 1048576, "sm_util": 35, "graphics": false,
+//!       "accounting": { "gpu_util": 60, "mem_util": 10, "max_memory": 2097152,
+//!                       "time_ms": 0, "start_time_us": 1700000000000000, "running": true } }],
+//!     "accounting_mode": false,
 //!     "samples_supported": true, "sample_period_us": 50000,
 //!     "gpu_samples": [{ "ts_us": 1000, "value": 10 }], "mem_samples": null,
 //!     "not_supported": ["power"], "lost": false,
@@ -47,6 +50,11 @@
 //!   `nvmlEventSetWait_v2`, to the first event set that has the card registered for its type.
 //!   Entries are told apart by (card, kind, code, `seq`).
 //! - Compute mode set through `nvmlDeviceSetComputeMode` is kept in memory per card.
+//! - Accounting: `nvmlDeviceGetAccountingMode` answers `accounting_mode`, or what
+//!   `nvmlDeviceSetAccountingMode` set (kept in memory per card, so a test can see that nobody
+//!   turned it on). `nvmlDeviceGetAccountingStats` answers a process's `accounting` record
+//!   (absent values as NVML_VALUE_NOT_AVAILABLE); NOT_FOUND for a process without one,
+//!   NOT_SUPPORTED while the mode is off.
 //!
 //! The library is linked with `-z nodelete`, so its state outlives the last `nvmlShutdown` and
 //! `dlclose` for the rest of the process, as the kernel driver's would.
@@ -553,9 +561,34 @@ pub unsafe extern "C" fn nvmlDeviceGetAccountingMode(
     device: nvmlDevice_t,
     mode: *mut nvmlEnableState_t,
 ) -> nvmlReturn_t {
-    let r = card(device, "nvmlDeviceGetAccountingMode", Some("accounting"))
-        .map(|_| nvmlEnableState_enum_NVML_FEATURE_DISABLED);
+    let r = driver::with(|d| d.accounting_mode(handle(device))).map(|on| {
+        if on {
+            nvmlEnableState_enum_NVML_FEATURE_ENABLED
+        } else {
+            nvmlEnableState_enum_NVML_FEATURE_DISABLED
+        }
+    });
     unsafe { answer(mode, r) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlDeviceSetAccountingMode(
+    device: nvmlDevice_t,
+    mode: nvmlEnableState_t,
+) -> nvmlReturn_t {
+    status(driver::with(|d| {
+        d.set_accounting_mode(handle(device), mode)
+    }))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetAccountingStats(
+    device: nvmlDevice_t,
+    pid: c_uint,
+    stats: *mut nvmlAccountingStats_t,
+) -> nvmlReturn_t {
+    let r = driver::with(|d| d.accounting_stats(handle(device), pid));
+    unsafe { answer(stats, r) }
 }
 
 // ---- processes ----

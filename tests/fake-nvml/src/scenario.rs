@@ -122,6 +122,10 @@ pub struct Card {
     pub xid_events: Vec<XidEvent>,
     #[serde(default)]
     pub ecc_events: Vec<EccEvent>,
+    /// Per-process accounting mode as the operator left it (`nvmlDeviceSetAccountingMode`
+    /// overrides it in memory).
+    #[serde(default)]
+    pub accounting_mode: bool,
 }
 
 fn default_name() -> String {
@@ -148,6 +152,28 @@ pub struct Process {
     pub sm_util: Option<u32>,
     #[serde(default)]
     pub graphics: bool,
+    /// The driver's accounting record for the process; absent: NOT_FOUND.
+    #[serde(default)]
+    pub accounting: Option<Accounting>,
+}
+
+/// `nvmlAccountingStats_t` as the scenario gives it. An absent value is reported as
+/// NVML_VALUE_NOT_AVAILABLE.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Accounting {
+    #[serde(default)]
+    pub gpu_util: Option<u32>,
+    #[serde(default)]
+    pub mem_util: Option<u32>,
+    #[serde(default)]
+    pub max_memory: Option<u64>,
+    #[serde(default)]
+    pub time_ms: Option<u64>,
+    #[serde(default)]
+    pub start_time_us: Option<u64>,
+    #[serde(default = "yes")]
+    pub running: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
