@@ -495,7 +495,15 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
         l.local_addr().unwrap().port()
     };
     let url = format!("http://127.0.0.1:{port}");
-    let cfg = write_agent_config(dir.path(), &url, "");
+    let metrics_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = write_agent_config(
+        dir.path(),
+        &url,
+        &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""),
+    );
     let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
     let mut agent = std::process::Command::new(bin("gpumeter-agent"))
         .args(["run", "--config"])
@@ -526,6 +534,23 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The Prometheus endpoint tells an operator the same story.
+    let metrics = get_metrics(metrics_port).await;
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        gauge("gpumeter_agent_collector_connected"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(gauge("gpumeter_agent_acked_seq") > 0.0, "{metrics}");
+    assert!(gauge("gpumeter_agent_sessions_total") >= 1.0, "{metrics}");
     let pid = agent.id() as i32;
     assert_eq!(
         Command::new("kill")
@@ -638,4 +663,18 @@ async fn a_second_live_session_for_the_same_agent_is_refused() {
     let (_tx3, third) = open(hello).await;
     assert!(third.is_ok());
     collector.stop().await.unwrap();
+}
+
+async fn get_metrics(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n\r\n")
+        .await
+        .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).await.unwrap();
+    assert!(s.starts_with("HTTP/1.1 200 OK"), "{s}");
+    s
 }

@@ -404,3 +404,97 @@ async fn a_changed_key_is_refused_until_an_admin_re_registers_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--key"));
     collector.stop().await.unwrap();
 }
+
+/// The collector's Prometheus endpoint counts live sessions and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_metrics_count_sessions_and_commits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(
+        gpumeter_collector::store::sqlite::SqliteStore::open(&dir.path().join("m.db")).unwrap(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let opts = gpumeter_collector::server::ServerOptions {
+        metrics_listen: Some(metrics_addr),
+        ..Default::default()
+    };
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(gpumeter_collector::server::run(
+        listener,
+        store,
+        opts,
+        async move {
+            let _ = stopped.changed().await;
+        },
+    ));
+    let scrape = || async move {
+        let mut c = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).await.unwrap();
+        s
+    };
+    // An agent streams five minutes of windows and stays connected.
+    let start = align_down(now_ms() - 7_200_000, 60_000);
+    spawn_sim_agent(
+        agent_config("metrics-agent", "kt", &url, &dir.path().join("a"), 16),
+        scenario(),
+        start,
+        start + 300_000,
+        5_000.0,
+    )
+    .unwrap()
+    .await
+    .unwrap()
+    .unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let (_tx, rx) = tokio::sync::mpsc::channel(2);
+    _tx.send(gpumeter_proto::v1::AgentMessage {
+        kind: Some(gpumeter_proto::v1::agent_message::Kind::Hello(
+            gpumeter_proto::v1::Hello {
+                protocol_version: 1,
+                agent_id: "idle-agent".into(),
+                host_id: "idle-agent".into(),
+                csp: "kt".into(),
+                public_key: key.verifying_key().to_bytes().to_vec(),
+                epoch: 1,
+                next_seq: 1,
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut c = gpumeter_proto::v1::ingest_client::IngestClient::connect(url.clone())
+        .await
+        .unwrap();
+    let mut inbound = c
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    inbound.message().await.unwrap().unwrap();
+    let m = scrape().await;
+    assert!(m.contains("\ngpumeter_collector_live_sessions 1\n"), "{m}");
+    let committed: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("gpumeter_collector_records_committed_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 5 windows x 2 cards, plus the agent-started and assignment events.
+    assert!(committed >= 10.0, "{m}");
+    assert!(
+        m.contains("\ngpumeter_collector_failed_commits_total 0\n"),
+        "{m}"
+    );
+    drop(inbound);
+    drop(_tx);
+    let _ = stop.send(true);
+    server.await.unwrap().unwrap();
+}

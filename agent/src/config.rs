@@ -44,6 +44,9 @@ pub struct AgentConfig {
     pub spool: SpoolSettings,
     #[serde(default)]
     pub enforcement: EnforcementConfig,
+    /// Address of the Prometheus endpoint (`GET /metrics`); none by default.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -221,6 +224,7 @@ impl AgentConfig {
             state_dir: state_dir.to_path_buf(),
             spool: SpoolSettings::default(),
             enforcement: EnforcementConfig::default(),
+            metrics_listen: None,
         }
     }
 
@@ -303,6 +307,14 @@ impl AgentConfig {
         if let SourceConfig::Sim { speed, .. } = &self.source {
             if !(speed.is_finite() && *speed > 0.0 && *speed <= 100_000.0) {
                 return Err(invalid("source.speed", "must be in (0, 100000]"));
+            }
+        }
+        if let Some(l) = &self.metrics_listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics_listen",
+                    format!("{l:?} is not an address like 127.0.0.1:9400"),
+                ));
             }
         }
         if self.state_dir.as_os_str().is_empty() {

@@ -12,6 +12,7 @@ pub mod enforce;
 pub mod gpu;
 pub mod keys;
 pub mod ledger;
+pub mod metrics;
 pub mod probe;
 pub mod record;
 pub mod run;

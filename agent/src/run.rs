@@ -201,7 +201,17 @@ impl Agent {
             max_in_flight: 8 * u64::from(self.cfg.collector.max_batch_records),
         };
         let status_tx = self.status.clone();
-        let uplink_task = tokio::spawn(uplink.run(stop_uplink, status_tx));
+        let uplink_task = tokio::spawn(uplink.run(stop_uplink.clone(), status_tx));
+        if let Some(addr) = &self.cfg.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding metrics_listen {addr}"))?;
+            let render = crate::metrics::agent_render(self.ledger.clone(), self.status.subscribe());
+            let mut stop = stop_uplink;
+            tokio::spawn(crate::metrics::serve(listener, render, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }));
+        }
         let cards = self
             .inventory
             .cards

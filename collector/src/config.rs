@@ -25,6 +25,8 @@ pub struct CollectorConfig {
     pub listen: Option<String>,
     pub db: Option<String>,
     pub collector_id: Option<String>,
+    /// Address of the Prometheus endpoint (`GET /metrics`).
+    pub metrics_listen: Option<String>,
     #[serde(default)]
     pub limits: LimitsConfig,
 }
@@ -95,6 +97,10 @@ impl CollectorConfig {
             l.parse::<std::net::SocketAddr>()
                 .map_err(|_| bad("listen", "must be an address like 127.0.0.1:7070"))?;
         }
+        if let Some(m) = &self.metrics_listen {
+            m.parse::<std::net::SocketAddr>()
+                .map_err(|_| bad("metrics_listen", "must be an address like 127.0.0.1:9401"))?;
+        }
         let l = &self.limits;
         if !(1..=100_000).contains(&l.max_batch_records) {
             return Err(bad("limits.max_batch_records", "must be 1..=100000"));
@@ -124,6 +130,7 @@ impl CollectorConfig {
                 max_clock_skew_ms: self.limits.max_clock_skew_s as i64 * 1000,
             },
             max_streams_per_connection: self.limits.max_streams_per_connection,
+            metrics_listen: self.metrics_listen.as_deref().and_then(|m| m.parse().ok()),
         }
     }
 }

@@ -27,6 +27,8 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// Most concurrent streams on one connection.
     pub max_streams_per_connection: u32,
+    /// Address of the Prometheus endpoint (`GET /metrics`); none by default.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for ServerOptions {
@@ -35,6 +37,7 @@ impl Default for ServerOptions {
             collector_id: "collector".into(),
             limits: Limits::default(),
             max_streams_per_connection: 16,
+            metrics_listen: None,
         }
     }
 }
@@ -68,6 +71,54 @@ pub async fn run(
         grants_version: Arc::new(grants_tx),
         grants_lock: Arc::new(tokio::sync::Mutex::new(())),
     };
+    if let Some(maddr) = opts.metrics_listen {
+        let listener = TcpListener::bind(maddr).await?;
+        let live = ingest.live.clone();
+        let stats = ingest.writer.stats.clone();
+        let render: gpumeter_agent::metrics::Render = Arc::new(move || {
+            use gpumeter_agent::metrics::metric;
+            use std::sync::atomic::Ordering::Relaxed;
+            let sessions = live.lock().map(|l| l.len()).unwrap_or(0);
+            let mut out = String::new();
+            metric(
+                &mut out,
+                "gpumeter_collector_live_sessions",
+                "gauge",
+                "Agents with an open session.",
+                sessions as f64,
+            );
+            metric(
+                &mut out,
+                "gpumeter_collector_commits_total",
+                "counter",
+                "Ingest transactions committed.",
+                stats.commits.load(Relaxed) as f64,
+            );
+            metric(
+                &mut out,
+                "gpumeter_collector_records_committed_total",
+                "counter",
+                "Records committed (duplicates included).",
+                stats.records.load(Relaxed) as f64,
+            );
+            metric(
+                &mut out,
+                "gpumeter_collector_failed_commits_total",
+                "counter",
+                "Ingest transactions that failed (nothing acknowledged).",
+                stats.failed_commits.load(Relaxed) as f64,
+            );
+            out
+        });
+        let mut closing = closing_tx.subscribe();
+        tokio::spawn(gpumeter_agent::metrics::serve(
+            listener,
+            render,
+            async move {
+                let _ = closing.wait_for(|c| *c).await;
+            },
+        ));
+    }
     info!(%addr, "collector listening");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

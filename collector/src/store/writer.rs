@@ -18,6 +18,16 @@ struct Req {
 #[derive(Clone, Debug)]
 pub struct Writer {
     tx: mpsc::Sender<Req>,
+    /// What the writer has done, for the metrics endpoint.
+    pub stats: Arc<WriterStats>,
+}
+
+/// Counters the writer thread keeps.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub commits: std::sync::atomic::AtomicU64,
+    pub records: std::sync::atomic::AtomicU64,
+    pub failed_commits: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Req {
@@ -38,6 +48,8 @@ impl Writer {
     /// Starts the writer thread; it ends when every handle is dropped.
     pub fn spawn(store: Arc<dyn Store>) -> Writer {
         let (tx, mut rx) = mpsc::channel::<Req>(4 * MAX_GROUP);
+        let stats = Arc::new(WriterStats::default());
+        let counters = stats.clone();
         let spawned = std::thread::Builder::new()
             .name("gpumeter-writer".into())
             .spawn(move || {
@@ -56,13 +68,20 @@ impl Writer {
                     }
                     let batches: Vec<IngestBatch> =
                         group.iter_mut().map(|r| std::mem::replace(&mut r.batch, IngestBatch::empty())).collect();
+                    use std::sync::atomic::Ordering::Relaxed;
                     match store.commit(&batches) {
                         Ok(outcomes) => {
+                            counters.commits.fetch_add(1, Relaxed);
+                            counters.records.fetch_add(
+                                batches.iter().map(|b| b.records.len() as u64).sum(),
+                                Relaxed,
+                            );
                             for (r, o) in group.drain(..).zip(outcomes) {
                                 let _ = r.reply.send(Ok(o));
                             }
                         }
                         Err(e) => {
+                            counters.failed_commits.fetch_add(1, Relaxed);
                             error!(error = %e, batches = group.len(), "commit failed; nothing acknowledged");
                             for r in group.drain(..) {
                                 let _ = r.reply.send(Err(StoreError::Db(e.to_string())));
@@ -74,7 +93,7 @@ impl Writer {
         if let Err(e) = spawned {
             error!(error = %e, "cannot start the writer thread");
         }
-        Writer { tx }
+        Writer { tx, stats }
     }
 
     /// Queues a batch; resolves once it is committed (or failed).
