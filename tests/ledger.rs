@@ -273,6 +273,20 @@ async fn a_lost_spool_starts_a_new_epoch_that_names_the_last_acked_record() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert_eq!(epochs, vec![1, 2]);
+    // ...and the collector raised an alarm for it.
+    let alarm: (String, i64) = conn
+        .query_row(
+            "SELECT detail, seq FROM alarms WHERE agent_id='epoch-agent' AND kind='epoch_start'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(alarm.1, before + 1);
+    assert!(
+        alarm.0.contains(&format!("epoch 2 after seq {before}")),
+        "{}",
+        alarm.0
+    );
     // The second life's windows are all there: 5 minutes x 2 cards.
     let windows: i64 = conn
         .query_row(

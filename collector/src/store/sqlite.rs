@@ -614,9 +614,40 @@ impl Store for SqliteStore {
                                 ])
                                 .map_err(db)?;
                         }
-                        RecordContent::Gap { .. }
-                        | RecordContent::EpochStart { .. }
-                        | RecordContent::Unknown => {}
+                        // The agent says, signed, that something is missing: operators and
+                        // auditors must see it without decoding bodies.
+                        RecordContent::Gap {
+                            from_ms,
+                            until_ms,
+                            reason,
+                        } => insert_alarm(
+                            &tx,
+                            &Alarm {
+                                agent_id: b.agent_id.clone(),
+                                at_ms: b.received_ms,
+                                kind: "agent_gap".into(),
+                                seq: Some(r.seq),
+                                detail: format!(
+                                    "the agent did not record {from_ms}..{until_ms} (ms since the epoch): {reason}"
+                                ),
+                            },
+                        )?,
+                        RecordContent::EpochStart {
+                            epoch,
+                            last_acked_seq,
+                        } => insert_alarm(
+                            &tx,
+                            &Alarm {
+                                agent_id: b.agent_id.clone(),
+                                at_ms: b.received_ms,
+                                kind: "epoch_start".into(),
+                                seq: Some(r.seq),
+                                detail: format!(
+                                    "the agent lost its spool and started epoch {epoch} after seq {last_acked_seq}"
+                                ),
+                            },
+                        )?,
+                        RecordContent::Unknown => {}
                     }
                 }
                 // A batch that re-sent a record with other bytes comes with a checkpoint
@@ -1652,6 +1683,39 @@ mod reconcile_reads_tests {
             received_ms: 0,
             alarms: vec![],
         }
+    }
+
+    #[test]
+    fn gap_and_epoch_records_raise_alarms() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("g.db")).unwrap();
+        store.hello(&hello("a", "kt")).unwrap();
+        store
+            .commit(&[batch(
+                "a",
+                vec![
+                    RecordContent::EpochStart {
+                        epoch: 2,
+                        last_acked_seq: 0,
+                    },
+                    RecordContent::Gap {
+                        from_ms: 60_000,
+                        until_ms: 240_000,
+                        reason: "spool full".into(),
+                    },
+                ],
+            )])
+            .unwrap();
+        let alarms = store.alarms(Some("a")).unwrap();
+        let kinds: Vec<(&str, Option<u64>)> =
+            alarms.iter().map(|a| (a.kind.as_str(), a.seq)).collect();
+        assert_eq!(
+            kinds,
+            vec![("epoch_start", Some(1)), ("agent_gap", Some(2))]
+        );
+        assert!(
+            alarms[1].detail.contains("60000..240000") && alarms[1].detail.contains("spool full")
+        );
     }
 
     #[test]
