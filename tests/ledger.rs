@@ -401,6 +401,23 @@ async fn a_changed_key_is_refused_until_an_admin_re_registers_it() {
     );
     hello(&collector.url, "prereg", &k1).await.unwrap();
 
+    // Auditors see every key change among the alarms.
+    let out = Command::new(bin("gpumeter-collector"))
+        .args(["alarms", "--agent", "tofu", "--server", &collector.url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("key_registered"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("replacing") && line.contains("reinstalled"),
+        "{line}"
+    );
+    assert!(!text.contains("prereg"), "filtered to one agent: {text}");
+
     // A malformed key is a usage error naming the flag.
     let out = Command::new(bin("gpumeter-collector"))
         .args([

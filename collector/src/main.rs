@@ -152,6 +152,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What the collector flagged for operators and auditors: equivocations, sequence gaps,
+    /// rejected batches, clock skew, agents' gap and epoch records, key registrations.
+    Alarms {
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        server: String,
+    },
     /// Agents and cards the collector has seen.
     Hosts {
         #[arg(long)]
@@ -550,6 +559,31 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             } else {
                 Err(anyhow::anyhow!("the ledger does not verify").into())
             }
+        }
+        Command::Alarms { agent, server } => {
+            let mut c = v1::query_client::QueryClient::connect(server.clone())
+                .await
+                .with_context(|| format!("connecting to {server}"))?;
+            let r = c
+                .alarms(v1::AlarmsRequest {
+                    agent_id: agent.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            for a in &r.alarms {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    kst(a.at_unix_ms),
+                    a.agent_id,
+                    a.kind,
+                    a.seq.map_or("-".to_string(), |s| s.to_string()),
+                    a.detail
+                );
+            }
+            if r.alarms.is_empty() {
+                println!("no alarms");
+            }
+            Ok(())
         }
         Command::Hosts { server } => {
             let mut c = v1::query_client::QueryClient::connect(server.clone())

@@ -87,6 +87,31 @@ impl Query for QueryService {
         }))
     }
 
+    async fn alarms(
+        &self,
+        request: Request<v1::AlarmsRequest>,
+    ) -> Result<Response<v1::AlarmsReply>, Status> {
+        let agent = request.into_inner().agent_id;
+        let store = self.store.clone();
+        let alarms = tokio::task::spawn_blocking(move || {
+            store.alarms((!agent.is_empty()).then_some(agent.as_str()))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(v1::AlarmsReply {
+            alarms: alarms
+                .into_iter()
+                .map(|a| v1::Alarm {
+                    agent_id: a.agent_id,
+                    at_unix_ms: a.at_ms,
+                    kind: a.kind,
+                    seq: a.seq,
+                    detail: a.detail,
+                })
+                .collect(),
+        }))
+    }
+
     async fn verify(
         &self,
         request: Request<v1::VerifyRequest>,
