@@ -144,6 +144,36 @@ pub fn epoch_start_body(
     )
 }
 
+/// Records ready to send, closed by a checkpoint over the last one signed with `key`.
+/// `None` for no records.
+pub fn signed_batch(
+    key: &ed25519_dalek::SigningKey,
+    agent_id: &str,
+    epoch: u64,
+    records: Vec<SpooledRecord>,
+) -> Option<v1::RecordBatch> {
+    let last = records.last()?;
+    let (last_seq, last_hash) = (last.seq, last.hash());
+    let signature = chain::sign_checkpoint(key, agent_id, epoch, last_seq, &last_hash);
+    Some(v1::RecordBatch {
+        records: records
+            .into_iter()
+            .map(|r| v1::Record {
+                seq: r.seq,
+                prev_hash: r.prev_hash.to_vec(),
+                body: r.body,
+            })
+            .collect(),
+        checkpoint: Some(v1::Checkpoint {
+            agent_id: agent_id.to_string(),
+            epoch,
+            seq: last_seq,
+            chain_hash: last_hash.to_vec(),
+            signature: signature.to_vec(),
+        }),
+    })
+}
+
 /// Hands out sequence numbers and chain links, continuing from a head (the spool's).
 #[derive(Debug, Clone)]
 pub struct Sequencer {

@@ -276,33 +276,12 @@ impl Uplink {
                 })
                 .await
                 .map_err(|e| UplinkError::Protocol(e.to_string()))??;
-                let Some(last) = records.last() else { break };
-                let last_seq = last.seq;
-                let last_hash = last.hash();
-                let signature = chain::sign_checkpoint(
-                    &self.key,
-                    &self.hello.agent_id,
-                    epoch,
-                    last_seq,
-                    &last_hash,
-                );
-                let batch = v1::RecordBatch {
-                    records: records
-                        .into_iter()
-                        .map(|r| v1::Record {
-                            seq: r.seq,
-                            prev_hash: r.prev_hash.to_vec(),
-                            body: r.body,
-                        })
-                        .collect(),
-                    checkpoint: Some(v1::Checkpoint {
-                        agent_id: self.hello.agent_id.clone(),
-                        epoch,
-                        seq: last_seq,
-                        chain_hash: last_hash.to_vec(),
-                        signature: signature.to_vec(),
-                    }),
+                let Some(batch) =
+                    crate::record::signed_batch(&self.key, &self.hello.agent_id, epoch, records)
+                else {
+                    break;
                 };
+                let last_seq = batch.checkpoint.as_ref().map_or(sent_through, |c| c.seq);
                 debug!(through = last_seq, "sending batch");
                 tx.send(v1::AgentMessage {
                     kind: Some(agent_message::Kind::Batch(batch)),

@@ -20,7 +20,7 @@ use clap::Parser;
 use ed25519_dalek::SigningKey;
 use gpumeter_agent::assignments::Status;
 use gpumeter_agent::attribution::{Identity, ProcessIdentity};
-use gpumeter_agent::record::{Sequencer, window_body};
+use gpumeter_agent::record::{Sequencer, signed_batch, window_body};
 use gpumeter_agent::spool::{Spool, SpoolConfig, SpooledRecord};
 use gpumeter_agent::window::{Applied, Health, PrincipalWindow, WindowSummary};
 use gpumeter_collector::convert::decode_body;
@@ -301,27 +301,7 @@ fn build_agent(i: usize, shape: Shape, windows: usize, batch: usize) -> SimAgent
     let mut it = records.into_iter().peekable();
     while it.peek().is_some() {
         let chunk: Vec<SpooledRecord> = it.by_ref().take(batch).collect();
-        let Some(last) = chunk.last() else { break };
-        let last_seq = last.seq;
-        let last_hash = hashes[last_seq as usize - 1];
-        let signature = chain::sign_checkpoint(&key, &id, EPOCH, last_seq, &last_hash);
-        batches.push(v1::RecordBatch {
-            records: chunk
-                .into_iter()
-                .map(|r| v1::Record {
-                    seq: r.seq,
-                    prev_hash: r.prev_hash.to_vec(),
-                    body: r.body,
-                })
-                .collect(),
-            checkpoint: Some(v1::Checkpoint {
-                agent_id: id.clone(),
-                epoch: EPOCH,
-                seq: last_seq,
-                chain_hash: last_hash.to_vec(),
-                signature: signature.to_vec(),
-            }),
-        });
+        batches.extend(signed_batch(&key, &id, EPOCH, chunk));
     }
     SimAgent {
         hello: hello(i, cards, &key),

@@ -388,14 +388,14 @@ pub struct Inputs<'a> {
 }
 
 /// `x × num / den`, rounded down, without overflow.
-fn share(x: u64, num: u64, den: u64) -> u64 {
+pub(crate) fn share(x: u64, num: u64, den: u64) -> u64 {
     if den == 0 {
         return 0;
     }
     (u128::from(x) * u128::from(num) / u128::from(den)) as u64
 }
 
-fn window_len(w: &WindowRow) -> u64 {
+pub(crate) fn window_len(w: &WindowRow) -> u64 {
     (w.end_ms - w.start_ms).max(0) as u64
 }
 

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::reconcile::{Interval, Reconciliation};
+use crate::reconcile::{Interval, Reconciliation, share, window_len};
 use crate::store::{MeteredWindow, WindowRow};
 
 const DAY_MS: i64 = 86_400_000;
@@ -70,18 +70,6 @@ pub fn period_days(from_ms: i64, until_ms: i64) -> Vec<PeriodDay> {
         start += DAY_MS;
     }
     out
-}
-
-/// `x × num / den`, rounded down, without overflow (as the engine shares a window).
-fn share(x: u64, num: u64, den: u64) -> u64 {
-    if den == 0 {
-        return 0;
-    }
-    (u128::from(x) * u128::from(num) / u128::from(den)) as u64
-}
-
-fn window_len(w: &WindowRow) -> u64 {
-    (w.end_ms - w.start_ms).max(0) as u64
 }
 
 /// Running sums of one card-day.
