@@ -2,6 +2,7 @@
 //! holds grants, pushes card assignments, and answers queries and reports.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod convert;
 mod csv;
