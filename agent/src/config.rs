@@ -44,9 +44,13 @@ pub struct AgentConfig {
     pub spool: SpoolSettings,
     #[serde(default)]
     pub enforcement: EnforcementConfig,
-    /// Address of the Prometheus endpoint (`GET /metrics`); none by default.
+    /// Address of the Prometheus and health endpoint (`/metrics`, `/healthz`, `/readyz`);
+    /// none by default.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// Also export the card readings under dcgm-exporter's metric names and labels.
+    #[serde(default)]
+    pub metrics_dcgm_compat: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -225,6 +229,7 @@ impl AgentConfig {
             spool: SpoolSettings::default(),
             enforcement: EnforcementConfig::default(),
             metrics_listen: None,
+            metrics_dcgm_compat: false,
         }
     }
 

@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use gpumeter_agent::config::{AgentConfig, ConfigError};
 use gpumeter_agent::run::{Agent, RunOptions, open_parts};
+use gpumeter_telemetry::docs::Shell;
+use gpumeter_telemetry::logging::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -24,8 +26,12 @@ enum Command {
     Run {
         #[arg(long)]
         config: PathBuf,
-        /// Log as JSON lines.
-        #[arg(long)]
+        /// How log lines are written to stderr (colour only on a terminal; level from
+        /// RUST_LOG, default info).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// Same as `--log-format json`.
+        #[arg(long, hide = true)]
         log_json: bool,
     },
     /// Print this agent's public key (hex), creating the key if it does not exist yet, for
@@ -42,19 +48,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the man pages (gpumeter-agent.1 and one per subcommand) into a directory.
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
+/// Writes the man pages of this binary into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, roff) in gpumeter_telemetry::docs::man_pages(Cli::command())? {
+        std::fs::write(dir.join(name), roff)?;
     }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -70,6 +82,26 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Man { out } => match write_man_pages(&out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gpumeter-agent man: writing {}: {e}", out.display());
+                ExitCode::from(1)
+            }
+        },
+        Command::Completions { shell } => {
+            match gpumeter_telemetry::docs::completions(
+                shell,
+                Cli::command(),
+                &mut std::io::stdout(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("gpumeter-agent completions: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Probe { nvml_lib, json } => {
             match gpumeter_agent::probe::probe(nvml_lib.as_deref(), json) {
                 Ok(out) => {
@@ -101,7 +133,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config, log_json } => {
+        Command::Run {
+            config,
+            log_format,
+            log_json,
+        } => {
             let cfg = match AgentConfig::load(&config) {
                 Ok(c) => c,
                 Err(
@@ -113,7 +149,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
-            init_tracing(log_json);
+            gpumeter_telemetry::logging::init(if log_json {
+                LogFormat::Json
+            } else {
+                log_format
+            });
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {

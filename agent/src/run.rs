@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use gpumeter_proto::v1;
+use gpumeter_telemetry::http::Readiness;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -202,16 +203,38 @@ impl Agent {
         };
         let status_tx = self.status.clone();
         let uplink_task = tokio::spawn(uplink.run(stop_uplink.clone(), status_tx));
-        if let Some(addr) = &self.cfg.metrics_listen {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding metrics_listen {addr}"))?;
-            let render = crate::metrics::agent_render(self.ledger.clone(), self.status.subscribe());
-            let mut stop = stop_uplink;
-            tokio::spawn(crate::metrics::serve(listener, render, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            }));
-        }
+        let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady("starting".into()));
+        let card_metrics = match &self.cfg.metrics_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics_listen {addr}"))?;
+                let cards = Arc::new(crate::metrics::CardMetrics::default());
+                let registry = crate::metrics::registry(crate::metrics::AgentMetrics {
+                    cards: cards.clone(),
+                    inventory: self.inventory.cards.clone(),
+                    assignments: self.assignments.subscribe(),
+                    ledger: self.ledger.clone(),
+                    status: self.status.subscribe(),
+                    clock: clock.clone(),
+                    agent_id: self.cfg.agent_id.clone(),
+                    hostname: hostname(),
+                    csp: self.cfg.csp.clone(),
+                    dcgm_compat: self.cfg.metrics_dcgm_compat,
+                });
+                let mut stop = stop_uplink;
+                tokio::spawn(gpumeter_telemetry::http::serve(
+                    listener,
+                    Arc::new(registry),
+                    ready_rx,
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                ));
+                Some(cards)
+            }
+            None => None,
+        };
         let cards = self
             .inventory
             .cards
@@ -225,6 +248,7 @@ impl Agent {
         let reader = Reader {
             source: self.parts.source,
             attributor: self.parts.attributor,
+            metrics: card_metrics,
         };
         let settings = SamplerSettings {
             periods: Periods {
@@ -246,6 +270,7 @@ impl Agent {
             }
         }
         let enforcer = Enforcer::new(self.cfg.enforcement.clone(), control, clock.clone());
+        let _ = ready_tx.send(Readiness::Ready);
         run_sampler(
             reader,
             cards,
@@ -257,6 +282,7 @@ impl Agent {
             shutdown.clone(),
         )
         .await?;
+        let _ = ready_tx.send(Readiness::NotReady("sampling stopped".into()));
         if opts.drain {
             let mut status = self.status.subscribe();
             let mut shutdown = shutdown;

@@ -25,6 +25,8 @@ use crate::window::{Applied, AttributedProcess, CardAggregator, Periods, SlotOut
 pub struct Reader {
     pub source: Box<dyn GpuSource>,
     pub attributor: Box<dyn Attributor>,
+    /// Where each slot's readings are copied for the metrics endpoint, when it is on.
+    pub metrics: Option<Arc<crate::metrics::CardMetrics>>,
 }
 
 /// What one read gave: each card's reading with its processes' identities, and events.
@@ -35,7 +37,7 @@ pub struct SlotRead {
 
 impl Reader {
     pub fn read(&mut self, at: UnixMs) -> SlotRead {
-        let readings = self
+        let readings: Vec<(CardReading, Vec<Option<Identity>>)> = self
             .source
             .read(at)
             .into_iter()
@@ -51,10 +53,11 @@ impl Reader {
                 (r, ids)
             })
             .collect();
-        SlotRead {
-            readings,
-            events: self.source.drain_events(),
+        let events = self.source.drain_events();
+        if let Some(m) = &self.metrics {
+            m.observe(readings.iter().map(|(r, _)| r), &events);
         }
+        SlotRead { readings, events }
     }
 }
 

@@ -79,6 +79,8 @@ pub struct UplinkStatus {
     pub connected: bool,
     pub sessions: u64,
     pub acked_seq: u64,
+    /// When the collector last acknowledged records (agent clock).
+    pub last_ack_ms: Option<i64>,
     pub last_error: Option<String>,
 }
 
@@ -332,7 +334,11 @@ impl Uplink {
         if seq > acked {
             let h = chain::to_hash(hash).map_err(|e| UplinkError::Protocol(e.to_string()))?;
             g.spool.ack(seq, h)?;
-            status.send_modify(|s| s.acked_seq = seq);
+            let now = self.clock.now_ms();
+            status.send_modify(|s| {
+                s.acked_seq = seq;
+                s.last_ack_ms = Some(now);
+            });
         }
         if seq < acked {
             warn!(

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use gpumeter_collector::config::CollectorConfig;
 use gpumeter_collector::demo::{DemoOptions, run_demo};
 use gpumeter_collector::grants::{fmt_kst, parse_gpu_uuid, parse_valid_from, parse_valid_until};
@@ -15,6 +15,8 @@ use gpumeter_collector::report::{
 };
 use gpumeter_collector::store::sqlite::SqliteStore;
 use gpumeter_proto::v1;
+use gpumeter_telemetry::docs::Shell;
+use gpumeter_telemetry::logging::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -71,7 +73,12 @@ enum Command {
         db: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,
-        #[arg(long)]
+        /// How log lines are written to stderr (colour only on a terminal; level from
+        /// RUST_LOG, default info).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// Same as `--log-format json`.
+        #[arg(long, hide = true)]
         log_json: bool,
     },
     /// Grants: import, list, show, and amend (revoke, extend, move a card).
@@ -178,6 +185,16 @@ enum Command {
         #[arg(long)]
         db: Option<PathBuf>,
     },
+    /// Write the man pages (gpumeter-collector.1 and one per subcommand) into a directory.
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -279,17 +296,14 @@ enum GrantsCommand {
     },
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
+/// Writes the man pages of this binary into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, roff) in gpumeter_telemetry::docs::man_pages(Cli::command())? {
+        let path = dir.join(name);
+        std::fs::write(&path, roff).with_context(|| format!("writing {}", path.display()))?;
     }
+    Ok(())
 }
 
 /// A failure with its exit code.
@@ -349,6 +363,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             listen,
             db,
             config,
+            log_format,
             log_json,
         } => {
             let cfg = match &config {
@@ -376,7 +391,11 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     ),
                 });
             }
-            init_tracing(log_json);
+            gpumeter_telemetry::logging::init(if log_json {
+                LogFormat::Json
+            } else {
+                log_format
+            });
             let store = Arc::new(
                 SqliteStore::open(std::path::Path::new(&db))
                     .with_context(|| format!("opening {db}"))?,
@@ -611,6 +630,12 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             }
             let text = run_demo(DemoOptions { minutes, speed, db }).await?;
             print!("{text}");
+            Ok(())
+        }
+        Command::Man { out } => Ok(write_man_pages(&out)?),
+        Command::Completions { shell } => {
+            gpumeter_telemetry::docs::completions(shell, Cli::command(), &mut std::io::stdout())
+                .context("writing the completion script")?;
             Ok(())
         }
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use gpumeter_proto::v1::{
     admin_server::AdminServer, ingest_server::IngestServer, query_server::QueryServer,
 };
+use gpumeter_telemetry::http::Readiness;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -71,54 +72,26 @@ pub async fn run(
         grants_version: Arc::new(grants_tx),
         grants_lock: Arc::new(tokio::sync::Mutex::new(())),
     };
+    let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady("starting".into()));
     if let Some(maddr) = opts.metrics_listen {
         let listener = TcpListener::bind(maddr).await?;
-        let live = ingest.live.clone();
-        let stats = ingest.writer.stats.clone();
-        let render: gpumeter_agent::metrics::Render = Arc::new(move || {
-            use gpumeter_agent::metrics::metric;
-            use std::sync::atomic::Ordering::Relaxed;
-            let sessions = live.lock().map(|l| l.len()).unwrap_or(0);
-            let mut out = String::new();
-            metric(
-                &mut out,
-                "gpumeter_collector_live_sessions",
-                "gauge",
-                "Agents with an open session.",
-                sessions as f64,
-            );
-            metric(
-                &mut out,
-                "gpumeter_collector_commits_total",
-                "counter",
-                "Ingest transactions committed.",
-                stats.commits.load(Relaxed) as f64,
-            );
-            metric(
-                &mut out,
-                "gpumeter_collector_records_committed_total",
-                "counter",
-                "Records committed (duplicates included).",
-                stats.records.load(Relaxed) as f64,
-            );
-            metric(
-                &mut out,
-                "gpumeter_collector_failed_commits_total",
-                "counter",
-                "Ingest transactions that failed (nothing acknowledged).",
-                stats.failed_commits.load(Relaxed) as f64,
-            );
-            out
-        });
+        let registry = crate::metrics::registry(crate::metrics::CollectorMetrics::new(
+            opts.collector_id.clone(),
+            ingest.live.clone(),
+            ingest.writer.stats.clone(),
+            ingest.store.clone(),
+        ));
         let mut closing = closing_tx.subscribe();
-        tokio::spawn(gpumeter_agent::metrics::serve(
+        tokio::spawn(gpumeter_telemetry::http::serve(
             listener,
-            render,
+            Arc::new(registry),
+            ready_rx,
             async move {
                 let _ = closing.wait_for(|c| *c).await;
             },
         ));
     }
+    let _ = ready_tx.send(Readiness::Ready);
     info!(%addr, "collector listening");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -133,6 +106,7 @@ pub async fn run(
         .add_service(AdminServer::new(admin).max_decoding_message_size(max_msg * 2))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
+            let _ = ready_tx.send(Readiness::NotReady("shutting down".into()));
             // Open sessions are long-lived streams: end them, or a graceful stop waits forever.
             let _ = closing_tx.send(true);
         })

@@ -32,11 +32,16 @@ impl TestCollector {
 
     /// Starts on a given address (to come back on the same port after a stop).
     pub async fn start_on(db: &Path, addr: &str) -> anyhow::Result<Self> {
+        Self::start_with(db, addr, ServerOptions::default()).await
+    }
+
+    /// Starts on a given address with the given options.
+    pub async fn start_with(db: &Path, addr: &str, opts: ServerOptions) -> anyhow::Result<Self> {
         let store = Arc::new(SqliteStore::open(db)?);
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (stop, mut rx) = watch::channel(false);
-        let task = tokio::spawn(run(listener, store, ServerOptions::default(), async move {
+        let task = tokio::spawn(run(listener, store, opts, async move {
             let _ = rx.changed().await;
         }));
         Ok(Self {

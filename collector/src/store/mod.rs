@@ -395,6 +395,11 @@ pub trait Store: Send + Sync + 'static {
     /// The invoices that count: the latest import for each (csp, grant_id, period), ordered by
     /// CSP, grant and period.
     fn invoices(&self) -> Result<Vec<StoredInvoice>, StoreError>;
+
+    /// Bytes the ledger takes on disk, where the backend can tell.
+    fn size_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A stored window with the host and CSP of the agent that sent it.

@@ -1242,6 +1242,16 @@ impl Store for SqliteStore {
         tx.commit().map_err(db)
     }
 
+    fn size_bytes(&self) -> Option<u64> {
+        // The WAL holds committed data not yet checkpointed: it is part of the size.
+        let sizes = ["", "-wal"].iter().filter_map(|suffix| {
+            let mut p = self.path.clone().into_os_string();
+            p.push(suffix);
+            std::fs::metadata(p).ok().map(|m| m.len())
+        });
+        Some(sizes.sum())
+    }
+
     fn invoices(&self) -> Result<Vec<StoredInvoice>, StoreError> {
         let c = self.r();
         let mut st = c

@@ -12,6 +12,8 @@ use super::{CommitOutcome, IngestBatch, Store, StoreError};
 struct Req {
     batch: IngestBatch,
     reply: oneshot::Sender<Result<CommitOutcome, StoreError>>,
+    /// When the session handed the batch over, for the commit-latency histogram.
+    queued: std::time::Instant,
 }
 
 /// A handle for submitting batches to the writer thread. Cloning is cheap.
@@ -23,11 +25,30 @@ pub struct Writer {
 }
 
 /// Counters the writer thread keeps.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WriterStats {
     pub commits: std::sync::atomic::AtomicU64,
     pub records: std::sync::atomic::AtomicU64,
     pub failed_commits: std::sync::atomic::AtomicU64,
+    /// Seconds from a batch's hand-over to its commit (or failure): the collector's share of
+    /// an agent's ack latency.
+    pub commit_latency: gpumeter_telemetry::prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for WriterStats {
+    fn default() -> Self {
+        Self {
+            commits: Default::default(),
+            records: Default::default(),
+            failed_commits: Default::default(),
+            commit_latency:
+                gpumeter_telemetry::prometheus_client::metrics::histogram::Histogram::new(
+                    gpumeter_telemetry::prometheus_client::metrics::histogram::exponential_buckets(
+                        0.0005, 2.0, 14,
+                    ),
+                ),
+        }
+    }
 }
 
 impl std::fmt::Debug for Req {
@@ -77,6 +98,7 @@ impl Writer {
                                 Relaxed,
                             );
                             for (r, o) in group.drain(..).zip(outcomes) {
+                                counters.commit_latency.observe(r.queued.elapsed().as_secs_f64());
                                 let _ = r.reply.send(Ok(o));
                             }
                         }
@@ -84,6 +106,7 @@ impl Writer {
                             counters.failed_commits.fetch_add(1, Relaxed);
                             error!(error = %e, batches = group.len(), "commit failed; nothing acknowledged");
                             for r in group.drain(..) {
+                                counters.commit_latency.observe(r.queued.elapsed().as_secs_f64());
                                 let _ = r.reply.send(Err(StoreError::Db(e.to_string())));
                             }
                         }
@@ -100,7 +123,11 @@ impl Writer {
     pub async fn commit(&self, batch: IngestBatch) -> Result<CommitOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Req { batch, reply })
+            .send(Req {
+                batch,
+                reply,
+                queued: std::time::Instant::now(),
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -114,7 +141,11 @@ impl Writer {
     ) -> Result<oneshot::Receiver<Result<CommitOutcome, StoreError>>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Req { batch, reply })
+            .send(Req {
+                batch,
+                reply,
+                queued: std::time::Instant::now(),
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(rx)
