@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a configuration is unusable (the binary exits 64).
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +23,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Stable identity of this agent; records are keyed by (agent_id, seq).
@@ -53,15 +53,18 @@ pub struct AgentConfig {
     pub metrics_dcgm_compat: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CollectorConfig {
     /// `http://host:port`.
     pub url: String,
+    /// Most records in one signed batch (the collector may lower it in its Welcome).
     #[serde(default = "default_batch")]
     pub max_batch_records: u32,
+    /// First wait before reconnecting after a failed session; doubles up to `backoff_max_ms`.
     #[serde(default = "default_backoff_initial")]
     pub backoff_initial_ms: u64,
+    /// Longest wait between reconnect attempts.
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
 }
@@ -76,11 +79,13 @@ fn default_backoff_max() -> u64 {
     30_000
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SamplingConfig {
+    /// How often every card is read; divides `window_ms`.
     #[serde(default = "default_interval")]
     pub interval_ms: u64,
+    /// Length of one record's window, aligned to the wall clock; divides a day.
     #[serde(default = "default_window")]
     pub window_ms: u64,
 }
@@ -101,7 +106,7 @@ impl Default for SamplingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq, Default)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
 pub enum SourceConfig {
     /// The NVIDIA driver through NVML.
@@ -109,9 +114,13 @@ pub enum SourceConfig {
     Nvml,
     /// A library path other than the system's libnvidia-ml.
     #[serde(rename = "nvml-lib")]
-    NvmlLib { path: PathBuf },
+    NvmlLib {
+        /// Path of libnvidia-ml.so.
+        path: PathBuf,
+    },
     /// Simulated cards from a scenario file.
     Sim {
+        /// TOML file describing the simulated cards and their load over time.
         scenario: PathBuf,
         /// Simulated seconds per real second.
         #[serde(default = "default_speed")]
@@ -123,11 +132,13 @@ fn default_speed() -> f64 {
     1.0
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolSettings {
+    /// Most bytes of records kept on disk while the collector has not acknowledged them.
     #[serde(default = "default_spool_max")]
     pub max_bytes: u64,
+    /// Size of one spool segment file; acknowledged segments are deleted whole.
     #[serde(default = "default_segment")]
     pub segment_bytes: u64,
     /// What to do when the spool is full (the collector unreachable for a long time).
@@ -136,7 +147,9 @@ pub struct SpoolSettings {
 }
 
 /// The spool-full policy. Neither drops a record without a record saying so.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(
+    Debug, Clone, Copy, Deserialize, Serialize, schemars::JsonSchema, PartialEq, Eq, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OnFull {
     /// Hold new records in memory and raise an alarm until the spool has room again.
@@ -163,7 +176,9 @@ impl Default for SpoolSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(
+    Debug, Clone, Copy, Deserialize, Serialize, schemars::JsonSchema, PartialEq, Eq, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EnforcementMode {
     /// Record violations, touch nothing.
@@ -173,11 +188,13 @@ pub enum EnforcementMode {
     Terminate,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EnforcementConfig {
+    /// `observe` records violations; `terminate` also ends the offending processes.
     #[serde(default)]
     pub mode: EnforcementMode,
+    /// In `terminate` mode, how long after SIGTERM a process gets before SIGKILL.
     #[serde(default = "default_grace")]
     pub grace_ms: u64,
     /// Set compute mode PROHIBITED on unassigned cards. Off unless the operator turns it on.
@@ -197,6 +214,14 @@ impl Default for EnforcementConfig {
             lock_unassigned: false,
         }
     }
+}
+
+/// The Markdown reference of agent.toml, generated from these types (docs/config/agent.md).
+pub fn reference() -> String {
+    gpumeter_telemetry::docs::config_reference(
+        "gpumeter-agent configuration (agent.toml)",
+        schemars::schema_for!(AgentConfig).as_value(),
+    )
 }
 
 impl AgentConfig {
@@ -338,6 +363,17 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_reference_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/config/agent.md");
+        let written = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            written == reference(),
+            "docs/config/agent.md is stale: regenerate it with `gpumeter-agent config-reference > docs/config/agent.md`"
+        );
+        assert!(written.contains("`interval_ms`"), "{written}");
+    }
 
     const GOOD: &str = r#"
 agent_id = "kt-gpu-001"

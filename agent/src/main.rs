@@ -53,6 +53,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the configuration file's reference (Markdown), generated from the config types.
+    ConfigReference,
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -89,6 +91,10 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::ConfigReference => {
+            print!("{}", gpumeter_agent::config::reference());
+            ExitCode::SUCCESS
+        }
         Command::Completions { shell } => {
             match gpumeter_telemetry::docs::completions(
                 shell,

@@ -39,6 +39,32 @@ pub enum UplinkError {
     NewEpoch(u64),
 }
 
+/// An error with every cause under it (`transport error: tcp connect error: Connection
+/// refused`), so a log line names the reason and not only the layer that failed.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// A wait drawn uniformly from `[0, ceiling]` ms ("full jitter"), so a fleet of agents that
+/// lost the collector together does not reconnect in lock-step when it comes back.
+pub fn full_jitter(ceiling_ms: u64) -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return ceiling_ms;
+    }
+    u64::from_le_bytes(b) % (ceiling_ms.saturating_add(1))
+}
+
 impl UplinkError {
     /// Whether the collector refused this agent for a reason only a person can fix: its key
     /// is not the pinned one, or it sent something the collector rejects.
@@ -105,19 +131,22 @@ impl Uplink {
                     if started.elapsed() > Duration::from_secs(10) {
                         backoff = self.cfg.backoff_initial_ms;
                     }
+                    let wait = full_jitter(backoff);
                     if e.needs_operator() {
                         // Retrying alone will not fix it (a refused key, a bad batch): say so
                         // loudly; records stay spooled meanwhile.
-                        error!(error = %e, retry_in_ms = backoff, "the collector refuses this agent; an operator must act");
+                        error!(error = %e, retry_in_ms = wait, "the collector refuses this agent; an operator must act");
+                    } else if matches!(e, UplinkError::Connect { .. }) {
+                        warn!(error = %e, retry_in_ms = wait, "cannot reach the collector; retrying");
                     } else {
-                        warn!(error = %e, retry_in_ms = backoff, "collector session ended; retrying");
+                        warn!(error = %e, retry_in_ms = wait, "collector session ended; retrying");
                     }
                     status.send_modify(|s| s.last_error = Some(e.to_string()));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                        _ = shutdown.changed() => {}
+                    }
                 }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(backoff)) => {}
-                _ = shutdown.changed() => {}
             }
             backoff = (backoff * 2).min(self.cfg.backoff_max_ms);
         }
@@ -156,9 +185,9 @@ impl Uplink {
         status: &watch::Sender<UplinkStatus>,
     ) -> Result<(), UplinkError> {
         let url = self.cfg.url.clone();
-        let connect_err = |e: &dyn std::fmt::Display| UplinkError::Connect {
+        let connect_err = |e: &dyn std::error::Error| UplinkError::Connect {
             url: url.clone(),
-            reason: e.to_string(),
+            reason: error_chain(e),
         };
         let channel = Endpoint::from_shared(url.clone())
             .map_err(|e| connect_err(&e))?
@@ -365,5 +394,29 @@ mod tests {
         assert!(!refused(tonic::Status::already_exists("live session")).needs_operator());
         assert!(!refused(tonic::Status::unavailable("shutting down")).needs_operator());
         assert!(!UplinkError::Closed.needs_operator());
+    }
+
+    #[test]
+    fn full_jitter_spreads_waits_over_the_whole_range() {
+        let waits: Vec<u64> = (0..2000).map(|_| full_jitter(1000)).collect();
+        assert!(waits.iter().all(|w| *w <= 1000));
+        // Uniform over [0, 1000]: both halves are well populated, and the draws differ.
+        let low = waits.iter().filter(|w| **w < 500).count();
+        assert!((700..1300).contains(&low), "{low} of 2000 below the middle");
+        let distinct: std::collections::BTreeSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 500, "{} distinct waits", distinct.len());
+        assert_eq!(full_jitter(0), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connect_error_names_its_cause() {
+        // Port 1 on loopback: nothing listens, the connection is refused.
+        let err = tonic::transport::Endpoint::from_static("http://127.0.0.1:1")
+            .connect()
+            .await
+            .unwrap_err();
+        let text = error_chain(&err);
+        assert!(text.starts_with("transport error"), "{text}");
+        assert!(text.to_lowercase().contains("refused"), "{text}");
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ingest::Limits;
 use crate::server::ServerOptions;
@@ -19,29 +19,37 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CollectorConfig {
+    /// Address to serve Ingest, Query and Admin on (`--listen` wins).
     pub listen: Option<String>,
+    /// The ledger: a SQLite file path (`--db` wins).
     pub db: Option<String>,
+    /// This collector's name in Welcome messages and metrics; default `collector`.
     pub collector_id: Option<String>,
-    /// Address of the Prometheus endpoint (`GET /metrics`).
+    /// Address of the Prometheus and health endpoint (`/metrics`, `/healthz`, `/readyz`).
     pub metrics_listen: Option<String>,
     #[serde(default)]
     pub limits: LimitsConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
+    /// Most records in one batch; a larger batch is refused.
     #[serde(default = "d_batch")]
     pub max_batch_records: u32,
+    /// Largest gRPC message accepted or sent on the Ingest stream.
     #[serde(default = "d_msg")]
     pub max_message_bytes: u32,
+    /// A session with no message for this long is closed.
     #[serde(default = "d_idle")]
     pub idle_timeout_s: u64,
+    /// Agent clocks further off than this raise a `clock_skew` alarm.
     #[serde(default = "d_skew")]
     pub max_clock_skew_s: u64,
+    /// Most concurrent streams on one connection.
     #[serde(default = "d_streams")]
     pub max_streams_per_connection: u32,
 }
@@ -72,6 +80,15 @@ impl Default for LimitsConfig {
             max_streams_per_connection: d_streams(),
         }
     }
+}
+
+/// The Markdown reference of collector.toml, generated from these types
+/// (docs/config/collector.md).
+pub fn reference() -> String {
+    gpumeter_telemetry::docs::config_reference(
+        "gpumeter-collector configuration (collector.toml)",
+        schemars::schema_for!(CollectorConfig).as_value(),
+    )
 }
 
 impl CollectorConfig {
@@ -138,6 +155,17 @@ impl CollectorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_reference_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/config/collector.md");
+        let written = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            written == reference(),
+            "docs/config/collector.md is stale: regenerate it with `gpumeter-collector config-reference > docs/config/collector.md`"
+        );
+        assert!(written.contains("`max_batch_records`"), "{written}");
+    }
 
     #[test]
     fn bad_fields_are_named() {

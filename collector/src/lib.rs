@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod convert;
 mod csv;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod grants;
 pub mod ingest;

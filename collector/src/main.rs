@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use gpumeter_collector::config::CollectorConfig;
+#[cfg(feature = "demo")]
 use gpumeter_collector::demo::{DemoOptions, run_demo};
 use gpumeter_collector::grants::{fmt_kst, parse_gpu_uuid, parse_valid_from, parse_valid_until};
 use gpumeter_collector::report::{
@@ -190,6 +191,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the configuration file's reference (Markdown), generated from the config types.
+    ConfigReference,
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -294,6 +297,21 @@ enum GrantsCommand {
         #[arg(long)]
         actor: Option<String>,
     },
+}
+
+#[cfg(feature = "demo")]
+async fn demo(minutes: u32, speed: f64, db: Option<PathBuf>) -> Result<(), Failure> {
+    let text = run_demo(DemoOptions { minutes, speed, db }).await?;
+    print!("{text}");
+    Ok(())
+}
+
+/// A packaged collector is built without the demo, so it carries no agent code.
+#[cfg(not(feature = "demo"))]
+async fn demo(_minutes: u32, _speed: f64, _db: Option<PathBuf>) -> Result<(), Failure> {
+    Err(usage(anyhow::anyhow!(
+        "this gpumeter-collector was built without the demo (cargo feature `demo`); run it from a source checkout: cargo run -p gpumeter-collector -- demo"
+    )))
 }
 
 /// Writes the man pages of this binary into `dir`.
@@ -628,11 +646,13 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     error: anyhow::anyhow!("--minutes must be 1..=1440 and --speed in (0, 10000]"),
                 });
             }
-            let text = run_demo(DemoOptions { minutes, speed, db }).await?;
-            print!("{text}");
-            Ok(())
+            demo(minutes, speed, db).await
         }
         Command::Man { out } => Ok(write_man_pages(&out)?),
+        Command::ConfigReference => {
+            print!("{}", gpumeter_collector::config::reference());
+            Ok(())
+        }
         Command::Completions { shell } => {
             gpumeter_telemetry::docs::completions(shell, Cli::command(), &mut std::io::stdout())
                 .context("writing the completion script")?;
