@@ -29,6 +29,8 @@ pub struct CollectorConfig {
     pub metrics_listen: Option<String>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Seconds between signed ledger heads (default 600; see `crate::heads`).
+    pub head_interval_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -114,6 +116,12 @@ impl CollectorConfig {
         if l.max_streams_per_connection == 0 {
             return Err(bad("limits.max_streams_per_connection", "must be positive"));
         }
+        if self
+            .head_interval_s
+            .is_some_and(|s| !(1..=86_400).contains(&s))
+        {
+            return Err(bad("head_interval_s", "must be 1..=86400"));
+        }
         Ok(())
     }
 
@@ -131,6 +139,7 @@ impl CollectorConfig {
             },
             max_streams_per_connection: self.limits.max_streams_per_connection,
             metrics_listen: self.metrics_listen.as_deref().and_then(|m| m.parse().ok()),
+            head_interval: Duration::from_secs(self.head_interval_s.unwrap_or(600)),
         }
     }
 }

@@ -149,8 +149,26 @@ enum Command {
         /// A copy of the ledger database, opened read-only.
         #[arg(long)]
         db: Option<PathBuf>,
+        /// An auditor's heads file (from `heads --out`): the ledger must still extend each.
+        #[arg(long)]
+        heads: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Fetch the collector's signed ledger heads and append the new ones to an append-only
+    /// file an auditor keeps (with --server, a fresh head is signed first).
+    Heads {
+        /// Heads signed at or after this time (RFC 3339 or a Korean calendar day) [default: all].
+        #[arg(long)]
+        since: Option<String>,
+        /// The heads file; created when missing, only ever appended to.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, conflicts_with = "db", required_unless_present = "db")]
+        server: Option<String>,
+        /// A copy of the ledger database, opened read-only (its stored heads).
+        #[arg(long)]
+        db: Option<PathBuf>,
     },
     /// What the collector flagged for operators and auditors: equivocations, sequence gaps,
     /// rejected batches, clock skew, agents' gap and epoch records, key registrations.
@@ -524,13 +542,32 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Verify { server, db, json } => {
+        Command::Verify {
+            server,
+            db,
+            heads,
+            json,
+        } => {
+            let heads = match &heads {
+                Some(path) => gpumeter_collector::heads::read_heads_file(path)
+                    .map_err(|e| anyhow::anyhow!("--heads: {e}"))?,
+                None => Vec::new(),
+            };
             let reply = match (server, db) {
                 (Some(server), _) => {
                     let mut c = v1::query_client::QueryClient::connect(server.clone())
                         .await
-                        .with_context(|| format!("connecting to {server}"))?;
-                    c.verify(v1::VerifyRequest::default()).await?.into_inner()
+                        .with_context(|| format!("connecting to {server}"))?
+                        .max_decoding_message_size(64 << 20);
+                    c.verify(v1::VerifyRequest {
+                        agent_id: String::new(),
+                        heads: heads
+                            .iter()
+                            .map(gpumeter_collector::convert::head_to_wire)
+                            .collect(),
+                    })
+                    .await?
+                    .into_inner()
                 }
                 (None, Some(db)) => {
                     let ledger =
@@ -538,7 +575,9 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                             &db,
                         )?;
                     let started = std::time::Instant::now();
-                    let report = gpumeter_collector::verify::verify(&ledger)?;
+                    let mut report = gpumeter_collector::verify::verify(&ledger)?;
+                    report.heads = gpumeter_collector::heads::verify_heads(&heads, &ledger)?;
+                    report.ok &= report.heads.is_empty();
                     eprintln!("verified in {:.2} s", started.elapsed().as_secs_f64());
                     gpumeter_collector::query::report_to_wire(&report)
                 }
@@ -559,6 +598,59 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             } else {
                 Err(anyhow::anyhow!("the ledger does not verify").into())
             }
+        }
+        Command::Heads {
+            since,
+            out,
+            server,
+            db,
+        } => {
+            let since_ms = match since.as_deref() {
+                None => 0,
+                Some(s) => parse_valid_from(s.trim())
+                    .map_err(|e| usage(anyhow::anyhow!("--since: {e}")))?,
+            };
+            let heads = match (server, db) {
+                (Some(server), _) => {
+                    let mut c = v1::query_client::QueryClient::connect(server.clone())
+                        .await
+                        .with_context(|| format!("connecting to {server}"))?
+                        .max_decoding_message_size(64 << 20);
+                    c.heads(v1::HeadsRequest {
+                        since_unix_ms: since_ms,
+                        sign_now: true,
+                    })
+                    .await?
+                    .into_inner()
+                    .heads
+                    .into_iter()
+                    .map(gpumeter_collector::convert::head_from_wire)
+                    .collect::<Vec<_>>()
+                }
+                (None, Some(db)) => {
+                    gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(&db)?
+                        .heads(since_ms)?
+                }
+                (None, None) => {
+                    return Err(usage(anyhow::anyhow!("give --server URL or --db PATH")));
+                }
+            };
+            let n = gpumeter_collector::heads::append_heads(&out, &heads)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!(
+                "{n} new heads appended to {} (latest: {})",
+                out.display(),
+                heads
+                    .last()
+                    .map(|h| format!(
+                        "head {} over {} agents, root {}",
+                        h.id,
+                        h.agents,
+                        hex::encode(&h.root)
+                    ))
+                    .unwrap_or_else(|| "none".into())
+            );
+            Ok(())
         }
         Command::Alarms { agent, server } => {
             let mut c = v1::query_client::QueryClient::connect(server.clone())
@@ -993,8 +1085,27 @@ fn render_verify(r: &v1::VerifyReply) -> String {
             }
         ));
         for f in &a.findings {
-            out.push_str(&format!("  - {}\n", f.detail));
+            out.push_str(&format!("  - {} [{}]\n", f.detail, f.kind));
         }
+        for f in &a.flagged {
+            out.push_str(&format!(
+                "  * flagged, counted in no figure: {}\n",
+                f.detail
+            ));
+        }
+    }
+    for h in &r.head_findings {
+        out.push_str(&format!(
+            "head {}: {} [{}{}]\n",
+            h.head_id,
+            h.detail,
+            h.kind,
+            if h.agent_id.is_empty() {
+                String::new()
+            } else {
+                format!(", agent {} seq {}", h.agent_id, h.seq)
+            }
+        ));
     }
     out.push_str(&format!(
         "{} agents, {} records: {}\n",
@@ -1023,11 +1134,19 @@ fn verify_json(r: &v1::VerifyReply) -> String {
                 "findings": a.findings.iter().map(|f| serde_json::json!({
                     "kind": f.kind, "seq": f.seq, "from_seq": f.from_seq, "to_seq": f.to_seq, "detail": f.detail,
                 })).collect::<Vec<_>>(),
+                "flagged": a.flagged.iter().map(|f| serde_json::json!({
+                    "kind": f.kind, "seq": f.seq, "detail": f.detail,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
+    let heads: Vec<serde_json::Value> = r
+        .head_findings
+        .iter()
+        .map(|h| serde_json::json!({"head_id": h.head_id, "agent_id": h.agent_id, "seq": h.seq, "kind": h.kind, "detail": h.detail}))
+        .collect();
     serde_json::to_string_pretty(
-        &serde_json::json!({"ok": r.ok, "records": r.records, "agents": agents}),
+        &serde_json::json!({"ok": r.ok, "records": r.records, "agents": agents, "heads": heads}),
     )
     .unwrap_or_default()
 }

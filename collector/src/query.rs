@@ -116,12 +116,21 @@ impl Query for QueryService {
         &self,
         request: Request<v1::VerifyRequest>,
     ) -> Result<Response<v1::VerifyReply>, Status> {
-        let agent = request.into_inner().agent_id;
+        let request = request.into_inner();
+        let agent = request.agent_id;
+        let heads = request
+            .heads
+            .into_iter()
+            .map(crate::convert::head_from_wire)
+            .collect::<Vec<_>>();
         let store = self.store.clone();
         let report = tokio::task::spawn_blocking(move || -> Result<VerifyReport, Status> {
             let ledger = store.ledger()?;
             if agent.is_empty() {
-                return Ok(verify(ledger.as_ref())?);
+                let mut report = verify(ledger.as_ref())?;
+                report.heads = crate::heads::verify_heads(&heads, ledger.as_ref())?;
+                report.ok &= report.heads.is_empty();
+                return Ok(report);
             }
             let (id, key) = ledger
                 .agents()?
@@ -133,11 +142,30 @@ impl Query for QueryService {
                 records: a.records,
                 ok: a.findings.is_empty(),
                 agents: vec![a],
+                heads: Vec::new(),
             })
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(report_to_wire(&report)))
+    }
+
+    async fn heads(
+        &self,
+        request: Request<v1::HeadsRequest>,
+    ) -> Result<Response<v1::HeadsReply>, Status> {
+        let q = request.into_inner();
+        let store = self.store.clone();
+        let heads = blocking(move || -> Result<_, StoreError> {
+            if q.sign_now {
+                store.sign_head(now_ms())?;
+            }
+            store.heads(q.since_unix_ms)
+        })
+        .await?;
+        Ok(Response::new(v1::HeadsReply {
+            heads: heads.iter().map(crate::convert::head_to_wire).collect(),
+        }))
     }
 
     async fn reconcile(
@@ -427,6 +455,28 @@ pub fn report_to_wire(r: &VerifyReport) -> v1::VerifyReply {
                 last_seq: a.last_seq,
                 checkpoints: a.checkpoints,
                 findings: a.findings.iter().map(finding_to_wire).collect(),
+                flagged: a
+                    .flagged
+                    .iter()
+                    .map(|f| v1::VerifyFinding {
+                        kind: f.flag.clone(),
+                        seq: f.seq,
+                        from_seq: 0,
+                        to_seq: 0,
+                        detail: format!("record {}: {} window: {}", f.seq, f.flag, f.detail),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        head_findings: r
+            .heads
+            .iter()
+            .map(|h| v1::HeadFinding {
+                head_id: h.head_id,
+                agent_id: h.agent_id.clone(),
+                seq: h.seq,
+                kind: h.kind.into(),
+                detail: h.detail.clone(),
             })
             .collect(),
     }
@@ -445,6 +495,11 @@ fn finding_to_wire(f: &Finding) -> v1::VerifyFinding {
         } => ("truncated", *checkpoint_seq, *last_stored, *checkpoint_seq),
         Finding::Unsigned { from, to } => ("unsigned", 0, *from, *to),
         Finding::BadKey => ("bad_key", 0, 0, 0),
+        Finding::DerivedMismatch { seq, .. } => ("derived_mismatch", *seq, 0, 0),
+        Finding::DerivedMissing { seq, .. } => ("derived_missing", *seq, 0, 0),
+        Finding::DerivedOrphan { seq, .. } => ("derived_orphan", *seq, 0, 0),
+        Finding::OverlapCounted { seq, .. } => ("overlap_counted", *seq, 0, 0),
+        Finding::OverlapUnfounded { seq } => ("overlap_unfounded", *seq, 0, 0),
     };
     v1::VerifyFinding {
         kind: kind.into(),

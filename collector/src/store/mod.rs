@@ -2,6 +2,7 @@
 //! gives. Nothing generated from the proto files crosses this boundary.
 
 pub mod sqlite;
+pub mod sqlite_integrity;
 pub mod sqlite_ledger;
 pub mod writer;
 
@@ -395,6 +396,13 @@ pub trait Store: Send + Sync + 'static {
     /// The invoices that count: the latest import for each (csp, grant_id, period), ordered by
     /// CSP, grant and period.
     fn invoices(&self) -> Result<Vec<StoredInvoice>, StoreError>;
+
+    /// Signs a ledger head over every agent's last checkpoint and key history, as committed
+    /// now, with the collector's key, and keeps it (see [`crate::heads`]).
+    fn sign_head(&self, at_ms: i64) -> Result<crate::heads::SignedHead, StoreError>;
+
+    /// Heads signed at or after `since_ms`, oldest first.
+    fn heads(&self, since_ms: i64) -> Result<Vec<crate::heads::SignedHead>, StoreError>;
 }
 
 /// A stored window with the host and CSP of the agent that sent it.
