@@ -318,7 +318,7 @@ async fn signed_heads_catch_a_deleted_agent_a_cut_chain_and_a_rewrite_under_a_ne
     ]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("1 new heads appended"), "{out}");
-    // Append-only: a second fetch adds only the new head.
+    // Append-only: a second fetch adds only heads newer than the file's last.
     let (code, out, err) = run(&[
         "heads",
         "--server",
@@ -327,12 +327,13 @@ async fn signed_heads_catch_a_deleted_agent_a_cut_chain_and_a_rewrite_under_a_ne
         heads.to_str().unwrap(),
     ]);
     assert_eq!(code, Some(0), "{out}{err}");
+    // Nothing was committed in between, so the latest head still states the ledger.
     assert!(
-        out.contains("1 new heads appended") && out.contains("head 2 over 2 agents"),
+        out.contains("0 new heads appended") && out.contains("head 1 over 2 agents"),
         "{out}"
     );
     let lines = std::fs::read_to_string(&heads).unwrap();
-    assert_eq!(lines.lines().count(), 2);
+    assert_eq!(lines.lines().count(), 1);
     // The live collector and a clean copy extend every head.
     let (code, out, err) = run(&[
         "verify",
@@ -813,7 +814,98 @@ async fn windows_re_sent_under_new_seqs_to_cover_a_gap_count_once() {
         "{}",
         overlaps[10].detail
     );
+
+    // Reports name their head and carry a content hash; a signed one verifies against the
+    // ledger, and one digit edited is refused.
+    let period = "2026-04-10T00:00:00+09:00..2026-04-10T00:20:00+09:00";
+    let signed = dir.path().join("report.json");
+    let (code, out, err) = run(&[
+        "report",
+        "--period",
+        period,
+        "--format",
+        "json",
+        "--sign",
+        "--server",
+        &collector.url,
+        "--out",
+        signed.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let text = std::fs::read_to_string(&signed).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(v["provenance"]["head_id"].as_u64().unwrap() > 0, "{text}");
+    assert_eq!(v["provenance"]["signature"].as_str().unwrap().len(), 128);
+    let (code, out, err) = run(&[
+        "verify-report",
+        signed.to_str().unwrap(),
+        "--server",
+        &collector.url,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("matches the ledger as of head") && out.contains("signed by collector key"),
+        "{out}"
+    );
+    let edited = dir.path().join("edited.json");
+    assert!(text.contains("\"delivered_ms\": 600000"), "{text}");
+    std::fs::write(
+        &edited,
+        text.replacen("\"delivered_ms\": 600000", "\"delivered_ms\": 600001", 1),
+    )
+    .unwrap();
+    let (code, out, err) = run(&[
+        "verify-report",
+        edited.to_str().unwrap(),
+        "--server",
+        &collector.url,
+    ]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("REFUSED") && err.contains("edited"), "{err}");
+    // Every format carries it; a table checks against a copy of the database too.
+    for format in ["table", "csv", "focus", "html"] {
+        let f = dir.path().join(format!("report.{format}"));
+        let (code, out, err) = run(&[
+            "report",
+            "--period",
+            period,
+            "--format",
+            format,
+            "--server",
+            &collector.url,
+            "--out",
+            f.to_str().unwrap(),
+        ]);
+        assert_eq!(code, Some(0), "{format}: {out}{err}");
+        let (code, out, err) = run(&[
+            "verify-report",
+            f.to_str().unwrap(),
+            "--server",
+            &collector.url,
+        ]);
+        assert_eq!(code, Some(0), "{format}: {out}{err}");
+    }
+    let table = dir.path().join("report.table");
     collector.stop().await.unwrap();
+    let (code, out, err) = run(&[
+        "verify-report",
+        table.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // On a ledger whose overlap flags were dropped, the same report no longer comes out.
+    let unflagged = copy(&db, dir.path(), "unflagged", |c| {
+        c.execute("DELETE FROM window_flags", []).unwrap();
+    });
+    let (code, out, err) = run(&[
+        "verify-report",
+        table.to_str().unwrap(),
+        "--db",
+        unflagged.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("does NOT match"), "{err}");
     let (code, f, _, v) = verify_db(&copy(&db, dir.path(), "c", |_| {}), None);
     assert_eq!((code, f), (Some(0), vec![]), "{v}");
     // Dropping an overlap flag makes two windows count for one instant: verify names both.
@@ -945,4 +1037,236 @@ async fn a_collector_behind_an_agent_and_a_changed_card_raise_alarms() {
     let behind = alarms(&collector.url, "ledger_behind_agent").await;
     assert_eq!((behind.len(), behind[0].seq), (1, Some(50)), "{behind:?}");
     collector.stop().await.unwrap();
+}
+
+/// One random edit of a ledger file.
+#[derive(Debug, Clone)]
+enum Edit {
+    /// Flip one bit of one record body.
+    BodyBit { pick: usize, byte: usize, bit: u8 },
+    /// Add to one column of one derived row.
+    Column {
+        table: &'static str,
+        column: &'static str,
+        pick: usize,
+        delta: i64,
+    },
+    /// Delete one row.
+    Delete { table: &'static str, pick: usize },
+    /// Copy a windows row to a seq with no window record (past the tip, or an event's).
+    InsertWindow { pick: usize, onto_event: bool },
+    /// Add a principal to one window.
+    InsertPrincipal { pick: usize },
+}
+
+fn edits() -> impl proptest::strategy::Strategy<Value = Edit> {
+    use proptest::prelude::*;
+    let window_cols = prop::sample::select(vec![
+        "occupied_ms",
+        "active_ms",
+        "foreign_ms",
+        "energy_mj",
+        "good_samples",
+        "unavailable_ms",
+        "util_avg_pct",
+        "start_ms",
+        "memory_used_max_bytes",
+        "grantee_occupied_ms",
+    ]);
+    let principal_cols = prop::sample::select(vec![
+        "occupied_ms",
+        "active_ms",
+        "memory_max_bytes",
+        "process_count",
+    ]);
+    prop_oneof![
+        (any::<usize>(), any::<usize>(), 0u8..8).prop_map(|(pick, byte, bit)| Edit::BodyBit {
+            pick,
+            byte,
+            bit
+        }),
+        (window_cols, any::<usize>(), 1i64..1_000_000).prop_map(|(column, pick, delta)| {
+            Edit::Column {
+                table: "windows",
+                column,
+                pick,
+                delta,
+            }
+        }),
+        (principal_cols, any::<usize>(), 1i64..1_000_000).prop_map(|(column, pick, delta)| {
+            Edit::Column {
+                table: "window_principals",
+                column,
+                pick,
+                delta,
+            }
+        }),
+        (any::<usize>(), 1i64..100).prop_map(|(pick, delta)| Edit::Column {
+            table: "events",
+            column: "code",
+            pick,
+            delta,
+        }),
+        (
+            prop::sample::select(vec!["records", "windows", "window_principals", "events"]),
+            any::<usize>()
+        )
+            .prop_map(|(table, pick)| Edit::Delete { table, pick }),
+        (any::<usize>(), any::<bool>())
+            .prop_map(|(pick, onto_event)| Edit::InsertWindow { pick, onto_event }),
+        any::<usize>().prop_map(|pick| Edit::InsertPrincipal { pick }),
+    ]
+}
+
+/// The (agent_id, seq) of row `pick` (modulo the row count) of a table.
+fn row_of(c: &rusqlite::Connection, table: &str, pick: usize) -> (String, i64) {
+    let n = one(c, &format!("SELECT COUNT(*) FROM {table}")) as usize;
+    c.query_row(
+        &format!("SELECT agent_id, seq FROM {table} ORDER BY agent_id, seq LIMIT 1 OFFSET ?1"),
+        [(pick % n) as i64],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+const WINDOW_COLUMNS: &str = "gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
+    util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj, energy_estimated,
+    power_avg_w, temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_id,
+    principal, active_ms, occupied_ms, foreign_ms, grantee_occupied_ms";
+
+/// Applies an edit; returns the agent whose rows it touched.
+fn apply(c: &rusqlite::Connection, e: &Edit) -> String {
+    match e {
+        Edit::BodyBit { pick, byte, bit } => {
+            let (agent, seq) = row_of(c, "records", *pick);
+            let mut body: Vec<u8> = c
+                .query_row(
+                    "SELECT body FROM records WHERE agent_id = ?1 AND seq = ?2",
+                    rusqlite::params![agent, seq],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let i = byte % body.len();
+            body[i] ^= 1 << bit;
+            c.execute(
+                "UPDATE records SET body = ?1 WHERE agent_id = ?2 AND seq = ?3",
+                rusqlite::params![body, agent, seq],
+            )
+            .unwrap();
+            agent
+        }
+        Edit::Column {
+            table,
+            column,
+            pick,
+            delta,
+        } => {
+            let (agent, seq) = row_of(c, table, *pick);
+            let n = c
+                .execute(
+                    &format!(
+                        "UPDATE {table} SET {column} = COALESCE({column}, 0) + ?1 WHERE rowid IN
+                         (SELECT rowid FROM {table} WHERE agent_id = ?2 AND seq = ?3 LIMIT 1)"
+                    ),
+                    rusqlite::params![delta, agent, seq],
+                )
+                .or_else(|_| {
+                    // events has no rowid: it is keyed by (agent_id, seq).
+                    c.execute(
+                        &format!(
+                            "UPDATE {table} SET {column} = COALESCE({column}, 0) + ?1 WHERE agent_id = ?2 AND seq = ?3"
+                        ),
+                        rusqlite::params![delta, agent, seq],
+                    )
+                })
+                .unwrap();
+            assert_eq!(n, 1);
+            agent
+        }
+        Edit::Delete { table, pick } => {
+            let (agent, seq) = row_of(c, table, *pick);
+            c.execute(
+                &format!("DELETE FROM {table} WHERE agent_id = ?1 AND seq = ?2"),
+                rusqlite::params![agent, seq],
+            )
+            .unwrap();
+            agent
+        }
+        Edit::InsertWindow { pick, onto_event } => {
+            let (agent, seq) = row_of(c, "windows", *pick);
+            let target: i64 = if *onto_event {
+                c.query_row(
+                    "SELECT seq FROM events WHERE agent_id = ?1 ORDER BY seq LIMIT 1",
+                    [&agent],
+                    |r| r.get(0),
+                )
+                .unwrap()
+            } else {
+                c.query_row(
+                    "SELECT MAX(seq) + 1 FROM records WHERE agent_id = ?1",
+                    [&agent],
+                    |r| r.get(0),
+                )
+                .unwrap()
+            };
+            c.execute(
+                &format!(
+                    "INSERT INTO windows (agent_id, seq, {WINDOW_COLUMNS}) SELECT agent_id, ?3, {WINDOW_COLUMNS}
+                     FROM windows WHERE agent_id = ?1 AND seq = ?2"
+                ),
+                rusqlite::params![agent, seq, target],
+            )
+            .unwrap();
+            agent
+        }
+        Edit::InsertPrincipal { pick } => {
+            let (agent, seq) = row_of(c, "windows", *pick);
+            c.execute(
+                "INSERT INTO window_principals (agent_id, seq, principal, uid, occupied_ms, active_ms, memory_max_bytes, process_count, matches_grant)
+                 VALUES (?1, ?2, 'user:mallory', 6666, 1000, 500, 1, 1, 1)",
+                rusqlite::params![agent, seq],
+            )
+            .unwrap();
+            agent
+        }
+    }
+}
+
+/// A ledger built once for the property test (kept for the whole test process).
+fn base_ledger() -> &'static Path {
+    static BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BASE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let collector = build_ledger(&dir).await;
+            collector.stop().await.unwrap();
+        });
+        let base = dir.join("base.db");
+        rusqlite::Connection::open(dir.join("ledger.db"))
+            .unwrap()
+            .execute("VACUUM INTO ?1", [base.to_str().unwrap()])
+            .unwrap();
+        base
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
+
+    /// Any edit of bodies, derived columns, or rows deleted or inserted is found by verify,
+    /// at the agent whose rows were touched.
+    #[test]
+    fn verify_finds_every_random_edit(edit in edits()) {
+        let base = base_ledger();
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("edited.db");
+        std::fs::copy(base, &db).unwrap();
+        let agent = apply(&rusqlite::Connection::open(&db).unwrap(), &edit);
+        let ledger = gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(&db).unwrap();
+        let report = gpumeter_collector::verify::verify(&ledger).unwrap();
+        proptest::prop_assert!(!report.ok, "{edit:?} went unnoticed");
+        let a = report.agents.iter().find(|a| a.agent_id == agent).unwrap();
+        proptest::prop_assert!(!a.findings.is_empty(), "{edit:?}: nothing at {agent}: {report:?}");
+    }
 }

@@ -222,6 +222,22 @@ pub fn sign_and_store(
 ) -> Result<SignedHead, StoreError> {
     let leaves = current_leaves(c)?;
     let root = merkle_root(&leaves);
+    // Nothing changed since the latest head (same key): it still states the ledger.
+    let latest: Option<(i64, Vec<u8>, Vec<u8>)> = c
+        .query_row(
+            "SELECT id, root, public_key FROM heads ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(db)?;
+    if let Some((id, held_root, held_key)) = latest {
+        if held_root == root && held_key == key.verifying_key().to_bytes() {
+            if let Some(h) = load_head(c, id as u64)? {
+                return Ok(h);
+            }
+        }
+    }
     let id: i64 = c
         .query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM heads", [], |r| {
             r.get(0)
@@ -246,6 +262,21 @@ pub fn sign_and_store(
     )
     .map_err(db)?;
     Ok(head)
+}
+
+/// The head numbered `id`, when held.
+pub fn load_head(c: &Connection, id: u64) -> Result<Option<SignedHead>, StoreError> {
+    let mut st = c
+        .prepare_cached("SELECT at_ms FROM heads WHERE id = ?1")
+        .map_err(db)?;
+    let at: Option<i64> = st
+        .query_row(params![id as i64], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    let Some(at) = at else {
+        return Ok(None);
+    };
+    Ok(load_heads(c, at)?.into_iter().find(|h| h.id == id))
 }
 
 /// Heads stored from `since_ms` on, oldest first.

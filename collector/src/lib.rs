@@ -11,6 +11,7 @@ pub mod grants;
 pub mod heads;
 pub mod ingest;
 pub mod invoices;
+pub mod provenance;
 pub mod query;
 pub mod reconcile;
 pub mod render;

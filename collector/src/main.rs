@@ -10,9 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use gpumeter_collector::config::CollectorConfig;
 use gpumeter_collector::demo::{DemoOptions, run_demo};
 use gpumeter_collector::grants::{fmt_kst, parse_gpu_uuid, parse_valid_from, parse_valid_until};
-use gpumeter_collector::report::{
-    UsageJson, idle_table, parse_period, reconciliation_json, reconciliation_table, usage_table,
-};
+use gpumeter_collector::report::{UsageJson, idle_table, parse_period, usage_table};
 use gpumeter_collector::store::sqlite::SqliteStore;
 use gpumeter_proto::v1;
 
@@ -109,9 +107,22 @@ enum Command {
         /// Write the report to this file instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Have the collector sign the report (it recomputes it first).
+        #[arg(long)]
+        sign: bool,
         /// The collector, e.g. http://127.0.0.1:7400.
         #[arg(long)]
         server: String,
+    },
+    /// Check a report file: its content against its own hash (and signature), then against
+    /// the ledger, recomputed as of the head it names. Exit 1 when it does not match.
+    VerifyReport {
+        file: PathBuf,
+        #[arg(long, conflicts_with = "db", required_unless_present = "db")]
+        server: Option<String>,
+        /// A copy of the ledger database (a scratch copy of it is opened; the file is not touched).
+        #[arg(long)]
+        db: Option<PathBuf>,
     },
     /// Grants to reclaim: utilization under a threshold over the last days up to now, with
     /// the cards that could be reassigned. (`report` lists them for its period too.)
@@ -419,6 +430,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             idle_threshold,
             idle_days,
             out,
+            sign,
             server,
         } => {
             let args = ReportArgs {
@@ -431,10 +443,12 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                 idle_threshold,
                 idle_days,
                 out,
+                sign,
                 server,
             };
             report(args).await
         }
+        Command::VerifyReport { file, server, db } => verify_report(&file, server, db).await,
         Command::Idle {
             threshold,
             days,
@@ -1178,7 +1192,108 @@ struct ReportArgs {
     idle_threshold: f64,
     idle_days: u32,
     out: Option<PathBuf>,
+    sign: bool,
     server: String,
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Table => "table",
+        Format::Csv => "csv",
+        Format::Json => "json",
+        Format::Focus => "focus",
+        Format::Html => "html",
+    }
+}
+
+/// The `ReconcileRequest` a report's provenance names.
+fn query_of(p: &gpumeter_collector::provenance::Provenance) -> v1::ReconcileRequest {
+    v1::ReconcileRequest {
+        period: p.period.clone(),
+        program: p.program.clone(),
+        grant_id: p.grant_id.clone(),
+        idle_threshold_pct: Some(p.idle_threshold_pct),
+        idle_days: Some(p.idle_days),
+        as_of_head: p.head_id,
+    }
+}
+
+async fn verify_report(
+    file: &std::path::Path,
+    server: Option<String>,
+    db: Option<PathBuf>,
+) -> Result<(), Failure> {
+    use gpumeter_collector::provenance::{content_hash, extract, render};
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let (content, p) = extract(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let hash = content_hash(&content);
+    if hash != p.content_sha256 {
+        return Err(anyhow::anyhow!(
+            "{}: REFUSED: its content hashes to {hash}, not the {} it carries (edited after it was made)",
+            file.display(),
+            p.content_sha256
+        )
+        .into());
+    }
+    let signed = p
+        .verify_signature()
+        .map_err(|e| anyhow::anyhow!("{}: REFUSED: {e}", file.display()))?;
+    let korean = p.lang == "ko";
+    let matches = match (server, db) {
+        (Some(server), _) => {
+            let mut c = query_client(&server).await?;
+            let r = c
+                .check_report(v1::CheckReportRequest {
+                    query: Some(query_of(&p)),
+                    format: p.format.clone(),
+                    lang: p.lang.clone(),
+                    content_sha256: hex::decode(&hash).unwrap_or_default(),
+                    sign: false,
+                })
+                .await
+                .map_err(|s| refused("verify-report", s))?
+                .into_inner();
+            r.matches
+        }
+        (None, Some(db)) => {
+            let scratch = tempfile::tempdir().context("a scratch directory")?;
+            let copy = scratch.path().join("ledger.db");
+            let src = rusqlite::Connection::open_with_flags(
+                &db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .with_context(|| format!("opening {}", db.display()))?;
+            src.execute("VACUUM INTO ?1", [copy.to_string_lossy()])
+                .with_context(|| format!("copying {}", db.display()))?;
+            let store = SqliteStore::open(&copy)?;
+            let (rec, days, _) = gpumeter_collector::query::compute_report(&store, &query_of(&p))
+                .map_err(|s| anyhow::anyhow!("recomputing: {}", s.message()))?;
+            let again = render(&rec, &days, &p.format, korean).map_err(|e| anyhow::anyhow!(e))?;
+            content_hash(&again) == hash
+        }
+        (None, None) => return Err(usage(anyhow::anyhow!("give --server URL or --db PATH"))),
+    };
+    if !matches {
+        return Err(anyhow::anyhow!(
+            "{}: does NOT match the ledger as of head {}: recomputed, the report differs",
+            file.display(),
+            p.head_id
+        )
+        .into());
+    }
+    println!(
+        "{}: matches the ledger as of head {} (root {}){}",
+        file.display(),
+        p.head_id,
+        p.head_root,
+        if signed {
+            format!(", signed by collector key {}", p.collector_key)
+        } else {
+            ", unsigned".into()
+        }
+    );
+    Ok(())
 }
 
 async fn query_client(
@@ -1215,45 +1330,70 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         return write_out(&text, a.out.as_ref());
     }
     let mut c = query_client(&a.server).await?;
+    let mut q = v1::ReconcileRequest {
+        period: a.period.clone(),
+        program: a.program.clone().unwrap_or_default(),
+        grant_id: a.grant.clone().unwrap_or_default(),
+        idle_threshold_pct: Some(a.idle_threshold),
+        idle_days: Some(a.idle_days),
+        as_of_head: 0,
+    };
     let r = c
-        .reconcile(v1::ReconcileRequest {
-            period: a.period.clone(),
-            program: a.program.clone().unwrap_or_default(),
-            grant_id: a.grant.clone().unwrap_or_default(),
-            idle_threshold_pct: Some(a.idle_threshold),
-            idle_days: Some(a.idle_days),
-        })
+        .reconcile(q.clone())
         .await
         .map_err(|s| refused("report", s))?
         .into_inner();
     let rec = gpumeter_collector::query::reconciliation_from_wire(&r);
     let korean = a.lang == ReportLang::Ko;
-    let text = match a.format {
-        Format::Table => reconciliation_table(&rec, korean),
-        Format::Json => reconciliation_json(&rec)?,
-        Format::Csv => render_other("csv", &rec, &[], korean)?,
-        Format::Focus => render_other("focus", &rec, &[], korean)?,
-        Format::Html => {
-            let days = gpumeter_collector::query::card_days_from_wire(&r);
-            render_other("html", &rec, &days, korean)?
-        }
+    let days = gpumeter_collector::query::card_days_from_wire(&r);
+    let format = format_name(a.format);
+    let text = gpumeter_collector::provenance::render(&rec, &days, format, korean)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    // Every report names the head it was computed from and carries its content hash.
+    let head = r
+        .head
+        .ok_or_else(|| anyhow::anyhow!("the collector named no head for the report"))?;
+    q.as_of_head = head.id;
+    let lang = if korean { "ko" } else { "en" };
+    let mut p = gpumeter_collector::provenance::Provenance {
+        head_id: head.id,
+        head_at_ms: head.at_unix_ms,
+        head_root: hex::encode(&head.root),
+        period: q.period.trim().to_owned(),
+        program: q.program.trim().to_owned(),
+        grant_id: q.grant_id.trim().to_owned(),
+        idle_threshold_pct: a.idle_threshold,
+        idle_days: a.idle_days,
+        format: format.into(),
+        lang: lang.into(),
+        content_sha256: gpumeter_collector::provenance::content_hash(&text),
+        signature: String::new(),
+        collector_key: String::new(),
     };
-    write_out(&text, a.out.as_ref())
-}
-
-/// The formats `render` draws; `days` feeds the page's per-day heatmaps.
-fn render_other(
-    format: &str,
-    r: &gpumeter_collector::reconcile::Reconciliation,
-    days: &[gpumeter_collector::render::CardDay],
-    korean: bool,
-) -> Result<String, Failure> {
-    use gpumeter_collector::render::{self, Lang};
-    let lang = if korean { Lang::Ko } else { Lang::En };
-    Ok(match format {
-        "csv" => render::csv(r, lang),
-        "focus" => render::focus(r),
-        "html" => render::html(r, days, lang),
-        _ => return Err(anyhow::anyhow!("format {format} is not built yet").into()),
-    })
+    if a.sign {
+        let s = c
+            .check_report(v1::CheckReportRequest {
+                query: Some(q),
+                format: format.into(),
+                lang: lang.into(),
+                content_sha256: hex::decode(&p.content_sha256).unwrap_or_default(),
+                sign: true,
+            })
+            .await
+            .map_err(|s| refused("report --sign", s))?
+            .into_inner();
+        if !s.matches {
+            return Err(anyhow::anyhow!(
+                "the collector recomputed the report as of head {} and got another one; not signed",
+                head.id
+            )
+            .into());
+        }
+        p.signature = hex::encode(&s.signature);
+        p.collector_key = hex::encode(&s.public_key);
+    }
+    write_out(
+        &gpumeter_collector::provenance::embed(&text, &p),
+        a.out.as_ref(),
+    )
 }

@@ -173,43 +173,8 @@ impl Query for QueryService {
         request: Request<v1::ReconcileRequest>,
     ) -> Result<Response<v1::ReconcileReply>, Status> {
         let q = request.into_inner();
-        let (from, until) = period_arg(&q.period)?;
-        let program = program_arg(&q.program)?;
-        let grant_id = (!q.grant_id.trim().is_empty()).then(|| q.grant_id.trim().to_owned());
-        let idle = idle_arg(q.idle_threshold_pct, q.idle_days, until.min(now_ms()))?;
         let store = self.store.clone();
-        let period = q.period.trim().to_owned();
-        let report = blocking(
-            move || -> Result<(Reconciliation, Vec<crate::render::CardDay>), Status> {
-                let grants = store.grants()?;
-                if let Some(id) = &grant_id {
-                    if !grants.iter().any(|g| g.grant_id == *id) {
-                        return Err(Status::not_found(format!("grant {id} not found")));
-                    }
-                }
-                let look = idle.window();
-                let (span_from, span_until) = (from.min(look.from_ms), until.max(look.until_ms));
-                let windows = store.windows(span_from, span_until, None)?;
-                let events = store.events(span_from, span_until, Some("enforcement"), None)?;
-                let invoices = store.invoices()?;
-                let report = reconcile::reconcile(&Inputs {
-                    period: &period,
-                    from_ms: from,
-                    until_ms: until,
-                    program: program.as_deref(),
-                    grant_id: grant_id.as_deref(),
-                    grants: &grants,
-                    windows: &windows,
-                    events: &events,
-                    invoices: &invoices,
-                    idle,
-                });
-                let days = crate::render::card_days(&report, &windows);
-                Ok((report, days))
-            },
-        )
-        .await?;
-        let (report, days) = report;
+        let (report, days, head) = blocking(move || compute_report(store.as_ref(), &q)).await?;
         let mut reply = reconciliation_to_wire(&report);
         reply.days = days
             .into_iter()
@@ -223,6 +188,56 @@ impl Query for QueryService {
                 active_ms: d.active_ms,
             })
             .collect();
+        reply.head = Some(v1::ReportHead {
+            id: head.id,
+            at_unix_ms: head.at_ms,
+            root: head.root,
+        });
+        Ok(Response::new(reply))
+    }
+
+    async fn check_report(
+        &self,
+        request: Request<v1::CheckReportRequest>,
+    ) -> Result<Response<v1::CheckReportReply>, Status> {
+        let r = request.into_inner();
+        let q = r
+            .query
+            .ok_or_else(|| Status::invalid_argument("query: missing"))?;
+        if q.as_of_head == 0 {
+            return Err(Status::invalid_argument(
+                "query.as_of_head: must name a head",
+            ));
+        }
+        let korean = match r.lang.as_str() {
+            "ko" => true,
+            "en" => false,
+            _ => return Err(Status::invalid_argument("lang: ko or en")),
+        };
+        let store = self.store.clone();
+        let reply = blocking(move || -> Result<v1::CheckReportReply, Status> {
+            let (report, days, _) = compute_report(store.as_ref(), &q)?;
+            let content = crate::provenance::render(&report, &days, &r.format, korean)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let hash = hex::decode(crate::provenance::content_hash(&content)).unwrap_or_default();
+            let matches = hash == r.content_sha256;
+            let mut reply = v1::CheckReportReply {
+                matches,
+                recomputed_sha256: hash,
+                ..Default::default()
+            };
+            if matches && r.sign {
+                let head = store
+                    .head(q.as_of_head)?
+                    .ok_or_else(|| Status::not_found("head not found"))?;
+                let p = provenance_of(&q, &head, &r.format, &r.lang, &content);
+                let (sig, key) = store.collector_sign(&p.signed_message())?;
+                reply.signature = sig;
+                reply.public_key = key;
+            }
+            Ok(reply)
+        })
+        .await?;
         Ok(Response::new(reply))
     }
 
@@ -513,6 +528,94 @@ fn finding_to_wire(f: &Finding) -> v1::VerifyFinding {
 // ---------------------------------------------------------------------------------------------
 // Arguments and conversions of the reconciliation RPCs
 
+/// Computes a reconciliation as of a signed head: only records the head covers count
+/// (windows and events of an agent up to its leaf's seq), and idle grants are judged up to the
+/// head's time, so recomputing as of the same head gives the same report while the ledger
+/// still extends it. `as_of_head` 0 signs a head over the ledger as it is now (the latest is
+/// reused when nothing changed).
+pub fn compute_report(
+    store: &dyn Store,
+    q: &v1::ReconcileRequest,
+) -> Result<
+    (
+        Reconciliation,
+        Vec<crate::render::CardDay>,
+        crate::heads::SignedHead,
+    ),
+    Status,
+> {
+    let (from, until) = period_arg(&q.period)?;
+    let program = program_arg(&q.program)?;
+    let grant_id = (!q.grant_id.trim().is_empty()).then(|| q.grant_id.trim().to_owned());
+    let head = if q.as_of_head == 0 {
+        store.sign_head(now_ms())?
+    } else {
+        store
+            .head(q.as_of_head)?
+            .ok_or_else(|| Status::not_found(format!("head {} not found", q.as_of_head)))?
+    };
+    let idle = idle_arg(q.idle_threshold_pct, q.idle_days, until.min(head.at_ms))?;
+    let period = q.period.trim().to_owned();
+    let grants = store.grants()?;
+    if let Some(id) = &grant_id {
+        if !grants.iter().any(|g| g.grant_id == *id) {
+            return Err(Status::not_found(format!("grant {id} not found")));
+        }
+    }
+    let covered: std::collections::HashMap<&str, u64> = head
+        .leaves
+        .iter()
+        .map(|l| (l.agent_id.as_str(), l.seq))
+        .collect();
+    let in_head = |agent: &str, seq: u64| covered.get(agent).is_some_and(|&s| seq <= s);
+    let look = idle.window();
+    let (span_from, span_until) = (from.min(look.from_ms), until.max(look.until_ms));
+    let mut windows = store.windows(span_from, span_until, None)?;
+    windows.retain(|w| in_head(&w.agent_id, w.seq));
+    let mut events = store.events(span_from, span_until, Some("enforcement"), None)?;
+    events.retain(|e| in_head(&e.agent_id, e.seq));
+    let invoices = store.invoices()?;
+    let report = reconcile::reconcile(&Inputs {
+        period: &period,
+        from_ms: from,
+        until_ms: until,
+        program: program.as_deref(),
+        grant_id: grant_id.as_deref(),
+        grants: &grants,
+        windows: &windows,
+        events: &events,
+        invoices: &invoices,
+        idle,
+    });
+    let days = crate::render::card_days(&report, &windows);
+    Ok((report, days, head))
+}
+
+/// The provenance of a report rendered as `content` from query `q` as of `head`.
+pub fn provenance_of(
+    q: &v1::ReconcileRequest,
+    head: &crate::heads::SignedHead,
+    format: &str,
+    lang: &str,
+    content: &str,
+) -> crate::provenance::Provenance {
+    crate::provenance::Provenance {
+        head_id: head.id,
+        head_at_ms: head.at_ms,
+        head_root: hex::encode(&head.root),
+        period: q.period.trim().to_owned(),
+        program: q.program.trim().to_owned(),
+        grant_id: q.grant_id.trim().to_owned(),
+        idle_threshold_pct: q.idle_threshold_pct.unwrap_or(DEFAULT_IDLE_THRESHOLD_PCT),
+        idle_days: q.idle_days.unwrap_or(DEFAULT_IDLE_DAYS),
+        format: format.to_owned(),
+        lang: lang.to_owned(),
+        content_sha256: crate::provenance::content_hash(content),
+        signature: String::new(),
+        collector_key: String::new(),
+    }
+}
+
 /// Idle-grant defaults: utilization under 10 % over the last 14 days (the ministry's reclaim
 /// rule of thumb; both can be asked for).
 pub const DEFAULT_IDLE_THRESHOLD_PCT: f64 = 10.0;
@@ -769,6 +872,7 @@ pub fn idle_from_wire(r: &v1::IdleGrantsReply) -> IdleReport {
 /// The wire form of a reconciliation: exact integers only; see [`reconciliation_from_wire`].
 pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
     v1::ReconcileReply {
+        head: None,
         period: r.period.clone(),
         from_unix_ms: r.from_ms,
         until_unix_ms: r.until_ms,

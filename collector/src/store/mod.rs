@@ -403,6 +403,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Heads signed at or after `since_ms`, oldest first.
     fn heads(&self, since_ms: i64) -> Result<Vec<crate::heads::SignedHead>, StoreError>;
+
+    /// The head numbered `id`; `Ok(None)` when there is none.
+    fn head(&self, id: u64) -> Result<Option<crate::heads::SignedHead>, StoreError>;
+
+    /// Signs `message` with the collector's key (reports); returns (signature, public key).
+    fn collector_sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), StoreError>;
 }
 
 /// A stored window with the host and CSP of the agent that sent it.

@@ -403,6 +403,15 @@ impl SqliteStore {
         &self.path
     }
 
+    /// The collector's signing key, beside the database (created on first use).
+    fn collector_key(&self) -> Result<&ed25519_dalek::SigningKey, StoreError> {
+        if let Some(k) = self.head_key.get() {
+            return Ok(k);
+        }
+        let k = crate::heads::load_or_create_key(&self.path)?;
+        Ok(self.head_key.get_or_init(|| k))
+    }
+
     fn w(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1316,13 +1325,7 @@ impl Store for SqliteStore {
     }
 
     fn sign_head(&self, at_ms: i64) -> Result<crate::heads::SignedHead, StoreError> {
-        let key = match self.head_key.get() {
-            Some(k) => k,
-            None => {
-                let k = crate::heads::load_or_create_key(&self.path)?;
-                self.head_key.get_or_init(|| k)
-            }
-        };
+        let key = self.collector_key()?;
         let mut c = self.w();
         // Immediate: the leaves read are what is committed when the head lands.
         let tx = c
@@ -1335,6 +1338,19 @@ impl Store for SqliteStore {
 
     fn heads(&self, since_ms: i64) -> Result<Vec<crate::heads::SignedHead>, StoreError> {
         crate::heads::load_heads(&self.r(), since_ms)
+    }
+
+    fn head(&self, id: u64) -> Result<Option<crate::heads::SignedHead>, StoreError> {
+        crate::heads::load_head(&self.r(), id)
+    }
+
+    fn collector_sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+        use ed25519_dalek::Signer;
+        let key = self.collector_key()?;
+        Ok((
+            key.sign(message).to_bytes().to_vec(),
+            key.verifying_key().to_bytes().to_vec(),
+        ))
     }
 
     fn invoices(&self) -> Result<Vec<StoredInvoice>, StoreError> {
