@@ -539,10 +539,12 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
     let gauge = |name: &str| -> f64 {
         metrics
             .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .find_map(|l| {
+                // One series, labelled with the agent's id.
+                let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+                rest.split_once("} ")?.1.trim().parse().ok()
+            })
             .unwrap_or_else(|| panic!("{name} in {metrics}"))
-            .parse()
-            .unwrap()
     };
     assert_eq!(
         gauge("gpumeter_agent_collector_connected"),
@@ -670,7 +672,7 @@ async fn get_metrics(port: u16) -> String {
     let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n\r\n")
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut s = String::new();

@@ -736,6 +736,7 @@ async fn a_live_session_is_pushed_a_new_assignment_set_on_revoke() {
             chain_head: vec![0; 32],
             oldest_spooled_seq: 0,
             agent_time_unix_ms: now_ms(),
+            ..Default::default()
         })),
     })
     .await

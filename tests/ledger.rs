@@ -465,7 +465,9 @@ async fn collector_metrics_count_sessions_and_commits() {
     ));
     let scrape = || async move {
         let mut c = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
         let mut s = String::new();
         c.read_to_string(&mut s).await.unwrap();
         s
@@ -511,19 +513,22 @@ async fn collector_metrics_count_sessions_and_commits() {
         .into_inner();
     inbound.message().await.unwrap().unwrap();
     let m = scrape().await;
-    assert!(m.contains("\ngpumeter_collector_live_sessions 1\n"), "{m}");
-    let committed: f64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("gpumeter_collector_records_committed_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    // One series each, labelled with the collector's id.
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+                rest.split_once("} ")?.1.trim().parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no {name} in:\n{m}"))
+    };
+    assert_eq!(value("gpumeter_collector_live_sessions"), 1.0, "{m}");
     // 5 windows x 2 cards, plus the agent-started and assignment events.
-    assert!(committed >= 10.0, "{m}");
     assert!(
-        m.contains("\ngpumeter_collector_failed_commits_total 0\n"),
+        value("gpumeter_collector_records_committed_total") >= 10.0,
         "{m}"
     );
+    assert_eq!(value("gpumeter_collector_failed_commits_total"), 0.0, "{m}");
     drop(inbound);
     drop(_tx);
     let _ = stop.send(true);

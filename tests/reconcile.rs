@@ -502,7 +502,19 @@ async fn the_april_report_matches_the_scenario_exactly() {
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout).unwrap()
+        // Every reconciliation report names its head and hashes its content (the usage view
+        // is raw metering, not a report of record); the figures are the content.
+        let file = String::from_utf8(out.stdout).unwrap();
+        if args.contains(&"usage") || args.contains(&"--out") {
+            return file;
+        }
+        let (content, p) = gpumeter_collector::provenance::extract(&file).unwrap();
+        assert_eq!(
+            p.content_sha256,
+            gpumeter_collector::provenance::content_hash(&content)
+        );
+        assert!(p.head_id > 0, "{p:?}");
+        content
     };
     let got: Value = serde_json::from_str(&report(&["--format", "json"])).unwrap();
     assert_json_eq(&got, &expected, "");
@@ -542,7 +554,9 @@ async fn the_april_report_matches_the_scenario_exactly() {
     assert!(metered_cells > 0, "no metered heatmap cell drawn");
     let out_file = dir.path().join("report.json");
     report(&["--format", "json", "--out", out_file.to_str().unwrap()]);
-    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    let saved = std::fs::read_to_string(&out_file).unwrap();
+    let saved: Value =
+        serde_json::from_str(&gpumeter_collector::provenance::extract(&saved).unwrap().0).unwrap();
     assert_eq!(saved, expected);
 
     // The raw usage view is still there.

@@ -211,6 +211,14 @@ impl Uplink {
         hello.next_seq = head_seq + 1;
         hello.chain_head = head_hash.to_vec();
         hello.oldest_spooled_seq = oldest;
+        // What the collector acknowledged, so a collector holding less is caught.
+        let (acked_seq, acked_hash) = self.ledger.lock().spool.acked();
+        hello.acked_seq = acked_seq;
+        hello.acked_hash = if acked_seq == 0 {
+            Vec::new()
+        } else {
+            acked_hash.to_vec()
+        };
         hello.agent_time_unix_ms = self.clock.now_ms();
         hello.epoch = self.ledger.lock().spool.epoch();
         let epoch = hello.epoch;

@@ -25,8 +25,8 @@ use gpumeter_agent::spool::{Spool, SpoolConfig, SpooledRecord};
 use gpumeter_agent::window::{Applied, Health, PrincipalWindow, WindowSummary};
 use gpumeter_collector::convert::decode_body;
 use gpumeter_collector::server::{self, ServerOptions};
-use gpumeter_collector::store::RecordContent;
 use gpumeter_collector::store::sqlite::{MIGRATIONS, SqliteStore};
+use gpumeter_collector::store::{CheckpointRow, IngestBatch, IngestRecord, RecordContent, Store};
 use gpumeter_proto::chain::{self, GENESIS, Hash};
 use gpumeter_proto::v1::{self, agent_message, collector_message, ingest_client::IngestClient};
 use rusqlite::{Connection, params};
@@ -273,6 +273,7 @@ fn hello(i: usize, cards: usize, key: &SigningKey) -> v1::Hello {
         chain_head: GENESIS.to_vec(),
         oldest_spooled_seq: 1,
         agent_time_unix_ms: 0,
+        ..Default::default()
     }
 }
 
@@ -999,70 +1000,96 @@ struct VerifyResult {
     records: u64,
     checkpoints: u64,
     agents: usize,
+    /// Derived rows (windows and their principals) re-derived and compared.
+    derived: u64,
     elapsed: Duration,
+    /// `verify --heads` over one head of every agent, on top of `elapsed`.
+    heads_elapsed: Duration,
     ok: bool,
 }
 
 /// Writes a ledger of `n` real window records (20 agents, chained, a signed checkpoint every
-/// 256 records) with bare rusqlite, then times `verify` over it as `verify --db` runs it.
+/// 256 records) through the store's own commit (records, derived rows, sanity flags and
+/// checkpoints exactly as ingest writes them), signs a head, then times `verify` over it as
+/// `verify --db` runs it (chains, signatures and every derived row), and `--heads` on top.
 fn verify_run(path: &Path, n: u64, shape: Shape) -> anyhow::Result<VerifyResult> {
-    let mut c = Connection::open(path).with_context(|| format!("open {}", path.display()))?;
-    c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")?;
-    for (i, sql) in MIGRATIONS.iter().enumerate() {
-        let tx = c.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i as i64 + 1)?;
-        tx.commit()?;
-    }
+    let store = SqliteStore::open(path)?;
     let agents = 20usize;
     let per_agent = n.div_ceil(agents as u64);
-    let tx = c.transaction()?;
-    {
-        let mut ins_agent = tx.prepare(
-            "INSERT INTO agents (agent_id, host_id, csp, hostname, agent_version, driver_version, public_key, epoch, first_seen_ms, last_seen_ms)
-             VALUES (?1, ?1, 'bench', '', '', '', ?2, 1, 0, 0)",
-        )?;
-        let mut ins_rec = tx.prepare(
-            "INSERT INTO records (agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'window', 0, 0)",
-        )?;
-        let mut ins_cp = tx.prepare(
-            "INSERT INTO checkpoints (agent_id, epoch, seq, chain_hash, signature, received_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, 0)",
-        )?;
-        for a in 0..agents {
-            let id = format!("verify-{a:02}");
-            let key = SigningKey::from_bytes(&[a as u8 + 1; 32]);
-            ins_agent.execute(params![id, key.verifying_key().to_bytes().to_vec()])?;
-            let mut head = GENESIS;
-            for seq in 1..=per_agent {
-                let w = (seq - 1) as usize / shape.cards;
-                let body = window_body(
-                    0,
-                    &summary(a, (seq - 1) as usize % shape.cards, w, shape.principals),
-                );
-                let hash = chain::record_hash(&head, seq, &body);
-                ins_rec.execute(params![id, seq as i64, &head[..], &hash[..], body])?;
-                if seq % 256 == 0 || seq == per_agent {
-                    let sig = chain::sign_checkpoint(&key, &id, EPOCH, seq, &hash);
-                    ins_cp.execute(params![id, EPOCH as i64, seq as i64, &hash[..], &sig[..]])?;
+    for a in 0..agents {
+        let id = format!("verify-{a:02}");
+        let key = SigningKey::from_bytes(&[a as u8 + 1; 32]);
+        let mut h = gpumeter_collector::convert::hello_from_wire(&hello(a, shape.cards, &key), 0)?;
+        h.agent_id = id.clone();
+        h.host_id = id.clone();
+        store.hello(&h)?;
+        let mut head = GENESIS;
+        let mut batch: Vec<IngestRecord> = Vec::with_capacity(256);
+        let mut pending: Vec<IngestBatch> = Vec::new();
+        for seq in 1..=per_agent {
+            let w = (seq - 1) as usize / shape.cards;
+            let body = window_body(
+                0,
+                &summary(a, (seq - 1) as usize % shape.cards, w, shape.principals),
+            );
+            let hash = chain::record_hash(&head, seq, &body);
+            let (created_ms, content) = decode_body(&body);
+            batch.push(IngestRecord {
+                seq,
+                prev_hash: head,
+                hash,
+                body,
+                created_ms,
+                content,
+            });
+            head = hash;
+            if seq % 256 == 0 || seq == per_agent {
+                let sig = chain::sign_checkpoint(&key, &id, EPOCH, seq, &hash);
+                pending.push(IngestBatch {
+                    agent_id: id.clone(),
+                    records: std::mem::take(&mut batch),
+                    checkpoint: CheckpointRow {
+                        epoch: EPOCH,
+                        seq,
+                        chain_hash: hash,
+                        signature: sig.to_vec(),
+                    },
+                    received_ms: 0,
+                    alarms: Vec::new(),
+                });
+                if pending.len() == 16 || seq == per_agent {
+                    store.commit(&pending)?;
+                    pending.clear();
                 }
-                head = hash;
             }
         }
     }
-    tx.commit()?;
-    drop(c);
+    let head = store.sign_head(0)?;
+    drop(store);
     let ledger = gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(path)?;
+    let derived: u64 = {
+        let c = Connection::open(path)?;
+        let count = |t: &str| -> anyhow::Result<u64> {
+            Ok(c.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+        };
+        count("windows")? + count("window_principals")?
+    };
     let t = Instant::now();
     let report = gpumeter_collector::verify::verify(&ledger)?;
     let elapsed = t.elapsed();
+    let t = Instant::now();
+    let heads = gpumeter_collector::heads::verify_heads(&[head], &ledger)?;
+    let heads_elapsed = t.elapsed();
     Ok(VerifyResult {
         records: report.records,
         checkpoints: report.agents.iter().map(|a| a.checkpoints).sum(),
         agents: report.agents.len(),
+        derived,
         elapsed,
-        ok: report.ok,
+        heads_elapsed,
+        ok: report.ok && heads.is_empty(),
     })
 }
 
@@ -1463,6 +1490,26 @@ fn main() -> anyhow::Result<()> {
         &format!("{:.2} s", v.elapsed.as_secs_f64()),
         "< 10 s per 1M",
         verdict(v.ok && v.elapsed.as_secs_f64() * 1e6 / (v.records.max(1) as f64) < 10.0),
+    );
+    row(
+        &format!(
+            "  of which derived rows re-derived: {}",
+            thousands(v.derived as f64)
+        ),
+        "",
+        "",
+        "",
+    );
+    let heads_ratio = v.heads_elapsed.as_secs_f64() / v.elapsed.as_secs_f64().max(1e-9);
+    row(
+        "verify --heads (one head over every agent), added",
+        &format!(
+            "{:.3} s ({:.1} %)",
+            v.heads_elapsed.as_secs_f64(),
+            heads_ratio * 100.0
+        ),
+        "< 10 %",
+        verdict(heads_ratio < 0.10),
     );
     row(
         "verify rate",

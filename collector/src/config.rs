@@ -32,6 +32,8 @@ pub struct CollectorConfig {
     pub metrics_listen: Option<String>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Seconds between signed ledger heads (default 600; see `crate::heads`).
+    pub head_interval_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
@@ -131,6 +133,12 @@ impl CollectorConfig {
         if l.max_streams_per_connection == 0 {
             return Err(bad("limits.max_streams_per_connection", "must be positive"));
         }
+        if self
+            .head_interval_s
+            .is_some_and(|s| !(1..=86_400).contains(&s))
+        {
+            return Err(bad("head_interval_s", "must be 1..=86400"));
+        }
         Ok(())
     }
 
@@ -148,6 +156,7 @@ impl CollectorConfig {
             },
             max_streams_per_connection: self.limits.max_streams_per_connection,
             metrics_listen: self.metrics_listen.as_deref().and_then(|m| m.parse().ok()),
+            head_interval: Duration::from_secs(self.head_interval_s.unwrap_or(600)),
         }
     }
 }

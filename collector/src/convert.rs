@@ -241,6 +241,54 @@ impl From<&v1::Event> for EventRow {
     }
 }
 
+/// A signed head on the wire.
+pub fn head_to_wire(h: &crate::heads::SignedHead) -> v1::SignedHead {
+    v1::SignedHead {
+        id: h.id,
+        at_unix_ms: h.at_ms,
+        agents: h.agents,
+        root: h.root.clone(),
+        leaves: h
+            .leaves
+            .iter()
+            .map(|l| v1::HeadLeaf {
+                agent_id: l.agent_id.clone(),
+                epoch: l.epoch,
+                seq: l.seq,
+                chain_hash: l.chain_hash.clone(),
+                keys: l.keys,
+                key_hash: l.key_hash.clone(),
+            })
+            .collect(),
+        public_key: h.public_key.clone(),
+        signature: h.signature.clone(),
+    }
+}
+
+/// A signed head from the wire (checked by whoever uses it, never trusted as received).
+pub fn head_from_wire(h: v1::SignedHead) -> crate::heads::SignedHead {
+    crate::heads::SignedHead {
+        id: h.id,
+        at_ms: h.at_unix_ms,
+        agents: h.agents,
+        root: h.root,
+        leaves: h
+            .leaves
+            .into_iter()
+            .map(|l| crate::heads::Leaf {
+                agent_id: l.agent_id,
+                epoch: l.epoch,
+                seq: l.seq,
+                chain_hash: l.chain_hash,
+                keys: l.keys,
+                key_hash: l.key_hash,
+            })
+            .collect(),
+        public_key: h.public_key,
+        signature: h.signature,
+    }
+}
+
 /// Decodes a record body. A body that does not decode, or of a kind this collector does not
 /// know, is kept as `Unknown` (the signed bytes are evidence either way).
 pub fn decode_body(body: &[u8]) -> (i64, RecordContent) {

@@ -323,6 +323,14 @@ impl Ingest for IngestService {
             warn!(agent = %agent_id, skew_ms = skew, "agent clock skew");
             blocking(move || store.alarm(&alarm).map_err(Status::from)).await?;
         }
+        if let Some(alarm) = self
+            .ledger_behind_agent(&hello, &agent_id, received)
+            .await?
+        {
+            warn!(agent = %agent_id, acked_seq = hello.acked_seq, "collector holds less than it acknowledged");
+            let store = self.store.clone();
+            blocking(move || store.alarm(&alarm).map_err(Status::from)).await?;
+        }
         // Watch for grant changes from before the Welcome's assignment set is read, so a change
         // in between is pushed rather than missed.
         let mut grants_version = self.grants_version.clone();
@@ -378,6 +386,41 @@ impl Ingest for IngestService {
 }
 
 impl IngestService {
+    /// The alarm to raise when the agent says the collector acknowledged more than it now
+    /// holds (records lost or cut from the ledger), or a different record at that seq.
+    async fn ledger_behind_agent(
+        &self,
+        hello: &v1::Hello,
+        agent_id: &str,
+        at_ms: i64,
+    ) -> Result<Option<Alarm>, Status> {
+        if hello.acked_seq == 0 {
+            return Ok(None);
+        }
+        let store = self.store.clone();
+        let (id, seq) = (agent_id.to_string(), hello.acked_seq);
+        let held = blocking(move || store.record_hash(&id, seq).map_err(Status::from)).await?;
+        let detail = match held {
+            None => format!(
+                "the agent was acknowledged through seq {seq} (hash {}) but the ledger does not hold that record",
+                hex::encode(&hello.acked_hash)
+            ),
+            Some(h) if h.as_slice() != hello.acked_hash.as_slice() => format!(
+                "the agent was acknowledged seq {seq} with hash {} but the ledger holds {} there",
+                hex::encode(&hello.acked_hash),
+                hex::encode(h)
+            ),
+            Some(_) => return Ok(None),
+        };
+        Ok(Some(Alarm {
+            agent_id: agent_id.to_string(),
+            at_ms,
+            kind: "ledger_behind_agent".into(),
+            seq: Some(seq),
+            detail,
+        }))
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn pump(
         &self,

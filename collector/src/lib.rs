@@ -9,13 +9,16 @@ mod csv;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod grants;
+pub mod heads;
 pub mod ingest;
 pub mod invoices;
 pub mod metrics;
+pub mod provenance;
 pub mod query;
 pub mod reconcile;
 pub mod render;
 pub mod report;
+pub mod sanity;
 pub mod server;
 pub mod store;
 pub mod verify;

@@ -11,9 +11,7 @@ use gpumeter_collector::config::CollectorConfig;
 #[cfg(feature = "demo")]
 use gpumeter_collector::demo::{DemoOptions, run_demo};
 use gpumeter_collector::grants::{fmt_kst, parse_gpu_uuid, parse_valid_from, parse_valid_until};
-use gpumeter_collector::report::{
-    UsageJson, idle_table, parse_period, reconciliation_json, reconciliation_table, usage_table,
-};
+use gpumeter_collector::report::{UsageJson, idle_table, parse_period, usage_table};
 use gpumeter_collector::store::sqlite::SqliteStore;
 use gpumeter_proto::v1;
 use gpumeter_telemetry::docs::Shell;
@@ -117,9 +115,22 @@ enum Command {
         /// Write the report to this file instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Have the collector sign the report (it recomputes it first).
+        #[arg(long)]
+        sign: bool,
         /// The collector, e.g. http://127.0.0.1:7400.
         #[arg(long)]
         server: String,
+    },
+    /// Check a report file: its content against its own hash (and signature), then against
+    /// the ledger, recomputed as of the head it names. Exit 1 when it does not match.
+    VerifyReport {
+        file: PathBuf,
+        #[arg(long, conflicts_with = "db", required_unless_present = "db")]
+        server: Option<String>,
+        /// A copy of the ledger database (a scratch copy of it is opened; the file is not touched).
+        #[arg(long)]
+        db: Option<PathBuf>,
     },
     /// Grants to reclaim: utilization under a threshold over the last days up to now, with
     /// the cards that could be reassigned. (`report` lists them for its period too.)
@@ -157,8 +168,26 @@ enum Command {
         /// A copy of the ledger database, opened read-only.
         #[arg(long)]
         db: Option<PathBuf>,
+        /// An auditor's heads file (from `heads --out`): the ledger must still extend each.
+        #[arg(long)]
+        heads: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Fetch the collector's signed ledger heads and append the new ones to an append-only
+    /// file an auditor keeps (with --server, a fresh head is signed first).
+    Heads {
+        /// Heads signed at or after this time (RFC 3339 or a Korean calendar day) [default: all].
+        #[arg(long)]
+        since: Option<String>,
+        /// The heads file; created when missing, only ever appended to.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, conflicts_with = "db", required_unless_present = "db")]
+        server: Option<String>,
+        /// A copy of the ledger database, opened read-only (its stored heads).
+        #[arg(long)]
+        db: Option<PathBuf>,
     },
     /// What the collector flagged for operators and auditors: equivocations, sequence gaps,
     /// rejected batches, clock skew, agents' gap and epoch records, key registrations.
@@ -438,6 +467,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             idle_threshold,
             idle_days,
             out,
+            sign,
             server,
         } => {
             let args = ReportArgs {
@@ -450,10 +480,12 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                 idle_threshold,
                 idle_days,
                 out,
+                sign,
                 server,
             };
             report(args).await
         }
+        Command::VerifyReport { file, server, db } => verify_report(&file, server, db).await,
         Command::Idle {
             threshold,
             days,
@@ -561,13 +593,32 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Verify { server, db, json } => {
+        Command::Verify {
+            server,
+            db,
+            heads,
+            json,
+        } => {
+            let heads = match &heads {
+                Some(path) => gpumeter_collector::heads::read_heads_file(path)
+                    .map_err(|e| anyhow::anyhow!("--heads: {e}"))?,
+                None => Vec::new(),
+            };
             let reply = match (server, db) {
                 (Some(server), _) => {
                     let mut c = v1::query_client::QueryClient::connect(server.clone())
                         .await
-                        .with_context(|| format!("connecting to {server}"))?;
-                    c.verify(v1::VerifyRequest::default()).await?.into_inner()
+                        .with_context(|| format!("connecting to {server}"))?
+                        .max_decoding_message_size(64 << 20);
+                    c.verify(v1::VerifyRequest {
+                        agent_id: String::new(),
+                        heads: heads
+                            .iter()
+                            .map(gpumeter_collector::convert::head_to_wire)
+                            .collect(),
+                    })
+                    .await?
+                    .into_inner()
                 }
                 (None, Some(db)) => {
                     let ledger =
@@ -575,7 +626,9 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                             &db,
                         )?;
                     let started = std::time::Instant::now();
-                    let report = gpumeter_collector::verify::verify(&ledger)?;
+                    let mut report = gpumeter_collector::verify::verify(&ledger)?;
+                    report.heads = gpumeter_collector::heads::verify_heads(&heads, &ledger)?;
+                    report.ok &= report.heads.is_empty();
                     eprintln!("verified in {:.2} s", started.elapsed().as_secs_f64());
                     gpumeter_collector::query::report_to_wire(&report)
                 }
@@ -596,6 +649,59 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             } else {
                 Err(anyhow::anyhow!("the ledger does not verify").into())
             }
+        }
+        Command::Heads {
+            since,
+            out,
+            server,
+            db,
+        } => {
+            let since_ms = match since.as_deref() {
+                None => 0,
+                Some(s) => parse_valid_from(s.trim())
+                    .map_err(|e| usage(anyhow::anyhow!("--since: {e}")))?,
+            };
+            let heads = match (server, db) {
+                (Some(server), _) => {
+                    let mut c = v1::query_client::QueryClient::connect(server.clone())
+                        .await
+                        .with_context(|| format!("connecting to {server}"))?
+                        .max_decoding_message_size(64 << 20);
+                    c.heads(v1::HeadsRequest {
+                        since_unix_ms: since_ms,
+                        sign_now: true,
+                    })
+                    .await?
+                    .into_inner()
+                    .heads
+                    .into_iter()
+                    .map(gpumeter_collector::convert::head_from_wire)
+                    .collect::<Vec<_>>()
+                }
+                (None, Some(db)) => {
+                    gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(&db)?
+                        .heads(since_ms)?
+                }
+                (None, None) => {
+                    return Err(usage(anyhow::anyhow!("give --server URL or --db PATH")));
+                }
+            };
+            let n = gpumeter_collector::heads::append_heads(&out, &heads)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!(
+                "{n} new heads appended to {} (latest: {})",
+                out.display(),
+                heads
+                    .last()
+                    .map(|h| format!(
+                        "head {} over {} agents, root {}",
+                        h.id,
+                        h.agents,
+                        hex::encode(&h.root)
+                    ))
+                    .unwrap_or_else(|| "none".into())
+            );
+            Ok(())
         }
         Command::Alarms { agent, server } => {
             let mut c = v1::query_client::QueryClient::connect(server.clone())
@@ -1038,8 +1144,27 @@ fn render_verify(r: &v1::VerifyReply) -> String {
             }
         ));
         for f in &a.findings {
-            out.push_str(&format!("  - {}\n", f.detail));
+            out.push_str(&format!("  - {} [{}]\n", f.detail, f.kind));
         }
+        for f in &a.flagged {
+            out.push_str(&format!(
+                "  * flagged, counted in no figure: {}\n",
+                f.detail
+            ));
+        }
+    }
+    for h in &r.head_findings {
+        out.push_str(&format!(
+            "head {}: {} [{}{}]\n",
+            h.head_id,
+            h.detail,
+            h.kind,
+            if h.agent_id.is_empty() {
+                String::new()
+            } else {
+                format!(", agent {} seq {}", h.agent_id, h.seq)
+            }
+        ));
     }
     out.push_str(&format!(
         "{} agents, {} records: {}\n",
@@ -1068,11 +1193,19 @@ fn verify_json(r: &v1::VerifyReply) -> String {
                 "findings": a.findings.iter().map(|f| serde_json::json!({
                     "kind": f.kind, "seq": f.seq, "from_seq": f.from_seq, "to_seq": f.to_seq, "detail": f.detail,
                 })).collect::<Vec<_>>(),
+                "flagged": a.flagged.iter().map(|f| serde_json::json!({
+                    "kind": f.kind, "seq": f.seq, "detail": f.detail,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
+    let heads: Vec<serde_json::Value> = r
+        .head_findings
+        .iter()
+        .map(|h| serde_json::json!({"head_id": h.head_id, "agent_id": h.agent_id, "seq": h.seq, "kind": h.kind, "detail": h.detail}))
+        .collect();
     serde_json::to_string_pretty(
-        &serde_json::json!({"ok": r.ok, "records": r.records, "agents": agents}),
+        &serde_json::json!({"ok": r.ok, "records": r.records, "agents": agents, "heads": heads}),
     )
     .unwrap_or_default()
 }
@@ -1104,7 +1237,108 @@ struct ReportArgs {
     idle_threshold: f64,
     idle_days: u32,
     out: Option<PathBuf>,
+    sign: bool,
     server: String,
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Table => "table",
+        Format::Csv => "csv",
+        Format::Json => "json",
+        Format::Focus => "focus",
+        Format::Html => "html",
+    }
+}
+
+/// The `ReconcileRequest` a report's provenance names.
+fn query_of(p: &gpumeter_collector::provenance::Provenance) -> v1::ReconcileRequest {
+    v1::ReconcileRequest {
+        period: p.period.clone(),
+        program: p.program.clone(),
+        grant_id: p.grant_id.clone(),
+        idle_threshold_pct: Some(p.idle_threshold_pct),
+        idle_days: Some(p.idle_days),
+        as_of_head: p.head_id,
+    }
+}
+
+async fn verify_report(
+    file: &std::path::Path,
+    server: Option<String>,
+    db: Option<PathBuf>,
+) -> Result<(), Failure> {
+    use gpumeter_collector::provenance::{content_hash, extract, render};
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let (content, p) = extract(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let hash = content_hash(&content);
+    if hash != p.content_sha256 {
+        return Err(anyhow::anyhow!(
+            "{}: REFUSED: its content hashes to {hash}, not the {} it carries (edited after it was made)",
+            file.display(),
+            p.content_sha256
+        )
+        .into());
+    }
+    let signed = p
+        .verify_signature()
+        .map_err(|e| anyhow::anyhow!("{}: REFUSED: {e}", file.display()))?;
+    let korean = p.lang == "ko";
+    let matches = match (server, db) {
+        (Some(server), _) => {
+            let mut c = query_client(&server).await?;
+            let r = c
+                .check_report(v1::CheckReportRequest {
+                    query: Some(query_of(&p)),
+                    format: p.format.clone(),
+                    lang: p.lang.clone(),
+                    content_sha256: hex::decode(&hash).unwrap_or_default(),
+                    sign: false,
+                })
+                .await
+                .map_err(|s| refused("verify-report", s))?
+                .into_inner();
+            r.matches
+        }
+        (None, Some(db)) => {
+            let scratch = tempfile::tempdir().context("a scratch directory")?;
+            let copy = scratch.path().join("ledger.db");
+            let src = rusqlite::Connection::open_with_flags(
+                &db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .with_context(|| format!("opening {}", db.display()))?;
+            src.execute("VACUUM INTO ?1", [copy.to_string_lossy()])
+                .with_context(|| format!("copying {}", db.display()))?;
+            let store = SqliteStore::open(&copy)?;
+            let (rec, days, _) = gpumeter_collector::query::compute_report(&store, &query_of(&p))
+                .map_err(|s| anyhow::anyhow!("recomputing: {}", s.message()))?;
+            let again = render(&rec, &days, &p.format, korean).map_err(|e| anyhow::anyhow!(e))?;
+            content_hash(&again) == hash
+        }
+        (None, None) => return Err(usage(anyhow::anyhow!("give --server URL or --db PATH"))),
+    };
+    if !matches {
+        return Err(anyhow::anyhow!(
+            "{}: does NOT match the ledger as of head {}: recomputed, the report differs",
+            file.display(),
+            p.head_id
+        )
+        .into());
+    }
+    println!(
+        "{}: matches the ledger as of head {} (root {}){}",
+        file.display(),
+        p.head_id,
+        p.head_root,
+        if signed {
+            format!(", signed by collector key {}", p.collector_key)
+        } else {
+            ", unsigned".into()
+        }
+    );
+    Ok(())
 }
 
 async fn query_client(
@@ -1141,45 +1375,70 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         return write_out(&text, a.out.as_ref());
     }
     let mut c = query_client(&a.server).await?;
+    let mut q = v1::ReconcileRequest {
+        period: a.period.clone(),
+        program: a.program.clone().unwrap_or_default(),
+        grant_id: a.grant.clone().unwrap_or_default(),
+        idle_threshold_pct: Some(a.idle_threshold),
+        idle_days: Some(a.idle_days),
+        as_of_head: 0,
+    };
     let r = c
-        .reconcile(v1::ReconcileRequest {
-            period: a.period.clone(),
-            program: a.program.clone().unwrap_or_default(),
-            grant_id: a.grant.clone().unwrap_or_default(),
-            idle_threshold_pct: Some(a.idle_threshold),
-            idle_days: Some(a.idle_days),
-        })
+        .reconcile(q.clone())
         .await
         .map_err(|s| refused("report", s))?
         .into_inner();
     let rec = gpumeter_collector::query::reconciliation_from_wire(&r);
     let korean = a.lang == ReportLang::Ko;
-    let text = match a.format {
-        Format::Table => reconciliation_table(&rec, korean),
-        Format::Json => reconciliation_json(&rec)?,
-        Format::Csv => render_other("csv", &rec, &[], korean)?,
-        Format::Focus => render_other("focus", &rec, &[], korean)?,
-        Format::Html => {
-            let days = gpumeter_collector::query::card_days_from_wire(&r);
-            render_other("html", &rec, &days, korean)?
-        }
+    let days = gpumeter_collector::query::card_days_from_wire(&r);
+    let format = format_name(a.format);
+    let text = gpumeter_collector::provenance::render(&rec, &days, format, korean)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    // Every report names the head it was computed from and carries its content hash.
+    let head = r
+        .head
+        .ok_or_else(|| anyhow::anyhow!("the collector named no head for the report"))?;
+    q.as_of_head = head.id;
+    let lang = if korean { "ko" } else { "en" };
+    let mut p = gpumeter_collector::provenance::Provenance {
+        head_id: head.id,
+        head_at_ms: head.at_unix_ms,
+        head_root: hex::encode(&head.root),
+        period: q.period.trim().to_owned(),
+        program: q.program.trim().to_owned(),
+        grant_id: q.grant_id.trim().to_owned(),
+        idle_threshold_pct: a.idle_threshold,
+        idle_days: a.idle_days,
+        format: format.into(),
+        lang: lang.into(),
+        content_sha256: gpumeter_collector::provenance::content_hash(&text),
+        signature: String::new(),
+        collector_key: String::new(),
     };
-    write_out(&text, a.out.as_ref())
-}
-
-/// The formats `render` draws; `days` feeds the page's per-day heatmaps.
-fn render_other(
-    format: &str,
-    r: &gpumeter_collector::reconcile::Reconciliation,
-    days: &[gpumeter_collector::render::CardDay],
-    korean: bool,
-) -> Result<String, Failure> {
-    use gpumeter_collector::render::{self, Lang};
-    let lang = if korean { Lang::Ko } else { Lang::En };
-    Ok(match format {
-        "csv" => render::csv(r, lang),
-        "focus" => render::focus(r),
-        "html" => render::html(r, days, lang),
-        _ => return Err(anyhow::anyhow!("format {format} is not built yet").into()),
-    })
+    if a.sign {
+        let s = c
+            .check_report(v1::CheckReportRequest {
+                query: Some(q),
+                format: format.into(),
+                lang: lang.into(),
+                content_sha256: hex::decode(&p.content_sha256).unwrap_or_default(),
+                sign: true,
+            })
+            .await
+            .map_err(|s| refused("report --sign", s))?
+            .into_inner();
+        if !s.matches {
+            return Err(anyhow::anyhow!(
+                "the collector recomputed the report as of head {} and got another one; not signed",
+                head.id
+            )
+            .into());
+        }
+        p.signature = hex::encode(&s.signature);
+        p.collector_key = hex::encode(&s.public_key);
+    }
+    write_out(
+        &gpumeter_collector::provenance::embed(&text, &p),
+        a.out.as_ref(),
+    )
 }

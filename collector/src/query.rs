@@ -116,12 +116,21 @@ impl Query for QueryService {
         &self,
         request: Request<v1::VerifyRequest>,
     ) -> Result<Response<v1::VerifyReply>, Status> {
-        let agent = request.into_inner().agent_id;
+        let request = request.into_inner();
+        let agent = request.agent_id;
+        let heads = request
+            .heads
+            .into_iter()
+            .map(crate::convert::head_from_wire)
+            .collect::<Vec<_>>();
         let store = self.store.clone();
         let report = tokio::task::spawn_blocking(move || -> Result<VerifyReport, Status> {
             let ledger = store.ledger()?;
             if agent.is_empty() {
-                return Ok(verify(ledger.as_ref())?);
+                let mut report = verify(ledger.as_ref())?;
+                report.heads = crate::heads::verify_heads(&heads, ledger.as_ref())?;
+                report.ok &= report.heads.is_empty();
+                return Ok(report);
             }
             let (id, key) = ledger
                 .agents()?
@@ -133,6 +142,7 @@ impl Query for QueryService {
                 records: a.records,
                 ok: a.findings.is_empty(),
                 agents: vec![a],
+                heads: Vec::new(),
             })
         })
         .await
@@ -140,48 +150,31 @@ impl Query for QueryService {
         Ok(Response::new(report_to_wire(&report)))
     }
 
+    async fn heads(
+        &self,
+        request: Request<v1::HeadsRequest>,
+    ) -> Result<Response<v1::HeadsReply>, Status> {
+        let q = request.into_inner();
+        let store = self.store.clone();
+        let heads = blocking(move || -> Result<_, StoreError> {
+            if q.sign_now {
+                store.sign_head(now_ms())?;
+            }
+            store.heads(q.since_unix_ms)
+        })
+        .await?;
+        Ok(Response::new(v1::HeadsReply {
+            heads: heads.iter().map(crate::convert::head_to_wire).collect(),
+        }))
+    }
+
     async fn reconcile(
         &self,
         request: Request<v1::ReconcileRequest>,
     ) -> Result<Response<v1::ReconcileReply>, Status> {
         let q = request.into_inner();
-        let (from, until) = period_arg(&q.period)?;
-        let program = program_arg(&q.program)?;
-        let grant_id = (!q.grant_id.trim().is_empty()).then(|| q.grant_id.trim().to_owned());
-        let idle = idle_arg(q.idle_threshold_pct, q.idle_days, until.min(now_ms()))?;
         let store = self.store.clone();
-        let period = q.period.trim().to_owned();
-        let report = blocking(
-            move || -> Result<(Reconciliation, Vec<crate::render::CardDay>), Status> {
-                let grants = store.grants()?;
-                if let Some(id) = &grant_id {
-                    if !grants.iter().any(|g| g.grant_id == *id) {
-                        return Err(Status::not_found(format!("grant {id} not found")));
-                    }
-                }
-                let look = idle.window();
-                let (span_from, span_until) = (from.min(look.from_ms), until.max(look.until_ms));
-                let windows = store.windows(span_from, span_until, None)?;
-                let events = store.events(span_from, span_until, Some("enforcement"), None)?;
-                let invoices = store.invoices()?;
-                let report = reconcile::reconcile(&Inputs {
-                    period: &period,
-                    from_ms: from,
-                    until_ms: until,
-                    program: program.as_deref(),
-                    grant_id: grant_id.as_deref(),
-                    grants: &grants,
-                    windows: &windows,
-                    events: &events,
-                    invoices: &invoices,
-                    idle,
-                });
-                let days = crate::render::card_days(&report, &windows);
-                Ok((report, days))
-            },
-        )
-        .await?;
-        let (report, days) = report;
+        let (report, days, head) = blocking(move || compute_report(store.as_ref(), &q)).await?;
         let mut reply = reconciliation_to_wire(&report);
         reply.days = days
             .into_iter()
@@ -195,6 +188,56 @@ impl Query for QueryService {
                 active_ms: d.active_ms,
             })
             .collect();
+        reply.head = Some(v1::ReportHead {
+            id: head.id,
+            at_unix_ms: head.at_ms,
+            root: head.root,
+        });
+        Ok(Response::new(reply))
+    }
+
+    async fn check_report(
+        &self,
+        request: Request<v1::CheckReportRequest>,
+    ) -> Result<Response<v1::CheckReportReply>, Status> {
+        let r = request.into_inner();
+        let q = r
+            .query
+            .ok_or_else(|| Status::invalid_argument("query: missing"))?;
+        if q.as_of_head == 0 {
+            return Err(Status::invalid_argument(
+                "query.as_of_head: must name a head",
+            ));
+        }
+        let korean = match r.lang.as_str() {
+            "ko" => true,
+            "en" => false,
+            _ => return Err(Status::invalid_argument("lang: ko or en")),
+        };
+        let store = self.store.clone();
+        let reply = blocking(move || -> Result<v1::CheckReportReply, Status> {
+            let (report, days, _) = compute_report(store.as_ref(), &q)?;
+            let content = crate::provenance::render(&report, &days, &r.format, korean)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let hash = hex::decode(crate::provenance::content_hash(&content)).unwrap_or_default();
+            let matches = hash == r.content_sha256;
+            let mut reply = v1::CheckReportReply {
+                matches,
+                recomputed_sha256: hash,
+                ..Default::default()
+            };
+            if matches && r.sign {
+                let head = store
+                    .head(q.as_of_head)?
+                    .ok_or_else(|| Status::not_found("head not found"))?;
+                let p = provenance_of(&q, &head, &r.format, &r.lang, &content);
+                let (sig, key) = store.collector_sign(&p.signed_message())?;
+                reply.signature = sig;
+                reply.public_key = key;
+            }
+            Ok(reply)
+        })
+        .await?;
         Ok(Response::new(reply))
     }
 
@@ -427,6 +470,28 @@ pub fn report_to_wire(r: &VerifyReport) -> v1::VerifyReply {
                 last_seq: a.last_seq,
                 checkpoints: a.checkpoints,
                 findings: a.findings.iter().map(finding_to_wire).collect(),
+                flagged: a
+                    .flagged
+                    .iter()
+                    .map(|f| v1::VerifyFinding {
+                        kind: f.flag.clone(),
+                        seq: f.seq,
+                        from_seq: 0,
+                        to_seq: 0,
+                        detail: format!("record {}: {} window: {}", f.seq, f.flag, f.detail),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        head_findings: r
+            .heads
+            .iter()
+            .map(|h| v1::HeadFinding {
+                head_id: h.head_id,
+                agent_id: h.agent_id.clone(),
+                seq: h.seq,
+                kind: h.kind.into(),
+                detail: h.detail.clone(),
             })
             .collect(),
     }
@@ -445,6 +510,11 @@ fn finding_to_wire(f: &Finding) -> v1::VerifyFinding {
         } => ("truncated", *checkpoint_seq, *last_stored, *checkpoint_seq),
         Finding::Unsigned { from, to } => ("unsigned", 0, *from, *to),
         Finding::BadKey => ("bad_key", 0, 0, 0),
+        Finding::DerivedMismatch { seq, .. } => ("derived_mismatch", *seq, 0, 0),
+        Finding::DerivedMissing { seq, .. } => ("derived_missing", *seq, 0, 0),
+        Finding::DerivedOrphan { seq, .. } => ("derived_orphan", *seq, 0, 0),
+        Finding::OverlapCounted { seq, .. } => ("overlap_counted", *seq, 0, 0),
+        Finding::OverlapUnfounded { seq } => ("overlap_unfounded", *seq, 0, 0),
     };
     v1::VerifyFinding {
         kind: kind.into(),
@@ -457,6 +527,94 @@ fn finding_to_wire(f: &Finding) -> v1::VerifyFinding {
 
 // ---------------------------------------------------------------------------------------------
 // Arguments and conversions of the reconciliation RPCs
+
+/// Computes a reconciliation as of a signed head: only records the head covers count
+/// (windows and events of an agent up to its leaf's seq), and idle grants are judged up to the
+/// head's time, so recomputing as of the same head gives the same report while the ledger
+/// still extends it. `as_of_head` 0 signs a head over the ledger as it is now (the latest is
+/// reused when nothing changed).
+pub fn compute_report(
+    store: &dyn Store,
+    q: &v1::ReconcileRequest,
+) -> Result<
+    (
+        Reconciliation,
+        Vec<crate::render::CardDay>,
+        crate::heads::SignedHead,
+    ),
+    Status,
+> {
+    let (from, until) = period_arg(&q.period)?;
+    let program = program_arg(&q.program)?;
+    let grant_id = (!q.grant_id.trim().is_empty()).then(|| q.grant_id.trim().to_owned());
+    let head = if q.as_of_head == 0 {
+        store.sign_head(now_ms())?
+    } else {
+        store
+            .head(q.as_of_head)?
+            .ok_or_else(|| Status::not_found(format!("head {} not found", q.as_of_head)))?
+    };
+    let idle = idle_arg(q.idle_threshold_pct, q.idle_days, until.min(head.at_ms))?;
+    let period = q.period.trim().to_owned();
+    let grants = store.grants()?;
+    if let Some(id) = &grant_id {
+        if !grants.iter().any(|g| g.grant_id == *id) {
+            return Err(Status::not_found(format!("grant {id} not found")));
+        }
+    }
+    let covered: std::collections::HashMap<&str, u64> = head
+        .leaves
+        .iter()
+        .map(|l| (l.agent_id.as_str(), l.seq))
+        .collect();
+    let in_head = |agent: &str, seq: u64| covered.get(agent).is_some_and(|&s| seq <= s);
+    let look = idle.window();
+    let (span_from, span_until) = (from.min(look.from_ms), until.max(look.until_ms));
+    let mut windows = store.windows(span_from, span_until, None)?;
+    windows.retain(|w| in_head(&w.agent_id, w.seq));
+    let mut events = store.events(span_from, span_until, Some("enforcement"), None)?;
+    events.retain(|e| in_head(&e.agent_id, e.seq));
+    let invoices = store.invoices()?;
+    let report = reconcile::reconcile(&Inputs {
+        period: &period,
+        from_ms: from,
+        until_ms: until,
+        program: program.as_deref(),
+        grant_id: grant_id.as_deref(),
+        grants: &grants,
+        windows: &windows,
+        events: &events,
+        invoices: &invoices,
+        idle,
+    });
+    let days = crate::render::card_days(&report, &windows);
+    Ok((report, days, head))
+}
+
+/// The provenance of a report rendered as `content` from query `q` as of `head`.
+pub fn provenance_of(
+    q: &v1::ReconcileRequest,
+    head: &crate::heads::SignedHead,
+    format: &str,
+    lang: &str,
+    content: &str,
+) -> crate::provenance::Provenance {
+    crate::provenance::Provenance {
+        head_id: head.id,
+        head_at_ms: head.at_ms,
+        head_root: hex::encode(&head.root),
+        period: q.period.trim().to_owned(),
+        program: q.program.trim().to_owned(),
+        grant_id: q.grant_id.trim().to_owned(),
+        idle_threshold_pct: q.idle_threshold_pct.unwrap_or(DEFAULT_IDLE_THRESHOLD_PCT),
+        idle_days: q.idle_days.unwrap_or(DEFAULT_IDLE_DAYS),
+        format: format.to_owned(),
+        lang: lang.to_owned(),
+        content_sha256: crate::provenance::content_hash(content),
+        signature: String::new(),
+        collector_key: String::new(),
+    }
+}
 
 /// Idle-grant defaults: utilization under 10 % over the last 14 days (the ministry's reclaim
 /// rule of thumb; both can be asked for).
@@ -714,6 +872,7 @@ pub fn idle_from_wire(r: &v1::IdleGrantsReply) -> IdleReport {
 /// The wire form of a reconciliation: exact integers only; see [`reconciliation_from_wire`].
 pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
     v1::ReconcileReply {
+        head: None,
         period: r.period.clone(),
         from_unix_ms: r.from_ms,
         until_unix_ms: r.until_ms,

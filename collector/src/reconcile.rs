@@ -92,18 +92,20 @@ pub struct Figures {
 }
 
 impl Figures {
-    /// Adds `other` field by field.
+    /// Adds `other` field by field. Saturating: windows that count are bounded by
+    /// `crate::sanity` and never overlap, so no real sum comes near `u64::MAX`; one that
+    /// reached it would show as exactly `u64::MAX` rather than wrap to a plausible figure.
     pub fn add(&mut self, other: &Figures) {
-        self.allocated_ms += other.allocated_ms;
-        self.unmetered_ms += other.unmetered_ms;
-        self.unavailable_ms += other.unavailable_ms;
-        self.delivered_ms += other.delivered_ms;
-        self.occupied_ms += other.occupied_ms;
-        self.active_ms += other.active_ms;
-        self.idle_ms += other.idle_ms;
-        self.foreign_ms += other.foreign_ms;
-        self.energy_mj += other.energy_mj;
-        self.violations += other.violations;
+        self.allocated_ms = self.allocated_ms.saturating_add(other.allocated_ms);
+        self.unmetered_ms = self.unmetered_ms.saturating_add(other.unmetered_ms);
+        self.unavailable_ms = self.unavailable_ms.saturating_add(other.unavailable_ms);
+        self.delivered_ms = self.delivered_ms.saturating_add(other.delivered_ms);
+        self.occupied_ms = self.occupied_ms.saturating_add(other.occupied_ms);
+        self.active_ms = self.active_ms.saturating_add(other.active_ms);
+        self.idle_ms = self.idle_ms.saturating_add(other.idle_ms);
+        self.foreign_ms = self.foreign_ms.saturating_add(other.foreign_ms);
+        self.energy_mj = self.energy_mj.saturating_add(other.energy_mj);
+        self.violations = self.violations.saturating_add(other.violations);
     }
 
     /// `active / allocated × 100`; `None` with nothing allocated.
@@ -472,9 +474,11 @@ impl<'a> ByCard<'a> {
             let len = window_len(w);
             let ov = iv.overlap_ms(w.start_ms, w.end_ms);
             let part = |x: u64| share(x, ov, len);
-            delivered += part(u64::from(w.good_samples) * w.interval_ms);
-            unavailable += part(w.unavailable_ms);
-            energy += part(w.energy_mj.unwrap_or(0));
+            delivered = delivered.saturating_add(part(
+                u64::from(w.good_samples).saturating_mul(w.interval_ms),
+            ));
+            unavailable = unavailable.saturating_add(part(w.unavailable_ms));
+            energy = energy.saturating_add(part(w.energy_mj.unwrap_or(0)));
             // The agent judged who matches against the assignment it applied; only a window
             // metered under this very grant says anything about this grantee. Under another
             // (a stale assignment) or none, every process on the card was someone else's.

@@ -30,6 +30,8 @@ pub struct ServerOptions {
     pub max_streams_per_connection: u32,
     /// Address of the Prometheus endpoint (`GET /metrics`); none by default.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often the collector signs a ledger head (see `crate::heads`).
+    pub head_interval: Duration,
 }
 
 impl Default for ServerOptions {
@@ -39,6 +41,7 @@ impl Default for ServerOptions {
             limits: Limits::default(),
             max_streams_per_connection: 16,
             metrics_listen: None,
+            head_interval: Duration::from_secs(600),
         }
     }
 }
@@ -67,6 +70,7 @@ pub async fn run(
     let query = QueryService {
         store: store.clone(),
     };
+    let store_for_heads = store.clone();
     let admin = AdminService {
         store,
         grants_version: Arc::new(grants_tx),
@@ -92,6 +96,11 @@ pub async fn run(
         ));
     }
     let _ = ready_tx.send(Readiness::Ready);
+    tokio::spawn(sign_heads(
+        store_for_heads,
+        opts.head_interval,
+        closing_tx.subscribe(),
+    ));
     info!(%addr, "collector listening");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -112,4 +121,24 @@ pub async fn run(
         })
         .await?;
     Ok(())
+}
+
+/// Signs a ledger head every `interval` until the server closes. A failure is logged and
+/// retried at the next tick: heads are witnesses, ingest does not wait on them.
+async fn sign_heads(store: Arc<dyn Store>, interval: Duration, mut closing: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = closing.wait_for(|c| *c) => return,
+            _ = tick.tick() => {}
+        }
+        let store = store.clone();
+        let at = crate::ingest::now_ms();
+        match tokio::task::spawn_blocking(move || store.sign_head(at)).await {
+            Ok(Ok(h)) => info!(head = h.id, agents = h.agents, "signed a ledger head"),
+            Ok(Err(e)) => tracing::error!(error = %e, "could not sign a ledger head"),
+            Err(e) => tracing::error!(error = %e, "head signing task failed"),
+        }
+    }
 }

@@ -5,14 +5,26 @@
 //! copy of the database handed to an auditor alike.
 //!
 //! What it can prove: any change to a stored body, hash, link or order, any record missing
-//! below the last checkpoint, and any checkpoint not signed by the agent's pinned key. What it
-//! cannot prove from the ledger alone: records and their checkpoints both removed from the
-//! end of a chain (the agent's acknowledged point, kept by the agent, shows that).
+//! below the last checkpoint, and any checkpoint not signed by the key the agent held for that
+//! seq (its key history). What it cannot prove from the ledger alone: records and their
+//! checkpoints both removed from the end of a chain, or a whole agent removed, or everything
+//! re-signed under a new key (the collector's signed heads, kept by auditors, show those: see
+//! `crate::heads`; and the agent's acknowledged point, which it names in its Hello).
+//!
+//! Derived rows (`windows`, `window_principals`, `events`, `window_flags`) are what reports
+//! read, so they are checked as strictly as the bodies: each is re-derived from its record's
+//! signed body and compared, keyed by (agent_id, seq). An edited derived row is
+//! `derived_mismatch`, a record without its rows `derived_missing`, a row without its record
+//! (or of another kind) `derived_orphan`. Windows flagged `impossible` must be exactly those
+//! `crate::sanity` finds impossible; windows that count must not overlap on a card, and each
+//! window flagged `overlap` must overlap one that counts. The flagged windows are listed.
+
+use std::collections::HashMap;
 
 use gpumeter_proto::chain::{self, GENESIS, Hash};
 use serde::Serialize;
 
-use crate::store::StoreError;
+use crate::store::{PrincipalRow, RecordContent, StoreError, WindowRow};
 
 /// One stored record as verification needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +56,98 @@ pub trait ChainSource {
     ) -> Result<(), StoreError>;
     /// An agent's checkpoints in ascending seq order.
     fn checkpoints(&self, agent_id: &str) -> Result<Vec<StoredCheckpoint>, StoreError>;
+    /// An agent's records and derived rows interleaved in ascending seq order: each record
+    /// first, then the derived rows of its seq; a derived row whose seq has no record comes
+    /// at its own seq. A source that keeps no derived rows yields only records (then every
+    /// window and event record is reported `derived_missing`: it fails closed).
+    fn scan(&self, agent_id: &str, visit: &mut dyn FnMut(ScanItem)) -> Result<(), StoreError> {
+        self.scan_records(agent_id, &mut |r| visit(ScanItem::Record(r)))
+    }
+    /// Every key the agent has had, oldest first. Empty: only the pinned key is known.
+    fn key_history(&self, agent_id: &str) -> Result<Vec<KeyEntry>, StoreError> {
+        let _ = agent_id;
+        Ok(Vec::new())
+    }
+    /// Each card's total memory as first reported (the sanity bound of memory used).
+    fn card_memory(&self) -> Result<HashMap<String, u64>, StoreError> {
+        Ok(HashMap::new())
+    }
+    /// Agents that have derived rows, whether or not they have an agents row.
+    fn derived_agents(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Every window that counts (no flag) and every `overlap`-flagged window, ordered by card
+    /// then start: the card-time check.
+    fn card_windows(&self, visit: &mut dyn FnMut(CardWindowRef)) -> Result<(), StoreError> {
+        let _ = visit;
+        Ok(())
+    }
+    /// Hash of an agent's stored record at `seq` (for heads). `None` when not held.
+    fn record_hash_at(&self, agent_id: &str, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let _ = (agent_id, seq);
+        Ok(None)
+    }
+    /// An agent's flagged windows, by seq.
+    fn flagged(&self, agent_id: &str) -> Result<Vec<FlaggedWindow>, StoreError> {
+        let _ = agent_id;
+        Ok(Vec::new())
+    }
+}
+
+/// One entry of an agent's key history: `public_key` signs checkpoints from `from_seq` until
+/// the next entry's `from_seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub public_key: Vec<u8>,
+    pub from_seq: u64,
+    pub at_ms: i64,
+    /// Who made the change ("first use" for a key pinned on first contact).
+    pub actor: String,
+    pub reason: String,
+}
+
+/// A derived row as stored, keyed by the record it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Derived {
+    /// The `windows` row (principals empty).
+    Window(WindowRow),
+    /// The `window_principals` rows of one seq.
+    Principals(Vec<PrincipalRow>),
+    Event(crate::store::EventRow),
+    /// The flags of one seq other than `overlap` (checked across cards instead).
+    Flags(Vec<String>),
+}
+
+impl Derived {
+    pub fn table(&self) -> &'static str {
+        match self {
+            Derived::Window(_) => "windows",
+            Derived::Principals(_) => "window_principals",
+            Derived::Event(_) => "events",
+            Derived::Flags(_) => "window_flags",
+        }
+    }
+}
+
+/// What [`ChainSource::scan`] yields.
+// Items are visited one at a time and never held in bulk, so the size gap costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScanItem {
+    Record(ChainRow),
+    Derived { seq: u64, row: Derived },
+}
+
+/// A window in the card-time check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardWindowRef {
+    pub gpu_uuid: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub agent_id: String,
+    pub seq: u64,
+    /// Flagged `overlap`, naming the window it overlaps.
+    pub overlap_of: Option<(String, u64)>,
 }
 
 /// Something wrong with a stored chain.
@@ -70,6 +174,50 @@ pub enum Finding {
     Unsigned { from: u64, to: u64 },
     /// The agent's pinned key is not a valid ed25519 key.
     BadKey,
+    /// A record's derived row differs from what its signed body says.
+    DerivedMismatch { seq: u64, table: &'static str },
+    /// A record lacks a derived row its body calls for.
+    DerivedMissing { seq: u64, table: &'static str },
+    /// A derived row with no record of its kind behind it (inserted).
+    DerivedOrphan { seq: u64, table: &'static str },
+    /// Two windows that both count cover the same card time.
+    OverlapCounted {
+        seq: u64,
+        gpu_uuid: String,
+        other_agent_id: String,
+        other_seq: u64,
+    },
+    /// A window flagged `overlap` overlaps no counted window it names.
+    OverlapUnfounded { seq: u64 },
+}
+
+impl Finding {
+    /// The seq a finding is about (the first of a range).
+    pub fn seq(&self) -> u64 {
+        match self {
+            Finding::Gap { from, .. } | Finding::Unsigned { from, .. } => *from,
+            Finding::Truncated { checkpoint_seq, .. } => *checkpoint_seq,
+            Finding::BadKey => 0,
+            Finding::Rewritten { seq }
+            | Finding::BrokenLink { seq }
+            | Finding::CheckpointMismatch { seq }
+            | Finding::BadSignature { seq }
+            | Finding::DerivedMismatch { seq, .. }
+            | Finding::DerivedMissing { seq, .. }
+            | Finding::DerivedOrphan { seq, .. }
+            | Finding::OverlapCounted { seq, .. }
+            | Finding::OverlapUnfounded { seq } => *seq,
+        }
+    }
+}
+
+/// A window kept as evidence but counted in no figure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlaggedWindow {
+    pub seq: u64,
+    /// "impossible" or "overlap".
+    pub flag: String,
+    pub detail: String,
 }
 
 impl std::fmt::Display for Finding {
@@ -112,6 +260,30 @@ impl std::fmt::Display for Finding {
                 f,
                 "the agent's pinned public key is not a valid ed25519 key"
             ),
+            Finding::DerivedMismatch { seq, table } => write!(
+                f,
+                "record {seq}: its {table} row differs from its signed body"
+            ),
+            Finding::DerivedMissing { seq, table } => {
+                write!(f, "record {seq}: its {table} row is missing")
+            }
+            Finding::DerivedOrphan { seq, table } => write!(
+                f,
+                "record {seq}: a {table} row has no record of its kind behind it (inserted)"
+            ),
+            Finding::OverlapCounted {
+                seq,
+                gpu_uuid,
+                other_agent_id,
+                other_seq,
+            } => write!(
+                f,
+                "record {seq}: counts card time of {gpu_uuid} that {other_agent_id} seq {other_seq} also counts"
+            ),
+            Finding::OverlapUnfounded { seq } => write!(
+                f,
+                "record {seq}: flagged as overlapping a window it does not overlap"
+            ),
         }
     }
 }
@@ -125,6 +297,8 @@ pub struct AgentVerification {
     pub last_seq: u64,
     pub checkpoints: u64,
     pub findings: Vec<Finding>,
+    /// Windows kept but counted in no figure (not a failure: they are signed evidence).
+    pub flagged: Vec<FlaggedWindow>,
 }
 
 /// Verification of the whole ledger.
@@ -133,17 +307,117 @@ pub struct VerifyReport {
     pub agents: Vec<AgentVerification>,
     pub records: u64,
     pub ok: bool,
+    /// What the auditor's heads file shows (empty without `--heads`).
+    pub heads: Vec<crate::heads::HeadFinding>,
 }
 
-/// Verifies one agent's chain.
+/// What a record's body says its derived rows must be.
+fn expected_derived(body: &[u8], card_memory: &HashMap<String, u64>) -> Vec<Derived> {
+    match crate::convert::decode_body(body).1 {
+        RecordContent::Window(mut w) => {
+            let problems =
+                crate::sanity::window_problems(&w, card_memory.get(&w.gpu_uuid).copied());
+            let mut principals = std::mem::take(&mut w.principals);
+            principals.sort_by(|a, b| a.principal.cmp(&b.principal));
+            let mut out = vec![Derived::Window(w)];
+            if !principals.is_empty() {
+                out.push(Derived::Principals(principals));
+            }
+            if !problems.is_empty() {
+                out.push(Derived::Flags(vec![
+                    crate::sanity::FLAG_IMPOSSIBLE.to_string(),
+                ]));
+            }
+            out
+        }
+        RecordContent::Event(e) => vec![Derived::Event(e)],
+        _ => Vec::new(),
+    }
+}
+
+/// A derived row in comparable form: NaN (which SQLite stores as NULL) reads as absent, and
+/// principals in key order.
+fn canonical(d: &Derived) -> Derived {
+    let nan = |v: Option<f64>| v.filter(|x| !x.is_nan());
+    match d {
+        Derived::Window(w) => {
+            let mut w = w.clone();
+            w.util_avg_pct = nan(w.util_avg_pct);
+            w.util_max_pct = nan(w.util_max_pct);
+            w.mem_util_avg_pct = nan(w.mem_util_avg_pct);
+            w.power_avg_w = nan(w.power_avg_w);
+            w.principals.clear();
+            Derived::Window(w)
+        }
+        Derived::Principals(p) => {
+            let mut p = p.clone();
+            p.sort_by(|a, b| a.principal.cmp(&b.principal));
+            Derived::Principals(p)
+        }
+        Derived::Flags(f) => {
+            let mut f = f.clone();
+            f.sort();
+            Derived::Flags(f)
+        }
+        other => other.clone(),
+    }
+}
+
+/// The record being checked and the derived rows it still expects.
+struct Pending {
+    seq: u64,
+    expected: Vec<Option<Derived>>,
+}
+
+impl Pending {
+    fn finish(self, findings: &mut Vec<Finding>) {
+        for d in self.expected.into_iter().flatten() {
+            findings.push(Finding::DerivedMissing {
+                seq: self.seq,
+                table: d.table(),
+            });
+        }
+    }
+}
+
+/// The key that signed a checkpoint at `seq`: the last history entry starting at or below it,
+/// or the pinned key when there is no history.
+fn key_for<'a>(history: &'a [KeyEntry], pinned: &'a [u8], seq: u64) -> &'a [u8] {
+    history
+        .iter()
+        .rev()
+        .find(|k| k.from_seq <= seq)
+        .map_or(pinned, |k| k.public_key.as_slice())
+}
+
+/// Verifies one agent's chain and derived rows.
 pub fn verify_agent(
     src: &dyn ChainSource,
     agent_id: &str,
     key: &[u8],
 ) -> Result<AgentVerification, StoreError> {
+    let card_memory = src.card_memory()?;
+    verify_agent_with(src, agent_id, key, &card_memory)
+}
+
+fn verify_agent_with(
+    src: &dyn ChainSource,
+    agent_id: &str,
+    key: &[u8],
+    card_memory: &HashMap<String, u64>,
+) -> Result<AgentVerification, StoreError> {
     let mut findings = Vec::new();
-    let vk = chain::verifying_key(key).ok();
-    if vk.is_none() {
+    let history = src.key_history(agent_id)?;
+    let mut keys: HashMap<Vec<u8>, Option<ed25519_dalek::VerifyingKey>> = HashMap::new();
+    for k in history
+        .iter()
+        .map(|k| k.public_key.clone())
+        .chain([key.to_vec()])
+    {
+        let vk = chain::verifying_key(&k).ok();
+        keys.insert(k, vk);
+    }
+    if keys.get(key).is_some_and(|k| k.is_none()) {
         findings.push(Finding::BadKey);
     }
     let checkpoints = src.checkpoints(agent_id)?;
@@ -152,7 +426,41 @@ pub fn verify_agent(
     let mut first_seq = 0;
     let mut records = 0u64;
     let mut last_signed = 0u64;
-    src.scan_records(agent_id, &mut |row| {
+    let mut pending: Option<Pending> = None;
+    src.scan(agent_id, &mut |item| {
+        let row = match item {
+            ScanItem::Record(row) => row,
+            ScanItem::Derived { seq, row } => {
+                let table = row.table();
+                let Some(p) = pending.as_mut().filter(|p| p.seq == seq) else {
+                    findings.push(Finding::DerivedOrphan { seq, table });
+                    return;
+                };
+                let Some(slot) = p
+                    .expected
+                    .iter_mut()
+                    .find(|e| e.as_ref().is_some_and(|e| e.table() == table))
+                else {
+                    findings.push(Finding::DerivedOrphan { seq, table });
+                    return;
+                };
+                let want = slot.take().map(|w| canonical(&w));
+                if want != Some(canonical(&row)) {
+                    findings.push(Finding::DerivedMismatch { seq, table });
+                }
+                return;
+            }
+        };
+        if let Some(p) = pending.take() {
+            p.finish(&mut findings);
+        }
+        pending = Some(Pending {
+            seq: row.seq,
+            expected: expected_derived(&row.body, card_memory)
+                .into_iter()
+                .map(Some)
+                .collect(),
+        });
         records += 1;
         let prev_hash = chain::to_hash(&row.prev_hash).unwrap_or([0xff; 32]);
         let computed = chain::record_hash(&prev_hash, row.seq, &row.body);
@@ -191,12 +499,16 @@ pub fn verify_agent(
                 findings.push(Finding::CheckpointMismatch { seq: cp.seq });
             }
             let hash = chain::to_hash(&cp.chain_hash).unwrap_or([0xff; 32]);
-            if let Some(vk) = &vk {
+            let signer = key_for(&history, key, cp.seq);
+            if let Some(Some(vk)) = keys.get(signer) {
                 if chain::verify_checkpoint(vk, agent_id, cp.epoch, cp.seq, &hash, &cp.signature)
                     .is_err()
                 {
                     findings.push(Finding::BadSignature { seq: cp.seq });
                 }
+            } else if signer != key {
+                // A key in the history that is not a valid key signs nothing.
+                findings.push(Finding::BadSignature { seq: cp.seq });
             }
             last_signed = row.seq;
             cps.next();
@@ -204,6 +516,9 @@ pub fn verify_agent(
         // Links are checked against what is stored, so one edited record is one finding.
         prev = Some((row.seq, chain::to_hash(&row.hash).unwrap_or(computed)));
     })?;
+    if let Some(p) = pending.take() {
+        p.finish(&mut findings);
+    }
     let last_seq = prev.map_or(0, |p| p.0);
     if let Some(cp) = checkpoints.last() {
         if cp.seq > last_seq {
@@ -226,20 +541,87 @@ pub fn verify_agent(
         last_seq,
         checkpoints: checkpoints.len() as u64,
         findings,
+        flagged: src.flagged(agent_id)?,
     })
 }
 
-/// Verifies every agent's chain.
+/// Card time counts at most once: windows that count must not overlap on a card, and each
+/// window flagged `overlap` must overlap the counted window it names. Findings by agent.
+fn check_card_time(src: &dyn ChainSource) -> Result<Vec<(String, Finding)>, StoreError> {
+    let mut out = Vec::new();
+    // Counted windows of the current card, by end (the latest-ending one is what a new start
+    // must clear).
+    let mut card = String::new();
+    let mut latest: Option<CardWindowRef> = None;
+    let mut counted: HashMap<(String, u64), (i64, i64)> = HashMap::new();
+    let mut flagged: Vec<CardWindowRef> = Vec::new();
+    src.card_windows(&mut |w| {
+        if w.gpu_uuid != card {
+            card = w.gpu_uuid.clone();
+            latest = None;
+        }
+        if w.overlap_of.is_some() {
+            flagged.push(w);
+            return;
+        }
+        counted.insert((w.agent_id.clone(), w.seq), (w.start_ms, w.end_ms));
+        if let Some(l) = &latest {
+            if crate::sanity::overlaps((l.start_ms, l.end_ms), (w.start_ms, w.end_ms)) {
+                out.push((
+                    w.agent_id.clone(),
+                    Finding::OverlapCounted {
+                        seq: w.seq,
+                        gpu_uuid: w.gpu_uuid.clone(),
+                        other_agent_id: l.agent_id.clone(),
+                        other_seq: l.seq,
+                    },
+                ));
+            }
+        }
+        if latest.as_ref().is_none_or(|l| w.end_ms > l.end_ms) {
+            latest = Some(w);
+        }
+    })?;
+    for w in flagged {
+        let founded = w
+            .overlap_of
+            .as_ref()
+            .and_then(|o| counted.get(o))
+            .is_some_and(|&o| crate::sanity::overlaps(o, (w.start_ms, w.end_ms)));
+        if !founded {
+            out.push((w.agent_id.clone(), Finding::OverlapUnfounded { seq: w.seq }));
+        }
+    }
+    Ok(out)
+}
+
+/// Verifies every agent's chain and derived rows, and that card time counts once.
 pub fn verify(src: &dyn ChainSource) -> Result<VerifyReport, StoreError> {
     let mut report = VerifyReport {
         ok: true,
         ..Default::default()
     };
-    for (agent_id, key) in src.agents()? {
-        let a = verify_agent(src, &agent_id, &key)?;
+    let card_memory = src.card_memory()?;
+    let agents = src.agents()?;
+    for (agent_id, key) in &agents {
+        let a = verify_agent_with(src, agent_id, key, &card_memory)?;
         report.records += a.records;
-        report.ok &= a.findings.is_empty();
         report.agents.push(a);
+    }
+    // Derived rows of an agent with no agents row: every one is an orphan.
+    for id in src.derived_agents()? {
+        if !agents.iter().any(|(a, _)| *a == id) {
+            let a = verify_agent_with(src, &id, &[], &card_memory)?;
+            report.agents.push(a);
+        }
+    }
+    for (agent_id, f) in check_card_time(src)? {
+        if let Some(a) = report.agents.iter_mut().find(|a| a.agent_id == agent_id) {
+            a.findings.push(f);
+        }
+    }
+    for a in &report.agents {
+        report.ok &= a.findings.is_empty();
     }
     Ok(report)
 }

@@ -2,6 +2,7 @@
 //! gives. Nothing generated from the proto files crosses this boundary.
 
 pub mod sqlite;
+pub mod sqlite_integrity;
 pub mod sqlite_ledger;
 pub mod writer;
 
@@ -400,6 +401,18 @@ pub trait Store: Send + Sync + 'static {
     fn size_bytes(&self) -> Option<u64> {
         None
     }
+    /// Signs a ledger head over every agent's last checkpoint and key history, as committed
+    /// now, with the collector's key, and keeps it (see [`crate::heads`]).
+    fn sign_head(&self, at_ms: i64) -> Result<crate::heads::SignedHead, StoreError>;
+
+    /// Heads signed at or after `since_ms`, oldest first.
+    fn heads(&self, since_ms: i64) -> Result<Vec<crate::heads::SignedHead>, StoreError>;
+
+    /// The head numbered `id`; `Ok(None)` when there is none.
+    fn head(&self, id: u64) -> Result<Option<crate::heads::SignedHead>, StoreError>;
+
+    /// Signs `message` with the collector's key (reports); returns (signature, public key).
+    fn collector_sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), StoreError>;
 }
 
 /// A stored window with the host and CSP of the agent that sent it.

@@ -281,6 +281,56 @@ DROP TABLE window_principals;
 ALTER TABLE window_principals_v4 RENAME TO window_principals;
 CREATE UNIQUE INDEX window_principals_key ON window_principals(agent_id, seq, principal);
 "#,
+    // 5: ledger integrity (see crate::integrity). Every key an agent has had, from the seq it
+    // first signs; signed ledger heads; windows kept but counted in no figure (impossible
+    // values, or card time another window already covers); each card's identity as first
+    // reported. Existing agents get their pinned key as the first history entry.
+    r#"
+CREATE TABLE agent_keys (
+    agent_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    public_key BLOB NOT NULL,
+    from_seq INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (agent_id, idx)
+);
+INSERT INTO agent_keys (agent_id, idx, public_key, from_seq, at_ms, actor, reason)
+    SELECT agent_id, 0, public_key, 1, first_seen_ms, 'migration', 'key pinned before key history'
+    FROM agents;
+CREATE TABLE heads (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    agents INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    leaves BLOB NOT NULL,
+    public_key BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE TABLE window_flags (
+    agent_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    flag TEXT NOT NULL,
+    other_agent_id TEXT,
+    other_seq INTEGER,
+    detail TEXT NOT NULL,
+    PRIMARY KEY (agent_id, seq, flag)
+);
+CREATE INDEX windows_by_card ON windows(gpu_uuid, start_ms, end_ms, agent_id, seq);
+CREATE TABLE card_identity (
+    gpu_uuid TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    host_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    pci_bus_id TEXT NOT NULL,
+    memory_total_bytes INTEGER,
+    first_seen_ms INTEGER NOT NULL
+);
+INSERT INTO card_identity SELECT gpu_uuid, agent_id, host_id, name, serial, pci_bus_id,
+    memory_total_bytes, last_seen_ms FROM gpus;
+"#,
 ];
 
 fn db(e: rusqlite::Error) -> StoreError {
@@ -294,6 +344,8 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// The collector's head-signing key, loaded beside the database on first use.
+    head_key: std::sync::OnceLock<ed25519_dalek::SigningKey>,
 }
 
 fn open_conn(path: &Path) -> Result<Connection, StoreError> {
@@ -343,11 +395,21 @@ impl SqliteStore {
             path: path.to_path_buf(),
             writer: Mutex::new(w),
             reader: Mutex::new(r),
+            head_key: std::sync::OnceLock::new(),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The collector's signing key, beside the database (created on first use).
+    fn collector_key(&self) -> Result<&ed25519_dalek::SigningKey, StoreError> {
+        if let Some(k) = self.head_key.get() {
+            return Ok(k);
+        }
+        let k = crate::heads::load_or_create_key(&self.path)?;
+        Ok(self.head_key.get_or_init(|| k))
     }
 
     fn w(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -445,6 +507,15 @@ impl Store for SqliteStore {
             )
             .map_err(db)?;
         }
+        super::sqlite_integrity::note_cards(&tx, h)?;
+        super::sqlite_integrity::note_key(
+            &tx,
+            &h.agent_id,
+            &h.public_key,
+            "first use",
+            "",
+            h.received_ms,
+        )?;
         let mut state = Self::durable(&tx, &h.agent_id)?;
         state.epoch = tx
             .query_row(
@@ -594,6 +665,13 @@ impl Store for SqliteStore {
                                     ])
                                     .map_err(db)?;
                             }
+                            super::sqlite_integrity::check_window(
+                                &tx,
+                                &b.agent_id,
+                                r.seq,
+                                w,
+                                b.received_ms,
+                            )?;
                         }
                         RecordContent::Event(e) => {
                             ins_ev
@@ -738,6 +816,7 @@ impl Store for SqliteStore {
                  FROM windows w JOIN agents a ON a.agent_id = w.agent_id
                  LEFT JOIN gpus g ON g.gpu_uuid = w.gpu_uuid
                  WHERE w.start_ms >= ?1 AND w.start_ms < ?2
+                   AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
                  GROUP BY w.agent_id, w.gpu_uuid
                  ORDER BY a.host_id, w.gpu_uuid",
             )
@@ -774,6 +853,7 @@ impl Store for SqliteStore {
                  JOIN windows w ON w.agent_id = p.agent_id AND w.seq = p.seq
                  JOIN agents a ON a.agent_id = w.agent_id
                  WHERE w.start_ms >= ?1 AND w.start_ms < ?2
+                   AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
                  GROUP BY a.host_id, w.gpu_uuid, p.principal, w.grant_id
                  ORDER BY a.host_id, w.gpu_uuid, p.principal, w.grant_id",
             )
@@ -927,6 +1007,7 @@ impl Store for SqliteStore {
                 (false, true)
             }
         };
+        super::sqlite_integrity::note_key(&tx, agent_id, public_key, actor, reason, at_ms)?;
         insert_alarm(
             &tx,
             &Alarm {
@@ -1073,7 +1154,8 @@ impl Store for SqliteStore {
         // The lower bound on start_ms lets the (start_ms, gpu_uuid) index answer: no window is
         // longer than a day (the agent's window length divides a day).
         const WHERE: &str = "w.start_ms >= ?1 - 86400000 AND w.start_ms < ?2 AND w.end_ms > ?1
-                             AND (?3 IS NULL OR w.gpu_uuid = ?3)";
+                             AND (?3 IS NULL OR w.gpu_uuid = ?3)
+                             AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)";
         let mut st = c
             .prepare(&format!(
                 "SELECT w.agent_id, a.host_id, a.csp, w.seq, w.gpu_uuid, w.start_ms, w.end_ms, w.interval_ms,
@@ -1252,6 +1334,35 @@ impl Store for SqliteStore {
         Some(sizes.sum())
     }
 
+    fn sign_head(&self, at_ms: i64) -> Result<crate::heads::SignedHead, StoreError> {
+        let key = self.collector_key()?;
+        let mut c = self.w();
+        // Immediate: the leaves read are what is committed when the head lands.
+        let tx = c
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let head = crate::heads::sign_and_store(&tx, key, at_ms)?;
+        tx.commit().map_err(db)?;
+        Ok(head)
+    }
+
+    fn heads(&self, since_ms: i64) -> Result<Vec<crate::heads::SignedHead>, StoreError> {
+        crate::heads::load_heads(&self.r(), since_ms)
+    }
+
+    fn head(&self, id: u64) -> Result<Option<crate::heads::SignedHead>, StoreError> {
+        crate::heads::load_head(&self.r(), id)
+    }
+
+    fn collector_sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+        use ed25519_dalek::Signer;
+        let key = self.collector_key()?;
+        Ok((
+            key.sign(message).to_bytes().to_vec(),
+            key.verifying_key().to_bytes().to_vec(),
+        ))
+    }
+
     fn invoices(&self) -> Result<Vec<StoredInvoice>, StoreError> {
         let c = self.r();
         let mut st = c
@@ -1280,9 +1391,9 @@ impl Store for SqliteStore {
     }
 }
 
-const HEALTHS: &[&str] = &["ok", "degraded", "lost"];
-const STATUSES: &[&str] = &["assigned", "unassigned", "expired", "revoked"];
-const EVENT_KINDS: &[&str] = &[
+pub(crate) const HEALTHS: &[&str] = &["ok", "degraded", "lost"];
+pub(crate) const STATUSES: &[&str] = &["assigned", "unassigned", "expired", "revoked"];
+pub(crate) const EVENT_KINDS: &[&str] = &[
     "xid",
     "ecc_single_bit",
     "ecc_double_bit",
@@ -1296,7 +1407,7 @@ const EVENT_KINDS: &[&str] = &[
 
 /// A stored spelling as the `&'static str` the rows carry; one this collector does not know
 /// reads as "unknown", as it was stored from a body it could not decode either.
-fn known(s: &str, set: &[&'static str]) -> &'static str {
+pub(crate) fn known(s: &str, set: &[&'static str]) -> &'static str {
     set.iter().find(|k| **k == s).copied().unwrap_or("unknown")
 }
 
@@ -1742,8 +1853,9 @@ mod reconcile_reads_tests {
                     vec![
                         RecordContent::Window(window("GPU-2", 10 * day, Some(25_000))),
                         RecordContent::Window(window("GPU-1", 10 * day + 60_000, None)),
-                        // Starts before the period but runs into it.
-                        RecordContent::Window(window("GPU-1", 10 * day - 30_000, Some(1))),
+                        // Starts before the period but runs into it (windows are aligned to
+                        // their length, so the period starts mid-window).
+                        RecordContent::Window(window("GPU-1", 10 * day - 60_000, Some(1))),
                         RecordContent::Window(window("GPU-1", 9 * day, Some(1))),
                         RecordContent::Event(event("GPU-1", 10 * day + 5, "enforcement")),
                         RecordContent::Event(event("GPU-1", 10 * day + 6, "xid")),
@@ -1760,7 +1872,7 @@ mod reconcile_reads_tests {
             ])
             .unwrap();
 
-        let w = store.windows(10 * day, 11 * day, None).unwrap();
+        let w = store.windows(10 * day - 30_000, 11 * day, None).unwrap();
         let got: Vec<(&str, i64, u64, &str, &str)> = w
             .iter()
             .map(|m| {
@@ -1776,7 +1888,7 @@ mod reconcile_reads_tests {
         assert_eq!(
             got,
             [
-                ("GPU-1", -30_000, 3, "host-a", "kt"),
+                ("GPU-1", -60_000, 3, "host-a", "kt"),
                 ("GPU-1", 60_000, 2, "host-a", "kt"),
                 ("GPU-2", 0, 1, "host-a", "kt"),
             ]

@@ -1,0 +1,247 @@
+//! The SQLite side of ledger integrity, called from the commit, hello and key-registration
+//! paths: key history, card identity as first reported, window flags (impossible values,
+//! card time counted twice) and their alarms, and signed heads. Rules are in
+//! `crate::sanity`, `crate::heads` and `crate::verify`; this module only stores.
+//!
+//! Rules: a flag row is written in the same transaction as its window, never updated; the
+//! window counted first for a card instant keeps counting, a later one covering any of that
+//! time is flagged `overlap` naming it. `card_identity` is written once per card and never
+//! updated; a change is an alarm. `agent_keys` is append-only.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{AgentHello, Alarm, StoreError, WindowRow};
+use crate::sanity::{self, FLAG_IMPOSSIBLE, FLAG_OVERLAP};
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+fn alarm(c: &Connection, a: Alarm) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO alarms (agent_id, at_ms, kind, seq, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            a.agent_id,
+            a.at_ms,
+            a.kind,
+            a.seq.map(|s| s as i64),
+            a.detail
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+fn flag(
+    c: &Connection,
+    agent_id: &str,
+    seq: u64,
+    flag: &str,
+    other: Option<(&str, i64)>,
+    detail: &str,
+) -> Result<(), StoreError> {
+    c.prepare_cached(
+        "INSERT INTO window_flags (agent_id, seq, flag, other_agent_id, other_seq, detail)
+         VALUES (?1,?2,?3,?4,?5,?6) ON CONFLICT DO NOTHING",
+    )
+    .map_err(db)?
+    .execute(params![
+        agent_id,
+        seq as i64,
+        flag,
+        other.map(|o| o.0),
+        other.map(|o| o.1),
+        detail
+    ])
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Checks a window just inserted: flags it `impossible` (see [`sanity::window_problems`]) or
+/// `overlap` (another counted window of the card already covers some of its time), with an
+/// alarm either way.
+pub fn check_window(
+    c: &Connection,
+    agent_id: &str,
+    seq: u64,
+    w: &WindowRow,
+    at_ms: i64,
+) -> Result<(), StoreError> {
+    let memory: Option<i64> = c
+        .prepare_cached("SELECT memory_total_bytes FROM card_identity WHERE gpu_uuid = ?1")
+        .map_err(db)?
+        .query_row(params![w.gpu_uuid], |r| r.get(0))
+        .optional()
+        .map_err(db)?
+        .flatten();
+    let problems = sanity::window_problems(w, memory.map(|m| m as u64));
+    if !problems.is_empty() {
+        let detail = problems.join("; ");
+        flag(c, agent_id, seq, FLAG_IMPOSSIBLE, None, &detail)?;
+        return alarm(
+            c,
+            Alarm {
+                agent_id: agent_id.into(),
+                at_ms,
+                kind: "impossible_window".into(),
+                seq: Some(seq),
+                detail: format!(
+                    "window of {} at {} is kept but counted in no figure: {detail}",
+                    w.gpu_uuid, w.start_ms
+                ),
+            },
+        );
+    }
+    let other: Option<(String, i64, i64, i64)> = c
+        .prepare_cached(
+            "SELECT agent_id, seq, start_ms, end_ms FROM windows w
+             WHERE gpu_uuid = ?1 AND start_ms < ?3 AND start_ms > ?2 - 86400000 AND end_ms > ?2
+               AND NOT (agent_id = ?4 AND seq = ?5)
+               AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
+             LIMIT 1",
+        )
+        .map_err(db)?
+        .query_row(
+            params![w.gpu_uuid, w.start_ms, w.end_ms, agent_id, seq as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()
+        .map_err(db)?;
+    if let Some((other_agent, other_seq, from, until)) = other {
+        let detail = format!(
+            "card {} time {}..{} is already covered by {other_agent} seq {other_seq} ({from}..{until}); this window counts in no figure",
+            w.gpu_uuid, w.start_ms, w.end_ms
+        );
+        flag(
+            c,
+            agent_id,
+            seq,
+            FLAG_OVERLAP,
+            Some((&other_agent, other_seq)),
+            &detail,
+        )?;
+        alarm(
+            c,
+            Alarm {
+                agent_id: agent_id.into(),
+                at_ms,
+                kind: "card_time_overlap".into(),
+                seq: Some(seq),
+                detail: format!("{agent_id} seq {seq}: {detail}"),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Keeps each card's identity as first reported; a change of serial, model or memory under
+/// the same UUID is an alarm (the first report stays).
+pub fn note_cards(c: &Connection, h: &AgentHello) -> Result<(), StoreError> {
+    for g in &h.gpus {
+        let held: Option<(String, String, Option<i64>)> = c
+            .prepare_cached(
+                "SELECT name, serial, memory_total_bytes FROM card_identity WHERE gpu_uuid = ?1",
+            )
+            .map_err(db)?
+            .query_row(params![g.uuid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()
+            .map_err(db)?;
+        let memory = g.memory_total_bytes.map(|m| m as i64);
+        match held {
+            None => {
+                c.prepare_cached(
+                    "INSERT INTO card_identity (gpu_uuid, agent_id, host_id, name, serial, pci_bus_id, memory_total_bytes, first_seen_ms)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                )
+                .map_err(db)?
+                .execute(params![
+                    g.uuid,
+                    h.agent_id,
+                    h.host_id,
+                    g.name,
+                    g.serial,
+                    g.pci_bus_id,
+                    memory,
+                    h.received_ms
+                ])
+                .map_err(db)?;
+            }
+            Some((name, serial, mem)) => {
+                let mut changes = Vec::new();
+                if name != g.name {
+                    changes.push(format!("model {name:?} -> {:?}", g.name));
+                }
+                if serial != g.serial {
+                    changes.push(format!("serial {serial:?} -> {:?}", g.serial));
+                }
+                if mem != memory {
+                    changes.push(format!("memory {mem:?} -> {memory:?} B"));
+                }
+                if !changes.is_empty() {
+                    alarm(
+                        c,
+                        Alarm {
+                            agent_id: h.agent_id.clone(),
+                            at_ms: h.received_ms,
+                            kind: "card_changed".into(),
+                            seq: None,
+                            detail: format!(
+                                "card {} changed under the same UUID since first reported: {}",
+                                g.uuid,
+                                changes.join(", ")
+                            ),
+                        },
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends `public_key` to an agent's key history when it differs from the latest entry:
+/// it signs from the seq after the last one held.
+pub fn note_key(
+    c: &Connection,
+    agent_id: &str,
+    public_key: &[u8],
+    actor: &str,
+    reason: &str,
+    at_ms: i64,
+) -> Result<(), StoreError> {
+    let latest: Option<(i64, Vec<u8>)> = c
+        .query_row(
+            "SELECT idx, public_key FROM agent_keys WHERE agent_id = ?1 ORDER BY idx DESC LIMIT 1",
+            params![agent_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(db)?;
+    if latest
+        .as_ref()
+        .is_some_and(|(_, k)| k.as_slice() == public_key)
+    {
+        return Ok(());
+    }
+    let held: i64 = c
+        .query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM records WHERE agent_id = ?1",
+            params![agent_id],
+            |r| r.get(0),
+        )
+        .map_err(db)?;
+    c.execute(
+        "INSERT INTO agent_keys (agent_id, idx, public_key, from_seq, at_ms, actor, reason) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+        params![
+            agent_id,
+            latest.map_or(0, |l| l.0 + 1),
+            public_key,
+            held + 1,
+            at_ms,
+            actor,
+            reason
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
+}
