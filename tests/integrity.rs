@@ -1036,6 +1036,54 @@ async fn a_collector_behind_an_agent_and_a_changed_card_raise_alarms() {
     );
     let behind = alarms(&collector.url, "ledger_behind_agent").await;
     assert_eq!((behind.len(), behind[0].seq), (1, Some(50)), "{behind:?}");
+
+    // A grant naming the model each card must be: a card already seen as another model, and
+    // one first seen as another model after the grant, both raise an alarm.
+    let csv = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        csv.path(),
+        format!(
+            "grant_id,program,grantee,principal,csp,host_id,gpu_uuid,valid_from,valid_until,gpu_model\n\
+             G-M,hpc,Acme,user:a,kt,swapper,{CARD},2026-04-01,2026-04-30,H200\n\
+             G-M,hpc,Acme,user:a,kt,swapper,GPU-0000000d-0000-4000-8000-0000000000f1,2026-04-01,2026-04-30,H100 80GB\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&[
+        "grants",
+        "import",
+        csv.path().to_str().unwrap(),
+        "--server",
+        &collector.url,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let a = RawAgent::connect(
+        &collector.url,
+        "swapper",
+        SigningKey::from_bytes(&[21; 32]),
+        vec![v1::GpuInfo {
+            name: "NVIDIA A100 40GB".into(),
+            ..gpu("GPU-0000000d-0000-4000-8000-0000000000f1", "S-3", 40 << 30)
+        }],
+        0,
+    )
+    .await;
+    drop(a);
+    let mut models: Vec<String> = alarms(&collector.url, "card_model_mismatch")
+        .await
+        .into_iter()
+        .map(|a| a.detail)
+        .collect();
+    models.sort();
+    assert_eq!(models.len(), 2, "{models:?}");
+    assert!(
+        models[0].contains(CARD) && models[0].contains("\"H200\""),
+        "{models:?}"
+    );
+    assert!(
+        models[1].contains("0000000000f1") && models[1].contains("\"H100 80GB\""),
+        "{models:?}"
+    );
     collector.stop().await.unwrap();
 }
 

@@ -120,7 +120,8 @@ impl Admin for AdminService {
             tokio::task::spawn_blocking(move || -> Result<v1::ImportGrantsReply, Status> {
                 let held = store.grants()?;
                 let known = |host: &str, gpu: &str| store.known_card(host, gpu).unwrap_or(false);
-                match parse_grants_csv(&req.csv, &held, &known) {
+                let (csv, models) = crate::grants::split_gpu_models(&req.csv);
+                match parse_grants_csv(&csv, &held, &known) {
                     Err(problems) => Ok(v1::ImportGrantsReply {
                         errors: problems.into_iter().map(wire_problem).collect(),
                         ..Default::default()
@@ -130,6 +131,7 @@ impl Admin for AdminService {
                             import.grants.iter().map(|g| g.cards.len()).sum::<usize>() as u32;
                         if !req.dry_run {
                             store.insert_grants(&import.grants, &actor, now_ms())?;
+                            store.set_card_models(&models, now_ms())?;
                         }
                         Ok(v1::ImportGrantsReply {
                             grants: import.grants.len() as u32,

@@ -27,6 +27,10 @@
 //! its 1-based line in the file and the field. A card no agent has reported is only a warning,
 //! because grants are often imported before the CSP installs the agents.
 //!
+//! An optional tenth column `gpu_model` names the model each card must be (e.g. `H100 80GB`);
+//! [`split_gpu_models`] takes it out before validation, and the collector raises an alarm when
+//! a card's reported model does not contain it (case-insensitive).
+//!
 //! Amendments ([`amend`]) revoke a grant at an instant, extend its end, or move one of its
 //! cards to another card at an instant. They keep the past: a moved card stays in the grant
 //! with its own end ([`GrantCard::until_ms`]) and its replacement carries its own start, so
@@ -1052,9 +1056,114 @@ pub fn amend(
     }
 }
 
+/// The expected model of one granted card (the grants CSV's optional `gpu_model` column).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardModel {
+    pub grant_id: String,
+    pub gpu_uuid: String,
+    pub gpu_model: String,
+}
+
+fn csv_field(f: &str) -> String {
+    if f.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", f.replace('"', "\"\""))
+    } else {
+        f.to_string()
+    }
+}
+
+/// Takes the optional last column `gpu_model` out of a grants file: returns the file without
+/// it (every record on the line it started on, so problems keep their line numbers) and each
+/// card's model where one is given. A file without the column comes back as it is.
+pub fn split_gpu_models(text: &str) -> (String, Vec<CardModel>) {
+    let body = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let records = split_csv(body);
+    let has_column = records
+        .iter()
+        .find(|r| !r.is_blank())
+        .and_then(|r| r.body.as_ref().ok())
+        .is_some_and(|f| {
+            f.len() == COLUMNS.len() + 1 && f.last().map(|s| s.trim()) == Some("gpu_model")
+        });
+    if !has_column {
+        return (text.to_string(), Vec::new());
+    }
+    let mut out = String::new();
+    let mut line = 1u32;
+    let mut models = Vec::new();
+    let mut header = true;
+    for r in &records {
+        while line < r.line {
+            out.push('\n');
+            line += 1;
+        }
+        let Ok(fields) = &r.body else {
+            // A malformed record cannot be rewritten faithfully: the grants parser reports the
+            // file as it is.
+            return (text.to_string(), Vec::new());
+        };
+        let mut fields = fields.clone();
+        if fields.len() == COLUMNS.len() + 1 {
+            let model = fields.pop().unwrap_or_default();
+            let model = model.trim();
+            if !header && !model.is_empty() {
+                if let Some(Ok(uuid)) = fields.get(6).map(|u| parse_gpu_uuid(u.trim())) {
+                    models.push(CardModel {
+                        grant_id: fields[0].trim().to_string(),
+                        gpu_uuid: uuid,
+                        gpu_model: model.to_string(),
+                    });
+                }
+            }
+        }
+        if !r.is_blank() {
+            header = false;
+        }
+        let joined: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        let joined = joined.join(",");
+        line += joined.matches('\n').count() as u32;
+        out.push_str(&joined);
+    }
+    out.push('\n');
+    (out, models)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grants_gpu_model_column_is_split_off_keeping_line_numbers() {
+        let text = "grant_id,program,grantee,principal,csp,host_id,gpu_uuid,valid_from,valid_until,gpu_model\n\
+                    G1,hpc,\"Acme, Inc.\",uid:1,kt,h1,GPU-0000000A-0000-4000-8000-000000000000,2026-04-01,2026-04-30,H100 80GB\n\
+                    \n\
+                    G1,hpc,\"Acme, Inc.\",uid:1,kt,h1,GPU-0000000b-0000-4000-8000-000000000000,2026-04-01,2026-04-30,\n";
+        let (csv, models) = split_gpu_models(text);
+        assert_eq!(
+            models,
+            vec![CardModel {
+                grant_id: "G1".into(),
+                gpu_uuid: "GPU-0000000a-0000-4000-8000-000000000000".into(),
+                gpu_model: "H100 80GB".into(),
+            }]
+        );
+        assert_eq!(csv.lines().count(), 4);
+        assert!(
+            csv.starts_with(&format!("{}\n", COLUMNS.join(","))),
+            "{csv}"
+        );
+        assert!(
+            csv.lines()
+                .nth(1)
+                .is_some_and(|l| l.contains("\"Acme, Inc.\"")),
+            "{csv}"
+        );
+        let import = parse_grants_csv(&csv, &[], &|_, _| true).unwrap();
+        assert_eq!(import.grants[0].cards.len(), 2);
+        // Without the column the file is left as it is.
+        let plain = "grant_id,program\n";
+        assert_eq!(split_gpu_models(plain), (plain.to_string(), vec![]));
+    }
     use gpumeter_proto::principal::PrincipalTerm;
     use proptest::prelude::*;
 

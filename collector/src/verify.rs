@@ -547,51 +547,69 @@ fn verify_agent_with(
 
 /// Card time counts at most once: windows that count must not overlap on a card, and each
 /// window flagged `overlap` must overlap the counted window it names. Findings by agent.
+///
+/// One pass over the windows in card and start order, holding only what can still overlap
+/// what comes next (windows are at most a day long), so memory stays flat however large the
+/// ledger is.
 fn check_card_time(src: &dyn ChainSource) -> Result<Vec<(String, Finding)>, StoreError> {
+    /// A flagged window waiting for the counted window it names, and whether it was seen.
+    struct Pending {
+        w: CardWindowRef,
+        founded: bool,
+    }
+    fn names(p: &CardWindowRef, c: &CardWindowRef) -> bool {
+        p.overlap_of
+            .as_ref()
+            .is_some_and(|(a, s)| *a == c.agent_id && *s == c.seq)
+            && crate::sanity::overlaps((p.start_ms, p.end_ms), (c.start_ms, c.end_ms))
+    }
+    fn resolve(pending: Vec<Pending>, out: &mut Vec<(String, Finding)>) {
+        for p in pending.into_iter().filter(|p| !p.founded) {
+            out.push((p.w.agent_id, Finding::OverlapUnfounded { seq: p.w.seq }));
+        }
+    }
     let mut out = Vec::new();
-    // Counted windows of the current card, by end (the latest-ending one is what a new start
-    // must clear).
     let mut card = String::new();
-    let mut latest: Option<CardWindowRef> = None;
-    let mut counted: HashMap<(String, u64), (i64, i64)> = HashMap::new();
-    let mut flagged: Vec<CardWindowRef> = Vec::new();
+    // Counted windows of the current card that end after the latest start seen.
+    let mut live: Vec<CardWindowRef> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
     src.card_windows(&mut |w| {
         if w.gpu_uuid != card {
             card = w.gpu_uuid.clone();
-            latest = None;
+            live.clear();
+            resolve(std::mem::take(&mut pending), &mut out);
         }
+        live.retain(|c| c.end_ms > w.start_ms);
+        let (done, waiting): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut pending)
+            .into_iter()
+            .partition(|p| p.w.end_ms <= w.start_ms);
+        pending = waiting;
+        resolve(done, &mut out);
         if w.overlap_of.is_some() {
-            flagged.push(w);
+            let founded = live.iter().any(|c| names(&w, c));
+            pending.push(Pending { w, founded });
             return;
         }
-        counted.insert((w.agent_id.clone(), w.seq), (w.start_ms, w.end_ms));
-        if let Some(l) = &latest {
-            if crate::sanity::overlaps((l.start_ms, l.end_ms), (w.start_ms, w.end_ms)) {
+        for c in &live {
+            if crate::sanity::overlaps((c.start_ms, c.end_ms), (w.start_ms, w.end_ms)) {
                 out.push((
                     w.agent_id.clone(),
                     Finding::OverlapCounted {
                         seq: w.seq,
                         gpu_uuid: w.gpu_uuid.clone(),
-                        other_agent_id: l.agent_id.clone(),
-                        other_seq: l.seq,
+                        other_agent_id: c.agent_id.clone(),
+                        other_seq: c.seq,
                     },
                 ));
+                break;
             }
         }
-        if latest.as_ref().is_none_or(|l| w.end_ms > l.end_ms) {
-            latest = Some(w);
+        for p in pending.iter_mut().filter(|p| !p.founded) {
+            p.founded = names(&p.w, &w);
         }
+        live.push(w);
     })?;
-    for w in flagged {
-        let founded = w
-            .overlap_of
-            .as_ref()
-            .and_then(|o| counted.get(o))
-            .is_some_and(|&o| crate::sanity::overlaps(o, (w.start_ms, w.end_ms)));
-        if !founded {
-            out.push((w.agent_id.clone(), Finding::OverlapUnfounded { seq: w.seq }));
-        }
-    }
+    resolve(pending, &mut out);
     Ok(out)
 }
 
@@ -769,5 +787,78 @@ mod tests {
             .to_vec();
         assert_eq!(findings(&m).len(), 4);
         assert!(!verify(&m).unwrap().ok);
+    }
+
+    struct Cards(Vec<CardWindowRef>);
+
+    impl ChainSource for Cards {
+        fn agents(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            Ok(vec![])
+        }
+        fn scan_records(&self, _: &str, _: &mut dyn FnMut(ChainRow)) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn checkpoints(&self, _: &str) -> Result<Vec<StoredCheckpoint>, StoreError> {
+            Ok(vec![])
+        }
+        fn card_windows(&self, visit: &mut dyn FnMut(CardWindowRef)) -> Result<(), StoreError> {
+            let mut w = self.0.clone();
+            w.sort_by(|a, b| (&a.gpu_uuid, a.start_ms).cmp(&(&b.gpu_uuid, b.start_ms)));
+            w.into_iter().for_each(visit);
+            Ok(())
+        }
+    }
+
+    fn win(
+        gpu: &str,
+        minute: i64,
+        agent: &str,
+        seq: u64,
+        of: Option<(&str, u64)>,
+    ) -> CardWindowRef {
+        CardWindowRef {
+            gpu_uuid: gpu.into(),
+            start_ms: minute * 60_000,
+            end_ms: (minute + 1) * 60_000,
+            agent_id: agent.into(),
+            seq,
+            overlap_of: of.map(|(a, s)| (a.into(), s)),
+        }
+    }
+
+    #[test]
+    fn card_time_counts_once_and_every_overlap_flag_is_founded() {
+        // Flagged copies of minutes 0 and 1, one after its target and one sorted before it
+        // (same start); another card's window at the same time is no overlap.
+        let ok = Cards(vec![
+            win("g1", 0, "a", 1, None),
+            win("g1", 1, "a", 2, None),
+            win("g1", 0, "a", 11, Some(("a", 1))),
+            win("g1", 1, "b", 1, Some(("a", 2))),
+            win("g2", 0, "b", 2, None),
+        ]);
+        assert_eq!(check_card_time(&ok).unwrap(), vec![]);
+        // An overlap flag dropped: two windows count for minute 0.
+        let double = Cards(vec![
+            win("g1", 0, "a", 1, None),
+            win("g1", 0, "a", 11, None),
+        ]);
+        let f = check_card_time(&double).unwrap();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(matches!(&f[0].1, Finding::OverlapCounted { .. }), "{f:?}");
+        // A flag naming a window that does not overlap it (or none at all).
+        let forged = Cards(vec![
+            win("g1", 0, "a", 1, None),
+            win("g1", 5, "a", 6, Some(("a", 1))),
+            win("g2", 0, "a", 7, Some(("a", 1))),
+        ]);
+        let f = check_card_time(&forged).unwrap();
+        assert_eq!(
+            f,
+            vec![
+                ("a".to_string(), Finding::OverlapUnfounded { seq: 6 }),
+                ("a".to_string(), Finding::OverlapUnfounded { seq: 7 })
+            ]
+        );
     }
 }

@@ -408,6 +408,14 @@ pub trait Store: Send + Sync + 'static {
     /// Heads signed at or after `since_ms`, oldest first.
     fn heads(&self, since_ms: i64) -> Result<Vec<crate::heads::SignedHead>, StoreError>;
 
+    /// Keeps the model each granted card must be (the grants CSV's `gpu_model`), raising a
+    /// `card_model_mismatch` alarm for a card already reported as another model.
+    fn set_card_models(
+        &self,
+        models: &[crate::grants::CardModel],
+        at_ms: i64,
+    ) -> Result<(), StoreError>;
+
     /// The head numbered `id`; `Ok(None)` when there is none.
     fn head(&self, id: u64) -> Result<Option<crate::heads::SignedHead>, StoreError>;
 

@@ -330,6 +330,12 @@ CREATE TABLE card_identity (
 );
 INSERT INTO card_identity SELECT gpu_uuid, agent_id, host_id, name, serial, pci_bus_id,
     memory_total_bytes, last_seen_ms FROM gpus;
+CREATE TABLE grant_card_models (
+    grant_id TEXT NOT NULL,
+    gpu_uuid TEXT NOT NULL,
+    gpu_model TEXT NOT NULL,
+    PRIMARY KEY (grant_id, gpu_uuid)
+);
 "#,
 ];
 
@@ -1348,6 +1354,17 @@ impl Store for SqliteStore {
 
     fn heads(&self, since_ms: i64) -> Result<Vec<crate::heads::SignedHead>, StoreError> {
         crate::heads::load_heads(&self.r(), since_ms)
+    }
+
+    fn set_card_models(
+        &self,
+        models: &[crate::grants::CardModel],
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.w();
+        let tx = c.transaction().map_err(db)?;
+        super::sqlite_integrity::note_card_models(&tx, models, at_ms)?;
+        tx.commit().map_err(db)
     }
 
     fn head(&self, id: u64) -> Result<Option<crate::heads::SignedHead>, StoreError> {

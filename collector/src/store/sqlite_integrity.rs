@@ -147,6 +147,32 @@ pub fn note_cards(c: &Connection, h: &AgentHello) -> Result<(), StoreError> {
             .optional()
             .map_err(db)?;
         let memory = g.memory_total_bytes.map(|m| m as i64);
+        let granted: Vec<(String, String)> = c
+            .prepare_cached("SELECT grant_id, gpu_model FROM grant_card_models WHERE gpu_uuid = ?1")
+            .map_err(db)?
+            .query_map(params![g.uuid], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db)?
+            .collect::<Result<_, _>>()
+            .map_err(db)?;
+        // A card first seen as another model than its grant names (a grant imported earlier
+        // checks cards already seen itself, in note_card_models).
+        if held.is_none() {
+            for (grant_id, model) in granted {
+                if !model_matches(&g.name, &model) {
+                    alarm(
+                        c,
+                        model_alarm(
+                            &h.agent_id,
+                            h.received_ms,
+                            &g.uuid,
+                            &g.name,
+                            &grant_id,
+                            &model,
+                        ),
+                    )?;
+                }
+            }
+        }
         match held {
             None => {
                 c.prepare_cached(
@@ -193,6 +219,65 @@ pub fn note_cards(c: &Connection, h: &AgentHello) -> Result<(), StoreError> {
                         },
                     )?;
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a reported model name is the granted one: it contains it, case-insensitively
+/// ("NVIDIA H100 80GB HBM3" is an "H100 80GB").
+pub fn model_matches(reported: &str, granted: &str) -> bool {
+    reported
+        .to_lowercase()
+        .contains(granted.trim().to_lowercase().as_str())
+}
+
+fn model_alarm(
+    agent_id: &str,
+    at_ms: i64,
+    uuid: &str,
+    reported: &str,
+    grant_id: &str,
+    granted: &str,
+) -> Alarm {
+    Alarm {
+        agent_id: agent_id.into(),
+        at_ms,
+        kind: "card_model_mismatch".into(),
+        seq: None,
+        detail: format!(
+            "card {uuid} reports model {reported:?} but grant {grant_id} names {granted:?}"
+        ),
+    }
+}
+
+/// Keeps granted models; a card already reported as another model is an alarm.
+pub fn note_card_models(
+    c: &Connection,
+    models: &[crate::grants::CardModel],
+    at_ms: i64,
+) -> Result<(), StoreError> {
+    for m in models {
+        c.prepare_cached(
+            "INSERT INTO grant_card_models (grant_id, gpu_uuid, gpu_model) VALUES (?1,?2,?3)
+             ON CONFLICT(grant_id, gpu_uuid) DO UPDATE SET gpu_model = excluded.gpu_model",
+        )
+        .map_err(db)?
+        .execute(params![m.grant_id, m.gpu_uuid, m.gpu_model])
+        .map_err(db)?;
+        let seen: Option<(String, String)> = c
+            .prepare_cached("SELECT agent_id, name FROM card_identity WHERE gpu_uuid = ?1")
+            .map_err(db)?
+            .query_row(params![m.gpu_uuid], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(db)?;
+        if let Some((agent, name)) = seen {
+            if !model_matches(&name, &m.gpu_model) {
+                alarm(
+                    c,
+                    model_alarm(&agent, at_ms, &m.gpu_uuid, &name, &m.grant_id, &m.gpu_model),
+                )?;
             }
         }
     }
