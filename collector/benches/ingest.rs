@@ -25,8 +25,8 @@ use gpumeter_agent::spool::{Spool, SpoolConfig, SpooledRecord};
 use gpumeter_agent::window::{Applied, Health, PrincipalWindow, WindowSummary};
 use gpumeter_collector::convert::decode_body;
 use gpumeter_collector::server::{self, ServerOptions};
-use gpumeter_collector::store::RecordContent;
 use gpumeter_collector::store::sqlite::{MIGRATIONS, SqliteStore};
+use gpumeter_collector::store::{RecordContent, Store};
 use gpumeter_proto::chain::{self, GENESIS, Hash};
 use gpumeter_proto::v1::{self, agent_message, collector_message, ingest_client::IngestClient};
 use rusqlite::{Connection, params};
@@ -843,6 +843,12 @@ fn ingest_run(
         .enable_all()
         .build()?;
     let store = Arc::new(SqliteStore::open(db)?);
+    // The collector serves without TLS here (the baseline has no TLS either), where only
+    // agents an admin registered are admitted.
+    for load in &loads {
+        let key: [u8; 32] = load.hello.public_key.as_slice().try_into()?;
+        store.register_agent(&load.hello.agent_id, &key, "bench", "benchmark agent", 0)?;
+    }
     let (addr_tx, addr_rx) = oneshot::channel::<SocketAddr>();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = server_rt.spawn(async move {

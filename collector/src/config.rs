@@ -131,6 +131,8 @@ impl CollectorConfig {
             },
             max_streams_per_connection: self.limits.max_streams_per_connection,
             metrics_listen: self.metrics_listen.as_deref().and_then(|m| m.parse().ok()),
+            // TLS material comes from `serve`'s flags.
+            tls: None,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The collector's gRPC server: `run` takes an already bound listener and a shutdown future,
-//! so tests bind port 0 and run it in-process.
+//! so tests bind port 0 and run it in-process. Connections go through
+//! [`crate::auth::tls::incoming`] (TLS unless `tls` is `None`, i.e. `serve --insecure`);
+//! Query and Admin calls through the bearer-token check ([`crate::auth::tokens::TokenCheck`]).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -11,10 +13,11 @@ use gpumeter_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tonic::service::interceptor::InterceptedService;
+use tracing::{info, warn};
 
 use crate::admin::AdminService;
+use crate::auth::tokens::{Role, TokenCheck};
 use crate::ingest::{IngestService, Limits};
 use crate::query::QueryService;
 use crate::store::Store;
@@ -29,6 +32,9 @@ pub struct ServerOptions {
     pub max_streams_per_connection: u32,
     /// Address of the Prometheus endpoint (`GET /metrics`); none by default.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// TLS for every connection; `None` serves plain TCP (`serve --insecure`: tokens are still
+    /// checked, and only admin-registered agents are admitted).
+    pub tls: Option<Arc<crate::auth::tls::ServerTls>>,
 }
 
 impl Default for ServerOptions {
@@ -38,6 +44,7 @@ impl Default for ServerOptions {
             limits: Limits::default(),
             max_streams_per_connection: 16,
             metrics_listen: None,
+            tls: None,
         }
     }
 }
@@ -65,6 +72,16 @@ pub async fn run(
     };
     let query = QueryService {
         store: store.clone(),
+    };
+    let query_check = TokenCheck {
+        store: store.clone(),
+        need: Role::Auditor,
+        service: "Query",
+    };
+    let admin_check = TokenCheck {
+        store: store.clone(),
+        need: Role::Admin,
+        service: "Admin",
     };
     let admin = AdminService {
         store,
@@ -119,8 +136,17 @@ pub async fn run(
             },
         ));
     }
-    info!(%addr, "collector listening");
-    tonic::transport::Server::builder()
+    match &opts.tls {
+        Some(_) => {
+            info!(%addr, "collector listening (TLS; agents by client certificate, people by token)")
+        }
+        None => {
+            warn!(%addr, "collector listening WITHOUT TLS (--insecure): traffic and tokens travel in clear text; only admin-registered agents are admitted")
+        }
+    }
+    let (incoming, accept_task) =
+        crate::auth::tls::incoming(crate::auth::tls::tcp_accepted(listener), opts.tls.clone());
+    let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(opts.max_streams_per_connection)
@@ -129,13 +155,23 @@ pub async fn run(
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),
         )
-        .add_service(QueryServer::new(query).max_decoding_message_size(1 << 20))
-        .add_service(AdminServer::new(admin).max_decoding_message_size(max_msg * 2))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .add_service(InterceptedService::new(
+            QueryServer::new(query).max_decoding_message_size(1 << 20),
+            query_check,
+        ))
+        .add_service(InterceptedService::new(
+            AdminServer::new(admin).max_decoding_message_size(max_msg * 2),
+            admin_check,
+        ))
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             // Open sessions are long-lived streams: end them, or a graceful stop waits forever.
             let _ = closing_tx.send(true);
         })
-        .await?;
+        .await;
+    // The accept task owns the listener: end it before returning, so the port is free.
+    accept_task.abort();
+    let _ = accept_task.await;
+    served?;
     Ok(())
 }

@@ -395,6 +395,36 @@ pub trait Store: Send + Sync + 'static {
     /// The invoices that count: the latest import for each (csp, grant_id, period), ordered by
     /// CSP, grant and period.
     fn invoices(&self) -> Result<Vec<StoredInvoice>, StoreError>;
+
+    /// Stores a new bearer token (its hash only). [`StoreError::Conflict`] when the name was
+    /// ever used.
+    fn create_token(&self, token: &TokenRow) -> Result<(), StoreError>;
+
+    /// Every token, revoked ones included, by name.
+    fn tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+
+    /// Revokes the token named `name` from `at_ms`; `Ok(false)` when it was already revoked,
+    /// [`StoreError::NotFound`] when there is none.
+    fn revoke_token(&self, name: &str, at_ms: i64) -> Result<bool, StoreError>;
+
+    /// The token whose hash is `hash`. Called on every Query and Admin call: backends answer
+    /// it without waiting behind long queries or commits.
+    fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>, StoreError>;
+
+    /// Whether the collector holds this agent (an admin registered it, or it connected).
+    fn agent_known(&self, agent_id: &str) -> Result<bool, StoreError>;
+}
+
+/// A bearer token as held: never the secret, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub name: String,
+    /// `auditor` or `admin`.
+    pub role: String,
+    /// SHA-256 of the token, hex.
+    pub hash: String,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
 }
 
 /// A stored window with the host and CSP of the agent that sent it.
