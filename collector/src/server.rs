@@ -150,11 +150,12 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(opts.max_streams_per_connection)
-        .add_service(
+        .add_service(InterceptedService::new(
             IngestServer::new(ingest)
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),
-        )
+            crate::auth::carry_identity,
+        ))
         .add_service(InterceptedService::new(
             QueryServer::new(query).max_decoding_message_size(1 << 20),
             query_check,

@@ -60,6 +60,17 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<PeerIdentity> {
         .or_else(|| connection(request).and_then(|c| c.identity))
 }
 
+/// Copies the identity of a request's connection into its extensions as a [`PeerIdentity`]
+/// (the interceptor on every service), so handlers can read either.
+pub fn carry_identity(
+    mut request: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
+    if let Some(id) = connection(&request).and_then(|c| c.identity) {
+        request.extensions_mut().insert(id);
+    }
+    Ok(request)
+}
+
 /// What the transport knows about the connection `request` came on; `None` when the server
 /// was not started through [`crate::server::run`].
 pub fn connection<T>(request: &tonic::Request<T>) -> Option<ConnInfo> {
@@ -258,6 +269,20 @@ mod tests {
             check_hello(None, "a", "h").unwrap(),
             Admission::MustBeRegistered
         );
+    }
+
+    #[test]
+    fn the_connection_identity_reaches_the_request() {
+        let mut r = tonic::Request::new(());
+        assert_eq!(peer_identity(&r), None);
+        r.extensions_mut().insert(conn(true, Some(("a", "h"))));
+        let r = carry_identity(r).unwrap();
+        let direct = r.extensions().get::<PeerIdentity>().cloned().unwrap();
+        assert_eq!(
+            (direct.agent_id.as_str(), direct.host_id.as_str()),
+            ("a", "h")
+        );
+        assert_eq!(peer_identity(&r), Some(direct));
     }
 
     #[test]
