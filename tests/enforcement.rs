@@ -179,9 +179,7 @@ fn label(pid: u32) -> String {
 }
 
 async fn import_grants(url: &str, rows: &[String]) {
-    let mut admin = v1::admin_client::AdminClient::connect(url.to_string())
-        .await
-        .unwrap();
+    let mut admin = gpumeter_e2e::admin_at(url).await;
     let csv = format!(
         "grant_id,program,grantee,principal,csp,host_id,gpu_uuid,valid_from,valid_until\n{}\n",
         rows.join("\n")
@@ -665,7 +663,7 @@ async fn enforcement_goes_on_from_cached_assignments_while_the_collector_is_down
     let grace_ms = 1_000;
     let spec = |stop_at, await_collector| AgentSpec {
         state: dir.path(),
-        url: format!("http://{at}"),
+        url: format!("https://{at}"),
         host: "enf-down",
         enforcement: enforcement(EnforcementMode::Terminate, grace_ms),
         window_ms: 60_000,

@@ -122,7 +122,8 @@ async fn start_collector_proc(port: u16, db: &Path, log: &Path) -> Proc {
     loop {
         let mut cmd = Command::new(bin("gpumeter-collector"));
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
-            .arg(db);
+            .arg(db)
+            .args(gpumeter_e2e::serve_tls_args());
         let mut p = Proc::spawn(cmd, "collector", log);
         loop {
             if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
@@ -256,10 +257,11 @@ impl BinAgent<'_> {
         std::fs::write(
             &cfg,
             format!(
-                "agent_id = \"{id}\"\ncsp = \"kt\"\nstate_dir = \"{state}\"\n\n[collector]\nurl = \"{url}\"\nmax_batch_records = {batch}\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n\n[sampling]\ninterval_ms = {iv}\nwindow_ms = {w}\n\n[source]\nkind = \"sim\"\nscenario = \"{sc}\"\nspeed = {speed:?}\n",
+                "agent_id = \"{id}\"\ncsp = \"kt\"\nstate_dir = \"{state}\"\n\n[collector]\nurl = \"{url}\"\n{tls}max_batch_records = {batch}\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n\n[sampling]\ninterval_ms = {iv}\nwindow_ms = {w}\n\n[source]\nkind = \"sim\"\nscenario = \"{sc}\"\nspeed = {speed:?}\n",
                 id = self.id,
                 state = state.display(),
                 url = self.url,
+                tls = gpumeter_e2e::agent_tls_toml(self.id, self.id, &home.join("tls")),
                 batch = self.batch,
                 iv = self.interval_ms,
                 w = self.window_ms,
@@ -838,7 +840,7 @@ const KB: [&str; 2] = [
 async fn collector_killed_ten_times_while_two_agents_stream_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
     let db = dir.path().join("ledger.db");
     let clog = dir.path().join("collector.log");
     let mut rng = Rng::seeded("collector kills");
@@ -953,7 +955,7 @@ async fn agent_killed_ten_times_resumes_its_spool_and_counts_no_sample_twice() {
     let db = dir.path().join("ledger.db");
     let addr = format!("127.0.0.1:{}", free_port());
     let mut collector = Some(TestCollector::start_on(&db, &addr).await.unwrap());
-    let url = format!("http://{addr}");
+    let url = format!("https://{addr}");
     let mut rng = Rng::seeded("agent kills");
     let id = "kill-a";
     let (iv, w) = (50, 500);
@@ -1252,7 +1254,7 @@ async fn connections_cut_mid_batch_by_a_proxy_still_deliver_everything_once() {
     let agent = start_in_process(
         sim_config(
             id,
-            &format!("http://{}", proxy.addr),
+            &format!("https://{}", proxy.addr),
             &state,
             8,
             iv as u64,
@@ -1439,7 +1441,7 @@ async fn raw_session(url: &str, hello: v1::Hello, batches: &[v1::RecordBatch]) -
     let deadline = Instant::now() + Duration::from_secs(20);
     let limit = Duration::from_secs(10);
     loop {
-        let mut client = v1::ingest_client::IngestClient::connect(url.to_string())
+        let mut client = gpumeter_e2e::ingest_client(url, Some((&hello.agent_id, &hello.host_id)))
             .await
             .unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -1781,7 +1783,7 @@ async fn a_corrupted_spool_segment_delivers_what_decodes_and_the_gap_is_an_alarm
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
     let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
     let id = "corrupt";
     let (iv, w) = (20, 200);
     let scenario = constant_scenario(&[(KF[0], 30), (KF[1], 90)]);

@@ -153,9 +153,7 @@ async fn two_agents_stream_windows_that_match_the_scenario_exactly() {
     let db = dir.path().join("ledger.db");
     let collector = TestCollector::start(&db).await.unwrap();
 
-    let mut admin = v1::admin_client::AdminClient::connect(collector.url.clone())
-        .await
-        .unwrap();
+    let mut admin = collector.admin().await;
     let r = admin
         .import_grants(v1::ImportGrantsRequest {
             csv: grants_csv(),
@@ -285,7 +283,7 @@ async fn two_agents_stream_windows_that_match_the_scenario_exactly() {
     assert_eq!(a1, (300_000, 240_000, 300_000));
 
     // The usage view of the report, through the Query service and the real CLI binary.
-    let out = Command::new(bin("gpumeter-collector"))
+    let out = gpumeter_e2e::cli()
         .args([
             "report",
             "--view",
@@ -365,7 +363,7 @@ async fn two_agents_stream_windows_that_match_the_scenario_exactly() {
     assert_eq!(tenant(B1, "user:dave")["matches_grant"], false);
 
     // The table names every card.
-    let out = Command::new(bin("gpumeter-collector"))
+    let out = gpumeter_e2e::cli()
         .args([
             "report",
             "--view",
@@ -415,9 +413,14 @@ fn write_agent_config(dir: &std::path::Path, url: &str, extra: &str) -> std::pat
     std::fs::write(
         &cfg,
         format!(
-            "agent_id = \"bin-agent\"\ncsp = \"kt\"\nstate_dir = \"{}\"\n{extra}\n[collector]\nurl = \"{url}\"\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\n\n[sampling]\ninterval_ms = 1000\nwindow_ms = 60000\n\n[source]\nkind = \"sim\"\nscenario = \"{}\"\nspeed = 300.0\n",
+            "agent_id = \"bin-agent\"\ncsp = \"kt\"\nstate_dir = \"{}\"\n{extra}\n[collector]\nurl = \"{url}\"\n{tls}backoff_initial_ms = 50\nbackoff_max_ms = 200\n\n[sampling]\ninterval_ms = 1000\nwindow_ms = 60000\n\n[source]\nkind = \"sim\"\nscenario = \"{}\"\nspeed = 300.0\n",
             dir.join("state").display(),
-            scenario.display()
+            scenario.display(),
+            tls = if url.starts_with("https://") {
+                gpumeter_e2e::agent_tls_toml("bin-agent", "bin-agent", &dir.join("tls"))
+            } else {
+                String::new()
+            },
         ),
     )
     .unwrap();
@@ -473,7 +476,7 @@ fn malformed_configs_exit_64_naming_the_field() {
         "listen = \"127.0.0.1:0\"\n[limits]\nmax_batch_records = 0\n",
     )
     .unwrap();
-    let out = Command::new(bin("gpumeter-collector"))
+    let out = gpumeter_e2e::cli()
         .args(["serve", "--db"])
         .arg(dir.path().join("c.db"))
         .arg("--config")
@@ -494,7 +497,7 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
     let metrics_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -610,7 +613,7 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
 
 #[tokio::test]
 async fn a_second_live_session_for_the_same_agent_is_refused() {
-    use gpumeter_proto::v1::{agent_message, ingest_client::IngestClient};
+    use gpumeter_proto::v1::agent_message;
     let dir = tempfile::tempdir().unwrap();
     let collector = TestCollector::start(&dir.path().join("l.db"))
         .await
@@ -631,7 +634,7 @@ async fn a_second_live_session_for_the_same_agent_is_refused() {
     let open = |hello: v1::AgentMessage| {
         let url = collector.url.clone();
         async move {
-            let mut c = IngestClient::connect(url).await.unwrap();
+            let mut c = gpumeter_e2e::ingest_at(&url, "twin").await;
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             tx.send(hello).await.unwrap();
             let r = c

@@ -48,11 +48,23 @@ fn held_csv() -> String {
     )
 }
 
+/// Runs the real CLI as the holder of `token`.
+async fn cli_as(token: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(bin("gpumeter-collector"))
+        .args(args)
+        .envs(gpumeter_e2e::cli_env())
+        .env("GPUMETER_TOKEN", token)
+        .output()
+        .await
+        .expect("gpumeter-collector runs")
+}
+
 /// Runs the real CLI without blocking the collector's runtime.
 async fn cli(args: &[&str]) -> Output {
     let exe = bin("gpumeter-collector");
     tokio::process::Command::new(exe)
         .args(args)
+        .envs(gpumeter_e2e::cli_env())
         .env("USER", "tester")
         .output()
         .await
@@ -362,6 +374,10 @@ async fn revoke_extend_and_move_change_the_grant_and_its_history() {
     let dir = tempfile::tempdir().unwrap();
     let collector = setup(dir.path()).await;
     let url = collector.url.clone();
+    // Each change is recorded under the name of the token that made it; `--actor` is ignored.
+    let carol = collector.token("admin", "carol");
+    let dave = collector.token("admin", "dave");
+    let erin = collector.token("admin", "erin");
 
     // Extend: an advanced grant may run 4 calendar months, to 2026-06-30 inclusive.
     let adv = show_json(&url, "G-ADV").await;
@@ -387,17 +403,20 @@ async fn revoke_extend_and_move_change_the_grant_and_its_history() {
         "a refused change changes nothing"
     );
     let t0 = now_ms();
-    let o = cli(&[
-        "grants",
-        "extend",
-        "G-ADV",
-        "--until",
-        "2026-06-30",
-        "--actor",
-        "carol",
-        "--server",
-        &url,
-    ])
+    let o = cli_as(
+        &carol,
+        &[
+            "grants",
+            "extend",
+            "G-ADV",
+            "--until",
+            "2026-06-30",
+            "--actor",
+            "mallory",
+            "--server",
+            &url,
+        ],
+    )
     .await;
     assert_ok(&o);
     let t1 = now_ms();
@@ -430,7 +449,7 @@ async fn revoke_extend_and_move_change_the_grant_and_its_history() {
         "{}",
         stderr(&o)
     );
-    // Up to the day before is fine; the actor defaults to $USER.
+    // Up to the day before is fine; the actor is the token's name, not $USER.
     let o = cli(&[
         "grants",
         "extend",
@@ -444,27 +463,30 @@ async fn revoke_extend_and_move_change_the_grant_and_its_history() {
     assert_ok(&o);
     let res = show_json(&url, "G-RES").await;
     assert_eq!(res["grant"]["valid_until_unix_ms"], kst("2026-08-01"));
-    assert_eq!(res["history"][1]["actor"], "tester");
+    assert_eq!(res["history"][1]["actor"], "test-admin");
 
     // Move: card 2 leaves G-HPC on 2026-04-01 and card 6 on host-d takes its place.
     let t0 = now_ms();
-    let o = cli(&[
-        "grants",
-        "move",
-        "G-HPC",
-        "--card",
-        &card(2),
-        "--to-host",
-        "host-d",
-        "--to-card",
-        &card(6),
-        "--at",
-        "2026-04-01",
-        "--actor",
-        "dave",
-        "--server",
-        &url,
-    ])
+    let o = cli_as(
+        &dave,
+        &[
+            "grants",
+            "move",
+            "G-HPC",
+            "--card",
+            &card(2),
+            "--to-host",
+            "host-d",
+            "--to-card",
+            &card(6),
+            "--at",
+            "2026-04-01",
+            "--actor",
+            "mallory",
+            "--server",
+            &url,
+        ],
+    )
     .await;
     assert_ok(&o);
     let t1 = now_ms();
@@ -555,19 +577,22 @@ async fn revoke_extend_and_move_change_the_grant_and_its_history() {
 
     // Revoke, with a reason; the text view shows it.
     let t0 = now_ms();
-    let o = cli(&[
-        "grants",
-        "revoke",
-        "G-HPC",
-        "--at",
-        "2026-09-01T12:00:00+09:00",
-        "--reason",
-        "idle for 30 days",
-        "--actor",
-        "erin",
-        "--server",
-        &url,
-    ])
+    let o = cli_as(
+        &erin,
+        &[
+            "grants",
+            "revoke",
+            "G-HPC",
+            "--at",
+            "2026-09-01T12:00:00+09:00",
+            "--reason",
+            "idle for 30 days",
+            "--actor",
+            "mallory",
+            "--server",
+            &url,
+        ],
+    )
     .await;
     assert_ok(&o);
     let t1 = now_ms();
@@ -741,9 +766,7 @@ async fn a_live_session_is_pushed_a_new_assignment_set_on_revoke() {
     })
     .await
     .unwrap();
-    let mut ingest = v1::ingest_client::IngestClient::connect(url.clone())
-        .await
-        .unwrap();
+    let mut ingest = gpumeter_e2e::ingest_at(&url, "live-host").await;
     let mut inbound = ingest
         .session(ReceiverStream::new(rx))
         .await

@@ -3,12 +3,11 @@
 //! directly in the SQLite file.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use gpumeter_agent::clock::align_down;
 use gpumeter_agent::gpu::sim::Scenario;
-use gpumeter_e2e::{TestCollector, agent_config, bin, now_ms, spawn_sim_agent};
+use gpumeter_e2e::{TestCollector, agent_config, now_ms, spawn_sim_agent};
 
 fn scenario() -> Scenario {
     toml::from_str(
@@ -54,7 +53,7 @@ async fn build_ledger(dir: &Path) -> TestCollector {
 }
 
 fn verify_db(db: &Path) -> (Option<i32>, String) {
-    let out = Command::new(bin("gpumeter-collector"))
+    let out = gpumeter_e2e::cli()
         .args(["verify", "--db"])
         .arg(db)
         .output()
@@ -92,7 +91,7 @@ async fn verify_passes_an_intact_ledger_and_catches_every_tampering() {
     let db = dir.path().join("ledger.db");
 
     // Live collector.
-    let out = Command::new(bin("gpumeter-collector"))
+    let out = gpumeter_e2e::cli()
         .args(["verify", "--server", &collector.url])
         .output()
         .unwrap();
@@ -312,7 +311,7 @@ async fn hello(
     key: &ed25519_dalek::SigningKey,
 ) -> Result<(), tonic::Status> {
     use gpumeter_proto::v1;
-    let mut c = v1::ingest_client::IngestClient::connect(url.to_string())
+    let mut c = gpumeter_e2e::ingest_client(url, Some((agent_id, agent_id)))
         .await
         .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -342,7 +341,7 @@ async fn hello(
 }
 
 fn register(url: &str, agent_id: &str, key: &ed25519_dalek::SigningKey) -> (Option<i32>, String) {
-    let out = Command::new(bin("gpumeter-collector"))
+    let out = gpumeter_e2e::cli()
         .args([
             "agents",
             "register",
@@ -402,7 +401,7 @@ async fn a_changed_key_is_refused_until_an_admin_re_registers_it() {
     hello(&collector.url, "prereg", &k1).await.unwrap();
 
     // Auditors see every key change among the alarms.
-    let out = Command::new(bin("gpumeter-collector"))
+    let out = gpumeter_e2e::cli()
         .args(["alarms", "--agent", "tofu", "--server", &collector.url])
         .output()
         .unwrap();
@@ -419,7 +418,7 @@ async fn a_changed_key_is_refused_until_an_admin_re_registers_it() {
     assert!(!text.contains("prereg"), "filtered to one agent: {text}");
 
     // A malformed key is a usage error naming the flag.
-    let out = Command::new(bin("gpumeter-collector"))
+    let out = gpumeter_e2e::cli()
         .args([
             "agents",
             "register",
@@ -441,11 +440,6 @@ async fn a_changed_key_is_refused_until_an_admin_re_registers_it() {
 async fn collector_metrics_count_sessions_and_commits() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let store = std::sync::Arc::new(
-        gpumeter_collector::store::sqlite::SqliteStore::open(&dir.path().join("m.db")).unwrap(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let metrics_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
@@ -454,15 +448,10 @@ async fn collector_metrics_count_sessions_and_commits() {
         metrics_listen: Some(metrics_addr),
         ..Default::default()
     };
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(gpumeter_collector::server::run(
-        listener,
-        store,
-        opts,
-        async move {
-            let _ = stopped.changed().await;
-        },
-    ));
+    let collector = TestCollector::start_with(&dir.path().join("m.db"), "127.0.0.1:0", opts)
+        .await
+        .unwrap();
+    let url = collector.url.clone();
     let scrape = || async move {
         let mut c = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
         c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -503,9 +492,7 @@ async fn collector_metrics_count_sessions_and_commits() {
     })
     .await
     .unwrap();
-    let mut c = gpumeter_proto::v1::ingest_client::IngestClient::connect(url.clone())
-        .await
-        .unwrap();
+    let mut c = gpumeter_e2e::ingest_at(&url, "idle-agent").await;
     let mut inbound = c
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -531,6 +518,5 @@ async fn collector_metrics_count_sessions_and_commits() {
     assert_eq!(value("gpumeter_collector_failed_commits_total"), 0.0, "{m}");
     drop(inbound);
     drop(_tx);
-    let _ = stop.send(true);
-    server.await.unwrap().unwrap();
+    collector.stop().await.unwrap();
 }

@@ -158,7 +158,7 @@ state_dir = "{state}"
 
 [collector]
 url = "{url}"
-backoff_initial_ms = 50
+{tls}backoff_initial_ms = 50
 backoff_max_ms = 500
 
 [sampling]
@@ -171,6 +171,11 @@ path = "{lib}"
 "#,
                 state = rig.dir.path().join("state").display(),
                 url = rig.collector.as_ref().unwrap().url,
+                tls = gpumeter_e2e::agent_tls_toml(
+                    "nvml-e2e",
+                    "nvml-e2e",
+                    &rig.dir.path().join("tls")
+                ),
                 lib = lib.display(),
             ),
         )

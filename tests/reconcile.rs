@@ -11,11 +11,10 @@
 //! - host-b (CSP nhn) runs 0-120. B0 is granted to G-ADV (advanced, user:erin) for the whole of
 //!   April and never used (an idle grant). B1 has no grant; dave uses it all along.
 
-use std::process::Command;
 use std::time::Duration;
 
 use gpumeter_agent::gpu::sim::{Scenario, SimCard};
-use gpumeter_e2e::{TestCollector, agent_config, bin, spawn_sim_agent};
+use gpumeter_e2e::{TestCollector, agent_config, spawn_sim_agent};
 use gpumeter_proto::v1;
 use serde_json::{Value, json};
 
@@ -242,9 +241,7 @@ async fn the_april_report_matches_the_scenario_exactly() {
         .await
         .unwrap();
     let url = collector.url.clone();
-    let mut admin = v1::admin_client::AdminClient::connect(url.clone())
-        .await
-        .unwrap();
+    let mut admin = gpumeter_e2e::admin_at(&url).await;
     let r = admin
         .import_grants(v1::ImportGrantsRequest {
             csv: grants_csv(),
@@ -299,7 +296,7 @@ async fn the_april_report_matches_the_scenario_exactly() {
         "csp,grant_id,period,billed_gpu_hours\nkt,G-HPC,2026-04,3\nkt,G-NOPE,2026-04,1\nnhn,G-ADV,2026-4,1\n",
     )
     .unwrap();
-    let out = Command::new(bin("gpumeter-collector"))
+    let out = gpumeter_e2e::cli()
         .args(["invoices", "import"])
         .arg(&bad)
         .args(["--server", &url])
@@ -316,7 +313,7 @@ async fn the_april_report_matches_the_scenario_exactly() {
     let import = |text: &str| {
         let f = dir.path().join("invoices.csv");
         std::fs::write(&f, text).unwrap();
-        let out = Command::new(bin("gpumeter-collector"))
+        let out = gpumeter_e2e::cli()
             .args(["invoices", "import"])
             .arg(&f)
             .args(["--server", &url])
@@ -492,7 +489,7 @@ async fn the_april_report_matches_the_scenario_exactly() {
     });
 
     let report = |args: &[&str]| {
-        let out = Command::new(bin("gpumeter-collector"))
+        let out = gpumeter_e2e::cli()
             .args(["report", "--period", "2026-04", "--server", &url])
             .args(args)
             .output()
@@ -565,9 +562,7 @@ async fn the_april_report_matches_the_scenario_exactly() {
     assert_eq!(usage["cards"].as_array().unwrap().len(), 5);
 
     // Auditors' other questions, over gRPC.
-    let mut q = v1::query_client::QueryClient::connect(url.clone())
-        .await
-        .unwrap();
+    let mut q = gpumeter_e2e::query_at(&url).await;
     let v = q
         .violations(v1::ViolationsRequest {
             period: "2026-04".into(),
@@ -690,7 +685,7 @@ async fn the_april_report_matches_the_scenario_exactly() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let out = Command::new(bin("gpumeter-collector"))
+    let out = gpumeter_e2e::cli()
         .args(["idle", "--format", "json", "--server", &url])
         .output()
         .unwrap();

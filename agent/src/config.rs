@@ -56,8 +56,19 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CollectorConfig {
-    /// `http://host:port`.
+    /// `https://host:port` (or `http://` for a collector run with `--insecure`).
     pub url: String,
+    /// The collector's CA certificate (PEM), to trust its server certificate. Required for
+    /// `https://`.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// This agent's client certificate (PEM), issued by the collector's CA for this agent id
+    /// and host id (`gpumeter-collector ca issue-agent`). Required for `https://`.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// Its private key (PEM). Required for `https://`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
     /// Most records in one signed batch (the collector may lower it in its Welcome).
     #[serde(default = "default_batch")]
     pub max_batch_records: u32,
@@ -241,6 +252,9 @@ impl AgentConfig {
             csp: csp.into(),
             collector: CollectorConfig {
                 url: url.into(),
+                ca_cert: None,
+                client_cert: None,
+                client_key: None,
                 max_batch_records,
                 backoff_initial_ms: 50,
                 backoff_max_ms: 1_000,
@@ -270,12 +284,30 @@ impl AgentConfig {
         Ok(c)
     }
 
+    /// Reads, parses and validates a config file. Relative certificate paths are relative
+    /// to the file's directory, and each must be readable.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        Self::from_toml(&text, path)
+        let mut c = Self::from_toml(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let c2 = &mut c.collector;
+        for (field, v) in [
+            ("collector.ca_cert", &mut c2.ca_cert),
+            ("collector.client_cert", &mut c2.client_cert),
+            ("collector.client_key", &mut c2.client_key),
+        ] {
+            if let Some(p) = v {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+                std::fs::File::open(&*p)
+                    .map_err(|e| invalid(field, format!("cannot read {}: {e}", p.display())))?;
+            }
+        }
+        Ok(c)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -305,6 +337,29 @@ impl AgentConfig {
             return Err(invalid(
                 "collector.url",
                 format!("{url:?} is not an http:// or https:// URL"),
+            ));
+        }
+        if url.starts_with("https://") {
+            let c = &self.collector;
+            for (field, v) in [
+                ("collector.ca_cert", &c.ca_cert),
+                ("collector.client_cert", &c.client_cert),
+                ("collector.client_key", &c.client_key),
+            ] {
+                if v.as_ref().is_none_or(|p| p.as_os_str().is_empty()) {
+                    return Err(invalid(
+                        field,
+                        "required with an https:// url (from `gpumeter-collector ca issue-agent`)",
+                    ));
+                }
+            }
+        } else if self.collector.ca_cert.is_some()
+            || self.collector.client_cert.is_some()
+            || self.collector.client_key.is_some()
+        {
+            return Err(invalid(
+                "collector.url",
+                "certificates are given but the url is http://; use https://",
             ));
         }
         if self.collector.max_batch_records == 0 || self.collector.max_batch_records > 10_000 {
@@ -414,6 +469,13 @@ url = "http://127.0.0.1:7070"
                 "sampling.interval_ms",
             ),
             (GOOD.replace("csp = \"kt\"", "csp = \" \""), "csp"),
+            (GOOD.replace("http://", "https://"), "collector.ca_cert"),
+            (
+                GOOD.replace("http://", "https://")
+                    + "ca_cert = \"ca.pem\"\nclient_cert = \"a.pem\"\n",
+                "collector.client_key",
+            ),
+            (GOOD.to_string() + "ca_cert = \"ca.pem\"\n", "collector.url"),
         ];
         for (text, field) in cases {
             let e = parse(&text).unwrap_err().to_string();

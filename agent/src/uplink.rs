@@ -13,7 +13,7 @@ use gpumeter_proto::chain;
 use gpumeter_proto::v1::{self, agent_message, collector_message, ingest_client::IngestClient};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{debug, error, info, warn};
 
 use crate::assignments::Assignments;
@@ -72,11 +72,29 @@ impl UplinkError {
         matches!(
             self,
             UplinkError::Refused {
-                code: tonic::Code::PermissionDenied | tonic::Code::InvalidArgument,
+                code: tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::InvalidArgument,
                 ..
             }
         )
     }
+}
+
+/// TLS for the collector: trust its CA, present this agent's certificate.
+fn client_tls(cfg: &CollectorConfig) -> Result<ClientTlsConfig, String> {
+    let read = |field: &str, p: &Option<PathBuf>| {
+        let p = p
+            .as_ref()
+            .ok_or_else(|| format!("collector.{field} is not set"))?;
+        std::fs::read(p).map_err(|e| format!("collector.{field} {}: {e}", p.display()))
+    };
+    let ca = read("ca_cert", &cfg.ca_cert)?;
+    let cert = read("client_cert", &cfg.client_cert)?;
+    let key = read("client_key", &cfg.client_key)?;
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key)))
 }
 
 fn refused(s: tonic::Status) -> UplinkError {
@@ -189,15 +207,24 @@ impl Uplink {
             url: url.clone(),
             reason: error_chain(e),
         };
-        let channel = Endpoint::from_shared(url.clone())
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| connect_err(&e))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .connect()
-            .await
-            .map_err(|e| connect_err(&e))?;
+            .keep_alive_timeout(Duration::from_secs(20));
+        if url.starts_with("https://") {
+            // Read at every connect, so a renewed certificate is used from the next session.
+            endpoint = endpoint
+                .tls_config(
+                    client_tls(&self.cfg).map_err(|reason| UplinkError::Connect {
+                        url: url.clone(),
+                        reason,
+                    })?,
+                )
+                .map_err(|e| connect_err(&e))?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| connect_err(&e))?;
         let mut client = IngestClient::new(channel)
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20);

@@ -844,6 +844,12 @@ fn ingest_run(
         .enable_all()
         .build()?;
     let store = Arc::new(SqliteStore::open(db)?);
+    // The collector serves without TLS here (the baseline has no TLS either), where only
+    // agents an admin registered are admitted.
+    for load in &loads {
+        let key: [u8; 32] = load.hello.public_key.as_slice().try_into()?;
+        store.register_agent(&load.hello.agent_id, &key, "bench", "benchmark agent", 0)?;
+    }
     let (addr_tx, addr_rx) = oneshot::channel::<SocketAddr>();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = server_rt.spawn(async move {

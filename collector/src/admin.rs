@@ -42,12 +42,10 @@ fn change_to_wire(c: GrantChangeRow) -> v1::GrantChange {
     }
 }
 
-fn actor_or_default(actor: String) -> String {
-    if actor.trim().is_empty() {
-        "admin".to_string()
-    } else {
-        actor.trim().to_string()
-    }
+/// Who makes a change: the name of the caller's token, never what the request says (its
+/// `actor` field is ignored).
+fn actor<T>(request: &Request<T>) -> Result<String, Status> {
+    Ok(crate::auth::tokens::caller(request)?.name)
 }
 
 fn required_grant_id(grant_id: &str) -> Result<String, Status> {
@@ -102,6 +100,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::ImportGrantsRequest>,
     ) -> Result<Response<v1::ImportGrantsReply>, Status> {
+        let actor = actor(&request)?;
         let req = request.into_inner();
         if req.csv.len() > MAX_CSV_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -111,11 +110,6 @@ impl Admin for AdminService {
         }
         let _changing = self.grants_lock.lock().await;
         let store = self.store.clone();
-        let actor = if req.actor.is_empty() {
-            "admin".to_string()
-        } else {
-            req.actor.clone()
-        };
         let reply =
             tokio::task::spawn_blocking(move || -> Result<v1::ImportGrantsReply, Status> {
                 let held = store.grants()?;
@@ -160,6 +154,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RegisterAgentRequest>,
     ) -> Result<Response<v1::RegisterAgentReply>, Status> {
+        let actor = actor(&request)?;
         let req = request.into_inner();
         let id_ok = !req.agent_id.is_empty()
             && req.agent_id.len() <= 128
@@ -180,11 +175,6 @@ impl Admin for AdminService {
         })?;
         gpumeter_proto::chain::verifying_key(&key)
             .map_err(|_| Status::invalid_argument("public_key: not a valid ed25519 key"))?;
-        let actor = if req.actor.is_empty() {
-            "admin".to_string()
-        } else {
-            req.actor
-        };
         let store = self.store.clone();
         let (created, replaced) = tokio::task::spawn_blocking(move || {
             store.register_agent(&req.agent_id, &key, &actor, &req.reason, now_ms())
@@ -233,35 +223,34 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RevokeGrantRequest>,
     ) -> Result<Response<v1::AmendGrantReply>, Status> {
+        let actor = actor(&request)?;
         let req = request.into_inner();
         let id = required_grant_id(&req.grant_id)?;
         let amendment = Amendment::Revoke {
             at_ms: at_or_now(req.at_unix_ms),
             reason: req.reason,
         };
-        self.amend(id, amendment, actor_or_default(req.actor)).await
+        self.amend(id, amendment, actor).await
     }
 
     async fn extend_grant(
         &self,
         request: Request<v1::ExtendGrantRequest>,
     ) -> Result<Response<v1::AmendGrantReply>, Status> {
+        let actor = actor(&request)?;
         let req = request.into_inner();
         let id = required_grant_id(&req.grant_id)?;
         let valid_until_ms = parse_valid_until(req.valid_until.trim())
             .map_err(|e| Status::invalid_argument(format!("field valid_until: {e}")))?;
-        self.amend(
-            id,
-            Amendment::Extend { valid_until_ms },
-            actor_or_default(req.actor),
-        )
-        .await
+        self.amend(id, Amendment::Extend { valid_until_ms }, actor)
+            .await
     }
 
     async fn move_card(
         &self,
         request: Request<v1::MoveCardRequest>,
     ) -> Result<Response<v1::AmendGrantReply>, Status> {
+        let actor = actor(&request)?;
         let req = request.into_inner();
         let id = required_grant_id(&req.grant_id)?;
         let amendment = Amendment::MoveCard {
@@ -270,13 +259,14 @@ impl Admin for AdminService {
             to_gpu_uuid: req.to_gpu_uuid,
             at_ms: at_or_now(req.at_unix_ms),
         };
-        self.amend(id, amendment, actor_or_default(req.actor)).await
+        self.amend(id, amendment, actor).await
     }
 
     async fn import_invoices(
         &self,
         request: Request<v1::ImportInvoicesRequest>,
     ) -> Result<Response<v1::ImportInvoicesReply>, Status> {
+        let actor = actor(&request)?;
         let req = request.into_inner();
         if req.csv.len() > MAX_CSV_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -285,7 +275,6 @@ impl Admin for AdminService {
             )));
         }
         let store = self.store.clone();
-        let actor = actor_or_default(req.actor.clone());
         let reply =
             tokio::task::spawn_blocking(move || -> Result<v1::ImportInvoicesReply, Status> {
                 let held = store.grants()?;

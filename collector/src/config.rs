@@ -157,6 +157,8 @@ impl CollectorConfig {
             max_streams_per_connection: self.limits.max_streams_per_connection,
             metrics_listen: self.metrics_listen.as_deref().and_then(|m| m.parse().ok()),
             head_interval: Duration::from_secs(self.head_interval_s.unwrap_or(600)),
+            // TLS material comes from `serve`'s flags.
+            tls: None,
         }
     }
 }

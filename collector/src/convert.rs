@@ -30,6 +30,25 @@ impl From<StoreError> for tonic::Status {
     }
 }
 
+impl From<crate::auth::AuthError> for tonic::Status {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError as A;
+        if let A::Store(s) = e {
+            return s.into();
+        }
+        match &e {
+            A::NoToken | A::UnknownToken | A::RevokedToken { .. } | A::NoCertificate => {
+                tonic::Status::unauthenticated(e.to_string())
+            }
+            A::Forbidden { .. } | A::IdentityMismatch { .. } | A::UnregisteredAgent { .. } => {
+                tonic::Status::permission_denied(e.to_string())
+            }
+            A::BadCertificate(_) => tonic::Status::unauthenticated(e.to_string()),
+            A::Random(_) | A::Store(_) => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
 impl From<crate::grants::Grant> for v1::Grant {
     fn from(g: crate::grants::Grant) -> Self {
         v1::Grant {

@@ -251,11 +251,46 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
         .clone()
         .unwrap_or_else(|| tmp.path().join("gpumeter.db"));
     let store = Arc::new(SqliteStore::open(&db)?);
+    // TLS on, as in production: a CA of its own in the temporary directory, a server
+    // certificate for loopback, a certificate per agent, an admin token for the report.
+    let ca_dir = crate::auth::ca::CaDir::new(tmp.path().join("ca"));
+    crate::auth::ca::init(&ca_dir, 2)?;
+    crate::auth::ca::issue_server(
+        &ca_dir,
+        &["localhost".to_string()],
+        &[std::net::IpAddr::from([127, 0, 0, 1])],
+        2,
+    )?;
+    let tls =
+        crate::auth::tls::ServerTls::load(&crate::auth::tls::TlsFiles::from_ca_dir(&ca_dir.dir))?;
+    let token = crate::auth::tokens::create(
+        store.as_ref(),
+        "demo-admin",
+        crate::auth::tokens::Role::Admin,
+        SystemClock.now_ms(),
+    )
+    .or_else(|_| {
+        // A kept ledger (--db) already holds the demo's token name: make another.
+        crate::auth::tokens::create(
+            store.as_ref(),
+            &format!("demo-admin-{}", SystemClock.now_ms()),
+            crate::auth::tokens::Role::Admin,
+            SystemClock.now_ms(),
+        )
+    })?;
+    let client = crate::client::ClientAuth {
+        ca_pem: Some(std::fs::read(ca_dir.ca_cert())?),
+        token: Some(token),
+    };
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
+    let url = format!("https://{addr}");
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = tokio::spawn(run(listener, store, ServerOptions::default(), async move {
+    let options = ServerOptions {
+        tls: Some(Arc::new(tls)),
+        ..ServerOptions::default()
+    };
+    let server = tokio::spawn(run(listener, store, options, async move {
         let _ = stop_rx.changed().await;
     }));
 
@@ -273,11 +308,11 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     let csv = demo_grants_csv(&day(start - 86_400_000), &day(start + 30 * 86_400_000));
 
     // Agents register their cards first, so the grants refer to cards the collector knows.
-    let mut admin = v1::admin_client::AdminClient::connect(url.clone()).await?;
+    let mut admin = crate::client::admin(&url, &client).await?;
     let reply = admin
         .import_grants(v1::ImportGrantsRequest {
             csv,
-            actor: "demo".into(),
+            actor: String::new(),
             dry_run: false,
         })
         .await?
@@ -286,7 +321,7 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
         anyhow::bail!("demo grants refused: {:?}", reply.errors);
     }
     let mut out = format!(
-        "gpumeter demo: collector {url}, database {}\nimported {} grants ({} cards, {} warnings: cards not yet seen)\n",
+        "gpumeter demo: collector {url} (TLS: CA, agent certificates and an admin token made in its temporary directory), database {}\nimported {} grants ({} cards, {} warnings: cards not yet seen)\n",
         db.display(),
         reply.grants,
         reply.cards,
@@ -297,7 +332,11 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     for (i, (host, scenario)) in demo_hosts(opts.minutes).into_iter().enumerate() {
         let csp = if host.starts_with("kt") { "kt" } else { "nhn" };
         let state = tmp.path().join(format!("agent-{i}"));
-        let cfg = AgentConfig::simulated(&host, csp, &url, &state, 256);
+        let mut cfg = AgentConfig::simulated(&host, csp, &url, &state, 256);
+        let (cert, key, _) = crate::auth::ca::issue_agent(&ca_dir, &host, &host, 2, None)?;
+        cfg.collector.ca_cert = Some(ca_dir.ca_cert());
+        cfg.collector.client_cert = Some(cert);
+        cfg.collector.client_key = Some(key);
         let clock: Arc<dyn Clock> = Arc::new(ScaledClock::new(start, opts.speed));
         let parts = Parts {
             attributor: Box::new(scenario.attributor()),
@@ -325,7 +364,7 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
         t.await??;
     }
 
-    let mut query = v1::query_client::QueryClient::connect(url.clone()).await?;
+    let mut query = crate::client::query(&url, &client).await?;
     let report = query
         .usage(v1::UsageRequest {
             from_unix_ms: start,

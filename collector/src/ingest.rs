@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::convert::{decode_body, hello_from_wire};
 use crate::store::writer::Writer;
-use crate::store::{Alarm, CheckpointRow, IngestBatch, IngestRecord, Store};
+use crate::store::{AgentHello, Alarm, CheckpointRow, IngestBatch, IngestRecord, Store};
 
 /// Limits one agent's session must respect.
 #[derive(Debug, Clone)]
@@ -280,6 +280,7 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let conn = crate::auth::connection(&request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
             .await
@@ -294,6 +295,7 @@ impl Ingest for IngestService {
         let h = hello_from_wire(&hello, received)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let agent_id = h.agent_id.clone();
+        self.admit(conn.as_ref(), &h).await?;
         {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             if !live.insert(agent_id.clone()) {
@@ -419,6 +421,57 @@ impl IngestService {
             seq: Some(seq),
             detail,
         }))
+    }
+
+    /// Who may say this Hello: the agent and host its certificate names, or (without TLS) an
+    /// agent an admin registered. A mismatch is stored as an alarm and nothing else.
+    async fn admit(
+        &self,
+        conn: Option<&crate::auth::ConnInfo>,
+        h: &AgentHello,
+    ) -> Result<(), Status> {
+        use crate::auth::{Admission, AuthError, check_hello};
+        match check_hello(conn, &h.agent_id, &h.host_id) {
+            Ok(Admission::Certified) => Ok(()),
+            Ok(Admission::MustBeRegistered) => {
+                let store = self.store.clone();
+                let id = h.agent_id.clone();
+                if blocking(move || store.agent_known(&id).map_err(Status::from)).await? {
+                    Ok(())
+                } else {
+                    warn!(agent = %h.agent_id, "refused an unregistered agent (no certificate)");
+                    Err(AuthError::UnregisteredAgent {
+                        agent_id: h.agent_id.clone(),
+                    }
+                    .into())
+                }
+            }
+            Err(e @ AuthError::IdentityMismatch { .. }) => {
+                let certified = conn
+                    .and_then(|c| c.identity.as_ref())
+                    .map(|i| i.agent_id.clone())
+                    .unwrap_or_default();
+                let alarm = Alarm {
+                    agent_id: certified,
+                    at_ms: h.received_ms,
+                    kind: "identity_mismatch".into(),
+                    seq: None,
+                    detail: format!(
+                        "{e}; from {}",
+                        conn.and_then(|c| c.remote_addr)
+                            .map_or("?".to_string(), |a| a.to_string())
+                    ),
+                };
+                warn!(agent = %h.agent_id, host = %h.host_id, error = %e, "refused a Hello its certificate does not cover");
+                let store = self.store.clone();
+                blocking(move || store.alarm(&alarm).map_err(Status::from)).await?;
+                Err(e.into())
+            }
+            Err(e) => {
+                warn!(agent = %h.agent_id, error = %e, "refused a Hello");
+                Err(e.into())
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

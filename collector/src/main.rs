@@ -26,6 +26,30 @@ use gpumeter_telemetry::logging::LogFormat;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Client commands (`--server https://…`): the CA certificate to trust (the collector's
+    /// ca.pem).
+    #[arg(long, global = true, env = "GPUMETER_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Client commands: a file holding the bearer token [default: the token in
+    /// $GPUMETER_TOKEN].
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+/// The client credentials the command line gave (`--ca-cert`, `--token-file`, GPUMETER_TOKEN).
+static CLIENT: std::sync::OnceLock<(Option<PathBuf>, Option<PathBuf>)> = std::sync::OnceLock::new();
+
+fn client_auth() -> Result<gpumeter_collector::client::ClientAuth, Failure> {
+    let (ca, token_file) = CLIENT.get().cloned().unwrap_or_default();
+    gpumeter_collector::client::ClientAuth::load(
+        ca.as_deref(),
+        token_file.as_deref(),
+        std::env::var("GPUMETER_TOKEN").ok(),
+    )
+    .map_err(|e| Failure {
+        code: 64,
+        error: e.into(),
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,7 +87,8 @@ enum IdleFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve Ingest, Query and Admin.
+    /// Serve Ingest, Query and Admin, over TLS: `--ca-dir DIR` (from `ca init` and `ca
+    /// issue-server`), or `--tls-cert`, `--tls-key` and `--client-ca` from a CA of your own.
     Serve {
         #[arg(long)]
         listen: Option<String>,
@@ -79,6 +104,38 @@ enum Command {
         /// Same as `--log-format json`.
         #[arg(long, hide = true)]
         log_json: bool,
+        /// A built-in CA directory: serves server.pem/server.key, trusts ca.pem for agents,
+        /// reads revoked.txt at every handshake.
+        #[arg(long, value_name = "DIR")]
+        ca_dir: Option<PathBuf>,
+        /// The collector's certificate chain (PEM) [default: DIR/server.pem].
+        #[arg(long, value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+        /// Its private key (PEM) [default: DIR/server.key].
+        #[arg(long, value_name = "FILE")]
+        tls_key: Option<PathBuf>,
+        /// The CA agents' certificates chain to (PEM) [default: DIR/ca.pem].
+        #[arg(long, value_name = "FILE")]
+        client_ca: Option<PathBuf>,
+        /// Revoked serials, one per line, read at every handshake [default: DIR/revoked.txt].
+        #[arg(long, value_name = "FILE")]
+        revoked: Option<PathBuf>,
+        /// Serve without TLS (tests on one machine only): tokens are still checked, and only
+        /// agents an admin registered are admitted.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// The built-in certificate authority: make it, issue agent and server certificates,
+    /// revoke them.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Bearer tokens for people: `auditor` (Query) or `admin` (Admin and Query). Works on the
+    /// database file directly, so the first admin token needs no running server.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
     },
     /// Grants: import, list, show, and amend (revoke, extend, move a card).
     Grants {
@@ -230,6 +287,86 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum CaCommand {
+    /// Make a new CA in DIR (ca.pem, ca.key 0600, revoked.txt).
+    Init {
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Validity of the CA certificate, days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue an agent's client certificate, naming its agent id and host id.
+    IssueAgent {
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        agent_id: String,
+        #[arg(long)]
+        host_id: String,
+        /// Where to write AGENT_ID.pem and AGENT_ID.key [default: DIR/agents].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 397)]
+        days: u32,
+    },
+    /// Issue the collector's server certificate (DIR/server.pem, DIR/server.key).
+    IssueServer {
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// A DNS name agents and people connect to (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// An IP address they connect to (repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        #[arg(long, default_value_t = 397)]
+        days: u32,
+    },
+    /// Revoke a certificate by serial (see DIR/issued.tsv); the running collector refuses it
+    /// from its next handshake.
+    Revoke {
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        serial: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TokenRole {
+    Auditor,
+    Admin,
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Make a token and print it (once: only its hash is stored).
+    Create {
+        #[arg(long, value_enum)]
+        role: TokenRole,
+        /// Who holds it; recorded as the actor of what it changes. Never reused.
+        #[arg(long)]
+        name: String,
+        /// The collector's SQLite database.
+        #[arg(long)]
+        db: PathBuf,
+    },
+    /// Every token: name, role, created, revoked.
+    List {
+        #[arg(long)]
+        db: PathBuf,
+    },
+    /// Revoke a token by name; calls with it are refused from the next one on.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        db: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum AgentsCommand {
     /// Pin an agent's key before it first connects, or replace the pinned key of a
     /// reinstalled agent (`gpumeter-agent key --config agent.toml` prints it).
@@ -240,8 +377,9 @@ enum AgentsCommand {
         key: String,
         #[arg(long, default_value = "")]
         reason: String,
-        #[arg(long, default_value = "admin")]
-        actor: String,
+        /// Ignored: the history records the token's name.
+        #[arg(long, hide = true)]
+        actor: Option<String>,
         #[arg(long)]
         server: String,
     },
@@ -387,6 +525,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let _ = CLIENT.set((cli.ca_cert.clone(), cli.token_file.clone()));
     match rt.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -412,6 +551,12 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             config,
             log_format,
             log_json,
+            ca_dir,
+            tls_cert,
+            tls_key,
+            client_ca,
+            revoked,
+            insecure,
         } => {
             let cfg = match &config {
                 Some(p) => CollectorConfig::load(p).map_err(|e| Failure {
@@ -438,11 +583,21 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     ),
                 });
             }
+            let tls = serve_tls(TlsArgs {
+                ca_dir,
+                tls_cert,
+                tls_key,
+                client_ca,
+                revoked,
+                insecure,
+            })?;
             gpumeter_telemetry::logging::init(if log_json {
                 LogFormat::Json
             } else {
                 log_format
             });
+            let mut options = cfg.server_options();
+            options.tls = tls;
             let store = Arc::new(
                 SqliteStore::open(std::path::Path::new(&db))
                     .with_context(|| format!("opening {db}"))?,
@@ -450,13 +605,15 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            gpumeter_collector::server::run(listener, store, cfg.server_options(), async {
+            gpumeter_collector::server::run(listener, store, options, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await?;
             Ok(())
         }
         Command::Grants { command } => grants(command).await,
+        Command::Ca { command } => ca(command),
+        Command::Tokens { command } => tokens(command),
         Command::Report {
             period,
             program,
@@ -564,22 +721,21 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     server,
                 },
         } => {
+            ignored_actor(actor.as_deref());
             let public_key = hex::decode(key.trim()).map_err(|e| Failure {
                 code: 2,
                 error: anyhow::anyhow!("--key: not hex: {e}"),
             })?;
-            let mut c = v1::admin_client::AdminClient::connect(server.clone())
-                .await
-                .with_context(|| format!("connecting to {server}"))?;
+            let mut c = admin_client(&server).await?;
             let r = c
                 .register_agent(v1::RegisterAgentRequest {
                     agent_id: agent_id.clone(),
                     public_key,
-                    actor,
+                    actor: String::new(),
                     reason,
                 })
                 .await
-                .map_err(|s| anyhow::anyhow!("register refused: {}", s.message()))?
+                .map_err(|s| refused("register", s))?
                 .into_inner();
             println!(
                 "agent {agent_id}: key {}",
@@ -606,9 +762,8 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             };
             let reply = match (server, db) {
                 (Some(server), _) => {
-                    let mut c = v1::query_client::QueryClient::connect(server.clone())
-                        .await
-                        .with_context(|| format!("connecting to {server}"))?
+                    let mut c = query_client(&server)
+                        .await?
                         .max_decoding_message_size(64 << 20);
                     c.verify(v1::VerifyRequest {
                         agent_id: String::new(),
@@ -617,7 +772,8 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                             .map(gpumeter_collector::convert::head_to_wire)
                             .collect(),
                     })
-                    .await?
+                    .await
+                    .map_err(|s| refused("verify", s))?
                     .into_inner()
                 }
                 (None, Some(db)) => {
@@ -704,14 +860,13 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Alarms { agent, server } => {
-            let mut c = v1::query_client::QueryClient::connect(server.clone())
-                .await
-                .with_context(|| format!("connecting to {server}"))?;
+            let mut c = query_client(&server).await?;
             let r = c
                 .alarms(v1::AlarmsRequest {
                     agent_id: agent.unwrap_or_default(),
                 })
-                .await?
+                .await
+                .map_err(|s| refused("alarms", s))?
                 .into_inner();
             for a in &r.alarms {
                 println!(
@@ -729,10 +884,12 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Hosts { server } => {
-            let mut c = v1::query_client::QueryClient::connect(server.clone())
+            let mut c = query_client(&server).await?;
+            let r = c
+                .hosts(v1::HostsRequest {})
                 .await
-                .with_context(|| format!("connecting to {server}"))?;
-            let r = c.hosts(v1::HostsRequest {}).await?.into_inner();
+                .map_err(|s| refused("hosts", s))?
+                .into_inner();
             for h in r.hosts {
                 println!(
                     "{}\t{}\t{}\t{} cards\tseq {}",
@@ -767,13 +924,17 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
     }
 }
 
-/// Who makes a change when `--actor` is not given: the login name, else "admin".
+/// `--actor` is accepted for old scripts and ignored: the collector records the name of the
+/// token that made a change, never what a caller says.
 fn actor_or_default(actor: Option<String>) -> String {
-    actor
-        .or_else(|| std::env::var("USER").ok())
-        .map(|a| a.trim().to_string())
-        .filter(|a| !a.is_empty())
-        .unwrap_or_else(|| "admin".to_string())
+    ignored_actor(actor.as_deref());
+    String::new()
+}
+
+fn ignored_actor(actor: Option<&str>) {
+    if actor.is_some() {
+        eprintln!("gpumeter-collector: --actor is ignored; the collector records the token's name");
+    }
 }
 
 fn usage(error: anyhow::Error) -> Failure {
@@ -802,18 +963,247 @@ fn refused(what: &str, s: tonic::Status) -> Failure {
         tonic::Code::InvalidArgument
         | tonic::Code::FailedPrecondition
         | tonic::Code::NotFound
-        | tonic::Code::PermissionDenied => anyhow::anyhow!("{what} refused: {}", s.message()),
+        | tonic::Code::PermissionDenied
+        | tonic::Code::Unauthenticated => anyhow::anyhow!("{what} refused: {}", s.message()),
         _ => anyhow::anyhow!("{what} failed: {} ({:?})", s.message(), s.code()),
     };
     Failure { code: 1, error }
 }
 
+/// An Admin client with the command line's CA and token.
 async fn admin_client(
     server: &str,
-) -> Result<v1::admin_client::AdminClient<tonic::transport::Channel>, Failure> {
-    Ok(v1::admin_client::AdminClient::connect(server.to_string())
+) -> Result<v1::admin_client::AdminClient<gpumeter_collector::client::AuthChannel>, Failure> {
+    let auth = client_auth()?;
+    warn_clear_text(server, &auth);
+    gpumeter_collector::client::admin(server, &auth)
         .await
-        .with_context(|| format!("connecting to {server}"))?)
+        .map_err(client_failure)
+}
+
+/// A client that cannot start for want of configuration exits 64; one that cannot reach
+/// the collector, 1.
+fn client_failure(e: gpumeter_collector::client::ClientError) -> Failure {
+    use gpumeter_collector::client::ClientError;
+    let code = match e {
+        ClientError::Connect { .. } => 1,
+        _ => 64,
+    };
+    Failure {
+        code,
+        error: e.into(),
+    }
+}
+
+fn warn_clear_text(server: &str, auth: &gpumeter_collector::client::ClientAuth) {
+    if server.starts_with("http://") && auth.token.is_some() {
+        eprintln!(
+            "gpumeter-collector: warning: {server} is not TLS; the token travels in clear text"
+        );
+    }
+}
+
+/// `serve`'s TLS flags.
+struct TlsArgs {
+    ca_dir: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    revoked: Option<PathBuf>,
+    insecure: bool,
+}
+
+/// The server's TLS from its flags; refuses (exit 64) to serve without TLS unless
+/// `--insecure` says so.
+fn serve_tls(a: TlsArgs) -> Result<Option<Arc<gpumeter_collector::auth::tls::ServerTls>>, Failure> {
+    use gpumeter_collector::auth::tls::{ServerTls, TlsFiles};
+    let bad = |error: anyhow::Error| Failure { code: 64, error };
+    let any_file = a.ca_dir.is_some()
+        || a.tls_cert.is_some()
+        || a.tls_key.is_some()
+        || a.client_ca.is_some()
+        || a.revoked.is_some();
+    if a.insecure {
+        if any_file {
+            return Err(bad(anyhow::anyhow!(
+                "--insecure serves without TLS; drop it or the TLS flags"
+            )));
+        }
+        return Ok(None);
+    }
+    let base = a.ca_dir.as_deref().map(TlsFiles::from_ca_dir);
+    let pick = |flag: Option<PathBuf>, from_dir: Option<PathBuf>, name: &str| {
+        flag.or(from_dir).ok_or_else(|| {
+            bad(anyhow::anyhow!(
+                "no TLS material: pass --ca-dir DIR (made by `gpumeter-collector ca init` and `ca issue-server`), or --tls-cert, --tls-key and --client-ca ({name} is missing); --insecure serves without TLS"
+            ))
+        })
+    };
+    let files = TlsFiles {
+        cert: pick(
+            a.tls_cert,
+            base.as_ref().map(|b| b.cert.clone()),
+            "--tls-cert",
+        )?,
+        key: pick(a.tls_key, base.as_ref().map(|b| b.key.clone()), "--tls-key")?,
+        client_ca: pick(
+            a.client_ca,
+            base.as_ref().map(|b| b.client_ca.clone()),
+            "--client-ca",
+        )?,
+        revoked: a.revoked.or(base.and_then(|b| b.revoked)),
+    };
+    let tls = ServerTls::load(&files).map_err(|e| bad(e.into()))?;
+    Ok(Some(Arc::new(tls)))
+}
+
+fn ca_failure(e: gpumeter_collector::auth::ca::CaError) -> Failure {
+    use gpumeter_collector::auth::ca::CaError;
+    let code = match e {
+        CaError::Invalid { .. } => 2,
+        CaError::NoCa { .. } | CaError::Exists { .. } => 64,
+        _ => 1,
+    };
+    Failure {
+        code,
+        error: e.into(),
+    }
+}
+
+fn ca(command: CaCommand) -> Result<(), Failure> {
+    use gpumeter_collector::auth::ca::{self, CaDir};
+    match command {
+        CaCommand::Init { ca_dir, days } => {
+            let dir = CaDir::new(&ca_dir);
+            ca::init(&dir, days).map_err(ca_failure)?;
+            println!(
+                "CA made in {}: ca.pem (give it to agents and people), ca.key (0600; keep it safe)\nnext: gpumeter-collector ca issue-server --ca-dir {} --dns NAME --ip ADDR",
+                ca_dir.display(),
+                ca_dir.display()
+            );
+            Ok(())
+        }
+        CaCommand::IssueAgent {
+            ca_dir,
+            agent_id,
+            host_id,
+            out,
+            days,
+        } => {
+            let dir = CaDir::new(&ca_dir);
+            let (cert, key, issued) =
+                ca::issue_agent(&dir, &agent_id, &host_id, days, out.as_deref())
+                    .map_err(ca_failure)?;
+            println!(
+                "agent {agent_id} on host {host_id}: serial {}\n  {}\n  {} (0600)\ncopy both and {} to the host; in agent.toml [collector]: url = \"https://…\", ca_cert, client_cert, client_key",
+                issued.serial,
+                cert.display(),
+                key.display(),
+                dir.ca_cert().display()
+            );
+            Ok(())
+        }
+        CaCommand::IssueServer {
+            ca_dir,
+            dns,
+            ip,
+            days,
+        } => {
+            let dir = CaDir::new(&ca_dir);
+            let issued = ca::issue_server(&dir, &dns, &ip, days).map_err(ca_failure)?;
+            println!(
+                "server certificate serial {}: {} and {} (0600)\nserve with: gpumeter-collector serve --ca-dir {} --listen ADDR --db PATH",
+                issued.serial,
+                dir.server_cert().display(),
+                dir.server_key().display(),
+                ca_dir.display()
+            );
+            Ok(())
+        }
+        CaCommand::Revoke {
+            ca_dir,
+            serial,
+            reason,
+        } => {
+            let dir = CaDir::new(&ca_dir);
+            let added = ca::revoke(&dir.revoked(), &serial, &reason).map_err(ca_failure)?;
+            println!(
+                "{}: {}",
+                serial,
+                if added {
+                    "revoked; refused from the next handshake"
+                } else {
+                    "was already revoked"
+                }
+            );
+            Ok(())
+        }
+    }
+}
+
+fn tokens(command: TokensCommand) -> Result<(), Failure> {
+    use gpumeter_collector::auth::tokens::{self, Role};
+    use gpumeter_collector::store::Store;
+    let open = |db: &std::path::Path| -> Result<SqliteStore, Failure> {
+        if !db.exists() {
+            return Err(Failure {
+                code: 64,
+                error: anyhow::anyhow!("--db {}: no such database", db.display()),
+            });
+        }
+        Ok(SqliteStore::open(db).with_context(|| format!("opening {}", db.display()))?)
+    };
+    let now = gpumeter_collector::ingest::now_ms();
+    match command {
+        TokensCommand::Create { role, name, db } => {
+            if !tokens::valid_name(&name) {
+                return Err(usage(anyhow::anyhow!(
+                    "--name: 1-64 letters, digits, '-', '_', '.', '@'"
+                )));
+            }
+            let role = match role {
+                TokenRole::Auditor => Role::Auditor,
+                TokenRole::Admin => Role::Admin,
+            };
+            // Bootstrapping: the first token is made before the collector ever ran.
+            let store =
+                SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))?;
+            let token = tokens::create(&store, &name, role, now)?;
+            eprintln!(
+                "token {name} ({}) made; it is shown once, only its hash is kept:",
+                role.as_str()
+            );
+            println!("{token}");
+            Ok(())
+        }
+        TokensCommand::List { db } => {
+            let store = open(&db)?;
+            for t in store.tokens()? {
+                println!(
+                    "{}\t{}\tcreated {}\t{}",
+                    t.name,
+                    t.role,
+                    kst(t.created_ms),
+                    t.revoked_ms
+                        .map_or("active".to_string(), |r| format!("revoked {}", kst(r)))
+                );
+            }
+            Ok(())
+        }
+        TokensCommand::Revoke { name, db } => {
+            let store = open(&db)?;
+            let changed = store.revoke_token(&name, now)?;
+            println!(
+                "token {name}: {}",
+                if changed {
+                    "revoked"
+                } else {
+                    "was already revoked"
+                }
+            );
+            Ok(())
+        }
+    }
 }
 
 fn kst(ms: i64) -> String {
@@ -1341,12 +1731,15 @@ async fn verify_report(
     Ok(())
 }
 
+/// A Query client with the command line's CA and token.
 async fn query_client(
     server: &str,
-) -> Result<v1::query_client::QueryClient<tonic::transport::Channel>, Failure> {
-    Ok(v1::query_client::QueryClient::connect(server.to_string())
+) -> Result<v1::query_client::QueryClient<gpumeter_collector::client::AuthChannel>, Failure> {
+    let auth = client_auth()?;
+    warn_clear_text(server, &auth);
+    gpumeter_collector::client::query(server, &auth)
         .await
-        .with_context(|| format!("connecting to {server}"))?)
+        .map_err(client_failure)
 }
 
 async fn report(a: ReportArgs) -> Result<(), Failure> {

@@ -1,5 +1,7 @@
 //! The collector's gRPC server: `run` takes an already bound listener and a shutdown future,
-//! so tests bind port 0 and run it in-process.
+//! so tests bind port 0 and run it in-process. Connections go through
+//! [`crate::auth::tls::incoming`] (TLS unless `tls` is `None`, i.e. `serve --insecure`);
+//! Query and Admin calls through the bearer-token check ([`crate::auth::tokens::TokenCheck`]).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -12,10 +14,11 @@ use gpumeter_proto::v1::{
 use gpumeter_telemetry::http::Readiness;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tonic::service::interceptor::InterceptedService;
+use tracing::{info, warn};
 
 use crate::admin::AdminService;
+use crate::auth::tokens::{Role, TokenCheck};
 use crate::ingest::{IngestService, Limits};
 use crate::query::QueryService;
 use crate::store::Store;
@@ -32,6 +35,9 @@ pub struct ServerOptions {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How often the collector signs a ledger head (see `crate::heads`).
     pub head_interval: Duration,
+    /// TLS for every connection; `None` serves plain TCP (`serve --insecure`: tokens are still
+    /// checked, and only admin-registered agents are admitted).
+    pub tls: Option<Arc<crate::auth::tls::ServerTls>>,
 }
 
 impl Default for ServerOptions {
@@ -42,6 +48,7 @@ impl Default for ServerOptions {
             max_streams_per_connection: 16,
             metrics_listen: None,
             head_interval: Duration::from_secs(600),
+            tls: None,
         }
     }
 }
@@ -71,6 +78,16 @@ pub async fn run(
         store: store.clone(),
     };
     let store_for_heads = store.clone();
+    let query_check = TokenCheck {
+        store: store.clone(),
+        need: Role::Auditor,
+        service: "Query",
+    };
+    let admin_check = TokenCheck {
+        store: store.clone(),
+        need: Role::Admin,
+        service: "Admin",
+    };
     let admin = AdminService {
         store,
         grants_version: Arc::new(grants_tx),
@@ -101,25 +118,45 @@ pub async fn run(
         opts.head_interval,
         closing_tx.subscribe(),
     ));
-    info!(%addr, "collector listening");
-    tonic::transport::Server::builder()
+    match &opts.tls {
+        Some(_) => {
+            info!(%addr, "collector listening (TLS; agents by client certificate, people by token)")
+        }
+        None => {
+            warn!(%addr, "collector listening WITHOUT TLS (--insecure): traffic and tokens travel in clear text; only admin-registered agents are admitted")
+        }
+    }
+    let (incoming, accept_task) =
+        crate::auth::tls::incoming(crate::auth::tls::tcp_accepted(listener), opts.tls.clone());
+    let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(opts.max_streams_per_connection)
-        .add_service(
+        .add_service(InterceptedService::new(
             IngestServer::new(ingest)
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),
-        )
-        .add_service(QueryServer::new(query).max_decoding_message_size(1 << 20))
-        .add_service(AdminServer::new(admin).max_decoding_message_size(max_msg * 2))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            crate::auth::carry_identity,
+        ))
+        .add_service(InterceptedService::new(
+            QueryServer::new(query).max_decoding_message_size(1 << 20),
+            query_check,
+        ))
+        .add_service(InterceptedService::new(
+            AdminServer::new(admin).max_decoding_message_size(max_msg * 2),
+            admin_check,
+        ))
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             let _ = ready_tx.send(Readiness::NotReady("shutting down".into()));
             // Open sessions are long-lived streams: end them, or a graceful stop waits forever.
             let _ = closing_tx.send(true);
         })
-        .await?;
+        .await;
+    // The accept task owns the listener: end it before returning, so the port is free.
+    accept_task.abort();
+    let _ = accept_task.await;
+    served?;
     Ok(())
 }
 

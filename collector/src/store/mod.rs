@@ -401,6 +401,7 @@ pub trait Store: Send + Sync + 'static {
     fn size_bytes(&self) -> Option<u64> {
         None
     }
+
     /// Signs a ledger head over every agent's last checkpoint and key history, as committed
     /// now, with the collector's key, and keeps it (see [`crate::heads`]).
     fn sign_head(&self, at_ms: i64) -> Result<crate::heads::SignedHead, StoreError>;
@@ -421,6 +422,35 @@ pub trait Store: Send + Sync + 'static {
 
     /// Signs `message` with the collector's key (reports); returns (signature, public key).
     fn collector_sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), StoreError>;
+    /// Stores a new bearer token (its hash only). [`StoreError::Conflict`] when the name was
+    /// ever used.
+    fn create_token(&self, token: &TokenRow) -> Result<(), StoreError>;
+
+    /// Every token, revoked ones included, by name.
+    fn tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+
+    /// Revokes the token named `name` from `at_ms`; `Ok(false)` when it was already revoked,
+    /// [`StoreError::NotFound`] when there is none.
+    fn revoke_token(&self, name: &str, at_ms: i64) -> Result<bool, StoreError>;
+
+    /// The token whose hash is `hash`. Called on every Query and Admin call: backends answer
+    /// it without waiting behind long queries or commits.
+    fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>, StoreError>;
+
+    /// Whether the collector holds this agent (an admin registered it, or it connected).
+    fn agent_known(&self, agent_id: &str) -> Result<bool, StoreError>;
+}
+
+/// A bearer token as held: never the secret, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub name: String,
+    /// `auditor` or `admin`.
+    pub role: String,
+    /// SHA-256 of the token, hex.
+    pub hash: String,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
 }
 
 /// A stored window with the host and CSP of the agent that sent it.

@@ -20,7 +20,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use super::{
     AgentHello, AgentState, Alarm, AssignmentRow, CardUsageRow, CommitOutcome, EventRow, GpuRow,
     GrantChangeRow, GrantRecord, HostRow, IngestBatch, Invoice, MeteredWindow, PrincipalRow,
-    RecordContent, Store, StoreError, StoredEvent, StoredInvoice, TenantUsageRow, Usage, WindowRow,
+    RecordContent, Store, StoreError, StoredEvent, StoredInvoice, TenantUsageRow, TokenRow, Usage,
+    WindowRow,
 };
 use crate::grants::{Amendment, Grant, GrantCard, Program, amend};
 
@@ -337,6 +338,16 @@ CREATE TABLE grant_card_models (
     PRIMARY KEY (grant_id, gpu_uuid)
 );
 "#,
+    // Bearer tokens for people: only the SHA-256 of each secret; names never reused.
+    r#"
+CREATE TABLE api_tokens (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+"#,
 ];
 
 fn db(e: rusqlite::Error) -> StoreError {
@@ -352,6 +363,9 @@ pub struct SqliteStore {
     reader: Mutex<Connection>,
     /// The collector's head-signing key, loaded beside the database on first use.
     head_key: std::sync::OnceLock<ed25519_dalek::SigningKey>,
+    /// Token lookups (every Query and Admin call) on their own connection, so they never
+    /// wait behind a long report query.
+    auth: Mutex<Connection>,
 }
 
 fn open_conn(path: &Path) -> Result<Connection, StoreError> {
@@ -397,11 +411,13 @@ impl SqliteStore {
         let mut w = open_conn(path)?;
         migrate(&mut w)?;
         let r = open_conn(path)?;
+        let a = open_conn(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             writer: Mutex::new(w),
             reader: Mutex::new(r),
             head_key: std::sync::OnceLock::new(),
+            auth: Mutex::new(a),
         })
     }
 
@@ -1406,6 +1422,95 @@ impl Store for SqliteStore {
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)
     }
+
+    fn create_token(&self, t: &TokenRow) -> Result<(), StoreError> {
+        let c = self.w();
+        let n = c
+            .execute(
+                "INSERT INTO api_tokens (name, role, hash, created_ms, revoked_ms) VALUES (?1, ?2, ?3, ?4, NULL)
+                 ON CONFLICT DO NOTHING",
+                params![t.name, t.role, t.hash, t.created_ms],
+            )
+            .map_err(db)?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!(
+                "a token named {:?} exists or existed; names are not reused",
+                t.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        let c = self.r();
+        let mut st = c
+            .prepare(
+                "SELECT name, role, hash, created_ms, revoked_ms FROM api_tokens ORDER BY name",
+            )
+            .map_err(db)?;
+        st.query_map([], token_row)
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)
+    }
+
+    fn revoke_token(&self, name: &str, at_ms: i64) -> Result<bool, StoreError> {
+        let c = self.w();
+        let revoked: Option<Option<i64>> = c
+            .query_row(
+                "SELECT revoked_ms FROM api_tokens WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        match revoked {
+            None => Err(StoreError::NotFound {
+                what: "token",
+                id: name.to_string(),
+            }),
+            Some(Some(_)) => Ok(false),
+            Some(None) => {
+                c.execute(
+                    "UPDATE api_tokens SET revoked_ms = ?2 WHERE name = ?1",
+                    params![name, at_ms],
+                )
+                .map_err(db)?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        let c = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        c.prepare_cached(
+            "SELECT name, role, hash, created_ms, revoked_ms FROM api_tokens WHERE hash = ?1",
+        )
+        .map_err(db)?
+        .query_row(params![hash], token_row)
+        .optional()
+        .map_err(db)
+    }
+
+    fn agent_known(&self, agent_id: &str) -> Result<bool, StoreError> {
+        let c = self.r();
+        c.query_row(
+            "SELECT EXISTS (SELECT 1 FROM agents WHERE agent_id = ?1)",
+            params![agent_id],
+            |r| r.get(0),
+        )
+        .map_err(db)
+    }
+}
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
+    Ok(TokenRow {
+        name: r.get(0)?,
+        role: r.get(1)?,
+        hash: r.get(2)?,
+        created_ms: r.get(3)?,
+        revoked_ms: r.get(4)?,
+    })
 }
 
 pub(crate) const HEALTHS: &[&str] = &["ok", "degraded", "lost"];
