@@ -452,7 +452,7 @@ async fn collector_metrics_count_sessions_and_commits() {
     };
     let opts = gpumeter_collector::server::ServerOptions {
         metrics_listen: Some(metrics_addr),
-        ..Default::default()
+        ..gpumeter_e2e::replay_options()
     };
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(gpumeter_collector::server::run(

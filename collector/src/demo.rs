@@ -255,7 +255,11 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = tokio::spawn(run(listener, store, ServerOptions::default(), async move {
+    // The demo replays the last minutes with agents that register as it starts: their
+    // windows begin before registration, which a production collector refuses.
+    let mut server_opts = ServerOptions::default();
+    server_opts.limits.max_backfill_ms = i64::from(opts.minutes) * 60_000 + 600_000;
+    let server = tokio::spawn(run(listener, store, server_opts, async move {
         let _ = stop_rx.changed().await;
     }));
 

@@ -2,6 +2,7 @@
 //! holds grants, pushes card assignments, and answers queries and reports.
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod convert;
@@ -10,6 +11,7 @@ pub mod demo;
 pub mod grants;
 pub mod ingest;
 pub mod invoices;
+pub mod limiter;
 pub mod query;
 pub mod reconcile;
 pub mod render;

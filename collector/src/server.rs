@@ -11,7 +11,6 @@ use gpumeter_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::admin::AdminService;
@@ -27,6 +26,13 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// Most concurrent streams on one connection.
     pub max_streams_per_connection: u32,
+    /// Connections in total and per peer address, and their idle timeout (see `limiter`).
+    pub connections: crate::limiter::ConnectionLimits,
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
+    /// After the shutdown signal, how long open connections get to finish before `run`
+    /// returns anyway (a silent socket must not hold a stopping collector).
+    pub drain_timeout: Duration,
     /// Address of the Prometheus endpoint (`GET /metrics`); none by default.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -37,6 +43,10 @@ impl Default for ServerOptions {
             collector_id: "collector".into(),
             limits: Limits::default(),
             max_streams_per_connection: 16,
+            connections: crate::limiter::ConnectionLimits::default(),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            drain_timeout: Duration::from_secs(10),
             metrics_listen: None,
         }
     }
@@ -108,6 +118,13 @@ pub async fn run(
                 "Ingest transactions that failed (nothing acknowledged).",
                 stats.failed_commits.load(Relaxed) as f64,
             );
+            metric(
+                &mut out,
+                "gpumeter_collector_failed_batches_total",
+                "counter",
+                "Batches that failed alone (the rest of their commit went through).",
+                stats.failed_batches.load(Relaxed) as f64,
+            );
             out
         });
         let mut closing = closing_tx.subscribe();
@@ -120,9 +137,15 @@ pub async fn run(
         ));
     }
     info!(%addr, "collector listening");
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    let incoming = crate::limiter::incoming(
+        listener,
+        crate::limiter::Limiter::new(opts.connections.clone()),
+    );
+    let mut draining = closing_tx.subscribe();
+    let drain_timeout = opts.drain_timeout;
+    let serve = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(opts.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(opts.http2_keepalive_timeout))
         .max_concurrent_streams(opts.max_streams_per_connection)
         .add_service(
             IngestServer::new(ingest)
@@ -131,11 +154,23 @@ pub async fn run(
         )
         .add_service(QueryServer::new(query).max_decoding_message_size(1 << 20))
         .add_service(AdminServer::new(admin).max_decoding_message_size(max_msg * 2))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             // Open sessions are long-lived streams: end them, or a graceful stop waits forever.
             let _ = closing_tx.send(true);
-        })
-        .await?;
+        });
+    tokio::select! {
+        r = serve => r?,
+        _ = async {
+            let _ = draining.wait_for(|c| *c).await;
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            tracing::warn!(
+                timeout_s = drain_timeout.as_secs(),
+                "connections still open after the drain timeout; stopping anyway"
+            );
+        }
+    }
+    info!("collector stopped");
     Ok(())
 }

@@ -32,11 +32,16 @@ impl TestCollector {
 
     /// Starts on a given address (to come back on the same port after a stop).
     pub async fn start_on(db: &Path, addr: &str) -> anyhow::Result<Self> {
+        Self::start_with(db, addr, replay_options()).await
+    }
+
+    /// Starts with the given options (`ServerOptions::default()` is production's).
+    pub async fn start_with(db: &Path, addr: &str, opts: ServerOptions) -> anyhow::Result<Self> {
         let store = Arc::new(SqliteStore::open(db)?);
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (stop, mut rx) = watch::channel(false);
-        let task = tokio::spawn(run(listener, store, ServerOptions::default(), async move {
+        let task = tokio::spawn(run(listener, store, opts, async move {
             let _ = rx.changed().await;
         }));
         Ok(Self {
@@ -53,6 +58,64 @@ impl TestCollector {
         self.task.await??;
         Ok(())
     }
+}
+
+/// Server options for simulations: simulated agents replay the past, so their windows may
+/// start up to 400 days before the agent first registered. Production refuses that
+/// (`limits.max_backfill_s = 0`); `ServerOptions::default()` is production's.
+pub fn replay_options() -> ServerOptions {
+    let mut o = ServerOptions::default();
+    o.limits.max_backfill_ms = 400 * 86_400_000;
+    o
+}
+
+/// Server options for agents on a sped-up clock that starts at the real time: their windows
+/// lie in the collector's future, which production refuses beyond `limits.max_clock_skew_s`.
+/// These allow a year ahead (and so raise no clock-skew alarm).
+pub fn sped_up_options() -> ServerOptions {
+    let mut o = replay_options();
+    o.limits.max_clock_skew_ms = 365 * 86_400_000;
+    o
+}
+
+/// `gpumeter-collector serve` on `listen` with a SQLite file and, when given, a config file:
+/// the real binary, for tests that signal it, limit it or watch it from outside.
+pub fn collector_serve_command(
+    listen: &str,
+    db: &Path,
+    config: Option<&Path>,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("gpumeter-collector"));
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(listen)
+        .arg("--db")
+        .arg(db);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd
+}
+
+/// A Query client for a collector.
+pub async fn query_client(
+    url: &str,
+) -> anyhow::Result<gpumeter_proto::v1::query_client::QueryClient<tonic::transport::Channel>> {
+    Ok(gpumeter_proto::v1::query_client::QueryClient::connect(url.to_string()).await?)
+}
+
+/// An Admin client for a collector.
+pub async fn admin_client(
+    url: &str,
+) -> anyhow::Result<gpumeter_proto::v1::admin_client::AdminClient<tonic::transport::Channel>> {
+    Ok(gpumeter_proto::v1::admin_client::AdminClient::connect(url.to_string()).await?)
+}
+
+/// An Ingest client for a collector (for tests that speak the agent protocol by hand).
+pub async fn ingest_client(
+    url: &str,
+) -> anyhow::Result<gpumeter_proto::v1::ingest_client::IngestClient<tonic::transport::Channel>> {
+    Ok(gpumeter_proto::v1::ingest_client::IngestClient::connect(url.to_string()).await?)
 }
 
 /// An agent config for a simulated host.
