@@ -1090,17 +1090,19 @@ async fn a_listing_piped_into_head_exits_quietly() {
         n += 1;
     }
     assert_eq!(n, 5_000);
-    for args in [
-        "alarms --server \"$1\"",
-        "hosts --server \"$1\"",
-        "grants list --server \"$1\"",
+    for (binary, args) in [
+        ("gpumeter-collector", "alarms --server \"$1\""),
+        ("gpumeter-collector", "hosts --server \"$1\""),
+        ("gpumeter-collector", "grants list --server \"$1\""),
+        ("gpumeter-collector", "--help"),
+        ("gpumeter-agent", "--help"),
     ] {
         let out = Command::new("bash")
             .arg("-c")
             .arg(format!(
                 "\"$0\" {args} | head -1 >/dev/null; echo \"status=${{PIPESTATUS[0]}}\""
             ))
-            .arg(bin("gpumeter-collector"))
+            .arg(bin(binary))
             .arg(&collector.url)
             .output()
             .unwrap();

@@ -806,6 +806,30 @@ impl Store for SqliteStore {
                 )
                 .optional()
                 .map_err(db)?;
+            // A card no host reported yet but a grant assigns to another host is that host's
+            // (an admin's assignment): held for it, with no agent until its own Hello.
+            let holder = match holder {
+                Some(h) => Some(h),
+                None => {
+                    let granted: Option<String> = tx
+                        .query_row(
+                            "SELECT host_id FROM grant_cards WHERE gpu_uuid = ?1 ORDER BY id DESC LIMIT 1",
+                            params![g.uuid],
+                            |r| r.get(0),
+                        )
+                        .optional()
+                        .map_err(db)?;
+                    if let Some(k) = granted.as_ref().filter(|k| **k != h.host_id) {
+                        tx.execute(
+                            "INSERT INTO gpus (gpu_uuid, agent_id, host_id, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode, last_seen_ms)
+                             VALUES (?1, '', ?2, 0, '', '', '', NULL, '', ?3)",
+                            params![g.uuid, k, h.received_ms],
+                        )
+                        .map_err(db)?;
+                    }
+                    granted
+                }
+            };
             if let Some(holder) = holder.filter(|o| *o != h.host_id) {
                 insert_alarm(
                     &tx,
@@ -2358,6 +2382,36 @@ mod binding_tests {
         // Now host K is the one without the card.
         store.hello(&hello("k", "host-k", &[CARD])).unwrap();
         assert_eq!(kinds(&store, "k"), ["card_claimed"]);
+    }
+
+    #[test]
+    fn a_card_granted_to_a_host_is_its_own_before_that_host_reports_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("g.db")).unwrap();
+        let g = Grant {
+            grant_id: "G1".into(),
+            program: Program::Research,
+            grantee: "Lab".into(),
+            principal: "user:alice".parse().unwrap(),
+            csp: "kt".into(),
+            valid_from_ms: 0,
+            valid_until_ms: 86_400_000,
+            cards: vec![GrantCard::new("host-k", CARD)],
+            revoked_at_ms: None,
+        };
+        store.insert_grants(&[g], "ops", 1).unwrap();
+        store.hello(&hello("h", "host-h", &[CARD])).unwrap();
+        assert_eq!(kinds(&store, "h"), ["card_claimed"]);
+        store
+            .commit_each(&[batch("h", 1, vec![window(CARD, 0, &["user:h"])])])
+            .unwrap();
+        assert!(store.windows(0, 600_000, Some(CARD)).unwrap().is_empty());
+        // The granted host reports it: listed under its agent, no alarm.
+        store.hello(&hello("k", "host-k", &[CARD])).unwrap();
+        assert!(kinds(&store, "k").is_empty());
+        let hosts = store.hosts().unwrap();
+        let k = hosts.iter().find(|h| h.agent_id == "k").unwrap();
+        assert_eq!(k.gpus.len(), 1);
     }
 
     #[test]
