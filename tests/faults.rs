@@ -120,10 +120,21 @@ impl Drop for Proc {
 async fn start_collector_proc(port: u16, db: &Path, log: &Path) -> Proc {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        // Agents here run sped-up clocks from the real start time, so their windows lie in
+        // the collector's future: allow it (production refuses windows more than
+        // limits.max_clock_skew_s ahead; tests/isolation.rs checks that).
+        let config = db.with_extension("toml");
+        std::fs::write(
+            &config,
+            "[limits]\nmax_clock_skew_s = 31536000\nmax_backfill_s = 86400\n",
+        )
+        .unwrap();
         let mut cmd = Command::new(bin("gpumeter-collector"));
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
             .arg(db)
-            .args(gpumeter_e2e::serve_tls_args());
+            .args(gpumeter_e2e::serve_tls_args())
+            .arg("--config")
+            .arg(&config);
         let mut p = Proc::spawn(cmd, "collector", log);
         loop {
             if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
@@ -1911,7 +1922,8 @@ async fn a_corrupted_spool_segment_delivers_what_decodes_and_the_gap_is_an_alarm
 }
 
 // ---------------------------------------------------------------------------------------------
-// 8. An agent clock an hour ahead
+// 8. An agent clock an hour behind (one an hour ahead has its windows refused as from the
+// future: tests/isolation.rs)
 
 const KG: [&str; 2] = [
     "GPU-000000f8-0000-4000-8000-000000000000",
@@ -1919,12 +1931,12 @@ const KG: [&str; 2] = [
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_clock_an_hour_ahead_is_flagged_and_its_records_keep_their_times() {
+async fn an_agent_clock_an_hour_behind_is_flagged_and_its_records_keep_their_times() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
     let collector = TestCollector::start(&db).await.unwrap();
     let id = "skewed";
-    let skew = 3_600_000;
+    let skew = -3_600_000;
     let (iv, w, n) = (100, 1_000, 3);
     let sc: Scenario = toml::from_str(&phased_scenario(&KG, 1, 100)).unwrap();
     let real_before = now_ms();

@@ -518,9 +518,14 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(agent.try_wait().unwrap().is_none(), "agent must not exit");
     let db = dir.path().join("ledger.db");
-    let collector = TestCollector::start_on(&db, &format!("127.0.0.1:{port}"))
-        .await
-        .unwrap();
+    // The agent's clock runs 300x from now: its windows lie in the collector's future.
+    let collector = TestCollector::start_with(
+        &db,
+        &format!("127.0.0.1:{port}"),
+        gpumeter_e2e::sped_up_options(),
+    )
+    .await
+    .unwrap();
     // Wait for at least 5 windows to be stored.
     let conn = rusqlite::Connection::open(&db).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -537,8 +542,18 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The Prometheus endpoint tells an operator the same story.
-    let metrics = get_metrics(metrics_port).await;
+    // The Prometheus endpoint tells an operator the same story (the ack that follows the
+    // commit may still be on its way on a loaded machine).
+    let acked = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("gpumeter_agent_acked_seq "))
+            .is_some_and(|v| v.trim() != "0")
+    };
+    let mut metrics = get_metrics(metrics_port).await;
+    while !acked(&metrics) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        metrics = get_metrics(metrics_port).await;
+    }
     let gauge = |name: &str| -> f64 {
         metrics
             .lines()

@@ -446,7 +446,7 @@ async fn collector_metrics_count_sessions_and_commits() {
     };
     let opts = gpumeter_collector::server::ServerOptions {
         metrics_listen: Some(metrics_addr),
-        ..Default::default()
+        ..gpumeter_e2e::replay_options()
     };
     let collector = TestCollector::start_with(&dir.path().join("m.db"), "127.0.0.1:0", opts)
         .await

@@ -9,6 +9,28 @@ use gpumeter_agent::run::{Agent, RunOptions, open_parts};
 use gpumeter_telemetry::docs::Shell;
 use gpumeter_telemetry::logging::LogFormat;
 
+/// Standard output, quietly: when the reader has gone (`… | head -1`) the command ends with
+/// code 0 instead of panicking. `print!` and `println!` below go through here.
+fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("gpumeter-agent: writing standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!($($arg)*)) };
+}
+
+macro_rules! println {
+    () => { $crate::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "gpumeter-agent",

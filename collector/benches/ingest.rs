@@ -855,7 +855,11 @@ fn ingest_run(
     let server = server_rt.spawn(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let _ = addr_tx.send(listener.local_addr()?);
-        server::run(listener, store, ServerOptions::default(), async move {
+        // The simulated fleet replays windows from BASE_MS on, before its agents registered,
+        // which a production collector refuses (limits.max_backfill_s = 0).
+        let mut opts = ServerOptions::default();
+        opts.limits.max_backfill_ms = 400 * 86_400_000;
+        server::run(listener, store, opts, async move {
             let _ = stop_rx.await;
         })
         .await

@@ -64,6 +64,20 @@ fn at_or_now(at_unix_ms: Option<i64>) -> i64 {
 }
 
 impl AdminService {
+    /// The grants `ListGrants` and `StreamGrants` answer with.
+    async fn grant_list(&self, q: v1::ListGrantsRequest) -> Result<Vec<v1::Grant>, Status> {
+        let program = q.program;
+        let store = self.store.clone();
+        let grants = tokio::task::spawn_blocking(move || store.grants())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(grants
+            .into_iter()
+            .filter(|g| program.is_empty() || g.program.as_str() == program)
+            .map(v1::Grant::from)
+            .collect())
+    }
+
     /// Applies one amendment, then wakes every live session to push its host's new set.
     async fn amend(
         &self,
@@ -188,17 +202,59 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::ListGrantsRequest>,
     ) -> Result<Response<v1::ListGrantsReply>, Status> {
-        let program = request.into_inner().program;
+        let grants = self.grant_list(request.into_inner()).await?;
+        crate::query::bounded(v1::ListGrantsReply { grants }, "Admin.StreamGrants")
+    }
+
+    type StreamGrantsStream = crate::query::ItemStream<v1::Grant>;
+
+    async fn stream_grants(
+        &self,
+        request: Request<v1::ListGrantsRequest>,
+    ) -> Result<Response<Self::StreamGrantsStream>, Status> {
+        Ok(Response::new(crate::query::stream_of(
+            self.grant_list(request.into_inner()).await?,
+        )))
+    }
+
+    async fn move_host_card(
+        &self,
+        request: Request<v1::MoveHostCardRequest>,
+    ) -> Result<Response<v1::MoveHostCardReply>, Status> {
+        let actor = actor(&request)?;
+        let req = request.into_inner();
+        // Taken as the agents spell it (GPU or MIG UUID, of any driver's format); the store
+        // answers NOT_FOUND for a card no host reported.
+        let gpu = req.gpu_uuid.trim().to_string();
+        if gpu.is_empty() || gpu.len() > 256 {
+            return Err(Status::invalid_argument(
+                "field gpu_uuid: must be 1-256 characters",
+            ));
+        }
+        let to = req.to_host_id.trim().to_string();
+        let to_ok = !to.is_empty()
+            && to.len() <= 128
+            && to
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        if !to_ok {
+            return Err(Status::invalid_argument(
+                "field to_host_id: must be 1-128 letters, digits, '-', '_', '.', ':'",
+            ));
+        }
         let store = self.store.clone();
-        let grants = tokio::task::spawn_blocking(move || store.grants())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        Ok(Response::new(v1::ListGrantsReply {
-            grants: grants
-                .into_iter()
-                .filter(|g| program.is_empty() || g.program.as_str() == program)
-                .map(v1::Grant::from)
-                .collect(),
+        let row = tokio::task::spawn_blocking(move || {
+            store.move_host_card(&gpu, &to, &actor, &req.reason, now_ms())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        info!(gpu = %row.gpu_uuid, from = %row.from_host_id, to = %row.to_host_id, actor = %row.actor, "card moved to another host");
+        Ok(Response::new(v1::MoveHostCardReply {
+            gpu_uuid: row.gpu_uuid,
+            from_host_id: row.from_host_id,
+            to_host_id: row.to_host_id,
+            at_unix_ms: row.at_ms,
+            actor: row.actor,
         }))
     }
 

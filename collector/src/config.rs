@@ -54,6 +54,32 @@ pub struct LimitsConfig {
     /// Most concurrent streams on one connection.
     #[serde(default = "d_streams")]
     pub max_streams_per_connection: u32,
+    /// Most cards one Hello may list.
+    #[serde(default = "d_gpus")]
+    pub max_gpus_per_hello: u32,
+    /// Longest string in a Hello, and in a record's identity fields (card, grant, principal).
+    #[serde(default = "d_string")]
+    pub max_string_bytes: u32,
+    /// How far before an agent's first registration its windows may start (0: not at all).
+    #[serde(default)]
+    pub max_backfill_s: u64,
+    /// A session must say Hello within this long.
+    #[serde(default = "d_hello")]
+    pub hello_timeout_s: u64,
+    /// Open connections in total, and from one peer address.
+    #[serde(default = "d_conns")]
+    pub max_connections: u32,
+    #[serde(default = "d_conns_ip")]
+    pub max_connections_per_ip: u32,
+    /// A connection that reads nothing for this long is closed (keepalive pings count).
+    #[serde(default = "d_conn_idle")]
+    pub connection_idle_timeout_s: u64,
+    /// HTTP/2 keepalive: a ping this often, and the connection is closed when one is not
+    /// answered within the timeout.
+    #[serde(default = "d_ka")]
+    pub http2_keepalive_interval_s: u64,
+    #[serde(default = "d_ka_timeout")]
+    pub http2_keepalive_timeout_s: u64,
 }
 
 fn d_batch() -> u32 {
@@ -71,6 +97,30 @@ fn d_skew() -> u64 {
 fn d_streams() -> u32 {
     16
 }
+fn d_gpus() -> u32 {
+    1024
+}
+fn d_string() -> u32 {
+    256
+}
+fn d_hello() -> u64 {
+    30
+}
+fn d_conns() -> u32 {
+    768
+}
+fn d_conns_ip() -> u32 {
+    256
+}
+fn d_conn_idle() -> u64 {
+    300
+}
+fn d_ka() -> u64 {
+    30
+}
+fn d_ka_timeout() -> u64 {
+    20
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -80,6 +130,15 @@ impl Default for LimitsConfig {
             idle_timeout_s: d_idle(),
             max_clock_skew_s: d_skew(),
             max_streams_per_connection: d_streams(),
+            max_gpus_per_hello: d_gpus(),
+            max_string_bytes: d_string(),
+            max_backfill_s: 0,
+            hello_timeout_s: d_hello(),
+            max_connections: d_conns(),
+            max_connections_per_ip: d_conns_ip(),
+            connection_idle_timeout_s: d_conn_idle(),
+            http2_keepalive_interval_s: d_ka(),
+            http2_keepalive_timeout_s: d_ka_timeout(),
         }
     }
 }
@@ -139,6 +198,40 @@ impl CollectorConfig {
         {
             return Err(bad("head_interval_s", "must be 1..=86400"));
         }
+        if !(1..=65_536).contains(&l.max_gpus_per_hello) {
+            return Err(bad("limits.max_gpus_per_hello", "must be 1..=65536"));
+        }
+        if !(64..=65_536).contains(&l.max_string_bytes) {
+            return Err(bad("limits.max_string_bytes", "must be 64..=65536"));
+        }
+        if l.max_backfill_s > 400 * 86_400 {
+            return Err(bad("limits.max_backfill_s", "must be at most 400 days"));
+        }
+        if !(1..=600).contains(&l.hello_timeout_s) {
+            return Err(bad("limits.hello_timeout_s", "must be 1..=600"));
+        }
+        if l.max_connections == 0 {
+            return Err(bad("limits.max_connections", "must be positive"));
+        }
+        if l.max_connections_per_ip == 0 || l.max_connections_per_ip > l.max_connections {
+            return Err(bad(
+                "limits.max_connections_per_ip",
+                "must be positive and at most limits.max_connections",
+            ));
+        }
+        if l.http2_keepalive_interval_s == 0 || l.http2_keepalive_timeout_s == 0 {
+            return Err(bad(
+                "limits.http2_keepalive_interval_s",
+                "interval and timeout must be positive",
+            ));
+        }
+        if l.connection_idle_timeout_s <= l.http2_keepalive_interval_s + l.http2_keepalive_timeout_s
+        {
+            return Err(bad(
+                "limits.connection_idle_timeout_s",
+                "must be longer than the keepalive interval plus its timeout, or live agents are cut",
+            ));
+        }
         Ok(())
     }
 
@@ -153,8 +246,20 @@ impl CollectorConfig {
                 max_message_bytes: self.limits.max_message_bytes,
                 idle_timeout: Duration::from_secs(self.limits.idle_timeout_s),
                 max_clock_skew_ms: self.limits.max_clock_skew_s as i64 * 1000,
+                max_gpus_per_hello: self.limits.max_gpus_per_hello,
+                max_string_bytes: self.limits.max_string_bytes,
+                max_backfill_ms: self.limits.max_backfill_s as i64 * 1000,
+                hello_timeout: Duration::from_secs(self.limits.hello_timeout_s),
             },
+            connections: crate::limiter::ConnectionLimits {
+                max_total: self.limits.max_connections as usize,
+                max_per_ip: self.limits.max_connections_per_ip as usize,
+                idle_timeout: Duration::from_secs(self.limits.connection_idle_timeout_s),
+            },
+            http2_keepalive_interval: Duration::from_secs(self.limits.http2_keepalive_interval_s),
+            http2_keepalive_timeout: Duration::from_secs(self.limits.http2_keepalive_timeout_s),
             max_streams_per_connection: self.limits.max_streams_per_connection,
+            drain_timeout: Duration::from_secs(10),
             metrics_listen: self.metrics_listen.as_deref().and_then(|m| m.parse().ok()),
             head_interval: Duration::from_secs(self.head_interval_s.unwrap_or(600)),
             // TLS material comes from `serve`'s flags.
@@ -193,5 +298,28 @@ mod tests {
         let c: CollectorConfig = toml::from_str("listen = \"127.0.0.1:7070\"").unwrap();
         assert!(c.validate().is_ok());
         assert_eq!(c.server_options().limits.max_batch_records, 4096);
+        let d = CollectorConfig::default().server_options();
+        assert_eq!(d.limits.max_gpus_per_hello, 1024);
+        assert_eq!(d.limits.max_backfill_ms, 0);
+        assert_eq!(d.connections.max_total, 768);
+        for (text, field) in [
+            (
+                "[limits]\nmax_gpus_per_hello = 0",
+                "limits.max_gpus_per_hello",
+            ),
+            ("[limits]\nmax_string_bytes = 1", "limits.max_string_bytes"),
+            (
+                "[limits]\nmax_connections = 10\nmax_connections_per_ip = 11",
+                "limits.max_connections_per_ip",
+            ),
+            (
+                "[limits]\nconnection_idle_timeout_s = 40",
+                "limits.connection_idle_timeout_s",
+            ),
+        ] {
+            let c: CollectorConfig = toml::from_str(text).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
     }
 }

@@ -22,6 +22,8 @@ impl From<StoreError> for tonic::Status {
             StoreError::Amend(AmendError::Conflict { .. }) => {
                 tonic::Status::failed_precondition(e.to_string())
             }
+            StoreError::HostMismatch { .. } => tonic::Status::permission_denied(e.to_string()),
+            StoreError::BatchRefused { .. } => tonic::Status::invalid_argument(e.to_string()),
             StoreError::Open { .. }
             | StoreError::Db(_)
             | StoreError::SchemaTooNew { .. }
@@ -72,6 +74,12 @@ impl From<crate::grants::Grant> for v1::Grant {
             revoked: g.revoked_at_ms.is_some(),
             revoked_at_unix_ms: g.revoked_at_ms.unwrap_or(0),
         }
+    }
+}
+
+impl From<crate::admission::AdmissionError> for tonic::Status {
+    fn from(e: crate::admission::AdmissionError) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
     }
 }
 

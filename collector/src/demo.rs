@@ -286,10 +286,13 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     let addr = listener.local_addr()?;
     let url = format!("https://{addr}");
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let options = ServerOptions {
+    // The demo replays the last minutes with agents that register as it starts: their
+    // windows begin before registration, which a production collector refuses.
+    let mut options = ServerOptions {
         tls: Some(Arc::new(tls)),
         ..ServerOptions::default()
     };
+    options.limits.max_backfill_ms = i64::from(opts.minutes) * 60_000 + 600_000;
     let server = tokio::spawn(run(listener, store, options, async move {
         let _ = stop_rx.changed().await;
     }));

@@ -28,8 +28,19 @@ pub struct Limits {
     pub max_message_bytes: u32,
     /// A session with no message for this long is closed.
     pub idle_timeout: Duration,
-    /// Agent clocks further off than this raise a `clock_skew` alarm.
+    /// Agent clocks further off than this raise a `clock_skew` alarm; windows that end
+    /// later than the collector's now plus this are refused.
     pub max_clock_skew_ms: i64,
+    /// Most cards one Hello may list (`limits.max_gpus_per_hello`).
+    pub max_gpus_per_hello: u32,
+    /// Longest string in a Hello or in a record's identity fields (`limits.max_string_bytes`).
+    pub max_string_bytes: u32,
+    /// How long before the agent's first registration a window may start
+    /// (`limits.max_backfill_s`): 0 in production, so a new agent id cannot write history from
+    /// before it existed; simulations that replay the past raise it.
+    pub max_backfill_ms: i64,
+    /// A session must say Hello within this long (`limits.hello_timeout_s`).
+    pub hello_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -39,6 +50,10 @@ impl Default for Limits {
             max_message_bytes: 16 << 20,
             idle_timeout: Duration::from_secs(900),
             max_clock_skew_ms: 300_000,
+            max_gpus_per_hello: 1024,
+            max_string_bytes: 256,
+            max_backfill_ms: 0,
+            hello_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -282,9 +297,15 @@ impl Ingest for IngestService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let conn = crate::auth::connection(&request);
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+        let hello_timeout = self.limits.hello_timeout;
+        let first = tokio::time::timeout(hello_timeout, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no hello within 30 s"))??;
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no hello within {} s (limits.hello_timeout_s)",
+                    hello_timeout.as_secs()
+                ))
+            })??;
         let Some(v1::AgentMessage {
             kind: Some(agent_message::Kind::Hello(hello)),
         }) = first
@@ -292,6 +313,19 @@ impl Ingest for IngestService {
             return Err(Status::invalid_argument("the first message must be Hello"));
         };
         let received = now_ms();
+        if let Err(e) = crate::admission::check_hello(&hello, &self.limits) {
+            warn!(error = %e, "hello refused");
+            let alarm = Alarm {
+                agent_id: hello.agent_id.chars().take(128).collect(),
+                at_ms: received,
+                kind: e.alarm_kind().into(),
+                seq: None,
+                detail: e.to_string(),
+            };
+            let store = self.store.clone();
+            let _ = blocking(move || store.alarm(&alarm).map_err(Status::from)).await;
+            return Err(e.into());
+        }
         let h = hello_from_wire(&hello, received)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let agent_id = h.agent_id.clone();
@@ -311,7 +345,28 @@ impl Ingest for IngestService {
         };
         let store = self.store.clone();
         let h2 = h.clone();
-        let state = blocking(move || store.hello(&h2).map_err(Status::from)).await?;
+        let state = match blocking(move || Ok(store.hello(&h2))).await? {
+            Ok(state) => state,
+            Err(e @ crate::store::StoreError::HostMismatch { .. }) => {
+                warn!(agent = %agent_id, error = %e, "hello refused");
+                let alarm = Alarm {
+                    agent_id: agent_id.clone(),
+                    at_ms: received,
+                    kind: "host_mismatch".into(),
+                    seq: None,
+                    detail: e.to_string(),
+                };
+                let store = self.store.clone();
+                let _ = blocking(move || store.alarm(&alarm).map_err(Status::from)).await;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let store = self.store.clone();
+        let id = agent_id.clone();
+        let registered_ms = blocking(move || store.agent_registered_ms(&id).map_err(Status::from))
+            .await?
+            .unwrap_or(received);
         let skew = hello.agent_time_unix_ms - received;
         if hello.agent_time_unix_ms != 0 && skew.abs() > self.limits.max_clock_skew_ms {
             let store = self.store.clone();
@@ -376,6 +431,7 @@ impl Ingest for IngestService {
                     key,
                     ChainCursor::new(state.durable_seq, state.durable_hash),
                     grants_version,
+                    registered_ms,
                 )
                 .await
             {
@@ -485,6 +541,7 @@ impl IngestService {
         key: VerifyingKey,
         mut cursor: ChainCursor,
         mut grants_version: watch::Receiver<u64>,
+        registered_ms: i64,
     ) -> Result<(), Status> {
         // Acks go out in commit order from their own task, so verification of the next
         // batch overlaps the commit of this one.
@@ -573,6 +630,25 @@ impl IngestService {
                         }
                     };
                     let mut batch = verified.batch;
+                    let now = now_ms();
+                    if let Err(e) = crate::admission::check_records(
+                        &batch.records,
+                        now,
+                        registered_ms,
+                        &self.limits,
+                    ) {
+                        warn!(agent = %agent_id, error = %e, "batch refused");
+                        let store = self.store.clone();
+                        let alarm = Alarm {
+                            agent_id: agent_id.clone(),
+                            at_ms: now,
+                            kind: e.alarm_kind().into(),
+                            seq: e.seq(),
+                            detail: e.to_string(),
+                        };
+                        let _ = blocking(move || store.alarm(&alarm).map_err(Status::from)).await;
+                        break Err(e.into());
+                    }
                     // Resent records already held: same bytes are no-ops, others are alarms.
                     // They go through the writer too, so its dedup decides (it sees every copy).
                     let mut all = verified.resent;

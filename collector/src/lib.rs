@@ -2,6 +2,7 @@
 //! holds grants, pushes card assignments, and answers queries and reports.
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod client;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod grants;
 pub mod heads;
 pub mod ingest;
 pub mod invoices;
+pub mod limiter;
 pub mod metrics;
 pub mod provenance;
 pub mod query;

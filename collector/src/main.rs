@@ -17,6 +17,29 @@ use gpumeter_proto::v1;
 use gpumeter_telemetry::docs::Shell;
 use gpumeter_telemetry::logging::LogFormat;
 
+/// Standard output, quietly: when whoever reads it has gone (`… | head -1`), the command ends
+/// with code 0 instead of panicking, since the reader saw all it wanted. Every `print!` and
+/// `println!` below goes through here (the macros shadow std's).
+fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("gpumeter-collector: writing standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!($($arg)*)) };
+}
+
+macro_rules! println {
+    () => { $crate::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "gpumeter-collector",
@@ -255,10 +278,14 @@ enum Command {
         #[arg(long)]
         server: String,
     },
-    /// Agents and cards the collector has seen.
+    /// Agents and cards the collector has seen (`hosts --server URL`); `hosts move-card`
+    /// gives a card to another host.
+    #[command(args_conflicts_with_subcommands = true)]
     Hosts {
         #[arg(long)]
-        server: String,
+        server: Option<String>,
+        #[command(subcommand)]
+        command: Option<HostsCommand>,
     },
     /// The whole system on one machine with simulated GPUs.
     Demo {
@@ -363,6 +390,24 @@ enum TokensCommand {
         name: String,
         #[arg(long)]
         db: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostsCommand {
+    /// Give a card (GPU or MIG UUID) to another host. A card belongs to the host that first
+    /// reported it; another host's windows for it count in no figure until it is moved there.
+    MoveCard {
+        gpu_uuid: String,
+        #[arg(long)]
+        to_host: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Who is making the change, for the card history [default: $USER, or admin].
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        server: String,
     },
 }
 
@@ -606,7 +651,21 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             gpumeter_collector::server::run(listener, store, options, async {
-                let _ = tokio::signal::ctrl_c().await;
+                // SIGTERM (systemd, docker, kill) stops as cleanly as Ctrl-C.
+                let term = async {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    match signal(SignalKind::terminate()) {
+                        Ok(mut s) => {
+                            s.recv().await;
+                        }
+                        Err(_) => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term => {}
+                }
+                tracing::info!("shutting down: ending sessions");
             })
             .await?;
             Ok(())
@@ -861,14 +920,16 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
         }
         Command::Alarms { agent, server } => {
             let mut c = query_client(&server).await?;
-            let r = c
-                .alarms(v1::AlarmsRequest {
+            let mut stream = c
+                .stream_alarms(v1::AlarmsRequest {
                     agent_id: agent.unwrap_or_default(),
                 })
                 .await
                 .map_err(|s| refused("alarms", s))?
                 .into_inner();
-            for a in &r.alarms {
+            let mut any = false;
+            while let Some(a) = stream.message().await.map_err(|s| refused("alarms", s))? {
+                any = true;
                 println!(
                     "{}\t{}\t{}\t{}\t{}",
                     kst(a.at_unix_ms),
@@ -878,19 +939,64 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     a.detail
                 );
             }
-            if r.alarms.is_empty() {
+            if !any {
                 println!("no alarms");
             }
             Ok(())
         }
-        Command::Hosts { server } => {
-            let mut c = query_client(&server).await?;
+        Command::Hosts {
+            command:
+                Some(HostsCommand::MoveCard {
+                    gpu_uuid,
+                    to_host,
+                    reason,
+                    actor,
+                    server,
+                }),
+            ..
+        } => {
+            let mut c = admin_client(&server).await?;
             let r = c
-                .hosts(v1::HostsRequest {})
+                .move_host_card(v1::MoveHostCardRequest {
+                    gpu_uuid,
+                    to_host_id: to_host,
+                    actor: actor_or_default(actor),
+                    reason,
+                })
+                .await
+                .map_err(|s| refused("move-card", s))?
+                .into_inner();
+            println!(
+                "card {} moved from host {} to host {} (by {}, at {})",
+                r.gpu_uuid,
+                if r.from_host_id.is_empty() {
+                    "-"
+                } else {
+                    &r.from_host_id
+                },
+                r.to_host_id,
+                r.actor,
+                kst(r.at_unix_ms)
+            );
+            Ok(())
+        }
+        Command::Hosts {
+            server: None,
+            command: None,
+        } => Err(usage(anyhow::anyhow!(
+            "hosts: give --server URL (or a subcommand: move-card)"
+        ))),
+        Command::Hosts {
+            server: Some(server),
+            command: None,
+        } => {
+            let mut c = query_client(&server).await?;
+            let mut stream = c
+                .stream_hosts(v1::HostsRequest {})
                 .await
                 .map_err(|s| refused("hosts", s))?
                 .into_inner();
-            for h in r.hosts {
+            while let Some(h) = stream.message().await.map_err(|s| refused("hosts", s))? {
                 println!(
                     "{}\t{}\t{}\t{} cards\tseq {}",
                     h.agent_id,
@@ -1392,17 +1498,21 @@ async fn grants(command: GrantsCommand) -> Result<(), Failure> {
             json,
         } => {
             let mut c = admin_client(&server).await?;
-            let r = c
-                .list_grants(v1::ListGrantsRequest { program })
+            let mut stream = c
+                .stream_grants(v1::ListGrantsRequest { program })
                 .await
                 .map_err(|s| refused("list", s))?
                 .into_inner();
+            let mut grants = Vec::new();
+            while let Some(g) = stream.message().await.map_err(|s| refused("list", s))? {
+                grants.push(g);
+            }
             if json {
-                let all: Vec<GrantJson> = r.grants.iter().map(GrantJson::from).collect();
+                let all: Vec<GrantJson> = grants.iter().map(GrantJson::from).collect();
                 println!("{}", serde_json::to_string_pretty(&all)?);
                 return Ok(());
             }
-            for g in r.grants {
+            for g in grants {
                 println!(
                     "{}\t{}\t{}\t{}\t{}\t{} cards{}",
                     g.grant_id,

@@ -87,31 +87,6 @@ impl Query for QueryService {
         }))
     }
 
-    async fn alarms(
-        &self,
-        request: Request<v1::AlarmsRequest>,
-    ) -> Result<Response<v1::AlarmsReply>, Status> {
-        let agent = request.into_inner().agent_id;
-        let store = self.store.clone();
-        let alarms = tokio::task::spawn_blocking(move || {
-            store.alarms((!agent.is_empty()).then_some(agent.as_str()))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))??;
-        Ok(Response::new(v1::AlarmsReply {
-            alarms: alarms
-                .into_iter()
-                .map(|a| v1::Alarm {
-                    agent_id: a.agent_id,
-                    at_unix_ms: a.at_ms,
-                    kind: a.kind,
-                    seq: a.seq,
-                    detail: a.detail,
-                })
-                .collect(),
-        }))
-    }
-
     async fn verify(
         &self,
         request: Request<v1::VerifyRequest>,
@@ -293,57 +268,6 @@ impl Query for QueryService {
         }))
     }
 
-    async fn violations(
-        &self,
-        request: Request<v1::ViolationsRequest>,
-    ) -> Result<Response<v1::EventsReply>, Status> {
-        let q = request.into_inner();
-        let (from, until) = period_arg(&q.period)?;
-        let grant_id = q.grant_id.trim().to_owned();
-        let store = self.store.clone();
-        let events = blocking(move || -> Result<Vec<StoredEvent>, Status> {
-            let events = store.events(from, until, Some("enforcement"), None)?;
-            if grant_id.is_empty() {
-                return Ok(events);
-            }
-            let grant = store
-                .grant(&grant_id)?
-                .ok_or_else(|| Status::not_found(format!("grant {grant_id} not found")))?
-                .grant;
-            Ok(events
-                .into_iter()
-                .filter(|e| held_at(&grant, &e.event.gpu_uuid, e.event.at_ms))
-                .collect())
-        })
-        .await?;
-        Ok(Response::new(v1::EventsReply {
-            events: events.into_iter().map(event_to_wire).collect(),
-        }))
-    }
-
-    async fn events(
-        &self,
-        request: Request<v1::EventsRequest>,
-    ) -> Result<Response<v1::EventsReply>, Status> {
-        let q = request.into_inner();
-        let (from, until) = period_arg(&q.period)?;
-        let store = self.store.clone();
-        let events = blocking(move || {
-            let kind = q.kind.trim();
-            let gpu = q.gpu_uuid.trim();
-            store.events(
-                from,
-                until,
-                (!kind.is_empty()).then_some(kind),
-                (!gpu.is_empty()).then_some(gpu),
-            )
-        })
-        .await?;
-        Ok(Response::new(v1::EventsReply {
-            events: events.into_iter().map(event_to_wire).collect(),
-        }))
-    }
-
     async fn idle_grants(
         &self,
         request: Request<v1::IdleGrantsRequest>,
@@ -375,11 +299,158 @@ impl Query for QueryService {
         })))
     }
 
+    async fn alarms(
+        &self,
+        request: Request<v1::AlarmsRequest>,
+    ) -> Result<Response<v1::AlarmsReply>, Status> {
+        let alarms = self.alarm_list(request.into_inner()).await?;
+        bounded(v1::AlarmsReply { alarms }, "StreamAlarms")
+    }
+
+    async fn violations(
+        &self,
+        request: Request<v1::ViolationsRequest>,
+    ) -> Result<Response<v1::EventsReply>, Status> {
+        let events = self.violation_list(request.into_inner()).await?;
+        bounded(v1::EventsReply { events }, "StreamViolations")
+    }
+
+    async fn events(
+        &self,
+        request: Request<v1::EventsRequest>,
+    ) -> Result<Response<v1::EventsReply>, Status> {
+        let events = self.event_list(request.into_inner()).await?;
+        bounded(v1::EventsReply { events }, "StreamEvents")
+    }
+
     async fn grants(
         &self,
         request: Request<v1::GrantsRequest>,
     ) -> Result<Response<v1::GrantsReply>, Status> {
-        let q = request.into_inner();
+        let grants = self.grant_list(request.into_inner()).await?;
+        bounded(v1::GrantsReply { grants }, "StreamGrants")
+    }
+
+    async fn hosts(
+        &self,
+        _request: Request<v1::HostsRequest>,
+    ) -> Result<Response<v1::HostsReply>, Status> {
+        let hosts = self.host_list().await?;
+        bounded(v1::HostsReply { hosts }, "StreamHosts")
+    }
+
+    type StreamHostsStream = ItemStream<v1::HostInfo>;
+    type StreamAlarmsStream = ItemStream<v1::Alarm>;
+    type StreamEventsStream = ItemStream<v1::EventInfo>;
+    type StreamViolationsStream = ItemStream<v1::EventInfo>;
+    type StreamGrantsStream = ItemStream<v1::AuditedGrant>;
+
+    async fn stream_hosts(
+        &self,
+        _request: Request<v1::HostsRequest>,
+    ) -> Result<Response<Self::StreamHostsStream>, Status> {
+        Ok(Response::new(stream_of(self.host_list().await?)))
+    }
+
+    async fn stream_alarms(
+        &self,
+        request: Request<v1::AlarmsRequest>,
+    ) -> Result<Response<Self::StreamAlarmsStream>, Status> {
+        Ok(Response::new(stream_of(
+            self.alarm_list(request.into_inner()).await?,
+        )))
+    }
+
+    async fn stream_events(
+        &self,
+        request: Request<v1::EventsRequest>,
+    ) -> Result<Response<Self::StreamEventsStream>, Status> {
+        Ok(Response::new(stream_of(
+            self.event_list(request.into_inner()).await?,
+        )))
+    }
+
+    async fn stream_violations(
+        &self,
+        request: Request<v1::ViolationsRequest>,
+    ) -> Result<Response<Self::StreamViolationsStream>, Status> {
+        Ok(Response::new(stream_of(
+            self.violation_list(request.into_inner()).await?,
+        )))
+    }
+
+    async fn stream_grants(
+        &self,
+        request: Request<v1::GrantsRequest>,
+    ) -> Result<Response<Self::StreamGrantsStream>, Status> {
+        Ok(Response::new(stream_of(
+            self.grant_list(request.into_inner()).await?,
+        )))
+    }
+}
+
+/// The list RPCs' items, gathered once for their unary and streamed forms.
+impl QueryService {
+    async fn alarm_list(&self, q: v1::AlarmsRequest) -> Result<Vec<v1::Alarm>, Status> {
+        let agent = q.agent_id;
+        let store = self.store.clone();
+        let alarms = tokio::task::spawn_blocking(move || {
+            store.alarms((!agent.is_empty()).then_some(agent.as_str()))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(alarms
+            .into_iter()
+            .map(|a| v1::Alarm {
+                agent_id: a.agent_id,
+                at_unix_ms: a.at_ms,
+                kind: a.kind,
+                seq: a.seq,
+                detail: a.detail,
+            })
+            .collect())
+    }
+
+    async fn violation_list(&self, q: v1::ViolationsRequest) -> Result<Vec<v1::EventInfo>, Status> {
+        let (from, until) = period_arg(&q.period)?;
+        let grant_id = q.grant_id.trim().to_owned();
+        let store = self.store.clone();
+        let events = blocking(move || -> Result<Vec<StoredEvent>, Status> {
+            let events = store.events(from, until, Some("enforcement"), None)?;
+            if grant_id.is_empty() {
+                return Ok(events);
+            }
+            let grant = store
+                .grant(&grant_id)?
+                .ok_or_else(|| Status::not_found(format!("grant {grant_id} not found")))?
+                .grant;
+            Ok(events
+                .into_iter()
+                .filter(|e| held_at(&grant, &e.event.gpu_uuid, e.event.at_ms))
+                .collect())
+        })
+        .await?;
+        Ok(events.into_iter().map(event_to_wire).collect())
+    }
+
+    async fn event_list(&self, q: v1::EventsRequest) -> Result<Vec<v1::EventInfo>, Status> {
+        let (from, until) = period_arg(&q.period)?;
+        let store = self.store.clone();
+        let events = blocking(move || {
+            let kind = q.kind.trim();
+            let gpu = q.gpu_uuid.trim();
+            store.events(
+                from,
+                until,
+                (!kind.is_empty()).then_some(kind),
+                (!gpu.is_empty()).then_some(gpu),
+            )
+        })
+        .await?;
+        Ok(events.into_iter().map(event_to_wire).collect())
+    }
+
+    async fn grant_list(&self, q: v1::GrantsRequest) -> Result<Vec<v1::AuditedGrant>, Status> {
         let program = program_arg(&q.program)?;
         let only = q.grant_id.trim().to_owned();
         let store = self.store.clone();
@@ -414,45 +485,64 @@ impl Query for QueryService {
             Ok(out)
         })
         .await?;
-        Ok(Response::new(v1::GrantsReply { grants }))
+        Ok(grants)
     }
 
-    async fn hosts(
-        &self,
-        _request: Request<v1::HostsRequest>,
-    ) -> Result<Response<v1::HostsReply>, Status> {
+    async fn host_list(&self) -> Result<Vec<v1::HostInfo>, Status> {
         let store = self.store.clone();
         let hosts = tokio::task::spawn_blocking(move || store.hosts())
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
-        Ok(Response::new(v1::HostsReply {
-            hosts: hosts
-                .into_iter()
-                .map(|h| v1::HostInfo {
-                    agent_id: h.agent_id,
-                    host_id: h.host_id,
-                    csp: h.csp,
-                    hostname: h.hostname,
-                    agent_version: h.agent_version,
-                    durable_seq: h.durable_seq,
-                    last_seen_unix_ms: h.last_seen_ms,
-                    gpus: h
-                        .gpus
-                        .into_iter()
-                        .map(|g| v1::GpuInfo {
-                            uuid: g.uuid,
-                            index: g.index,
-                            name: g.name,
-                            serial: g.serial,
-                            pci_bus_id: g.pci_bus_id,
-                            memory_total_bytes: g.memory_total_bytes,
-                            mig_mode: g.mig_mode,
-                        })
-                        .collect(),
-                })
-                .collect(),
-        }))
+        Ok(hosts
+            .into_iter()
+            .map(|h| v1::HostInfo {
+                agent_id: h.agent_id,
+                host_id: h.host_id,
+                csp: h.csp,
+                hostname: h.hostname,
+                agent_version: h.agent_version,
+                durable_seq: h.durable_seq,
+                last_seen_unix_ms: h.last_seen_ms,
+                gpus: h
+                    .gpus
+                    .into_iter()
+                    .map(|g| v1::GpuInfo {
+                        uuid: g.uuid,
+                        index: g.index,
+                        name: g.name,
+                        serial: g.serial,
+                        pci_bus_id: g.pci_bus_id,
+                        memory_total_bytes: g.memory_total_bytes,
+                        mig_mode: g.mig_mode,
+                    })
+                    .collect(),
+            })
+            .collect())
     }
+}
+
+/// The largest unary list reply sent: the usual client limit (tonic's default decoding
+/// limit is 4 MiB). A longer list is refused with the name of its streamed form, never cut.
+pub const MAX_UNARY_LIST_BYTES: usize = 4 << 20;
+
+/// A list reply, unless it is too large for a client to take in one message.
+pub fn bounded<M: prost::Message>(reply: M, streamed: &str) -> Result<Response<M>, Status> {
+    let len = reply.encoded_len();
+    if len > MAX_UNARY_LIST_BYTES {
+        return Err(Status::resource_exhausted(format!(
+            "the reply would be {len} bytes, more than {MAX_UNARY_LIST_BYTES}; use {streamed}, which sends one item per message"
+        )));
+    }
+    Ok(Response::new(reply))
+}
+
+/// A streamed list: one item per message.
+pub type ItemStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Streams items already gathered, one per message.
+pub fn stream_of<T: Send + 'static>(items: Vec<T>) -> ItemStream<T> {
+    Box::pin(futures::stream::iter(items.into_iter().map(Ok)))
 }
 
 /// The wire form of a verification report.

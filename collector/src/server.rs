@@ -31,6 +31,13 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// Most concurrent streams on one connection.
     pub max_streams_per_connection: u32,
+    /// Connections in total and per peer address, and their idle timeout (see `limiter`).
+    pub connections: crate::limiter::ConnectionLimits,
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
+    /// After the shutdown signal, how long open connections get to finish before `run`
+    /// returns anyway (a silent socket must not hold a stopping collector).
+    pub drain_timeout: Duration,
     /// Address of the Prometheus endpoint (`GET /metrics`); none by default.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How often the collector signs a ledger head (see `crate::heads`).
@@ -46,6 +53,10 @@ impl Default for ServerOptions {
             collector_id: "collector".into(),
             limits: Limits::default(),
             max_streams_per_connection: 16,
+            connections: crate::limiter::ConnectionLimits::default(),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            drain_timeout: Duration::from_secs(10),
             metrics_listen: None,
             head_interval: Duration::from_secs(600),
             tls: None,
@@ -126,11 +137,18 @@ pub async fn run(
             warn!(%addr, "collector listening WITHOUT TLS (--insecure): traffic and tokens travel in clear text; only admin-registered agents are admitted")
         }
     }
-    let (incoming, accept_task) =
-        crate::auth::tls::incoming(crate::auth::tls::tcp_accepted(listener), opts.tls.clone());
-    let served = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    // Accepted TCP connections pass the connection limiter (total, per address, idle) before
+    // the TLS handshake, so a flood of idle sockets is refused before it costs a handshake.
+    let limited = crate::limiter::incoming(
+        listener,
+        crate::limiter::Limiter::new(opts.connections.clone()),
+    );
+    let (incoming, accept_task) = crate::auth::tls::incoming(Box::pin(limited), opts.tls.clone());
+    let mut draining = closing_tx.subscribe();
+    let drain_timeout = opts.drain_timeout;
+    let serve = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(opts.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(opts.http2_keepalive_timeout))
         .max_concurrent_streams(opts.max_streams_per_connection)
         .add_service(InterceptedService::new(
             IngestServer::new(ingest)
@@ -151,12 +169,25 @@ pub async fn run(
             let _ = ready_tx.send(Readiness::NotReady("shutting down".into()));
             // Open sessions are long-lived streams: end them, or a graceful stop waits forever.
             let _ = closing_tx.send(true);
-        })
-        .await;
+        });
+    let result = tokio::select! {
+        r = serve => r,
+        _ = async {
+            let _ = draining.wait_for(|c| *c).await;
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            tracing::warn!(
+                timeout_s = drain_timeout.as_secs(),
+                "connections still open after the drain timeout; stopping anyway"
+            );
+            Ok(())
+        }
+    };
     // The accept task owns the listener: end it before returning, so the port is free.
     accept_task.abort();
     let _ = accept_task.await;
-    served?;
+    result?;
+    info!("collector stopped");
     Ok(())
 }
 

@@ -46,7 +46,7 @@ impl TestCollector {
 
     /// Starts on a given address (to come back on the same port after a stop).
     pub async fn start_on(db: &Path, addr: &str) -> anyhow::Result<Self> {
-        Self::start_with(db, addr, ServerOptions::default()).await
+        Self::start_with(db, addr, replay_options()).await
     }
 
     /// Starts with `opts`; TLS from [`test_tls`] unless `opts.tls` names its own.
@@ -128,6 +128,45 @@ impl TestCollector {
         self.task.await??;
         Ok(())
     }
+}
+
+/// Server options for simulations: simulated agents replay the past, so their windows may
+/// start up to 400 days before the agent first registered. Production refuses that
+/// (`limits.max_backfill_s = 0`); `ServerOptions::default()` is production's.
+pub fn replay_options() -> ServerOptions {
+    let mut o = ServerOptions::default();
+    o.limits.max_backfill_ms = 400 * 86_400_000;
+    o
+}
+
+/// Server options for agents on a sped-up clock that starts at the real time: their windows
+/// lie in the collector's future, which production refuses beyond `limits.max_clock_skew_s`.
+/// These allow a year ahead (and so raise no clock-skew alarm).
+pub fn sped_up_options() -> ServerOptions {
+    let mut o = replay_options();
+    o.limits.max_clock_skew_ms = 365 * 86_400_000;
+    o
+}
+
+/// `gpumeter-collector serve` on `listen` over the test CA's TLS with a SQLite file and, when
+/// given, a config file:
+/// the real binary, for tests that signal it, limit it or watch it from outside.
+pub fn collector_serve_command(
+    listen: &str,
+    db: &Path,
+    config: Option<&Path>,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("gpumeter-collector"));
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(listen)
+        .arg("--db")
+        .arg(db);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.args(serve_tls_args());
+    cmd
 }
 
 /// An agent config for a simulated host; with an `https://` URL it holds a certificate from

@@ -34,6 +34,22 @@ pub enum StoreError {
     Amend(#[from] AmendError),
     #[error("the store is shut down")]
     Closed,
+    /// An agent id is bound to the host of its first Hello.
+    #[error(
+        "agent {agent_id} is bound to host {bound}, not {claimed}; an agent id belongs to one host"
+    )]
+    HostMismatch {
+        agent_id: String,
+        bound: String,
+        claimed: String,
+    },
+    /// One batch of a group commit failed to insert; it alone was rolled back.
+    #[error("batch of agent {agent_id} ending at seq {seq} was refused by the store: {reason}")]
+    BatchRefused {
+        agent_id: String,
+        seq: u64,
+        reason: String,
+    },
 }
 
 /// A GPU as an agent reported it.
@@ -299,6 +315,18 @@ pub struct AssignmentRow {
     pub revoked_at_ms: Option<i64>,
 }
 
+/// A card moved to another host by an admin (`hosts move-card`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardMoveRow {
+    pub gpu_uuid: String,
+    /// Empty when the card was not held by any host before.
+    pub from_host_id: String,
+    pub to_host_id: String,
+    pub at_ms: i64,
+    pub actor: String,
+    pub reason: String,
+}
+
 /// The backends' common interface. Calls block; async callers use `spawn_blocking` or the
 /// [`writer::Writer`].
 pub trait Store: Send + Sync + 'static {
@@ -439,6 +467,36 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the collector holds this agent (an admin registered it, or it connected).
     fn agent_known(&self, agent_id: &str) -> Result<bool, StoreError>;
+
+    /// Commits verified batches in one transaction in which each batch fails alone (a
+    /// savepoint each): a batch whose insert fails is rolled back, an alarm says why, and the
+    /// others are committed. The outer error is for the transaction itself (nothing stored).
+    /// Backends without savepoints fall back to [`Store::commit`], all or nothing.
+    fn commit_each(
+        &self,
+        batches: &[IngestBatch],
+    ) -> Result<Vec<Result<CommitOutcome, StoreError>>, StoreError> {
+        Ok(self.commit(batches)?.into_iter().map(Ok).collect())
+    }
+
+    /// When the agent was first registered (its first Hello or an admin's registration);
+    /// `None` for an unknown agent.
+    fn agent_registered_ms(&self, agent_id: &str) -> Result<Option<i64>, StoreError>;
+
+    /// Gives a card to another host (an admin's decision, kept in the card history with who
+    /// and when). Windows the new host reported for it while another host held it count from
+    /// then on. [`StoreError::NotFound`] for a card no host ever reported.
+    fn move_host_card(
+        &self,
+        gpu_uuid: &str,
+        to_host_id: &str,
+        actor: &str,
+        reason: &str,
+        at_ms: i64,
+    ) -> Result<CardMoveRow, StoreError>;
+
+    /// The card history, oldest first (every card when `gpu_uuid` is `None`).
+    fn card_moves(&self, gpu_uuid: Option<&str>) -> Result<Vec<CardMoveRow>, StoreError>;
 }
 
 /// A bearer token as held: never the secret, only its SHA-256.

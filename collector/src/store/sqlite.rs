@@ -18,10 +18,10 @@ use gpumeter_proto::chain::{GENESIS, Hash};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AgentHello, AgentState, Alarm, AssignmentRow, CardUsageRow, CommitOutcome, EventRow, GpuRow,
-    GrantChangeRow, GrantRecord, HostRow, IngestBatch, Invoice, MeteredWindow, PrincipalRow,
-    RecordContent, Store, StoreError, StoredEvent, StoredInvoice, TenantUsageRow, TokenRow, Usage,
-    WindowRow,
+    AgentHello, AgentState, Alarm, AssignmentRow, CardMoveRow, CardUsageRow, CommitOutcome,
+    EventRow, GpuRow, GrantChangeRow, GrantRecord, HostRow, IngestBatch, Invoice, MeteredWindow,
+    PrincipalRow, RecordContent, Store, StoreError, StoredEvent, StoredInvoice, TenantUsageRow,
+    TokenRow, Usage, WindowRow,
 };
 use crate::grants::{Amendment, Grant, GrantCard, Program, amend};
 
@@ -348,7 +348,38 @@ CREATE TABLE api_tokens (
     revoked_ms INTEGER
 );
 "#,
+    // 7: card binding. A card belongs to the host that first reported it (`gpus.host_id`, no
+    // longer moved by another host's Hello) or to the host an admin moved it to (`card_moves`,
+    // the history with who and when). A window that arrives for a card another host holds is
+    // stored (the chain must stay whole) and listed in `disputed_windows` with the host that
+    // reported it; queries leave it out of every figure unless the card's holder is, by now,
+    // that host (an admin moved the card to it).
+    r#"
+CREATE TABLE disputed_windows (
+    agent_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    gpu_uuid TEXT NOT NULL,
+    host_id TEXT NOT NULL,
+    owner_host_id TEXT NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE card_moves (
+    id INTEGER PRIMARY KEY,
+    gpu_uuid TEXT NOT NULL,
+    from_host_id TEXT NOT NULL,
+    to_host_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX card_moves_by_card ON card_moves(gpu_uuid);
+"#,
 ];
+
+/// The windows that count (alias `w`): all but those reported for a card another host held,
+/// unless the card has since been moved to the reporting host (see migration 5).
+const COUNTED: &str = "NOT EXISTS (SELECT 1 FROM disputed_windows d JOIN gpus o ON o.gpu_uuid = d.gpu_uuid
+                         WHERE d.agent_id = w.agent_id AND d.seq = w.seq AND o.host_id <> d.host_id)";
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
@@ -442,115 +473,14 @@ impl SqliteStore {
         self.reader.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn durable(c: &Connection, agent_id: &str) -> Result<AgentState, StoreError> {
-        let row: Option<(i64, Vec<u8>)> = c
-            .query_row(
-                "SELECT seq, hash FROM records WHERE agent_id = ?1 ORDER BY seq DESC LIMIT 1",
-                params![agent_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(db)?;
-        Ok(match row {
-            Some((seq, h)) => AgentState {
-                durable_seq: seq as u64,
-                durable_hash: hash_from(h),
-                epoch: 0,
-            },
-            None => AgentState {
-                durable_seq: 0,
-                durable_hash: GENESIS,
-                epoch: 0,
-            },
-        })
-    }
-}
-
-fn insert_alarm(c: &Connection, a: &Alarm) -> Result<(), StoreError> {
-    c.execute(
-        "INSERT INTO alarms (agent_id, at_ms, kind, seq, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            a.agent_id,
-            a.at_ms,
-            a.kind,
-            a.seq.map(|s| s as i64),
-            a.detail
-        ],
-    )
-    .map_err(db)?;
-    Ok(())
-}
-
-fn opt_u64(v: Option<u64>) -> Option<i64> {
-    v.map(|x| x as i64)
-}
-
-impl Store for SqliteStore {
-    fn hello(&self, h: &AgentHello) -> Result<AgentState, StoreError> {
-        let mut c = self.w();
-        let tx = c.transaction().map_err(db)?;
-        let pinned: Option<Vec<u8>> = tx
-            .query_row(
-                "SELECT public_key FROM agents WHERE agent_id = ?1",
-                params![h.agent_id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db)?;
-        match pinned {
-            Some(k) if k.as_slice() != h.public_key.as_slice() => {
-                return Err(StoreError::KeyMismatch {
-                    agent_id: h.agent_id.clone(),
-                });
-            }
-            Some(_) => {
-                tx.execute(
-                    "UPDATE agents SET host_id=?2, csp=?3, hostname=?4, agent_version=?5, driver_version=?6, epoch=?7, last_seen_ms=?8 WHERE agent_id=?1",
-                    params![h.agent_id, h.host_id, h.csp, h.hostname, h.agent_version, h.driver_version, h.epoch as i64, h.received_ms],
-                )
-                .map_err(db)?;
-            }
-            None => {
-                tx.execute(
-                    "INSERT INTO agents (agent_id, host_id, csp, hostname, agent_version, driver_version, public_key, epoch, first_seen_ms, last_seen_ms) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?9)",
-                    params![h.agent_id, h.host_id, h.csp, h.hostname, h.agent_version, h.driver_version, h.public_key.to_vec(), h.epoch as i64, h.received_ms],
-                )
-                .map_err(db)?;
-            }
-        }
-        for g in &h.gpus {
-            tx.execute(
-                "INSERT INTO gpus (gpu_uuid, agent_id, host_id, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode, last_seen_ms)
-                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)
-                 ON CONFLICT(gpu_uuid) DO UPDATE SET agent_id=excluded.agent_id, host_id=excluded.host_id, idx=excluded.idx,
-                   name=excluded.name, serial=excluded.serial, pci_bus_id=excluded.pci_bus_id,
-                   memory_total_bytes=excluded.memory_total_bytes, mig_mode=excluded.mig_mode, last_seen_ms=excluded.last_seen_ms",
-                params![g.uuid, h.agent_id, h.host_id, g.index, g.name, g.serial, g.pci_bus_id, opt_u64(g.memory_total_bytes), g.mig_mode, h.received_ms],
-            )
-            .map_err(db)?;
-        }
-        super::sqlite_integrity::note_cards(&tx, h)?;
-        super::sqlite_integrity::note_key(
-            &tx,
-            &h.agent_id,
-            &h.public_key,
-            "first use",
-            "",
-            h.received_ms,
-        )?;
-        let mut state = Self::durable(&tx, &h.agent_id)?;
-        state.epoch = tx
-            .query_row(
-                "SELECT COALESCE(MAX(epoch), 0) FROM checkpoints WHERE agent_id = ?1",
-                params![h.agent_id],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(db)? as u64;
-        tx.commit().map_err(db)?;
-        Ok(state)
-    }
-
-    fn commit(&self, batches: &[IngestBatch]) -> Result<Vec<CommitOutcome>, StoreError> {
+    /// The group commit: one transaction; with `isolate`, a savepoint per batch so a batch
+    /// whose insert fails is rolled back alone (with an alarm), and every later batch of the
+    /// same agent in this commit fails with it (its chain would have a hole).
+    fn commit_batches(
+        &self,
+        batches: &[IngestBatch],
+        isolate: bool,
+    ) -> Result<Vec<Result<CommitOutcome, StoreError>>, StoreError> {
         let mut c = self.w();
         let tx = c.transaction().map_err(db)?;
         let mut outcomes = Vec::with_capacity(batches.len());
@@ -585,14 +515,23 @@ impl Store for SqliteStore {
                      VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)",
                 )
                 .map_err(db)?;
+            let mut mark_disputed = tx
+                .prepare_cached(
+                    "INSERT INTO disputed_windows (agent_id, seq, gpu_uuid, host_id, owner_host_id)
+                     SELECT a.agent_id, ?2, g.gpu_uuid, a.host_id, g.host_id
+                     FROM agents a JOIN gpus g ON g.gpu_uuid = ?3
+                     WHERE a.agent_id = ?1 AND g.host_id <> a.host_id",
+                )
+                .map_err(db)?;
             let mut ins_cp = tx
                 .prepare_cached(
                     "INSERT INTO checkpoints (agent_id, epoch, seq, chain_hash, signature, received_ms)
                      VALUES (?1,?2,?3,?4,?5,?6) ON CONFLICT(agent_id, seq) DO NOTHING",
                 )
                 .map_err(db)?;
-            for b in batches {
+            let mut one = |b: &IngestBatch| -> Result<CommitOutcome, StoreError> {
                 let mut out = CommitOutcome::default();
+                let mut disputed: Vec<(u64, String)> = Vec::new();
                 for r in &b.records {
                     let seq = r.seq as i64;
                     let n = ins_rec
@@ -672,6 +611,13 @@ impl Store for SqliteStore {
                                     opt_u64(w.grantee_occupied_ms)
                                 ])
                                 .map_err(db)?;
+                            if mark_disputed
+                                .execute(params![b.agent_id, seq, w.gpu_uuid])
+                                .map_err(db)?
+                                > 0
+                            {
+                                disputed.push((r.seq, w.gpu_uuid.clone()));
+                            }
                             for p in &w.principals {
                                 ins_pr
                                     .execute(params![
@@ -778,14 +724,371 @@ impl Store for SqliteStore {
                 for a in &b.alarms {
                     insert_alarm(&tx, a)?;
                 }
+                if let (Some(first), Some(last)) = (disputed.first(), disputed.last()) {
+                    let mut cards: Vec<&str> = disputed.iter().map(|(_, u)| u.as_str()).collect();
+                    cards.sort_unstable();
+                    cards.dedup();
+                    insert_alarm(
+                        &tx,
+                        &Alarm {
+                            agent_id: b.agent_id.clone(),
+                            at_ms: b.received_ms,
+                            kind: "card_not_owned".into(),
+                            seq: Some(first.0),
+                            detail: format!(
+                                "{} windows (seq {}..={}) for cards another host holds: {}; they count in no figure until an admin moves the card (hosts move-card)",
+                                disputed.len(),
+                                first.0,
+                                last.0,
+                                cards.join(", ")
+                            ),
+                        },
+                    )?;
+                }
                 let st = Self::durable(&tx, &b.agent_id)?;
                 out.durable_seq = st.durable_seq;
                 out.durable_hash = st.durable_hash;
-                outcomes.push(out);
+                Ok(out)
+            };
+            let mut failed: std::collections::HashSet<&str> = std::collections::HashSet::new();
+            for b in batches {
+                if !isolate {
+                    outcomes.push(Ok(one(b)?));
+                    continue;
+                }
+                let last_seq = b.records.last().map_or(b.checkpoint.seq, |r| r.seq);
+                if failed.contains(b.agent_id.as_str()) {
+                    outcomes.push(Err(StoreError::BatchRefused {
+                        agent_id: b.agent_id.clone(),
+                        seq: last_seq,
+                        reason: "an earlier batch of this agent failed in the same commit".into(),
+                    }));
+                    continue;
+                }
+                tx.execute_batch("SAVEPOINT batch").map_err(db)?;
+                match one(b) {
+                    Ok(o) => {
+                        tx.execute_batch("RELEASE batch").map_err(db)?;
+                        outcomes.push(Ok(o));
+                    }
+                    Err(e) => {
+                        tx.execute_batch("ROLLBACK TO batch; RELEASE batch")
+                            .map_err(db)?;
+                        failed.insert(b.agent_id.as_str());
+                        let reason = e.to_string();
+                        insert_alarm(
+                            &tx,
+                            &Alarm {
+                                agent_id: b.agent_id.clone(),
+                                at_ms: b.received_ms,
+                                kind: "batch_failed".into(),
+                                seq: b.records.first().map(|r| r.seq),
+                                detail: format!(
+                                    "batch ending at seq {last_seq} failed to insert and was rolled back alone: {reason}"
+                                ),
+                            },
+                        )?;
+                        outcomes.push(Err(StoreError::BatchRefused {
+                            agent_id: b.agent_id.clone(),
+                            seq: last_seq,
+                            reason,
+                        }));
+                    }
+                }
             }
         }
+
         tx.commit().map_err(db)?;
         Ok(outcomes)
+    }
+
+    fn durable(c: &Connection, agent_id: &str) -> Result<AgentState, StoreError> {
+        let row: Option<(i64, Vec<u8>)> = c
+            .query_row(
+                "SELECT seq, hash FROM records WHERE agent_id = ?1 ORDER BY seq DESC LIMIT 1",
+                params![agent_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        Ok(match row {
+            Some((seq, h)) => AgentState {
+                durable_seq: seq as u64,
+                durable_hash: hash_from(h),
+                epoch: 0,
+            },
+            None => AgentState {
+                durable_seq: 0,
+                durable_hash: GENESIS,
+                epoch: 0,
+            },
+        })
+    }
+}
+
+fn insert_alarm(c: &Connection, a: &Alarm) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO alarms (agent_id, at_ms, kind, seq, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            a.agent_id,
+            a.at_ms,
+            a.kind,
+            a.seq.map(|s| s as i64),
+            a.detail
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+fn opt_u64(v: Option<u64>) -> Option<i64> {
+    v.map(|x| x as i64)
+}
+
+impl Store for SqliteStore {
+    fn hello(&self, h: &AgentHello) -> Result<AgentState, StoreError> {
+        let mut c = self.w();
+        let tx = c.transaction().map_err(db)?;
+        let pinned: Option<(Vec<u8>, String, String)> = tx
+            .query_row(
+                "SELECT public_key, host_id, csp FROM agents WHERE agent_id = ?1",
+                params![h.agent_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        match pinned {
+            Some((k, _, _)) if k.as_slice() != h.public_key.as_slice() => {
+                return Err(StoreError::KeyMismatch {
+                    agent_id: h.agent_id.clone(),
+                });
+            }
+            // An admin registration leaves csp empty until the first Hello binds the host.
+            Some((_, bound, csp)) if !csp.is_empty() && bound != h.host_id => {
+                return Err(StoreError::HostMismatch {
+                    agent_id: h.agent_id.clone(),
+                    bound,
+                    claimed: h.host_id.clone(),
+                });
+            }
+            Some(_) => {
+                tx.execute(
+                    "UPDATE agents SET host_id=?2, csp=?3, hostname=?4, agent_version=?5, driver_version=?6, epoch=?7, last_seen_ms=?8 WHERE agent_id=?1",
+                    params![h.agent_id, h.host_id, h.csp, h.hostname, h.agent_version, h.driver_version, h.epoch as i64, h.received_ms],
+                )
+                .map_err(db)?;
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO agents (agent_id, host_id, csp, hostname, agent_version, driver_version, public_key, epoch, first_seen_ms, last_seen_ms) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?9)",
+                    params![h.agent_id, h.host_id, h.csp, h.hostname, h.agent_version, h.driver_version, h.public_key.to_vec(), h.epoch as i64, h.received_ms],
+                )
+                .map_err(db)?;
+            }
+        }
+        for g in &h.gpus {
+            // A card another host holds stays that host's; the claim is an alarm.
+            let holder: Option<String> = tx
+                .query_row(
+                    "SELECT host_id FROM gpus WHERE gpu_uuid = ?1",
+                    params![g.uuid],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            // A card no host reported yet but a grant assigns to another host is that host's
+            // (an admin's assignment): held for it, with no agent until its own Hello.
+            let holder = match holder {
+                Some(h) => Some(h),
+                None => {
+                    let granted: Option<String> = tx
+                        .query_row(
+                            "SELECT host_id FROM grant_cards WHERE gpu_uuid = ?1 ORDER BY id DESC LIMIT 1",
+                            params![g.uuid],
+                            |r| r.get(0),
+                        )
+                        .optional()
+                        .map_err(db)?;
+                    if let Some(k) = granted.as_ref().filter(|k| **k != h.host_id) {
+                        tx.execute(
+                            "INSERT INTO gpus (gpu_uuid, agent_id, host_id, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode, last_seen_ms)
+                             VALUES (?1, '', ?2, 0, '', '', '', NULL, '', ?3)",
+                            params![g.uuid, k, h.received_ms],
+                        )
+                        .map_err(db)?;
+                    }
+                    granted
+                }
+            };
+            if let Some(holder) = holder.filter(|o| *o != h.host_id) {
+                insert_alarm(
+                    &tx,
+                    &Alarm {
+                        agent_id: h.agent_id.clone(),
+                        at_ms: h.received_ms,
+                        kind: "card_claimed".into(),
+                        seq: None,
+                        detail: format!(
+                            "host {} listed card {} that host {holder} holds; the card stays with {holder} and windows for it from {} count in no figure until an admin moves it (hosts move-card)",
+                            h.host_id, g.uuid, h.host_id
+                        ),
+                    },
+                )?;
+                continue;
+            }
+            tx.execute(
+                "INSERT INTO gpus (gpu_uuid, agent_id, host_id, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode, last_seen_ms)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)
+                 ON CONFLICT(gpu_uuid) DO UPDATE SET agent_id=excluded.agent_id, host_id=excluded.host_id, idx=excluded.idx,
+                   name=excluded.name, serial=excluded.serial, pci_bus_id=excluded.pci_bus_id,
+                   memory_total_bytes=excluded.memory_total_bytes, mig_mode=excluded.mig_mode, last_seen_ms=excluded.last_seen_ms",
+                params![g.uuid, h.agent_id, h.host_id, g.index, g.name, g.serial, g.pci_bus_id, opt_u64(g.memory_total_bytes), g.mig_mode, h.received_ms],
+            )
+            .map_err(db)?;
+        }
+        super::sqlite_integrity::note_cards(&tx, h)?;
+        super::sqlite_integrity::note_key(
+            &tx,
+            &h.agent_id,
+            &h.public_key,
+            "first use",
+            "",
+            h.received_ms,
+        )?;
+        let mut state = Self::durable(&tx, &h.agent_id)?;
+        state.epoch = tx
+            .query_row(
+                "SELECT COALESCE(MAX(epoch), 0) FROM checkpoints WHERE agent_id = ?1",
+                params![h.agent_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(db)? as u64;
+        tx.commit().map_err(db)?;
+        Ok(state)
+    }
+
+    fn commit(&self, batches: &[IngestBatch]) -> Result<Vec<CommitOutcome>, StoreError> {
+        self.commit_batches(batches, false)?.into_iter().collect()
+    }
+
+    fn commit_each(
+        &self,
+        batches: &[IngestBatch],
+    ) -> Result<Vec<Result<CommitOutcome, StoreError>>, StoreError> {
+        self.commit_batches(batches, true)
+    }
+
+    fn agent_registered_ms(&self, agent_id: &str) -> Result<Option<i64>, StoreError> {
+        self.r()
+            .query_row(
+                "SELECT first_seen_ms FROM agents WHERE agent_id = ?1",
+                params![agent_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)
+    }
+
+    fn move_host_card(
+        &self,
+        gpu_uuid: &str,
+        to_host_id: &str,
+        actor: &str,
+        reason: &str,
+        at_ms: i64,
+    ) -> Result<CardMoveRow, StoreError> {
+        let mut c = self.w();
+        let tx = c
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let from: String = tx
+            .query_row(
+                "SELECT host_id FROM gpus WHERE gpu_uuid = ?1",
+                params![gpu_uuid],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "card",
+                id: gpu_uuid.to_owned(),
+            })?;
+        if from == to_host_id {
+            return Err(StoreError::Conflict(format!(
+                "card {gpu_uuid} is already held by host {to_host_id}"
+            )));
+        }
+        // The card is listed under the new host's agent; none yet: its first Hello takes it.
+        let agent: String = tx
+            .query_row(
+                "SELECT agent_id FROM agents WHERE host_id = ?1 AND csp <> '' ORDER BY last_seen_ms DESC LIMIT 1",
+                params![to_host_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?
+            .unwrap_or_default();
+        tx.execute(
+            "UPDATE gpus SET host_id = ?2, agent_id = ?3 WHERE gpu_uuid = ?1",
+            params![gpu_uuid, to_host_id, agent],
+        )
+        .map_err(db)?;
+        let row = CardMoveRow {
+            gpu_uuid: gpu_uuid.to_owned(),
+            from_host_id: from,
+            to_host_id: to_host_id.to_owned(),
+            at_ms,
+            actor: actor.to_owned(),
+            reason: reason.to_owned(),
+        };
+        tx.execute(
+            "INSERT INTO card_moves (gpu_uuid, from_host_id, to_host_id, at_ms, actor, reason) VALUES (?1,?2,?3,?4,?5,?6)",
+            params![row.gpu_uuid, row.from_host_id, row.to_host_id, row.at_ms, row.actor, row.reason],
+        )
+        .map_err(db)?;
+        insert_alarm(
+            &tx,
+            &Alarm {
+                agent_id: agent,
+                at_ms,
+                kind: "card_moved".into(),
+                seq: None,
+                detail: format!(
+                    "{actor} moved card {gpu_uuid} from host {} to host {to_host_id}{}",
+                    row.from_host_id,
+                    if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {reason}")
+                    }
+                ),
+            },
+        )?;
+        tx.commit().map_err(db)?;
+        Ok(row)
+    }
+
+    fn card_moves(&self, gpu_uuid: Option<&str>) -> Result<Vec<CardMoveRow>, StoreError> {
+        let c = self.r();
+        let mut st = c
+            .prepare(
+                "SELECT gpu_uuid, from_host_id, to_host_id, at_ms, actor, reason FROM card_moves
+                 WHERE (?1 IS NULL OR gpu_uuid = ?1) ORDER BY id",
+            )
+            .map_err(db)?;
+        st.query_map(params![gpu_uuid], |r| {
+            Ok(CardMoveRow {
+                gpu_uuid: r.get(0)?,
+                from_host_id: r.get(1)?,
+                to_host_id: r.get(2)?,
+                at_ms: r.get(3)?,
+                actor: r.get(4)?,
+                reason: r.get(5)?,
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)
     }
 
     fn record_hash(&self, agent_id: &str, seq: u64) -> Result<Option<Hash>, StoreError> {
@@ -828,7 +1131,7 @@ impl Store for SqliteStore {
     fn usage(&self, from_ms: i64, until_ms: i64) -> Result<Usage, StoreError> {
         let c = self.r();
         let mut st = c
-            .prepare(
+            .prepare(&format!(
                 "SELECT w.agent_id, a.host_id, a.csp, w.gpu_uuid, COALESCE(g.name, ''), COUNT(*),
                         SUM(w.good_samples * w.interval_ms + w.unavailable_ms),
                         SUM(w.occupied_ms), SUM(w.active_ms), SUM(w.foreign_ms), SUM(w.unavailable_ms),
@@ -837,11 +1140,11 @@ impl Store for SqliteStore {
                         COALESCE(SUM(w.energy_mj), 0), COALESCE(MAX(w.memory_used_max_bytes), 0)
                  FROM windows w JOIN agents a ON a.agent_id = w.agent_id
                  LEFT JOIN gpus g ON g.gpu_uuid = w.gpu_uuid
-                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2
+                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2 AND {COUNTED}
                    AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
                  GROUP BY w.agent_id, w.gpu_uuid
-                 ORDER BY a.host_id, w.gpu_uuid",
-            )
+                 ORDER BY a.host_id, w.gpu_uuid"
+            ))
             .map_err(db)?;
         let cards = st
             .query_map(params![from_ms, until_ms], |r| {
@@ -868,17 +1171,17 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(db)?;
         let mut st = c
-            .prepare(
+            .prepare(&format!(
                 "SELECT a.host_id, w.gpu_uuid, p.principal, w.grant_id, SUM(p.occupied_ms), SUM(p.active_ms),
                         MAX(p.memory_max_bytes), MIN(p.matches_grant)
                  FROM window_principals p
                  JOIN windows w ON w.agent_id = p.agent_id AND w.seq = p.seq
                  JOIN agents a ON a.agent_id = w.agent_id
-                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2
+                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2 AND {COUNTED}
                    AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
                  GROUP BY a.host_id, w.gpu_uuid, p.principal, w.grant_id
-                 ORDER BY a.host_id, w.gpu_uuid, p.principal, w.grant_id",
-            )
+                 ORDER BY a.host_id, w.gpu_uuid, p.principal, w.grant_id"
+            ))
             .map_err(db)?;
         let tenants = st
             .query_map(params![from_ms, until_ms], |r| {
@@ -1175,9 +1478,13 @@ impl Store for SqliteStore {
         let c = self.r();
         // The lower bound on start_ms lets the (start_ms, gpu_uuid) index answer: no window is
         // longer than a day (the agent's window length divides a day).
-        const WHERE: &str = "w.start_ms >= ?1 - 86400000 AND w.start_ms < ?2 AND w.end_ms > ?1
-                             AND (?3 IS NULL OR w.gpu_uuid = ?3)
-                             AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)";
+        // Windows reported for a card another host held count only once it is theirs; flagged
+        // windows (impossible, or card time already counted) never count.
+        let where_ = format!(
+            "w.start_ms >= ?1 - 86400000 AND w.start_ms < ?2 AND w.end_ms > ?1
+             AND (?3 IS NULL OR w.gpu_uuid = ?3) AND {COUNTED}
+             AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)"
+        );
         let mut st = c
             .prepare(&format!(
                 "SELECT w.agent_id, a.host_id, a.csp, w.seq, w.gpu_uuid, w.start_ms, w.end_ms, w.interval_ms,
@@ -1187,7 +1494,7 @@ impl Store for SqliteStore {
                         w.assignment_status, w.grant_id, w.principal, w.active_ms, w.occupied_ms,
                         w.foreign_ms, w.grantee_occupied_ms
                  FROM windows w JOIN agents a ON a.agent_id = w.agent_id
-                 WHERE {WHERE}
+                 WHERE {where_}
                  ORDER BY w.gpu_uuid, w.start_ms, w.agent_id, w.seq"
             ))
             .map_err(db)?;
@@ -1241,7 +1548,7 @@ impl Store for SqliteStore {
                 "SELECT p.agent_id, p.seq, p.principal, p.uid, p.occupied_ms, p.active_ms,
                         p.memory_max_bytes, p.process_count, p.matches_grant
                  FROM window_principals p JOIN windows w ON w.agent_id = p.agent_id AND w.seq = p.seq
-                 WHERE {WHERE}
+                 WHERE {where_}
                  ORDER BY p.agent_id, p.seq, p.principal"
             ))
             .map_err(db)?;
@@ -2105,5 +2412,270 @@ mod reconcile_reads_tests {
             "older windows carry no union"
         );
         assert!(store.invoices().unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod binding_tests {
+    use super::*;
+    use crate::store::{CheckpointRow, IngestRecord};
+
+    const CARD: &str = "GPU-000000c1-0000-4000-8000-000000000000";
+
+    fn hello(agent: &str, host: &str, gpus: &[&str]) -> AgentHello {
+        AgentHello {
+            agent_id: agent.into(),
+            host_id: host.into(),
+            csp: "kt".into(),
+            hostname: agent.into(),
+            agent_version: "t".into(),
+            public_key: [7; 32],
+            driver_version: "t".into(),
+            gpus: gpus
+                .iter()
+                .map(|u| GpuRow {
+                    uuid: u.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            epoch: 1,
+            received_ms: 5,
+        }
+    }
+
+    fn window(gpu: &str, start: i64, principals: &[&str]) -> WindowRow {
+        WindowRow {
+            gpu_uuid: gpu.into(),
+            start_ms: start,
+            end_ms: start + 60_000,
+            interval_ms: 1_000,
+            expected_samples: 60,
+            good_samples: 60,
+            util_avg_pct: Some(50.0),
+            util_max_pct: None,
+            mem_util_avg_pct: None,
+            memory_used_max_bytes: None,
+            energy_mj: None,
+            energy_estimated: false,
+            power_avg_w: None,
+            temperature_max_c: None,
+            throttle_reasons: None,
+            health: "ok",
+            unavailable_ms: 0,
+            assignment_status: "unassigned",
+            grant_id: String::new(),
+            principal: String::new(),
+            active_ms: 0,
+            occupied_ms: 0,
+            foreign_ms: 0,
+            grantee_occupied_ms: None,
+            principals: principals
+                .iter()
+                .map(|p| PrincipalRow {
+                    principal: p.to_string(),
+                    uid: None,
+                    occupied_ms: 1,
+                    active_ms: 1,
+                    memory_max_bytes: 1,
+                    process_count: 1,
+                    matches_grant: false,
+                })
+                .collect(),
+        }
+    }
+
+    fn batch(agent: &str, first_seq: u64, windows: Vec<WindowRow>) -> IngestBatch {
+        let records: Vec<IngestRecord> = windows
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| IngestRecord {
+                seq: first_seq + i as u64,
+                prev_hash: [0; 32],
+                hash: [first_seq as u8 + i as u8; 32],
+                body: vec![i as u8],
+                created_ms: 0,
+                content: RecordContent::Window(w),
+            })
+            .collect();
+        IngestBatch {
+            agent_id: agent.into(),
+            checkpoint: CheckpointRow {
+                epoch: 1,
+                seq: records.last().map_or(0, |r| r.seq),
+                chain_hash: [0; 32],
+                signature: vec![],
+            },
+            records,
+            received_ms: 9,
+            alarms: vec![],
+        }
+    }
+
+    fn kinds(store: &SqliteStore, agent: &str) -> Vec<String> {
+        store
+            .alarms(Some(agent))
+            .unwrap()
+            .into_iter()
+            .map(|a| a.kind)
+            .collect()
+    }
+
+    #[test]
+    fn a_failing_batch_is_rolled_back_alone_and_the_others_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        for a in ["a", "p", "b"] {
+            store.hello(&hello(a, a, &[])).unwrap();
+        }
+        let out = store
+            .commit_each(&[
+                batch("a", 1, vec![window("GPU-a", 0, &["user:a"])]),
+                // The same principal twice in one window: the insert fails.
+                batch("p", 1, vec![window("GPU-p", 0, &["user:x", "user:x"])]),
+                batch("p", 2, vec![window("GPU-p", 60_000, &["user:x"])]),
+                batch("b", 1, vec![window("GPU-b", 0, &["user:b"])]),
+            ])
+            .unwrap();
+        assert_eq!(out[0].as_ref().unwrap().durable_seq, 1);
+        assert!(
+            matches!(&out[1], Err(StoreError::BatchRefused { agent_id, seq: 1, reason }) if agent_id == "p" && reason.contains("UNIQUE")),
+            "{:?}",
+            out[1]
+        );
+        assert!(
+            matches!(&out[2], Err(StoreError::BatchRefused { seq: 2, .. })),
+            "a later batch of the same agent would leave a hole: {:?}",
+            out[2]
+        );
+        assert_eq!(out[3].as_ref().unwrap().durable_seq, 1);
+        let held = |agent: &str| {
+            store
+                .r()
+                .query_row(
+                    "SELECT COUNT(*) FROM records WHERE agent_id = ?1",
+                    [agent],
+                    |r| r.get::<_, i64>(0),
+                )
+                .unwrap()
+        };
+        assert_eq!((held("a"), held("p"), held("b")), (1, 0, 1));
+        assert_eq!(kinds(&store, "p"), ["batch_failed"]);
+        // All or nothing through `commit`, as before.
+        assert!(
+            store
+                .commit(&[batch(
+                    "p",
+                    1,
+                    vec![window("GPU-p", 0, &["user:x", "user:x"])]
+                )])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn cards_stay_with_their_first_host_until_an_admin_moves_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
+        store.hello(&hello("k", "host-k", &[CARD])).unwrap();
+        store
+            .commit_each(&[batch("k", 1, vec![window(CARD, 0, &["user:k"])])])
+            .unwrap();
+        // Another host lists the card and meters it.
+        store.hello(&hello("h", "host-h", &[CARD])).unwrap();
+        assert_eq!(kinds(&store, "h"), ["card_claimed"]);
+        let out = store
+            .commit_each(&[batch("h", 1, vec![window(CARD, 60_000, &["user:h"])])])
+            .unwrap();
+        assert!(out[0].is_ok());
+        assert_eq!(kinds(&store, "h"), ["card_claimed", "card_not_owned"]);
+        let counted = |store: &SqliteStore| {
+            store
+                .windows(0, 600_000, Some(CARD))
+                .unwrap()
+                .into_iter()
+                .map(|w| w.agent_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(counted(&store), ["k"]);
+        let usage = store.usage(0, 600_000).unwrap();
+        assert_eq!(usage.cards.len(), 1);
+        assert_eq!(usage.tenants.len(), 1, "{:?}", usage.tenants);
+        let hosts = store.hosts().unwrap();
+        let of = |agent: &str| {
+            hosts
+                .iter()
+                .find(|h| h.agent_id == agent)
+                .map(|h| h.gpus.len())
+        };
+        assert_eq!((of("h"), of("k")), (Some(0), Some(1)));
+
+        let moved = store
+            .move_host_card(CARD, "host-h", "ops", "rack swap", 77)
+            .unwrap();
+        assert_eq!(moved.from_host_id, "host-k");
+        assert_eq!(counted(&store), ["k", "h"]);
+        assert_eq!(store.card_moves(Some(CARD)).unwrap(), [moved]);
+        assert!(matches!(
+            store.move_host_card(CARD, "host-h", "ops", "", 78),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            store.move_host_card("GPU-none", "host-h", "ops", "", 78),
+            Err(StoreError::NotFound { what: "card", .. })
+        ));
+        // Now host K is the one without the card.
+        store.hello(&hello("k", "host-k", &[CARD])).unwrap();
+        assert_eq!(kinds(&store, "k"), ["card_claimed"]);
+    }
+
+    #[test]
+    fn a_card_granted_to_a_host_is_its_own_before_that_host_reports_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("g.db")).unwrap();
+        let g = Grant {
+            grant_id: "G1".into(),
+            program: Program::Research,
+            grantee: "Lab".into(),
+            principal: "user:alice".parse().unwrap(),
+            csp: "kt".into(),
+            valid_from_ms: 0,
+            valid_until_ms: 86_400_000,
+            cards: vec![GrantCard::new("host-k", CARD)],
+            revoked_at_ms: None,
+        };
+        store.insert_grants(&[g], "ops", 1).unwrap();
+        store.hello(&hello("h", "host-h", &[CARD])).unwrap();
+        assert_eq!(kinds(&store, "h"), ["card_claimed"]);
+        store
+            .commit_each(&[batch("h", 1, vec![window(CARD, 0, &["user:h"])])])
+            .unwrap();
+        assert!(store.windows(0, 600_000, Some(CARD)).unwrap().is_empty());
+        // The granted host reports it: listed under its agent, no alarm.
+        store.hello(&hello("k", "host-k", &[CARD])).unwrap();
+        assert!(kinds(&store, "k").is_empty());
+        let hosts = store.hosts().unwrap();
+        let k = hosts.iter().find(|h| h.agent_id == "k").unwrap();
+        assert_eq!(k.gpus.len(), 1);
+    }
+
+    #[test]
+    fn an_agent_id_is_bound_to_the_host_of_its_first_hello() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("b.db")).unwrap();
+        // An admin registration binds no host yet.
+        store.register_agent("a", &[7; 32], "ops", "", 1).unwrap();
+        assert_eq!(store.agent_registered_ms("a").unwrap(), Some(1));
+        store.hello(&hello("a", "host-1", &[])).unwrap();
+        assert_eq!(
+            store.agent_registered_ms("a").unwrap(),
+            Some(1),
+            "the first registration counts"
+        );
+        assert!(matches!(
+            store.hello(&hello("a", "host-2", &[])),
+            Err(StoreError::HostMismatch { bound, claimed, .. }) if bound == "host-1" && claimed == "host-2"
+        ));
+        store.hello(&hello("a", "host-1", &[])).unwrap();
+        assert_eq!(store.agent_registered_ms("nobody").unwrap(), None);
     }
 }

@@ -1,11 +1,19 @@
 //! The single writer: one thread owns every ingest commit. Sessions hand it verified batches;
 //! it takes whatever has queued up (up to a limit), commits it all in one transaction (group
 //! commit), and only then answers each session, which only then acks its agent.
+//!
+//! One client cannot hurt the others: each batch is committed under its own savepoint
+//! ([`Store::commit_each`]), so a batch whose insert fails is rolled back alone and only its
+//! session hears of it. Its agent is then held "poisoned" at that batch's first seq: a later
+//! batch that continues past it (queued before the session learnt of the failure) is refused
+//! too, since storing it would leave a hole; a batch that starts at or before that seq (the
+//! agent resending after it reconnected) clears the mark.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::error;
+use tracing::{error, warn};
 
 use super::{CommitOutcome, IngestBatch, Store, StoreError};
 
@@ -33,6 +41,8 @@ pub struct WriterStats {
     /// Seconds from a batch's hand-over to its commit (or failure): the collector's share of
     /// an agent's ack latency.
     pub commit_latency: gpumeter_telemetry::prometheus_client::metrics::histogram::Histogram,
+    /// Batches that failed alone inside a commit that went through for the others.
+    pub failed_batches: std::sync::atomic::AtomicU64,
 }
 
 impl Default for WriterStats {
@@ -41,6 +51,7 @@ impl Default for WriterStats {
             commits: Default::default(),
             records: Default::default(),
             failed_commits: Default::default(),
+            failed_batches: Default::default(),
             commit_latency:
                 gpumeter_telemetry::prometheus_client::metrics::histogram::Histogram::new(
                     gpumeter_telemetry::prometheus_client::metrics::histogram::exponential_buckets(
@@ -49,6 +60,24 @@ impl Default for WriterStats {
                 ),
         }
     }
+}
+
+/// Whether a batch may go into the next commit, given the agents whose earlier batch failed
+/// (agent → that batch's first seq). Clears the mark of an agent that starts over.
+fn admit(poisoned: &mut HashMap<String, u64>, batch: &IngestBatch) -> Result<(), StoreError> {
+    let Some(&failed_at) = poisoned.get(&batch.agent_id) else {
+        return Ok(());
+    };
+    let first = batch.records.iter().map(|r| r.seq).min().unwrap_or(0);
+    if first > failed_at {
+        return Err(StoreError::BatchRefused {
+            agent_id: batch.agent_id.clone(),
+            seq: batch.checkpoint.seq,
+            reason: format!("it continues past seq {failed_at}, whose batch failed"),
+        });
+    }
+    poisoned.remove(&batch.agent_id);
+    Ok(())
 }
 
 impl std::fmt::Debug for Req {
@@ -75,6 +104,7 @@ impl Writer {
             .name("gpumeter-writer".into())
             .spawn(move || {
                 let mut group = Vec::with_capacity(MAX_GROUP);
+                let mut poisoned: HashMap<String, u64> = HashMap::new();
                 while let Some(first) = rx.blocking_recv() {
                     let mut records = first.batch.records.len();
                     group.push(first);
@@ -87,19 +117,38 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
+                    use std::sync::atomic::Ordering::Relaxed;
+                    group.retain_mut(|r| match admit(&mut poisoned, &r.batch) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            counters.failed_batches.fetch_add(1, Relaxed);
+                            let (tx, _) = oneshot::channel();
+                            let _ = std::mem::replace(&mut r.reply, tx).send(Err(e));
+                            false
+                        }
+                    });
+                    if group.is_empty() {
+                        continue;
+                    }
                     let batches: Vec<IngestBatch> =
                         group.iter_mut().map(|r| std::mem::replace(&mut r.batch, IngestBatch::empty())).collect();
-                    use std::sync::atomic::Ordering::Relaxed;
-                    match store.commit(&batches) {
+                    match store.commit_each(&batches) {
                         Ok(outcomes) => {
                             counters.commits.fetch_add(1, Relaxed);
-                            counters.records.fetch_add(
-                                batches.iter().map(|b| b.records.len() as u64).sum(),
-                                Relaxed,
-                            );
-                            for (r, o) in group.drain(..).zip(outcomes) {
+                            for ((r, o), b) in group.drain(..).zip(outcomes).zip(&batches) {
                                 counters.commit_latency.observe(r.queued.elapsed().as_secs_f64());
-                                let _ = r.reply.send(Ok(o));
+                                match &o {
+                                    Ok(_) => {
+                                        counters.records.fetch_add(b.records.len() as u64, Relaxed);
+                                    }
+                                    Err(e) => {
+                                        counters.failed_batches.fetch_add(1, Relaxed);
+                                        warn!(agent = %b.agent_id, error = %e, "batch failed alone; the rest of the commit went through");
+                                        let first = b.records.iter().map(|r| r.seq).min().unwrap_or(0);
+                                        poisoned.insert(b.agent_id.clone(), first);
+                                    }
+                                }
+                                let _ = r.reply.send(o);
                             }
                         }
                         Err(e) => {
@@ -149,5 +198,52 @@ impl Writer {
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CheckpointRow, IngestRecord, RecordContent};
+
+    fn batch(agent: &str, seqs: std::ops::RangeInclusive<u64>) -> IngestBatch {
+        IngestBatch {
+            agent_id: agent.into(),
+            records: seqs
+                .clone()
+                .map(|seq| IngestRecord {
+                    seq,
+                    prev_hash: [0; 32],
+                    hash: [0; 32],
+                    body: vec![],
+                    created_ms: 0,
+                    content: RecordContent::Unknown,
+                })
+                .collect(),
+            checkpoint: CheckpointRow {
+                epoch: 1,
+                seq: *seqs.end(),
+                chain_hash: [0; 32],
+                signature: vec![],
+            },
+            received_ms: 0,
+            alarms: vec![],
+        }
+    }
+
+    #[test]
+    fn a_poisoned_agent_is_held_until_it_starts_over() {
+        let mut poisoned = HashMap::from([("p".to_string(), 5u64)]);
+        assert!(admit(&mut poisoned, &batch("other", 9..=10)).is_ok());
+        assert!(matches!(
+            admit(&mut poisoned, &batch("p", 8..=9)),
+            Err(StoreError::BatchRefused { seq: 9, .. })
+        ));
+        assert!(poisoned.contains_key("p"));
+        assert!(admit(&mut poisoned, &batch("p", 5..=7)).is_ok());
+        assert!(
+            poisoned.is_empty(),
+            "resending from the failed seq clears the mark"
+        );
     }
 }
