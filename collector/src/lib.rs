@@ -10,6 +10,7 @@ pub mod demo;
 pub mod grants;
 pub mod ingest;
 pub mod invoices;
+pub mod pdf;
 pub mod query;
 pub mod reconcile;
 pub mod render;

@@ -10,9 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use gpumeter_collector::config::CollectorConfig;
 use gpumeter_collector::demo::{DemoOptions, run_demo};
 use gpumeter_collector::grants::{fmt_kst, parse_gpu_uuid, parse_valid_from, parse_valid_until};
-use gpumeter_collector::report::{
-    UsageJson, idle_table, parse_period, reconciliation_json, reconciliation_table, usage_table,
-};
+use gpumeter_collector::report::{UsageJson, idle_table, parse_period, reconciliation_json};
 use gpumeter_collector::store::sqlite::SqliteStore;
 use gpumeter_proto::v1;
 
@@ -34,6 +32,8 @@ enum Format {
     Json,
     Focus,
     Html,
+    /// The HTML page printed to A4-landscape PDF by headless Chromium (needs `chromium`).
+    Pdf,
 }
 
 /// What `report` shows.
@@ -83,10 +83,20 @@ enum Command {
     /// delivered, occupied, active, idle and foreign GPU-hours, utilization, energy and
     /// violations per grant and card, program and CSP; use of unassigned cards; idle grants;
     /// invoices against delivery. `--view usage` shows raw usage per card and tenant instead.
+    /// A period still in progress is reconciled up to now (or --as-of); the rest of it is not
+    /// yet elapsed and counts in no figure.
+    #[command(after_help = gpumeter_collector::render::glossary::help_text())]
     Report {
         /// YYYY-MM (a Korean calendar month), YYYY-MM-DD, or FROM..UNTIL (dates or RFC 3339).
         #[arg(long)]
         period: String,
+        /// Reconcile as of this time (RFC 3339, or a KST date meaning its midnight) instead of
+        /// now: only the part of the period elapsed by then counts.
+        #[arg(long, value_name = "TIME")]
+        as_of: Option<String>,
+        /// Terminal tables: every column and whole GPU UUIDs (the default fits 120 columns).
+        #[arg(long)]
+        wide: bool,
         /// Only this program's grants: hpc, research or advanced (leaves unassigned use out).
         #[arg(long)]
         program: Option<String>,
@@ -343,6 +353,17 @@ fn write_out(text: &str, out: Option<&PathBuf>) -> Result<(), Failure> {
     Ok(())
 }
 
+fn write_bytes(bytes: &[u8], out: Option<&PathBuf>) -> Result<(), Failure> {
+    use std::io::Write;
+    match out {
+        Some(p) => std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display()))?,
+        None => std::io::stdout()
+            .write_all(bytes)
+            .context("writing to standard output")?,
+    }
+    Ok(())
+}
+
 async fn dispatch(cmd: Command) -> Result<(), Failure> {
     match cmd {
         Command::Serve {
@@ -393,6 +414,8 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
         Command::Grants { command } => grants(command).await,
         Command::Report {
             period,
+            as_of,
+            wide,
             program,
             grant,
             format,
@@ -405,6 +428,8 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
         } => {
             let args = ReportArgs {
                 period,
+                as_of,
+                wide,
                 program,
                 grant,
                 format,
@@ -1051,6 +1076,8 @@ enum InvoicesCommand {
 /// `report`'s flags.
 struct ReportArgs {
     period: String,
+    as_of: Option<String>,
+    wide: bool,
     program: Option<String>,
     grant: Option<String>,
     format: Format,
@@ -1070,8 +1097,26 @@ async fn query_client(
         .with_context(|| format!("connecting to {server}"))?)
 }
 
+/// `--as-of`: an RFC 3339 instant, or a KST date (its midnight).
+fn parse_as_of(s: &str) -> Result<i64, Failure> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.timestamp_millis());
+    }
+    parse_period(s.trim()).map(|(from, _)| from).map_err(|_| {
+        usage(anyhow::anyhow!(
+            "bad --as-of {s:?}: expected an RFC 3339 time or a YYYY-MM-DD date (KST)"
+        ))
+    })
+}
+
 async fn report(a: ReportArgs) -> Result<(), Failure> {
     let (from, until) = parse_period(&a.period).map_err(|e| usage(e.into()))?;
+    let as_of = a.as_of.as_deref().map(parse_as_of).transpose()?;
+    let width = if a.wide {
+        gpumeter_collector::report::Width::Wide
+    } else {
+        gpumeter_collector::report::Width::Narrow
+    };
     if a.view == View::Usage {
         if !matches!(a.format, Format::Table | Format::Json) {
             return Err(usage(anyhow::anyhow!(
@@ -1091,7 +1136,7 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         let json = UsageJson::from(&r);
         let text = match a.format {
             Format::Json => serde_json::to_string_pretty(&json)? + "\n",
-            _ => usage_table(&json),
+            _ => gpumeter_collector::report::usage_table_width(&json, width),
         };
         return write_out(&text, a.out.as_ref());
     }
@@ -1103,6 +1148,7 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
             grant_id: a.grant.clone().unwrap_or_default(),
             idle_threshold_pct: Some(a.idle_threshold),
             idle_days: Some(a.idle_days),
+            as_of_unix_ms: as_of,
         })
         .await
         .map_err(|s| refused("report", s))?
@@ -1110,7 +1156,16 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
     let rec = gpumeter_collector::query::reconciliation_from_wire(&r);
     let korean = a.lang == ReportLang::Ko;
     let text = match a.format {
-        Format::Table => reconciliation_table(&rec, korean),
+        Format::Table => {
+            gpumeter_collector::report::reconciliation_table_width(&rec, korean, width)
+        }
+        Format::Pdf => {
+            let days = gpumeter_collector::query::card_days_from_wire(&r);
+            let page = render_other("html", &rec, &days, korean)?;
+            let pdf = gpumeter_collector::pdf::print_html(&page)
+                .map_err(|e| anyhow::Error::new(e).context("printing the report to PDF"))?;
+            return write_bytes(&pdf, a.out.as_ref());
+        }
         Format::Json => reconciliation_json(&rec)?,
         Format::Csv => render_other("csv", &rec, &[], korean)?,
         Format::Focus => render_other("focus", &rec, &[], korean)?,

@@ -153,6 +153,8 @@ pub enum Cell {
     NoData,
     /// Utilization in percent.
     Pct(f64),
+    /// The day is after the report's as-of: not yet elapsed, counted in no figure.
+    NotElapsed,
 }
 
 const CELL_W: f64 = 20.0;
@@ -228,6 +230,7 @@ pub fn heatmap(
             let (class, fill, text) = match cell {
                 Cell::NotAllocated => ("cell unallocated", "#ffffff".to_owned(), String::new()),
                 Cell::NoData => ("cell nodata", "#bdbdbd".to_owned(), String::new()),
+                Cell::NotElapsed => ("cell future", "#f5f0e1".to_owned(), String::new()),
                 Cell::Pct(p) => ("cell", heat_colour(p), format!("{}%", num(p, 1))),
             };
             s.push_str(&format!(
