@@ -1,7 +1,7 @@
 //! `report --format pdf`: the HTML page printed by headless Chromium (the one edge of the
 //! reports that runs another program).
 //!
-//! Rules: the browser is `$GPUMETER_CHROMIUM`, else the first of `chromium`,
+//! Rules: the browser is `$GPUMETER_CHROMIUM` (when set and not empty), else the first of `chromium`,
 //! `chromium-browser`, `google-chrome` on `PATH`; none found is an error naming the Debian
 //! package to install. The page is written to a private temporary directory with a throwaway
 //! profile; Chromium runs without network access (the page's own Content-Security-Policy
@@ -20,7 +20,7 @@ pub enum PdfError {
         "headless Chromium not found: install it (Debian/Ubuntu: apt-get install chromium; fonts-noto-cjk for Korean) or set GPUMETER_CHROMIUM to its path"
     )]
     NoChromium,
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
@@ -43,7 +43,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PdfError {
 
 /// The Chromium to print with, if any is installed.
 pub fn find_chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("GPUMETER_CHROMIUM") {
+    if let Some(p) = std::env::var_os("GPUMETER_CHROMIUM").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
     }
     let path = std::env::var_os("PATH")?;
