@@ -695,3 +695,92 @@ fn the_demo_explains_itself_flags_its_idle_card_and_raises_no_alarm() {
     assert!(text.contains("+09:00"), "{text}");
     assert!(text.contains("every hash chain and signature verifies"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Trends
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trends_go_month_by_month_and_agree_with_each_months_report() {
+    let l = ledger().await;
+    let as_of = "2026-12-02T14:00:00+09:00";
+    let args = ["--trend", "2026-04..2026-12", "--as-of", as_of];
+    let t: Value =
+        serde_json::from_str(&l.report_text(&[&args[..], &["--format", "json"]].concat())).unwrap();
+    let months: Vec<&str> = t["months"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert_eq!(months.len(), 9);
+    assert_eq!((months[0], months[8]), ("2026-04", "2026-12"));
+    assert_eq!(t["as_of_ms"], ms(as_of));
+    let rows = t["rows"].as_array().unwrap();
+    let find = |level: &str, key: &str, month: &str| {
+        rows.iter()
+            .find(|r| r["level"] == level && r["key"] == key && r["month"] == month)
+    };
+    // Each month's program row is that month's report's program total, as of the same time.
+    for (program, month) in [("hpc", "2026-04"), ("research", "2026-12")] {
+        let report = l.report_json(&["--period", month, "--as-of", as_of]);
+        let total = report["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["program"] == program)
+            .unwrap();
+        let row = find("program", program, month).unwrap();
+        for k in [
+            "allocated_ms",
+            "delivered_ms",
+            "active_ms",
+            "unavailable_ms",
+            "violations",
+        ] {
+            assert_eq!(row[k], total[k], "{program} {month} {k}");
+        }
+    }
+    // December is in progress: 38 hours of G-DEC's card so far.
+    assert_eq!(
+        find("grant", "G-DEC", "2026-12").unwrap()["allocated_ms"],
+        38 * 3_600_000
+    );
+    // No grant held a card from May to November: no rows are invented for them.
+    for m in &months[1..8] {
+        assert!(rows.iter().all(|r| r["month"] != *m), "{m}");
+    }
+    // Per grantee and per principal.
+    assert!(find("grantee", FORMULA_GRANTEE, "2026-04").is_some());
+    assert_eq!(
+        find("principal", "user:alice", "2026-04").unwrap()["grants"],
+        1
+    );
+    assert!(find("csp", "kt", "2026-12").is_some());
+    // CSV: the same rows, guarded like every CSV.
+    let csv = parse_csv(&l.report_text(&[&args[..], &["--format", "csv"]].concat()));
+    assert_eq!(csv.len(), 1 + rows.len());
+    assert!(csv.iter().any(|r| r[1] == format!("'{FORMULA_GRANTEE}")));
+    // HTML: line charts per program and CSP, a point per program and month with a grant.
+    let html = l.report_text(&[&args[..], &["--format", "html"]].concat());
+    for id in [
+        "chart-trend-program-util",
+        "chart-trend-csp-util",
+        "chart-trend-program-delivered",
+    ] {
+        assert!(html.contains(&format!("<svg id=\"{id}\"")), "{id}");
+    }
+    let program_chart = &html[html.find("<svg id=\"chart-trend-program-util\"").unwrap()..];
+    let program_chart = &program_chart[..program_chart.find("</svg>").unwrap()];
+    assert_eq!(program_chart.matches("<polyline").count(), 2);
+    assert_eq!(program_chart.matches("<circle class=\"point\"").count(), 2);
+    assert!(!html.contains("<script"));
+    // The table fits 120 columns.
+    let table = l.report_text(&args);
+    for line in table.lines() {
+        assert!(line.chars().count() <= 120, "{line}");
+    }
+    assert!(table.contains("Per principal"), "{table}");
+    // --trend and --period exclude each other.
+    let out = l.report_output(&["--trend", "2026-04..2026-05", "--period", "2026-04"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+}

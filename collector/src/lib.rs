@@ -17,4 +17,5 @@ pub mod render;
 pub mod report;
 pub mod server;
 pub mod store;
+pub mod trend;
 pub mod verify;

@@ -88,8 +88,12 @@ enum Command {
     #[command(after_help = gpumeter_collector::render::glossary::help_text())]
     Report {
         /// YYYY-MM (a Korean calendar month), YYYY-MM-DD, or FROM..UNTIL (dates or RFC 3339).
-        #[arg(long)]
-        period: String,
+        #[arg(long, required_unless_present = "trend", conflicts_with = "trend")]
+        period: Option<String>,
+        /// Month-by-month trends instead: FROM..UNTIL in months (2026-04..2026-09), per
+        /// program, CSP, grant, grantee and principal (table, csv, json or html).
+        #[arg(long, value_name = "MONTHS")]
+        trend: Option<String>,
         /// Reconcile as of this time (RFC 3339, or a KST date meaning its midnight) instead of
         /// now: only the part of the period elapsed by then counts.
         #[arg(long, value_name = "TIME")]
@@ -414,6 +418,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
         Command::Grants { command } => grants(command).await,
         Command::Report {
             period,
+            trend,
             as_of,
             wide,
             program,
@@ -427,7 +432,8 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             server,
         } => {
             let args = ReportArgs {
-                period,
+                period: period.unwrap_or_default(),
+                trend,
                 as_of,
                 wide,
                 program,
@@ -1076,6 +1082,7 @@ enum InvoicesCommand {
 /// `report`'s flags.
 struct ReportArgs {
     period: String,
+    trend: Option<String>,
     as_of: Option<String>,
     wide: bool,
     program: Option<String>,
@@ -1109,7 +1116,60 @@ fn parse_as_of(s: &str) -> Result<i64, Failure> {
     })
 }
 
+/// `report --trend`: one reconciliation per month, as of one instant, rolled up.
+async fn trend_report(a: &ReportArgs, spec: &str) -> Result<(), Failure> {
+    use gpumeter_collector::render::{self, Lang};
+    let months = gpumeter_collector::trend::months(spec).map_err(|e| usage(e.into()))?;
+    if a.view != View::Reconcile || matches!(a.format, Format::Focus | Format::Pdf) {
+        return Err(usage(anyhow::anyhow!(
+            "--trend comes as table, csv, json or html, of the reconciliation view"
+        )));
+    }
+    let as_of = match a.as_of.as_deref() {
+        Some(s) => parse_as_of(s)?,
+        None => chrono::Utc::now().timestamp_millis(),
+    };
+    let mut c = query_client(&a.server).await?;
+    let mut reports = Vec::with_capacity(months.len());
+    for m in &months {
+        let r = c
+            .reconcile(v1::ReconcileRequest {
+                period: m.clone(),
+                program: a.program.clone().unwrap_or_default(),
+                grant_id: a.grant.clone().unwrap_or_default(),
+                idle_threshold_pct: Some(a.idle_threshold),
+                idle_days: Some(a.idle_days),
+                as_of_unix_ms: Some(as_of),
+            })
+            .await
+            .map_err(|s| refused("report", s))?
+            .into_inner();
+        reports.push(gpumeter_collector::query::reconciliation_from_wire(&r));
+    }
+    let t = gpumeter_collector::trend::build(&reports, as_of);
+    let lang = if a.lang == ReportLang::Ko {
+        Lang::Ko
+    } else {
+        Lang::En
+    };
+    let width = if a.wide {
+        gpumeter_collector::report::Width::Wide
+    } else {
+        gpumeter_collector::report::Width::Narrow
+    };
+    let text = match a.format {
+        Format::Json => gpumeter_collector::trend::json(&t)?,
+        Format::Csv => render::trend_csv(&t, lang),
+        Format::Html => render::trend_html(&t, lang),
+        _ => gpumeter_collector::report::trend_table(&t, lang == Lang::Ko, width),
+    };
+    write_out(&text, a.out.as_ref())
+}
+
 async fn report(a: ReportArgs) -> Result<(), Failure> {
+    if let Some(spec) = a.trend.clone() {
+        return trend_report(&a, &spec).await;
+    }
     let (from, until) = parse_period(&a.period).map_err(|e| usage(e.into()))?;
     let as_of = a.as_of.as_deref().map(parse_as_of).transpose()?;
     let width = if a.wide {

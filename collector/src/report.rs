@@ -909,6 +909,94 @@ fn idle_table_width(idle: &IdleReport, korean: bool, width: Width) -> String {
     out
 }
 
+/// A trend as terminal tables: one per level (program, CSP, grant, grantee, principal), a
+/// row per key and month.
+pub fn trend_table(t: &crate::trend::Trend, korean: bool, width: Width) -> String {
+    use crate::trend::Level;
+    let w = if korean { &KO } else { &EN };
+    let mut out = format!(
+        "{} {} (KST, {}; {} {} KST)\n{}\n",
+        if korean { "월별 추이" } else { "Trends" },
+        match (t.months.first(), t.months.last()) {
+            (Some(a), Some(b)) => format!("{a} – {b}"),
+            _ => String::new(),
+        },
+        t.time_zone,
+        if korean { "기준" } else { "as of" },
+        crate::render::kst_minute(t.as_of_ms),
+        w.figures_in
+    );
+    for level in Level::ALL {
+        let (title, key) = match (korean, level) {
+            (false, Level::Program) => ("Per program", w.program),
+            (false, Level::Csp) => ("Per CSP", w.csp),
+            (false, Level::Grant) => ("Per grant", w.grant),
+            (false, Level::Grantee) => ("Per grantee", w.grantee),
+            (false, Level::Principal) => ("Per principal", "PRINCIPAL"),
+            (true, Level::Program) => ("사업별", w.program),
+            (true, Level::Csp) => ("CSP별", w.csp),
+            (true, Level::Grant) => ("과제별", w.grant),
+            (true, Level::Grantee) => ("수혜기관별", w.grantee),
+            (true, Level::Principal) => ("사용 주체별", "사용 주체"),
+        };
+        out.push('\n');
+        out.push_str(title);
+        out.push('\n');
+        let rows: Vec<Vec<String>> = t
+            .rows
+            .iter()
+            .filter(|r| r.level == level)
+            .map(|r| {
+                let f = &r.figures;
+                vec![
+                    match width {
+                        Width::Narrow => clip_width(&r.key, 30),
+                        Width::Wide => r.key.clone(),
+                    },
+                    r.month.clone(),
+                    r.grants.to_string(),
+                    h3(f.allocated_ms),
+                    h3(f.delivered_ms),
+                    h3(f.active_ms),
+                    pct1(f.utilization_pct()),
+                    f.violations.to_string(),
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            out.push_str(w.none);
+            out.push('\n');
+            continue;
+        }
+        out.push_str(&grid(
+            &[
+                key,
+                if korean { "월" } else { "MONTH" },
+                w.grants_n,
+                w.times[0],
+                w.times[3],
+                w.times[5],
+                w.util,
+                w.violations,
+            ],
+            &rows,
+            &[false, false, true, true, true, true, true, true],
+        ));
+    }
+    out.push('\n');
+    out.push_str(&notes(
+        &[
+            "allocated",
+            "delivered",
+            "active",
+            "utilization_pct",
+            "time_zone",
+        ],
+        korean,
+    ));
+    out
+}
+
 /// The JSON rendering: the report's own shape (see [`Reconciliation`]), pretty-printed.
 pub fn reconciliation_json(r: &Reconciliation) -> Result<String, serde_json::Error> {
     Ok(serde_json::to_string_pretty(r)? + "\n")

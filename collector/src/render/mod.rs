@@ -13,6 +13,7 @@ mod html_page;
 mod labels;
 mod report_csv;
 mod svg;
+mod trend_page;
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,6 +22,7 @@ use crate::reconcile::Reconciliation;
 
 pub use days::{CardDay, PeriodDay, card_days, period_days};
 pub use labels::{CSV_COLUMNS, Labels};
+pub use trend_page::{TREND_COLUMNS, csv as trend_csv, html as trend_html};
 
 /// Why a renderer's setting is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
