@@ -777,7 +777,7 @@ pub fn provenance_slot(r: &Reconciliation, l: &Labels) -> String {
     format!(
         "{}: {} KST · {}: {}",
         l.as_of,
-        kst_minute(r.as_of_ms.min(r.until_ms).max(r.elapsed_until_ms)),
+        kst_minute(r.as_of_ms),
         l.content_hash,
         hex::encode(&digest[..8])
     )
@@ -821,4 +821,21 @@ fn glossary_section(lang: Lang, l: &Labels) -> String {
     }
     s.push_str("</dl></section>");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn css_strings_cannot_close_the_string_or_the_style_element() {
+        assert_eq!(css_string("plain"), "\"plain\"");
+        assert_eq!(css_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        let s = css_string("</style><script>x</script>\nend");
+        assert!(
+            !s.contains('<') && !s.contains('>') && !s.contains('\n'),
+            "{s}"
+        );
+        assert!(s.starts_with("\"\\3c /style\\3e "), "{s}");
+    }
 }
