@@ -368,6 +368,8 @@ async fn two_agents_stream_windows_that_match_the_scenario_exactly() {
             "report",
             "--view",
             "usage",
+            // Whole GPU UUIDs (the default table shortens them to fit 120 columns).
+            "--wide",
             "--server",
             &collector.url,
             "--period",

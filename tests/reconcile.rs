@@ -231,7 +231,7 @@ fn with(head: Value, f: &Fig) -> Value {
 }
 
 fn interval(from: i64, until: i64) -> Value {
-    json!([{ "from_ms": from, "until_ms": until }])
+    json!([{ "from_ms": from, "until_exclusive_ms": until }])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,7 +400,7 @@ async fn the_april_report_matches_the_scenario_exactly() {
                       cards: Vec<Value>| {
         json!({
             "grant_id": id, "program": program, "grantee": grantee, "principal": principal,
-            "csp": csp, "valid_from_ms": vf, "valid_until_ms": vu, "revoked_at_ms": null,
+            "csp": csp, "valid_from_ms": vf, "valid_until_exclusive_ms": vu, "revoked_at_ms": null,
             "cards": cards,
         })
     };
@@ -412,10 +412,56 @@ async fn the_april_report_matches_the_scenario_exactly() {
     };
     let hours = |ms: u64| ms as f64 / 3_600_000.0;
     let look_from = until - 14 * DAY;
-    let expected = json!({
+    // Violations on A0 and A1 while G-HPC did not hold them (alice before minute 10 and
+    // from minute 100), as the Violations RPC lists them: the report must count each.
+    let listed = v1::query_client::QueryClient::connect(url.clone())
+        .await
+        .unwrap()
+        .violations(v1::ViolationsRequest {
+            period: "2026-04".into(),
+            grant_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let outside_g_hpc = |gpu: &str| {
+        listed
+            .iter()
+            .filter(|e| e.gpu_uuid == gpu)
+            .filter(|e| !(g_hpc_from..g_hpc_until).contains(&e.at_unix_ms))
+            .count() as u64
+    };
+    let (a0_unassigned, a1_unassigned) = (outside_g_hpc(A0), outside_g_hpc(A1));
+    assert!(a0_unassigned >= 2 && a1_unassigned >= 2, "{listed:?}");
+    assert_eq!(outside_g_hpc(B1), 1, "{listed:?}");
+    // carol's process on A2 at the instant G-RES ended (minute 120, exclusive): unassigned.
+    let a2_unassigned = listed
+        .iter()
+        .filter(|e| e.gpu_uuid == A2 && e.at_unix_ms >= t0 + 120 * MIN)
+        .count() as u64;
+    assert_eq!(
+        listed.iter().filter(|e| e.gpu_uuid == A2).count() as u64,
+        a2_unassigned
+    );
+    let kt_unassigned_violations = a0_unassigned + a1_unassigned + a2_unassigned;
+    let mut host_a_unassigned = vec![
+        json!({ "gpu_uuid": A0, "unassigned_use_ms": minutes(30), "violations": a0_unassigned }),
+        json!({ "gpu_uuid": A1, "unassigned_use_ms": minutes(30), "violations": a1_unassigned }),
+    ];
+    if a2_unassigned > 0 {
+        host_a_unassigned
+            .push(json!({ "gpu_uuid": A2, "unassigned_use_ms": 0, "violations": a2_unassigned }));
+    }
+    let as_of_placeholder = 0;
+    let mut expected = json!({
         "period": "2026-04",
         "from_ms": from,
-        "until_ms": until,
+        "until_exclusive_ms": until,
+        // The period is over: all of it elapsed (as_of is the moment of the run).
+        "as_of_ms": as_of_placeholder,
+        "elapsed_until_exclusive_ms": until,
+        "not_elapsed": null,
         "time_zone": "Asia/Seoul",
         "program": null,
         "grant_id": null,
@@ -438,29 +484,32 @@ async fn the_april_report_matches_the_scenario_exactly() {
         ],
         "csps": [
             with(json!({ "csp": "kt", "grants": 2, "cards": 3,
-                         "unassigned_use_ms": minutes(60), "unassigned_use_gpu_hours": 1.0 }), &kt),
+                         "unassigned_use_ms": minutes(60), "unassigned_use_gpu_hours": 1.0,
+                         "unassigned_violations": kt_unassigned_violations }), &kt),
             with(json!({ "csp": "nhn", "grants": 1, "cards": 1,
-                         "unassigned_use_ms": minutes(120), "unassigned_use_gpu_hours": 2.0 }), &b0),
+                         "unassigned_use_ms": minutes(120), "unassigned_use_gpu_hours": 2.0,
+                         "unassigned_violations": 1 }), &b0),
         ],
         "total": Value::Object(total.json()),
         "unassigned": [
             { "csp": "kt", "host_id": "host-a",
-              "cards": [
-                  { "gpu_uuid": A0, "unassigned_use_ms": minutes(30) },
-                  { "gpu_uuid": A1, "unassigned_use_ms": minutes(30) },
-              ],
-              "unassigned_use_ms": minutes(60), "unassigned_use_gpu_hours": 1.0 },
+              "cards": host_a_unassigned,
+              "unassigned_use_ms": minutes(60), "unassigned_use_gpu_hours": 1.0,
+              "violations": kt_unassigned_violations },
+            // dave on B1, which no grant ever held: one episode.
             { "csp": "nhn", "host_id": "host-b",
-              "cards": [{ "gpu_uuid": B1, "unassigned_use_ms": minutes(120) }],
-              "unassigned_use_ms": minutes(120), "unassigned_use_gpu_hours": 2.0 },
+              "cards": [{ "gpu_uuid": B1, "unassigned_use_ms": minutes(120), "violations": 1 }],
+              "unassigned_use_ms": minutes(120), "unassigned_use_gpu_hours": 2.0, "violations": 1 },
         ],
+        "unassigned_violations": kt_unassigned_violations + 1,
+        "all_violations": total.violations + kt_unassigned_violations + 1,
         "idle": {
             "threshold_pct": 10.0,
             "days": 14,
             "as_of_ms": until,
             "grants": [{
                 "grant_id": "G-ADV", "program": "advanced", "grantee": "Bio", "csp": "nhn",
-                "window": { "from_ms": look_from, "until_ms": until },
+                "window": { "from_ms": look_from, "until_exclusive_ms": until },
                 "allocated_ms": 14 * DAY, "delivered_ms": 0, "active_ms": 0,
                 "utilization_pct": 0.0,
                 "reclaimable_cards": [{
@@ -514,6 +563,11 @@ async fn the_april_report_matches_the_scenario_exactly() {
         content
     };
     let got: Value = serde_json::from_str(&report(&["--format", "json"])).unwrap();
+    // The as-of is the moment of the run: after the period, and not in the future.
+    let as_of = got["as_of_ms"].as_i64().unwrap();
+    assert!(as_of >= until, "{as_of}");
+    assert!(as_of <= chrono::Utc::now().timestamp_millis());
+    expected["as_of_ms"] = json!(as_of);
     assert_json_eq(&got, &expected, "");
     assert_eq!(got, expected);
 
@@ -530,9 +584,26 @@ async fn the_april_report_matches_the_scenario_exactly() {
     assert_eq!(res["grants"], json!([expected["grants"][2].clone()]));
     assert_eq!(res["invoices"], json!([expected["invoices"][1].clone()]));
 
-    // The terminal table, byte for byte.
-    let table = report(&[]);
+    // The terminal table with every column (--wide), byte for byte ...
+    let table = report(&["--wide"]);
     assert_eq!(table, EXPECTED_TABLE, "\n{table}");
+    // ... and by default, fewer columns that fit 120 terminal columns, with the terms defined
+    // under them.
+    let narrow = report(&[]);
+    for line in narrow.lines() {
+        assert!(
+            line.chars().count() <= 120,
+            "{} columns: {line}",
+            line.chars().count()
+        );
+    }
+    assert!(narrow.contains("ACT/ALLOC_%"), "{narrow}");
+    assert!(!narrow.contains("ENERGY_KWH"), "{narrow}");
+    assert!(
+        narrow.contains("  Delivered: Allocated − unmetered − unavailable"),
+        "{narrow}"
+    );
+    assert!(narrow.contains("G-HPC · Acme"), "{narrow}");
 
     // The other formats come from the renderers, in both languages.
     for (format, lang) in [("csv", "ko"), ("focus", "en"), ("html", "ko")] {
@@ -552,8 +623,9 @@ async fn the_april_report_matches_the_scenario_exactly() {
     let out_file = dir.path().join("report.json");
     report(&["--format", "json", "--out", out_file.to_str().unwrap()]);
     let saved = std::fs::read_to_string(&out_file).unwrap();
-    let saved: Value =
+    let mut saved: Value =
         serde_json::from_str(&gpumeter_collector::provenance::extract(&saved).unwrap().0).unwrap();
+    saved["as_of_ms"] = expected["as_of_ms"].clone();
     assert_eq!(saved, expected);
 
     // The raw usage view is still there.
@@ -597,6 +669,20 @@ async fn the_april_report_matches_the_scenario_exactly() {
     assert!(
         all.iter()
             .any(|e| e.gpu_uuid == B1 && e.principal == "user:dave")
+    );
+    // Every violation the RPC lists is counted in the report: in its grant, or with the
+    // unassigned use of its card (observe mode: each episode is one event).
+    assert!(all.iter().all(|e| e.action == "none"), "{all:?}");
+    assert_eq!(json!(all.len()), got["all_violations"], "{all:?}");
+    let unassigned_listed: u64 = got["unassigned"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["violations"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        unassigned_listed + got["total"]["violations"].as_u64().unwrap(),
+        all.len() as u64
     );
     let xids = q
         .events(v1::EventsRequest {
@@ -722,46 +808,47 @@ fn assert_json_eq(got: &Value, want: &Value, path: &str) {
 
 /// The table of the report, for the ground truth above (a snapshot checked by hand: every
 /// figure is the JSON's, rounded to 3 decimals).
-const EXPECTED_TABLE: &str = r#"Reconciliation 2026-04: 2026-04-01 00:00 .. 2026-05-01 00:00 KST (Asia/Seoul)
-Figures in GPU-hours; utilization = active / allocated.
+const EXPECTED_TABLE: &str = r#"Reconciliation 2026-04: 2026-04-01 – 2026-04-30 (KST, Asia/Seoul)
+Figures in GPU-hours; every time KST (Asia/Seoul), end dates inclusive.
 
 Grants
-GRANT / CARD                                       PROGRAM   GRANTEE  CSP  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  UTIL_%  ENERGY_KWH  VIOLATIONS
--------------------------------------------------  --------  -------  ---  ---------  ---------  -----------  ---------  --------  ------  -----  -------  ------  ----------  ----------
-G-ADV                                              advanced  Bio      nhn    720.000    718.000        0.000      2.000     0.000   0.000  2.000    0.000     0.0       0.120           0
-  host-b GPU-0000000b-0000-4000-8000-000000000000                            720.000    718.000        0.000      2.000     0.000   0.000  2.000    0.000     0.0       0.120           0
-G-HPC                                              hpc       Acme     kt       3.000      0.667        0.000      2.333     2.333   1.483  0.000    0.167    49.4       0.840           1
-  host-a GPU-0000000a-0000-4000-8000-000000000000                              1.500      0.333        0.000      1.167     1.167   0.583  0.000    0.000    38.9       0.350           0
-  host-a GPU-0000000a-0000-4000-8000-000000000001                              1.500      0.333        0.000      1.167     1.167   0.900  0.000    0.167    60.0       0.490           1
-G-RES                                              research  Lab      kt       2.000      0.333        0.083      1.583     1.583   0.475  0.000    0.000    23.8       0.367           0
-  host-a GPU-0000000a-0000-4000-8000-000000000002                              2.000      0.333        0.083      1.583     1.583   0.475  0.000    0.000    23.8       0.367           0
-total                                                                        725.000    719.000        0.083      5.917     3.917   1.958  2.000    0.167     0.3       1.327           1
+GRANT / CARD                                       PROGRAM   GRANTEE  CSP  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  ACT/ALLOC_%  ENERGY_KWH  VIOL
+-------------------------------------------------  --------  -------  ---  ---------  ---------  -----------  ---------  --------  ------  -----  -------  -----------  ----------  ----
+G-ADV                                              advanced  Bio      nhn    720.000    718.000        0.000      2.000     0.000   0.000  2.000    0.000          0.0       0.120     0
+  host-b GPU-0000000b-0000-4000-8000-000000000000                            720.000    718.000        0.000      2.000     0.000   0.000  2.000    0.000          0.0       0.120     0
+G-HPC                                              hpc       Acme     kt       3.000      0.667        0.000      2.333     2.333   1.483  0.000    0.167         49.4       0.840     1
+  host-a GPU-0000000a-0000-4000-8000-000000000000                              1.500      0.333        0.000      1.167     1.167   0.583  0.000    0.000         38.9       0.350     0
+  host-a GPU-0000000a-0000-4000-8000-000000000001                              1.500      0.333        0.000      1.167     1.167   0.900  0.000    0.167         60.0       0.490     1
+G-RES                                              research  Lab      kt       2.000      0.333        0.083      1.583     1.583   0.475  0.000    0.000         23.8       0.367     0
+  host-a GPU-0000000a-0000-4000-8000-000000000002                              2.000      0.333        0.083      1.583     1.583   0.475  0.000    0.000         23.8       0.367     0
+total                                                                        725.000    719.000        0.083      5.917     3.917   1.958  2.000    0.167          0.3       1.327     1
 
 Programs
-PROGRAM   GRANTS  CARDS  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  UTIL_%  ENERGY_KWH  VIOLATIONS
---------  ------  -----  ---------  ---------  -----------  ---------  --------  ------  -----  -------  ------  ----------  ----------
-hpc            1      2      3.000      0.667        0.000      2.333     2.333   1.483  0.000    0.167    49.4       0.840           1
-research       1      1      2.000      0.333        0.083      1.583     1.583   0.475  0.000    0.000    23.8       0.367           0
-advanced       1      1    720.000    718.000        0.000      2.000     0.000   0.000  2.000    0.000     0.0       0.120           0
+PROGRAM   GRANTS  CARDS  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  ACT/ALLOC_%  ENERGY_KWH  VIOL
+--------  ------  -----  ---------  ---------  -----------  ---------  --------  ------  -----  -------  -----------  ----------  ----
+hpc            1      2      3.000      0.667        0.000      2.333     2.333   1.483  0.000    0.167         49.4       0.840     1
+research       1      1      2.000      0.333        0.083      1.583     1.583   0.475  0.000    0.000         23.8       0.367     0
+advanced       1      1    720.000    718.000        0.000      2.000     0.000   0.000  2.000    0.000          0.0       0.120     0
 
 CSPs
-CSP  GRANTS  CARDS  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  UTIL_%  ENERGY_KWH  VIOLATIONS  UNASSIGNED
----  ------  -----  ---------  ---------  -----------  ---------  --------  ------  -----  -------  ------  ----------  ----------  ----------
-kt        2      3      5.000      1.000        0.083      3.917     3.917   1.958  0.000    0.167    39.2       1.207           1       1.000
-nhn       1      1    720.000    718.000        0.000      2.000     0.000   0.000  2.000    0.000     0.0       0.120           0       2.000
+CSP  GRANTS  CARDS  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  ACT/ALLOC_%  ENERGY_KWH  VIOL  UNASSIGNED  UNASSIGNED_VIOL
+---  ------  -----  ---------  ---------  -----------  ---------  --------  ------  -----  -------  -----------  ----------  ----  ----------  ---------------
+kt        2      3      5.000      1.000        0.083      3.917     3.917   1.958  0.000    0.167         39.2       1.207     1       1.000                5
+nhn       1      1    720.000    718.000        0.000      2.000     0.000   0.000  2.000    0.000          0.0       0.120     0       2.000                1
 
 Use of unassigned cards
-CSP  HOST    GPU                                       UNASSIGNED
----  ------  ----------------------------------------  ----------
-kt   host-a  GPU-0000000a-0000-4000-8000-000000000000       0.500
-kt   host-a  GPU-0000000a-0000-4000-8000-000000000001       0.500
-nhn  host-b  GPU-0000000b-0000-4000-8000-000000000001       2.000
+CSP  HOST    GPU                                       UNASSIGNED  VIOL
+---  ------  ----------------------------------------  ----------  ----
+kt   host-a  GPU-0000000a-0000-4000-8000-000000000000       0.500     2
+kt   host-a  GPU-0000000a-0000-4000-8000-000000000001       0.500     2
+kt   host-a  GPU-0000000a-0000-4000-8000-000000000002       0.000     1
+nhn  host-b  GPU-0000000b-0000-4000-8000-000000000001       2.000     1
 
-Idle grants (utilization under 10% over the 14 days to 2026-05-01 00:00 KST), with the cards to reclaim
-GRANT / CARD                                       PROGRAM   GRANTEE  CSP  ALLOCATED  ACTIVE  UTIL_%
--------------------------------------------------  --------  -------  ---  ---------  ------  ------
-G-ADV                                              advanced  Bio      nhn    336.000   0.000     0.0
-  host-b GPU-0000000b-0000-4000-8000-000000000000                            336.000   0.000     0.0
+Idle grants (utilization under 10% over the 14 days 2026-04-17 – 2026-04-30 KST), with the cards to reclaim
+GRANT / CARD                                       PROGRAM   GRANTEE  CSP  ALLOCATED  ACTIVE  ACT/ALLOC_%
+-------------------------------------------------  --------  -------  ---  ---------  ------  -----------
+G-ADV                                              advanced  Bio      nhn    336.000   0.000          0.0
+  host-b GPU-0000000b-0000-4000-8000-000000000000                            336.000   0.000          0.0
 
 Invoices against delivery
 CSP  GRANT  INVOICED   BILLED  DELIVERED  DIFFERENCE
@@ -771,4 +858,23 @@ kt   G-RES  2026-04     1.500      1.583      -0.083
 nhn  G-ADV  2026-04   720.000      2.000    +718.000
 kt   total              4.500      3.917      +0.583
 nhn  total            720.000      2.000    +718.000
+
+Terms:
+  Allocated: GPU-hours granted in the elapsed part of the period: each card's time in its grant, by the calendar,
+    whatever was metered.
+  Unmetered: Allocated time no signed record covers (agent down, records missing, failed reads).
+  Unavailable: Metered allocated time in which the card was lost or failed (XID 79 and the like); the CSP's side of the
+    SLA, credited in FOCUS.
+  Delivered: Allocated − unmetered − unavailable: card-time proven delivered to the grantee, what the CSP is paid for.
+  Active: Utilization-weighted grantee time: Σ window × GPU utilization × the grantee's share of it.
+  Occupied: Delivered time in which the grantee had at least one process on the card.
+  Idle: Delivered − occupied: delivered time with no process of the grantee on the card.
+  Foreign use: Time in which processes not of the grantee ran on the grantee's cards.
+  Energy (kWh): Energy the grant's cards used while in the grant, from the cards' energy counters.
+  Utilization (active ÷ allocated): A grant's, program's or CSP's utilization: active ÷ allocated × 100.
+  Violations: Episodes of a process not of the card's grantee on a card (one per card, process and assignment), counted
+    against the grant holding the card, or as unassigned when none did.
+  Unassigned use: Time with processes on cards no grant held, per CSP and host; part of no grant or program.
+  Times: Every time is Korea Standard Time (KST, UTC+9, Asia/Seoul); end dates are inclusive; figures are GPU-hours (one
+    GPU for one hour).
 "#;

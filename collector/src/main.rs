@@ -11,7 +11,7 @@ use gpumeter_collector::config::CollectorConfig;
 #[cfg(feature = "demo")]
 use gpumeter_collector::demo::{DemoOptions, run_demo};
 use gpumeter_collector::grants::{fmt_kst, parse_gpu_uuid, parse_valid_from, parse_valid_until};
-use gpumeter_collector::report::{UsageJson, idle_table, parse_period, usage_table};
+use gpumeter_collector::report::{UsageJson, idle_table, parse_period};
 use gpumeter_collector::store::sqlite::SqliteStore;
 use gpumeter_proto::v1;
 use gpumeter_telemetry::docs::Shell;
@@ -82,6 +82,8 @@ enum Format {
     Json,
     Focus,
     Html,
+    /// The HTML page printed to A4-landscape PDF by headless Chromium (needs `chromium`).
+    Pdf,
 }
 
 /// What `report` shows.
@@ -169,10 +171,24 @@ enum Command {
     /// delivered, occupied, active, idle and foreign GPU-hours, utilization, energy and
     /// violations per grant and card, program and CSP; use of unassigned cards; idle grants;
     /// invoices against delivery. `--view usage` shows raw usage per card and tenant instead.
+    /// A period still in progress is reconciled up to now (or --as-of); the rest of it is not
+    /// yet elapsed and counts in no figure.
+    #[command(after_help = gpumeter_collector::render::glossary::help_text())]
     Report {
         /// YYYY-MM (a Korean calendar month), YYYY-MM-DD, or FROM..UNTIL (dates or RFC 3339).
+        #[arg(long, required_unless_present = "trend", conflicts_with = "trend")]
+        period: Option<String>,
+        /// Month-by-month trends instead: FROM..UNTIL in months (2026-04..2026-09), per
+        /// program, CSP, grant, grantee and principal (table, csv, json or html).
+        #[arg(long, value_name = "MONTHS")]
+        trend: Option<String>,
+        /// Reconcile as of this time (RFC 3339, or a KST date meaning its midnight) instead of
+        /// now: only the part of the period elapsed by then counts.
+        #[arg(long, value_name = "TIME")]
+        as_of: Option<String>,
+        /// Terminal tables: every column and whole GPU UUIDs (the default fits 120 columns).
         #[arg(long)]
-        period: String,
+        wide: bool,
         /// Only this program's grants: hpc, research or advanced (leaves unassigned use out).
         #[arg(long)]
         program: Option<String>,
@@ -588,6 +604,17 @@ fn write_out(text: &str, out: Option<&PathBuf>) -> Result<(), Failure> {
     Ok(())
 }
 
+fn write_bytes(bytes: &[u8], out: Option<&PathBuf>) -> Result<(), Failure> {
+    use std::io::Write;
+    match out {
+        Some(p) => std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display()))?,
+        None => std::io::stdout()
+            .write_all(bytes)
+            .context("writing to standard output")?,
+    }
+    Ok(())
+}
+
 async fn dispatch(cmd: Command) -> Result<(), Failure> {
     match cmd {
         Command::Serve {
@@ -675,6 +702,9 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
         Command::Tokens { command } => tokens(command),
         Command::Report {
             period,
+            trend,
+            as_of,
+            wide,
             program,
             grant,
             format,
@@ -687,7 +717,10 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             server,
         } => {
             let args = ReportArgs {
-                period,
+                period: period.unwrap_or_default(),
+                trend,
+                as_of,
+                wide,
                 program,
                 grant,
                 format,
@@ -1729,6 +1762,9 @@ enum InvoicesCommand {
 /// `report`'s flags.
 struct ReportArgs {
     period: String,
+    trend: Option<String>,
+    as_of: Option<String>,
+    wide: bool,
     program: Option<String>,
     grant: Option<String>,
     format: Format,
@@ -1741,13 +1777,15 @@ struct ReportArgs {
     server: String,
 }
 
-fn format_name(f: Format) -> &'static str {
+/// The provenance name of a report format (what `provenance::render` renders again).
+fn format_name(f: Format, width: gpumeter_collector::report::Width) -> &'static str {
     match f {
+        Format::Table if width == gpumeter_collector::report::Width::Wide => "table-wide",
         Format::Table => "table",
         Format::Csv => "csv",
         Format::Json => "json",
         Format::Focus => "focus",
-        Format::Html => "html",
+        Format::Html | Format::Pdf => "html",
     }
 }
 
@@ -1760,6 +1798,7 @@ fn query_of(p: &gpumeter_collector::provenance::Provenance) -> v1::ReconcileRequ
         idle_threshold_pct: Some(p.idle_threshold_pct),
         idle_days: Some(p.idle_days),
         as_of_head: p.head_id,
+        as_of_unix_ms: p.as_of_ms,
     }
 }
 
@@ -1852,8 +1891,80 @@ async fn query_client(
         .map_err(client_failure)
 }
 
+/// `--as-of`: an RFC 3339 instant, or a KST date (its midnight).
+fn parse_as_of(s: &str) -> Result<i64, Failure> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.timestamp_millis());
+    }
+    parse_period(s.trim()).map(|(from, _)| from).map_err(|_| {
+        usage(anyhow::anyhow!(
+            "bad --as-of {s:?}: expected an RFC 3339 time or a YYYY-MM-DD date (KST)"
+        ))
+    })
+}
+
+/// `report --trend`: one reconciliation per month, as of one instant, rolled up.
+async fn trend_report(a: &ReportArgs, spec: &str) -> Result<(), Failure> {
+    use gpumeter_collector::render::{self, Lang};
+    let months = gpumeter_collector::trend::months(spec).map_err(|e| usage(e.into()))?;
+    if a.view != View::Reconcile || matches!(a.format, Format::Focus | Format::Pdf) {
+        return Err(usage(anyhow::anyhow!(
+            "--trend comes as table, csv, json or html, of the reconciliation view"
+        )));
+    }
+    let as_of = match a.as_of.as_deref() {
+        Some(s) => parse_as_of(s)?,
+        None => chrono::Utc::now().timestamp_millis(),
+    };
+    let mut c = query_client(&a.server).await?;
+    let mut reports = Vec::with_capacity(months.len());
+    for m in &months {
+        let r = c
+            .reconcile(v1::ReconcileRequest {
+                period: m.clone(),
+                program: a.program.clone().unwrap_or_default(),
+                grant_id: a.grant.clone().unwrap_or_default(),
+                idle_threshold_pct: Some(a.idle_threshold),
+                idle_days: Some(a.idle_days),
+                as_of_head: 0,
+                as_of_unix_ms: Some(as_of),
+            })
+            .await
+            .map_err(|s| refused("report", s))?
+            .into_inner();
+        reports.push(gpumeter_collector::query::reconciliation_from_wire(&r));
+    }
+    let t = gpumeter_collector::trend::build(&reports, as_of);
+    let lang = if a.lang == ReportLang::Ko {
+        Lang::Ko
+    } else {
+        Lang::En
+    };
+    let width = if a.wide {
+        gpumeter_collector::report::Width::Wide
+    } else {
+        gpumeter_collector::report::Width::Narrow
+    };
+    let text = match a.format {
+        Format::Json => gpumeter_collector::trend::json(&t)?,
+        Format::Csv => render::trend_csv(&t, lang),
+        Format::Html => render::trend_html(&t, lang),
+        _ => gpumeter_collector::report::trend_table(&t, lang == Lang::Ko, width),
+    };
+    write_out(&text, a.out.as_ref())
+}
+
 async fn report(a: ReportArgs) -> Result<(), Failure> {
+    if let Some(spec) = a.trend.clone() {
+        return trend_report(&a, &spec).await;
+    }
     let (from, until) = parse_period(&a.period).map_err(|e| usage(e.into()))?;
+    let as_of = a.as_of.as_deref().map(parse_as_of).transpose()?;
+    let width = if a.wide {
+        gpumeter_collector::report::Width::Wide
+    } else {
+        gpumeter_collector::report::Width::Narrow
+    };
     if a.view == View::Usage {
         if !matches!(a.format, Format::Table | Format::Json) {
             return Err(usage(anyhow::anyhow!(
@@ -1873,7 +1984,7 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         let json = UsageJson::from(&r);
         let text = match a.format {
             Format::Json => serde_json::to_string_pretty(&json)? + "\n",
-            _ => usage_table(&json),
+            _ => gpumeter_collector::report::usage_table_width(&json, width),
         };
         return write_out(&text, a.out.as_ref());
     }
@@ -1885,6 +1996,7 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         idle_threshold_pct: Some(a.idle_threshold),
         idle_days: Some(a.idle_days),
         as_of_head: 0,
+        as_of_unix_ms: as_of,
     };
     let r = c
         .reconcile(q.clone())
@@ -1894,7 +2006,8 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
     let rec = gpumeter_collector::query::reconciliation_from_wire(&r);
     let korean = a.lang == ReportLang::Ko;
     let days = gpumeter_collector::query::card_days_from_wire(&r);
-    let format = format_name(a.format);
+    // A PDF is the HTML page printed: the page (with its provenance) is what is rendered.
+    let format = format_name(a.format, width);
     let text = gpumeter_collector::provenance::render(&rec, &days, format, korean)
         .map_err(|e| anyhow::anyhow!(e))?;
     // Every report names the head it was computed from and carries its content hash.
@@ -1915,6 +2028,7 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         format: format.into(),
         lang: lang.into(),
         content_sha256: gpumeter_collector::provenance::content_hash(&text),
+        as_of_ms: as_of,
         signature: String::new(),
         collector_key: String::new(),
     };
@@ -1940,8 +2054,11 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         p.signature = hex::encode(&s.signature);
         p.collector_key = hex::encode(&s.public_key);
     }
-    write_out(
-        &gpumeter_collector::provenance::embed(&text, &p),
-        a.out.as_ref(),
-    )
+    let embedded = gpumeter_collector::provenance::embed(&text, &p);
+    if a.format == Format::Pdf {
+        let pdf = gpumeter_collector::pdf::print_html(&embedded)
+            .map_err(|e| anyhow::Error::new(e).context("printing the report to PDF"))?;
+        return write_bytes(&pdf, a.out.as_ref());
+    }
+    write_out(&embedded, a.out.as_ref())
 }

@@ -41,6 +41,10 @@ pub struct Provenance {
     pub lang: String,
     /// SHA-256 of the content, hex.
     pub content_sha256: String,
+    /// The instant the report was reconciled to when the reader chose one (`--as-of`); absent:
+    /// the head's time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of_ms: Option<i64>,
     /// The collector's ed25519 signature (hex), empty when unsigned.
     #[serde(default)]
     pub signature: String,
@@ -76,6 +80,9 @@ pub fn render(
     let lang = if korean { Lang::Ko } else { Lang::En };
     Ok(match format {
         "table" => crate::report::reconciliation_table(rec, korean),
+        "table-wide" => {
+            crate::report::reconciliation_table_width(rec, korean, crate::report::Width::Wide)
+        }
         "json" => crate::report::reconciliation_json(rec)
             .map_err(|e| ProvenanceError::Malformed(e.to_string()))?,
         "csv" => crate::render::csv(rec, lang),
@@ -181,6 +188,7 @@ mod tests {
             format: format.into(),
             lang: "en".into(),
             content_sha256: content_hash(content),
+            as_of_ms: None,
             signature: String::new(),
             collector_key: String::new(),
         }

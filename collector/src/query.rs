@@ -644,7 +644,10 @@ pub fn compute_report(
             .head(q.as_of_head)?
             .ok_or_else(|| Status::not_found(format!("head {} not found", q.as_of_head)))?
     };
-    let idle = idle_arg(q.idle_threshold_pct, q.idle_days, until.min(head.at_ms))?;
+    // A period still in progress is reconciled up to the head's time (or the reader's as-of),
+    // so the same head and as-of give the same report however the ledger grows.
+    let as_of = q.as_of_unix_ms.unwrap_or(head.at_ms);
+    let idle = idle_arg(q.idle_threshold_pct, q.idle_days, until.min(as_of))?;
     let period = q.period.trim().to_owned();
     let grants = store.grants()?;
     if let Some(id) = &grant_id {
@@ -665,18 +668,21 @@ pub fn compute_report(
     let mut events = store.events(span_from, span_until, Some("enforcement"), None)?;
     events.retain(|e| in_head(&e.agent_id, e.seq));
     let invoices = store.invoices()?;
-    let report = reconcile::reconcile(&Inputs {
-        period: &period,
-        from_ms: from,
-        until_ms: until,
-        program: program.as_deref(),
-        grant_id: grant_id.as_deref(),
-        grants: &grants,
-        windows: &windows,
-        events: &events,
-        invoices: &invoices,
-        idle,
-    });
+    let report = reconcile::reconcile_as_of(
+        &Inputs {
+            period: &period,
+            from_ms: from,
+            until_ms: until,
+            program: program.as_deref(),
+            grant_id: grant_id.as_deref(),
+            grants: &grants,
+            windows: &windows,
+            events: &events,
+            invoices: &invoices,
+            idle,
+        },
+        as_of,
+    );
     let days = crate::render::card_days(&report, &windows);
     Ok((report, days, head))
 }
@@ -701,6 +707,7 @@ pub fn provenance_of(
         format: format.to_owned(),
         lang: lang.to_owned(),
         content_sha256: crate::provenance::content_hash(content),
+        as_of_ms: q.as_of_unix_ms,
         signature: String::new(),
         collector_key: String::new(),
     }
@@ -1013,6 +1020,7 @@ pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
                 cards: c.cards,
                 figures: Some(figures_to_wire(&c.figures)),
                 unassigned_use_ms: c.unassigned_use_ms,
+                unassigned_violations: c.unassigned_violations,
             })
             .collect(),
         total: Some(figures_to_wire(&r.total)),
@@ -1028,9 +1036,11 @@ pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
                     .map(|c| v1::UnassignedCard {
                         gpu_uuid: c.gpu_uuid.clone(),
                         unassigned_use_ms: c.unassigned_use_ms,
+                        violations: c.violations,
                     })
                     .collect(),
                 unassigned_use_ms: u.unassigned_use_ms,
+                violations: u.violations,
             })
             .collect(),
         idle: Some(idle_to_wire(&r.idle)),
@@ -1055,6 +1065,8 @@ pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
             })
             .collect(),
         days: Vec::new(),
+        as_of_unix_ms: r.as_of_ms,
+        elapsed_until_unix_ms: r.elapsed_until_ms,
     }
 }
 
@@ -1062,10 +1074,29 @@ pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
 /// percentages, differences) computed here from the exact integers.
 pub fn reconciliation_from_wire(r: &v1::ReconcileReply) -> Reconciliation {
     let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    // A reply without an elapsed end (an older collector) covers its whole period.
+    let elapsed_until = if r.elapsed_until_unix_ms == 0 {
+        r.until_unix_ms
+    } else {
+        r.elapsed_until_unix_ms
+    };
+    let as_of = if r.as_of_unix_ms == 0 {
+        r.until_unix_ms
+    } else {
+        r.as_of_unix_ms
+    };
+    let total = figures_from_wire(r.total.as_ref());
+    let unassigned_violations: u64 = r.unassigned.iter().map(|u| u.violations).sum();
     Reconciliation {
         period: r.period.clone(),
         from_ms: r.from_unix_ms,
         until_ms: r.until_unix_ms,
+        as_of_ms: as_of,
+        elapsed_until_ms: elapsed_until,
+        not_elapsed: (elapsed_until < r.until_unix_ms).then_some(Interval {
+            from_ms: elapsed_until,
+            until_ms: r.until_unix_ms,
+        }),
         time_zone: r.time_zone.clone(),
         program: opt(&r.program),
         grant_id: opt(&r.grant_id),
@@ -1118,9 +1149,12 @@ pub fn reconciliation_from_wire(r: &v1::ReconcileReply) -> Reconciliation {
                 figures: figures_from_wire(c.figures.as_ref()),
                 unassigned_use_ms: c.unassigned_use_ms,
                 unassigned_use_gpu_hours: gpu_hours(c.unassigned_use_ms),
+                unassigned_violations: c.unassigned_violations,
             })
             .collect(),
-        total: figures_from_wire(r.total.as_ref()),
+        all_violations: total.violations + unassigned_violations,
+        total,
+        unassigned_violations,
         unassigned: r
             .unassigned
             .iter()
@@ -1133,10 +1167,12 @@ pub fn reconciliation_from_wire(r: &v1::ReconcileReply) -> Reconciliation {
                     .map(|c| UnassignedCard {
                         gpu_uuid: c.gpu_uuid.clone(),
                         unassigned_use_ms: c.unassigned_use_ms,
+                        violations: c.violations,
                     })
                     .collect(),
                 unassigned_use_ms: u.unassigned_use_ms,
                 unassigned_use_gpu_hours: gpu_hours(u.unassigned_use_ms),
+                violations: u.violations,
             })
             .collect(),
         idle: idle_from_wire(&r.idle.clone().unwrap_or_default()),

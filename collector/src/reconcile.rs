@@ -35,7 +35,17 @@
 //!
 //! `unassigned_use` is the windows' occupied time on cards outside every grant's allocation
 //! (by the collector's grants, not the agent's view), by CSP and host. It belongs to no program
-//! or grant, so a report filtered by either leaves it out.
+//! or grant, so a report filtered by either leaves it out. Violations recorded on a card at an
+//! instant no grant held it are counted there too (`violations` of the unassigned card, host
+//! and CSP), so that an unfiltered report's `all_violations` (grants' plus unassigned) is every
+//! violation episode of the period, as the Violations RPC lists them.
+//!
+//! As of. A period still in progress is reconciled up to `as_of` ([`reconcile_as_of`]; the
+//! query service passes now, or the reader's `--as-of`): every figure, allocated included,
+//! counts only `[from, min(until, as_of))`, the *elapsed* part. The rest, `[as_of, until)`, is
+//! *not yet elapsed* and counts in no figure; the report names it (`not_elapsed`) so that a
+//! reader does not take the remaining days for unmetered ones. Grants' own validity is not
+//! cut: `valid_until` stays the grant's end.
 //!
 //! Idle grants: over the look-back window `[as_of − days, as_of)`, a grant that held its cards
 //! for all of it and whose utilization (active / allocated) stayed under the threshold; its
@@ -175,6 +185,8 @@ impl Serialize for Figures {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Interval {
     pub from_ms: i64,
+    /// Exclusive (JSON `until_exclusive_ms`).
+    #[serde(rename = "until_exclusive_ms")]
     pub until_ms: i64,
 }
 
@@ -210,7 +222,9 @@ pub struct GrantRow {
     pub principal: String,
     pub csp: String,
     pub valid_from_ms: i64,
-    /// Exclusive; a revocation is already applied.
+    /// Exclusive; a revocation is already applied (JSON `valid_until_exclusive_ms`; people
+    /// read the inclusive day, see `render`).
+    #[serde(rename = "valid_until_exclusive_ms")]
     pub valid_until_ms: i64,
     pub revoked_at_ms: Option<i64>,
     pub cards: Vec<CardRow>,
@@ -239,6 +253,8 @@ pub struct CspTotal {
     /// Occupied time on the CSP's cards outside every grant (not part of `figures`).
     pub unassigned_use_ms: u64,
     pub unassigned_use_gpu_hours: f64,
+    /// Violations on the CSP's cards while no grant held them (not part of `figures`).
+    pub unassigned_violations: u64,
 }
 
 /// Use of one card while no grant held it.
@@ -246,6 +262,8 @@ pub struct CspTotal {
 pub struct UnassignedCard {
     pub gpu_uuid: String,
     pub unassigned_use_ms: u64,
+    /// Violation episodes on the card while no grant held it.
+    pub violations: u64,
 }
 
 /// Use of a host's cards while no grant held them (processes on unassigned cards).
@@ -256,6 +274,7 @@ pub struct UnassignedUse {
     pub cards: Vec<UnassignedCard>,
     pub unassigned_use_ms: u64,
     pub unassigned_use_gpu_hours: f64,
+    pub violations: u64,
 }
 
 /// A card of an idle grant that could be given to someone else.
@@ -327,8 +346,18 @@ pub struct Reconciliation {
     /// The period as asked for (`2026-04`, `2026-04-01..2026-04-15`, ...).
     pub period: String,
     pub from_ms: i64,
-    /// Exclusive.
+    /// Exclusive (JSON `until_exclusive_ms`).
+    #[serde(rename = "until_exclusive_ms")]
     pub until_ms: i64,
+    /// The instant the period was reconciled to (now, or the reader's `--as-of`).
+    pub as_of_ms: i64,
+    /// The end of the elapsed part, `min(until, max(from, as_of))`, exclusive: every figure
+    /// counts `[from_ms, elapsed_until_exclusive_ms)` only.
+    #[serde(rename = "elapsed_until_exclusive_ms")]
+    pub elapsed_until_ms: i64,
+    /// The part of the period not yet elapsed at `as_of` (counted in no figure); `None` when
+    /// the period is over.
+    pub not_elapsed: Option<Interval>,
     pub time_zone: String,
     /// Filters the report was made with (`None`: all).
     pub program: Option<String>,
@@ -339,6 +368,11 @@ pub struct Reconciliation {
     /// Every grant of the report, summed.
     pub total: Figures,
     pub unassigned: Vec<UnassignedUse>,
+    /// Violations on cards while no grant held them, summed over `unassigned`.
+    pub unassigned_violations: u64,
+    /// `total.violations + unassigned_violations`: every violation episode of the (elapsed)
+    /// period in an unfiltered report.
+    pub all_violations: u64,
     pub idle: IdleReport,
     pub invoices: Vec<InvoiceRow>,
     pub invoice_csps: Vec<InvoiceCspTotal>,
@@ -423,6 +457,8 @@ fn grantee_occupied(w: &WindowRow) -> u64 {
 struct ByCard<'a> {
     windows: HashMap<&'a str, Vec<&'a MeteredWindow>>,
     violations: HashMap<&'a str, Vec<i64>>,
+    /// The (CSP, host) of the agent that recorded a card's latest violation.
+    violation_hosts: HashMap<&'a str, (&'a str, &'a str)>,
 }
 
 impl<'a> ByCard<'a> {
@@ -437,6 +473,7 @@ impl<'a> ByCard<'a> {
             v.sort_by_key(|w| (w.window.start_ms, w.window.end_ms));
         }
         let mut violations: HashMap<&str, Vec<i64>> = HashMap::new();
+        let mut violation_hosts: HashMap<&str, (&str, &str)> = HashMap::new();
         // One violation, one event: the agent records each episode once with action `none`;
         // its follow-ups (signals and their outcomes, compute-mode locks) are not new ones.
         for e in events
@@ -447,11 +484,26 @@ impl<'a> ByCard<'a> {
                 .entry(e.event.gpu_uuid.as_str())
                 .or_default()
                 .push(e.event.at_ms);
+            violation_hosts.insert(
+                e.event.gpu_uuid.as_str(),
+                (e.csp.as_str(), e.host_id.as_str()),
+            );
         }
         Self {
             windows: by,
             violations,
+            violation_hosts,
         }
+    }
+
+    /// Violations on a card outside `held` (sorted, disjoint), within `range`.
+    fn unassigned_violations(&self, gpu_uuid: &str, held: &[Interval], range: Interval) -> u64 {
+        self.violations.get(gpu_uuid).map_or(0, |v| {
+            v.iter()
+                .filter(|t| **t >= range.from_ms && **t < range.until_ms)
+                .filter(|t| !held.iter().any(|h| **t >= h.from_ms && **t < h.until_ms))
+                .count() as u64
+        })
     }
 
     /// The card's windows that overlap `iv`.
@@ -637,41 +689,59 @@ fn unassigned(grants: &[Grant], by: &ByCard<'_>, range: Interval) -> Vec<Unassig
         }
     }
     let held: HashMap<&str, Vec<Interval>> = held.into_iter().map(|(k, v)| (k, merge(v))).collect();
-    // A card is reported under the host and CSP of the agent that metered it.
-    let mut rows: BTreeMap<(String, String), BTreeMap<String, u64>> = BTreeMap::new();
-    for (uuid, windows) in &by.windows {
-        let ms = by.unassigned_use(uuid, held.get(uuid).map_or(&[][..], Vec::as_slice), range);
-        if ms == 0 {
+    // A card is reported under the host and CSP of the agent that metered it (or, for a card
+    // with violations and no window, that recorded the violation).
+    let mut rows: BTreeMap<(String, String), BTreeMap<String, (u64, u64)>> = BTreeMap::new();
+    let cards: BTreeSet<&str> = by
+        .windows
+        .keys()
+        .chain(by.violations.keys())
+        .copied()
+        .collect();
+    for uuid in cards {
+        let held = held.get(uuid).map_or(&[][..], Vec::as_slice);
+        let ms = by.unassigned_use(uuid, held, range);
+        let violations = by.unassigned_violations(uuid, held, range);
+        if ms == 0 && violations == 0 {
             continue;
         }
-        let Some(w) = windows
-            .iter()
-            .rev()
-            .find(|w| w.window.start_ms < range.until_ms)
-        else {
+        let metered_by = by.windows.get(uuid).and_then(|ws| {
+            ws.iter()
+                .rev()
+                .find(|w| w.window.start_ms < range.until_ms)
+                .map(|w| (w.csp.as_str(), w.host_id.as_str()))
+        });
+        let Some((csp, host)) = metered_by.or_else(|| by.violation_hosts.get(uuid).copied()) else {
             continue;
         };
-        *rows
-            .entry((w.csp.clone(), w.host_id.clone()))
+        let e = rows
+            .entry((csp.to_owned(), host.to_owned()))
             .or_default()
-            .entry((*uuid).to_owned())
-            .or_default() += ms;
+            .entry(uuid.to_owned())
+            .or_default();
+        e.0 += ms;
+        e.1 += violations;
     }
     rows.into_iter()
         .map(|((csp, host_id), cards)| {
-            let total = cards.values().sum();
+            let total = cards.values().map(|c| c.0).sum();
+            let violations = cards.values().map(|c| c.1).sum();
             UnassignedUse {
                 csp,
                 host_id,
                 cards: cards
                     .into_iter()
-                    .map(|(gpu_uuid, unassigned_use_ms)| UnassignedCard {
-                        gpu_uuid,
-                        unassigned_use_ms,
-                    })
+                    .map(
+                        |(gpu_uuid, (unassigned_use_ms, violations))| UnassignedCard {
+                            gpu_uuid,
+                            unassigned_use_ms,
+                            violations,
+                        },
+                    )
                     .collect(),
                 unassigned_use_ms: total,
                 unassigned_use_gpu_hours: gpu_hours(total),
+                violations,
             }
         })
         .collect()
@@ -808,11 +878,18 @@ fn invoice_rows(inputs: &Inputs<'_>, rows: &[GrantRow]) -> (Vec<InvoiceRow>, Vec
     (out, totals)
 }
 
-/// The reconciliation of a period.
+/// The reconciliation of a period that is over (or taken as over): as of its end.
 pub fn reconcile(inputs: &Inputs<'_>) -> Reconciliation {
+    reconcile_as_of(inputs, inputs.until_ms)
+}
+
+/// The reconciliation of a period as of `as_of_ms`: figures count only the part of the period
+/// elapsed by then (see the module doc).
+pub fn reconcile_as_of(inputs: &Inputs<'_>, as_of_ms: i64) -> Reconciliation {
+    let elapsed_until = inputs.until_ms.min(as_of_ms.max(inputs.from_ms));
     let range = Interval {
         from_ms: inputs.from_ms,
-        until_ms: inputs.until_ms,
+        until_ms: elapsed_until,
     };
     let by = ByCard::new(inputs.windows, inputs.events);
     let picked: Vec<&Grant> = inputs
@@ -850,6 +927,7 @@ pub fn reconcile(inputs: &Inputs<'_>) -> Reconciliation {
             figures: Figures::default(),
             unassigned_use_ms: 0,
             unassigned_use_gpu_hours: 0.0,
+            unassigned_violations: 0,
         });
         c.grants += 1;
         c.cards += r.cards.len() as u32;
@@ -870,23 +948,34 @@ pub fn reconcile(inputs: &Inputs<'_>) -> Reconciliation {
             figures: Figures::default(),
             unassigned_use_ms: 0,
             unassigned_use_gpu_hours: 0.0,
+            unassigned_violations: 0,
         });
         c.unassigned_use_ms += u.unassigned_use_ms;
         c.unassigned_use_gpu_hours = gpu_hours(c.unassigned_use_ms);
+        c.unassigned_violations += u.violations;
     }
+    let unassigned_violations: u64 = unassigned.iter().map(|u| u.violations).sum();
     let (invoices, invoice_csps) = invoice_rows(inputs, &grants);
     Reconciliation {
         period: inputs.period.to_owned(),
         from_ms: inputs.from_ms,
         until_ms: inputs.until_ms,
+        as_of_ms,
+        elapsed_until_ms: elapsed_until,
+        not_elapsed: (elapsed_until < inputs.until_ms).then_some(Interval {
+            from_ms: elapsed_until,
+            until_ms: inputs.until_ms,
+        }),
         time_zone: TIME_ZONE.to_owned(),
         program: inputs.program.map(str::to_owned),
         grant_id: inputs.grant_id.map(str::to_owned),
         grants,
         programs: programs.into_values().collect(),
         csps: csps.into_values().collect(),
+        all_violations: total.violations + unassigned_violations,
         total,
         unassigned,
+        unassigned_violations,
         idle: IdleReport {
             threshold_pct: inputs.idle.threshold_pct,
             days: inputs.idle.days,
@@ -1238,12 +1327,72 @@ mod tests {
             r.unassigned[0].cards,
             vec![UnassignedCard {
                 gpu_uuid: C1.into(),
-                unassigned_use_ms: 126_000
+                unassigned_use_ms: 126_000,
+                // At 1:00, before the grant, and at 8:00, the instant it ended.
+                violations: 2,
             }]
         );
         assert_eq!(r.csps.len(), 1);
         assert_eq!(r.csps[0].figures, f);
         assert_eq!(r.csps[0].unassigned_use_ms, 126_000);
+        assert_eq!(r.csps[0].unassigned_violations, 2);
+        // Every violation episode is counted once, in the grant or as unassigned.
+        assert_eq!((r.unassigned_violations, r.all_violations), (2, 3));
+        assert_eq!((r.elapsed_until_ms, r.not_elapsed), (10 * MIN, None));
+    }
+
+    #[test]
+    fn a_period_in_progress_counts_only_its_elapsed_part() {
+        let g = grant("G1", Program::Hpc, "kt", 2 * MIN, 8 * MIN, &[("h1", C1)]);
+        let (windows, events) = ten_minutes();
+        let inputs = Inputs {
+            period: "p",
+            from_ms: 0,
+            until_ms: 10 * MIN,
+            program: None,
+            grant_id: None,
+            grants: std::slice::from_ref(&g),
+            windows: &windows,
+            events: &events,
+            invoices: &[],
+            idle: no_idle(),
+        };
+        // As of 5:00: the grant's 2:00-5:00 is elapsed, 5:00-8:00 is not, and counts nowhere.
+        let r = reconcile_as_of(&inputs, 5 * MIN);
+        let whole = reconcile(&inputs);
+        assert_eq!((r.from_ms, r.until_ms), (0, 10 * MIN));
+        assert_eq!((r.as_of_ms, r.elapsed_until_ms), (5 * MIN, 5 * MIN));
+        assert_eq!(
+            r.not_elapsed,
+            Some(Interval {
+                from_ms: 5 * MIN,
+                until_ms: 10 * MIN
+            })
+        );
+        let f = r.grants[0].figures;
+        assert_eq!(f.allocated_ms, 3 * MIN as u64);
+        assert_eq!(
+            r.grants[0].cards[0].intervals,
+            vec![Interval {
+                from_ms: 2 * MIN,
+                until_ms: 5 * MIN
+            }]
+        );
+        assert_eq!(
+            f.allocated_ms,
+            f.unmetered_ms + f.unavailable_ms + f.delivered_ms
+        );
+        assert!(f.delivered_ms < whole.grants[0].figures.delivered_ms);
+        // The grant's own end is not cut.
+        assert_eq!(r.grants[0].valid_until_ms, 8 * MIN);
+        // The 6:30 violation lies after the as-of; the 1:00 one is unassigned.
+        assert_eq!((f.violations, r.unassigned_violations), (0, 1));
+        // Before the period starts nothing has elapsed; after it ends, all of it.
+        let before = reconcile_as_of(&inputs, -MIN);
+        assert_eq!(before.total.allocated_ms, 0);
+        assert_eq!(before.elapsed_until_ms, 0);
+        let after = reconcile_as_of(&inputs, 99 * MIN);
+        assert_eq!((after.grants, after.not_elapsed), (whole.grants, None));
     }
 
     #[test]

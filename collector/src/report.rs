@@ -181,56 +181,55 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.1}"))
 }
 
-/// The terminal rendering: cards, then tenants.
+/// The terminal rendering (narrow, fitting 120 columns): cards, then tenants.
 pub fn usage_table(r: &UsageJson) -> String {
-    let period = |ms: i64| {
-        kst()
-            .timestamp_millis_opt(ms)
-            .single()
-            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
-            .unwrap_or_default()
-    };
+    usage_table_width(r, Width::Narrow)
+}
+
+/// [`usage_table`] at a chosen width. Each utilization column names its formula: a card's is
+/// its mean utilization over metered time, a tenant's active ÷ occupied.
+pub fn usage_table_width(r: &UsageJson, width: Width) -> String {
+    let wide = width == Width::Wide;
     let mut out = format!(
-        "Usage {} .. {} (KST)\n\nCards\n",
-        period(r.from_unix_ms),
-        period(r.until_unix_ms)
+        "Usage {} (KST, Asia/Seoul)\n\nCards\n",
+        crate::render::kst_span(r.from_unix_ms, r.until_unix_ms),
     );
     let rows: Vec<Vec<String>> = r
         .cards
         .iter()
         .map(|c| {
-            vec![
+            let mut row = vec![
                 c.host_id.clone(),
-                c.gpu_uuid.clone(),
+                short_uuid(&c.gpu_uuid, width),
                 c.csp.clone(),
                 format!("{:.3}", c.metered_hours),
                 format!("{:.3}", c.occupied_hours),
                 format!("{:.3}", c.active_hours),
                 fmt_opt(c.util_avg_pct),
                 format!("{:.3}", c.energy_kwh),
-                format!("{:.3}", hours(c.foreign_ms)),
-                format!("{:.3}", hours(c.unavailable_ms)),
-            ]
+            ];
+            if wide {
+                row.push(format!("{:.3}", hours(c.foreign_ms)));
+                row.push(format!("{:.3}", hours(c.unavailable_ms)));
+            }
+            row
         })
         .collect();
-    out.push_str(&grid(
-        &[
-            "HOST",
-            "GPU",
-            "CSP",
-            "METERED_H",
-            "OCCUPIED_H",
-            "ACTIVE_H",
-            "UTIL_%",
-            "ENERGY_KWH",
-            "FOREIGN_H",
-            "UNAVAIL_H",
-        ],
-        &rows,
-        &[
-            false, false, false, true, true, true, true, true, true, true,
-        ],
-    ));
+    let mut header = vec![
+        "HOST",
+        "GPU",
+        "CSP",
+        "METERED_H",
+        "OCCUPIED_H",
+        "ACTIVE_H",
+        "MEAN_UTIL/METERED_%",
+        "ENERGY_KWH",
+    ];
+    if wide {
+        header.extend(["FOREIGN_H", "UNAVAIL_H"]);
+    }
+    let right: Vec<bool> = (0..header.len()).map(|i| i >= 3).collect();
+    out.push_str(&grid(&header, &rows, &right));
     out.push_str("\nTenants\n");
     let rows: Vec<Vec<String>> = r
         .tenants
@@ -238,8 +237,12 @@ pub fn usage_table(r: &UsageJson) -> String {
         .map(|t| {
             vec![
                 t.host_id.clone(),
-                t.gpu_uuid.clone(),
-                t.principal.clone(),
+                short_uuid(&t.gpu_uuid, width),
+                if wide {
+                    t.principal.clone()
+                } else {
+                    clip_width(&t.principal, 24)
+                },
                 if t.grant_id.is_empty() {
                     "-".into()
                 } else {
@@ -265,10 +268,15 @@ pub fn usage_table(r: &UsageJson) -> String {
             "MATCHES",
             "OCCUPIED_H",
             "ACTIVE_H",
-            "UTIL_%",
+            "ACT/OCC_%",
         ],
         &rows,
         &[false, false, false, false, false, true, true, true],
+    ));
+    out.push('\n');
+    out.push_str(&notes(
+        &["card_util_pct", "util_while_occupied_pct", "time_zone"],
+        false,
     ));
     out
 }
@@ -326,6 +334,83 @@ fn grid(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
     out
 }
 
+/// How wide a terminal table is: the default fits 120 columns (the figures that explain
+/// delivery and use, card ids shortened); `Wide` shows every column and whole ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Width {
+    #[default]
+    Narrow,
+    Wide,
+}
+
+/// The width the default tables fit in.
+pub const NARROW_COLUMNS: usize = 120;
+
+/// `s` cut to `max` display columns, with `…` where it was cut.
+fn clip_width(s: &str, max: usize) -> String {
+    if display_width(s) <= max {
+        return s.to_owned();
+    }
+    let mut out = String::new();
+    for c in s.chars() {
+        if display_width(&out) + display_width(&c.to_string()) + 1 > max {
+            break;
+        }
+        out.push(c);
+    }
+    out.push('…');
+    out
+}
+
+/// A GPU UUID as the narrow tables show it: its first 12 and last 4 characters
+/// (`GPU-0000000a…0001`), enough to tell a server's cards apart; `--wide` shows it whole.
+fn short_uuid(u: &str, width: Width) -> String {
+    let n = u.chars().count();
+    if width == Width::Wide || n <= 17 {
+        return u.to_owned();
+    }
+    let head: String = u.chars().take(12).collect();
+    let tail: String = u.chars().skip(n - 4).collect();
+    format!("{head}…{tail}")
+}
+
+/// `text` wrapped to `max` display columns, each line indented by `indent`.
+fn wrap(text: &str, indent: &str, max: usize) -> String {
+    let mut out = String::new();
+    let mut line = indent.to_owned();
+    for word in text.split(' ') {
+        if display_width(&line) + 1 + display_width(word) > max && line.trim() != "" {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            line = format!("{indent}  ");
+        }
+        if !line.trim().is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
+    out
+}
+
+/// The glossary entries `keys`, wrapped to fit the narrow width, under a table.
+fn notes(keys: &[&str], korean: bool) -> String {
+    use crate::render::{Lang, glossary};
+    let lang = if korean { Lang::Ko } else { Lang::En };
+    let mut out = String::from(if korean { "용어:\n" } else { "Terms:\n" });
+    for k in keys {
+        if let Some(t) = glossary::term(k) {
+            out.push_str(&wrap(
+                &format!("{}: {}", t.name(lang), t.definition(lang)),
+                "  ",
+                NARROW_COLUMNS,
+            ));
+        }
+    }
+    out
+}
+
 /// The words of the reconciliation table.
 struct Words {
     title: &'static str,
@@ -353,6 +438,7 @@ struct Words {
     energy: &'static str,
     violations: &'static str,
     unassigned_use: &'static str,
+    unassigned_violations: &'static str,
     periods: &'static str,
     billed: &'static str,
     difference: &'static str,
@@ -361,7 +447,7 @@ struct Words {
 
 const EN: Words = Words {
     title: "Reconciliation",
-    figures_in: "Figures in GPU-hours; utilization = active / allocated.",
+    figures_in: "Figures in GPU-hours; every time KST (Asia/Seoul), end dates inclusive.",
     none: "(none)",
     grants: "Grants",
     programs: "Programs",
@@ -389,10 +475,11 @@ const EN: Words = Words {
         "IDLE",
         "FOREIGN",
     ],
-    util: "UTIL_%",
+    util: "ACT/ALLOC_%",
     energy: "ENERGY_KWH",
-    violations: "VIOLATIONS",
+    violations: "VIOL",
     unassigned_use: "UNASSIGNED",
+    unassigned_violations: "UNASSIGNED_VIOL",
     periods: "INVOICED",
     billed: "BILLED",
     difference: "DIFFERENCE",
@@ -401,7 +488,7 @@ const EN: Words = Words {
 
 const KO: Words = Words {
     title: "정산 대조",
-    figures_in: "단위: GPU시간. 활용률 = 활성 사용 / 배정.",
+    figures_in: "단위: GPU시간. 모든 시각은 KST(Asia/Seoul), 종료일은 그날 포함.",
     none: "(없음)",
     grants: "과제별",
     programs: "사업별",
@@ -429,23 +516,16 @@ const KO: Words = Words {
         "유휴",
         "타 사용자 사용",
     ],
-    util: "활용률(%)",
+    util: "활용률(활성/배정 %)",
     energy: "전력량(kWh)",
     violations: "위반(건)",
     unassigned_use: "미배정 사용",
+    unassigned_violations: "미배정 위반",
     periods: "청구 월",
     billed: "청구",
     difference: "차이",
     no_invoice: "청구 없음",
 };
-
-fn kst_minute(ms: i64) -> String {
-    kst()
-        .timestamp_millis_opt(ms)
-        .single()
-        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
-        .unwrap_or_default()
-}
 
 fn h3(ms: u64) -> String {
     format!("{:.3}", gpu_hours(ms))
@@ -455,35 +535,69 @@ fn pct1(v: Option<f64>) -> String {
     fmt_opt(v)
 }
 
-/// The figure cells of a row: the eight times, utilization, energy, violations.
-fn figure_cells(f: &Figures) -> Vec<String> {
-    let mut cells: Vec<String> = f.times().iter().map(|(_, ms)| h3(*ms)).collect();
+/// Which figure columns a width shows, as indices into [`Figures::times`] (the rest follow:
+/// utilization, then energy in wide tables only, then violations).
+fn time_columns(width: Width) -> &'static [usize] {
+    match width {
+        // allocated, unmetered, unavailable, delivered, active: the chain from granted to
+        // delivered, and the use that utilization is made of.
+        Width::Narrow => &[0, 1, 2, 3, 5],
+        Width::Wide => &[0, 1, 2, 3, 4, 5, 6, 7],
+    }
+}
+
+/// The figure cells of a row.
+fn figure_cells(f: &Figures, width: Width) -> Vec<String> {
+    let times = f.times();
+    let mut cells: Vec<String> = time_columns(width)
+        .iter()
+        .map(|i| h3(times[*i].1))
+        .collect();
     cells.push(pct1(f.utilization_pct()));
-    cells.push(format!("{:.3}", f.energy_kwh()));
+    if width == Width::Wide {
+        cells.push(format!("{:.3}", f.energy_kwh()));
+    }
     cells.push(f.violations.to_string());
     cells
 }
 
-fn figure_header<'a>(w: &'a Words, lead: &[&'a str]) -> (Vec<&'a str>, Vec<bool>) {
+fn figure_header<'a>(w: &'a Words, lead: &[&'a str], width: Width) -> (Vec<&'a str>, Vec<bool>) {
     let mut h: Vec<&str> = lead.to_vec();
-    h.extend(w.times);
-    h.extend([w.util, w.energy, w.violations]);
+    h.extend(time_columns(width).iter().map(|i| w.times[*i]));
+    h.push(w.util);
+    if width == Width::Wide {
+        h.push(w.energy);
+    }
+    h.push(w.violations);
     let right = (0..h.len()).map(|i| i >= lead.len()).collect();
     (h, right)
 }
 
-/// The terminal rendering of a reconciliation: grants with their cards, program and CSP
-/// totals, use of unassigned cards, idle grants, invoices against delivery.
+/// The terminal rendering of a reconciliation (the narrow default): grants with their cards,
+/// program and CSP totals, use of unassigned cards, idle grants, invoices against delivery,
+/// and the terms they use.
 pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
+    reconciliation_table_width(r, korean, Width::Narrow)
+}
+
+/// [`reconciliation_table`] at a chosen width.
+pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width) -> String {
     let w = if korean { &KO } else { &EN };
+    let lang = if korean {
+        crate::render::Lang::Ko
+    } else {
+        crate::render::Lang::En
+    };
     let mut out = format!(
-        "{} {}: {} .. {} KST ({})\n",
+        "{} {}: {} (KST, {})\n",
         w.title,
         r.period,
-        kst_minute(r.from_ms),
-        kst_minute(r.until_ms),
+        crate::render::kst_span(r.from_ms, r.until_ms),
         r.time_zone
     );
+    if let Some(note) = crate::render::as_of_note(r, lang) {
+        out.push_str(&wrap(&note, "", NARROW_COLUMNS));
+    }
     let mut filters = vec![];
     if let Some(p) = &r.program {
         filters.push(format!("{}={p}", w.program));
@@ -504,35 +618,41 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
         out.push_str(w.none);
         out.push('\n');
     } else {
-        let (h, right) = figure_header(w, &[w.grant_card, w.program, w.grantee, w.csp]);
+        let lead: Vec<&str> = match width {
+            Width::Narrow => vec![w.grant_card, w.csp],
+            Width::Wide => vec![w.grant_card, w.program, w.grantee, w.csp],
+        };
+        let (h, right) = figure_header(w, &lead, width);
         let mut rows = Vec::new();
         for g in &r.grants {
-            let mut row = vec![
-                g.grant_id.clone(),
-                g.program.clone(),
-                g.grantee.clone(),
-                g.csp.clone(),
-            ];
-            row.extend(figure_cells(&g.figures));
+            let mut row = match width {
+                Width::Narrow => vec![
+                    clip_width(&format!("{} · {}", g.grant_id, g.grantee), 30),
+                    g.csp.clone(),
+                ],
+                Width::Wide => vec![
+                    g.grant_id.clone(),
+                    g.program.clone(),
+                    g.grantee.clone(),
+                    g.csp.clone(),
+                ],
+            };
+            row.extend(figure_cells(&g.figures, width));
             rows.push(row);
             for c in &g.cards {
-                let mut row = vec![
-                    format!("  {} {}", c.host_id, c.gpu_uuid),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                ];
-                row.extend(figure_cells(&c.figures));
+                let mut row = vec![format!(
+                    "  {} {}",
+                    c.host_id,
+                    short_uuid(&c.gpu_uuid, width)
+                )];
+                row.extend(std::iter::repeat_n(String::new(), lead.len() - 1));
+                row.extend(figure_cells(&c.figures, width));
                 rows.push(row);
             }
         }
-        let mut row = vec![
-            w.total.to_string(),
-            String::new(),
-            String::new(),
-            String::new(),
-        ];
-        row.extend(figure_cells(&r.total));
+        let mut row = vec![w.total.to_string()];
+        row.extend(std::iter::repeat_n(String::new(), lead.len() - 1));
+        row.extend(figure_cells(&r.total, width));
         rows.push(row);
         out.push_str(&grid(&h, &rows, &right));
     }
@@ -544,7 +664,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
         out.push_str(w.none);
         out.push('\n');
     } else {
-        let (h, right) = figure_header(w, &[w.program, w.grants_n, w.cards_n]);
+        let (h, right) = figure_header(w, &[w.program, w.grants_n, w.cards_n], width);
         let mut right = right;
         right[1] = true;
         right[2] = true;
@@ -553,7 +673,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
             .iter()
             .map(|p| {
                 let mut row = vec![p.program.clone(), p.grants.to_string(), p.cards.to_string()];
-                row.extend(figure_cells(&p.figures));
+                row.extend(figure_cells(&p.figures, width));
                 row
             })
             .collect();
@@ -567,8 +687,23 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
         out.push_str(w.none);
         out.push('\n');
     } else {
-        let (mut h, mut right) = figure_header(w, &[w.csp, w.grants_n, w.cards_n]);
+        // The CSP table has two columns more than the others: narrow, it shows delivery and
+        // use only (allocated, delivered, active).
+        let csp_width = width;
+        let (mut h, mut right) = match csp_width {
+            Width::Narrow => {
+                let mut h = vec![
+                    w.csp, w.grants_n, w.cards_n, w.times[0], w.times[3], w.times[5],
+                ];
+                h.extend([w.util, w.violations]);
+                let right = (0..h.len()).map(|i| i >= 1).collect::<Vec<_>>();
+                (h, right)
+            }
+            Width::Wide => figure_header(w, &[w.csp, w.grants_n, w.cards_n], width),
+        };
         h.push(w.unassigned_use);
+        h.push(w.unassigned_violations);
+        right.push(true);
         right.push(true);
         right[1] = true;
         right[2] = true;
@@ -577,8 +712,21 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
             .iter()
             .map(|c| {
                 let mut row = vec![c.csp.clone(), c.grants.to_string(), c.cards.to_string()];
-                row.extend(figure_cells(&c.figures));
+                match csp_width {
+                    Width::Narrow => {
+                        let f = &c.figures;
+                        row.extend([
+                            h3(f.allocated_ms),
+                            h3(f.delivered_ms),
+                            h3(f.active_ms),
+                            pct1(f.utilization_pct()),
+                            f.violations.to_string(),
+                        ]);
+                    }
+                    Width::Wide => row.extend(figure_cells(&c.figures, width)),
+                }
                 row.push(h3(c.unassigned_use_ms));
+                row.push(c.unassigned_violations.to_string());
                 row
             })
             .collect();
@@ -598,6 +746,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
                     u.host_id.clone(),
                     c.gpu_uuid.clone(),
                     h3(c.unassigned_use_ms),
+                    c.violations.to_string(),
                 ]
             })
         })
@@ -607,14 +756,14 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
         out.push('\n');
     } else {
         out.push_str(&grid(
-            &[w.csp, w.host, w.gpu, w.unassigned_use],
+            &[w.csp, w.host, w.gpu, w.unassigned_use, w.violations],
             &rows,
-            &[false, false, false, true],
+            &[false, false, false, true, true],
         ));
     }
 
     out.push('\n');
-    out.push_str(&idle_table(&r.idle, korean));
+    out.push_str(&idle_table_width(&r.idle, korean, width));
 
     out.push('\n');
     out.push_str(w.invoices);
@@ -665,27 +814,51 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
             &[false, false, false, true, true, true],
         ));
     }
+    out.push('\n');
+    let mut keys = vec![
+        "allocated",
+        "unmetered",
+        "unavailable",
+        "delivered",
+        "active",
+    ];
+    if width == Width::Wide {
+        keys.extend(["occupied", "idle", "foreign", "energy_kwh"]);
+    }
+    keys.extend(["utilization_pct", "violations", "unassigned_use"]);
+    if r.not_elapsed.is_some() {
+        keys.push("not_elapsed");
+    }
+    keys.push("time_zone");
+    out.push_str(&notes(&keys, korean));
+    if width == Width::Narrow {
+        out.push_str(if korean {
+            "(--wide: 점유·유휴·타 사용자 사용·전력량 열과 전체 GPU UUID)\n"
+        } else {
+            "(--wide shows occupied, idle, foreign and energy too, and whole GPU UUIDs)\n"
+        });
+    }
     out
 }
 
 /// The idle grants with their reclaimable cards, as a table.
 pub fn idle_table(idle: &IdleReport, korean: bool) -> String {
+    idle_table_width(idle, korean, Width::Wide)
+}
+
+fn idle_table_width(idle: &IdleReport, korean: bool, width: Width) -> String {
     let w = if korean { &KO } else { &EN };
+    let days_ms = i64::from(idle.days) * 86_400_000;
+    let look = crate::render::kst_span(idle.as_of_ms - days_ms, idle.as_of_ms);
     let rule = if korean {
         format!(
-            "{} (최근 {}일 활용률 {}% 미만, 기준 {} KST) 및 회수 가능 GPU\n",
-            w.idle,
-            idle.days,
-            idle.threshold_pct,
-            kst_minute(idle.as_of_ms)
+            "{} (최근 {}일 {} KST 활용률 {}% 미만) 및 회수 가능 GPU\n",
+            w.idle, idle.days, look, idle.threshold_pct,
         )
     } else {
         format!(
-            "{} (utilization under {}% over the {} days to {} KST), with the cards to reclaim\n",
-            w.idle,
-            idle.threshold_pct,
-            idle.days,
-            kst_minute(idle.as_of_ms)
+            "{} (utilization under {}% over the {} days {} KST), with the cards to reclaim\n",
+            w.idle, idle.threshold_pct, idle.days, look,
         )
     };
     let mut out = rule;
@@ -699,7 +872,10 @@ pub fn idle_table(idle: &IdleReport, korean: bool) -> String {
         rows.push(vec![
             g.grant_id.clone(),
             g.program.clone(),
-            g.grantee.clone(),
+            match width {
+                Width::Narrow => clip_width(&g.grantee, 20),
+                Width::Wide => g.grantee.clone(),
+            },
             g.csp.clone(),
             h3(g.allocated_ms),
             h3(g.active_ms),
@@ -707,7 +883,7 @@ pub fn idle_table(idle: &IdleReport, korean: bool) -> String {
         ]);
         for c in &g.reclaimable_cards {
             rows.push(vec![
-                format!("  {} {}", c.host_id, c.gpu_uuid),
+                format!("  {} {}", c.host_id, short_uuid(&c.gpu_uuid, width)),
                 String::new(),
                 String::new(),
                 String::new(),
@@ -729,6 +905,94 @@ pub fn idle_table(idle: &IdleReport, korean: bool) -> String {
         ],
         &rows,
         &[false, false, false, false, true, true, true],
+    ));
+    out
+}
+
+/// A trend as terminal tables: one per level (program, CSP, grant, grantee, principal), a
+/// row per key and month.
+pub fn trend_table(t: &crate::trend::Trend, korean: bool, width: Width) -> String {
+    use crate::trend::Level;
+    let w = if korean { &KO } else { &EN };
+    let mut out = format!(
+        "{} {} (KST, {}; {} {} KST)\n{}\n",
+        if korean { "월별 추이" } else { "Trends" },
+        match (t.months.first(), t.months.last()) {
+            (Some(a), Some(b)) => format!("{a} – {b}"),
+            _ => String::new(),
+        },
+        t.time_zone,
+        if korean { "기준" } else { "as of" },
+        crate::render::kst_minute(t.as_of_ms),
+        w.figures_in
+    );
+    for level in Level::ALL {
+        let (title, key) = match (korean, level) {
+            (false, Level::Program) => ("Per program", w.program),
+            (false, Level::Csp) => ("Per CSP", w.csp),
+            (false, Level::Grant) => ("Per grant", w.grant),
+            (false, Level::Grantee) => ("Per grantee", w.grantee),
+            (false, Level::Principal) => ("Per principal", "PRINCIPAL"),
+            (true, Level::Program) => ("사업별", w.program),
+            (true, Level::Csp) => ("CSP별", w.csp),
+            (true, Level::Grant) => ("과제별", w.grant),
+            (true, Level::Grantee) => ("수혜기관별", w.grantee),
+            (true, Level::Principal) => ("사용 주체별", "사용 주체"),
+        };
+        out.push('\n');
+        out.push_str(title);
+        out.push('\n');
+        let rows: Vec<Vec<String>> = t
+            .rows
+            .iter()
+            .filter(|r| r.level == level)
+            .map(|r| {
+                let f = &r.figures;
+                vec![
+                    match width {
+                        Width::Narrow => clip_width(&r.key, 30),
+                        Width::Wide => r.key.clone(),
+                    },
+                    r.month.clone(),
+                    r.grants.to_string(),
+                    h3(f.allocated_ms),
+                    h3(f.delivered_ms),
+                    h3(f.active_ms),
+                    pct1(f.utilization_pct()),
+                    f.violations.to_string(),
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            out.push_str(w.none);
+            out.push('\n');
+            continue;
+        }
+        out.push_str(&grid(
+            &[
+                key,
+                if korean { "월" } else { "MONTH" },
+                w.grants_n,
+                w.times[0],
+                w.times[3],
+                w.times[5],
+                w.util,
+                w.violations,
+            ],
+            &rows,
+            &[false, false, true, true, true, true, true, true],
+        ));
+    }
+    out.push('\n');
+    out.push_str(&notes(
+        &[
+            "allocated",
+            "delivered",
+            "active",
+            "utilization_pct",
+            "time_zone",
+        ],
+        korean,
     ));
     out
 }
@@ -819,6 +1083,9 @@ mod reconciliation_tests {
             period: "2026-04".into(),
             from_ms: from,
             until_ms: until,
+            as_of_ms: until,
+            elapsed_until_ms: until,
+            not_elapsed: None,
             time_zone: "Asia/Seoul".into(),
             program: None,
             grant_id: None,
@@ -855,17 +1122,22 @@ mod reconciliation_tests {
                 figures: f,
                 unassigned_use_ms: H,
                 unassigned_use_gpu_hours: 1.0,
+                unassigned_violations: 1,
             }],
             total: f,
+            unassigned_violations: 1,
+            all_violations: 3,
             unassigned: vec![UnassignedUse {
                 csp: "kt".into(),
                 host_id: "h2".into(),
                 cards: vec![UnassignedCard {
                     gpu_uuid: "GPU-2".into(),
                     unassigned_use_ms: H,
+                    violations: 1,
                 }],
                 unassigned_use_ms: H,
                 unassigned_use_gpu_hours: 1.0,
+                violations: 1,
             }],
             idle: IdleReport {
                 threshold_pct: 10.0,
@@ -915,42 +1187,58 @@ mod reconciliation_tests {
     #[test]
     fn english_table_snapshot() {
         let want = "\
-Reconciliation 2026-04: 2026-04-01 00:00 .. 2026-05-01 00:00 KST (Asia/Seoul)
-Figures in GPU-hours; utilization = active / allocated.
+Reconciliation 2026-04: 2026-04-01 – 2026-04-30 (KST, Asia/Seoul)
+Figures in GPU-hours; every time KST (Asia/Seoul), end dates inclusive.
 
 Grants
-GRANT / CARD  PROGRAM  GRANTEE   CSP  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  UTIL_%  ENERGY_KWH  VIOLATIONS
-------------  -------  --------  ---  ---------  ---------  -----------  ---------  --------  ------  -----  -------  ------  ----------  ----------
-G-1           hpc      에이씨미  kt      10.000      1.000        0.500      8.500     6.000   3.000  2.500    0.250    30.0       2.000           2
-  h1 GPU-1                               10.000      1.000        0.500      8.500     6.000   3.000  2.500    0.250    30.0       2.000           2
-total                                    10.000      1.000        0.500      8.500     6.000   3.000  2.500    0.250    30.0       2.000           2
+GRANT / CARD    CSP  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  ACTIVE  ACT/ALLOC_%  VIOL
+--------------  ---  ---------  ---------  -----------  ---------  ------  -----------  ----
+G-1 · 에이씨미  kt      10.000      1.000        0.500      8.500   3.000         30.0     2
+  h1 GPU-1              10.000      1.000        0.500      8.500   3.000         30.0     2
+total                   10.000      1.000        0.500      8.500   3.000         30.0     2
 
 Programs
-PROGRAM  GRANTS  CARDS  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  UTIL_%  ENERGY_KWH  VIOLATIONS
--------  ------  -----  ---------  ---------  -----------  ---------  --------  ------  -----  -------  ------  ----------  ----------
-hpc           1      1     10.000      1.000        0.500      8.500     6.000   3.000  2.500    0.250    30.0       2.000           2
+PROGRAM  GRANTS  CARDS  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  ACTIVE  ACT/ALLOC_%  VIOL
+-------  ------  -----  ---------  ---------  -----------  ---------  ------  -----------  ----
+hpc           1      1     10.000      1.000        0.500      8.500   3.000         30.0     2
 
 CSPs
-CSP  GRANTS  CARDS  ALLOCATED  UNMETERED  UNAVAILABLE  DELIVERED  OCCUPIED  ACTIVE   IDLE  FOREIGN  UTIL_%  ENERGY_KWH  VIOLATIONS  UNASSIGNED
----  ------  -----  ---------  ---------  -----------  ---------  --------  ------  -----  -------  ------  ----------  ----------  ----------
-kt        1      1     10.000      1.000        0.500      8.500     6.000   3.000  2.500    0.250    30.0       2.000           2       1.000
+CSP  GRANTS  CARDS  ALLOCATED  DELIVERED  ACTIVE  ACT/ALLOC_%  VIOL  UNASSIGNED  UNASSIGNED_VIOL
+---  ------  -----  ---------  ---------  ------  -----------  ----  ----------  ---------------
+kt        1      1     10.000      8.500   3.000         30.0     2       1.000                1
 
 Use of unassigned cards
-CSP  HOST  GPU    UNASSIGNED
----  ----  -----  ----------
-kt   h2    GPU-2       1.000
+CSP  HOST  GPU    UNASSIGNED  VIOL
+---  ----  -----  ----------  ----
+kt   h2    GPU-2       1.000     1
 
-Idle grants (utilization under 10% over the 14 days to 2026-05-01 00:00 KST), with the cards to reclaim
-GRANT / CARD  PROGRAM  GRANTEE   CSP  ALLOCATED  ACTIVE  UTIL_%
-------------  -------  --------  ---  ---------  ------  ------
-G-1           hpc      에이씨미  kt     336.000   3.000     0.9
-  h1 GPU-1                              336.000   3.000     0.9
+Idle grants (utilization under 10% over the 14 days 2026-04-17 – 2026-04-30 KST), with the cards to reclaim
+GRANT / CARD  PROGRAM  GRANTEE   CSP  ALLOCATED  ACTIVE  ACT/ALLOC_%
+------------  -------  --------  ---  ---------  ------  -----------
+G-1           hpc      에이씨미  kt     336.000   3.000          0.9
+  h1 GPU-1                              336.000   3.000          0.9
 
 Invoices against delivery
 CSP  GRANT  INVOICED  BILLED  DELIVERED  DIFFERENCE
 ---  -----  --------  ------  ---------  ----------
 kt   G-1    2026-04    9.000      8.500      +0.500
 kt   total             9.000      8.500      +0.500
+
+Terms:
+  Allocated: GPU-hours granted in the elapsed part of the period: each card's time in its grant, by the calendar,
+    whatever was metered.
+  Unmetered: Allocated time no signed record covers (agent down, records missing, failed reads).
+  Unavailable: Metered allocated time in which the card was lost or failed (XID 79 and the like); the CSP's side of the
+    SLA, credited in FOCUS.
+  Delivered: Allocated − unmetered − unavailable: card-time proven delivered to the grantee, what the CSP is paid for.
+  Active: Utilization-weighted grantee time: Σ window × GPU utilization × the grantee's share of it.
+  Utilization (active ÷ allocated): A grant's, program's or CSP's utilization: active ÷ allocated × 100.
+  Violations: Episodes of a process not of the card's grantee on a card (one per card, process and assignment), counted
+    against the grant holding the card, or as unassigned when none did.
+  Unassigned use: Time with processes on cards no grant held, per CSP and host; part of no grant or program.
+  Times: Every time is Korea Standard Time (KST, UTC+9, Asia/Seoul); end dates are inclusive; figures are GPU-hours (one
+    GPU for one hour).
+(--wide shows occupied, idle, foreign and energy too, and whole GPU UUIDs)
 ";
         let got = reconciliation_table(&small(), false);
         assert_eq!(got, want, "\n{got}");
@@ -966,15 +1254,15 @@ kt   total             9.000      8.500      +0.500
         r.programs.clear();
         r.csps.clear();
         let want = "\
-정산 대조 2026-04: 2026-04-01 00:00 .. 2026-05-01 00:00 KST (Asia/Seoul)
-단위: GPU시간. 활용률 = 활성 사용 / 배정.
+정산 대조 2026-04: 2026-04-01 – 2026-04-30 (KST, Asia/Seoul)
+단위: GPU시간. 모든 시각은 KST(Asia/Seoul), 종료일은 그날 포함.
 
 과제별
-과제 / GPU  사업  수혜기관  CSP    배정  미계측   장애   제공   점유  활성 사용   유휴  타 사용자 사용  활용률(%)  전력량(kWh)  위반(건)
-----------  ----  --------  ---  ------  ------  -----  -----  -----  ---------  -----  --------------  ---------  -----------  --------
-G-1         hpc   에이씨미  kt   10.000   1.000  0.500  8.500  6.000      3.000  2.500           0.250       30.0        2.000         2
-  h1 GPU-1                       10.000   1.000  0.500  8.500  6.000      3.000  2.500           0.250       30.0        2.000         2
-합계                             10.000   1.000  0.500  8.500  6.000      3.000  2.500           0.250       30.0        2.000         2
+과제 / GPU      CSP    배정  미계측   장애   제공  활성 사용  활용률(활성/배정 %)  위반(건)
+--------------  ---  ------  ------  -----  -----  ---------  -------------------  --------
+G-1 · 에이씨미  kt   10.000   1.000  0.500  8.500      3.000                 30.0         2
+  h1 GPU-1           10.000   1.000  0.500  8.500      3.000                 30.0         2
+합계                 10.000   1.000  0.500  8.500      3.000                 30.0         2
 
 사업별
 (없음)
@@ -985,11 +1273,26 @@ G-1         hpc   에이씨미  kt   10.000   1.000  0.500  8.500  6.000      3.
 미배정 GPU 사용
 (없음)
 
-유휴 과제 (최근 14일 활용률 10% 미만, 기준 2026-05-01 00:00 KST) 및 회수 가능 GPU
+유휴 과제 (최근 14일 2026-04-17 – 2026-04-30 KST 활용률 10% 미만) 및 회수 가능 GPU
 (없음)
 
 청구 대비 제공
 (없음)
+
+용어:
+  배정: 기간 중 경과한 부분에서 과제에 배정된 GPU시간. 계측 여부와 관계없이 달력 기준으로 셉니다.
+  미계측: 배정 시간 중 서명된 계측 기록이 없는 시간(에이전트 중단, 기록 누락, 측정 실패).
+  장애: 계측된 배정 시간 중 GPU가 유실·고장 상태였던 시간(XID 79 등). CSP 책임 시간으로 FOCUS에서 크레딧으로 표시됩니다.
+  제공: 배정 − 미계측 − 장애. 수혜기관에 제공된 것이 입증된 시간으로 CSP 정산의 기준입니다.
+  활성 사용: 사용률 가중 시간: Σ 구간 × GPU 사용률 × 수혜기관 몫.
+  활용률(활성 사용 ÷ 배정): 과제·사업·CSP 활용률: 활성 사용 ÷ 배정 × 100.
+  위반(건): GPU에서 수혜기관이 아닌 프로세스가 적발된 건수(GPU·프로세스·배정별 1건). 과제가 보유한 GPU면 그 과제에,
+    아니면 미배정으로 셉니다.
+  미배정 사용: 어느 과제에도 배정되지 않은 GPU에서 프로세스가 실행된 시간(CSP·서버별). 과제·사업 합계에 포함되지
+    않습니다.
+  시각: 모든 시각은 한국 표준시(KST, UTC+9, Asia/Seoul)이고 종료일은 그날을 포함합니다. 시간 수치는 GPU시간(GPU 1장 ×
+    1시간)입니다.
+(--wide: 점유·유휴·타 사용자 사용·전력량 열과 전체 GPU UUID)
 ";
         let got = reconciliation_table(&r, true);
         assert_eq!(got, want, "\n{got}");
@@ -1003,9 +1306,16 @@ G-1         hpc   에이씨미  kt   10.000   1.000  0.500  8.500  6.000      3.
         assert_eq!(v["grants"][0]["utilization_pct"], 30.0);
         assert_eq!(v["grants"][0]["energy_kwh"], 2.0);
         assert_eq!(
-            v["grants"][0]["cards"][0]["intervals"][0]["until_ms"],
-            v["until_ms"]
+            v["grants"][0]["cards"][0]["intervals"][0]["until_exclusive_ms"],
+            v["until_exclusive_ms"]
         );
+        assert_eq!(
+            v["grants"][0]["valid_until_exclusive_ms"],
+            v["until_exclusive_ms"]
+        );
+        assert_eq!(v["elapsed_until_exclusive_ms"], v["until_exclusive_ms"]);
+        assert_eq!(v["all_violations"], 3);
+        assert_eq!(v["not_elapsed"], serde_json::Value::Null);
         assert_eq!(v["invoices"][0]["difference_gpu_hours"], 0.5);
         assert_eq!(
             v["idle"]["grants"][0]["reclaimable_cards"][0]["gpu_uuid"],

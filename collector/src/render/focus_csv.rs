@@ -1,9 +1,16 @@
 //! The FOCUS CSV: the reconciliation as a FinOps Open Cost and Usage Specification 1.0 dataset.
 //!
-//! Format: UTF-8 without a byte order mark (it is for tools, not spreadsheets), RFC 4180
-//! quoting, CRLF line ends, a header of column ids. Columns: the 43 of FOCUS 1.0, then
-//! `CapacityReservationId` and `CapacityReservationStatus` (defined by FOCUS 1.1; a 1.0
-//! reader ignores them), then gpumeter's own figures as `x_` columns.
+//! Format: UTF-8 without a byte order mark (it is for tools, not spreadsheets), a header of
+//! column ids, written by the shared CSV writer ([`super::csv_writer`]: RFC 4180 quoting, CRLF
+//! line ends, and the same spreadsheet-formula guard as the report CSV, since grantee names and
+//! CSP ids are user input). Columns: the 43 of FOCUS 1.0, then `CapacityReservationId` and
+//! `CapacityReservationStatus` (defined by FOCUS 1.1; a 1.0 reader ignores them), then
+//! gpumeter's own figures as `x_` columns, then five compatibility columns: `Provider`,
+//! `Publisher`, `InvoiceIssuer`, `ResourceID` and `ChargeType`, the pre-1.0 ids that
+//! focus-validator 1.0.0's FOCUS 1.0 rule set still requires (FOCUS 1.0 renamed the first four
+//! to `…Name`/`ResourceId` and dropped `ChargeType`). They repeat `ProviderName`,
+//! `PublisherName`, `InvoiceIssuerName`, `ResourceId` and `ChargeCategory`, so the export passes
+//! every rule of that validator and a strict 1.0 reader loses nothing.
 //!
 //! Rows. A grant's card is capacity reserved for the grantee, so each grant card gives two
 //! `Usage` rows over the card's time in the grant within the period (`ChargePeriodStart/End`):
@@ -25,19 +32,30 @@
 //! quantities; prices are in the CSP's contract, which the collector does not hold, so every
 //! cost and unit price is `0.0` KRW and `PricingCategory` is `Other`.
 //!
-//! `x_` columns: `x_Program`, `x_HostId` and `x_Principal` on every row; the card's figures
-//! over the period (`x_AllocatedGpuHours` … `x_Violations`) on its `Used` row only, empty on
-//! the `Unused` row, so that a column summed over the file is the report's total.
+//! Credits. Allocated time in which the CSP's card was lost or failed (`unavailable`) is the
+//! CSP's side of the service level: each grant with any gets one `ChargeCategory = Credit` row
+//! against its CSP, over the grant's time in the period, with the unavailable GPU-hours as its
+//! `PricingQuantity` and in `x_CreditGpuHours` (no consumption: `ConsumedQuantity` is null, as
+//! FOCUS wants for a row that is not usage; its costs are 0.0 like every cost here, the won
+//! amount being the contract's).
+//!
+//! `x_` columns: `x_Program`, `x_HostId` and `x_Principal` on every usage row; the card's
+//! figures over the period (`x_AllocatedGpuHours` … `x_Violations`) on its `Used` row only,
+//! empty on the `Unused` row, so that a column summed over the file is the report's total;
+//! `x_CreditGpuHours` on credit rows only. Only the elapsed part of a period in progress is
+//! in the file (see `crate::reconcile`).
 
 use serde_json::json;
 
 use crate::reconcile::{CardRow, GrantRow, Reconciliation};
 
-use super::report_csv::{hours, push_record};
+use super::csv_writer::CsvWriter;
+use super::report_csv::hours;
 use super::utc_iso;
 
-/// The header: FOCUS 1.0's columns, the two 1.1 capacity reservation columns, and ours.
-pub const COLUMNS: [&str; 60] = [
+/// The header: FOCUS 1.0's columns, the two 1.1 capacity reservation columns, ours, and the
+/// validator's pre-1.0 ids.
+pub const COLUMNS: [&str; 66] = [
     "AvailabilityZone",
     "BilledCost",
     "BillingAccountId",
@@ -98,6 +116,12 @@ pub const COLUMNS: [&str; 60] = [
     "x_EnergyKwh",
     "x_Violations",
     "x_Period",
+    "x_CreditGpuHours",
+    "Provider",
+    "Publisher",
+    "InvoiceIssuer",
+    "ResourceID",
+    "ChargeType",
 ];
 
 /// The unit of every quantity here (FOCUS UnitFormat: a plural unit joined to the time unit).
@@ -118,7 +142,19 @@ fn charge_period(r: &Reconciliation, c: &CardRow) -> (i64, i64) {
     (from.unwrap_or(r.from_ms), until.unwrap_or(r.until_ms))
 }
 
-fn card_rows(r: &Reconciliation, g: &GrantRow, c: &CardRow, out: &mut String) {
+/// The five compatibility columns' values, after `x_CreditGpuHours`: provider, publisher,
+/// invoice issuer, resource id, charge type.
+fn compat(csp: &str, resource: &str, category: &str) -> [String; 5] {
+    [
+        csp.to_owned(),
+        csp.to_owned(),
+        csp.to_owned(),
+        resource.to_owned(),
+        category.to_owned(),
+    ]
+}
+
+fn card_rows(r: &Reconciliation, g: &GrantRow, c: &CardRow, out: &mut CsvWriter) {
     let (start, end) = charge_period(r, c);
     let f = &c.figures;
     let tags = json!({ "program": g.program, "host_id": c.host_id }).to_string();
@@ -203,17 +239,93 @@ fn card_rows(r: &Reconciliation, g: &GrantRow, c: &CardRow, out: &mut String) {
             card_figure(f.violations.to_string()),
             r.period.clone(),
         ];
-        push_record(out, &row);
+        let mut cells: Vec<String> = row.into();
+        cells.push(String::new());
+        cells.extend(compat(&g.csp, &c.gpu_uuid, "Usage"));
+        out.record(&cells);
     }
 }
 
+/// The grant's SLA credit row: its cards' unavailable time, against its CSP.
+fn credit_row(r: &Reconciliation, g: &GrantRow, out: &mut CsvWriter) {
+    let unavailable = g.figures.unavailable_ms;
+    if unavailable == 0 {
+        return;
+    }
+    let (start, end) = g
+        .cards
+        .iter()
+        .map(|c| charge_period(r, c))
+        .fold((i64::MAX, i64::MIN), |(a, b), (s, e)| (a.min(s), b.max(e)));
+    let quantity = hours(unavailable);
+    let tags = json!({ "program": g.program }).to_string();
+    let mut cells: Vec<String> = vec![
+        String::new(),                       // AvailabilityZone
+        ZERO.into(),                         // BilledCost
+        g.program.clone(),                   // BillingAccountId
+        program_name(&g.program).to_owned(), // BillingAccountName
+        CURRENCY.into(),                     // BillingCurrency
+        utc_iso(r.until_ms),                 // BillingPeriodEnd
+        utc_iso(r.from_ms),                  // BillingPeriodStart
+        "Credit".into(),                     // ChargeCategory
+        String::new(),                       // ChargeClass
+        "SLA credit: granted GPU card-time in which the CSP's cards were lost or failed".into(),
+        "Usage-Based".into(), // ChargeFrequency
+        utc_iso(end),         // ChargePeriodEnd
+        utc_iso(start),       // ChargePeriodStart
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),                               // ConsumedQuantity: not usage
+        String::new(),                               // ConsumedUnit
+        ZERO.into(),                                 // ContractedCost
+        ZERO.into(),                                 // ContractedUnitPrice
+        ZERO.into(),                                 // EffectiveCost
+        g.csp.clone(),                               // InvoiceIssuerName
+        ZERO.into(),                                 // ListCost
+        ZERO.into(),                                 // ListUnitPrice
+        "Other".into(),                              // PricingCategory
+        quantity.clone(),                            // PricingQuantity
+        GPU_HOURS.into(),                            // PricingUnit
+        g.csp.clone(),                               // ProviderName
+        g.csp.clone(),                               // PublisherName
+        String::new(),                               // RegionId
+        String::new(),                               // RegionName
+        String::new(),                               // ResourceId: the grant's cards together
+        String::new(),                               // ResourceName
+        String::new(),                               // ResourceType
+        "Compute".into(),                            // ServiceCategory
+        "GPU lease".into(),                          // ServiceName
+        format!("{}-gpu-hour", g.program),           // SkuId
+        format!("{}/{}-gpu-hour", g.csp, g.program), // SkuPriceId
+        g.grant_id.clone(),                          // SubAccountId
+        g.grantee.clone(),                           // SubAccountName
+        tags,                                        // Tags
+        g.grant_id.clone(),                          // CapacityReservationId
+        String::new(),                               // CapacityReservationStatus
+        g.program.clone(),                           // x_Program
+        String::new(),                               // x_HostId
+        g.principal.clone(),                         // x_Principal
+    ];
+    // x_AllocatedGpuHours … x_Violations, x_Period: figures stay on the usage rows.
+    cells.extend(std::iter::repeat_n(String::new(), 11));
+    cells.push(r.period.clone());
+    cells.push(quantity);
+    cells.extend(compat(&g.csp, "", "Credit"));
+    debug_assert_eq!(cells.len(), COLUMNS.len());
+    out.record(&cells);
+}
+
 pub(super) fn render(r: &Reconciliation) -> String {
-    let mut out = String::new();
-    push_record(&mut out, &COLUMNS);
+    let mut out = CsvWriter::new(false);
+    out.record(&COLUMNS);
     for g in &r.grants {
         for c in &g.cards {
             card_rows(r, g, c, &mut out);
         }
+        credit_row(r, g, &mut out);
     }
-    out
+    out.finish()
 }

@@ -8,16 +8,29 @@
 //! Sections, in order: summary; allocated vs delivered vs active per grant; per grant, a
 //! day-by-card utilization heatmap; program and CSP totals (table and bars); idle grants to
 //! reclaim; violations and use of unassigned cards; invoices vs delivered (when any invoice
-//! was imported); every grant's figures.
+//! was imported); every grant's figures; the glossary; the footer.
+//!
+//! Times are KST throughout, the zone named in the header; end dates read inclusive. A period
+//! still in progress says so under the title, and its days after the as-of are drawn as "not
+//! yet elapsed" in the heatmaps.
+//!
+//! Print. An A4-landscape print stylesheet keeps every column of every table: tables take the
+//! page's width with small type, cells wrap (long ids break anywhere, numbers never), header
+//! rows repeat on every page (`thead` as a table-header group), rows do not split across
+//! pages, and each page's bottom margin names the period, the filters, the as-of and the
+//! report's provenance ([`provenance_slot`]: today the as-of and a SHA-256 of the report's
+//! JSON; the ledger head the report was computed from goes there once reports carry it).
 
 use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
 
 use crate::reconcile::{Figures, Reconciliation, gpu_hours};
 
 use super::days::period_days;
 use super::labels::Labels;
 use super::svg::{BarGroup, Cell, Series, clip, esc, grouped_bars, heatmap, num};
-use super::{CardDay, Lang, kst_minute};
+use super::{CardDay, Lang, as_of_note, glossary, kst_minute, kst_span};
 
 const CSS: &str = r#"
 :root { color-scheme: light; }
@@ -48,6 +61,27 @@ svg.chart text.month { font-weight: 600; }
 rect.cell { stroke: #e4e7eb; stroke-width: 0.5; }
 .swatch { display: inline-block; width: 14px; height: 12px; border: 1px solid #cbd2d9; vertical-align: middle; margin: 0 4px 0 12px; }
 footer { margin-top: 40px; color: #52606d; font-size: 12px; }
+dl.glossary { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 8px 0; }
+dl.glossary dt { font-weight: 600; }
+dl.glossary dd { margin: 0; }
+.asof { border-left: 4px solid #d97706; background: #fff7e6; padding: 6px 10px; }
+@page { size: A4 landscape; margin: 10mm 8mm 14mm 8mm; }
+@media print {
+  body { margin: 0; font-size: 8pt; }
+  h1 { font-size: 14pt; }
+  h2 { font-size: 11pt; margin: 12px 0 4px; break-after: avoid; }
+  h3 { font-size: 9pt; break-after: avoid; }
+  .scroll { overflow: visible; }
+  table { width: 100%; font-size: 6.5pt; }
+  thead { display: table-header-group; }
+  tr { break-inside: avoid; }
+  th, td { white-space: normal; padding: 1px 3px; }
+  td { overflow-wrap: anywhere; }
+  td.n { white-space: nowrap; }
+  svg.chart { max-width: 100%; height: auto; }
+  .tile { padding: 4px 8px; min-width: 90px; }
+  .tile .v { font-size: 12pt; }
+}
 "#;
 
 /// A table cell: text (escaped here), lines of text, or a number (right-aligned).
@@ -232,6 +266,7 @@ fn heatmaps(r: &Reconciliation, days: &[CardDay], l: &Labels) -> String {
         ("#08306b", "100%"),
         ("#bdbdbd", l.no_data),
         ("#ffffff", l.not_allocated),
+        ("#f5f0e1", l.not_elapsed),
     ] {
         s.push_str(&format!(
             "<span class=\"swatch\" style=\"background:{fill}\"></span>{}",
@@ -239,10 +274,9 @@ fn heatmaps(r: &Reconciliation, days: &[CardDay], l: &Labels) -> String {
         ));
     }
     s.push_str("</p>");
-    let period: Vec<String> = period_days(r.from_ms, r.until_ms)
-        .into_iter()
-        .map(|d| d.day)
-        .collect();
+    let spans = period_days(r.from_ms, r.until_ms);
+    let period: Vec<String> = spans.iter().map(|d| d.day.clone()).collect();
+    let starts: Vec<(String, i64)> = spans.into_iter().map(|d| (d.day, d.span.from_ms)).collect();
     let by_key: HashMap<(&str, &str, &str), &CardDay> = days
         .iter()
         .map(|d| {
@@ -272,11 +306,12 @@ fn heatmaps(r: &Reconciliation, days: &[CardDay], l: &Labels) -> String {
             .cards
             .iter()
             .map(|c| {
-                period
+                starts
                     .iter()
-                    .map(|day| {
+                    .map(|(day, start)| {
                         match by_key.get(&(g.grant_id.as_str(), c.gpu_uuid.as_str(), day.as_str()))
                         {
+                            _ if *start >= r.elapsed_until_ms => Cell::NotElapsed,
                             None => Cell::NotAllocated,
                             Some(d) => d.utilization_pct.map_or(Cell::NoData, Cell::Pct),
                         }
@@ -348,6 +383,7 @@ fn csps(r: &Reconciliation, l: &Labels) -> String {
     let mut headers = vec![l.csp, l.grants, l.cards];
     headers.extend(figure_headers(l));
     headers.push(l.unassigned_use);
+    headers.push(l.unassigned_violations);
     let rows: Vec<(bool, Vec<Td>)> = r
         .csps
         .iter()
@@ -359,6 +395,7 @@ fn csps(r: &Reconciliation, l: &Labels) -> String {
             ];
             cells.extend(figure_cells(&c.figures));
             cells.push(h(c.unassigned_use_ms));
+            cells.push(Td::Num(c.unassigned_violations.to_string()));
             (false, cells)
         })
         .collect();
@@ -440,11 +477,7 @@ fn idle(r: &Reconciliation, l: &Labels) -> String {
                         Td::Text(g.grantee.clone()),
                         Td::Text(g.program.clone()),
                         Td::Text(g.csp.clone()),
-                        Td::Text(format!(
-                            "{} – {}",
-                            kst_minute(g.window.from_ms),
-                            kst_minute(g.window.until_ms)
-                        )),
+                        Td::Text(kst_span(g.window.from_ms, g.window.until_ms)),
                         h(g.allocated_ms),
                         h(g.delivered_ms),
                         h(g.active_ms),
@@ -519,6 +552,7 @@ fn violations(r: &Reconciliation, l: &Labels) -> String {
                         Td::Text(u.host_id.clone()),
                         Td::Text(c.gpu_uuid.clone()),
                         h(c.unassigned_use_ms),
+                        Td::Num(c.violations.to_string()),
                     ],
                 )
             })
@@ -527,7 +561,10 @@ fn violations(r: &Reconciliation, l: &Labels) -> String {
     if rows.is_empty() {
         s.push_str(&format!("<p>{}</p>", esc(l.unassigned_none)));
     } else {
-        s.push_str(&table(&[l.csp, l.host, l.gpu, l.unassigned_use], &rows));
+        s.push_str(&table(
+            &[l.csp, l.host, l.gpu, l.unassigned_use, l.violations],
+            &rows,
+        ));
     }
     s.push_str("</section>");
     s
@@ -645,11 +682,7 @@ fn grant_table(r: &Reconciliation, l: &Labels) -> String {
                 Td::Text(g.principal.clone()),
                 Td::Text(g.program.clone()),
                 Td::Text(g.csp.clone()),
-                Td::Text(format!(
-                    "{} – {}",
-                    kst_minute(g.valid_from_ms),
-                    kst_minute(g.valid_until_ms)
-                )),
+                Td::Text(kst_span(g.valid_from_ms, g.valid_until_ms)),
                 Td::Num(g.cards.len().to_string()),
             ];
             cells.extend(figure_cells(&g.figures));
@@ -680,18 +713,37 @@ pub(super) fn render(r: &Reconciliation, days: &[CardDay], lang: Lang) -> String
          <meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <title>{title} {period}</title>\n<style>{CSS}</style>\n</head>\n<body>\n\
-         <header><h1>{title}</h1><p class=\"meta\">{pl}: {period} ({from} – {until}) · {tzl}: {tz} · {fl}: {filter}</p></header>\n",
+         <header><h1>{title}</h1><p class=\"meta\">{pl}: {period} ({span}) · {tzl}: KST ({tz}) · {fl}: {filter}</p></header>\n",
         lang = lang.as_str(),
         title = esc(l.title),
         period = esc(&r.period),
         pl = esc(l.period),
-        from = esc(&kst_minute(r.from_ms)),
-        until = esc(&kst_minute(r.until_ms)),
+        span = esc(&kst_span(r.from_ms, r.until_ms)),
         tzl = esc(l.time_zone),
         tz = esc(&r.time_zone),
         fl = esc(l.filter),
         filter = esc(&filter),
     );
+    if let Some(note) = as_of_note(r, lang) {
+        s.push_str(&format!(
+            "<p class=\"asof\" id=\"as-of\">{}</p>\n",
+            esc(&note)
+        ));
+    }
+    // The print footer, in each page's bottom margin: period, filters, provenance.
+    let footer_line = format!(
+        "{}: {} ({}) · {}: {} · {}",
+        l.period,
+        r.period,
+        kst_span(r.from_ms, r.until_ms),
+        l.filter,
+        filter,
+        provenance_slot(r, l)
+    );
+    s.push_str(&format!(
+        "<style>@page {{ @bottom-left {{ content: {}; font-size: 7pt; color: #52606d; }} @bottom-right {{ content: counter(page) \" / \" counter(pages); font-size: 7pt; color: #52606d; }} }}</style>\n",
+        css_string(&footer_line)
+    ));
     for part in [
         summary(r, l),
         grants_chart(r, l),
@@ -702,13 +754,88 @@ pub(super) fn render(r: &Reconciliation, days: &[CardDay], lang: Lang) -> String
         violations(r, l),
         invoices(r, l),
         grant_table(r, l),
+        glossary_section(lang, l),
     ] {
         s.push_str(&part);
         s.push('\n');
     }
     s.push_str(&format!(
-        "<footer>{} · gpumeter</footer>\n</body>\n</html>\n",
-        esc(l.figures_note)
+        "<footer>{} · {} · <span class=\"provenance\" id=\"provenance\">{}</span> · gpumeter</footer>\n</body>\n</html>\n",
+        esc(l.figures_note),
+        esc(&format!("{}: {} · {}: {}", l.period, r.period, l.filter, filter)),
+        esc(&provenance_slot(r, l))
     ));
     s
+}
+
+/// What the report was computed from, for the footer. Today: the as-of and a SHA-256 of the
+/// report's JSON (so two printouts can be told apart or matched). The ledger head the report
+/// was computed from belongs here too, once reports carry one: this is its one slot.
+pub fn provenance_slot(r: &Reconciliation, l: &Labels) -> String {
+    let json = serde_json::to_vec(r).unwrap_or_default();
+    let digest = Sha256::digest(&json);
+    format!(
+        "{}: {} KST · {}: {}",
+        l.as_of,
+        kst_minute(r.as_of_ms),
+        l.content_hash,
+        hex::encode(&digest[..8])
+    )
+}
+
+/// `s` as a CSS string literal: quotes, backslashes, line breaks and `<` escaped (so that no
+/// text can close the style element).
+fn css_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '<' | '>' | '&' | '\n' | '\r' => out.push_str(&format!("\\{:x} ", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Every figure defined, in the page's language, with the other language's term beside it.
+fn glossary_section(lang: Lang, l: &Labels) -> String {
+    let mut s = format!(
+        "<section id=\"glossary\"><h2>{}</h2><dl class=\"glossary\">",
+        esc(l.glossary)
+    );
+    let other = match lang {
+        Lang::Ko => Lang::En,
+        Lang::En => Lang::Ko,
+    };
+    for t in &glossary::TERMS {
+        s.push_str(&format!(
+            "<dt>{} <span class=\"note\">({})</span></dt><dd>{}</dd>",
+            esc(t.name(lang)),
+            esc(t.name(other)),
+            esc(t.definition(lang))
+        ));
+    }
+    s.push_str("</dl></section>");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn css_strings_cannot_close_the_string_or_the_style_element() {
+        assert_eq!(css_string("plain"), "\"plain\"");
+        assert_eq!(css_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        let s = css_string("</style><script>x</script>\nend");
+        assert!(
+            !s.contains('<') && !s.contains('>') && !s.contains('\n'),
+            "{s}"
+        );
+        assert!(s.starts_with("\"\\3c /style\\3e "), "{s}");
+    }
 }

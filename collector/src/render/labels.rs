@@ -6,9 +6,10 @@
 use super::Lang;
 
 /// The spreadsheet CSV's columns: the machine name (the English header, as in the JSON
-/// report) and the Korean header. The last is filled on CSP rows only: use of the CSP's cards
-/// outside every grant, which is not part of the other figures.
-pub const CSV_COLUMNS: [(&str, &str); 23] = [
+/// report) and the Korean header. The two `unassigned_` ones are filled on CSP and total rows
+/// only: use of (and violations on) cards outside every grant, which are not part of the other
+/// figures. `as_of` and `not_elapsed` say how much of the period the figures cover.
+pub const CSV_COLUMNS: [(&str, &str); 26] = [
     ("level", "구분"),
     ("period", "기간"),
     ("program", "사업"),
@@ -19,7 +20,7 @@ pub const CSV_COLUMNS: [(&str, &str); 23] = [
     ("grants", "과제 수"),
     ("cards", "GPU 수"),
     ("valid_from", "시작(KST)"),
-    ("valid_until", "종료(KST)"),
+    ("valid_until_inclusive", "종료(KST·당일 포함)"),
     ("allocated_gpu_hours", "배정(GPU시간)"),
     ("unmetered_gpu_hours", "미계측(GPU시간)"),
     ("unavailable_gpu_hours", "장애(GPU시간)"),
@@ -32,6 +33,9 @@ pub const CSV_COLUMNS: [(&str, &str); 23] = [
     ("energy_kwh", "전력량(kWh)"),
     ("violations", "위반(건)"),
     ("unassigned_use_gpu_hours", "미배정 사용(GPU시간)"),
+    ("unassigned_violations", "미배정 위반(건)"),
+    ("as_of", "정산 기준 시각(KST)"),
+    ("not_elapsed", "미경과 기간(KST)"),
 ];
 
 /// One language's words for the reports.
@@ -74,6 +78,8 @@ pub struct Labels {
     pub level_program: &'static str,
     pub level_csp: &'static str,
     pub level_total: &'static str,
+    /// The CSV's row that defines each column.
+    pub level_definition: &'static str,
     // Sections of the page.
     pub summary: &'static str,
     pub chart_grants: &'static str,
@@ -100,6 +106,11 @@ pub struct Labels {
     pub grant_table: &'static str,
     pub no_grants: &'static str,
     pub figures_note: &'static str,
+    pub not_elapsed: &'static str,
+    pub unassigned_violations: &'static str,
+    pub glossary: &'static str,
+    pub as_of: &'static str,
+    pub content_hash: &'static str,
 }
 
 impl Labels {
@@ -145,7 +156,7 @@ pub static KO: Labels = Labels {
     active: "활성 사용",
     idle: "유휴",
     foreign: "타 사용자 사용",
-    utilization: "활용률",
+    utilization: "활용률(활성 사용 ÷ 배정)",
     energy: "전력량(kWh)",
     violations: "위반",
     unassigned_use: "미배정 사용",
@@ -164,6 +175,7 @@ pub static KO: Labels = Labels {
     level_program: "사업",
     level_csp: "클라우드 사업자",
     level_total: "합계",
+    level_definition: "정의",
     summary: "요약",
     chart_grants: "과제별 배정·제공·활성 사용 GPU시간",
     chart_grants_note: "배정: 지원 기간 중 GPU 시간, 제공: 계측되고 장애가 없던 시간, 활성 사용: 수혜기관의 사용률 가중 시간",
@@ -189,6 +201,11 @@ pub static KO: Labels = Labels {
     grant_table: "과제별 상세",
     no_grants: "이 기간에 GPU를 보유한 과제가 없습니다.",
     figures_note: "모든 시간은 GPU시간(GPU 1장 × 1시간). 활용률 = 활성 사용 ÷ 배정 × 100.",
+    not_elapsed: "미경과",
+    unassigned_violations: "미배정 위반",
+    glossary: "용어 정의",
+    as_of: "기준 시각",
+    content_hash: "보고서 SHA-256",
 };
 
 pub static EN: Labels = Labels {
@@ -207,7 +224,7 @@ pub static EN: Labels = Labels {
     active: "Active",
     idle: "Idle",
     foreign: "Foreign use",
-    utilization: "Utilization",
+    utilization: "Utilization (active ÷ allocated)",
     energy: "Energy (kWh)",
     violations: "Violations",
     unassigned_use: "Unassigned use",
@@ -226,6 +243,7 @@ pub static EN: Labels = Labels {
     level_program: "program",
     level_csp: "csp",
     level_total: "total",
+    level_definition: "definition",
     summary: "Summary",
     chart_grants: "Allocated, delivered and active GPU-hours per grant",
     chart_grants_note: "Allocated: card-time granted; delivered: metered and not failed; active: the grantee's utilization-weighted time",
@@ -251,4 +269,9 @@ pub static EN: Labels = Labels {
     grant_table: "Grants in detail",
     no_grants: "No grant held a GPU in this period.",
     figures_note: "All times are GPU-hours (one GPU for one hour). Utilization = active ÷ allocated × 100.",
+    not_elapsed: "not yet elapsed",
+    unassigned_violations: "Unassigned violations",
+    glossary: "Glossary",
+    as_of: "As of",
+    content_hash: "report SHA-256",
 };

@@ -5,12 +5,15 @@
 //! per-day figures of [`days::card_days`]); none reads a clock, a file or the network, so the
 //! same report renders to the same bytes.
 
+pub mod csv_writer;
 mod days;
 mod focus_csv;
+pub mod glossary;
 mod html_page;
 mod labels;
 mod report_csv;
 mod svg;
+mod trend_page;
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,6 +22,7 @@ use crate::reconcile::Reconciliation;
 
 pub use days::{CardDay, PeriodDay, card_days, period_days};
 pub use labels::{CSV_COLUMNS, Labels};
+pub use trend_page::{TREND_COLUMNS, csv as trend_csv, html as trend_html};
 
 /// Why a renderer's setting is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,15 +96,6 @@ pub fn html(r: &Reconciliation, days: &[CardDay], lang: Lang) -> String {
     html_page::render(r, days, lang)
 }
 
-/// Unix ms as RFC 3339 in Korea Standard Time, to the second (`2026-04-01T00:00:00+09:00`).
-fn kst_rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .with_timezone(&crate::grants::KST)
-        .format("%Y-%m-%dT%H:%M:%S%:z")
-        .to_string()
-}
-
 /// Unix ms as ISO 8601 in UTC with a `Z`, to the second (FOCUS's date/time format).
 fn utc_iso(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
@@ -110,7 +105,7 @@ fn utc_iso(ms: i64) -> String {
 }
 
 /// Unix ms as a KST date and minute, for people (`2026-04-01 09:30`).
-fn kst_minute(ms: i64) -> String {
+pub fn kst_minute(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
         .with_timezone(&crate::grants::KST)
@@ -118,15 +113,85 @@ fn kst_minute(ms: i64) -> String {
         .to_string()
 }
 
+/// Whether `ms` is a Korean midnight.
+fn is_kst_midnight(ms: i64) -> bool {
+    (ms + 9 * 3_600_000).rem_euclid(86_400_000) == 0
+}
+
+/// A start instant for people: the KST date when it is a midnight (`2026-04-01`), else the
+/// date and minute (`2026-04-10 10:10`).
+pub fn kst_start(ms: i64) -> String {
+    if is_kst_midnight(ms) {
+        kst_minute(ms)[..10].to_owned()
+    } else {
+        kst_minute(ms)
+    }
+}
+
+/// An exclusive end instant as people read an end: at a Korean midnight, the *inclusive* last
+/// day (`[.., 2027-01-01 00:00)` reads `2026-12-31`); otherwise the date and minute it ended
+/// (`2026-04-10 11:40`), which reads the same either way.
+pub fn kst_end_inclusive(ms: i64) -> String {
+    if is_kst_midnight(ms) {
+        kst_minute(ms - 1)[..10].to_owned()
+    } else {
+        kst_minute(ms)
+    }
+}
+
+/// `[from, until)` for people: `2026-12-01 – 2026-12-31`, or `2026-04-10 10:10 – 11:40`.
+pub fn kst_span(from: i64, until: i64) -> String {
+    format!("{} – {}", kst_start(from), kst_end_inclusive(until))
+}
+
+/// The report's as-of, for people: `None` for a period that is over, else what was reconciled
+/// and what is not yet elapsed, in `lang`.
+pub fn as_of_note(r: &Reconciliation, lang: Lang) -> Option<String> {
+    let rest = r.not_elapsed?;
+    let name = glossary::term("not_elapsed").map_or("", |t| t.name(lang));
+    Some(match lang {
+        Lang::Ko => format!(
+            "진행 중인 기간: {} KST 기준으로 정산 ({} 경과분). {} ~ {}는 {}이며 어떤 수치에도 포함되지 않습니다.",
+            kst_minute(r.elapsed_until_ms),
+            kst_span(r.from_ms, r.elapsed_until_ms),
+            kst_minute(rest.from_ms),
+            kst_end_inclusive(rest.until_ms),
+            name
+        ),
+        Lang::En => format!(
+            "Period in progress: reconciled as of {} KST ({} elapsed); {} – {} is {} and counts in no figure.",
+            kst_minute(r.elapsed_until_ms),
+            kst_span(r.from_ms, r.elapsed_until_ms),
+            kst_minute(rest.from_ms),
+            kst_end_inclusive(rest.until_ms),
+            name.to_lowercase()
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn ends_read_inclusive() {
+        // 2027-01-01 00:00 KST ends a grant whose last day is 2026-12-31.
+        let jan1 = 1_798_729_200_000;
+        assert_eq!(kst_minute(jan1), "2027-01-01 00:00");
+        assert_eq!(kst_end_inclusive(jan1), "2026-12-31");
+        assert_eq!(kst_start(jan1), "2027-01-01");
+        assert_eq!(kst_end_inclusive(jan1 + 100 * 60_000), "2027-01-01 01:40");
+        assert_eq!(kst_start(jan1 + 60_000), "2027-01-01 00:01");
+        assert_eq!(
+            kst_span(jan1 - 31 * 86_400_000, jan1),
+            "2026-12-01 – 2026-12-31"
+        );
+    }
+
+    #[test]
     fn times_format_in_kst_and_utc() {
         // 2026-04-01 00:00 KST = 2026-03-31 15:00 UTC.
         let ms = 1_774_969_200_000;
-        assert_eq!(kst_rfc3339(ms), "2026-04-01T00:00:00+09:00");
         assert_eq!(utc_iso(ms), "2026-03-31T15:00:00Z");
         assert_eq!(kst_minute(ms + 90 * 60_000), "2026-04-01 01:30");
     }

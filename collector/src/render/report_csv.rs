@@ -8,49 +8,23 @@
 //! row per program, one `csp` row per CSP, and one `total` row; a column that does not apply to
 //! a level is empty. Times are GPU-hours with 6 decimals (3.6 ms, finer than any sample
 //! interval), utilization in percent with 2 decimals (empty when nothing was allocated),
-//! energy in kWh with 3 decimals. Validity bounds are RFC 3339 in KST; `valid_until` is
-//! exclusive.
+//! energy in kWh with 3 decimals.
 //!
-//! Text that a spreadsheet would run as a formula (a cell starting with `=`, `+`, `-`, `@`, a
-//! tab or a carriage return: grantee names are user input) gets a leading `'`, the usual guard
-//! against CSV formula injection; no other text is changed.
+//! Every cell goes through the one shared writer ([`super::csv_writer`]), which quotes it and
+//! guards text a spreadsheet would run as a formula. Validity is shown as people read it: the
+//! start day (or minute), and the *inclusive* last day (`valid_until_inclusive`: a grant to
+//! 2026-12-31 reads `2026-12-31`, not the next midnight). Every time is KST.
+//!
+//! After the data rows comes one `definition` row: under each column, what it means (the
+//! glossary, [`super::glossary`]), so that the file explains itself when opened in Excel, and a
+//! tool that filters rows by `level` skips it as it skips the totals.
 
 use crate::reconcile::{Figures, Reconciliation, gpu_hours};
 
+use super::csv_writer::CsvWriter;
+use super::glossary;
 use super::labels::CSV_COLUMNS;
-use super::{Lang, kst_rfc3339};
-
-/// UTF-8 byte order mark.
-pub(super) const BOM: &str = "\u{feff}";
-
-/// `field` as an RFC 4180 field: quoted when it holds a comma, quote or line break.
-pub(super) fn quote(field: &str) -> String {
-    if field.contains([',', '"', '\r', '\n']) {
-        format!("\"{}\"", field.replace('"', "\"\""))
-    } else {
-        field.to_owned()
-    }
-}
-
-/// Appends one CRLF-terminated record.
-pub(super) fn push_record<S: AsRef<str>>(out: &mut String, fields: &[S]) {
-    for (i, f) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&quote(f.as_ref()));
-    }
-    out.push_str("\r\n");
-}
-
-/// User text, guarded against being run as a spreadsheet formula.
-fn text(s: &str) -> String {
-    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{s}")
-    } else {
-        s.to_owned()
-    }
-}
+use super::{Lang, kst_end_inclusive, kst_minute, kst_span, kst_start};
 
 /// GPU-hours of `ms`, for a CSV or FOCUS cell.
 pub(super) fn hours(ms: u64) -> String {
@@ -75,45 +49,92 @@ fn figure_cells(f: &Figures) -> [String; 11] {
     ]
 }
 
-/// One row: the leading descriptive columns, then the figures, then unassigned use.
-fn row(head: [String; 11], f: &Figures, unassigned: Option<u64>) -> Vec<String> {
+/// One row: the leading descriptive columns, the figures, unassigned use and violations, and
+/// the as-of columns.
+fn row(
+    head: [String; 11],
+    f: &Figures,
+    unassigned: Option<(u64, u64)>,
+    as_of: &[String; 2],
+) -> Vec<String> {
     let mut cells: Vec<String> = head.into();
     cells.extend(figure_cells(f));
-    cells.push(unassigned.map_or(String::new(), hours));
+    cells.push(unassigned.map_or(String::new(), |u| hours(u.0)));
+    cells.push(unassigned.map_or(String::new(), |u| u.1.to_string()));
+    cells.extend(as_of.iter().cloned());
     cells
+}
+
+/// The `definition` row: what each column means, in `lang`.
+fn definitions(lang: Lang, level: &str) -> Vec<String> {
+    let def =
+        |key: &str| glossary::term(key).map_or(String::new(), |t| t.definition(lang).to_owned());
+    let ko = lang == Lang::Ko;
+    let own = |en: &str, k: &str| if ko { k.to_owned() } else { en.to_owned() };
+    CSV_COLUMNS
+        .iter()
+        .map(|(col, _)| match *col {
+            "level" => level.to_owned(),
+            "valid_from" => own(
+                "First day of the grant (KST); a minute when it starts within a day",
+                "과제 시작일(KST). 하루 중간에 시작하면 시각까지 표시",
+            ),
+            "valid_until_inclusive" => own(
+                "Last day of the grant, inclusive (KST); a minute when it ends within a day",
+                "과제 종료일(KST, 그날 포함). 하루 중간에 끝나면 종료 시각",
+            ),
+            "unassigned_use_gpu_hours" => def("unassigned_use"),
+            "unassigned_violations" => own(
+                "Violations on cards while no grant held them",
+                "어느 과제에도 배정되지 않은 GPU에서의 위반 건수",
+            ),
+            "as_of" => own(
+                "The figures cover the period up to this minute (KST)",
+                "수치가 반영한 기간의 끝(KST)",
+            ),
+            "not_elapsed" => def("not_elapsed"),
+            c if c.ends_with("_gpu_hours") => def(&c.replace("_gpu_hours", "")),
+            c => def(c),
+        })
+        .collect()
 }
 
 pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
     let l = lang.labels();
-    let mut out = String::from(BOM);
+    let mut out = CsvWriter::new(true);
     let header: Vec<&str> = CSV_COLUMNS
         .iter()
         .map(|(en, ko)| if lang == Lang::Ko { *ko } else { *en })
         .collect();
-    push_record(&mut out, &header);
-    let period = text(&r.period);
+    out.record(&header);
+    let period = r.period.clone();
     let none = String::new;
+    let as_of = [
+        kst_minute(r.elapsed_until_ms),
+        r.not_elapsed
+            .map_or(String::new(), |n| kst_span(n.from_ms, n.until_ms)),
+    ];
     for g in &r.grants {
         let head = [
             l.level_grant.to_owned(),
             period.clone(),
-            text(&g.program),
-            text(&g.csp),
-            text(&g.grant_id),
-            text(&g.grantee),
-            text(&g.principal),
+            g.program.clone(),
+            g.csp.clone(),
+            g.grant_id.clone(),
+            g.grantee.clone(),
+            g.principal.clone(),
             none(),
             g.cards.len().to_string(),
-            kst_rfc3339(g.valid_from_ms),
-            kst_rfc3339(g.valid_until_ms),
+            kst_start(g.valid_from_ms),
+            kst_end_inclusive(g.valid_until_ms),
         ];
-        push_record(&mut out, &row(head, &g.figures, None));
+        out.record(&row(head, &g.figures, None, &as_of));
     }
     for p in &r.programs {
         let head = [
             l.level_program.to_owned(),
             period.clone(),
-            text(&p.program),
+            p.program.clone(),
             none(),
             none(),
             none(),
@@ -123,14 +144,14 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
             none(),
             none(),
         ];
-        push_record(&mut out, &row(head, &p.figures, None));
+        out.record(&row(head, &p.figures, None, &as_of));
     }
     for c in &r.csps {
         let head = [
             l.level_csp.to_owned(),
             period.clone(),
             none(),
-            text(&c.csp),
+            c.csp.clone(),
             none(),
             none(),
             none(),
@@ -139,16 +160,21 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
             none(),
             none(),
         ];
-        push_record(&mut out, &row(head, &c.figures, Some(c.unassigned_use_ms)));
+        out.record(&row(
+            head,
+            &c.figures,
+            Some((c.unassigned_use_ms, c.unassigned_violations)),
+            &as_of,
+        ));
     }
     let cards: usize = r.grants.iter().map(|g| g.cards.len()).sum();
     let unassigned: u64 = r.unassigned.iter().map(|u| u.unassigned_use_ms).sum();
     let head = [
         l.level_total.to_owned(),
         period,
-        r.program.as_deref().map_or(String::new(), text),
+        r.program.clone().unwrap_or_default(),
         none(),
-        r.grant_id.as_deref().map_or(String::new(), text),
+        r.grant_id.clone().unwrap_or_default(),
         none(),
         none(),
         r.grants.len().to_string(),
@@ -156,32 +182,12 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
         none(),
         none(),
     ];
-    push_record(&mut out, &row(head, &r.total, Some(unassigned)));
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quoting_follows_rfc_4180() {
-        assert_eq!(quote("plain"), "plain");
-        assert_eq!(quote("a,b"), "\"a,b\"");
-        assert_eq!(quote("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(quote("two\nlines"), "\"two\nlines\"");
-        assert_eq!(quote("한국어"), "한국어");
-        let mut out = String::new();
-        push_record(&mut out, &["x", "y,z", ""]);
-        assert_eq!(out, "x,\"y,z\",\r\n");
-    }
-
-    #[test]
-    fn formulas_are_guarded_and_other_text_is_not() {
-        assert_eq!(text("=HYPERLINK(\"x\")"), "'=HYPERLINK(\"x\")");
-        assert_eq!(text("+1"), "'+1");
-        assert_eq!(text("@SUM(A1)"), "'@SUM(A1)");
-        assert_eq!(text("한국대학교, 연구소"), "한국대학교, 연구소");
-        assert_eq!(text("a-b"), "a-b");
-    }
+    out.record(&row(
+        head,
+        &r.total,
+        Some((unassigned, r.unassigned_violations)),
+        &as_of,
+    ));
+    out.record(&definitions(lang, l.level_definition));
+    out.finish()
 }

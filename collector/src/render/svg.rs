@@ -144,6 +144,105 @@ pub fn grouped_bars(id: &str, series: &[Series<'_>], groups: &[BarGroup], unit: 
     s
 }
 
+/// One line of a line chart: a label and one value per x position (`None`: no point).
+pub struct Line {
+    pub label: String,
+    pub values: Vec<Option<f64>>,
+}
+
+const LINE_W: f64 = 720.0;
+const LINE_H: f64 = 240.0;
+const LINE_LEFT: f64 = 56.0;
+const LINE_TOP: f64 = 12.0;
+const LINE_LEGEND_W: f64 = 260.0;
+const PALETTE: [&str; 8] = [
+    "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#d6616b", "#8c6d31", "#17becf",
+];
+
+/// A line chart over `x` labels (months), on one scale from 0 to `max` (or the largest value).
+/// Lines are `<polyline id="{id}-{i}" class="line">`, each point a `<circle class="point">`
+/// with its exact value in a `<title>`.
+pub fn line_chart(id: &str, x: &[String], lines: &[Line], unit: &str, max: Option<f64>) -> String {
+    let top = max.unwrap_or_else(|| {
+        lines
+            .iter()
+            .flat_map(|l| l.values.iter().flatten().copied())
+            .filter(|v| v.is_finite())
+            .fold(0.0_f64, f64::max)
+    });
+    let top = if top > 0.0 { top } else { 1.0 };
+    let width = LINE_LEFT + LINE_W + LINE_LEGEND_W;
+    let height = LINE_TOP + LINE_H + 40.0;
+    let step = if x.len() > 1 {
+        LINE_W / (x.len() - 1) as f64
+    } else {
+        0.0
+    };
+    let px = |i: usize| LINE_LEFT + step * i as f64;
+    let py = |v: f64| LINE_TOP + LINE_H - (v / top).clamp(0.0, 1.0) * LINE_H;
+    let mut s = format!(
+        "<svg id=\"{id}\" class=\"chart lines\" role=\"img\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\">",
+        id = esc(id)
+    );
+    // Axes: 0, half and the top, in `unit`.
+    for f in [0.0, 0.5, 1.0] {
+        let y = py(top * f);
+        s.push_str(&format!(
+            "<line class=\"grid\" x1=\"{LINE_LEFT}\" x2=\"{x2}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#d9e2ec\"></line><text class=\"axis\" x=\"{tx}\" y=\"{ty}\" text-anchor=\"end\">{v}</text>",
+            x2 = LINE_LEFT + LINE_W,
+            tx = LINE_LEFT - 6.0,
+            ty = y + 4.0,
+            v = esc(&format!("{} {unit}", num(top * f, 1)))
+        ));
+    }
+    for (i, m) in x.iter().enumerate() {
+        s.push_str(&format!(
+            "<text class=\"axis month\" x=\"{x}\" y=\"{y}\" text-anchor=\"middle\">{m}</text>",
+            x = px(i),
+            y = LINE_TOP + LINE_H + 18.0,
+            m = esc(m)
+        ));
+    }
+    for (li, l) in lines.iter().enumerate() {
+        let colour = PALETTE[li % PALETTE.len()];
+        let points: Vec<String> = l
+            .values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.map(|v| format!("{:.1},{:.1}", px(i), py(v))))
+            .collect();
+        s.push_str(&format!(
+            "<polyline id=\"{id}-{li}\" class=\"line\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{p}\"></polyline>",
+            id = esc(id),
+            p = points.join(" ")
+        ));
+        for (i, v) in l.values.iter().enumerate() {
+            if let Some(v) = v {
+                s.push_str(&format!(
+                    "<circle class=\"point\" cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"3\" fill=\"{colour}\"><title>{t} · {m}: {v} {unit}</title></circle>",
+                    cx = px(i),
+                    cy = py(*v),
+                    t = esc(&l.label),
+                    m = esc(x.get(i).map_or("", String::as_str)),
+                    v = num(*v, 1),
+                    unit = esc(unit)
+                ));
+            }
+        }
+        let ly = LINE_TOP + 14.0 * li as f64 + 8.0;
+        let lx = LINE_LEFT + LINE_W + 16.0;
+        s.push_str(&format!(
+            "<rect x=\"{lx}\" y=\"{y}\" width=\"12\" height=\"3\" fill=\"{colour}\"></rect><text class=\"legend-text\" x=\"{tx}\" y=\"{ty}\">{l}</text>",
+            y = ly - 3.0,
+            tx = lx + 16.0,
+            ty = ly + 1.0,
+            l = esc(&clip(&l.label, 32))
+        ));
+    }
+    s.push_str("</svg>");
+    s
+}
+
 /// A heatmap cell.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Cell {
@@ -153,6 +252,8 @@ pub enum Cell {
     NoData,
     /// Utilization in percent.
     Pct(f64),
+    /// The day is after the report's as-of: not yet elapsed, counted in no figure.
+    NotElapsed,
 }
 
 const CELL_W: f64 = 20.0;
@@ -228,6 +329,7 @@ pub fn heatmap(
             let (class, fill, text) = match cell {
                 Cell::NotAllocated => ("cell unallocated", "#ffffff".to_owned(), String::new()),
                 Cell::NoData => ("cell nodata", "#bdbdbd".to_owned(), String::new()),
+                Cell::NotElapsed => ("cell future", "#f5f0e1".to_owned(), String::new()),
                 Cell::Pct(p) => ("cell", heat_colour(p), format!("{}%", num(p, 1))),
             };
             s.push_str(&format!(
