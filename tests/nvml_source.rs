@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use gpumeter_agent::gpu::nvml::NvmlSource;
 use gpumeter_agent::gpu::{
     CardInfo, CardReading, CardSample, GpuError, GpuEventKind, GpuProcess, GpuSource, Inventory,
-    ProcessAccounting, UtilSource,
+    ProcessAccounting, ProcessSources, UtilSource,
 };
 use gpumeter_agent::probe::probe;
 use serde_json::{Value, json};
@@ -246,6 +246,11 @@ fn every_field_is_read_exactly() {
                     sm_util_pct: Some(35),
                     graphics: false,
                     accounting: None,
+                    seen_in: ProcessSources {
+                        list: true,
+                        samples: true,
+                        ..Default::default()
+                    },
                 },
                 GpuProcess {
                     pid: 4343,
@@ -254,6 +259,11 @@ fn every_field_is_read_exactly() {
                     sm_util_pct: Some(5),
                     graphics: false,
                     accounting: None,
+                    seen_in: ProcessSources {
+                        list: true,
+                        samples: true,
+                        ..Default::default()
+                    },
                 },
                 GpuProcess {
                     pid: 4444,
@@ -262,8 +272,13 @@ fn every_field_is_read_exactly() {
                     sm_util_pct: Some(0),
                     graphics: true,
                     accounting: None,
+                    seen_in: ProcessSources {
+                        list: true,
+                        ..Default::default()
+                    },
                 },
             ],
+            processes_unknown: false,
         }
     );
     assert_eq!(ok(&readings[1]).uuid, UUID_B);
@@ -683,6 +698,11 @@ fn accounting_stats_stand_in_for_process_samples_where_the_operator_enabled_them
                     start_time_us: Some(1_780_000_000_123_456),
                     running: true,
                 }),
+                seen_in: ProcessSources {
+                    list: true,
+                    accounting: true,
+                    ..Default::default()
+                },
             },
             GpuProcess {
                 pid: 4343,
@@ -697,6 +717,11 @@ fn accounting_stats_stand_in_for_process_samples_where_the_operator_enabled_them
                     start_time_us: Some(1_780_000_001_000_000),
                     running: true,
                 }),
+                seen_in: ProcessSources {
+                    list: true,
+                    accounting: true,
+                    ..Default::default()
+                },
             },
             // Compute processes first, then graphics.
             GpuProcess {
@@ -706,6 +731,10 @@ fn accounting_stats_stand_in_for_process_samples_where_the_operator_enabled_them
                 sm_util_pct: None,
                 graphics: false,
                 accounting: None,
+                seen_in: ProcessSources {
+                    list: true,
+                    ..Default::default()
+                },
             },
             GpuProcess {
                 pid: 4444,
@@ -713,6 +742,10 @@ fn accounting_stats_stand_in_for_process_samples_where_the_operator_enabled_them
                 sm_util_pct: None,
                 graphics: true,
                 accounting: None,
+                seen_in: ProcessSources {
+                    list: true,
+                    ..Default::default()
+                },
             },
         ]
     );

@@ -54,6 +54,7 @@ fn figs(h: [u64; 7], energy_kwh: u64, violations: u64) -> Figures {
         foreign_ms: foreign,
         energy_mj: energy_kwh * 3_600_000_000,
         violations,
+        unattributed_ms: 0,
     }
 }
 

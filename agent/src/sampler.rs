@@ -39,13 +39,23 @@ impl Reader {
             .source
             .read(at)
             .into_iter()
-            .map(|r| {
-                let ids = match &r {
-                    CardReading::Ok(s) => s
-                        .processes
-                        .iter()
-                        .map(|p| self.attributor.identify(p.pid))
-                        .collect(),
+            .map(|mut r| {
+                let ids = match &mut r {
+                    CardReading::Ok(s) => {
+                        let mut ids = Vec::with_capacity(s.processes.len());
+                        // A pid only the utilization samples or the accounting records named
+                        // may have ended since; without a /proc entry it is nobody's now, and
+                        // a signal could only hit a reused pid.
+                        s.processes.retain(|p| {
+                            let id = self.attributor.identify(p.pid);
+                            let keep = p.seen_in.list || id.is_some();
+                            if keep {
+                                ids.push(id);
+                            }
+                            keep
+                        });
+                        ids
+                    }
                     _ => Vec::new(),
                 };
                 (r, ids)
@@ -64,6 +74,8 @@ pub struct SlotFolder {
     periods: Periods,
     aggs: BTreeMap<String, CardAggregator>,
     primed: bool,
+    /// Cards whose use is unattributed now: warned about once per episode.
+    blind: std::collections::BTreeSet<String>,
 }
 
 impl SlotFolder {
@@ -75,6 +87,7 @@ impl SlotFolder {
                 .map(|u| (u.clone(), CardAggregator::new(&u, periods)))
                 .collect(),
             primed: false,
+            blind: Default::default(),
         }
     }
 
@@ -107,6 +120,7 @@ impl SlotFolder {
                 let (applied, spec) = applied_at(assignments, &uuid, slot);
                 let outcome = match reading {
                     CardReading::Ok(sample) => {
+                        self.note_blind(&sample, ids.len());
                         let procs = sample
                             .processes
                             .iter()
@@ -153,6 +167,27 @@ impl SlotFolder {
             bodies.push(event_body(now, gpu_event_to_wire(&e)));
         }
         bodies
+    }
+
+    /// Warns when a card's use becomes unattributed, once per episode, and says when it ends.
+    fn note_blind(&mut self, sample: &crate::gpu::CardSample, visible: usize) {
+        match crate::gpu::Unattributed::judge(sample, visible) {
+            Some(why) => {
+                if self.blind.insert(sample.uuid.clone()) {
+                    warn!(
+                        gpu = %sample.uuid,
+                        util_pct = ?sample.util_pct,
+                        reason = why.describe(),
+                        "card use cannot be attributed to any process; counted as unattributed until a process is visible"
+                    );
+                }
+            }
+            None => {
+                if self.blind.remove(&sample.uuid) {
+                    info!(gpu = %sample.uuid, "card use is attributed again");
+                }
+            }
+        }
     }
 
     /// Slots the sampler could not get to: counted as expected, not good.
@@ -496,6 +531,7 @@ mod spooler_tests {
             active_ms: 0,
             occupied_ms: 0,
             grantee_occupied_ms: 0,
+            unattributed_ms: 0,
             foreign_ms: 0,
         };
         crate::record::window_body(start, &w)

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use crate::assignments::Status;
 use crate::attribution::Identity;
 use crate::clock::{UnixMs, align_down};
-use crate::gpu::CardSample;
+use crate::gpu::{CardSample, Unattributed};
 
 /// Sampling and window lengths; `window_ms` is a multiple of `interval_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +140,9 @@ pub struct WindowSummary {
     /// Time in which at least one process matching the applied grant was on the card: the
     /// union over the grantee's principals, which their per-principal rows cannot give.
     pub grantee_occupied_ms: u64,
+    /// Time (good samples × interval) in which the card was used but no process could be seen
+    /// ([`Unattributed`]): neither idle nor anyone's occupied time.
+    pub unattributed_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -203,6 +206,7 @@ struct Acc {
     occupied_samples: u32,
     foreign_samples: u32,
     grantee_samples: u32,
+    unattributed_samples: u32,
     principals: BTreeMap<String, PrincipalAcc>,
     applied: Applied,
 }
@@ -232,6 +236,7 @@ impl Acc {
             occupied_samples: 0,
             foreign_samples: 0,
             grantee_samples: 0,
+            unattributed_samples: 0,
             principals: BTreeMap::new(),
             applied: Applied::default(),
         }
@@ -324,6 +329,9 @@ impl CardAggregator {
                 if sample.energy_counter_mj.is_some() {
                     self.last_energy = sample.energy_counter_mj;
                 }
+                if Unattributed::judge(&sample, procs.len()).is_some() {
+                    acc.unattributed_samples += 1;
+                }
                 fold_processes(acc, sample.util_pct, &procs, interval);
             }
             SlotOutcome::Lost => {
@@ -387,6 +395,7 @@ impl CardAggregator {
             occupied_ms: ms(acc.occupied_samples),
             foreign_ms: ms(acc.foreign_samples),
             grantee_occupied_ms: ms(acc.grantee_samples),
+            unattributed_ms: ms(acc.unattributed_samples),
             principals,
         })
     }

@@ -224,6 +224,7 @@ fn summary(agent: usize, card: usize, window: usize, principals: usize) -> Windo
         occupied_ms: occupied,
         foreign_ms: if window % 5 == 0 { occupied / 2 } else { 0 },
         grantee_occupied_ms: occupied,
+        unattributed_ms: 0,
     }
 }
 

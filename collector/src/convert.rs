@@ -205,6 +205,7 @@ impl From<&v1::CardWindow> for WindowRow {
             occupied_ms: w.occupied_ms,
             foreign_ms: w.foreign_ms,
             grantee_occupied_ms: w.grantee_occupied_ms,
+            unattributed_ms: w.unattributed_ms,
             principals: w
                 .principals
                 .iter()

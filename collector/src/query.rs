@@ -616,6 +616,7 @@ fn figures_to_wire(f: &Figures) -> v1::Figures {
         foreign_ms: f.foreign_ms,
         energy_mj: f.energy_mj,
         violations: f.violations,
+        unattributed_ms: f.unattributed_ms,
     }
 }
 
@@ -632,6 +633,7 @@ fn figures_from_wire(f: Option<&v1::Figures>) -> Figures {
         foreign_ms: f.foreign_ms,
         energy_mj: f.energy_mj,
         violations: f.violations,
+        unattributed_ms: f.unattributed_ms,
     }
 }
 

@@ -348,7 +348,7 @@ struct Words {
     cards_n: &'static str,
     total: &'static str,
     /// The eight time figures, in [`Figures::times`] order.
-    times: [&'static str; 8],
+    times: [&'static str; 9],
     util: &'static str,
     energy: &'static str,
     violations: &'static str,
@@ -388,6 +388,7 @@ const EN: Words = Words {
         "ACTIVE",
         "IDLE",
         "FOREIGN",
+        "UNATTRIBUTED",
     ],
     util: "UTIL_%",
     energy: "ENERGY_KWH",
@@ -428,6 +429,7 @@ const KO: Words = Words {
         "활성 사용",
         "유휴",
         "타 사용자 사용",
+        "귀속 불명",
     ],
     util: "활용률(%)",
     energy: "전력량(kWh)",
@@ -455,18 +457,21 @@ fn pct1(v: Option<f64>) -> String {
     fmt_opt(v)
 }
 
-/// The figure cells of a row: the eight times, utilization, energy, violations.
-fn figure_cells(f: &Figures) -> Vec<String> {
-    let mut cells: Vec<String> = f.times().iter().map(|(_, ms)| h3(*ms)).collect();
+/// The figure cells of a row: the times, utilization, energy, violations. The unattributed
+/// time (the last of the times) has a column only where some card of the report had any
+/// (`blind`), so the usual table stays as narrow as before it existed.
+fn figure_cells(f: &Figures, blind: bool) -> Vec<String> {
+    let shown = if blind { 9 } else { 8 };
+    let mut cells: Vec<String> = f.times()[..shown].iter().map(|(_, ms)| h3(*ms)).collect();
     cells.push(pct1(f.utilization_pct()));
     cells.push(format!("{:.3}", f.energy_kwh()));
     cells.push(f.violations.to_string());
     cells
 }
 
-fn figure_header<'a>(w: &'a Words, lead: &[&'a str]) -> (Vec<&'a str>, Vec<bool>) {
+fn figure_header<'a>(w: &'a Words, lead: &[&'a str], blind: bool) -> (Vec<&'a str>, Vec<bool>) {
     let mut h: Vec<&str> = lead.to_vec();
-    h.extend(w.times);
+    h.extend(&w.times[..if blind { 9 } else { 8 }]);
     h.extend([w.util, w.energy, w.violations]);
     let right = (0..h.len()).map(|i| i >= lead.len()).collect();
     (h, right)
@@ -476,6 +481,7 @@ fn figure_header<'a>(w: &'a Words, lead: &[&'a str]) -> (Vec<&'a str>, Vec<bool>
 /// totals, use of unassigned cards, idle grants, invoices against delivery.
 pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
     let w = if korean { &KO } else { &EN };
+    let blind = r.total.unattributed_ms > 0 || r.csps.iter().any(|c| c.figures.unattributed_ms > 0);
     let mut out = format!(
         "{} {}: {} .. {} KST ({})\n",
         w.title,
@@ -504,7 +510,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
         out.push_str(w.none);
         out.push('\n');
     } else {
-        let (h, right) = figure_header(w, &[w.grant_card, w.program, w.grantee, w.csp]);
+        let (h, right) = figure_header(w, &[w.grant_card, w.program, w.grantee, w.csp], blind);
         let mut rows = Vec::new();
         for g in &r.grants {
             let mut row = vec![
@@ -513,7 +519,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
                 g.grantee.clone(),
                 g.csp.clone(),
             ];
-            row.extend(figure_cells(&g.figures));
+            row.extend(figure_cells(&g.figures, blind));
             rows.push(row);
             for c in &g.cards {
                 let mut row = vec![
@@ -522,7 +528,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
                     String::new(),
                     String::new(),
                 ];
-                row.extend(figure_cells(&c.figures));
+                row.extend(figure_cells(&c.figures, blind));
                 rows.push(row);
             }
         }
@@ -532,7 +538,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
             String::new(),
             String::new(),
         ];
-        row.extend(figure_cells(&r.total));
+        row.extend(figure_cells(&r.total, blind));
         rows.push(row);
         out.push_str(&grid(&h, &rows, &right));
     }
@@ -544,7 +550,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
         out.push_str(w.none);
         out.push('\n');
     } else {
-        let (h, right) = figure_header(w, &[w.program, w.grants_n, w.cards_n]);
+        let (h, right) = figure_header(w, &[w.program, w.grants_n, w.cards_n], blind);
         let mut right = right;
         right[1] = true;
         right[2] = true;
@@ -553,7 +559,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
             .iter()
             .map(|p| {
                 let mut row = vec![p.program.clone(), p.grants.to_string(), p.cards.to_string()];
-                row.extend(figure_cells(&p.figures));
+                row.extend(figure_cells(&p.figures, blind));
                 row
             })
             .collect();
@@ -567,7 +573,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
         out.push_str(w.none);
         out.push('\n');
     } else {
-        let (mut h, mut right) = figure_header(w, &[w.csp, w.grants_n, w.cards_n]);
+        let (mut h, mut right) = figure_header(w, &[w.csp, w.grants_n, w.cards_n], blind);
         h.push(w.unassigned_use);
         right.push(true);
         right[1] = true;
@@ -577,7 +583,7 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
             .iter()
             .map(|c| {
                 let mut row = vec![c.csp.clone(), c.grants.to_string(), c.cards.to_string()];
-                row.extend(figure_cells(&c.figures));
+                row.extend(figure_cells(&c.figures, blind));
                 row.push(h3(c.unassigned_use_ms));
                 row
             })
@@ -814,6 +820,7 @@ mod reconciliation_tests {
             foreign_ms: H / 4,
             energy_mj: 7_200_000_000,
             violations: 2,
+            unattributed_ms: 0,
         };
         Reconciliation {
             period: "2026-04".into(),
@@ -993,6 +1000,29 @@ G-1         hpc   에이씨미  kt   10.000   1.000  0.500  8.500  6.000      3.
 ";
         let got = reconciliation_table(&r, true);
         assert_eq!(got, want, "\n{got}");
+    }
+
+    #[test]
+    fn unattributed_time_gets_a_column_where_there_is_any() {
+        let mut r = small();
+        assert!(!reconciliation_table(&r, false).contains("UNATTRIBUTED"));
+        r.grants[0].figures.unattributed_ms = H / 2;
+        r.grants[0].figures.idle_ms -= H / 2;
+        r.total = r.grants[0].figures;
+        let got = reconciliation_table(&r, false);
+        let header = got
+            .lines()
+            .find(|l| l.starts_with("GRANT / CARD  PROGRAM"))
+            .unwrap();
+        assert!(header.contains("  FOREIGN  UNATTRIBUTED  UTIL_%"), "{got}");
+        let total = got.lines().find(|l| l.starts_with("total")).unwrap();
+        assert!(
+            total.contains(" 2.000    0.250         0.500    30.0"),
+            "{got}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&reconciliation_json(&r).unwrap()).unwrap();
+        assert_eq!(v["grants"][0]["unattributed_ms"], H / 2);
+        assert_eq!(v["grants"][0]["unattributed_gpu_hours"], 0.5);
     }
 
     #[test]

@@ -7,6 +7,46 @@
 pub mod nvml;
 pub mod sim;
 
+/// Card utilization (percent) above which a read with no process visible from any of the
+/// driver's sources is time nobody can be credited with ("unattributed"), not idle time. An
+/// idle card reads 0; a few percent is the driver's own housekeeping.
+pub const UNATTRIBUTED_UTIL_PCT: f64 = 5.0;
+
+/// Why a read's usage cannot be attributed to anyone, if it cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unattributed {
+    /// The driver could not list the card's processes and no other source named one.
+    ProcessListUnavailable,
+    /// The card was busy and no source named a process.
+    BusyWithoutProcesses,
+}
+
+impl Unattributed {
+    /// Whether `sample`'s time is unattributed, given how many of its processes the agent could
+    /// attribute: a process the agent sees counts as attributed even when its owner is unknown.
+    pub fn judge(sample: &CardSample, visible_processes: usize) -> Option<Unattributed> {
+        if visible_processes > 0 {
+            return None;
+        }
+        if sample.processes_unknown {
+            return Some(Unattributed::ProcessListUnavailable);
+        }
+        sample
+            .util_pct
+            .is_some_and(|u| u > UNATTRIBUTED_UTIL_PCT)
+            .then_some(Unattributed::BusyWithoutProcesses)
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Unattributed::ProcessListUnavailable => {
+                "the driver gives no process list and no other source names a process"
+            }
+            Unattributed::BusyWithoutProcesses => "the card is busy but no process is visible",
+        }
+    }
+}
+
 /// What a card is. Read once at start and again when cards change.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CardInfo {
@@ -40,6 +80,19 @@ pub struct GpuProcess {
     /// The driver's per-process accounting record, where the operator has enabled accounting
     /// mode on the card (the agent never enables it) and the driver holds one for this pid.
     pub accounting: Option<ProcessAccounting>,
+    /// Which of the driver's sources named this pid in this read.
+    pub seen_in: ProcessSources,
+}
+
+/// The driver's sources of process ids; a pid seen in any of them is on the card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProcessSources {
+    /// The running compute or graphics process list.
+    pub list: bool,
+    /// The per-process utilization samples since the last read.
+    pub samples: bool,
+    /// A running accounting record (accounting mode enabled by the operator).
+    pub accounting: bool,
 }
 
 /// NVML's per-process accounting record. Figures cover the process's whole lifetime, not one
@@ -92,6 +145,9 @@ pub struct CardSample {
     pub ecc_corrected_total: Option<u64>,
     pub ecc_uncorrected_total: Option<u64>,
     pub processes: Vec<GpuProcess>,
+    /// `true` when the driver could not list the card's processes this read (NOT_SUPPORTED, or
+    /// the call failed): an empty `processes` then means "not known", not "none".
+    pub processes_unknown: bool,
 }
 
 /// What reading a card gave.

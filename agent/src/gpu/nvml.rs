@@ -28,11 +28,14 @@ use nvml_wrapper::error::{Bits, NvmlError};
 use nvml_wrapper::struct_wrappers::device::{AccountingStats, ProcessInfo, Sample};
 use nvml_wrapper::struct_wrappers::event::EventData;
 use nvml_wrapper::{Device, EventSet, Nvml};
+use nvml_wrapper_sys::bindings::{
+    nvmlProcessInfo_t, nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE, nvmlReturn_enum_NVML_SUCCESS,
+};
 use tracing::{debug, info, warn};
 
 use super::{
     CardInfo, CardReading, CardSample, GpuError, GpuEvent, GpuEventKind, GpuProcess, GpuSource,
-    Inventory, ProcessAccounting, UtilSource,
+    Inventory, ProcessAccounting, ProcessSources, Unattributed, UtilSource,
 };
 
 /// What nvml-wrapper loads when no path is given.
@@ -67,6 +70,9 @@ struct CardState {
     last_gpu_sample: Option<u64>,
     last_mem_sample: Option<u64>,
     last_process_sample: Option<u64>,
+    /// Length of the last compute and graphics lists: the next read's first buffer size.
+    compute_hint: u32,
+    graphics_hint: u32,
     lost: bool,
 }
 
@@ -182,6 +188,86 @@ fn used_memory(p: &ProcessInfo) -> Option<u64> {
     }
 }
 
+/// The smallest buffer a process list is first asked with.
+const PROCESS_BUFFER_MIN: u32 = 16;
+
+/// How many times a process list is asked again with the size the driver said it needs (the
+/// list can grow between two calls).
+const PROCESS_LIST_ROUNDS: usize = 4;
+
+/// Which running-process list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProcessKind {
+    Compute,
+    Graphics,
+}
+
+/// One running-process list, sized by the `_v3` call itself.
+///
+/// nvml-wrapper 0.13's `running_compute_processes` first asks for the count with a null
+/// buffer and takes only INSUFFICIENT_SIZE as "the count is in `*count`": a driver that answers
+/// that query SUCCESS with the count (some do) gets an empty list back, and the card looks
+/// empty however many processes run on it. So the list is asked for directly with a buffer
+/// (as large as the last list of this card, at least [`PROCESS_BUFFER_MIN`]); SUCCESS gives
+/// the list, INSUFFICIENT_SIZE the count needed, and the call is made again with that much
+/// room. The null-buffer count is never relied on, whatever it answers.
+#[allow(unsafe_code)]
+fn running_processes(
+    dev: &Device<'_>,
+    kind: ProcessKind,
+    hint: &mut u32,
+) -> Result<Vec<ProcessInfo>, NvmlError> {
+    let lib = dev.nvml().lib();
+    let sym = match kind {
+        ProcessKind::Compute => lib.nvmlDeviceGetComputeRunningProcesses_v3.as_ref(),
+        ProcessKind::Graphics => lib.nvmlDeviceGetGraphicsRunningProcesses_v3.as_ref(),
+    };
+    let sym = *sym.map_err(|e| NvmlError::FailedToLoadSymbol(e.to_string()))?;
+    // SAFETY: the handle is `dev`'s, valid while `dev` (which borrows the loaded library)
+    // lives; it is only passed back to the library that issued it.
+    let handle = unsafe { dev.handle() };
+    let mut capacity = (*hint).max(PROCESS_BUFFER_MIN);
+    for _ in 0..PROCESS_LIST_ROUNDS {
+        let empty = nvmlProcessInfo_t {
+            pid: 0,
+            usedGpuMemory: 0,
+            gpuInstanceId: 0,
+            computeInstanceId: 0,
+        };
+        let mut buffer = vec![empty; usize::try_from(capacity).unwrap_or(usize::MAX)];
+        let mut count = capacity;
+        // SAFETY: `count` holds the buffer's length and `buffer` has that many initialized
+        // elements of the type the `_v3` call writes (nvml.h's contract for this call).
+        let code = unsafe { sym(handle, &mut count, buffer.as_mut_ptr()) };
+        if code == nvmlReturn_enum_NVML_SUCCESS {
+            buffer.truncate(usize::try_from(count.min(capacity)).unwrap_or(0));
+            *hint = count.min(capacity);
+            return Ok(buffer.into_iter().map(ProcessInfo::from).collect());
+        }
+        if code != nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE {
+            return Err(NvmlError::from(code));
+        }
+        // `count` is what the list needs now; leave room for a few more that may start.
+        capacity = count.max(capacity.saturating_mul(2)).saturating_add(8);
+    }
+    Err(NvmlError::InsufficientSize(None))
+}
+
+/// A process list's answer: the list, or that the driver could not give one (NOT_SUPPORTED or
+/// an error, logged) so that "no process" is not known. Only a lost card stops the read.
+fn process_list(
+    dev: &Device<'_>,
+    kind: ProcessKind,
+    hint: &mut u32,
+    uuid: &str,
+) -> Result<Option<Vec<ProcessInfo>>, Lost> {
+    let call = match kind {
+        ProcessKind::Compute => "nvmlDeviceGetComputeRunningProcesses_v3",
+        ProcessKind::Graphics => "nvmlDeviceGetGraphicsRunningProcesses_v3",
+    };
+    field(running_processes(dev, kind, hint), call, uuid)
+}
+
 /// NVML's "not available" marker (-1) in the accounting record's 64-bit fields, which
 /// nvml-wrapper passes through as is.
 const NOT_AVAILABLE_U64: u64 = u64::MAX;
@@ -202,11 +288,13 @@ fn accounting(stats: &AccountingStats) -> ProcessAccounting {
 /// Per-process accounting records, read only where the operator has enabled accounting mode
 /// (the agent never turns it on: that is the operator's call, and it changes driver state).
 /// Accounting utilization covers the process's lifetime, so it only stands in where the sample
-/// buffer gave no figure for the pid this read.
-fn read_accounting(dev: &Device<'_>, processes: &mut [GpuProcess], uuid: &str) -> Result<(), Lost> {
-    if processes.is_empty() {
-        return Ok(());
-    }
+/// buffer gave no figure for the pid this read. A running record of a pid no other source
+/// named adds that process: the driver saw it on the card.
+fn read_accounting(
+    dev: &Device<'_>,
+    processes: &mut Vec<GpuProcess>,
+    uuid: &str,
+) -> Result<(), Lost> {
     // Asked once per card per read: the answer is the same for every process on the card.
     let enabled = field(
         dev.is_accounting_enabled(),
@@ -216,10 +304,18 @@ fn read_accounting(dev: &Device<'_>, processes: &mut [GpuProcess], uuid: &str) -
     if enabled != Some(true) {
         return Ok(());
     }
-    for p in processes.iter_mut() {
+    let listed: Vec<u32> = processes.iter().map(|p| p.pid).collect();
+    let recorded = field(dev.accounting_pids(), "nvmlDeviceGetAccountingPids", uuid)?;
+    let mut pids = listed.clone();
+    for pid in recorded.into_iter().flatten() {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+    for pid in pids {
         // NOT_FOUND (no record for this pid) is absent like any unavailable field.
         let Some(stats) = field(
-            dev.accounting_stats_for(p.pid),
+            dev.accounting_stats_for(pid),
             "nvmlDeviceGetAccountingStats",
             uuid,
         )?
@@ -227,11 +323,28 @@ fn read_accounting(dev: &Device<'_>, processes: &mut [GpuProcess], uuid: &str) -
             continue;
         };
         // On a pid collision the driver answers with the record of the earlier process that
-        // ended last; a finished record for a live process is not this process's.
+        // ended last; a finished record for a live process is not this process's. A finished
+        // record of a pid no other source names is a process that has left the card.
         if !stats.is_running {
             continue;
         }
         let record = accounting(&stats);
+        let p = match processes.iter_mut().position(|p| p.pid == pid) {
+            Some(i) => &mut processes[i],
+            None => {
+                processes.push(GpuProcess {
+                    pid,
+                    used_memory_bytes: None,
+                    sm_util_pct: None,
+                    graphics: false,
+                    accounting: None,
+                    seen_in: ProcessSources::default(),
+                });
+                let last = processes.len() - 1;
+                &mut processes[last]
+            }
+        };
+        p.seen_in.accounting = true;
         if p.sm_util_pct.is_none() {
             p.sm_util_pct = record.gpu_util_pct;
         }
@@ -247,6 +360,8 @@ impl CardState {
             last_gpu_sample: None,
             last_mem_sample: None,
             last_process_sample: None,
+            compute_hint: 0,
+            graphics_hint: 0,
             lost: false,
         }
     }
@@ -338,16 +453,15 @@ impl CardState {
             uuid,
         )?;
 
-        let compute = field(
-            dev.running_compute_processes(),
-            "nvmlDeviceGetComputeRunningProcesses_v3",
-            uuid,
-        )?;
-        let graphics = field(
-            dev.running_graphics_processes(),
-            "nvmlDeviceGetGraphicsRunningProcesses_v3",
-            uuid,
-        )?;
+        let compute = process_list(dev, ProcessKind::Compute, &mut self.compute_hint, uuid)?;
+        let graphics = process_list(dev, ProcessKind::Graphics, &mut self.graphics_hint, uuid)?;
+        // Compute contexts are where CUDA work runs: without their list, an empty list of
+        // processes is not known to be empty.
+        s.processes_unknown = compute.is_none();
+        let listed = ProcessSources {
+            list: true,
+            ..ProcessSources::default()
+        };
         for p in compute.iter().flatten() {
             s.processes.push(GpuProcess {
                 pid: p.pid,
@@ -355,6 +469,7 @@ impl CardState {
                 sm_util_pct: None,
                 graphics: false,
                 accounting: None,
+                seen_in: listed,
             });
         }
         // A process with both contexts is listed once, as compute (where its CUDA work is).
@@ -366,6 +481,7 @@ impl CardState {
                     sm_util_pct: None,
                     graphics: true,
                     accounting: None,
+                    seen_in: listed,
                 });
             }
         }
@@ -376,11 +492,12 @@ impl CardState {
 
     /// Per-process SM utilization: the mean of each process's samples since the last read. The
     /// driver only samples processes that were busy, so a process without samples while the
-    /// query works was idle: 0, not absent.
+    /// query works was idle: 0, not absent. A pid in the samples that no list named (a driver
+    /// whose lists come back short or unsupported) was on the card all the same, and is added.
     fn read_process_utilization(
         &mut self,
         dev: &Device<'_>,
-        processes: &mut [GpuProcess],
+        processes: &mut Vec<GpuProcess>,
     ) -> Result<(), Lost> {
         let samples = match dev.process_utilization_stats(self.last_process_sample) {
             Ok(samples) => samples,
@@ -398,8 +515,21 @@ impl CardState {
             let entry = per_pid.entry(sample.pid).or_default();
             entry.0 += u64::from(sample.sm_util);
             entry.1 += 1;
+            if !processes.iter().any(|p| p.pid == sample.pid) {
+                processes.push(GpuProcess {
+                    pid: sample.pid,
+                    used_memory_bytes: None,
+                    sm_util_pct: None,
+                    graphics: false,
+                    accounting: None,
+                    seen_in: ProcessSources::default(),
+                });
+            }
         }
         for p in processes.iter_mut() {
+            if per_pid.contains_key(&p.pid) {
+                p.seen_in.samples = true;
+            }
             let mean = per_pid.get(&p.pid).map_or(0, |(sum, n)| sum / n);
             p.sm_util_pct = Some(u32::try_from(mean).unwrap_or(u32::MAX));
         }
@@ -611,8 +741,36 @@ fn event_kinds(data: &EventData<'_>) -> Vec<GpuEventKind> {
     kinds
 }
 
-fn register<'nvml>(nvml: &'nvml Nvml, uuid: &str) -> Result<EventSet<'nvml>, String> {
+/// A device handle's value, to tell which card an event names. Handles are stable for as long
+/// as the library is loaded, and compared only, never dereferenced.
+#[allow(unsafe_code)]
+fn handle_key(dev: &Device<'_>) -> usize {
+    // SAFETY: reading the handle's value has no precondition; nothing is called through it.
+    unsafe { dev.handle() }.addr()
+}
+
+/// The card an event names: by its device handle (known from registration), else by asking
+/// the device for its UUID, else (logged) the card whose set delivered it.
+fn event_card(data: &EventData<'_>, handles: &HashMap<usize, String>, set_card: &str) -> String {
+    if let Some(uuid) = handles.get(&handle_key(&data.device)) {
+        return uuid.clone();
+    }
+    match data.device.uuid() {
+        Ok(uuid) => uuid,
+        Err(e) => {
+            warn!(gpu = %set_card, error = %e, "an event names a device the agent cannot identify; credited to the card whose event set delivered it");
+            set_card.to_owned()
+        }
+    }
+}
+
+fn register<'nvml>(
+    nvml: &'nvml Nvml,
+    uuid: &str,
+    handles: &mut HashMap<usize, String>,
+) -> Result<EventSet<'nvml>, String> {
     let dev = nvml.device_by_uuid(uuid).map_err(|e| e.to_string())?;
+    handles.insert(handle_key(&dev), uuid.to_owned());
     let supported = dev.supported_event_types().map_err(|e| e.to_string())?;
     let wanted = supported
         & (EventTypes::CRITICAL_XID_ERROR
@@ -634,6 +792,9 @@ fn watch_events(
     stop: &AtomicBool,
 ) {
     let mut watches: Vec<Watch<'_>> = Vec::new();
+    // Device handle → UUID of every card registered, so an event is credited to the device it
+    // names, whichever set delivered it.
+    let mut handles: HashMap<usize, String> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         for uuid in cards.try_iter() {
             match watches.iter_mut().find(|w| w.uuid == uuid) {
@@ -653,7 +814,7 @@ fn watch_events(
             .iter_mut()
             .filter(|w| w.set.is_none() && w.retry_at <= now)
         {
-            match register(nvml, &w.uuid) {
+            match register(nvml, &w.uuid, &mut handles) {
                 Ok(set) => {
                     debug!(gpu = %w.uuid, "watching XID and ECC events");
                     w.set = Some(set);
@@ -680,13 +841,14 @@ fn watch_events(
             let failed = loop {
                 match set.wait(timeout) {
                     Ok(data) => {
+                        let uuid = event_card(&data, &handles, &w.uuid);
                         for kind in event_kinds(&data) {
                             let event = GpuEvent {
-                                uuid: w.uuid.clone(),
+                                uuid: uuid.clone(),
                                 at_ms: now_ms(),
                                 kind,
                             };
-                            info!(gpu = %w.uuid, kind = ?event.kind, "driver event");
+                            info!(gpu = %uuid, kind = ?event.kind, "driver event");
                             if events.send(event).is_err() {
                                 // The source is gone.
                                 return;
@@ -819,9 +981,14 @@ fn probe_fields(dev: &Device<'_>) -> Vec<FieldProbe> {
             format!("volatile corrected {c}, uncorrected {u}")
         }),
     ));
-    let processes = dev
-        .running_compute_processes()
-        .and_then(|c| dev.running_graphics_processes().map(|g| (c.len(), g.len())));
+    let (mut compute_hint, mut graphics_hint) = (0, 0);
+    let compute = running_processes(dev, ProcessKind::Compute, &mut compute_hint);
+    let graphics = running_processes(dev, ProcessKind::Graphics, &mut graphics_hint);
+    fields.push((
+        "process discovery",
+        discovery(dev, compute.as_ref().ok(), graphics.as_ref().ok()),
+    ));
+    let processes = compute.and_then(|c| graphics.map(|g| (c.len(), g.len())));
     fields.push((
         "processes",
         support(processes, |(c, g)| format!("{c} compute, {g} graphics")),
@@ -867,6 +1034,61 @@ fn probe_fields(dev: &Device<'_>) -> Vec<FieldProbe> {
         .into_iter()
         .map(|(field, support)| FieldProbe { field, support })
         .collect()
+}
+
+/// Which processes every source of the driver names, and whether the card's use could be
+/// attributed now: the probe's view of what the sampler does each read.
+fn discovery(
+    dev: &Device<'_>,
+    compute: Option<&Vec<ProcessInfo>>,
+    graphics: Option<&Vec<ProcessInfo>>,
+) -> Support {
+    let mut pids: Vec<u32> = Vec::new();
+    let add = |pid: u32, pids: &mut Vec<u32>| {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    };
+    for p in compute.into_iter().chain(graphics).flatten() {
+        add(p.pid, &mut pids);
+    }
+    let listed = pids.len();
+    let sampled: Vec<u32> = dev
+        .process_utilization_stats(None)
+        .map(|s| s.iter().map(|s| s.pid).collect())
+        .unwrap_or_default();
+    for pid in &sampled {
+        add(*pid, &mut pids);
+    }
+    let accounted: Vec<u32> = if dev.is_accounting_enabled().unwrap_or(false) {
+        dev.accounting_pids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    for pid in &accounted {
+        add(*pid, &mut pids);
+    }
+    let sample = CardSample {
+        util_pct: dev.utilization_rates().ok().map(|u| f64::from(u.gpu)),
+        processes_unknown: compute.is_none(),
+        ..CardSample::default()
+    };
+    let seen = format!(
+        "{} processes visible ({listed} listed, {} in samples, {} in accounting)",
+        pids.len(),
+        sampled.len(),
+        accounted.len()
+    );
+    match Unattributed::judge(&sample, pids.len()) {
+        None => Support::Yes(seen),
+        Some(why) => Support::Error(format!(
+            "{seen}; utilization {}: usage is unattributed ({})",
+            sample
+                .util_pct
+                .map_or_else(|| "unknown".to_owned(), |u| format!("{u}%")),
+            why.describe()
+        )),
+    }
 }
 
 /// Loads NVML and asks every card for every field once. Registers no events, so it takes

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::{
     CardInfo, CardReading, CardSample, GpuError, GpuEvent, GpuEventKind, GpuProcess, GpuSource,
-    Inventory, UtilSource,
+    Inventory, ProcessSources, UtilSource,
 };
 use crate::attribution::{Identity, ProcessIdentity, TableAttributor};
 use crate::clock::UnixMs;
@@ -326,10 +326,15 @@ impl GpuSource for SimSource {
                                 sm_util_pct: sp.sm_util_pct,
                                 graphics: false,
                                 accounting: None,
+                                seen_in: ProcessSources {
+                                    list: true,
+                                    ..ProcessSources::default()
+                                },
                             })
                             .collect()
                     })
                     .unwrap_or_default(),
+                processes_unknown: false,
             }));
         }
         self.last_read = Some(at_ms);

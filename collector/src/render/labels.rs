@@ -8,7 +8,7 @@ use super::Lang;
 /// The spreadsheet CSV's columns: the machine name (the English header, as in the JSON
 /// report) and the Korean header. The last is filled on CSP rows only: use of the CSP's cards
 /// outside every grant, which is not part of the other figures.
-pub const CSV_COLUMNS: [(&str, &str); 23] = [
+pub const CSV_COLUMNS: [(&str, &str); 24] = [
     ("level", "구분"),
     ("period", "기간"),
     ("program", "사업"),
@@ -32,6 +32,7 @@ pub const CSV_COLUMNS: [(&str, &str); 23] = [
     ("energy_kwh", "전력량(kWh)"),
     ("violations", "위반(건)"),
     ("unassigned_use_gpu_hours", "미배정 사용(GPU시간)"),
+    ("unattributed_gpu_hours", "귀속 불명(GPU시간)"),
 ];
 
 /// One language's words for the reports.
@@ -52,6 +53,8 @@ pub struct Labels {
     pub occupied: &'static str,
     pub active: &'static str,
     pub idle: &'static str,
+    /// Used with no process visible: nobody's time.
+    pub unattributed: &'static str,
     pub foreign: &'static str,
     pub utilization: &'static str,
     pub energy: &'static str,
@@ -144,6 +147,7 @@ pub static KO: Labels = Labels {
     occupied: "점유",
     active: "활성 사용",
     idle: "유휴",
+    unattributed: "귀속 불명",
     foreign: "타 사용자 사용",
     utilization: "활용률",
     energy: "전력량(kWh)",
@@ -206,6 +210,7 @@ pub static EN: Labels = Labels {
     occupied: "Occupied",
     active: "Active",
     idle: "Idle",
+    unattributed: "Unattributed",
     foreign: "Foreign use",
     utilization: "Utilization",
     energy: "Energy (kWh)",

@@ -75,11 +75,13 @@ fn figure_cells(f: &Figures) -> [String; 11] {
     ]
 }
 
-/// One row: the leading descriptive columns, then the figures, then unassigned use.
+/// One row: the leading descriptive columns, then the figures, then unassigned use, then the
+/// unattributed time (last, so the columns before it keep their places).
 fn row(head: [String; 11], f: &Figures, unassigned: Option<u64>) -> Vec<String> {
     let mut cells: Vec<String> = head.into();
     cells.extend(figure_cells(f));
     cells.push(unassigned.map_or(String::new(), hours));
+    cells.push(hours(f.unattributed_ms));
     cells
 }
 

@@ -115,6 +115,9 @@ pub struct WindowRow {
     /// Time with at least one process of the grantee on the card; `None` from agents older
     /// than the field.
     pub grantee_occupied_ms: Option<u64>,
+    /// Time the card was used with no process visible to the agent (records.proto); `None`
+    /// from agents older than the field.
+    pub unattributed_ms: Option<u64>,
     pub principals: Vec<PrincipalRow>,
 }
 

@@ -81,7 +81,7 @@ use std::ffi::CStr;
 use std::os::raw::{c_char, c_uint, c_ulonglong};
 use std::path::PathBuf;
 use std::ptr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nvml_wrapper_sys::bindings::*;
 
@@ -152,7 +152,14 @@ unsafe fn read_str(s: *const c_char) -> Option<String> {
 /// NVML's list protocol for the process lists: `*count` holds the buffer's capacity on entry
 /// and the number of entries on return; a buffer too small (or null) answers INSUFFICIENT_SIZE
 /// with the count set, except that an empty list is a success.
-unsafe fn put_list<T: Copy>(count: *mut c_uint, out: *mut T, items: &[T]) -> nvmlReturn_t {
+/// With `count_success`, a null buffer is answered SUCCESS with the count set (a driver quirk
+/// that nvml-wrapper 0.13 reads as "no processes").
+unsafe fn put_list<T: Copy>(
+    count: *mut c_uint,
+    out: *mut T,
+    items: &[T],
+    count_success: bool,
+) -> nvmlReturn_t {
     if count.is_null() {
         return INVALID_ARGUMENT;
     }
@@ -161,7 +168,7 @@ unsafe fn put_list<T: Copy>(count: *mut c_uint, out: *mut T, items: &[T]) -> nvm
     let n = c_uint::try_from(items.len()).unwrap_or(c_uint::MAX);
     // SAFETY: as above.
     unsafe { count.write(n) };
-    if n == 0 {
+    if n == 0 || (out.is_null() && count_success) {
         return SUCCESS;
     }
     if out.is_null() || capacity < n {
@@ -601,7 +608,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
 ) -> nvmlReturn_t {
     let call = "nvmlDeviceGetComputeRunningProcesses_v3";
     match driver::with(|d| d.processes(handle(device), call, false)) {
-        Ok(list) => unsafe { put_list(count, infos, &list) },
+        Ok((list, count_success)) => unsafe { put_list(count, infos, &list, count_success) },
         Err(code) => code,
     }
 }
@@ -614,7 +621,7 @@ pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
 ) -> nvmlReturn_t {
     let call = "nvmlDeviceGetGraphicsRunningProcesses_v3";
     match driver::with(|d| d.processes(handle(device), call, true)) {
-        Ok(list) => unsafe { put_list(count, infos, &list) },
+        Ok((list, count_success)) => unsafe { put_list(count, infos, &list, count_success) },
         Err(code) => code,
     }
 }
@@ -672,34 +679,27 @@ pub extern "C" fn nvmlEventSetFree(set: nvmlEventSet_t) -> nvmlReturn_t {
     status(driver::with(|d| d.free_set(handle(set))))
 }
 
-/// Waits up to `timeout_ms` for the next undelivered scenario event. The driver lock is not held
-/// while sleeping, so other calls (and other sets) go on meanwhile.
+/// Waits up to `timeout_ms` for the next undelivered scenario event, blocking (not polling)
+/// until a scenario change or the timeout; other calls go on meanwhile.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlEventSetWait_v2(
     set: nvmlEventSet_t,
     data: *mut nvmlEventData_t,
     timeout_ms: c_uint,
 ) -> nvmlReturn_t {
-    let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
-    loop {
-        match driver::with(|d| d.next_event(handle(set))) {
-            Ok(Some(event)) => {
-                let data_out = nvmlEventData_t {
-                    device: device_ptr(event.device),
-                    eventType: event.event_type,
-                    eventData: event.data,
-                    gpuInstanceId: u32::MAX,
-                    computeInstanceId: u32::MAX,
-                };
-                return unsafe { put(data, data_out) };
-            }
-            Ok(None) => {}
-            Err(code) => return code,
+    let timeout = Duration::from_millis(u64::from(timeout_ms));
+    match driver::wait_event(handle(set), timeout) {
+        Ok(Some(event)) => {
+            let data_out = nvmlEventData_t {
+                device: device_ptr(event.device),
+                eventType: event.event_type,
+                eventData: event.data,
+                gpuInstanceId: u32::MAX,
+                computeInstanceId: u32::MAX,
+            };
+            unsafe { put(data, data_out) }
         }
-        let now = Instant::now();
-        if now >= deadline {
-            return nvmlReturn_enum_NVML_ERROR_TIMEOUT;
-        }
-        std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
+        Ok(None) => nvmlReturn_enum_NVML_ERROR_TIMEOUT,
+        Err(code) => code,
     }
 }

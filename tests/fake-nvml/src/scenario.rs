@@ -126,6 +126,10 @@ pub struct Card {
     /// overrides it in memory).
     #[serde(default)]
     pub accounting_mode: bool,
+    /// The process lists' null-buffer count query answers SUCCESS with the count instead of
+    /// INSUFFICIENT_SIZE, as some drivers do (a call with a buffer is unchanged).
+    #[serde(default)]
+    pub process_count_success: bool,
 }
 
 fn default_name() -> String {
@@ -184,19 +188,26 @@ pub struct SampleAt {
 }
 
 /// One XID occurrence; `seq` tells two occurrences of the same code apart.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct XidEvent {
     pub code: u64,
     pub seq: u64,
+    /// Deliver it through the event set of this other card (its UUID) instead: the event still
+    /// names this card's device, as when one set watches several cards.
+    #[serde(default)]
+    pub via: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EccEvent {
     #[serde(default)]
     pub double_bit: bool,
     pub seq: u64,
+    /// As [`XidEvent::via`].
+    #[serde(default)]
+    pub via: Option<String>,
 }
 
 impl Card {
@@ -265,9 +276,16 @@ struct Loaded {
 #[derive(Default)]
 pub struct Scenarios {
     loaded: HashMap<PathBuf, Loaded>,
+    /// Bumped on every reload: what event waits block on.
+    generation: u64,
 }
 
 impl Scenarios {
+    /// How many times a scenario has been (re)loaded; changes when a scenario changed.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// The current scenario at `path`.
     pub fn get(&mut self, path: &Path) -> Result<&Scenario, String> {
         let stamp = fs::metadata(path).map(|m| Stamp {
@@ -287,6 +305,7 @@ impl Scenarios {
                 Ok(scenario) => {
                     self.loaded
                         .insert(path.to_owned(), Loaded { stamp, scenario });
+                    self.generation += 1;
                 }
                 Err(reason) => match self.loaded.get_mut(path) {
                     Some(old) => {
