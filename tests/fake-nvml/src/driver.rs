@@ -1,6 +1,7 @@
 //! The fake driver's state and answers, in safe Rust; `lib.rs` only moves them across the C ABI.
 
 use std::collections::{HashMap, HashSet};
+use std::os::raw::c_uint;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -432,6 +433,20 @@ impl Driver {
             isRunning: u32::from(record.running),
             reserved: [0; 5],
         })
+    }
+
+    /// Pids with an accounting record (running or not): NOT_SUPPORTED while the mode is off.
+    pub fn accounting_pids(&mut self, handle: usize) -> Result<Vec<c_uint>, Code> {
+        if !self.accounting_mode(handle)? {
+            return Err(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED);
+        }
+        let card = self.card(handle, "nvmlDeviceGetAccountingPids", Some("accounting"))?;
+        Ok(card
+            .processes
+            .iter()
+            .filter(|p| p.accounting.is_some())
+            .map(|p| p.pid)
+            .collect())
     }
 
     pub fn supported_events(&mut self, handle: usize, call: &str) -> Result<u64, Code> {

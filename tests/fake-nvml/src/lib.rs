@@ -598,6 +598,18 @@ pub unsafe extern "C" fn nvmlDeviceGetAccountingStats(
     unsafe { answer(stats, r) }
 }
 
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetAccountingPids(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+    pids: *mut c_uint,
+) -> nvmlReturn_t {
+    match driver::with(|d| d.accounting_pids(handle(device))) {
+        Ok(list) => unsafe { put_list(count, pids, &list, false) },
+        Err(code) => code,
+    }
+}
+
 // ---- processes ----
 
 #[unsafe(no_mangle)]
