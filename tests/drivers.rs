@@ -65,14 +65,14 @@ impl Drop for AgentProcess {
     }
 }
 
-/// `sleep 60` children standing in for GPU processes, killed and reaped at the end.
+/// `sleep 600` children standing in for GPU processes, killed and reaped at the end.
 #[derive(Default)]
 struct Sleepers(Vec<Child>);
 
 impl Sleepers {
     fn spawn(&mut self, uid: Option<u32>) -> u32 {
         let mut cmd = Command::new("sleep");
-        cmd.arg("60");
+        cmd.arg("600");
         if let Some(u) = uid {
             cmd.uid(u).gid(u);
         }
@@ -135,6 +135,16 @@ impl Rig {
     /// Starts the collector with `grants` imported, writes the scenario and starts the agent
     /// binary on the fake in `mode` (`observe` or `terminate`).
     async fn start(scenario: &Value, grants: &[String], mode: &str) -> Rig {
+        Self::start_with(scenario, grants, mode, &[]).await
+    }
+
+    /// As [`Rig::start`], with extra environment variables for the agent process.
+    async fn start_with(
+        scenario: &Value,
+        grants: &[String],
+        mode: &str,
+        env: &[(&str, PathBuf)],
+    ) -> Rig {
         let (dir, lib) = fake_copy();
         let db = dir.path().join("ledger.db");
         let collector = TestCollector::start(&db).await.unwrap();
@@ -179,6 +189,7 @@ grace_ms = 1000
             .arg(&cfg)
             .env_remove("GPUMETER_FAKE_NVML_SCENARIO")
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
@@ -728,6 +739,149 @@ async fn every_process_source_is_attributed_and_enforced_and_blind_use_is_unattr
     assert_eq!(warnings_for(&log, ACCOUNTED), 2, "{log}");
     assert_eq!(warnings_for(&log, BUSY_EMPTY), 1, "{log}");
     assert_eq!(warnings_for(&log, COUNT_OK), 0, "{log}");
+    rig.shutdown().await;
+}
+
+// ---- users from the name service ----
+
+const NSS_CARD: &str = "GPU-f1000000-0000-4000-8000-000000000001";
+/// A uid and gid that exist only in the directory the test sets up (not in /etc/passwd).
+const DIRECTORY_ID: u32 = 4_711;
+
+/// Where Debian's `libnss-wrapper` puts the library.
+const NSS_WRAPPER: &str = "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so";
+
+/// A user that exists only in a name-service source other than /etc/passwd (as LDAP or SSSD
+/// users do) is named through NSS, matches its `user:` grant, and is spared by `terminate`,
+/// while a stranger on the same card is ended. The source is nss_wrapper's files, preloaded
+/// into the agent alone: nothing on the machine changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_only_user_matches_its_grant_through_nss_wrapper() {
+    assert_root();
+    if !std::path::Path::new(NSS_WRAPPER).exists() {
+        assert!(
+            std::env::var_os("GPUMETER_REQUIRE_ALL").is_none(),
+            "{NSS_WRAPPER} is missing (Debian package libnss-wrapper) and GPUMETER_REQUIRE_ALL is set"
+        );
+        eprintln!("skipped: needs nss_wrapper ({NSS_WRAPPER}, Debian package libnss-wrapper)");
+        return;
+    }
+    for db in ["/etc/passwd", "/etc/group"] {
+        let text = fs::read_to_string(db).unwrap();
+        assert!(
+            !text.lines().any(|l| l.split(':').nth(2) == Some("4711")),
+            "{db} must not know id {DIRECTORY_ID}: the test's user exists only in its directory"
+        );
+    }
+    let names = tempfile::tempdir().unwrap();
+    let passwd = names.path().join("passwd");
+    let group = names.path().join("group");
+    fs::write(
+        &passwd,
+        format!(
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:{NOBODY}:{NOBODY}:nobody:/:/bin/false\n\
+             dir.alice:x:{DIRECTORY_ID}:{DIRECTORY_ID}:Alice from the directory:/home/alice:/bin/sh\n"
+        ),
+    )
+    .unwrap();
+    fs::write(
+        &group,
+        format!("root:x:0:\nnogroup:x:{NOBODY}:\ndir-lab:x:{DIRECTORY_ID}:dir.alice\n"),
+    )
+    .unwrap();
+
+    let mut sleepers = Sleepers::default();
+    let alice = sleepers.spawn(Some(DIRECTORY_ID));
+    let stranger = sleepers.spawn(Some(NOBODY));
+    let card = |procs: Value| {
+        json!({ "cards": [{
+            "uuid": NSS_CARD, "util_gpu": 50, "sample_period_us": 1000, "processes": procs
+        }]})
+    };
+    let mut rig = Rig::start_with(
+        &card(json!([])),
+        &[grant("G-NSS", "user:dir.alice", NSS_CARD)],
+        "terminate",
+        &[
+            ("LD_PRELOAD", PathBuf::from(NSS_WRAPPER)),
+            ("NSS_WRAPPER_PASSWD", passwd),
+            ("NSS_WRAPPER_GROUP", group),
+        ],
+    )
+    .await;
+    rig.until("the assignment applied", |c| {
+        assigned(c, &[NSS_CARD]).then_some(())
+    })
+    .await;
+    let both = json!([
+        { "pid": alice, "used_memory": GIB, "sm_util": 30 },
+        { "pid": stranger, "used_memory": GIB, "sm_util": 20 }
+    ]);
+    rig.set(&card(both));
+    let deadline = Instant::now() + PATIENCE;
+    let ended = loop {
+        if let Some(st) = sleepers.exited(stranger) {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stranger still running; log:\n{}",
+            rig.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    rig.set(&card(
+        json!([{ "pid": alice, "used_memory": GIB, "sm_util": 30 }]),
+    ));
+    let settled = now_ms();
+    rig.windows_until(&[NSS_CARD], settled + 3 * WINDOW_MS)
+        .await;
+    rig.stop().await;
+
+    assert_eq!(ended.signal(), Some(15), "the stranger ended by SIGTERM");
+    assert!(
+        sleepers.exited(alice).is_none(),
+        "the directory user's process lives"
+    );
+    let events = enforcement(&rig.conn);
+    assert!(
+        events.iter().all(|e| e.1 == stranger),
+        "only the stranger is a violator: {events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| e.2 == "none" && e.4 == "user:nobody"),
+        "{events:#?}"
+    );
+    // Alice is named from the directory and matches her grant in every window she was in.
+    let mut st = rig
+        .conn
+        .prepare(
+            "SELECT p.principal, p.uid, p.matches_grant, p.occupied_ms, w.good_samples
+             FROM window_principals p JOIN windows w ON w.agent_id = p.agent_id AND w.seq = p.seq
+             WHERE w.gpu_uuid = ?1 AND w.start_ms >= ?2",
+        )
+        .unwrap();
+    let rows: Vec<(String, i64, bool, i64, i64)> = st
+        .query_map(rusqlite::params![NSS_CARD, settled + INTERVAL_MS], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(rows.len() >= 2, "{rows:?}");
+    for (principal, uid, matches, occupied, good) in &rows {
+        assert_eq!(
+            (principal.as_str(), *uid, *matches, *occupied),
+            (
+                "user:dir.alice",
+                i64::from(DIRECTORY_ID),
+                true,
+                good * INTERVAL_MS
+            ),
+            "{rows:?}"
+        );
+    }
+    drop(st);
     rig.shutdown().await;
 }
 
