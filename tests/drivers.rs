@@ -885,6 +885,122 @@ async fn a_directory_only_user_matches_its_grant_through_nss_wrapper() {
     rig.shutdown().await;
 }
 
+// ---- card health ----
+
+const FROZEN: &str = "GPU-c1000000-0000-4000-8000-000000000001";
+const MOVING: &str = "GPU-c1000000-0000-4000-8000-000000000002";
+
+/// An energy counter that stands still while the card draws 95 W gives no energy for the
+/// window (not 0 kWh) and a power-integrated estimate beside it; a counter that moves is
+/// counted as before. Health counters that change (uncorrected ECC, volatile and aggregate,
+/// retired pages, pending retirement, remapped rows, pending remaps) are events, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_energy_counter_is_absent_and_estimated_and_health_changes_are_events() {
+    let health = |bad: bool| {
+        let n = u32::from(bad);
+        json!({
+            "ecc_uncorrected": n, "ecc_uncorrected_aggregate": 5 + n,
+            "retired_pages": { "single_bit": 2, "double_bit": n, "pending": bad },
+            "remapped_rows": { "corrected": 4, "uncorrected": n, "pending": bad, "failure": false }
+        })
+    };
+    let scenario = |bad: bool| {
+        let mut frozen = json!({
+            "uuid": FROZEN, "power_mw": 95_000, "energy_mj": 5_000_000, "util_gpu": 0
+        });
+        for (k, v) in health(bad).as_object().unwrap() {
+            frozen[k] = v.clone();
+        }
+        json!({ "cards": [
+            frozen,
+            { "uuid": MOVING, "power_mw": 95_000, "energy_mj": 1_000, "energy_at_ms": 0, "util_gpu": 0 }
+        ]})
+    };
+    let grants = [grant("G-F", "uid:0", FROZEN), grant("G-M", "uid:0", MOVING)];
+    let started = now_ms();
+    let mut rig = Rig::start(&scenario(false), &grants, "observe").await;
+    rig.until("a first window of both cards", |c| {
+        (!windows(c, FROZEN).is_empty() && !windows(c, MOVING).is_empty()).then_some(())
+    })
+    .await;
+    rig.set(&scenario(true));
+    rig.until("the health events", |c| {
+        (event_counts(c, "card_health").values().sum::<i64>() >= 6).then_some(())
+    })
+    .await;
+    // The same counters again give nothing new; a couple more windows.
+    let mark = now_ms() + 2 * WINDOW_MS;
+    rig.windows_until(&[FROZEN, MOVING], mark).await;
+    rig.stop().await;
+    let finished = now_ms();
+
+    let mut st = rig
+        .conn
+        .prepare(
+            "SELECT gpu_uuid, code, detail FROM events WHERE kind = 'card_health'
+             ORDER BY gpu_uuid, detail",
+        )
+        .unwrap();
+    let got: Vec<(String, i64, String)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    drop(st);
+    let want: Vec<(String, i64, String)> = [
+        (6, "ecc_uncorrected_aggregate 5 -> 6"),
+        (1, "ecc_uncorrected_volatile 0 -> 1"),
+        (1, "remap_pending 0 -> 1"),
+        (1, "remapped_rows_uncorrected 0 -> 1"),
+        (3, "retired_pages 2 -> 3"),
+        (1, "retired_pages_pending 0 -> 1"),
+    ]
+    .into_iter()
+    .map(|(code, detail)| (FROZEN.to_owned(), code, detail.to_owned()))
+    .collect();
+    assert_eq!(got, want);
+
+    let mut st = rig
+        .conn
+        .prepare(
+            "SELECT good_samples, energy_mj, energy_estimated, energy_estimated_mj FROM windows
+             WHERE gpu_uuid = ?1 ORDER BY start_ms",
+        )
+        .unwrap();
+    let mut energy = |uuid: &str| -> Vec<(i64, Option<i64>, bool, Option<i64>)> {
+        st.query_map([uuid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let frozen = energy(FROZEN);
+    let moving = energy(MOVING);
+    drop(st);
+    assert!(frozen.iter().filter(|w| w.0 > 0).count() >= 3, "{frozen:?}");
+    for w in frozen.iter().filter(|w| w.0 > 0) {
+        // 95 W for each good second, exactly; no energy, and not the no-counter estimate.
+        assert_eq!(
+            (w.1, w.2, w.3),
+            (None, false, Some(w.0 * 95_000)),
+            "{frozen:?}"
+        );
+    }
+    for w in moving.iter().filter(|w| w.0 > 0) {
+        assert!(w.1.is_some_and(|e| e > 0), "{moving:?}");
+        assert_eq!((w.2, w.3), (false, None), "{moving:?}");
+    }
+    let f = rig
+        .reconcile("G-F", started - 60_000, finished + 60_000)
+        .await;
+    assert_eq!(f.energy_mj, 0, "a frozen counter measured nothing: {f:?}");
+    let m = rig
+        .reconcile("G-M", started - 60_000, finished + 60_000)
+        .await;
+    let measured: i64 = moving.iter().filter_map(|w| w.1).sum();
+    assert_eq!(m.energy_mj, u64::try_from(measured).unwrap(), "{m:?}");
+    rig.shutdown().await;
+}
+
 // ---- events ----
 
 const EV_A: &str = "GPU-e1000000-0000-4000-8000-00000000000a";

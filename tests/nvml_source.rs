@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gpumeter_agent::gpu::nvml::NvmlSource;
 use gpumeter_agent::gpu::{
-    CardInfo, CardReading, CardSample, GpuError, GpuEventKind, GpuProcess, GpuSource, Inventory,
-    ProcessAccounting, ProcessSources, UtilSource,
+    CardInfo, CardReading, CardSample, GpuError, GpuEventKind, GpuProcess, GpuSource,
+    HealthCounters, Inventory, ProcessAccounting, ProcessSources, UtilSource,
 };
 use gpumeter_agent::probe::probe;
 use serde_json::{Value, json};
@@ -279,6 +279,13 @@ fn every_field_is_read_exactly() {
                 },
             ],
             processes_unknown: false,
+            // The first read of a card reads its health counters too; this card has no
+            // retired pages or remapped rows to report.
+            health: Some(Box::new(HealthCounters {
+                ecc_uncorrected_volatile: Some(1),
+                ecc_uncorrected_aggregate: Some(1),
+                ..HealthCounters::default()
+            })),
         }
     );
     assert_eq!(ok(&readings[1]).uuid, UUID_B);

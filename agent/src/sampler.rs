@@ -235,6 +235,11 @@ pub fn gpu_event_to_wire(e: &GpuEvent) -> v1::Event {
         GpuEventKind::EccDoubleBit => (v1::EventKind::EccDoubleBit, 1, String::new()),
         GpuEventKind::Lost => (v1::EventKind::GpuLost, 0, "card lost".into()),
         GpuEventKind::Recovered => (v1::EventKind::GpuRecovered, 0, "card answers again".into()),
+        GpuEventKind::Health { counter, from, to } => (
+            v1::EventKind::CardHealth,
+            i64::try_from(*to).unwrap_or(i64::MAX),
+            format!("{counter} {from} -> {to}"),
+        ),
     };
     v1::Event {
         kind: kind as i32,
@@ -532,6 +537,7 @@ mod spooler_tests {
             occupied_ms: 0,
             grantee_occupied_ms: 0,
             unattributed_ms: 0,
+            energy_estimated_mj: None,
             foreign_ms: 0,
         };
         crate::record::window_body(start, &w)

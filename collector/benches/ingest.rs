@@ -225,6 +225,7 @@ fn summary(agent: usize, card: usize, window: usize, principals: usize) -> Windo
         foreign_ms: if window % 5 == 0 { occupied / 2 } else { 0 },
         grantee_occupied_ms: occupied,
         unattributed_ms: 0,
+        energy_estimated_mj: None,
     }
 }
 

@@ -165,6 +165,7 @@ fn event_kind_str(k: i32) -> &'static str {
         Ok(v1::EventKind::AssignmentChanged) => "assignment_changed",
         Ok(v1::EventKind::AgentStarted) => "agent_started",
         Ok(v1::EventKind::SpoolFull) => "spool_full",
+        Ok(v1::EventKind::CardHealth) => "card_health",
         _ => "unknown",
     }
 }
@@ -206,6 +207,7 @@ impl From<&v1::CardWindow> for WindowRow {
             foreign_ms: w.foreign_ms,
             grantee_occupied_ms: w.grantee_occupied_ms,
             unattributed_ms: w.unattributed_ms,
+            energy_estimated_mj: w.energy_estimated_mj,
             principals: w
                 .principals
                 .iter()

@@ -1037,6 +1037,7 @@ mod tests {
                 foreign_ms: x.foreign,
                 grantee_occupied_ms: Some(x.grantee),
                 unattributed_ms: None,
+                energy_estimated_mj: None,
                 principals,
             },
         }

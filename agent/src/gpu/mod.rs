@@ -47,6 +47,50 @@ impl Unattributed {
     }
 }
 
+/// A card's memory health counters; each `None` where the card does not report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HealthCounters {
+    pub ecc_uncorrected_volatile: Option<u64>,
+    pub ecc_uncorrected_aggregate: Option<u64>,
+    /// Pages retired for multiple single-bit and for double-bit errors.
+    pub retired_pages: Option<u64>,
+    pub retired_pages_pending: Option<bool>,
+    pub remapped_rows_corrected: Option<u64>,
+    pub remapped_rows_uncorrected: Option<u64>,
+    pub remap_pending: Option<bool>,
+    pub remap_failed: Option<bool>,
+}
+
+impl HealthCounters {
+    /// Each counter as (name, value), booleans as 0/1, for comparing two readings.
+    pub fn named(&self) -> [(&'static str, Option<u64>); 8] {
+        let b = |v: Option<bool>| v.map(u64::from);
+        [
+            ("ecc_uncorrected_volatile", self.ecc_uncorrected_volatile),
+            ("ecc_uncorrected_aggregate", self.ecc_uncorrected_aggregate),
+            ("retired_pages", self.retired_pages),
+            ("retired_pages_pending", b(self.retired_pages_pending)),
+            ("remapped_rows_corrected", self.remapped_rows_corrected),
+            ("remapped_rows_uncorrected", self.remapped_rows_uncorrected),
+            ("remap_pending", b(self.remap_pending)),
+            ("remap_failed", b(self.remap_failed)),
+        ]
+    }
+
+    /// The counters that changed from `before` to `self`: (name, old, new). A counter known in
+    /// only one of the two readings is not a change (the card stopped or started answering).
+    pub fn changes(&self, before: &HealthCounters) -> Vec<(&'static str, u64, u64)> {
+        self.named()
+            .iter()
+            .zip(before.named())
+            .filter_map(|((name, now), (_, was))| match (was, now) {
+                (Some(was), Some(now)) if was != *now => Some((*name, was, *now)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// What a card is. Read once at start and again when cards change.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CardInfo {
@@ -144,6 +188,8 @@ pub struct CardSample {
     pub throttle_reasons: Option<u64>,
     pub ecc_corrected_total: Option<u64>,
     pub ecc_uncorrected_total: Option<u64>,
+    /// Slow-moving health counters, read every few samples (`None` in the reads between).
+    pub health: Option<Box<HealthCounters>>,
     pub processes: Vec<GpuProcess>,
     /// `true` when the driver could not list the card's processes this read (NOT_SUPPORTED, or
     /// the call failed): an empty `processes` then means "not known", not "none".
@@ -190,6 +236,12 @@ pub enum GpuEventKind {
     EccDoubleBit,
     Lost,
     Recovered,
+    /// A health counter changed: (counter, old value, new value).
+    Health {
+        counter: &'static str,
+        from: u64,
+        to: u64,
+    },
 }
 
 /// Why a GPU source could not start or answer.

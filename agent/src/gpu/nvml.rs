@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{
-    Clock, ComputeMode, EccCounter, MemoryError, Sampling, TemperatureSensor,
+    Clock, ComputeMode, EccCounter, MemoryError, RetirementCause, Sampling, TemperatureSensor,
 };
 use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
 use nvml_wrapper::enums::event::XidError;
@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     CardInfo, CardReading, CardSample, GpuError, GpuEvent, GpuEventKind, GpuProcess, GpuSource,
-    Inventory, ProcessAccounting, ProcessSources, Unattributed, UtilSource,
+    HealthCounters, Inventory, ProcessAccounting, ProcessSources, Unattributed, UtilSource,
 };
 
 /// What nvml-wrapper loads when no path is given.
@@ -73,6 +73,10 @@ struct CardState {
     /// Length of the last compute and graphics lists: the next read's first buffer size.
     compute_hint: u32,
     graphics_hint: u32,
+    /// Reads of this card so far, for [`HEALTH_EVERY`].
+    reads: u64,
+    /// The health counters last read; changes become events.
+    health: Option<HealthCounters>,
     lost: bool,
 }
 
@@ -186,6 +190,78 @@ fn used_memory(p: &ProcessInfo) -> Option<u64> {
         UsedGpuMemory::Used(bytes) => Some(bytes),
         UsedGpuMemory::Unavailable => None,
     }
+}
+
+/// Health counters (ECC aggregates, retired pages, remapped rows) move rarely and cost several
+/// calls: they are read on the first read of a card and every this many reads after.
+const HEALTH_EVERY: u64 = 10;
+
+/// `nvmlDeviceGetRemappedRows` (not wrapped by nvml-wrapper 0.13): corrected rows, uncorrected
+/// rows, a remap pending, a remapping failure.
+#[allow(unsafe_code)]
+fn remapped_rows(dev: &Device<'_>) -> Result<(u32, u32, bool, bool), NvmlError> {
+    let sym = dev
+        .nvml()
+        .lib()
+        .nvmlDeviceGetRemappedRows
+        .as_ref()
+        .map_err(|e| NvmlError::FailedToLoadSymbol(e.to_string()))?;
+    let (mut corrected, mut uncorrected, mut pending, mut failed) = (0, 0, 0, 0);
+    // SAFETY: the handle is `dev`'s and stays valid while `dev` lives; the four out-pointers
+    // are to live locals of the type nvml.h declares.
+    let code = unsafe {
+        sym(
+            dev.handle(),
+            &mut corrected,
+            &mut uncorrected,
+            &mut pending,
+            &mut failed,
+        )
+    };
+    if code != nvmlReturn_enum_NVML_SUCCESS {
+        return Err(NvmlError::from(code));
+    }
+    Ok((corrected, uncorrected, pending != 0, failed != 0))
+}
+
+/// The card's memory health counters; a counter the card does not report is `None`.
+fn read_health(dev: &Device<'_>, uuid: &str) -> Result<HealthCounters, Lost> {
+    fn count<T>(r: Result<Vec<T>, NvmlError>) -> Result<u64, NvmlError> {
+        r.map(|pages| pages.len() as u64)
+    }
+    let single = field(
+        count(dev.retired_pages(RetirementCause::MultipleSingleBitEccErrors)),
+        "nvmlDeviceGetRetiredPages_v2",
+        uuid,
+    )?;
+    let double = field(
+        count(dev.retired_pages(RetirementCause::DoubleBitEccError)),
+        "nvmlDeviceGetRetiredPages_v2",
+        uuid,
+    )?;
+    let remapped = field(remapped_rows(dev), "nvmlDeviceGetRemappedRows", uuid)?;
+    Ok(HealthCounters {
+        ecc_uncorrected_volatile: field(
+            dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
+            "nvmlDeviceGetTotalEccErrors",
+            uuid,
+        )?,
+        ecc_uncorrected_aggregate: field(
+            dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate),
+            "nvmlDeviceGetTotalEccErrors",
+            uuid,
+        )?,
+        retired_pages: single.zip(double).map(|(s, d)| s + d),
+        retired_pages_pending: field(
+            dev.are_pages_pending_retired(),
+            "nvmlDeviceGetRetiredPagesPendingStatus",
+            uuid,
+        )?,
+        remapped_rows_corrected: remapped.map(|r| u64::from(r.0)),
+        remapped_rows_uncorrected: remapped.map(|r| u64::from(r.1)),
+        remap_pending: remapped.map(|r| r.2),
+        remap_failed: remapped.map(|r| r.3),
+    })
 }
 
 /// The smallest buffer a process list is first asked with.
@@ -362,6 +438,8 @@ impl CardState {
             last_process_sample: None,
             compute_hint: 0,
             graphics_hint: 0,
+            reads: 0,
+            health: None,
             lost: false,
         }
     }
@@ -485,6 +563,10 @@ impl CardState {
                 });
             }
         }
+        if self.reads % HEALTH_EVERY == 0 {
+            s.health = Some(Box::new(read_health(dev, uuid)?));
+        }
+        self.reads += 1;
         self.read_process_utilization(dev, &mut s.processes)?;
         read_accounting(dev, &mut s.processes, uuid)?;
         Ok(s)
@@ -638,6 +720,23 @@ impl GpuSource for NvmlSource {
         for i in 0..self.cards.len() {
             let reading = self.read_card(i);
             let card = &mut self.cards[i];
+            if let CardReading::Ok(CardSample {
+                health: Some(now), ..
+            }) = &reading
+            {
+                // The first reading is the baseline; from then on every change is an event.
+                for (counter, from, to) in
+                    card.health.map(|was| now.changes(&was)).unwrap_or_default()
+                {
+                    warn!(gpu = %card.uuid, counter, from, to, "card health counter changed");
+                    self.transitions.push(GpuEvent {
+                        uuid: card.uuid.clone(),
+                        at_ms,
+                        kind: GpuEventKind::Health { counter, from, to },
+                    });
+                }
+                card.health = Some(**now);
+            }
             match &reading {
                 CardReading::Lost { reason, .. } if !card.lost => {
                     card.lost = true;

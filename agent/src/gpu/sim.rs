@@ -335,6 +335,7 @@ impl GpuSource for SimSource {
                     })
                     .unwrap_or_default(),
                 processes_unknown: false,
+                health: None,
             }));
         }
         self.last_read = Some(at_ms);

@@ -118,6 +118,9 @@ pub struct WindowRow {
     /// Time the card was used with no process visible to the agent (records.proto); `None`
     /// from agents older than the field.
     pub unattributed_ms: Option<u64>,
+    /// Energy estimated from power × time where the card's energy counter was frozen (and
+    /// `energy_mj` is absent); `None` otherwise.
+    pub energy_estimated_mj: Option<u64>,
     pub principals: Vec<PrincipalRow>,
 }
 

@@ -281,10 +281,12 @@ DROP TABLE window_principals;
 ALTER TABLE window_principals_v4 RENAME TO window_principals;
 CREATE UNIQUE INDEX window_principals_key ON window_principals(agent_id, seq, principal);
 "#,
-    // Windows keep the time the card was used with no process visible (NULL for windows from
-    // agents older than the field).
+    // Windows keep the time the card was used with no process visible, and the energy
+    // estimated from power where the card's counter was frozen (NULL for windows from agents
+    // older than the fields, and where there was no frozen counter).
     r#"
 ALTER TABLE windows ADD COLUMN unattributed_ms INTEGER;
+ALTER TABLE windows ADD COLUMN energy_estimated_mj INTEGER;
 "#,
 ];
 
@@ -481,8 +483,8 @@ impl Store for SqliteStore {
                     "INSERT INTO windows (agent_id, seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
                        util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj, energy_estimated, power_avg_w,
                        temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_id, principal,
-                       active_ms, occupied_ms, foreign_ms, grantee_occupied_ms, unattributed_ms)
-                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27)",
+                       active_ms, occupied_ms, foreign_ms, grantee_occupied_ms, unattributed_ms, energy_estimated_mj)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28)",
                 )
                 .map_err(db)?;
             let mut ins_pr = tx
@@ -582,7 +584,8 @@ impl Store for SqliteStore {
                                     w.occupied_ms as i64,
                                     w.foreign_ms as i64,
                                     opt_u64(w.grantee_occupied_ms),
-                                    opt_u64(w.unattributed_ms)
+                                    opt_u64(w.unattributed_ms),
+                                    opt_u64(w.energy_estimated_mj)
                                 ])
                                 .map_err(db)?;
                             for p in &w.principals {
@@ -1087,7 +1090,7 @@ impl Store for SqliteStore {
                         w.memory_used_max_bytes, w.energy_mj, w.energy_estimated, w.power_avg_w,
                         w.temperature_max_c, w.throttle_reasons, w.health, w.unavailable_ms,
                         w.assignment_status, w.grant_id, w.principal, w.active_ms, w.occupied_ms,
-                        w.foreign_ms, w.grantee_occupied_ms, w.unattributed_ms
+                        w.foreign_ms, w.grantee_occupied_ms, w.unattributed_ms, w.energy_estimated_mj
                  FROM windows w JOIN agents a ON a.agent_id = w.agent_id
                  WHERE {WHERE}
                  ORDER BY w.gpu_uuid, w.start_ms, w.agent_id, w.seq"
@@ -1127,6 +1130,7 @@ impl Store for SqliteStore {
                         foreign_ms: u(r.get(26)?),
                         grantee_occupied_ms: r.get::<_, Option<i64>>(27)?.map(u),
                         unattributed_ms: r.get::<_, Option<i64>>(28)?.map(u),
+                        energy_estimated_mj: r.get::<_, Option<i64>>(29)?.map(u),
                         principals: vec![],
                     },
                 })
@@ -1627,6 +1631,7 @@ mod reconcile_reads_tests {
             foreign_ms: 10_000,
             grantee_occupied_ms: grantee,
             unattributed_ms: None,
+            energy_estimated_mj: None,
             principals: vec![
                 PrincipalRow {
                     principal: "user:alice".into(),

@@ -550,17 +550,149 @@ pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
 pub unsafe extern "C" fn nvmlDeviceGetTotalEccErrors(
     device: nvmlDevice_t,
     error_type: nvmlMemoryErrorType_t,
-    _counter_type: nvmlEccCounterType_t,
+    counter_type: nvmlEccCounterType_t,
     count: *mut c_ulonglong,
 ) -> nvmlReturn_t {
-    // Volatile and aggregate counters are the same in the fake.
+    // The aggregate uncorrected count is `ecc_uncorrected_aggregate` where given; otherwise
+    // volatile and aggregate counters are the same.
+    let aggregate = counter_type == nvmlEccCounterType_enum_NVML_AGGREGATE_ECC;
     let r =
         card(device, "nvmlDeviceGetTotalEccErrors", Some("ecc")).and_then(|c| match error_type {
             nvmlMemoryErrorType_enum_NVML_MEMORY_ERROR_TYPE_CORRECTED => Ok(c.ecc_corrected),
+            nvmlMemoryErrorType_enum_NVML_MEMORY_ERROR_TYPE_UNCORRECTED if aggregate => {
+                Ok(c.ecc_uncorrected_aggregate.unwrap_or(c.ecc_uncorrected))
+            }
             nvmlMemoryErrorType_enum_NVML_MEMORY_ERROR_TYPE_UNCORRECTED => Ok(c.ecc_uncorrected),
             _ => Err(INVALID_ARGUMENT),
         });
     unsafe { answer(count, r) }
+}
+
+/// The retired pages of one cause as (address, timestamp), one per page.
+fn retired(
+    device: nvmlDevice_t,
+    call: &str,
+    cause: nvmlPageRetirementCause_t,
+) -> Result<Vec<(u64, u64)>, Code> {
+    let c = card(device, call, Some("ecc"))?;
+    let pages = c
+        .retired_pages
+        .ok_or(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED)?;
+    let n = match cause {
+        nvmlPageRetirementCause_enum_NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS => {
+            pages.single_bit
+        }
+        nvmlPageRetirementCause_enum_NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR => {
+            pages.double_bit
+        }
+        _ => return Err(INVALID_ARGUMENT),
+    };
+    Ok((0..u64::from(n))
+        .map(|i| (0x1000 * (i + 1), 1_700_000_000 + i))
+        .collect())
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages(
+    device: nvmlDevice_t,
+    cause: nvmlPageRetirementCause_t,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    match retired(device, "nvmlDeviceGetRetiredPages", cause) {
+        Ok(pages) => {
+            let list: Vec<c_ulonglong> = pages.iter().map(|p| p.0).collect();
+            unsafe { put_list(count, addresses, &list, false) }
+        }
+        Err(code) => code,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages_v2(
+    device: nvmlDevice_t,
+    cause: nvmlPageRetirementCause_t,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+    timestamps: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    match retired(device, "nvmlDeviceGetRetiredPages_v2", cause) {
+        Ok(pages) => {
+            let list: Vec<c_ulonglong> = pages.iter().map(|p| p.0).collect();
+            let times: Vec<c_ulonglong> = pages.iter().map(|p| p.1).collect();
+            // SAFETY: the caller's contract for both buffers, which hold `*count` entries.
+            let capacity = if count.is_null() {
+                0
+            } else {
+                unsafe { count.read() }
+            };
+            match unsafe { put_list(count, addresses, &list, false) } {
+                SUCCESS if !list.is_empty() => {
+                    // `put_list` checked the capacity; the timestamps buffer is as long.
+                    unsafe {
+                        count.write(capacity);
+                        put_list(count, timestamps, &times, false)
+                    }
+                }
+                code => code,
+            }
+        }
+        Err(code) => code,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPagesPendingStatus(
+    device: nvmlDevice_t,
+    pending: *mut nvmlEnableState_t,
+) -> nvmlReturn_t {
+    let r = card(
+        device,
+        "nvmlDeviceGetRetiredPagesPendingStatus",
+        Some("ecc"),
+    )
+    .and_then(|c| {
+        let pages = c
+            .retired_pages
+            .ok_or(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED)?;
+        Ok(if pages.pending {
+            nvmlEnableState_enum_NVML_FEATURE_ENABLED
+        } else {
+            nvmlEnableState_enum_NVML_FEATURE_DISABLED
+        })
+    });
+    unsafe { answer(pending, r) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRemappedRows(
+    device: nvmlDevice_t,
+    corrected: *mut c_uint,
+    uncorrected: *mut c_uint,
+    pending: *mut c_uint,
+    failure: *mut c_uint,
+) -> nvmlReturn_t {
+    let r = card(device, "nvmlDeviceGetRemappedRows", Some("ecc")).and_then(|c| {
+        c.remapped_rows
+            .ok_or(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED)
+    });
+    match r {
+        Ok(rows) => {
+            for (out, v) in [
+                (corrected, rows.corrected),
+                (uncorrected, rows.uncorrected),
+                (pending, c_uint::from(rows.pending)),
+                (failure, c_uint::from(rows.failure)),
+            ] {
+                match unsafe { put(out, v) } {
+                    SUCCESS => {}
+                    code => return code,
+                }
+            }
+            SUCCESS
+        }
+        Err(code) => code,
+    }
 }
 
 #[unsafe(no_mangle)]

@@ -95,6 +95,15 @@ pub struct Card {
     pub ecc_corrected: u64,
     #[serde(default)]
     pub ecc_uncorrected: u64,
+    /// Aggregate (lifetime) uncorrected ECC total; absent: the same as the volatile one.
+    #[serde(default)]
+    pub ecc_uncorrected_aggregate: Option<u64>,
+    /// Retired pages; absent: the calls say NOT_SUPPORTED.
+    #[serde(default)]
+    pub retired_pages: Option<RetiredPages>,
+    /// Remapped rows (Ampere and later); absent: NOT_SUPPORTED.
+    #[serde(default)]
+    pub remapped_rows: Option<RemappedRows>,
     #[serde(default)]
     pub processes: Vec<Process>,
     /// `false`: nvmlDeviceGetSamples says NOT_SUPPORTED (same as `"samples"` in
@@ -178,6 +187,31 @@ pub struct Accounting {
     pub start_time_us: Option<u64>,
     #[serde(default = "yes")]
     pub running: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetiredPages {
+    /// Pages retired for multiple single-bit errors, and for a double-bit error.
+    #[serde(default)]
+    pub single_bit: u32,
+    #[serde(default)]
+    pub double_bit: u32,
+    #[serde(default)]
+    pub pending: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemappedRows {
+    #[serde(default)]
+    pub corrected: u32,
+    #[serde(default)]
+    pub uncorrected: u32,
+    #[serde(default)]
+    pub pending: bool,
+    #[serde(default)]
+    pub failure: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
