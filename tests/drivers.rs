@@ -893,13 +893,14 @@ const MOVING: &str = "GPU-c1000000-0000-4000-8000-000000000002";
 /// An energy counter that stands still while the card draws 95 W gives no energy for the
 /// window (not 0 kWh) and a power-integrated estimate beside it; a counter that moves is
 /// counted as before. Health counters that change (uncorrected ECC, volatile and aggregate,
-/// retired pages, pending retirement, remapped rows, pending remaps) are events, once each.
+/// retired pages, pending retirement, remapped rows, pending remaps) are events, once each, and
+/// so is a card turning MIG on under its grant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_energy_counter_is_absent_and_estimated_and_health_changes_are_events() {
     let health = |bad: bool| {
         let n = u32::from(bad);
         json!({
-            "ecc_uncorrected": n, "ecc_uncorrected_aggregate": 5 + n,
+            "ecc_uncorrected": n, "ecc_uncorrected_aggregate": 5 + n, "mig_mode": bad,
             "retired_pages": { "single_bit": 2, "double_bit": n, "pending": bad },
             "remapped_rows": { "corrected": 4, "uncorrected": n, "pending": bad, "failure": false }
         })
@@ -925,7 +926,7 @@ async fn a_frozen_energy_counter_is_absent_and_estimated_and_health_changes_are_
     .await;
     rig.set(&scenario(true));
     rig.until("the health events", |c| {
-        (event_counts(c, "card_health").values().sum::<i64>() >= 6).then_some(())
+        (event_counts(c, "card_health").values().sum::<i64>() >= 7).then_some(())
     })
     .await;
     // The same counters again give nothing new; a couple more windows.
@@ -950,6 +951,8 @@ async fn a_frozen_energy_counter_is_absent_and_estimated_and_health_changes_are_
     let want: Vec<(String, i64, String)> = [
         (6, "ecc_uncorrected_aggregate 5 -> 6"),
         (1, "ecc_uncorrected_volatile 0 -> 1"),
+        // MIG turned on under the grant.
+        (1, "mig_mode 0 -> 1"),
         (1, "remap_pending 0 -> 1"),
         (1, "remapped_rows_uncorrected 0 -> 1"),
         (3, "retired_pages 2 -> 3"),
@@ -1103,4 +1106,231 @@ fn the_fake_drivers_event_wait_blocks_until_an_event_or_the_timeout() {
         );
         assert!(took < Duration::from_secs(10), "{took:?}");
     });
+}
+
+// ---- MIG ----
+
+const MIG_PARENT: &str = "GPU-a1000000-0000-4000-8000-0000000000a0";
+
+fn mig_uuid(i: usize) -> String {
+    format!("MIG-a1000000-0000-4000-8000-00000000000{i}")
+}
+
+/// A GPU in MIG mode with 7 instances, 4 granted to one tenant and 3 to another: each instance
+/// is a card of its own (keyed by its MIG UUID, with its parent, profile and slices in the
+/// inventory), its processes are attributed and enforced on it alone, its memory is its own
+/// and its utilization (which the driver does not give per instance) is absent, not 0. The
+/// parent, whose process list names every instance's processes, lists none itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seven_mig_instances_of_two_tenants_are_metered_and_enforced_as_cards() {
+    assert_root();
+    let mut sleepers = Sleepers::default();
+    let mine: Vec<u32> = (0..4).map(|_| sleepers.spawn(None)).collect();
+    let theirs: Vec<u32> = (4..7).map(|_| sleepers.spawn(Some(NOBODY))).collect();
+    let stranger = sleepers.spawn(Some(NOBODY));
+    let owner = |i: usize| if i < 4 { mine[i] } else { theirs[i - 4] };
+    let scenario = |procs: bool, with_stranger: bool| {
+        let migs: Vec<Value> = (0..7)
+            .map(|i| {
+                let mut p = vec![];
+                if procs {
+                    p.push(json!({ "pid": owner(i), "used_memory": GIB }));
+                    if with_stranger && i == 0 {
+                        p.push(json!({ "pid": stranger, "used_memory": GIB / 2 }));
+                    }
+                }
+                json!({
+                    "uuid": mig_uuid(i), "profile": "1g.10gb",
+                    "memory_total": 10 * GIB, "memory_used": (i as u64 + 1) * GIB,
+                    "processes": p
+                })
+            })
+            .collect();
+        // The parent's own list names the instances' processes, as a real driver's does.
+        let parent_procs: Vec<Value> = if procs {
+            vec![json!({ "pid": mine[0], "used_memory": GIB })]
+        } else {
+            vec![]
+        };
+        json!({ "cards": [{
+            "uuid": MIG_PARENT, "name": "NVIDIA A100-SXM4-80GB", "mig_mode": true,
+            "memory_total": 80 * GIB, "memory_used": 28 * GIB, "power_mw": 200_000,
+            "energy_mj": 1_000, "energy_at_ms": 0,
+            "not_supported": ["utilization", "samples", "process_utilization"],
+            "processes": parent_procs, "mig_devices": migs
+        }]})
+    };
+    let migs: Vec<String> = (0..7).map(mig_uuid).collect();
+    let mut grants: Vec<String> = (0..4)
+        .map(|i| grant("G-MIG-A", "uid:0", &migs[i]))
+        .collect();
+    grants.extend((4..7).map(|i| grant("G-MIG-B", &format!("uid:{NOBODY}"), &migs[i])));
+    let started = now_ms();
+    let mut rig = Rig::start(&scenario(false, false), &grants, "terminate").await;
+    let refs: Vec<&str> = migs.iter().map(String::as_str).collect();
+    rig.until("the assignments applied", |c| {
+        assigned(c, &refs).then_some(())
+    })
+    .await;
+    rig.set(&scenario(true, true));
+    let deadline = Instant::now() + PATIENCE;
+    let ended = loop {
+        if let Some(st) = sleepers.exited(stranger) {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stranger still running; log:\n{}",
+            rig.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    rig.set(&scenario(true, false));
+    let settled = now_ms();
+    rig.windows_until(&refs, settled + 3 * WINDOW_MS).await;
+    rig.stop().await;
+    let finished = now_ms();
+
+    assert_eq!(
+        ended.signal(),
+        Some(15),
+        "the stranger on tenant A's instance ended"
+    );
+    for pid in mine.iter().chain(&theirs) {
+        assert!(
+            sleepers.exited(*pid).is_none(),
+            "{pid} is on its own tenant's instance"
+        );
+    }
+    let events = enforcement(&rig.conn);
+    assert!(events.iter().all(|e| e.1 == stranger), "{events:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.0 == migs[0] && e.2 == "sigterm" && e.3 == "exited"),
+        "{events:#?}"
+    );
+
+    // The inventory: the parent and its 7 instances, each placed on it.
+    let mut st = rig
+        .conn
+        .prepare(
+            "SELECT gpu_uuid, name, memory_total_bytes, mig_mode, parent_uuid, mig_profile,
+                    mig_slices, parent_slices FROM gpus ORDER BY gpu_uuid",
+        )
+        .unwrap();
+    type Gpu = (
+        String,
+        String,
+        Option<i64>,
+        String,
+        String,
+        String,
+        Option<i64>,
+        Option<i64>,
+    );
+    let gpus: Vec<Gpu> = st
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    drop(st);
+    let gib = |n: u64| Some(i64::try_from(n * GIB).unwrap());
+    let mut want: Vec<Gpu> = vec![(
+        MIG_PARENT.into(),
+        "NVIDIA A100-SXM4-80GB".into(),
+        gib(80),
+        "enabled".into(),
+        String::new(),
+        String::new(),
+        None,
+        None,
+    )];
+    for m in &migs {
+        want.push((
+            m.clone(),
+            "NVIDIA A100-SXM4-80GB MIG 1g.10gb".into(),
+            gib(10),
+            String::new(),
+            MIG_PARENT.into(),
+            "1g.10gb".into(),
+            Some(1),
+            Some(7),
+        ));
+    }
+    assert_eq!(gpus, want);
+
+    // Each instance: its own memory, no utilization (absent, never 0), its tenant's processes.
+    let mut st = rig
+        .conn
+        .prepare(
+            "SELECT good_samples, util_avg_pct, memory_used_max_bytes, start_ms FROM windows
+             WHERE gpu_uuid = ?1 ORDER BY start_ms",
+        )
+        .unwrap();
+    for (i, m) in migs.iter().enumerate() {
+        let rows: Vec<(i64, Option<f64>, Option<i64>, i64)> = st
+            .query_map([m], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for r in rows.iter().filter(|r| r.0 > 0) {
+            assert_eq!((r.1, r.2), (None, gib(i as u64 + 1)), "{m}: {rows:?}");
+        }
+        let ws = windows(&rig.conn, m);
+        let after: Vec<&Window> = ws
+            .iter()
+            .filter(|w| w.start >= settled + INTERVAL_MS && w.good > 0)
+            .collect();
+        assert!(after.len() >= 2, "{m}: {ws:#?}");
+        for w in after {
+            let g = w.good * INTERVAL_MS;
+            assert_eq!(
+                (
+                    w.status.as_str(),
+                    w.grantee_occupied_ms,
+                    w.occupied_ms,
+                    w.foreign_ms,
+                    w.unattributed_ms
+                ),
+                ("assigned", Some(g), g, 0, Some(0)),
+                "{m}: {w:?}"
+            );
+        }
+    }
+    drop(st);
+    // The parent lists nobody: its instances do.
+    for w in windows(&rig.conn, MIG_PARENT) {
+        assert_eq!((w.occupied_ms, w.foreign_ms), (0, 0), "{w:?}");
+    }
+    // Reconciliation per tenant: exactly its instances' windows.
+    for (grant_id, range) in [("G-MIG-A", 0..4), ("G-MIG-B", 4..7)] {
+        let f = rig
+            .reconcile(grant_id, started - 60_000, finished + 60_000)
+            .await;
+        let ws: Vec<Window> = range.flat_map(|i| windows(&rig.conn, &migs[i])).collect();
+        let (delivered, occupied, unattributed) = sums(&ws);
+        assert_eq!(
+            (f.delivered_ms, f.occupied_ms, f.unattributed_ms, f.idle_ms),
+            (
+                delivered,
+                occupied,
+                unattributed,
+                delivered - occupied - unattributed
+            ),
+            "{grant_id}: {f:?}"
+        );
+    }
+    rig.shutdown().await;
 }

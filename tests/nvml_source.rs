@@ -198,6 +198,7 @@ fn inventory_is_exact() {
                     pci_bus_id: Some("00000000:17:00.0".into()),
                     memory_total_bytes: Some(85_899_345_920),
                     mig_enabled: Some(false),
+                    mig: None,
                 },
                 CardInfo {
                     uuid: UUID_B.into(),
@@ -209,6 +210,7 @@ fn inventory_is_exact() {
                     memory_total_bytes: Some(42_949_672_960),
                     // No MIG on this card: absent, not "off".
                     mig_enabled: None,
+                    mig: None,
                 },
             ],
         }
@@ -284,6 +286,7 @@ fn every_field_is_read_exactly() {
             health: Some(Box::new(HealthCounters {
                 ecc_uncorrected_volatile: Some(1),
                 ecc_uncorrected_aggregate: Some(1),
+                mig_enabled: Some(false),
                 ..HealthCounters::default()
             })),
         }

@@ -165,6 +165,18 @@ impl Agent {
                         Some(false) => "disabled".into(),
                         None => String::new(),
                     },
+                    parent_uuid: c
+                        .mig
+                        .as_ref()
+                        .map(|m| m.parent_uuid.clone())
+                        .unwrap_or_default(),
+                    mig_profile: c
+                        .mig
+                        .as_ref()
+                        .map(|m| m.profile.clone())
+                        .unwrap_or_default(),
+                    mig_slices: c.mig.as_ref().and_then(|m| m.slices),
+                    parent_slices: c.mig.as_ref().and_then(|m| m.parent_slices),
                 })
                 .collect(),
             ..Default::default()

@@ -128,6 +128,12 @@ pub fn hello_from_wire(h: &v1::Hello, received_ms: i64) -> Result<AgentHello, He
                 pci_bus_id: g.pci_bus_id.clone(),
                 memory_total_bytes: g.memory_total_bytes,
                 mig_mode: g.mig_mode.clone(),
+                mig: (!g.parent_uuid.is_empty()).then(|| crate::store::MigRow {
+                    parent_uuid: g.parent_uuid.clone(),
+                    profile: g.mig_profile.clone(),
+                    slices: g.mig_slices,
+                    parent_slices: g.parent_slices,
+                }),
             })
             .collect(),
         epoch: h.epoch,

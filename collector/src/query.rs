@@ -404,6 +404,18 @@ impl Query for QueryService {
                             pci_bus_id: g.pci_bus_id,
                             memory_total_bytes: g.memory_total_bytes,
                             mig_mode: g.mig_mode,
+                            parent_uuid: g
+                                .mig
+                                .as_ref()
+                                .map(|m| m.parent_uuid.clone())
+                                .unwrap_or_default(),
+                            mig_profile: g
+                                .mig
+                                .as_ref()
+                                .map(|m| m.profile.clone())
+                                .unwrap_or_default(),
+                            mig_slices: g.mig.as_ref().and_then(|m| m.slices),
+                            parent_slices: g.mig.as_ref().and_then(|m| m.parent_slices),
                         })
                         .collect(),
                 })

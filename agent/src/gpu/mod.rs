@@ -59,11 +59,14 @@ pub struct HealthCounters {
     pub remapped_rows_uncorrected: Option<u64>,
     pub remap_pending: Option<bool>,
     pub remap_failed: Option<bool>,
+    /// MIG mode: a change while the agent runs is an event (its devices are listed again only
+    /// when the agent restarts).
+    pub mig_enabled: Option<bool>,
 }
 
 impl HealthCounters {
     /// Each counter as (name, value), booleans as 0/1, for comparing two readings.
-    pub fn named(&self) -> [(&'static str, Option<u64>); 8] {
+    pub fn named(&self) -> [(&'static str, Option<u64>); 9] {
         let b = |v: Option<bool>| v.map(u64::from);
         [
             ("ecc_uncorrected_volatile", self.ecc_uncorrected_volatile),
@@ -74,6 +77,7 @@ impl HealthCounters {
             ("remapped_rows_uncorrected", self.remapped_rows_uncorrected),
             ("remap_pending", b(self.remap_pending)),
             ("remap_failed", b(self.remap_failed)),
+            ("mig_mode", b(self.mig_enabled)),
         ]
     }
 
@@ -100,8 +104,40 @@ pub struct CardInfo {
     pub serial: Option<String>,
     pub pci_bus_id: Option<String>,
     pub memory_total_bytes: Option<u64>,
-    /// `Some(true)` when MIG is enabled; `None` when the card has no MIG.
+    /// `Some(true)` when MIG is enabled; `None` when the card has no MIG (and for a MIG
+    /// device itself).
     pub mig_enabled: Option<bool>,
+    /// For a MIG device (metered as a card of its own, keyed by its `MIG-…` UUID): its parent
+    /// GPU's UUID, its profile (`1g.10gb`), its compute slices and the parent's slices.
+    pub mig: Option<MigInfo>,
+}
+
+/// What places a MIG device on its parent GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MigInfo {
+    pub parent_uuid: String,
+    /// The profile as `nvidia-smi` names it (`1g.10gb`, `3g.40gb`); empty when unknown.
+    pub profile: String,
+    /// Compute slices of this device (the `Ng` of its profile).
+    pub slices: Option<u32>,
+    /// Compute slices of the parent: the most MIG devices it can hold.
+    pub parent_slices: Option<u32>,
+}
+
+impl MigInfo {
+    /// The profile from a MIG device's name (`NVIDIA A100-SXM4-40GB MIG 1g.5gb`).
+    pub fn profile_from_name(name: &str) -> String {
+        name.rsplit_once(" MIG ")
+            .map(|(_, p)| p.trim().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Compute slices from a profile: the `N` of its `Ng` part (`1g.10gb` → 1, `1c.3g.40gb` → 3).
+    pub fn slices_of(profile: &str) -> Option<u32> {
+        profile
+            .split('.')
+            .find_map(|part| part.strip_suffix('g')?.parse().ok())
+    }
 }
 
 /// Inventory of a whole server.
@@ -280,5 +316,74 @@ pub trait GpuSource: Send + 'static {
             call: "set_compute_mode",
             reason: "not supported by this source".into(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mig_profile_and_slices_from_the_device_name() {
+        let p = MigInfo::profile_from_name("NVIDIA A100-SXM4-40GB MIG 1g.5gb");
+        assert_eq!(p, "1g.5gb");
+        assert_eq!(MigInfo::slices_of(&p), Some(1));
+        assert_eq!(MigInfo::slices_of("3g.40gb"), Some(3));
+        // A compute-instance profile inside a larger GPU instance: the GPU instance's slices.
+        assert_eq!(MigInfo::slices_of("1c.3g.40gb"), Some(3));
+        assert_eq!(MigInfo::profile_from_name("NVIDIA H100 80GB HBM3"), "");
+        assert_eq!(MigInfo::slices_of(""), None);
+    }
+
+    #[test]
+    fn health_changes_are_the_counters_known_both_times_that_differ() {
+        let before = HealthCounters {
+            ecc_uncorrected_aggregate: Some(5),
+            retired_pages: Some(2),
+            remap_pending: Some(false),
+            ..HealthCounters::default()
+        };
+        let now = HealthCounters {
+            ecc_uncorrected_aggregate: Some(6),
+            retired_pages: Some(2),
+            remap_pending: Some(true),
+            // Newly answering: not a change.
+            mig_enabled: Some(true),
+            ..HealthCounters::default()
+        };
+        assert_eq!(
+            now.changes(&before),
+            vec![("ecc_uncorrected_aggregate", 5, 6), ("remap_pending", 0, 1)]
+        );
+        assert!(now.changes(&now).is_empty());
+    }
+
+    #[test]
+    fn unattributed_needs_no_visible_process_and_a_blind_or_busy_card() {
+        let busy = CardSample {
+            util_pct: Some(73.0),
+            ..CardSample::default()
+        };
+        assert_eq!(
+            Unattributed::judge(&busy, 0),
+            Some(Unattributed::BusyWithoutProcesses)
+        );
+        assert_eq!(Unattributed::judge(&busy, 1), None);
+        let quiet = CardSample {
+            util_pct: Some(UNATTRIBUTED_UTIL_PCT),
+            ..CardSample::default()
+        };
+        assert_eq!(Unattributed::judge(&quiet, 0), None);
+        let blind = CardSample {
+            util_pct: None,
+            processes_unknown: true,
+            ..CardSample::default()
+        };
+        assert_eq!(
+            Unattributed::judge(&blind, 0),
+            Some(Unattributed::ProcessListUnavailable)
+        );
+        // Utilization absent (a MIG device) and a list that works: nothing to say.
+        assert_eq!(Unattributed::judge(&CardSample::default(), 0), None);
     }
 }

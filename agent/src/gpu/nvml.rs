@@ -35,7 +35,8 @@ use tracing::{debug, info, warn};
 
 use super::{
     CardInfo, CardReading, CardSample, GpuError, GpuEvent, GpuEventKind, GpuProcess, GpuSource,
-    HealthCounters, Inventory, ProcessAccounting, ProcessSources, Unattributed, UtilSource,
+    HealthCounters, Inventory, MigInfo, ProcessAccounting, ProcessSources, Unattributed,
+    UtilSource,
 };
 
 /// What nvml-wrapper loads when no path is given.
@@ -77,6 +78,10 @@ struct CardState {
     reads: u64,
     /// The health counters last read; changes become events.
     health: Option<HealthCounters>,
+    /// A GPU in MIG mode: its processes belong to its MIG devices, which are read as cards of
+    /// their own, so the parent lists none (else each would count twice, and on an unassigned
+    /// parent be a violation).
+    mig_parent: bool,
     lost: bool,
 }
 
@@ -240,7 +245,9 @@ fn read_health(dev: &Device<'_>, uuid: &str) -> Result<HealthCounters, Lost> {
         uuid,
     )?;
     let remapped = field(remapped_rows(dev), "nvmlDeviceGetRemappedRows", uuid)?;
+    let mig = field(dev.mig_mode(), "nvmlDeviceGetMigMode", uuid)?;
     Ok(HealthCounters {
+        mig_enabled: mig.map(|m| m.current == 1),
         ecc_uncorrected_volatile: field(
             dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
             "nvmlDeviceGetTotalEccErrors",
@@ -440,6 +447,7 @@ impl CardState {
             graphics_hint: 0,
             reads: 0,
             health: None,
+            mig_parent: false,
             lost: false,
         }
     }
@@ -531,6 +539,13 @@ impl CardState {
             uuid,
         )?;
 
+        if self.health.is_none() || self.reads % HEALTH_EVERY == 0 {
+            s.health = Some(Box::new(read_health(dev, uuid)?));
+        }
+        self.reads += 1;
+        if self.mig_parent {
+            return Ok(s);
+        }
         let compute = process_list(dev, ProcessKind::Compute, &mut self.compute_hint, uuid)?;
         let graphics = process_list(dev, ProcessKind::Graphics, &mut self.graphics_hint, uuid)?;
         // Compute contexts are where CUDA work runs: without their list, an empty list of
@@ -563,10 +578,6 @@ impl CardState {
                 });
             }
         }
-        if self.reads % HEALTH_EVERY == 0 {
-            s.health = Some(Box::new(read_health(dev, uuid)?));
-        }
-        self.reads += 1;
         self.read_process_utilization(dev, &mut s.processes)?;
         read_accounting(dev, &mut s.processes, uuid)?;
         Ok(s)
@@ -651,6 +662,22 @@ impl NvmlSource {
         Ok(source)
     }
 
+    /// Starts reading (and watching the events of) a card first seen now.
+    fn track(&mut self, dev: &Device<'_>, uuid: &str, mig_parent: bool) {
+        match self.cards.iter_mut().find(|c| c.uuid == uuid) {
+            Some(card) => card.mig_parent = mig_parent,
+            None => {
+                let mut card = CardState::new(uuid.to_owned());
+                card.mig_parent = mig_parent;
+                card.prime(dev);
+                self.cards.push(card);
+                // A send only fails once the event thread is gone, and then nothing is
+                // watched anyway.
+                let _ = self.watch.send(uuid.to_owned());
+            }
+        }
+    }
+
     fn read_card(&mut self, i: usize) -> CardReading {
         let nvml = Arc::clone(&self.nvml);
         let card = &mut self.cards[i];
@@ -699,15 +726,15 @@ impl GpuSource for NvmlSource {
                     continue;
                 }
             };
-            if !self.cards.iter().any(|c| c.uuid == info.uuid) {
-                let mut card = CardState::new(info.uuid.clone());
-                card.prime(&dev);
-                self.cards.push(card);
-                // A send only fails once the event thread is gone, and then nothing is watched
-                // anyway.
-                let _ = self.watch.send(info.uuid.clone());
+            let mig_on = info.mig_enabled == Some(true);
+            self.track(&dev, &info.uuid, mig_on);
+            cards.push(info.clone());
+            if mig_on {
+                for (mig_dev, mig) in mig_devices(&dev, &info) {
+                    self.track(&mig_dev, &mig.uuid, false);
+                    cards.push(mig);
+                }
             }
-            cards.push(info);
         }
         Ok(Inventory {
             driver_version: nvml.sys_driver_version().ok(),
@@ -800,6 +827,56 @@ impl Drop for NvmlSource {
     }
 }
 
+/// The MIG devices of a GPU in MIG mode, each as a card of its own. A device that does not
+/// answer is left out (logged), as a card is.
+fn mig_devices<'n>(dev: &Device<'n>, parent: &CardInfo) -> Vec<(Device<'n>, CardInfo)> {
+    let max = match dev.mig_device_count() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(gpu = %parent.uuid, error = %e, "MIG is on but its devices cannot be counted");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for i in 0..max {
+        let mig = match dev.mig_device_by_index(i) {
+            Ok(mig) => mig,
+            // An index without a device: the GPU is not fully partitioned.
+            Err(NvmlError::NotFound) => continue,
+            Err(e) => {
+                warn!(gpu = %parent.uuid, index = i, error = %e, "MIG device does not answer; left out of the inventory");
+                continue;
+            }
+        };
+        let uuid = match mig.uuid() {
+            Ok(uuid) => uuid,
+            Err(e) => {
+                warn!(gpu = %parent.uuid, index = i, error = %e, "MIG device has no readable UUID; left out of the inventory");
+                continue;
+            }
+        };
+        let name = mig.name().unwrap_or_default();
+        let profile = MigInfo::profile_from_name(&name);
+        let info = CardInfo {
+            uuid,
+            index: parent.index,
+            serial: None,
+            pci_bus_id: parent.pci_bus_id.clone(),
+            memory_total_bytes: mig.memory_info().ok().map(|m| m.total),
+            mig_enabled: None,
+            mig: Some(MigInfo {
+                parent_uuid: parent.uuid.clone(),
+                slices: MigInfo::slices_of(&profile),
+                parent_slices: Some(max),
+                profile,
+            }),
+            name,
+        };
+        out.push((mig, info));
+    }
+    out
+}
+
 fn card_info(dev: &Device<'_>, index: u32) -> Result<CardInfo, NvmlError> {
     Ok(CardInfo {
         uuid: dev.uuid()?,
@@ -809,6 +886,7 @@ fn card_info(dev: &Device<'_>, index: u32) -> Result<CardInfo, NvmlError> {
         pci_bus_id: dev.pci_info().ok().map(|p| p.bus_id),
         memory_total_bytes: dev.memory_info().ok().map(|m| m.total),
         mig_enabled: dev.mig_mode().ok().map(|m| m.current == 1),
+        mig: None,
     })
 }
 

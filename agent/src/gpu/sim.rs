@@ -255,6 +255,7 @@ impl GpuSource for SimSource {
                     pci_bus_id: Some(format!("00000000:{:02X}:00.0", 0x10 + i)),
                     memory_total_bytes: Some(c.memory_total_bytes),
                     mig_enabled: Some(false),
+                    mig: None,
                 })
                 .collect(),
         })

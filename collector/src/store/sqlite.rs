@@ -287,6 +287,10 @@ CREATE UNIQUE INDEX window_principals_key ON window_principals(agent_id, seq, pr
     r#"
 ALTER TABLE windows ADD COLUMN unattributed_ms INTEGER;
 ALTER TABLE windows ADD COLUMN energy_estimated_mj INTEGER;
+ALTER TABLE gpus ADD COLUMN parent_uuid TEXT NOT NULL DEFAULT '';
+ALTER TABLE gpus ADD COLUMN mig_profile TEXT NOT NULL DEFAULT '';
+ALTER TABLE gpus ADD COLUMN mig_slices INTEGER;
+ALTER TABLE gpus ADD COLUMN parent_slices INTEGER;
 "#,
 ];
 
@@ -449,6 +453,13 @@ impl Store for SqliteStore {
                    name=excluded.name, serial=excluded.serial, pci_bus_id=excluded.pci_bus_id,
                    memory_total_bytes=excluded.memory_total_bytes, mig_mode=excluded.mig_mode, last_seen_ms=excluded.last_seen_ms",
                 params![g.uuid, h.agent_id, h.host_id, g.index, g.name, g.serial, g.pci_bus_id, opt_u64(g.memory_total_bytes), g.mig_mode, h.received_ms],
+            )
+            .map_err(db)?;
+            // Where a MIG device sits on its GPU (cleared for a whole GPU).
+            let mig = g.mig.clone().unwrap_or_default();
+            tx.execute(
+                "UPDATE gpus SET parent_uuid=?2, mig_profile=?3, mig_slices=?4, parent_slices=?5 WHERE gpu_uuid=?1",
+                params![g.uuid, mig.parent_uuid, mig.profile, mig.slices, mig.parent_slices],
             )
             .map_err(db)?;
         }
@@ -831,7 +842,9 @@ impl Store for SqliteStore {
             .map_err(db)?;
         let mut gst = c
             .prepare(
-                "SELECT gpu_uuid, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode FROM gpus WHERE agent_id = ?1 ORDER BY idx",
+                "SELECT gpu_uuid, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode,
+                        parent_uuid, mig_profile, mig_slices, parent_slices
+                 FROM gpus WHERE agent_id = ?1 ORDER BY idx, parent_uuid, gpu_uuid",
             )
             .map_err(db)?;
         for h in &mut hosts {
@@ -846,6 +859,15 @@ impl Store for SqliteStore {
                         pci_bus_id: r.get(4)?,
                         memory_total_bytes: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
                         mig_mode: r.get(6)?,
+                        mig: {
+                            let parent_uuid: String = r.get(7)?;
+                            (!parent_uuid.is_empty()).then_some(crate::store::MigRow {
+                                parent_uuid,
+                                profile: r.get(8)?,
+                                slices: r.get(9)?,
+                                parent_slices: r.get(10)?,
+                            })
+                        },
                     })
                 })
                 .map_err(db)?

@@ -203,7 +203,7 @@ impl Driver {
 
     pub fn handle_by_uuid(&mut self, uuid: &str) -> Result<usize, Code> {
         let (path, scenario) = self.scenario()?;
-        if scenario.card(uuid).is_none() {
+        if scenario.find(uuid).is_none() {
             return Err(nvmlReturn_enum_NVML_ERROR_NOT_FOUND);
         }
         let uuid = uuid.to_owned();
@@ -225,7 +225,7 @@ impl Driver {
         let device = self.device(handle)?;
         let scenario = self.scenario_at(&device.path)?;
         let card = scenario
-            .card(&device.uuid)
+            .find(&device.uuid)
             // A card that left the scenario fell off the bus.
             .ok_or(nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST)?;
         if card.lost {
@@ -237,7 +237,49 @@ impl Driver {
         if feature.is_some_and(|f| card.unsupported(f)) {
             return Err(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED);
         }
-        Ok(card.clone())
+        Ok(card)
+    }
+
+    /// `nvmlDeviceGetMaxMigDeviceCount`: the card's slices while MIG is on.
+    pub fn max_mig_devices(&mut self, handle: usize) -> Result<u32, Code> {
+        let card = self.card(handle, "nvmlDeviceGetMaxMigDeviceCount", Some("mig"))?;
+        match card.mig_mode {
+            Some(true) => Ok(card.mig_slices),
+            Some(false) => Ok(0),
+            None => Err(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED),
+        }
+    }
+
+    /// `nvmlDeviceGetMigDeviceHandleByIndex`: NOT_FOUND for an index without a device.
+    pub fn mig_device(&mut self, handle: usize, index: u32) -> Result<usize, Code> {
+        let card = self.card(handle, "nvmlDeviceGetMigDeviceHandleByIndex", Some("mig"))?;
+        if card.mig_mode != Some(true) {
+            return Err(nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT);
+        }
+        let mig = usize::try_from(index)
+            .ok()
+            .and_then(|i| card.mig_devices.get(i))
+            .ok_or(nvmlReturn_enum_NVML_ERROR_NOT_FOUND)?;
+        let path = self.device(handle)?.path;
+        Ok(self.handle_for(DeviceRef {
+            path,
+            uuid: mig.uuid.clone(),
+        }))
+    }
+
+    /// The parent of a MIG device handle; `None` for a card that is not a MIG device.
+    pub fn mig_parent(&mut self, handle: usize) -> Result<Option<usize>, Code> {
+        let device = self.device(handle)?;
+        let scenario = self.scenario_at(&device.path)?;
+        let parent = scenario
+            .mig_parent(&device.uuid)
+            .map(|(c, _)| c.uuid.clone());
+        Ok(parent.map(|uuid| {
+            self.handle_for(DeviceRef {
+                path: device.path,
+                uuid,
+            })
+        }))
     }
 
     pub fn index_of(&mut self, handle: usize) -> Result<u32, Code> {
@@ -248,6 +290,11 @@ impl Driver {
             .cards
             .iter()
             .position(|c| c.uuid == card.uuid)
+            // A MIG device has its parent's index.
+            .or_else(|| {
+                let (parent, _) = scenario.mig_parent(&card.uuid)?;
+                scenario.cards.iter().position(|c| c.uuid == parent.uuid)
+            })
             .ok_or(nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST)?;
         Ok(u32::try_from(i).unwrap_or(u32::MAX))
     }

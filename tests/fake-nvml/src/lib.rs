@@ -49,6 +49,23 @@
 //! - Events: each `xid_events`/`ecc_events` entry is delivered exactly once per process by
 //!   `nvmlEventSetWait_v2`, to the first event set that has the card registered for its type.
 //!   Entries are told apart by (card, kind, code, `seq`).
+//! - An event with `"via": "<UUID>"` is delivered through the event set of that other card and
+//!   names its own card's device (one set watching several cards). `nvmlEventSetWait_v2`
+//!   blocks on a condition variable signalled when a scenario is (re)loaded, until an event or
+//!   the timeout, as a real driver's wait blocks; it does not poll.
+//! - `"process_count_success": true`: the process lists' null-buffer count query answers
+//!   SUCCESS with the count (a driver quirk nvml-wrapper 0.13 reads as "no processes").
+//! - Health: `"ecc_uncorrected_aggregate"` (default: the volatile count), `"retired_pages":
+//!   { "single_bit": 2, "double_bit": 1, "pending": true }` and `"remapped_rows": {
+//!   "corrected": 4, "uncorrected": 1, "pending": false, "failure": false }`; absent: those
+//!   calls answer NOT_SUPPORTED. `nvmlDeviceGetAccountingPids` lists the processes with an
+//!   `accounting` record.
+//! - MIG: a card with `"mig_mode": true` and `"mig_devices": [{ "uuid": "MIG-…", "profile":
+//!   "1g.10gb", "memory_total": …, "memory_used": …, "processes": [...] }]` (and
+//!   `"mig_slices"`, default 7: `nvmlDeviceGetMaxMigDeviceCount`) hands out MIG device handles
+//!   by index and by UUID; each is named `<parent name> MIG <profile>`, has the parent's index,
+//!   its own memory and processes, and answers NOT_SUPPORTED for utilization, samples,
+//!   process utilization, power, energy, temperature, clocks, ECC, events and accounting.
 //! - Compute mode set through `nvmlDeviceSetComputeMode` is kept in memory per card.
 //! - Accounting: `nvmlDeviceGetAccountingMode` answers `accounting_mode`, or what
 //!   `nvmlDeviceSetAccountingMode` set (kept in memory per card, so a test can see that nobody
@@ -418,6 +435,45 @@ pub unsafe extern "C" fn nvmlDeviceGetMigMode(
         }
         Err(code) => code,
     }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+) -> nvmlReturn_t {
+    let r = driver::with(|d| d.max_mig_devices(handle(device)));
+    unsafe { answer(count, r) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    device: nvmlDevice_t,
+    index: c_uint,
+    mig: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    let r = driver::with(|d| d.mig_device(handle(device), index)).map(device_ptr);
+    unsafe { answer(mig, r) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+    mig: nvmlDevice_t,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    let r = driver::with(|d| d.mig_parent(handle(mig)))
+        .and_then(|p| p.ok_or(nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT))
+        .map(device_ptr);
+    unsafe { answer(device, r) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(
+    device: nvmlDevice_t,
+    is_mig: *mut c_uint,
+) -> nvmlReturn_t {
+    let r = driver::with(|d| d.mig_parent(handle(device))).map(|p| c_uint::from(p.is_some()));
+    unsafe { answer(is_mig, r) }
 }
 
 // ---- utilization ----

@@ -139,6 +139,33 @@ pub struct Card {
     /// INSUFFICIENT_SIZE, as some drivers do (a call with a buffer is unchanged).
     #[serde(default)]
     pub process_count_success: bool,
+    /// MIG devices of this card (with `mig_mode: true`), in handle-index order.
+    #[serde(default)]
+    pub mig_devices: Vec<MigDevice>,
+    /// Compute slices of the whole card: the most MIG devices it can hold (7 on an A100/H100).
+    #[serde(default = "default_mig_slices")]
+    pub mig_slices: u32,
+}
+
+fn default_mig_slices() -> u32 {
+    7
+}
+
+/// One MIG device (a GPU instance with its compute instance): its own UUID, name (the
+/// parent's name and ` MIG <profile>`), memory and processes. Utilization, power, energy,
+/// temperature, clocks, ECC and events answer NOT_SUPPORTED on it, as on a real MIG device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigDevice {
+    pub uuid: String,
+    /// As `nvidia-smi` names it: `1g.10gb`, `3g.40gb`, ...
+    pub profile: String,
+    #[serde(default)]
+    pub memory_total: u64,
+    #[serde(default)]
+    pub memory_used: u64,
+    #[serde(default)]
+    pub processes: Vec<Process>,
 }
 
 fn default_name() -> String {
@@ -270,6 +297,64 @@ impl Card {
 impl Scenario {
     pub fn card(&self, uuid: &str) -> Option<&Card> {
         self.cards.iter().find(|c| c.uuid == uuid)
+    }
+
+    /// A card or a MIG device by UUID; a MIG device is answered as a card of its own that
+    /// supports what a MIG device supports.
+    pub fn find(&self, uuid: &str) -> Option<Card> {
+        if let Some(c) = self.card(uuid) {
+            return Some(c.clone());
+        }
+        let (parent, mig) = self.cards.iter().find_map(|c| {
+            c.mig_devices
+                .iter()
+                .find(|m| m.uuid == uuid)
+                .map(|m| (c, m))
+        })?;
+        let mut card = parent.clone();
+        card.uuid = mig.uuid.clone();
+        card.name = format!("{} MIG {}", parent.name, mig.profile);
+        card.serial = None;
+        card.mig_mode = None;
+        card.memory_total = mig.memory_total;
+        card.memory_used = mig.memory_used;
+        card.processes = mig.processes.clone();
+        card.mig_devices = Vec::new();
+        card.xid_events = Vec::new();
+        card.ecc_events = Vec::new();
+        card.accounting_mode = false;
+        card.gpu_samples = None;
+        card.mem_samples = None;
+        card.not_supported = [
+            "serial",
+            "pci",
+            "mig",
+            "utilization",
+            "samples",
+            "process_utilization",
+            "energy",
+            "power",
+            "temperature",
+            "clocks",
+            "throttle",
+            "ecc",
+            "events",
+            "compute_mode",
+            "accounting",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        Some(card)
+    }
+
+    /// The parent card of a MIG device, and the device's index on it.
+    pub fn mig_parent(&self, uuid: &str) -> Option<(&Card, usize)> {
+        self.cards.iter().find_map(|c| {
+            c.mig_devices
+                .iter()
+                .position(|m| m.uuid == uuid)
+                .map(|i| (c, i))
+        })
     }
 
     fn validate(&self) -> Result<(), String> {
