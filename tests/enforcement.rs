@@ -18,7 +18,9 @@ use gpumeter_agent::clock::{SystemClock, align_up};
 use gpumeter_agent::config::{EnforcementConfig, EnforcementMode, SamplingConfig};
 use gpumeter_agent::enforce::parse_stat;
 use gpumeter_agent::gpu::sim::{Scenario, SimSource};
-use gpumeter_agent::gpu::{CardReading, GpuError, GpuEvent, GpuProcess, GpuSource, Inventory};
+use gpumeter_agent::gpu::{
+    CardReading, GpuError, GpuEvent, GpuProcess, GpuSource, Inventory, ProcessSources,
+};
 use gpumeter_agent::run::{Agent, Parts, RunOptions};
 use gpumeter_agent::uplink::UplinkStatus;
 use gpumeter_e2e::{TestCollector, agent_config, now_ms};
@@ -66,6 +68,10 @@ impl GpuSource for LiveCards {
                             sm_util_pct: None,
                             graphics: false,
                             accounting: None,
+                            seen_in: ProcessSources {
+                                list: true,
+                                ..Default::default()
+                            },
                         });
                     }
                 }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gpumeter_agent::gpu::nvml::NvmlSource;
 use gpumeter_agent::gpu::{
-    CardInfo, CardReading, CardSample, GpuError, GpuEventKind, GpuProcess, GpuSource, Inventory,
-    ProcessAccounting, UtilSource,
+    CardInfo, CardReading, CardSample, GpuError, GpuEventKind, GpuProcess, GpuSource,
+    HealthCounters, Inventory, ProcessAccounting, ProcessSources, UtilSource,
 };
 use gpumeter_agent::probe::probe;
 use serde_json::{Value, json};
@@ -198,6 +198,7 @@ fn inventory_is_exact() {
                     pci_bus_id: Some("00000000:17:00.0".into()),
                     memory_total_bytes: Some(85_899_345_920),
                     mig_enabled: Some(false),
+                    mig: None,
                 },
                 CardInfo {
                     uuid: UUID_B.into(),
@@ -209,6 +210,7 @@ fn inventory_is_exact() {
                     memory_total_bytes: Some(42_949_672_960),
                     // No MIG on this card: absent, not "off".
                     mig_enabled: None,
+                    mig: None,
                 },
             ],
         }
@@ -246,6 +248,11 @@ fn every_field_is_read_exactly() {
                     sm_util_pct: Some(35),
                     graphics: false,
                     accounting: None,
+                    seen_in: ProcessSources {
+                        list: true,
+                        samples: true,
+                        ..Default::default()
+                    },
                 },
                 GpuProcess {
                     pid: 4343,
@@ -254,6 +261,11 @@ fn every_field_is_read_exactly() {
                     sm_util_pct: Some(5),
                     graphics: false,
                     accounting: None,
+                    seen_in: ProcessSources {
+                        list: true,
+                        samples: true,
+                        ..Default::default()
+                    },
                 },
                 GpuProcess {
                     pid: 4444,
@@ -262,8 +274,21 @@ fn every_field_is_read_exactly() {
                     sm_util_pct: Some(0),
                     graphics: true,
                     accounting: None,
+                    seen_in: ProcessSources {
+                        list: true,
+                        ..Default::default()
+                    },
                 },
             ],
+            processes_unknown: false,
+            // The first read of a card reads its health counters too; this card has no
+            // retired pages or remapped rows to report.
+            health: Some(Box::new(HealthCounters {
+                ecc_uncorrected_volatile: Some(1),
+                ecc_uncorrected_aggregate: Some(1),
+                mig_enabled: Some(false),
+                ..HealthCounters::default()
+            })),
         }
     );
     assert_eq!(ok(&readings[1]).uuid, UUID_B);
@@ -683,6 +708,11 @@ fn accounting_stats_stand_in_for_process_samples_where_the_operator_enabled_them
                     start_time_us: Some(1_780_000_000_123_456),
                     running: true,
                 }),
+                seen_in: ProcessSources {
+                    list: true,
+                    accounting: true,
+                    ..Default::default()
+                },
             },
             GpuProcess {
                 pid: 4343,
@@ -697,6 +727,11 @@ fn accounting_stats_stand_in_for_process_samples_where_the_operator_enabled_them
                     start_time_us: Some(1_780_000_001_000_000),
                     running: true,
                 }),
+                seen_in: ProcessSources {
+                    list: true,
+                    accounting: true,
+                    ..Default::default()
+                },
             },
             // Compute processes first, then graphics.
             GpuProcess {
@@ -706,6 +741,10 @@ fn accounting_stats_stand_in_for_process_samples_where_the_operator_enabled_them
                 sm_util_pct: None,
                 graphics: false,
                 accounting: None,
+                seen_in: ProcessSources {
+                    list: true,
+                    ..Default::default()
+                },
             },
             GpuProcess {
                 pid: 4444,
@@ -713,6 +752,10 @@ fn accounting_stats_stand_in_for_process_samples_where_the_operator_enabled_them
                 sm_util_pct: None,
                 graphics: true,
                 accounting: None,
+                seen_in: ProcessSources {
+                    list: true,
+                    ..Default::default()
+                },
             },
         ]
     );

@@ -208,6 +208,9 @@ impl Fig {
             ("active", self.active),
             ("idle", self.idle),
             ("foreign", self.foreign),
+            // Every simulated card shows its processes whenever it is busy: nothing is
+            // unattributed.
+            ("unattributed", 0),
         ] {
             m.insert(format!("{name}_ms"), json!(v));
             m.insert(format!("{name}_gpu_hours"), json!(v as f64 / 3_600_000.0));

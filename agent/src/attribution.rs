@@ -1,9 +1,11 @@
 //! Attribution: who a GPU process belongs to. Reads `/proc/<pid>` (uid, gid, groups, cgroup)
-//! and the local user and group databases; pure helpers extract Slurm job ids, Kubernetes pod
-//! UIDs and container ids from cgroup paths.
+//! and names users and groups through the system's name service (NSS), so accounts from LDAP
+//! or SSSD match `user:`/`group:` principals as local ones do; pure helpers extract Slurm job
+//! ids, Kubernetes pod UIDs and container ids from cgroup paths.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 pub use gpumeter_proto::principal::{PrincipalSpec, ProcessIdentity};
 
@@ -43,42 +45,80 @@ pub trait Attributor: Send + 'static {
     fn identify(&mut self, pid: u32) -> Option<Identity>;
 }
 
-/// Reads identities from a procfs mount (normally `/proc`) and names from `/etc/passwd` and
-/// `/etc/group` (re-read when they change).
+/// Reads identities from a procfs mount (normally `/proc`; the host's, mounted elsewhere, when
+/// the agent runs in a container) and names from the system's name service.
 #[derive(Debug)]
 pub struct ProcAttributor {
     proc_root: PathBuf,
-    passwd: NameDb,
-    group: NameDb,
+    names: NameCache,
+}
+
+/// How long a name found is kept before it is asked for again (renames are rare; a cache keeps
+/// a directory server from being asked once per process per sample).
+const NAME_TTL: Duration = Duration::from_secs(300);
+/// How long an id without a name (or a failed lookup) waits before it is asked for again.
+const MISS_TTL: Duration = Duration::from_secs(30);
+
+/// User and group names through NSS (`getpwuid_r`, `getgrgid_r` by way of `nix`): the
+/// sources `/etc/nsswitch.conf` names — files, LDAP, SSSD, extrausers — so an account that
+/// exists only in a directory is named as it is everywhere else on the host. Cached per id.
+/// A lookup that fails (directory unreachable) keeps the name last known for the id.
+#[derive(Debug, Default)]
+struct NameCache {
+    users: HashMap<u32, Cached>,
+    groups: HashMap<u32, Cached>,
 }
 
 #[derive(Debug)]
-struct NameDb {
-    path: PathBuf,
-    mtime: Option<std::time::SystemTime>,
-    names: HashMap<u32, String>,
+struct Cached {
+    name: Option<String>,
+    until: Instant,
 }
 
-impl NameDb {
-    fn new(path: &Path) -> Self {
-        Self {
-            path: path.to_path_buf(),
-            mtime: None,
-            names: HashMap::new(),
+/// What one NSS lookup said: a name, no such id, or the service failed.
+type Lookup = Result<Option<String>, nix::Error>;
+
+fn cached(
+    map: &mut HashMap<u32, Cached>,
+    id: u32,
+    lookup: impl FnOnce(u32) -> Lookup,
+) -> Option<String> {
+    let now = Instant::now();
+    if let Some(c) = map.get(&id)
+        && c.until > now
+    {
+        return c.name.clone();
+    }
+    let name = match lookup(id) {
+        Ok(name) => name,
+        Err(e) => {
+            let stale = map.get(&id).and_then(|c| c.name.clone());
+            tracing::debug!(id, error = %e, "name lookup failed; keeping the last known name");
+            stale
         }
+    };
+    let ttl = if name.is_some() { NAME_TTL } else { MISS_TTL };
+    map.insert(
+        id,
+        Cached {
+            name: name.clone(),
+            until: now + ttl,
+        },
+    );
+    name
+}
+
+impl NameCache {
+    fn user(&mut self, uid: u32) -> Option<String> {
+        cached(&mut self.users, uid, |uid| {
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).map(|u| u.map(|u| u.name))
+        })
     }
 
-    fn name(&mut self, id: u32) -> Option<String> {
-        let mtime = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        if mtime != self.mtime {
-            self.mtime = mtime;
-            self.names = std::fs::read_to_string(&self.path)
-                .map(|t| parse_name_db(&t))
-                .unwrap_or_default();
-        }
-        self.names.get(&id).cloned()
+    fn group(&mut self, gid: u32) -> Option<String> {
+        cached(&mut self.groups, gid, |gid| {
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)).map(|g| g.map(|g| g.name))
+        })
     }
 }
 
@@ -98,16 +138,17 @@ pub fn parse_name_db(text: &str) -> HashMap<u32, String> {
 
 impl Default for ProcAttributor {
     fn default() -> Self {
-        Self::new(Path::new("/proc"), Path::new("/etc"))
+        Self::new(Path::new("/proc"))
     }
 }
 
 impl ProcAttributor {
-    pub fn new(proc_root: &Path, etc: &Path) -> Self {
+    /// Reads processes under `proc_root`. Pids are the driver's, which are the host's: an agent
+    /// in a container needs the host's procfs here (and the host's pid namespace).
+    pub fn new(proc_root: &Path) -> Self {
         Self {
             proc_root: proc_root.to_path_buf(),
-            passwd: NameDb::new(&etc.join("passwd")),
-            group: NameDb::new(&etc.join("group")),
+            names: NameCache::default(),
         }
     }
 }
@@ -120,12 +161,15 @@ impl Attributor for ProcAttributor {
         let cgroup = std::fs::read_to_string(dir.join("cgroup"))
             .ok()
             .and_then(|t| parse_cgroup(&t));
-        let user = st.uid.and_then(|u| self.passwd.name(u));
-        let group = st.gid.and_then(|g| self.group.name(g));
+        let user = st.uid.and_then(|u| self.names.user(u));
+        let group = st.gid.and_then(|g| self.names.group(g));
+        // The process's own supplementary groups (what the kernel checks), named through NSS;
+        // not the user's groups in the directory (`getgrouplist`), which a process may have
+        // dropped or never been given.
         let supplementary_groups = st
             .groups
             .iter()
-            .filter_map(|g| self.group.name(*g))
+            .filter_map(|g| self.names.group(*g))
             .collect();
         Some(Identity::from_parts(ProcessIdentity {
             uid: st.uid,

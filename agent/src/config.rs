@@ -51,6 +51,32 @@ pub struct AgentConfig {
     /// Also export the card readings under dcgm-exporter's metric names and labels.
     #[serde(default)]
     pub metrics_dcgm_compat: bool,
+    /// Where GPU processes are looked up.
+    #[serde(default)]
+    pub attribution: AttributionConfig,
+}
+
+/// Where processes are read from.
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttributionConfig {
+    /// The host's procfs: the driver names processes by their host pids, so an agent in a
+    /// container reads the host's `/proc` mounted here (and needs the host's pid namespace to
+    /// signal them). Default `/proc`.
+    #[serde(default = "default_proc_root")]
+    pub proc_root: PathBuf,
+}
+
+fn default_proc_root() -> PathBuf {
+    PathBuf::from("/proc")
+}
+
+impl Default for AttributionConfig {
+    fn default() -> Self {
+        Self {
+            proc_root: default_proc_root(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
@@ -269,6 +295,7 @@ impl AgentConfig {
             enforcement: EnforcementConfig::default(),
             metrics_listen: None,
             metrics_dcgm_compat: false,
+            attribution: AttributionConfig::default(),
         }
     }
 
@@ -331,6 +358,12 @@ impl AgentConfig {
         }
         if self.csp.trim().is_empty() {
             return Err(invalid("csp", "must not be empty"));
+        }
+        if !self.attribution.proc_root.is_absolute() {
+            return Err(invalid(
+                "attribution.proc_root",
+                "must be an absolute path (the host's procfs)",
+            ));
         }
         let url = &self.collector.url;
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
@@ -450,12 +483,22 @@ url = "http://127.0.0.1:7070"
         assert_eq!(c.source, SourceConfig::Nvml);
         assert_eq!(c.enforcement.mode, EnforcementMode::Observe);
         assert!(!c.enforcement.lock_unassigned);
+        assert_eq!(c.attribution.proc_root, PathBuf::from("/proc"));
+        let host = parse(&format!(
+            "{GOOD}[attribution]\nproc_root = \"/host/proc\"\n"
+        ))
+        .unwrap();
+        assert_eq!(host.attribution.proc_root, PathBuf::from("/host/proc"));
     }
 
     #[test]
     fn bad_fields_are_named() {
         let cases = [
             (GOOD.replace("kt-gpu-001", "bad id!"), "agent_id"),
+            (
+                format!("{GOOD}[attribution]\nproc_root = \"proc\"\n"),
+                "attribution.proc_root",
+            ),
             (
                 GOOD.replace("http://127.0.0.1:7070", "127.0.0.1"),
                 "collector.url",

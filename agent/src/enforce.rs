@@ -791,6 +791,10 @@ mod tests {
                         sm_util_pct: None,
                         graphics: false,
                         accounting: None,
+                        seen_in: crate::gpu::ProcessSources {
+                            list: true,
+                            ..Default::default()
+                        },
                     })
                     .collect(),
                 ..Default::default()

@@ -80,6 +80,8 @@ impl From<&WindowSummary> for v1::CardWindow {
             occupied_ms: w.occupied_ms,
             foreign_ms: w.foreign_ms,
             grantee_occupied_ms: Some(w.grantee_occupied_ms),
+            unattributed_ms: Some(w.unattributed_ms),
+            energy_estimated_mj: w.energy_estimated_mj,
         }
     }
 }

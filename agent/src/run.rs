@@ -36,12 +36,12 @@ pub fn open_parts(cfg: &AgentConfig) -> anyhow::Result<Parts> {
     Ok(match &cfg.source {
         SourceConfig::Nvml => Parts {
             source: Box::new(crate::gpu::nvml::NvmlSource::open(None)?),
-            attributor: Box::new(ProcAttributor::default()),
+            attributor: Box::new(ProcAttributor::new(&cfg.attribution.proc_root)),
             clock: Arc::new(SystemClock),
         },
         SourceConfig::NvmlLib { path } => Parts {
             source: Box::new(crate::gpu::nvml::NvmlSource::open(Some(path))?),
-            attributor: Box::new(ProcAttributor::default()),
+            attributor: Box::new(ProcAttributor::new(&cfg.attribution.proc_root)),
             clock: Arc::new(SystemClock),
         },
         SourceConfig::Sim { scenario, speed } => {
@@ -166,6 +166,18 @@ impl Agent {
                         Some(false) => "disabled".into(),
                         None => String::new(),
                     },
+                    parent_uuid: c
+                        .mig
+                        .as_ref()
+                        .map(|m| m.parent_uuid.clone())
+                        .unwrap_or_default(),
+                    mig_profile: c
+                        .mig
+                        .as_ref()
+                        .map(|m| m.profile.clone())
+                        .unwrap_or_default(),
+                    mig_slices: c.mig.as_ref().and_then(|m| m.slices),
+                    parent_slices: c.mig.as_ref().and_then(|m| m.parent_slices),
                 })
                 .collect(),
             ..Default::default()
@@ -243,8 +255,9 @@ impl Agent {
             .collect();
         // A replayable source answers for past instants, so its pids are simulated, not
         // processes of this host: their violations are recorded and no real pid is touched.
-        let control = (!self.parts.source.replayable())
-            .then(|| Arc::new(ProcControl::default()) as Arc<dyn ProcessControl>);
+        let control = (!self.parts.source.replayable()).then(|| {
+            Arc::new(ProcControl::new(&self.cfg.attribution.proc_root)) as Arc<dyn ProcessControl>
+        });
         let reader = Reader {
             source: self.parts.source,
             attributor: self.parts.attributor,

@@ -41,13 +41,23 @@ impl Reader {
             .source
             .read(at)
             .into_iter()
-            .map(|r| {
-                let ids = match &r {
-                    CardReading::Ok(s) => s
-                        .processes
-                        .iter()
-                        .map(|p| self.attributor.identify(p.pid))
-                        .collect(),
+            .map(|mut r| {
+                let ids = match &mut r {
+                    CardReading::Ok(s) => {
+                        let mut ids = Vec::with_capacity(s.processes.len());
+                        // A pid only the utilization samples or the accounting records named
+                        // may have ended since; without a /proc entry it is nobody's now, and
+                        // a signal could only hit a reused pid.
+                        s.processes.retain(|p| {
+                            let id = self.attributor.identify(p.pid);
+                            let keep = p.seen_in.list || id.is_some();
+                            if keep {
+                                ids.push(id);
+                            }
+                            keep
+                        });
+                        ids
+                    }
                     _ => Vec::new(),
                 };
                 (r, ids)
@@ -67,6 +77,8 @@ pub struct SlotFolder {
     periods: Periods,
     aggs: BTreeMap<String, CardAggregator>,
     primed: bool,
+    /// Cards whose use is unattributed now: warned about once per episode.
+    blind: std::collections::BTreeSet<String>,
 }
 
 impl SlotFolder {
@@ -78,6 +90,7 @@ impl SlotFolder {
                 .map(|u| (u.clone(), CardAggregator::new(&u, periods)))
                 .collect(),
             primed: false,
+            blind: Default::default(),
         }
     }
 
@@ -110,6 +123,7 @@ impl SlotFolder {
                 let (applied, spec) = applied_at(assignments, &uuid, slot);
                 let outcome = match reading {
                     CardReading::Ok(sample) => {
+                        self.note_blind(&sample, ids.len());
                         let procs = sample
                             .processes
                             .iter()
@@ -158,6 +172,27 @@ impl SlotFolder {
         bodies
     }
 
+    /// Warns when a card's use becomes unattributed, once per episode, and says when it ends.
+    fn note_blind(&mut self, sample: &crate::gpu::CardSample, visible: usize) {
+        match crate::gpu::Unattributed::judge(sample, visible) {
+            Some(why) => {
+                if self.blind.insert(sample.uuid.clone()) {
+                    warn!(
+                        gpu = %sample.uuid,
+                        util_pct = ?sample.util_pct,
+                        reason = why.describe(),
+                        "card use cannot be attributed to any process; counted as unattributed until a process is visible"
+                    );
+                }
+            }
+            None => {
+                if self.blind.remove(&sample.uuid) {
+                    info!(gpu = %sample.uuid, "card use is attributed again");
+                }
+            }
+        }
+    }
+
     /// Slots the sampler could not get to: counted as expected, not good.
     pub fn missed(&mut self, slot: UnixMs, assignments: &Assignments, now: UnixMs) -> Vec<Vec<u8>> {
         let mut bodies = Vec::new();
@@ -203,6 +238,11 @@ pub fn gpu_event_to_wire(e: &GpuEvent) -> v1::Event {
         GpuEventKind::EccDoubleBit => (v1::EventKind::EccDoubleBit, 1, String::new()),
         GpuEventKind::Lost => (v1::EventKind::GpuLost, 0, "card lost".into()),
         GpuEventKind::Recovered => (v1::EventKind::GpuRecovered, 0, "card answers again".into()),
+        GpuEventKind::Health { counter, from, to } => (
+            v1::EventKind::CardHealth,
+            i64::try_from(*to).unwrap_or(i64::MAX),
+            format!("{counter} {from} -> {to}"),
+        ),
     };
     v1::Event {
         kind: kind as i32,
@@ -499,6 +539,8 @@ mod spooler_tests {
             active_ms: 0,
             occupied_ms: 0,
             grantee_occupied_ms: 0,
+            unattributed_ms: 0,
+            energy_estimated_mj: None,
             foreign_ms: 0,
         };
         crate::record::window_body(start, &w)

@@ -5,14 +5,22 @@
 //! holds the samples at `W + interval, ..., W + window`, and it closes with the sample at its
 //! end. The first read of a card only sets the energy baseline. Energy is the sum of counter
 //! deltas between consecutive good reads (a counter that goes backwards was reset: the delta
-//! is the new value); without a counter it is estimated as power × interval and flagged.
+//! is the new value); without a counter it is estimated as power × interval and flagged. A
+//! counter that did not move in the whole window while the card drew power (at least
+//! [`DRAWING_POWER_MW`] in some sample) is frozen: the window's energy is then absent, not 0,
+//! and `energy_estimated_mj` carries power × interval over its good samples beside it. (A
+//! counter that moved at all in the window is trusted: a stall within a window is not seen.)
 
 use std::collections::BTreeMap;
 
 use crate::assignments::Status;
 use crate::attribution::Identity;
 use crate::clock::{UnixMs, align_down};
-use crate::gpu::CardSample;
+use crate::gpu::{CardSample, Unattributed};
+
+/// Power (mW) at or above which a card is drawing power: an energy counter that stands still
+/// through a window at this power is frozen.
+pub const DRAWING_POWER_MW: u32 = 1_000;
 
 /// Sampling and window lengths; `window_ms` is a multiple of `interval_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +131,9 @@ pub struct WindowSummary {
     pub memory_total_bytes: Option<u64>,
     pub energy_mj: Option<u64>,
     pub energy_estimated: bool,
+    /// Power × interval over the good samples, where the energy counter was frozen (and
+    /// `energy_mj` is absent for it).
+    pub energy_estimated_mj: Option<u64>,
     pub power_avg_w: Option<f64>,
     pub temperature_max_c: Option<u32>,
     pub sm_clock_max_mhz: Option<u32>,
@@ -140,6 +151,9 @@ pub struct WindowSummary {
     /// Time in which at least one process matching the applied grant was on the card: the
     /// union over the grantee's principals, which their per-principal rows cannot give.
     pub grantee_occupied_ms: u64,
+    /// Time (good samples × interval) in which the card was used but no process could be seen
+    /// ([`Unattributed`]): neither idle nor anyone's occupied time.
+    pub unattributed_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -191,6 +205,12 @@ struct Acc {
     mem_total: Option<u64>,
     energy_mj: Option<u64>,
     energy_estimated: bool,
+    /// Counter deltas taken in the window, whether one of them moved, and power × interval
+    /// over the good samples, for judging a frozen counter.
+    energy_deltas: u32,
+    energy_moved: bool,
+    drawing_power: bool,
+    power_integral_mj: u64,
     power: Mean,
     temp_max: Option<u32>,
     sm_clock_max: Option<u32>,
@@ -203,6 +223,7 @@ struct Acc {
     occupied_samples: u32,
     foreign_samples: u32,
     grantee_samples: u32,
+    unattributed_samples: u32,
     principals: BTreeMap<String, PrincipalAcc>,
     applied: Applied,
 }
@@ -220,6 +241,10 @@ impl Acc {
             mem_total: None,
             energy_mj: None,
             energy_estimated: false,
+            energy_deltas: 0,
+            energy_moved: false,
+            drawing_power: false,
+            power_integral_mj: 0,
             power: Mean::default(),
             temp_max: None,
             sm_clock_max: None,
@@ -232,6 +257,7 @@ impl Acc {
             occupied_samples: 0,
             foreign_samples: 0,
             grantee_samples: 0,
+            unattributed_samples: 0,
             principals: BTreeMap::new(),
             applied: Applied::default(),
         }
@@ -311,6 +337,8 @@ impl CardAggregator {
                     (Some(now), Some(before)) => {
                         let delta = if now >= before { now - before } else { now };
                         acc.energy_mj = Some(acc.energy_mj.unwrap_or(0) + delta);
+                        acc.energy_deltas += 1;
+                        acc.energy_moved |= now != before;
                     }
                     (Some(_), None) => {}
                     (None, _) => {
@@ -323,6 +351,13 @@ impl CardAggregator {
                 }
                 if sample.energy_counter_mj.is_some() {
                     self.last_energy = sample.energy_counter_mj;
+                }
+                if let Some(p) = sample.power_mw {
+                    acc.power_integral_mj += u64::from(p) * interval / 1000;
+                    acc.drawing_power |= p >= DRAWING_POWER_MW;
+                }
+                if Unattributed::judge(&sample, procs.len()).is_some() {
+                    acc.unattributed_samples += 1;
                 }
                 fold_processes(acc, sample.util_pct, &procs, interval);
             }
@@ -346,6 +381,7 @@ impl CardAggregator {
         let acc = self.acc.take()?;
         let interval = self.periods.interval_ms;
         let ms = |n: u32| u64::from(n) * interval;
+        let frozen = acc.energy_deltas > 0 && !acc.energy_moved && acc.drawing_power;
         let principals: Vec<PrincipalWindow> = acc
             .principals
             .into_iter()
@@ -371,8 +407,9 @@ impl CardAggregator {
             mem_util_avg_pct: acc.mem_util.get(),
             memory_used_max_bytes: acc.mem_used_max,
             memory_total_bytes: acc.mem_total,
-            energy_mj: acc.energy_mj,
+            energy_mj: if frozen { None } else { acc.energy_mj },
             energy_estimated: acc.energy_estimated,
+            energy_estimated_mj: frozen.then_some(acc.power_integral_mj),
             power_avg_w: acc.power.get(),
             temperature_max_c: acc.temp_max,
             sm_clock_max_mhz: acc.sm_clock_max,
@@ -387,6 +424,7 @@ impl CardAggregator {
             occupied_ms: ms(acc.occupied_samples),
             foreign_ms: ms(acc.foreign_samples),
             grantee_occupied_ms: ms(acc.grantee_samples),
+            unattributed_ms: ms(acc.unattributed_samples),
             principals,
         })
     }

@@ -224,6 +224,8 @@ fn summary(agent: usize, card: usize, window: usize, principals: usize) -> Windo
         occupied_ms: occupied,
         foreign_ms: if window % 5 == 0 { occupied / 2 } else { 0 },
         grantee_occupied_ms: occupied,
+        unattributed_ms: 0,
+        energy_estimated_mj: None,
     }
 }
 
@@ -266,6 +268,7 @@ fn hello(i: usize, cards: usize, key: &SigningKey) -> v1::Hello {
                 pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + c),
                 memory_total_bytes: Some(85_899_345_920),
                 mig_mode: "disabled".into(),
+                ..Default::default()
             })
             .collect(),
         epoch: EPOCH,

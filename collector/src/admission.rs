@@ -226,6 +226,8 @@ mod tests {
                 occupied_ms: 0,
                 foreign_ms: 0,
                 grantee_occupied_ms: None,
+                unattributed_ms: None,
+                energy_estimated_mj: None,
                 principals: vec![],
             }),
         }

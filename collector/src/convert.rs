@@ -155,6 +155,12 @@ pub fn hello_from_wire(h: &v1::Hello, received_ms: i64) -> Result<AgentHello, He
                 pci_bus_id: g.pci_bus_id.clone(),
                 memory_total_bytes: g.memory_total_bytes,
                 mig_mode: g.mig_mode.clone(),
+                mig: (!g.parent_uuid.is_empty()).then(|| crate::store::MigRow {
+                    parent_uuid: g.parent_uuid.clone(),
+                    profile: g.mig_profile.clone(),
+                    slices: g.mig_slices,
+                    parent_slices: g.parent_slices,
+                }),
             })
             .collect(),
         epoch: h.epoch,
@@ -192,6 +198,7 @@ fn event_kind_str(k: i32) -> &'static str {
         Ok(v1::EventKind::AssignmentChanged) => "assignment_changed",
         Ok(v1::EventKind::AgentStarted) => "agent_started",
         Ok(v1::EventKind::SpoolFull) => "spool_full",
+        Ok(v1::EventKind::CardHealth) => "card_health",
         _ => "unknown",
     }
 }
@@ -232,6 +239,8 @@ impl From<&v1::CardWindow> for WindowRow {
             occupied_ms: w.occupied_ms,
             foreign_ms: w.foreign_ms,
             grantee_occupied_ms: w.grantee_occupied_ms,
+            unattributed_ms: w.unattributed_ms,
+            energy_estimated_mj: w.energy_estimated_mj,
             principals: w
                 .principals
                 .iter()

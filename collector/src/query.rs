@@ -514,6 +514,18 @@ impl QueryService {
                         pci_bus_id: g.pci_bus_id,
                         memory_total_bytes: g.memory_total_bytes,
                         mig_mode: g.mig_mode,
+                        parent_uuid: g
+                            .mig
+                            .as_ref()
+                            .map(|m| m.parent_uuid.clone())
+                            .unwrap_or_default(),
+                        mig_profile: g
+                            .mig
+                            .as_ref()
+                            .map(|m| m.profile.clone())
+                            .unwrap_or_default(),
+                        mig_slices: g.mig.as_ref().and_then(|m| m.slices),
+                        parent_slices: g.mig.as_ref().and_then(|m| m.parent_slices),
                     })
                     .collect(),
             })
@@ -871,6 +883,7 @@ fn figures_to_wire(f: &Figures) -> v1::Figures {
         foreign_ms: f.foreign_ms,
         energy_mj: f.energy_mj,
         violations: f.violations,
+        unattributed_ms: f.unattributed_ms,
     }
 }
 
@@ -887,6 +900,7 @@ fn figures_from_wire(f: Option<&v1::Figures>) -> Figures {
         foreign_ms: f.foreign_ms,
         energy_mj: f.energy_mj,
         violations: f.violations,
+        unattributed_ms: f.unattributed_ms,
     }
 }
 

@@ -23,7 +23,12 @@
 //!   `allocated − delivered − unavailable` (agent down, sequence gaps, failed or missed reads),
 //!   so `delivered = allocated − unmetered − unavailable` holds by construction;
 //! - `occupied`: the windows' `grantee_occupied_ms` (samples with at least one process of the
-//!   grantee), only from windows the agent metered under this grant; `idle = delivered − occupied`;
+//!   grantee), only from windows the agent metered under this grant;
+//! - `unattributed`: the windows' `unattributed_ms` (samples in which the card was used but
+//!   the driver showed no process: no process list, or utilization with no process visible),
+//!   whatever the assignment: nobody can be credited with that time, and it is not idle
+//!   either, so `idle = delivered − occupied − unattributed` (a card whose driver goes blind
+//!   is never reported reclaimable for it). Windows from agents older than the field count 0;
 //! - `active`: Σ of the grantee's principals' `active_ms` (utilization × their share);
 //! - `foreign`: the windows' `foreign_ms` (samples with any process not of the grantee);
 //! - `energy`: the windows' energy; `violations`: enforcement events recording a violation
@@ -99,6 +104,8 @@ pub struct Figures {
     pub energy_mj: u64,
     /// Enforcement events (processes not of the grantee, or on unassigned cards).
     pub violations: u64,
+    /// Delivered time in which the card was used with no process visible (see the module doc).
+    pub unattributed_ms: u64,
 }
 
 impl Figures {
@@ -116,6 +123,7 @@ impl Figures {
         self.foreign_ms = self.foreign_ms.saturating_add(other.foreign_ms);
         self.energy_mj = self.energy_mj.saturating_add(other.energy_mj);
         self.violations = self.violations.saturating_add(other.violations);
+        self.unattributed_ms = self.unattributed_ms.saturating_add(other.unattributed_ms);
     }
 
     /// `active / allocated × 100`; `None` with nothing allocated.
@@ -147,12 +155,15 @@ impl Figures {
     pub fn foreign_gpu_hours(&self) -> f64 {
         gpu_hours(self.foreign_ms)
     }
+    pub fn unattributed_gpu_hours(&self) -> f64 {
+        gpu_hours(self.unattributed_ms)
+    }
     pub fn energy_kwh(&self) -> f64 {
         kwh(self.energy_mj)
     }
 
     /// The time figures by name, in report order: (name, ms).
-    pub fn times(&self) -> [(&'static str, u64); 8] {
+    pub fn times(&self) -> [(&'static str, u64); 9] {
         [
             ("allocated", self.allocated_ms),
             ("unmetered", self.unmetered_ms),
@@ -162,6 +173,7 @@ impl Figures {
             ("active", self.active_ms),
             ("idle", self.idle_ms),
             ("foreign", self.foreign_ms),
+            ("unattributed", self.unattributed_ms),
         ]
     }
 }
@@ -522,6 +534,7 @@ impl<'a> ByCard<'a> {
         let allocated = iv.len_ms();
         let (mut delivered, mut unavailable, mut occupied, mut active, mut foreign, mut energy) =
             (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut unattributed = 0u64;
         for w in self.windows_in(gpu_uuid, iv) {
             let len = window_len(w);
             let ov = iv.overlap_ms(w.start_ms, w.end_ms);
@@ -529,6 +542,7 @@ impl<'a> ByCard<'a> {
             delivered = delivered.saturating_add(part(
                 u64::from(w.good_samples).saturating_mul(w.interval_ms),
             ));
+            unattributed = unattributed.saturating_add(part(w.unattributed_ms.unwrap_or(0)));
             unavailable = unavailable.saturating_add(part(w.unavailable_ms));
             energy = energy.saturating_add(part(w.energy_mj.unwrap_or(0)));
             // The agent judged who matches against the assignment it applied; only a window
@@ -551,6 +565,8 @@ impl<'a> ByCard<'a> {
         let unavailable = unavailable.min(allocated);
         let delivered = delivered.min(allocated - unavailable);
         let occupied = occupied.min(delivered);
+        // A sample with a visible process is never unattributed, so the two never overlap.
+        let unattributed = unattributed.min(delivered - occupied);
         let violations = self.violations.get(gpu_uuid).map_or(0, |v| {
             v.iter()
                 .filter(|t| **t >= iv.from_ms && **t < iv.until_ms)
@@ -563,10 +579,11 @@ impl<'a> ByCard<'a> {
             delivered_ms: delivered,
             occupied_ms: occupied,
             active_ms: active.min(occupied),
-            idle_ms: delivered - occupied,
+            idle_ms: delivered - occupied - unattributed,
             foreign_ms: foreign.min(delivered),
             energy_mj: energy,
             violations,
+            unattributed_ms: unattributed,
         }
     }
 
@@ -1112,6 +1129,8 @@ mod tests {
                 occupied_ms: x.occupied,
                 foreign_ms: x.foreign,
                 grantee_occupied_ms: Some(x.grantee),
+                unattributed_ms: None,
+                energy_estimated_mj: None,
                 principals,
             },
         }
@@ -1291,6 +1310,7 @@ mod tests {
                 foreign_ms: 80_000,
                 energy_mj: 5_100,
                 violations: 1,
+                unattributed_ms: 0,
             }
         );
         assert_eq!(r.grants[0].cards[0].figures, f);

@@ -433,7 +433,7 @@ struct Words {
     cards_n: &'static str,
     total: &'static str,
     /// The eight time figures, in [`Figures::times`] order.
-    times: [&'static str; 8],
+    times: [&'static str; 9],
     util: &'static str,
     energy: &'static str,
     violations: &'static str,
@@ -474,6 +474,7 @@ const EN: Words = Words {
         "ACTIVE",
         "IDLE",
         "FOREIGN",
+        "UNATTRIBUTED",
     ],
     util: "ACT/ALLOC_%",
     energy: "ENERGY_KWH",
@@ -515,6 +516,7 @@ const KO: Words = Words {
         "활성 사용",
         "유휴",
         "타 사용자 사용",
+        "귀속 불명",
     ],
     util: "활용률(활성/배정 %)",
     energy: "전력량(kWh)",
@@ -537,22 +539,33 @@ fn pct1(v: Option<f64>) -> String {
 
 /// Which figure columns a width shows, as indices into [`Figures::times`] (the rest follow:
 /// utilization, then energy in wide tables only, then violations).
-fn time_columns(width: Width) -> &'static [usize] {
-    match width {
+fn time_columns(cols: Cols) -> Vec<usize> {
+    let mut shown = match cols.width {
         // allocated, unmetered, unavailable, delivered, active: the chain from granted to
         // delivered, and the use that utilization is made of.
-        Width::Narrow => &[0, 1, 2, 3, 5],
-        Width::Wide => &[0, 1, 2, 3, 4, 5, 6, 7],
+        Width::Narrow => vec![0, 1, 2, 3, 5],
+        Width::Wide => vec![0, 1, 2, 3, 4, 5, 6, 7],
+    };
+    // The unattributed time (the last of the times) has a column only where some card of
+    // the report had any, so the usual table stays as narrow as before it existed.
+    if cols.blind {
+        shown.push(8);
     }
+    shown
+}
+
+/// Which columns a table shows: its width, and whether any card had unattributed time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cols {
+    width: Width,
+    blind: bool,
 }
 
 /// The figure cells of a row.
-fn figure_cells(f: &Figures, width: Width) -> Vec<String> {
+fn figure_cells(f: &Figures, cols: Cols) -> Vec<String> {
+    let width = cols.width;
     let times = f.times();
-    let mut cells: Vec<String> = time_columns(width)
-        .iter()
-        .map(|i| h3(times[*i].1))
-        .collect();
+    let mut cells: Vec<String> = time_columns(cols).iter().map(|i| h3(times[*i].1)).collect();
     cells.push(pct1(f.utilization_pct()));
     if width == Width::Wide {
         cells.push(format!("{:.3}", f.energy_kwh()));
@@ -561,9 +574,10 @@ fn figure_cells(f: &Figures, width: Width) -> Vec<String> {
     cells
 }
 
-fn figure_header<'a>(w: &'a Words, lead: &[&'a str], width: Width) -> (Vec<&'a str>, Vec<bool>) {
+fn figure_header<'a>(w: &'a Words, lead: &[&'a str], cols: Cols) -> (Vec<&'a str>, Vec<bool>) {
+    let width = cols.width;
     let mut h: Vec<&str> = lead.to_vec();
-    h.extend(time_columns(width).iter().map(|i| w.times[*i]));
+    h.extend(time_columns(cols).iter().map(|i| w.times[*i]));
     h.push(w.util);
     if width == Width::Wide {
         h.push(w.energy);
@@ -588,6 +602,8 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
     } else {
         crate::render::Lang::En
     };
+    let blind = r.total.unattributed_ms > 0 || r.csps.iter().any(|c| c.figures.unattributed_ms > 0);
+    let cols = Cols { width, blind };
     let mut out = format!(
         "{} {}: {} (KST, {})\n",
         w.title,
@@ -622,7 +638,7 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
             Width::Narrow => vec![w.grant_card, w.csp],
             Width::Wide => vec![w.grant_card, w.program, w.grantee, w.csp],
         };
-        let (h, right) = figure_header(w, &lead, width);
+        let (h, right) = figure_header(w, &lead, cols);
         let mut rows = Vec::new();
         for g in &r.grants {
             let mut row = match width {
@@ -637,7 +653,7 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
                     g.csp.clone(),
                 ],
             };
-            row.extend(figure_cells(&g.figures, width));
+            row.extend(figure_cells(&g.figures, cols));
             rows.push(row);
             for c in &g.cards {
                 let mut row = vec![format!(
@@ -646,13 +662,13 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
                     short_uuid(&c.gpu_uuid, width)
                 )];
                 row.extend(std::iter::repeat_n(String::new(), lead.len() - 1));
-                row.extend(figure_cells(&c.figures, width));
+                row.extend(figure_cells(&c.figures, cols));
                 rows.push(row);
             }
         }
         let mut row = vec![w.total.to_string()];
         row.extend(std::iter::repeat_n(String::new(), lead.len() - 1));
-        row.extend(figure_cells(&r.total, width));
+        row.extend(figure_cells(&r.total, cols));
         rows.push(row);
         out.push_str(&grid(&h, &rows, &right));
     }
@@ -664,7 +680,7 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
         out.push_str(w.none);
         out.push('\n');
     } else {
-        let (h, right) = figure_header(w, &[w.program, w.grants_n, w.cards_n], width);
+        let (h, right) = figure_header(w, &[w.program, w.grants_n, w.cards_n], cols);
         let mut right = right;
         right[1] = true;
         right[2] = true;
@@ -673,7 +689,7 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
             .iter()
             .map(|p| {
                 let mut row = vec![p.program.clone(), p.grants.to_string(), p.cards.to_string()];
-                row.extend(figure_cells(&p.figures, width));
+                row.extend(figure_cells(&p.figures, cols));
                 row
             })
             .collect();
@@ -699,7 +715,7 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
                 let right = (0..h.len()).map(|i| i >= 1).collect::<Vec<_>>();
                 (h, right)
             }
-            Width::Wide => figure_header(w, &[w.csp, w.grants_n, w.cards_n], width),
+            Width::Wide => figure_header(w, &[w.csp, w.grants_n, w.cards_n], cols),
         };
         h.push(w.unassigned_use);
         h.push(w.unassigned_violations);
@@ -723,7 +739,7 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
                             f.violations.to_string(),
                         ]);
                     }
-                    Width::Wide => row.extend(figure_cells(&c.figures, width)),
+                    Width::Wide => row.extend(figure_cells(&c.figures, cols)),
                 }
                 row.push(h3(c.unassigned_use_ms));
                 row.push(c.unassigned_violations.to_string());
@@ -1078,6 +1094,7 @@ mod reconciliation_tests {
             foreign_ms: H / 4,
             energy_mj: 7_200_000_000,
             violations: 2,
+            unattributed_ms: 0,
         };
         Reconciliation {
             period: "2026-04".into(),
@@ -1296,6 +1313,29 @@ G-1 · 에이씨미  kt   10.000   1.000  0.500  8.500      3.000               
 ";
         let got = reconciliation_table(&r, true);
         assert_eq!(got, want, "\n{got}");
+    }
+
+    #[test]
+    fn unattributed_time_gets_a_column_where_there_is_any() {
+        let mut r = small();
+        assert!(!reconciliation_table(&r, false).contains("UNATTRIBUTED"));
+        r.grants[0].figures.unattributed_ms = H / 2;
+        r.grants[0].figures.idle_ms -= H / 2;
+        r.total = r.grants[0].figures;
+        let got = reconciliation_table(&r, false);
+        let header = got
+            .lines()
+            .find(|l| l.starts_with("GRANT / CARD  PROGRAM"))
+            .unwrap();
+        assert!(header.contains("  FOREIGN  UNATTRIBUTED  UTIL_%"), "{got}");
+        let total = got.lines().find(|l| l.starts_with("total")).unwrap();
+        assert!(
+            total.contains(" 2.000    0.250         0.500    30.0"),
+            "{got}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&reconciliation_json(&r).unwrap()).unwrap();
+        assert_eq!(v["grants"][0]["unattributed_ms"], H / 2);
+        assert_eq!(v["grants"][0]["unattributed_gpu_hours"], 0.5);
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub fn window_problems(w: &WindowRow, card_memory_total: Option<u64>) -> Vec<Str
         ("occupied_ms", Some(w.occupied_ms)),
         ("foreign_ms", Some(w.foreign_ms)),
         ("grantee_occupied_ms", w.grantee_occupied_ms),
+        ("unattributed_ms", w.unattributed_ms),
     ] {
         if v.is_some_and(|v| v > len) {
             why.push(format!("{name} {} exceeds the window", v.unwrap_or(0)));
@@ -164,6 +165,8 @@ mod tests {
             occupied_ms: 60_000,
             foreign_ms: 0,
             grantee_occupied_ms: Some(60_000),
+            unattributed_ms: None,
+            energy_estimated_mj: None,
             principals: vec![PrincipalRow {
                 principal: "user:a".into(),
                 uid: None,
@@ -191,6 +194,10 @@ mod tests {
             ("aligned", Box::new(|w| w.start_ms += 1)),
             ("length", Box::new(|w| w.end_ms = w.start_ms + 7_000)),
             ("unavailable", Box::new(|w| w.unavailable_ms = 1_000)),
+            (
+                "unattributed",
+                Box::new(|w| w.unattributed_ms = Some(60_001)),
+            ),
         ];
         for (name, edit) in cases {
             let mut w = window();

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{
-    Clock, ComputeMode, EccCounter, MemoryError, Sampling, TemperatureSensor,
+    Clock, ComputeMode, EccCounter, MemoryError, RetirementCause, Sampling, TemperatureSensor,
 };
 use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
 use nvml_wrapper::enums::event::XidError;
@@ -28,11 +28,15 @@ use nvml_wrapper::error::{Bits, NvmlError};
 use nvml_wrapper::struct_wrappers::device::{AccountingStats, ProcessInfo, Sample};
 use nvml_wrapper::struct_wrappers::event::EventData;
 use nvml_wrapper::{Device, EventSet, Nvml};
+use nvml_wrapper_sys::bindings::{
+    nvmlProcessInfo_t, nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE, nvmlReturn_enum_NVML_SUCCESS,
+};
 use tracing::{debug, info, warn};
 
 use super::{
     CardInfo, CardReading, CardSample, GpuError, GpuEvent, GpuEventKind, GpuProcess, GpuSource,
-    Inventory, ProcessAccounting, UtilSource,
+    HealthCounters, Inventory, MigInfo, ProcessAccounting, ProcessSources, Unattributed,
+    UtilSource,
 };
 
 /// What nvml-wrapper loads when no path is given.
@@ -67,6 +71,17 @@ struct CardState {
     last_gpu_sample: Option<u64>,
     last_mem_sample: Option<u64>,
     last_process_sample: Option<u64>,
+    /// Length of the last compute and graphics lists: the next read's first buffer size.
+    compute_hint: u32,
+    graphics_hint: u32,
+    /// Reads of this card so far, for [`HEALTH_EVERY`].
+    reads: u64,
+    /// The health counters last read; changes become events.
+    health: Option<HealthCounters>,
+    /// A GPU in MIG mode: its processes belong to its MIG devices, which are read as cards of
+    /// their own, so the parent lists none (else each would count twice, and on an unassigned
+    /// parent be a violation).
+    mig_parent: bool,
     lost: bool,
 }
 
@@ -182,6 +197,160 @@ fn used_memory(p: &ProcessInfo) -> Option<u64> {
     }
 }
 
+/// Health counters (ECC aggregates, retired pages, remapped rows) move rarely and cost several
+/// calls: they are read on the first read of a card and every this many reads after.
+const HEALTH_EVERY: u64 = 10;
+
+/// `nvmlDeviceGetRemappedRows` (not wrapped by nvml-wrapper 0.13): corrected rows, uncorrected
+/// rows, a remap pending, a remapping failure.
+#[allow(unsafe_code)]
+fn remapped_rows(dev: &Device<'_>) -> Result<(u32, u32, bool, bool), NvmlError> {
+    let sym = dev
+        .nvml()
+        .lib()
+        .nvmlDeviceGetRemappedRows
+        .as_ref()
+        .map_err(|e| NvmlError::FailedToLoadSymbol(e.to_string()))?;
+    let (mut corrected, mut uncorrected, mut pending, mut failed) = (0, 0, 0, 0);
+    // SAFETY: the handle is `dev`'s and stays valid while `dev` lives; the four out-pointers
+    // are to live locals of the type nvml.h declares.
+    let code = unsafe {
+        sym(
+            dev.handle(),
+            &mut corrected,
+            &mut uncorrected,
+            &mut pending,
+            &mut failed,
+        )
+    };
+    if code != nvmlReturn_enum_NVML_SUCCESS {
+        return Err(NvmlError::from(code));
+    }
+    Ok((corrected, uncorrected, pending != 0, failed != 0))
+}
+
+/// The card's memory health counters; a counter the card does not report is `None`.
+fn read_health(dev: &Device<'_>, uuid: &str) -> Result<HealthCounters, Lost> {
+    fn count<T>(r: Result<Vec<T>, NvmlError>) -> Result<u64, NvmlError> {
+        r.map(|pages| pages.len() as u64)
+    }
+    let single = field(
+        count(dev.retired_pages(RetirementCause::MultipleSingleBitEccErrors)),
+        "nvmlDeviceGetRetiredPages_v2",
+        uuid,
+    )?;
+    let double = field(
+        count(dev.retired_pages(RetirementCause::DoubleBitEccError)),
+        "nvmlDeviceGetRetiredPages_v2",
+        uuid,
+    )?;
+    let remapped = field(remapped_rows(dev), "nvmlDeviceGetRemappedRows", uuid)?;
+    let mig = field(dev.mig_mode(), "nvmlDeviceGetMigMode", uuid)?;
+    Ok(HealthCounters {
+        mig_enabled: mig.map(|m| m.current == 1),
+        ecc_uncorrected_volatile: field(
+            dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
+            "nvmlDeviceGetTotalEccErrors",
+            uuid,
+        )?,
+        ecc_uncorrected_aggregate: field(
+            dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate),
+            "nvmlDeviceGetTotalEccErrors",
+            uuid,
+        )?,
+        retired_pages: single.zip(double).map(|(s, d)| s + d),
+        retired_pages_pending: field(
+            dev.are_pages_pending_retired(),
+            "nvmlDeviceGetRetiredPagesPendingStatus",
+            uuid,
+        )?,
+        remapped_rows_corrected: remapped.map(|r| u64::from(r.0)),
+        remapped_rows_uncorrected: remapped.map(|r| u64::from(r.1)),
+        remap_pending: remapped.map(|r| r.2),
+        remap_failed: remapped.map(|r| r.3),
+    })
+}
+
+/// The smallest buffer a process list is first asked with.
+const PROCESS_BUFFER_MIN: u32 = 16;
+
+/// How many times a process list is asked again with the size the driver said it needs (the
+/// list can grow between two calls).
+const PROCESS_LIST_ROUNDS: usize = 4;
+
+/// Which running-process list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProcessKind {
+    Compute,
+    Graphics,
+}
+
+/// One running-process list, sized by the `_v3` call itself.
+///
+/// nvml-wrapper 0.13's `running_compute_processes` first asks for the count with a null
+/// buffer and takes only INSUFFICIENT_SIZE as "the count is in `*count`": a driver that answers
+/// that query SUCCESS with the count (some do) gets an empty list back, and the card looks
+/// empty however many processes run on it. So the list is asked for directly with a buffer
+/// (as large as the last list of this card, at least [`PROCESS_BUFFER_MIN`]); SUCCESS gives
+/// the list, INSUFFICIENT_SIZE the count needed, and the call is made again with that much
+/// room. The null-buffer count is never relied on, whatever it answers.
+#[allow(unsafe_code)]
+fn running_processes(
+    dev: &Device<'_>,
+    kind: ProcessKind,
+    hint: &mut u32,
+) -> Result<Vec<ProcessInfo>, NvmlError> {
+    let lib = dev.nvml().lib();
+    let sym = match kind {
+        ProcessKind::Compute => lib.nvmlDeviceGetComputeRunningProcesses_v3.as_ref(),
+        ProcessKind::Graphics => lib.nvmlDeviceGetGraphicsRunningProcesses_v3.as_ref(),
+    };
+    let sym = *sym.map_err(|e| NvmlError::FailedToLoadSymbol(e.to_string()))?;
+    // SAFETY: the handle is `dev`'s, valid while `dev` (which borrows the loaded library)
+    // lives; it is only passed back to the library that issued it.
+    let handle = unsafe { dev.handle() };
+    let mut capacity = (*hint).max(PROCESS_BUFFER_MIN);
+    for _ in 0..PROCESS_LIST_ROUNDS {
+        let empty = nvmlProcessInfo_t {
+            pid: 0,
+            usedGpuMemory: 0,
+            gpuInstanceId: 0,
+            computeInstanceId: 0,
+        };
+        let mut buffer = vec![empty; usize::try_from(capacity).unwrap_or(usize::MAX)];
+        let mut count = capacity;
+        // SAFETY: `count` holds the buffer's length and `buffer` has that many initialized
+        // elements of the type the `_v3` call writes (nvml.h's contract for this call).
+        let code = unsafe { sym(handle, &mut count, buffer.as_mut_ptr()) };
+        if code == nvmlReturn_enum_NVML_SUCCESS {
+            buffer.truncate(usize::try_from(count.min(capacity)).unwrap_or(0));
+            *hint = count.min(capacity);
+            return Ok(buffer.into_iter().map(ProcessInfo::from).collect());
+        }
+        if code != nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE {
+            return Err(NvmlError::from(code));
+        }
+        // `count` is what the list needs now; leave room for a few more that may start.
+        capacity = count.max(capacity.saturating_mul(2)).saturating_add(8);
+    }
+    Err(NvmlError::InsufficientSize(None))
+}
+
+/// A process list's answer: the list, or that the driver could not give one (NOT_SUPPORTED or
+/// an error, logged) so that "no process" is not known. Only a lost card stops the read.
+fn process_list(
+    dev: &Device<'_>,
+    kind: ProcessKind,
+    hint: &mut u32,
+    uuid: &str,
+) -> Result<Option<Vec<ProcessInfo>>, Lost> {
+    let call = match kind {
+        ProcessKind::Compute => "nvmlDeviceGetComputeRunningProcesses_v3",
+        ProcessKind::Graphics => "nvmlDeviceGetGraphicsRunningProcesses_v3",
+    };
+    field(running_processes(dev, kind, hint), call, uuid)
+}
+
 /// NVML's "not available" marker (-1) in the accounting record's 64-bit fields, which
 /// nvml-wrapper passes through as is.
 const NOT_AVAILABLE_U64: u64 = u64::MAX;
@@ -202,11 +371,13 @@ fn accounting(stats: &AccountingStats) -> ProcessAccounting {
 /// Per-process accounting records, read only where the operator has enabled accounting mode
 /// (the agent never turns it on: that is the operator's call, and it changes driver state).
 /// Accounting utilization covers the process's lifetime, so it only stands in where the sample
-/// buffer gave no figure for the pid this read.
-fn read_accounting(dev: &Device<'_>, processes: &mut [GpuProcess], uuid: &str) -> Result<(), Lost> {
-    if processes.is_empty() {
-        return Ok(());
-    }
+/// buffer gave no figure for the pid this read. A running record of a pid no other source
+/// named adds that process: the driver saw it on the card.
+fn read_accounting(
+    dev: &Device<'_>,
+    processes: &mut Vec<GpuProcess>,
+    uuid: &str,
+) -> Result<(), Lost> {
     // Asked once per card per read: the answer is the same for every process on the card.
     let enabled = field(
         dev.is_accounting_enabled(),
@@ -216,10 +387,18 @@ fn read_accounting(dev: &Device<'_>, processes: &mut [GpuProcess], uuid: &str) -
     if enabled != Some(true) {
         return Ok(());
     }
-    for p in processes.iter_mut() {
+    let listed: Vec<u32> = processes.iter().map(|p| p.pid).collect();
+    let recorded = field(dev.accounting_pids(), "nvmlDeviceGetAccountingPids", uuid)?;
+    let mut pids = listed.clone();
+    for pid in recorded.into_iter().flatten() {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+    for pid in pids {
         // NOT_FOUND (no record for this pid) is absent like any unavailable field.
         let Some(stats) = field(
-            dev.accounting_stats_for(p.pid),
+            dev.accounting_stats_for(pid),
             "nvmlDeviceGetAccountingStats",
             uuid,
         )?
@@ -227,11 +406,28 @@ fn read_accounting(dev: &Device<'_>, processes: &mut [GpuProcess], uuid: &str) -
             continue;
         };
         // On a pid collision the driver answers with the record of the earlier process that
-        // ended last; a finished record for a live process is not this process's.
+        // ended last; a finished record for a live process is not this process's. A finished
+        // record of a pid no other source names is a process that has left the card.
         if !stats.is_running {
             continue;
         }
         let record = accounting(&stats);
+        let p = match processes.iter_mut().position(|p| p.pid == pid) {
+            Some(i) => &mut processes[i],
+            None => {
+                processes.push(GpuProcess {
+                    pid,
+                    used_memory_bytes: None,
+                    sm_util_pct: None,
+                    graphics: false,
+                    accounting: None,
+                    seen_in: ProcessSources::default(),
+                });
+                let last = processes.len() - 1;
+                &mut processes[last]
+            }
+        };
+        p.seen_in.accounting = true;
         if p.sm_util_pct.is_none() {
             p.sm_util_pct = record.gpu_util_pct;
         }
@@ -247,6 +443,11 @@ impl CardState {
             last_gpu_sample: None,
             last_mem_sample: None,
             last_process_sample: None,
+            compute_hint: 0,
+            graphics_hint: 0,
+            reads: 0,
+            health: None,
+            mig_parent: false,
             lost: false,
         }
     }
@@ -338,16 +539,22 @@ impl CardState {
             uuid,
         )?;
 
-        let compute = field(
-            dev.running_compute_processes(),
-            "nvmlDeviceGetComputeRunningProcesses_v3",
-            uuid,
-        )?;
-        let graphics = field(
-            dev.running_graphics_processes(),
-            "nvmlDeviceGetGraphicsRunningProcesses_v3",
-            uuid,
-        )?;
+        if self.health.is_none() || self.reads % HEALTH_EVERY == 0 {
+            s.health = Some(Box::new(read_health(dev, uuid)?));
+        }
+        self.reads += 1;
+        if self.mig_parent {
+            return Ok(s);
+        }
+        let compute = process_list(dev, ProcessKind::Compute, &mut self.compute_hint, uuid)?;
+        let graphics = process_list(dev, ProcessKind::Graphics, &mut self.graphics_hint, uuid)?;
+        // Compute contexts are where CUDA work runs: without their list, an empty list of
+        // processes is not known to be empty.
+        s.processes_unknown = compute.is_none();
+        let listed = ProcessSources {
+            list: true,
+            ..ProcessSources::default()
+        };
         for p in compute.iter().flatten() {
             s.processes.push(GpuProcess {
                 pid: p.pid,
@@ -355,6 +562,7 @@ impl CardState {
                 sm_util_pct: None,
                 graphics: false,
                 accounting: None,
+                seen_in: listed,
             });
         }
         // A process with both contexts is listed once, as compute (where its CUDA work is).
@@ -366,6 +574,7 @@ impl CardState {
                     sm_util_pct: None,
                     graphics: true,
                     accounting: None,
+                    seen_in: listed,
                 });
             }
         }
@@ -376,11 +585,12 @@ impl CardState {
 
     /// Per-process SM utilization: the mean of each process's samples since the last read. The
     /// driver only samples processes that were busy, so a process without samples while the
-    /// query works was idle: 0, not absent.
+    /// query works was idle: 0, not absent. A pid in the samples that no list named (a driver
+    /// whose lists come back short or unsupported) was on the card all the same, and is added.
     fn read_process_utilization(
         &mut self,
         dev: &Device<'_>,
-        processes: &mut [GpuProcess],
+        processes: &mut Vec<GpuProcess>,
     ) -> Result<(), Lost> {
         let samples = match dev.process_utilization_stats(self.last_process_sample) {
             Ok(samples) => samples,
@@ -398,8 +608,21 @@ impl CardState {
             let entry = per_pid.entry(sample.pid).or_default();
             entry.0 += u64::from(sample.sm_util);
             entry.1 += 1;
+            if !processes.iter().any(|p| p.pid == sample.pid) {
+                processes.push(GpuProcess {
+                    pid: sample.pid,
+                    used_memory_bytes: None,
+                    sm_util_pct: None,
+                    graphics: false,
+                    accounting: None,
+                    seen_in: ProcessSources::default(),
+                });
+            }
         }
         for p in processes.iter_mut() {
+            if per_pid.contains_key(&p.pid) {
+                p.seen_in.samples = true;
+            }
             let mean = per_pid.get(&p.pid).map_or(0, |(sum, n)| sum / n);
             p.sm_util_pct = Some(u32::try_from(mean).unwrap_or(u32::MAX));
         }
@@ -437,6 +660,22 @@ impl NvmlSource {
         };
         source.inventory()?;
         Ok(source)
+    }
+
+    /// Starts reading (and watching the events of) a card first seen now.
+    fn track(&mut self, dev: &Device<'_>, uuid: &str, mig_parent: bool) {
+        match self.cards.iter_mut().find(|c| c.uuid == uuid) {
+            Some(card) => card.mig_parent = mig_parent,
+            None => {
+                let mut card = CardState::new(uuid.to_owned());
+                card.mig_parent = mig_parent;
+                card.prime(dev);
+                self.cards.push(card);
+                // A send only fails once the event thread is gone, and then nothing is
+                // watched anyway.
+                let _ = self.watch.send(uuid.to_owned());
+            }
+        }
     }
 
     fn read_card(&mut self, i: usize) -> CardReading {
@@ -487,15 +726,15 @@ impl GpuSource for NvmlSource {
                     continue;
                 }
             };
-            if !self.cards.iter().any(|c| c.uuid == info.uuid) {
-                let mut card = CardState::new(info.uuid.clone());
-                card.prime(&dev);
-                self.cards.push(card);
-                // A send only fails once the event thread is gone, and then nothing is watched
-                // anyway.
-                let _ = self.watch.send(info.uuid.clone());
+            let mig_on = info.mig_enabled == Some(true);
+            self.track(&dev, &info.uuid, mig_on);
+            cards.push(info.clone());
+            if mig_on {
+                for (mig_dev, mig) in mig_devices(&dev, &info) {
+                    self.track(&mig_dev, &mig.uuid, false);
+                    cards.push(mig);
+                }
             }
-            cards.push(info);
         }
         Ok(Inventory {
             driver_version: nvml.sys_driver_version().ok(),
@@ -508,6 +747,23 @@ impl GpuSource for NvmlSource {
         for i in 0..self.cards.len() {
             let reading = self.read_card(i);
             let card = &mut self.cards[i];
+            if let CardReading::Ok(CardSample {
+                health: Some(now), ..
+            }) = &reading
+            {
+                // The first reading is the baseline; from then on every change is an event.
+                for (counter, from, to) in
+                    card.health.map(|was| now.changes(&was)).unwrap_or_default()
+                {
+                    warn!(gpu = %card.uuid, counter, from, to, "card health counter changed");
+                    self.transitions.push(GpuEvent {
+                        uuid: card.uuid.clone(),
+                        at_ms,
+                        kind: GpuEventKind::Health { counter, from, to },
+                    });
+                }
+                card.health = Some(**now);
+            }
             match &reading {
                 CardReading::Lost { reason, .. } if !card.lost => {
                     card.lost = true;
@@ -571,6 +827,56 @@ impl Drop for NvmlSource {
     }
 }
 
+/// The MIG devices of a GPU in MIG mode, each as a card of its own. A device that does not
+/// answer is left out (logged), as a card is.
+fn mig_devices<'n>(dev: &Device<'n>, parent: &CardInfo) -> Vec<(Device<'n>, CardInfo)> {
+    let max = match dev.mig_device_count() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(gpu = %parent.uuid, error = %e, "MIG is on but its devices cannot be counted");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for i in 0..max {
+        let mig = match dev.mig_device_by_index(i) {
+            Ok(mig) => mig,
+            // An index without a device: the GPU is not fully partitioned.
+            Err(NvmlError::NotFound) => continue,
+            Err(e) => {
+                warn!(gpu = %parent.uuid, index = i, error = %e, "MIG device does not answer; left out of the inventory");
+                continue;
+            }
+        };
+        let uuid = match mig.uuid() {
+            Ok(uuid) => uuid,
+            Err(e) => {
+                warn!(gpu = %parent.uuid, index = i, error = %e, "MIG device has no readable UUID; left out of the inventory");
+                continue;
+            }
+        };
+        let name = mig.name().unwrap_or_default();
+        let profile = MigInfo::profile_from_name(&name);
+        let info = CardInfo {
+            uuid,
+            index: parent.index,
+            serial: None,
+            pci_bus_id: parent.pci_bus_id.clone(),
+            memory_total_bytes: mig.memory_info().ok().map(|m| m.total),
+            mig_enabled: None,
+            mig: Some(MigInfo {
+                parent_uuid: parent.uuid.clone(),
+                slices: MigInfo::slices_of(&profile),
+                parent_slices: Some(max),
+                profile,
+            }),
+            name,
+        };
+        out.push((mig, info));
+    }
+    out
+}
+
 fn card_info(dev: &Device<'_>, index: u32) -> Result<CardInfo, NvmlError> {
     Ok(CardInfo {
         uuid: dev.uuid()?,
@@ -580,6 +886,7 @@ fn card_info(dev: &Device<'_>, index: u32) -> Result<CardInfo, NvmlError> {
         pci_bus_id: dev.pci_info().ok().map(|p| p.bus_id),
         memory_total_bytes: dev.memory_info().ok().map(|m| m.total),
         mig_enabled: dev.mig_mode().ok().map(|m| m.current == 1),
+        mig: None,
     })
 }
 
@@ -611,8 +918,36 @@ fn event_kinds(data: &EventData<'_>) -> Vec<GpuEventKind> {
     kinds
 }
 
-fn register<'nvml>(nvml: &'nvml Nvml, uuid: &str) -> Result<EventSet<'nvml>, String> {
+/// A device handle's value, to tell which card an event names. Handles are stable for as long
+/// as the library is loaded, and compared only, never dereferenced.
+#[allow(unsafe_code)]
+fn handle_key(dev: &Device<'_>) -> usize {
+    // SAFETY: reading the handle's value has no precondition; nothing is called through it.
+    unsafe { dev.handle() }.addr()
+}
+
+/// The card an event names: by its device handle (known from registration), else by asking
+/// the device for its UUID, else (logged) the card whose set delivered it.
+fn event_card(data: &EventData<'_>, handles: &HashMap<usize, String>, set_card: &str) -> String {
+    if let Some(uuid) = handles.get(&handle_key(&data.device)) {
+        return uuid.clone();
+    }
+    match data.device.uuid() {
+        Ok(uuid) => uuid,
+        Err(e) => {
+            warn!(gpu = %set_card, error = %e, "an event names a device the agent cannot identify; credited to the card whose event set delivered it");
+            set_card.to_owned()
+        }
+    }
+}
+
+fn register<'nvml>(
+    nvml: &'nvml Nvml,
+    uuid: &str,
+    handles: &mut HashMap<usize, String>,
+) -> Result<EventSet<'nvml>, String> {
     let dev = nvml.device_by_uuid(uuid).map_err(|e| e.to_string())?;
+    handles.insert(handle_key(&dev), uuid.to_owned());
     let supported = dev.supported_event_types().map_err(|e| e.to_string())?;
     let wanted = supported
         & (EventTypes::CRITICAL_XID_ERROR
@@ -634,6 +969,9 @@ fn watch_events(
     stop: &AtomicBool,
 ) {
     let mut watches: Vec<Watch<'_>> = Vec::new();
+    // Device handle → UUID of every card registered, so an event is credited to the device it
+    // names, whichever set delivered it.
+    let mut handles: HashMap<usize, String> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         for uuid in cards.try_iter() {
             match watches.iter_mut().find(|w| w.uuid == uuid) {
@@ -653,7 +991,7 @@ fn watch_events(
             .iter_mut()
             .filter(|w| w.set.is_none() && w.retry_at <= now)
         {
-            match register(nvml, &w.uuid) {
+            match register(nvml, &w.uuid, &mut handles) {
                 Ok(set) => {
                     debug!(gpu = %w.uuid, "watching XID and ECC events");
                     w.set = Some(set);
@@ -680,13 +1018,14 @@ fn watch_events(
             let failed = loop {
                 match set.wait(timeout) {
                     Ok(data) => {
+                        let uuid = event_card(&data, &handles, &w.uuid);
                         for kind in event_kinds(&data) {
                             let event = GpuEvent {
-                                uuid: w.uuid.clone(),
+                                uuid: uuid.clone(),
                                 at_ms: now_ms(),
                                 kind,
                             };
-                            info!(gpu = %w.uuid, kind = ?event.kind, "driver event");
+                            info!(gpu = %uuid, kind = ?event.kind, "driver event");
                             if events.send(event).is_err() {
                                 // The source is gone.
                                 return;
@@ -819,9 +1158,14 @@ fn probe_fields(dev: &Device<'_>) -> Vec<FieldProbe> {
             format!("volatile corrected {c}, uncorrected {u}")
         }),
     ));
-    let processes = dev
-        .running_compute_processes()
-        .and_then(|c| dev.running_graphics_processes().map(|g| (c.len(), g.len())));
+    let (mut compute_hint, mut graphics_hint) = (0, 0);
+    let compute = running_processes(dev, ProcessKind::Compute, &mut compute_hint);
+    let graphics = running_processes(dev, ProcessKind::Graphics, &mut graphics_hint);
+    fields.push((
+        "process discovery",
+        discovery(dev, compute.as_ref().ok(), graphics.as_ref().ok()),
+    ));
+    let processes = compute.and_then(|c| graphics.map(|g| (c.len(), g.len())));
     fields.push((
         "processes",
         support(processes, |(c, g)| format!("{c} compute, {g} graphics")),
@@ -867,6 +1211,61 @@ fn probe_fields(dev: &Device<'_>) -> Vec<FieldProbe> {
         .into_iter()
         .map(|(field, support)| FieldProbe { field, support })
         .collect()
+}
+
+/// Which processes every source of the driver names, and whether the card's use could be
+/// attributed now: the probe's view of what the sampler does each read.
+fn discovery(
+    dev: &Device<'_>,
+    compute: Option<&Vec<ProcessInfo>>,
+    graphics: Option<&Vec<ProcessInfo>>,
+) -> Support {
+    let mut pids: Vec<u32> = Vec::new();
+    let add = |pid: u32, pids: &mut Vec<u32>| {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    };
+    for p in compute.into_iter().chain(graphics).flatten() {
+        add(p.pid, &mut pids);
+    }
+    let listed = pids.len();
+    let sampled: Vec<u32> = dev
+        .process_utilization_stats(None)
+        .map(|s| s.iter().map(|s| s.pid).collect())
+        .unwrap_or_default();
+    for pid in &sampled {
+        add(*pid, &mut pids);
+    }
+    let accounted: Vec<u32> = if dev.is_accounting_enabled().unwrap_or(false) {
+        dev.accounting_pids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    for pid in &accounted {
+        add(*pid, &mut pids);
+    }
+    let sample = CardSample {
+        util_pct: dev.utilization_rates().ok().map(|u| f64::from(u.gpu)),
+        processes_unknown: compute.is_none(),
+        ..CardSample::default()
+    };
+    let seen = format!(
+        "{} processes visible ({listed} listed, {} in samples, {} in accounting)",
+        pids.len(),
+        sampled.len(),
+        accounted.len()
+    );
+    match Unattributed::judge(&sample, pids.len()) {
+        None => Support::Yes(seen),
+        Some(why) => Support::Error(format!(
+            "{seen}; utilization {}: usage is unattributed ({})",
+            sample
+                .util_pct
+                .map_or_else(|| "unknown".to_owned(), |u| format!("{u}%")),
+            why.describe()
+        )),
+    }
 }
 
 /// Loads NVML and asks every card for every field once. Registers no events, so it takes

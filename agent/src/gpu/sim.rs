@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::{
     CardInfo, CardReading, CardSample, GpuError, GpuEvent, GpuEventKind, GpuProcess, GpuSource,
-    Inventory, UtilSource,
+    Inventory, ProcessSources, UtilSource,
 };
 use crate::attribution::{Identity, ProcessIdentity, TableAttributor};
 use crate::clock::UnixMs;
@@ -255,6 +255,7 @@ impl GpuSource for SimSource {
                     pci_bus_id: Some(format!("00000000:{:02X}:00.0", 0x10 + i)),
                     memory_total_bytes: Some(c.memory_total_bytes),
                     mig_enabled: Some(false),
+                    mig: None,
                 })
                 .collect(),
         })
@@ -326,10 +327,16 @@ impl GpuSource for SimSource {
                                 sm_util_pct: sp.sm_util_pct,
                                 graphics: false,
                                 accounting: None,
+                                seen_in: ProcessSources {
+                                    list: true,
+                                    ..ProcessSources::default()
+                                },
                             })
                             .collect()
                     })
                     .unwrap_or_default(),
+                processes_unknown: false,
+                health: None,
             }));
         }
         self.last_read = Some(at_ms);

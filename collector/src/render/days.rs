@@ -219,6 +219,8 @@ mod tests {
                 occupied_ms: occupied,
                 foreign_ms: 0,
                 grantee_occupied_ms: Some(occupied),
+                unattributed_ms: None,
+                energy_estimated_mj: None,
                 principals: vec![PrincipalRow {
                     principal: "uid:1001".into(),
                     uid: Some(1001),

@@ -130,7 +130,7 @@ fn pct(p: Option<f64>) -> Td {
 }
 
 /// The figure columns shared by the grant, program and CSP tables.
-fn figure_headers(l: &Labels) -> [&'static str; 11] {
+fn figure_headers(l: &Labels) -> [&'static str; 12] {
     [
         l.allocated,
         l.unmetered,
@@ -140,6 +140,7 @@ fn figure_headers(l: &Labels) -> [&'static str; 11] {
         l.active,
         l.idle,
         l.foreign,
+        l.unattributed,
         l.utilization,
         l.energy,
         l.violations,
@@ -156,6 +157,7 @@ fn figure_cells(f: &Figures) -> Vec<Td> {
         h(f.active_ms),
         h(f.idle_ms),
         h(f.foreign_ms),
+        h(f.unattributed_ms),
         pct(f.utilization_pct()),
         Td::Num(num(f.energy_kwh(), 2)),
         Td::Num(f.violations.to_string()),

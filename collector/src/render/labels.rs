@@ -8,8 +8,9 @@ use super::Lang;
 /// The spreadsheet CSV's columns: the machine name (the English header, as in the JSON
 /// report) and the Korean header. The two `unassigned_` ones are filled on CSP and total rows
 /// only: use of (and violations on) cards outside every grant, which are not part of the other
-/// figures. `as_of` and `not_elapsed` say how much of the period the figures cover.
-pub const CSV_COLUMNS: [(&str, &str); 26] = [
+/// figures. `as_of` and `not_elapsed` say how much of the period the figures cover. The last is
+/// the time a card was in use while the driver showed no process (see `reconcile.rs`).
+pub const CSV_COLUMNS: [(&str, &str); 27] = [
     ("level", "구분"),
     ("period", "기간"),
     ("program", "사업"),
@@ -36,6 +37,7 @@ pub const CSV_COLUMNS: [(&str, &str); 26] = [
     ("unassigned_violations", "미배정 위반(건)"),
     ("as_of", "정산 기준 시각(KST)"),
     ("not_elapsed", "미경과 기간(KST)"),
+    ("unattributed_gpu_hours", "귀속 불명(GPU시간)"),
 ];
 
 /// One language's words for the reports.
@@ -56,6 +58,8 @@ pub struct Labels {
     pub occupied: &'static str,
     pub active: &'static str,
     pub idle: &'static str,
+    /// Used with no process visible: nobody's time.
+    pub unattributed: &'static str,
     pub foreign: &'static str,
     pub utilization: &'static str,
     pub energy: &'static str,
@@ -155,6 +159,7 @@ pub static KO: Labels = Labels {
     occupied: "점유",
     active: "활성 사용",
     idle: "유휴",
+    unattributed: "귀속 불명",
     foreign: "타 사용자 사용",
     utilization: "활용률(활성 사용 ÷ 배정)",
     energy: "전력량(kWh)",
@@ -223,6 +228,7 @@ pub static EN: Labels = Labels {
     occupied: "Occupied",
     active: "Active",
     idle: "Idle",
+    unattributed: "Unattributed",
     foreign: "Foreign use",
     utilization: "Utilization (active ÷ allocated)",
     energy: "Energy (kWh)",

@@ -49,8 +49,8 @@ fn figure_cells(f: &Figures) -> [String; 11] {
     ]
 }
 
-/// One row: the leading descriptive columns, the figures, unassigned use and violations, and
-/// the as-of columns.
+/// One row: the leading descriptive columns, the figures, unassigned use and violations, the
+/// as-of columns, and the unattributed time (last, so the columns before it keep their places).
 fn row(
     head: [String; 11],
     f: &Figures,
@@ -62,6 +62,7 @@ fn row(
     cells.push(unassigned.map_or(String::new(), |u| hours(u.0)));
     cells.push(unassigned.map_or(String::new(), |u| u.1.to_string()));
     cells.extend(as_of.iter().cloned());
+    cells.push(hours(f.unattributed_ms));
     cells
 }
 

@@ -62,6 +62,28 @@ pub struct GpuRow {
     pub pci_bus_id: String,
     pub memory_total_bytes: Option<u64>,
     pub mig_mode: String,
+    /// For a MIG device: its parent GPU, profile and slices (empty/`None` for a whole GPU).
+    pub mig: Option<MigRow>,
+}
+
+/// Where a MIG device sits on its parent GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MigRow {
+    pub parent_uuid: String,
+    pub profile: String,
+    pub slices: Option<u32>,
+    pub parent_slices: Option<u32>,
+}
+
+impl MigRow {
+    /// The device as a fraction of its GPU: slices ÷ the parent's slices; `None` when either
+    /// is unknown.
+    pub fn gpu_equivalents(&self) -> Option<f64> {
+        match (self.slices, self.parent_slices) {
+            (Some(s), Some(p)) if p > 0 => Some(f64::from(s) / f64::from(p)),
+            _ => None,
+        }
+    }
 }
 
 /// What an agent says when it connects.
@@ -132,6 +154,12 @@ pub struct WindowRow {
     /// Time with at least one process of the grantee on the card; `None` from agents older
     /// than the field.
     pub grantee_occupied_ms: Option<u64>,
+    /// Time the card was used with no process visible to the agent (records.proto); `None`
+    /// from agents older than the field.
+    pub unattributed_ms: Option<u64>,
+    /// Energy estimated from power × time where the card's energy counter was frozen (and
+    /// `energy_mj` is absent); `None` otherwise.
+    pub energy_estimated_mj: Option<u64>,
     pub principals: Vec<PrincipalRow>,
 }
 
@@ -566,5 +594,23 @@ impl IngestBatch {
             received_ms: 0,
             alarms: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod mig_tests {
+    use super::MigRow;
+
+    #[test]
+    fn a_mig_device_is_its_slices_over_its_parents_in_gpu_equivalents() {
+        let row = |slices, parent_slices| MigRow {
+            slices,
+            parent_slices,
+            ..MigRow::default()
+        };
+        assert_eq!(row(Some(1), Some(7)).gpu_equivalents(), Some(1.0 / 7.0));
+        assert_eq!(row(Some(3), Some(7)).gpu_equivalents(), Some(3.0 / 7.0));
+        assert_eq!(row(Some(1), None).gpu_equivalents(), None);
+        assert_eq!(row(Some(1), Some(0)).gpu_equivalents(), None);
     }
 }

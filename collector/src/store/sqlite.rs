@@ -374,10 +374,21 @@ CREATE TABLE card_moves (
 );
 CREATE INDEX card_moves_by_card ON card_moves(gpu_uuid);
 "#,
+    // 8: windows keep the time the card was used with no process visible, and the energy
+    // estimated from power where the card's counter was frozen (NULL for windows from agents
+    // older than the fields, and where there was no frozen counter).
+    r#"
+ALTER TABLE windows ADD COLUMN unattributed_ms INTEGER;
+ALTER TABLE windows ADD COLUMN energy_estimated_mj INTEGER;
+ALTER TABLE gpus ADD COLUMN parent_uuid TEXT NOT NULL DEFAULT '';
+ALTER TABLE gpus ADD COLUMN mig_profile TEXT NOT NULL DEFAULT '';
+ALTER TABLE gpus ADD COLUMN mig_slices INTEGER;
+ALTER TABLE gpus ADD COLUMN parent_slices INTEGER;
+"#,
 ];
 
 /// The windows that count (alias `w`): all but those reported for a card another host held,
-/// unless the card has since been moved to the reporting host (see migration 5).
+/// unless the card has since been moved to the reporting host (see migration 7).
 const COUNTED: &str = "NOT EXISTS (SELECT 1 FROM disputed_windows d JOIN gpus o ON o.gpu_uuid = d.gpu_uuid
                          WHERE d.agent_id = w.agent_id AND d.seq = w.seq AND o.host_id <> d.host_id)";
 
@@ -499,8 +510,8 @@ impl SqliteStore {
                     "INSERT INTO windows (agent_id, seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
                        util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj, energy_estimated, power_avg_w,
                        temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_id, principal,
-                       active_ms, occupied_ms, foreign_ms, grantee_occupied_ms)
-                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26)",
+                       active_ms, occupied_ms, foreign_ms, grantee_occupied_ms, unattributed_ms, energy_estimated_mj)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28)",
                 )
                 .map_err(db)?;
             let mut ins_pr = tx
@@ -608,7 +619,9 @@ impl SqliteStore {
                                     w.active_ms as i64,
                                     w.occupied_ms as i64,
                                     w.foreign_ms as i64,
-                                    opt_u64(w.grantee_occupied_ms)
+                                    opt_u64(w.grantee_occupied_ms),
+                                    opt_u64(w.unattributed_ms),
+                                    opt_u64(w.energy_estimated_mj)
                                 ])
                                 .map_err(db)?;
                             if mark_disputed
@@ -945,6 +958,13 @@ impl Store for SqliteStore {
                 params![g.uuid, h.agent_id, h.host_id, g.index, g.name, g.serial, g.pci_bus_id, opt_u64(g.memory_total_bytes), g.mig_mode, h.received_ms],
             )
             .map_err(db)?;
+            // Where a MIG device sits on its GPU (cleared for a whole GPU).
+            let mig = g.mig.clone().unwrap_or_default();
+            tx.execute(
+                "UPDATE gpus SET parent_uuid=?2, mig_profile=?3, mig_slices=?4, parent_slices=?5 WHERE gpu_uuid=?1",
+                params![g.uuid, mig.parent_uuid, mig.profile, mig.slices, mig.parent_slices],
+            )
+            .map_err(db)?;
         }
         super::sqlite_integrity::note_cards(&tx, h)?;
         super::sqlite_integrity::note_key(
@@ -1227,7 +1247,9 @@ impl Store for SqliteStore {
             .map_err(db)?;
         let mut gst = c
             .prepare(
-                "SELECT gpu_uuid, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode FROM gpus WHERE agent_id = ?1 ORDER BY idx",
+                "SELECT gpu_uuid, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode,
+                        parent_uuid, mig_profile, mig_slices, parent_slices
+                 FROM gpus WHERE agent_id = ?1 ORDER BY idx, parent_uuid, gpu_uuid",
             )
             .map_err(db)?;
         for h in &mut hosts {
@@ -1242,6 +1264,15 @@ impl Store for SqliteStore {
                         pci_bus_id: r.get(4)?,
                         memory_total_bytes: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
                         mig_mode: r.get(6)?,
+                        mig: {
+                            let parent_uuid: String = r.get(7)?;
+                            (!parent_uuid.is_empty()).then_some(crate::store::MigRow {
+                                parent_uuid,
+                                profile: r.get(8)?,
+                                slices: r.get(9)?,
+                                parent_slices: r.get(10)?,
+                            })
+                        },
                     })
                 })
                 .map_err(db)?
@@ -1492,7 +1523,7 @@ impl Store for SqliteStore {
                         w.memory_used_max_bytes, w.energy_mj, w.energy_estimated, w.power_avg_w,
                         w.temperature_max_c, w.throttle_reasons, w.health, w.unavailable_ms,
                         w.assignment_status, w.grant_id, w.principal, w.active_ms, w.occupied_ms,
-                        w.foreign_ms, w.grantee_occupied_ms
+                        w.foreign_ms, w.grantee_occupied_ms, w.unattributed_ms, w.energy_estimated_mj
                  FROM windows w JOIN agents a ON a.agent_id = w.agent_id
                  WHERE {where_}
                  ORDER BY w.gpu_uuid, w.start_ms, w.agent_id, w.seq"
@@ -1531,6 +1562,8 @@ impl Store for SqliteStore {
                         occupied_ms: u(r.get(25)?),
                         foreign_ms: u(r.get(26)?),
                         grantee_occupied_ms: r.get::<_, Option<i64>>(27)?.map(u),
+                        unattributed_ms: r.get::<_, Option<i64>>(28)?.map(u),
+                        energy_estimated_mj: r.get::<_, Option<i64>>(29)?.map(u),
                         principals: vec![],
                     },
                 })
@@ -2169,6 +2202,8 @@ mod reconcile_reads_tests {
             occupied_ms: 30_000,
             foreign_ms: 10_000,
             grantee_occupied_ms: grantee,
+            unattributed_ms: None,
+            energy_estimated_mj: None,
             principals: vec![
                 PrincipalRow {
                     principal: "user:alice".into(),
@@ -2469,6 +2504,8 @@ mod binding_tests {
             occupied_ms: 0,
             foreign_ms: 0,
             grantee_occupied_ms: None,
+            unattributed_ms: None,
+            energy_estimated_mj: None,
             principals: principals
                 .iter()
                 .map(|p| PrincipalRow {

@@ -234,7 +234,7 @@ impl SqliteLedger {
                     util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj,
                     energy_estimated, power_avg_w, temperature_max_c, throttle_reasons, health,
                     unavailable_ms, assignment_status, grant_id, principal, active_ms, occupied_ms,
-                    foreign_ms, grantee_occupied_ms
+                    foreign_ms, grantee_occupied_ms, unattributed_ms, energy_estimated_mj
              FROM windows WHERE agent_id = ?1 ORDER BY seq",
         )?;
         let mut pr_st = prep(
@@ -304,6 +304,8 @@ impl SqliteLedger {
                             occupied_ms: u(r.get(22)?),
                             foreign_ms: u(r.get(23)?),
                             grantee_occupied_ms: r.get::<_, Option<i64>>(24)?.map(u),
+                            unattributed_ms: r.get::<_, Option<i64>>(25)?.map(u),
+                            energy_estimated_mj: r.get::<_, Option<i64>>(26)?.map(u),
                             principals: vec![],
                         },
                     ))

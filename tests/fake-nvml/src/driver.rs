@@ -1,9 +1,10 @@
 //! The fake driver's state and answers, in safe Rust; `lib.rs` only moves them across the C ABI.
 
 use std::collections::{HashMap, HashSet};
+use std::os::raw::c_uint;
 use std::path::{Path, PathBuf};
-use std::sync::{LazyLock, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Condvar, LazyLock, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nvml_wrapper_sys::bindings::*;
 
@@ -21,11 +22,47 @@ const SAMPLE_BUFFER: u64 = 1000;
 /// One process-wide driver, as with the real library.
 static DRIVER: LazyLock<Mutex<Driver>> = LazyLock::new(|| Mutex::new(Driver::default()));
 
+/// Signalled whenever a scenario is (re)loaded: event waits sleep on it, as the real driver's
+/// waits sleep until the kernel has an event, instead of polling.
+static CHANGED: Condvar = Condvar::new();
+
 /// Runs `f` on the driver. A panic elsewhere must not wedge every later call, so a poisoned lock
-/// is taken over as is.
+/// is taken over as is. A call that reloaded a changed scenario wakes the event waits.
 pub fn with<T>(f: impl FnOnce(&mut Driver) -> T) -> T {
     let mut driver = DRIVER.lock().unwrap_or_else(PoisonError::into_inner);
-    f(&mut driver)
+    let before = driver.scenarios.generation();
+    let out = f(&mut driver);
+    if driver.scenarios.generation() != before {
+        CHANGED.notify_all();
+    }
+    out
+}
+
+/// `nvmlEventSetWait_v2`: the next undelivered event of `set`, waiting up to `timeout` for one.
+/// Blocks on [`CHANGED`] (the driver lock is released meanwhile, so other calls go on); the
+/// scenario file is looked at once per wake, not polled.
+pub fn wait_event(set: usize, timeout: Duration) -> Result<Option<Event>, Code> {
+    let deadline = Instant::now() + timeout;
+    let mut driver = DRIVER.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        let before = driver.scenarios.generation();
+        let event = driver.next_event(set)?;
+        if driver.scenarios.generation() != before {
+            CHANGED.notify_all();
+        }
+        if event.is_some() {
+            return Ok(event);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        let seen = driver.scenarios.generation();
+        driver = CHANGED
+            .wait_timeout_while(driver, deadline - now, |d| d.scenarios.generation() == seen)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
 }
 
 /// A card as handed out: which scenario file, which UUID. Handles stay valid for the life of the
@@ -166,7 +203,7 @@ impl Driver {
 
     pub fn handle_by_uuid(&mut self, uuid: &str) -> Result<usize, Code> {
         let (path, scenario) = self.scenario()?;
-        if scenario.card(uuid).is_none() {
+        if scenario.find(uuid).is_none() {
             return Err(nvmlReturn_enum_NVML_ERROR_NOT_FOUND);
         }
         let uuid = uuid.to_owned();
@@ -188,7 +225,7 @@ impl Driver {
         let device = self.device(handle)?;
         let scenario = self.scenario_at(&device.path)?;
         let card = scenario
-            .card(&device.uuid)
+            .find(&device.uuid)
             // A card that left the scenario fell off the bus.
             .ok_or(nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST)?;
         if card.lost {
@@ -200,7 +237,49 @@ impl Driver {
         if feature.is_some_and(|f| card.unsupported(f)) {
             return Err(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED);
         }
-        Ok(card.clone())
+        Ok(card)
+    }
+
+    /// `nvmlDeviceGetMaxMigDeviceCount`: the card's slices while MIG is on.
+    pub fn max_mig_devices(&mut self, handle: usize) -> Result<u32, Code> {
+        let card = self.card(handle, "nvmlDeviceGetMaxMigDeviceCount", Some("mig"))?;
+        match card.mig_mode {
+            Some(true) => Ok(card.mig_slices),
+            Some(false) => Ok(0),
+            None => Err(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED),
+        }
+    }
+
+    /// `nvmlDeviceGetMigDeviceHandleByIndex`: NOT_FOUND for an index without a device.
+    pub fn mig_device(&mut self, handle: usize, index: u32) -> Result<usize, Code> {
+        let card = self.card(handle, "nvmlDeviceGetMigDeviceHandleByIndex", Some("mig"))?;
+        if card.mig_mode != Some(true) {
+            return Err(nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT);
+        }
+        let mig = usize::try_from(index)
+            .ok()
+            .and_then(|i| card.mig_devices.get(i))
+            .ok_or(nvmlReturn_enum_NVML_ERROR_NOT_FOUND)?;
+        let path = self.device(handle)?.path;
+        Ok(self.handle_for(DeviceRef {
+            path,
+            uuid: mig.uuid.clone(),
+        }))
+    }
+
+    /// The parent of a MIG device handle; `None` for a card that is not a MIG device.
+    pub fn mig_parent(&mut self, handle: usize) -> Result<Option<usize>, Code> {
+        let device = self.device(handle)?;
+        let scenario = self.scenario_at(&device.path)?;
+        let parent = scenario
+            .mig_parent(&device.uuid)
+            .map(|(c, _)| c.uuid.clone());
+        Ok(parent.map(|uuid| {
+            self.handle_for(DeviceRef {
+                path: device.path,
+                uuid,
+            })
+        }))
     }
 
     pub fn index_of(&mut self, handle: usize) -> Result<u32, Code> {
@@ -211,6 +290,11 @@ impl Driver {
             .cards
             .iter()
             .position(|c| c.uuid == card.uuid)
+            // A MIG device has its parent's index.
+            .or_else(|| {
+                let (parent, _) = scenario.mig_parent(&card.uuid)?;
+                scenario.cards.iter().position(|c| c.uuid == parent.uuid)
+            })
             .ok_or(nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST)?;
         Ok(u32::try_from(i).unwrap_or(u32::MAX))
     }
@@ -297,17 +381,19 @@ impl Driver {
         Ok(out)
     }
 
+    /// The card's running processes of one kind, and whether its null-buffer count query
+    /// answers SUCCESS (see `process_count_success`).
     pub fn processes(
         &mut self,
         handle: usize,
         call: &str,
         graphics: bool,
-    ) -> Result<Vec<nvmlProcessInfo_t>, Code> {
+    ) -> Result<(Vec<nvmlProcessInfo_t>, bool), Code> {
         let card = self.card(handle, call, Some("processes"))?;
         // NVML_VALUE_NOT_AVAILABLE is -1 as an unsigned long long.
         let not_available = u64::MAX;
         let no_instance = u32::MAX;
-        Ok(card
+        let list = card
             .processes
             .iter()
             .filter(|p| p.graphics == graphics)
@@ -317,7 +403,8 @@ impl Driver {
                 gpuInstanceId: no_instance,
                 computeInstanceId: no_instance,
             })
-            .collect())
+            .collect();
+        Ok((list, card.process_count_success))
     }
 
     pub fn compute_mode(&mut self, handle: usize) -> Result<nvmlComputeMode_t, Code> {
@@ -395,6 +482,20 @@ impl Driver {
         })
     }
 
+    /// Pids with an accounting record (running or not): NOT_SUPPORTED while the mode is off.
+    pub fn accounting_pids(&mut self, handle: usize) -> Result<Vec<c_uint>, Code> {
+        if !self.accounting_mode(handle)? {
+            return Err(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED);
+        }
+        let card = self.card(handle, "nvmlDeviceGetAccountingPids", Some("accounting"))?;
+        Ok(card
+            .processes
+            .iter()
+            .filter(|p| p.accounting.is_some())
+            .map(|p| p.pid)
+            .collect())
+    }
+
     pub fn supported_events(&mut self, handle: usize, call: &str) -> Result<u64, Code> {
         let card = self.card(handle, call, Some("events"))?;
         let mut mask = u64::from(nvmlEventTypeXidCriticalError);
@@ -439,60 +540,70 @@ impl Driver {
         Ok(())
     }
 
-    /// The next scenario event for a card registered in `set`, if any is still undelivered.
+    /// The next scenario event for a card registered in `set`, if any is still undelivered. An
+    /// event with `via` comes through the set of the card it names there, and names its own
+    /// card's device.
     pub fn next_event(&mut self, set: usize) -> Result<Option<Event>, Code> {
         let (path, registered) = {
             let s = self.set_mut(set)?;
             (s.path.clone(), s.registered.clone())
         };
-        let mut ready = None;
+        let mut ready: Option<(DeviceRef, EventKey, u64, u64)> = None;
         {
             let scenario = load(&mut self.scenarios, &path)?;
             'cards: for (handle, mask) in registered {
-                let Some(device) = handle.checked_sub(1).and_then(|i| self.devices.get(i)) else {
+                let Some(watched) = handle.checked_sub(1).and_then(|i| self.devices.get(i)) else {
                     continue;
                 };
-                let Some(card) = scenario.card(&device.uuid) else {
-                    continue;
-                };
-                let mut pending: Vec<(u64, u64, u64, EventKey)> = Vec::new();
-                if mask & u64::from(nvmlEventTypeXidCriticalError) != 0 {
-                    pending.extend(card.xid_events.iter().map(|x| {
-                        let key = EventKey::Xid {
-                            code: x.code,
-                            seq: x.seq,
-                        };
-                        (x.seq, u64::from(nvmlEventTypeXidCriticalError), x.code, key)
-                    }));
-                }
-                for e in &card.ecc_events {
-                    let kind = if e.double_bit {
-                        nvmlEventTypeDoubleBitEccError
-                    } else {
-                        nvmlEventTypeSingleBitEccError
+                // (order, source card, type, data, key) of every event this registration sees.
+                let mut pending: Vec<(u64, &str, u64, u64, EventKey)> = Vec::new();
+                for card in &scenario.cards {
+                    let arrives_here = |via: &Option<String>| match via {
+                        Some(v) => *v == watched.uuid,
+                        None => card.uuid == watched.uuid,
                     };
-                    if mask & u64::from(kind) != 0 {
-                        let key = EventKey::Ecc {
-                            double_bit: e.double_bit,
-                            seq: e.seq,
+                    if mask & u64::from(nvmlEventTypeXidCriticalError) != 0 {
+                        for x in card.xid_events.iter().filter(|x| arrives_here(&x.via)) {
+                            let key = EventKey::Xid {
+                                code: x.code,
+                                seq: x.seq,
+                            };
+                            let kind = u64::from(nvmlEventTypeXidCriticalError);
+                            pending.push((x.seq, &card.uuid, kind, x.code, key));
+                        }
+                    }
+                    for e in card.ecc_events.iter().filter(|e| arrives_here(&e.via)) {
+                        let kind = if e.double_bit {
+                            nvmlEventTypeDoubleBitEccError
+                        } else {
+                            nvmlEventTypeSingleBitEccError
                         };
-                        pending.push((e.seq, u64::from(kind), 0, key));
+                        if mask & u64::from(kind) != 0 {
+                            let key = EventKey::Ecc {
+                                double_bit: e.double_bit,
+                                seq: e.seq,
+                            };
+                            pending.push((e.seq, &card.uuid, u64::from(kind), 0, key));
+                        }
                     }
                 }
                 pending.sort_by_key(|p| p.0);
-                for (_, event_type, data, key) in pending {
-                    let id = (device.clone(), key);
-                    if !self.delivered.contains(&id) {
-                        ready = Some((id, handle, event_type, data));
+                for (_, uuid, event_type, data, key) in pending {
+                    let source = DeviceRef {
+                        path: path.clone(),
+                        uuid: uuid.to_owned(),
+                    };
+                    if !self.delivered.contains(&(source.clone(), key.clone())) {
+                        ready = Some((source, key, event_type, data));
                         break 'cards;
                     }
                 }
             }
         }
-        Ok(ready.map(|(id, device, event_type, data)| {
-            self.delivered.insert(id);
+        Ok(ready.map(|(source, key, event_type, data)| {
+            self.delivered.insert((source.clone(), key));
             Event {
-                device,
+                device: self.handle_for(source),
                 event_type,
                 data,
             }

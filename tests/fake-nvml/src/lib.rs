@@ -49,6 +49,23 @@
 //! - Events: each `xid_events`/`ecc_events` entry is delivered exactly once per process by
 //!   `nvmlEventSetWait_v2`, to the first event set that has the card registered for its type.
 //!   Entries are told apart by (card, kind, code, `seq`).
+//! - An event with `"via": "<UUID>"` is delivered through the event set of that other card and
+//!   names its own card's device (one set watching several cards). `nvmlEventSetWait_v2`
+//!   blocks on a condition variable signalled when a scenario is (re)loaded, until an event or
+//!   the timeout, as a real driver's wait blocks; it does not poll.
+//! - `"process_count_success": true`: the process lists' null-buffer count query answers
+//!   SUCCESS with the count (a driver quirk nvml-wrapper 0.13 reads as "no processes").
+//! - Health: `"ecc_uncorrected_aggregate"` (default: the volatile count), `"retired_pages":
+//!   { "single_bit": 2, "double_bit": 1, "pending": true }` and `"remapped_rows": {
+//!   "corrected": 4, "uncorrected": 1, "pending": false, "failure": false }`; absent: those
+//!   calls answer NOT_SUPPORTED. `nvmlDeviceGetAccountingPids` lists the processes with an
+//!   `accounting` record.
+//! - MIG: a card with `"mig_mode": true` and `"mig_devices": [{ "uuid": "MIG-…", "profile":
+//!   "1g.10gb", "memory_total": …, "memory_used": …, "processes": [...] }]` (and
+//!   `"mig_slices"`, default 7: `nvmlDeviceGetMaxMigDeviceCount`) hands out MIG device handles
+//!   by index and by UUID; each is named `<parent name> MIG <profile>`, has the parent's index,
+//!   its own memory and processes, and answers NOT_SUPPORTED for utilization, samples,
+//!   process utilization, power, energy, temperature, clocks, ECC, events and accounting.
 //! - Compute mode set through `nvmlDeviceSetComputeMode` is kept in memory per card.
 //! - Accounting: `nvmlDeviceGetAccountingMode` answers `accounting_mode`, or what
 //!   `nvmlDeviceSetAccountingMode` set (kept in memory per card, so a test can see that nobody
@@ -81,7 +98,7 @@ use std::ffi::CStr;
 use std::os::raw::{c_char, c_uint, c_ulonglong};
 use std::path::PathBuf;
 use std::ptr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nvml_wrapper_sys::bindings::*;
 
@@ -152,7 +169,14 @@ unsafe fn read_str(s: *const c_char) -> Option<String> {
 /// NVML's list protocol for the process lists: `*count` holds the buffer's capacity on entry
 /// and the number of entries on return; a buffer too small (or null) answers INSUFFICIENT_SIZE
 /// with the count set, except that an empty list is a success.
-unsafe fn put_list<T: Copy>(count: *mut c_uint, out: *mut T, items: &[T]) -> nvmlReturn_t {
+/// With `count_success`, a null buffer is answered SUCCESS with the count set (a driver quirk
+/// that nvml-wrapper 0.13 reads as "no processes").
+unsafe fn put_list<T: Copy>(
+    count: *mut c_uint,
+    out: *mut T,
+    items: &[T],
+    count_success: bool,
+) -> nvmlReturn_t {
     if count.is_null() {
         return INVALID_ARGUMENT;
     }
@@ -161,7 +185,7 @@ unsafe fn put_list<T: Copy>(count: *mut c_uint, out: *mut T, items: &[T]) -> nvm
     let n = c_uint::try_from(items.len()).unwrap_or(c_uint::MAX);
     // SAFETY: as above.
     unsafe { count.write(n) };
-    if n == 0 {
+    if n == 0 || (out.is_null() && count_success) {
         return SUCCESS;
     }
     if out.is_null() || capacity < n {
@@ -413,6 +437,45 @@ pub unsafe extern "C" fn nvmlDeviceGetMigMode(
     }
 }
 
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+) -> nvmlReturn_t {
+    let r = driver::with(|d| d.max_mig_devices(handle(device)));
+    unsafe { answer(count, r) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    device: nvmlDevice_t,
+    index: c_uint,
+    mig: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    let r = driver::with(|d| d.mig_device(handle(device), index)).map(device_ptr);
+    unsafe { answer(mig, r) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+    mig: nvmlDevice_t,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    let r = driver::with(|d| d.mig_parent(handle(mig)))
+        .and_then(|p| p.ok_or(nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT))
+        .map(device_ptr);
+    unsafe { answer(device, r) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(
+    device: nvmlDevice_t,
+    is_mig: *mut c_uint,
+) -> nvmlReturn_t {
+    let r = driver::with(|d| d.mig_parent(handle(device))).map(|p| c_uint::from(p.is_some()));
+    unsafe { answer(is_mig, r) }
+}
+
 // ---- utilization ----
 
 #[unsafe(no_mangle)]
@@ -543,17 +606,149 @@ pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
 pub unsafe extern "C" fn nvmlDeviceGetTotalEccErrors(
     device: nvmlDevice_t,
     error_type: nvmlMemoryErrorType_t,
-    _counter_type: nvmlEccCounterType_t,
+    counter_type: nvmlEccCounterType_t,
     count: *mut c_ulonglong,
 ) -> nvmlReturn_t {
-    // Volatile and aggregate counters are the same in the fake.
+    // The aggregate uncorrected count is `ecc_uncorrected_aggregate` where given; otherwise
+    // volatile and aggregate counters are the same.
+    let aggregate = counter_type == nvmlEccCounterType_enum_NVML_AGGREGATE_ECC;
     let r =
         card(device, "nvmlDeviceGetTotalEccErrors", Some("ecc")).and_then(|c| match error_type {
             nvmlMemoryErrorType_enum_NVML_MEMORY_ERROR_TYPE_CORRECTED => Ok(c.ecc_corrected),
+            nvmlMemoryErrorType_enum_NVML_MEMORY_ERROR_TYPE_UNCORRECTED if aggregate => {
+                Ok(c.ecc_uncorrected_aggregate.unwrap_or(c.ecc_uncorrected))
+            }
             nvmlMemoryErrorType_enum_NVML_MEMORY_ERROR_TYPE_UNCORRECTED => Ok(c.ecc_uncorrected),
             _ => Err(INVALID_ARGUMENT),
         });
     unsafe { answer(count, r) }
+}
+
+/// The retired pages of one cause as (address, timestamp), one per page.
+fn retired(
+    device: nvmlDevice_t,
+    call: &str,
+    cause: nvmlPageRetirementCause_t,
+) -> Result<Vec<(u64, u64)>, Code> {
+    let c = card(device, call, Some("ecc"))?;
+    let pages = c
+        .retired_pages
+        .ok_or(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED)?;
+    let n = match cause {
+        nvmlPageRetirementCause_enum_NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS => {
+            pages.single_bit
+        }
+        nvmlPageRetirementCause_enum_NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR => {
+            pages.double_bit
+        }
+        _ => return Err(INVALID_ARGUMENT),
+    };
+    Ok((0..u64::from(n))
+        .map(|i| (0x1000 * (i + 1), 1_700_000_000 + i))
+        .collect())
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages(
+    device: nvmlDevice_t,
+    cause: nvmlPageRetirementCause_t,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    match retired(device, "nvmlDeviceGetRetiredPages", cause) {
+        Ok(pages) => {
+            let list: Vec<c_ulonglong> = pages.iter().map(|p| p.0).collect();
+            unsafe { put_list(count, addresses, &list, false) }
+        }
+        Err(code) => code,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages_v2(
+    device: nvmlDevice_t,
+    cause: nvmlPageRetirementCause_t,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+    timestamps: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    match retired(device, "nvmlDeviceGetRetiredPages_v2", cause) {
+        Ok(pages) => {
+            let list: Vec<c_ulonglong> = pages.iter().map(|p| p.0).collect();
+            let times: Vec<c_ulonglong> = pages.iter().map(|p| p.1).collect();
+            // SAFETY: the caller's contract for both buffers, which hold `*count` entries.
+            let capacity = if count.is_null() {
+                0
+            } else {
+                unsafe { count.read() }
+            };
+            match unsafe { put_list(count, addresses, &list, false) } {
+                SUCCESS if !list.is_empty() => {
+                    // `put_list` checked the capacity; the timestamps buffer is as long.
+                    unsafe {
+                        count.write(capacity);
+                        put_list(count, timestamps, &times, false)
+                    }
+                }
+                code => code,
+            }
+        }
+        Err(code) => code,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPagesPendingStatus(
+    device: nvmlDevice_t,
+    pending: *mut nvmlEnableState_t,
+) -> nvmlReturn_t {
+    let r = card(
+        device,
+        "nvmlDeviceGetRetiredPagesPendingStatus",
+        Some("ecc"),
+    )
+    .and_then(|c| {
+        let pages = c
+            .retired_pages
+            .ok_or(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED)?;
+        Ok(if pages.pending {
+            nvmlEnableState_enum_NVML_FEATURE_ENABLED
+        } else {
+            nvmlEnableState_enum_NVML_FEATURE_DISABLED
+        })
+    });
+    unsafe { answer(pending, r) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRemappedRows(
+    device: nvmlDevice_t,
+    corrected: *mut c_uint,
+    uncorrected: *mut c_uint,
+    pending: *mut c_uint,
+    failure: *mut c_uint,
+) -> nvmlReturn_t {
+    let r = card(device, "nvmlDeviceGetRemappedRows", Some("ecc")).and_then(|c| {
+        c.remapped_rows
+            .ok_or(nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED)
+    });
+    match r {
+        Ok(rows) => {
+            for (out, v) in [
+                (corrected, rows.corrected),
+                (uncorrected, rows.uncorrected),
+                (pending, c_uint::from(rows.pending)),
+                (failure, c_uint::from(rows.failure)),
+            ] {
+                match unsafe { put(out, v) } {
+                    SUCCESS => {}
+                    code => return code,
+                }
+            }
+            SUCCESS
+        }
+        Err(code) => code,
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -591,6 +786,18 @@ pub unsafe extern "C" fn nvmlDeviceGetAccountingStats(
     unsafe { answer(stats, r) }
 }
 
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetAccountingPids(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+    pids: *mut c_uint,
+) -> nvmlReturn_t {
+    match driver::with(|d| d.accounting_pids(handle(device))) {
+        Ok(list) => unsafe { put_list(count, pids, &list, false) },
+        Err(code) => code,
+    }
+}
+
 // ---- processes ----
 
 #[unsafe(no_mangle)]
@@ -601,7 +808,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
 ) -> nvmlReturn_t {
     let call = "nvmlDeviceGetComputeRunningProcesses_v3";
     match driver::with(|d| d.processes(handle(device), call, false)) {
-        Ok(list) => unsafe { put_list(count, infos, &list) },
+        Ok((list, count_success)) => unsafe { put_list(count, infos, &list, count_success) },
         Err(code) => code,
     }
 }
@@ -614,7 +821,7 @@ pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
 ) -> nvmlReturn_t {
     let call = "nvmlDeviceGetGraphicsRunningProcesses_v3";
     match driver::with(|d| d.processes(handle(device), call, true)) {
-        Ok(list) => unsafe { put_list(count, infos, &list) },
+        Ok((list, count_success)) => unsafe { put_list(count, infos, &list, count_success) },
         Err(code) => code,
     }
 }
@@ -672,34 +879,27 @@ pub extern "C" fn nvmlEventSetFree(set: nvmlEventSet_t) -> nvmlReturn_t {
     status(driver::with(|d| d.free_set(handle(set))))
 }
 
-/// Waits up to `timeout_ms` for the next undelivered scenario event. The driver lock is not held
-/// while sleeping, so other calls (and other sets) go on meanwhile.
+/// Waits up to `timeout_ms` for the next undelivered scenario event, blocking (not polling)
+/// until a scenario change or the timeout; other calls go on meanwhile.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlEventSetWait_v2(
     set: nvmlEventSet_t,
     data: *mut nvmlEventData_t,
     timeout_ms: c_uint,
 ) -> nvmlReturn_t {
-    let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
-    loop {
-        match driver::with(|d| d.next_event(handle(set))) {
-            Ok(Some(event)) => {
-                let data_out = nvmlEventData_t {
-                    device: device_ptr(event.device),
-                    eventType: event.event_type,
-                    eventData: event.data,
-                    gpuInstanceId: u32::MAX,
-                    computeInstanceId: u32::MAX,
-                };
-                return unsafe { put(data, data_out) };
-            }
-            Ok(None) => {}
-            Err(code) => return code,
+    let timeout = Duration::from_millis(u64::from(timeout_ms));
+    match driver::wait_event(handle(set), timeout) {
+        Ok(Some(event)) => {
+            let data_out = nvmlEventData_t {
+                device: device_ptr(event.device),
+                eventType: event.event_type,
+                eventData: event.data,
+                gpuInstanceId: u32::MAX,
+                computeInstanceId: u32::MAX,
+            };
+            unsafe { put(data, data_out) }
         }
-        let now = Instant::now();
-        if now >= deadline {
-            return nvmlReturn_enum_NVML_ERROR_TIMEOUT;
-        }
-        std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
+        Ok(None) => nvmlReturn_enum_NVML_ERROR_TIMEOUT,
+        Err(code) => code,
     }
 }

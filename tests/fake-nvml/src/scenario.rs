@@ -95,6 +95,15 @@ pub struct Card {
     pub ecc_corrected: u64,
     #[serde(default)]
     pub ecc_uncorrected: u64,
+    /// Aggregate (lifetime) uncorrected ECC total; absent: the same as the volatile one.
+    #[serde(default)]
+    pub ecc_uncorrected_aggregate: Option<u64>,
+    /// Retired pages; absent: the calls say NOT_SUPPORTED.
+    #[serde(default)]
+    pub retired_pages: Option<RetiredPages>,
+    /// Remapped rows (Ampere and later); absent: NOT_SUPPORTED.
+    #[serde(default)]
+    pub remapped_rows: Option<RemappedRows>,
     #[serde(default)]
     pub processes: Vec<Process>,
     /// `false`: nvmlDeviceGetSamples says NOT_SUPPORTED (same as `"samples"` in
@@ -126,6 +135,37 @@ pub struct Card {
     /// overrides it in memory).
     #[serde(default)]
     pub accounting_mode: bool,
+    /// The process lists' null-buffer count query answers SUCCESS with the count instead of
+    /// INSUFFICIENT_SIZE, as some drivers do (a call with a buffer is unchanged).
+    #[serde(default)]
+    pub process_count_success: bool,
+    /// MIG devices of this card (with `mig_mode: true`), in handle-index order.
+    #[serde(default)]
+    pub mig_devices: Vec<MigDevice>,
+    /// Compute slices of the whole card: the most MIG devices it can hold (7 on an A100/H100).
+    #[serde(default = "default_mig_slices")]
+    pub mig_slices: u32,
+}
+
+fn default_mig_slices() -> u32 {
+    7
+}
+
+/// One MIG device (a GPU instance with its compute instance): its own UUID, name (the
+/// parent's name and ` MIG <profile>`), memory and processes. Utilization, power, energy,
+/// temperature, clocks, ECC and events answer NOT_SUPPORTED on it, as on a real MIG device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigDevice {
+    pub uuid: String,
+    /// As `nvidia-smi` names it: `1g.10gb`, `3g.40gb`, ...
+    pub profile: String,
+    #[serde(default)]
+    pub memory_total: u64,
+    #[serde(default)]
+    pub memory_used: u64,
+    #[serde(default)]
+    pub processes: Vec<Process>,
 }
 
 fn default_name() -> String {
@@ -178,25 +218,57 @@ pub struct Accounting {
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RetiredPages {
+    /// Pages retired for multiple single-bit errors, and for a double-bit error.
+    #[serde(default)]
+    pub single_bit: u32,
+    #[serde(default)]
+    pub double_bit: u32,
+    #[serde(default)]
+    pub pending: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemappedRows {
+    #[serde(default)]
+    pub corrected: u32,
+    #[serde(default)]
+    pub uncorrected: u32,
+    #[serde(default)]
+    pub pending: bool,
+    #[serde(default)]
+    pub failure: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SampleAt {
     pub ts_us: u64,
     pub value: u32,
 }
 
 /// One XID occurrence; `seq` tells two occurrences of the same code apart.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct XidEvent {
     pub code: u64,
     pub seq: u64,
+    /// Deliver it through the event set of this other card (its UUID) instead: the event still
+    /// names this card's device, as when one set watches several cards.
+    #[serde(default)]
+    pub via: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EccEvent {
     #[serde(default)]
     pub double_bit: bool,
     pub seq: u64,
+    /// As [`XidEvent::via`].
+    #[serde(default)]
+    pub via: Option<String>,
 }
 
 impl Card {
@@ -225,6 +297,64 @@ impl Card {
 impl Scenario {
     pub fn card(&self, uuid: &str) -> Option<&Card> {
         self.cards.iter().find(|c| c.uuid == uuid)
+    }
+
+    /// A card or a MIG device by UUID; a MIG device is answered as a card of its own that
+    /// supports what a MIG device supports.
+    pub fn find(&self, uuid: &str) -> Option<Card> {
+        if let Some(c) = self.card(uuid) {
+            return Some(c.clone());
+        }
+        let (parent, mig) = self.cards.iter().find_map(|c| {
+            c.mig_devices
+                .iter()
+                .find(|m| m.uuid == uuid)
+                .map(|m| (c, m))
+        })?;
+        let mut card = parent.clone();
+        card.uuid = mig.uuid.clone();
+        card.name = format!("{} MIG {}", parent.name, mig.profile);
+        card.serial = None;
+        card.mig_mode = None;
+        card.memory_total = mig.memory_total;
+        card.memory_used = mig.memory_used;
+        card.processes = mig.processes.clone();
+        card.mig_devices = Vec::new();
+        card.xid_events = Vec::new();
+        card.ecc_events = Vec::new();
+        card.accounting_mode = false;
+        card.gpu_samples = None;
+        card.mem_samples = None;
+        card.not_supported = [
+            "serial",
+            "pci",
+            "mig",
+            "utilization",
+            "samples",
+            "process_utilization",
+            "energy",
+            "power",
+            "temperature",
+            "clocks",
+            "throttle",
+            "ecc",
+            "events",
+            "compute_mode",
+            "accounting",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        Some(card)
+    }
+
+    /// The parent card of a MIG device, and the device's index on it.
+    pub fn mig_parent(&self, uuid: &str) -> Option<(&Card, usize)> {
+        self.cards.iter().find_map(|c| {
+            c.mig_devices
+                .iter()
+                .position(|m| m.uuid == uuid)
+                .map(|i| (c, i))
+        })
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -265,9 +395,16 @@ struct Loaded {
 #[derive(Default)]
 pub struct Scenarios {
     loaded: HashMap<PathBuf, Loaded>,
+    /// Bumped on every reload: what event waits block on.
+    generation: u64,
 }
 
 impl Scenarios {
+    /// How many times a scenario has been (re)loaded; changes when a scenario changed.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// The current scenario at `path`.
     pub fn get(&mut self, path: &Path) -> Result<&Scenario, String> {
         let stamp = fs::metadata(path).map(|m| Stamp {
@@ -287,6 +424,7 @@ impl Scenarios {
                 Ok(scenario) => {
                     self.loaded
                         .insert(path.to_owned(), Loaded { stamp, scenario });
+                    self.generation += 1;
                 }
                 Err(reason) => match self.loaded.get_mut(path) {
                     Some(old) => {
