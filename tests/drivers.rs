@@ -164,6 +164,7 @@ state_dir = "{state}"
 url = "{url}"
 backoff_initial_ms = 50
 backoff_max_ms = 500
+{tls}
 
 [sampling]
 interval_ms = {INTERVAL_MS}
@@ -180,6 +181,7 @@ grace_ms = 1000
                 state = dir.path().join("state").display(),
                 url = collector.url,
                 lib = lib.display(),
+                tls = gpumeter_e2e::agent_tls_toml("drv-e2e", HOST, &dir.path().join("tls")),
             ),
         )
         .unwrap();
@@ -278,7 +280,7 @@ grace_ms = 1000
     /// service.
     async fn reconcile(&self, grant_id: &str, from: i64, until: i64) -> v1::Figures {
         let url = self.collector.as_ref().unwrap().url.clone();
-        let mut q = v1::query_client::QueryClient::connect(url).await.unwrap();
+        let mut q = gpumeter_e2e::query_at(&url).await;
         let rfc = |ms: i64| {
             chrono::DateTime::from_timestamp_millis(ms)
                 .unwrap()
@@ -311,9 +313,7 @@ async fn import_grants(url: &str, rows: &[String]) {
     if rows.is_empty() {
         return;
     }
-    let mut admin = v1::admin_client::AdminClient::connect(url.to_string())
-        .await
-        .unwrap();
+    let mut admin = gpumeter_e2e::admin_at(url).await;
     let csv = format!(
         "grant_id,program,grantee,principal,csp,host_id,gpu_uuid,valid_from,valid_until\n{}\n",
         rows.join("\n")

@@ -74,6 +74,7 @@ fn copy(src: &Path, dir: &Path, name: &str, sql: impl FnOnce(&rusqlite::Connecti
 
 fn run(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(bin("gpumeter-collector"))
+        .envs(gpumeter_e2e::cli_env())
         .args(args)
         .output()
         .unwrap();
@@ -178,7 +179,8 @@ async fn verify_re_derives_every_derived_row_and_names_each_tampering() {
                 "INSERT INTO windows SELECT agent_id, 99999, gpu_uuid, start_ms + 86400000, end_ms + 86400000, interval_ms,
                    expected_samples, good_samples, util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes,
                    energy_mj, energy_estimated, power_avg_w, temperature_max_c, throttle_reasons, health, unavailable_ms,
-                   assignment_status, grant_id, principal, active_ms, occupied_ms, foreign_ms, grantee_occupied_ms
+                   assignment_status, grant_id, principal, active_ms, occupied_ms, foreign_ms, grantee_occupied_ms,
+                   unattributed_ms, energy_estimated_mj
                  FROM windows WHERE agent_id='int-a' AND seq={wseq}"
             ),
             "int-a", "derived_orphan", 99999,
@@ -189,7 +191,8 @@ async fn verify_re_derives_every_derived_row_and_names_each_tampering() {
                 "INSERT INTO windows SELECT agent_id, {eseq}, gpu_uuid, start_ms + 86400000, end_ms + 86400000, interval_ms,
                    expected_samples, good_samples, util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes,
                    energy_mj, energy_estimated, power_avg_w, temperature_max_c, throttle_reasons, health, unavailable_ms,
-                   assignment_status, grant_id, principal, active_ms, occupied_ms, foreign_ms, grantee_occupied_ms
+                   assignment_status, grant_id, principal, active_ms, occupied_ms, foreign_ms, grantee_occupied_ms,
+                   unattributed_ms, energy_estimated_mj
                  FROM windows WHERE agent_id='int-a' AND seq={wseq}"
             ),
             "int-a", "derived_orphan", eseq,
@@ -215,7 +218,8 @@ async fn verify_re_derives_every_derived_row_and_names_each_tampering() {
                 "INSERT INTO windows SELECT 'ghost', seq, gpu_uuid, start_ms + 86400000, end_ms + 86400000, interval_ms,
                    expected_samples, good_samples, util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes,
                    energy_mj, energy_estimated, power_avg_w, temperature_max_c, throttle_reasons, health, unavailable_ms,
-                   assignment_status, grant_id, principal, active_ms, occupied_ms, foreign_ms, grantee_occupied_ms
+                   assignment_status, grant_id, principal, active_ms, occupied_ms, foreign_ms, grantee_occupied_ms,
+                   unattributed_ms, energy_estimated_mj
                  FROM windows WHERE agent_id='int-a' AND seq={wseq}"
             ),
             "ghost", "derived_orphan", wseq,
@@ -512,9 +516,7 @@ impl RawAgent {
         gpus: Vec<v1::GpuInfo>,
         acked: u64,
     ) -> Self {
-        let mut c = v1::ingest_client::IngestClient::connect(url.to_string())
-            .await
-            .unwrap();
+        let mut c = gpumeter_e2e::ingest_at(url, id).await;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tx.send(v1::AgentMessage {
             kind: Some(v1::agent_message::Kind::Hello(v1::Hello {
@@ -630,9 +632,7 @@ fn window(gpu: &str, minute: i64, good: u32, energy_mj: u64) -> v1::RecordBody {
 }
 
 async fn usage(url: &str, gpu: &str) -> v1::CardUsage {
-    let mut q = v1::query_client::QueryClient::connect(url.to_string())
-        .await
-        .unwrap();
+    let mut q = gpumeter_e2e::query_at(&url).await;
     let u = q
         .usage(v1::UsageRequest {
             from_unix_ms: DAY0 - 86_400_000,
@@ -647,9 +647,7 @@ async fn usage(url: &str, gpu: &str) -> v1::CardUsage {
 }
 
 async fn alarms(url: &str, kind: &str) -> Vec<v1::Alarm> {
-    let mut q = v1::query_client::QueryClient::connect(url.to_string())
-        .await
-        .unwrap();
+    let mut q = gpumeter_e2e::query_at(&url).await;
     q.alarms(v1::AlarmsRequest::default())
         .await
         .unwrap()
@@ -783,9 +781,7 @@ async fn windows_re_sent_under_new_seqs_to_cover_a_gap_count_once() {
 
     let u = usage(&collector.url, CARD).await;
     assert_eq!((u.metered_ms, u.energy_mj), (600_000, 60_000_000), "{u:?}");
-    let mut q = v1::query_client::QueryClient::connect(collector.url.clone())
-        .await
-        .unwrap();
+    let mut q = gpumeter_e2e::query_at(&collector.url).await;
     let r = q
         .reconcile(v1::ReconcileRequest {
             period: "2026-04-10T00:00:00+09:00..2026-04-10T00:20:00+09:00".into(),
@@ -974,7 +970,8 @@ async fn a_re_registered_key_keeps_earlier_checkpoints_verifying() {
         history,
         [
             (1, "first use".into(), String::new()),
-            (9, "ops-kim".into(), "disk replaced".into())
+            // The admin who re-registered it: the token's name.
+            (9, "test-admin".into(), "disk replaced".into())
         ]
     );
     // A key history edited after a head was signed is caught by the head.
@@ -1180,7 +1177,7 @@ fn row_of(c: &rusqlite::Connection, table: &str, pick: usize) -> (String, i64) {
 const WINDOW_COLUMNS: &str = "gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
     util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj, energy_estimated,
     power_avg_w, temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_id,
-    principal, active_ms, occupied_ms, foreign_ms, grantee_occupied_ms";
+    principal, active_ms, occupied_ms, foreign_ms, grantee_occupied_ms, unattributed_ms, energy_estimated_mj";
 
 /// Applies an edit; returns the agent whose rows it touched.
 fn apply(c: &rusqlite::Connection, e: &Edit) -> String {

@@ -410,6 +410,7 @@ async fn a_hello_listing_another_hosts_card_leaves_it_there_and_its_windows_coun
 
     // An admin gives the card to H: H's window counts, K's earlier ones still do.
     let out = Command::new(bin("gpumeter-collector"))
+        .envs(gpumeter_e2e::cli_env())
         .args(["hosts", "move-card", CARD_K, "--to-host", "host-h"])
         .args(["--actor", "ops-kim", "--reason", "card moved to rack 2"])
         .args(["--server", &url])
@@ -422,7 +423,8 @@ async fn a_hello_listing_another_hosts_card_leaves_it_there_and_its_windows_coun
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("moved from host host-k to host host-h (by ops-kim"),
+        // The actor is the token's name, not the ignored --actor.
+        stdout.contains("moved from host host-k to host host-h (by test-admin"),
         "{stdout}"
     );
     assert_eq!(
@@ -452,18 +454,20 @@ async fn a_hello_listing_another_hosts_card_leaves_it_there_and_its_windows_coun
         (
             "host-k".into(),
             "host-h".into(),
-            "ops-kim".into(),
+            "test-admin".into(),
             "card moved to rack 2".into()
         )
     );
     assert!(
         alarms_of(&db, "agent-h")
             .iter()
-            .any(|(k, _, d)| k == "card_moved" && d.contains("ops-kim"))
+            // The actor is the token's name (the CLI's --actor is ignored).
+            .any(|(k, _, d)| k == "card_moved" && d.contains("test-admin"))
     );
 
     // A card nobody reported cannot be moved; the refusal says so.
     let out = Command::new(bin("gpumeter-collector"))
+        .envs(gpumeter_e2e::cli_env())
         .args([
             "hosts",
             "move-card",
@@ -767,6 +771,7 @@ async fn a_4096_card_hello_with_3_kb_strings_is_refused_by_name_and_hosts_keeps_
         2
     );
     let out = Command::new(bin("gpumeter-collector"))
+        .envs(gpumeter_e2e::cli_env())
         .args(["hosts", "--server", &url])
         .output()
         .unwrap();
@@ -1115,6 +1120,7 @@ async fn sigterm_stops_the_collector_with_code_0_and_the_agent_reconnects_to_the
         .collect();
     assert!(bad.is_empty(), "{bad:?}");
     let out = Command::new(bin("gpumeter-collector"))
+        .envs(gpumeter_e2e::cli_env())
         .args(["verify", "--server", &next.url])
         .output()
         .unwrap();
@@ -1168,6 +1174,7 @@ async fn a_listing_piped_into_head_exits_quietly() {
         ("gpumeter-agent", "--help"),
     ] {
         let out = Command::new("bash")
+            .envs(gpumeter_e2e::cli_env())
             .arg("-c")
             .arg(format!(
                 "\"$0\" {args} | head -1 >/dev/null; echo \"status=${{PIPESTATUS[0]}}\""

@@ -393,10 +393,11 @@ async fn collector_exports_ingest_and_health() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
     let metrics = free_port();
+    // The simulated agent replays the last hour, which production limits would refuse.
     let opts = ServerOptions {
         collector_id: "metrics-e2e".into(),
         metrics_listen: Some(metrics),
-        ..ServerOptions::default()
+        ..gpumeter_e2e::replay_options()
     };
     let collector = TestCollector::start_with(&db, "127.0.0.1:0", opts)
         .await

@@ -417,9 +417,8 @@ async fn the_april_report_matches_the_scenario_exactly() {
     let look_from = until - 14 * DAY;
     // Violations on A0 and A1 while G-HPC did not hold them (alice before minute 10 and
     // from minute 100), as the Violations RPC lists them: the report must count each.
-    let listed = v1::query_client::QueryClient::connect(url.clone())
+    let listed = gpumeter_e2e::query_at(&url)
         .await
-        .unwrap()
         .violations(v1::ViolationsRequest {
             period: "2026-04".into(),
             grant_id: String::new(),

@@ -122,9 +122,7 @@ async fn ledger() -> Ledger {
         .await
         .unwrap();
     let url = collector.url.clone();
-    let mut admin = v1::admin_client::AdminClient::connect(url.clone())
-        .await
-        .unwrap();
+    let mut admin = gpumeter_e2e::admin_at(&url).await;
     let r = admin
         .import_grants(v1::ImportGrantsRequest {
             csv: grants_csv(),
@@ -167,8 +165,14 @@ impl Ledger {
         out.stdout
     }
 
+    /// The report's content: the file without its provenance line (tests/integrity.rs checks
+    /// provenance; the content is what these tests read).
     fn report_text(&self, args: &[&str]) -> String {
-        String::from_utf8(self.report(args)).unwrap()
+        let file = String::from_utf8(self.report(args)).unwrap();
+        match gpumeter_collector::provenance::extract(&file) {
+            Ok((content, _)) => content,
+            Err(_) => file,
+        }
     }
 
     fn report_json(&self, args: &[&str]) -> Value {
@@ -179,7 +183,8 @@ impl Ledger {
 
     fn report_output(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(bin("gpumeter-collector"));
-        cmd.arg("report")
+        cmd.envs(gpumeter_e2e::cli_env())
+            .arg("report")
             .args(args)
             .args(["--server", &self.collector.url]);
         for (k, v) in env {
@@ -325,9 +330,7 @@ async fn a_period_in_progress_counts_only_what_has_elapsed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_violation_the_rpc_lists_is_counted_in_the_report() {
     let l = ledger().await;
-    let mut q = v1::query_client::QueryClient::connect(l.collector.url.clone())
-        .await
-        .unwrap();
+    let mut q = gpumeter_e2e::query_at(&l.collector.url).await;
     let listed = q
         .violations(v1::ViolationsRequest {
             period: "2026-04".into(),
@@ -369,6 +372,7 @@ async fn figures_are_defined_where_they_are_read_and_tables_fit_120_columns() {
     let l = ledger().await;
     // report --help: every figure, in both languages.
     let help = Command::new(bin("gpumeter-collector"))
+        .envs(gpumeter_e2e::cli_env())
         .args(["report", "--help"])
         .output()
         .unwrap();

@@ -622,8 +622,14 @@ async fn the_built_in_ca_enrols_a_host_and_the_real_binaries_speak_tls() {
     let listen = format!("127.0.0.1:{port}");
     let url = format!("https://{listen}");
     let log = std::fs::File::create(dir.path().join("collector.log")).unwrap();
+    // The simulated agent below replays the last hour, which production limits refuse
+    // (windows from before its registration): this collector allows two hours of backfill.
+    let config = dir.path().join("collector.toml");
+    std::fs::write(&config, "[limits]\nmax_backfill_s = 7200\n").unwrap();
     let mut serve = Command::new(bin("gpumeter-collector"))
         .args(["serve", "--listen", &listen, "--db", dbs, "--ca-dir", cas])
+        .arg("--config")
+        .arg(&config)
         .stderr(log)
         .spawn()
         .unwrap();
@@ -663,9 +669,16 @@ async fn the_built_in_ca_enrols_a_host_and_the_real_binaries_speak_tls() {
     )
     .unwrap();
     let start = gpumeter_agent::clock::align_down(now_ms() - 3_600_000, 60_000);
-    gpumeter_e2e::spawn_sim_agent(cfg, scenario, start, start + 300_000, 3_000.0)
-        .unwrap()
+    let agent =
+        gpumeter_e2e::spawn_sim_agent(cfg, scenario, start, start + 300_000, 3_000.0).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), agent)
         .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the agent was not acknowledged in time; collector log:\n{}",
+                std::fs::read_to_string(dir.path().join("collector.log")).unwrap_or_default()
+            )
+        })
         .unwrap()
         .unwrap();
 

@@ -911,9 +911,8 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             };
             let heads = match (server, db) {
                 (Some(server), _) => {
-                    let mut c = v1::query_client::QueryClient::connect(server.clone())
-                        .await
-                        .with_context(|| format!("connecting to {server}"))?
+                    let mut c = query_client(&server)
+                        .await?
                         .max_decoding_message_size(64 << 20);
                     c.heads(v1::HeadsRequest {
                         since_unix_ms: since_ms,

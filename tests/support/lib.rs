@@ -156,6 +156,10 @@ pub fn collector_serve_command(
     db: &Path,
     config: Option<&Path>,
 ) -> std::process::Command {
+    // The test admin token, as every test collector's database holds it.
+    if let Ok(store) = SqliteStore::open(db) {
+        let _ = ensure_admin_token(&store);
+    }
     let mut cmd = std::process::Command::new(bin("gpumeter-collector"));
     cmd.arg("serve")
         .arg("--listen")
