@@ -632,7 +632,7 @@ fn window(gpu: &str, minute: i64, good: u32, energy_mj: u64) -> v1::RecordBody {
 }
 
 async fn usage(url: &str, gpu: &str) -> v1::CardUsage {
-    let mut q = gpumeter_e2e::query_at(&url).await;
+    let mut q = gpumeter_e2e::query_at(url).await;
     let u = q
         .usage(v1::UsageRequest {
             from_unix_ms: DAY0 - 86_400_000,
@@ -647,7 +647,7 @@ async fn usage(url: &str, gpu: &str) -> v1::CardUsage {
 }
 
 async fn alarms(url: &str, kind: &str) -> Vec<v1::Alarm> {
-    let mut q = gpumeter_e2e::query_at(&url).await;
+    let mut q = gpumeter_e2e::query_at(url).await;
     q.alarms(v1::AlarmsRequest::default())
         .await
         .unwrap()
