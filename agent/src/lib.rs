@@ -10,7 +10,8 @@ pub mod clock;
 pub mod config;
 pub mod enforce;
 pub mod gpu;
-pub mod keys;
+/// The signing key file lives in the proto crate, shared with the collector's head key.
+pub use gpumeter_proto::keys;
 pub mod ledger;
 pub mod metrics;
 pub mod probe;

@@ -173,7 +173,7 @@ pub fn key_path(db: &Path) -> PathBuf {
 /// Loads the collector's key beside `db`, creating it (0600) the first time.
 pub fn load_or_create_key(db: &Path) -> Result<SigningKey, StoreError> {
     // The agent's key file has the same format and rules; one implementation of them.
-    gpumeter_agent::keys::load_or_create(&key_path(db)).map_err(|e| StoreError::Open {
+    gpumeter_proto::keys::load_or_create(&key_path(db)).map_err(|e| StoreError::Open {
         path: key_path(db).display().to_string(),
         reason: e.to_string(),
     })

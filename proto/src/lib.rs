@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod keys;
 pub mod principal;
 
 /// Generated code for `proto/gpumeter/v1/*.proto`.

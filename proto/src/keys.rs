@@ -1,5 +1,6 @@
-//! The agent's ed25519 signing key: generated on first start, stored as 32 raw secret bytes in
-//! a file of mode 0600, and never rewritten afterwards.
+//! An ed25519 signing key file — the agent's record key and the collector's head key: generated
+//! on first use, stored as 32 raw secret bytes in a file of mode 0600, never rewritten
+//! afterwards. Here because both programs keep one and neither links the other.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
