@@ -21,10 +21,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use gpumeter_telemetry::prometheus_client::collector::Collector;
-use gpumeter_telemetry::prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use gpumeter_telemetry::prometheus_client::metrics::counter::ConstCounter;
-use gpumeter_telemetry::prometheus_client::metrics::gauge::ConstGauge;
+use gpumeter_telemetry::prometheus_client::encoding::DescriptorEncoder;
 use gpumeter_telemetry::prometheus_client::registry::Registry;
+use gpumeter_telemetry::series::{counter, gauge};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -147,39 +146,6 @@ pub fn registry(metrics: AgentMetrics) -> Registry {
 }
 
 type Labels = Vec<(&'static str, String)>;
-
-fn gauge(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: &[(Labels, f64)],
-) -> std::fmt::Result {
-    if series.is_empty() {
-        return Ok(());
-    }
-    let mut m = enc.encode_descriptor(name, help, None, ConstGauge::new(0.0).metric_type())?;
-    for (labels, v) in series {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-/// A counter; `name` is given without `_total`, which the exposition adds.
-fn counter(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: &[(Labels, f64)],
-) -> std::fmt::Result {
-    if series.is_empty() {
-        return Ok(());
-    }
-    let mut m = enc.encode_descriptor(name, help, None, ConstCounter::new(0.0).metric_type())?;
-    for (labels, v) in series {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
 
 impl AgentMetrics {
     fn card_labels(&self, c: &CardInfo, now: i64) -> Labels {

@@ -11,8 +11,6 @@ use std::sync::{Arc, Mutex};
 
 use gpumeter_telemetry::prometheus_client::collector::Collector;
 use gpumeter_telemetry::prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use gpumeter_telemetry::prometheus_client::metrics::counter::ConstCounter;
-use gpumeter_telemetry::prometheus_client::metrics::gauge::ConstGauge;
 use gpumeter_telemetry::prometheus_client::registry::Registry;
 
 use crate::ingest::now_ms;
@@ -81,7 +79,7 @@ impl EncodeMetric for HistogramHandle {
     }
 }
 
-type Series = Vec<(Vec<(&'static str, String)>, f64)>;
+type Series = Vec<gpumeter_telemetry::series::Series>;
 
 fn family(
     enc: &mut DescriptorEncoder,
@@ -90,22 +88,11 @@ fn family(
     counter: bool,
     series: &Series,
 ) -> std::fmt::Result {
-    if series.is_empty() {
-        return Ok(());
-    }
     if counter {
-        let mut m =
-            enc.encode_descriptor(name, help, None, ConstCounter::new(0.0).metric_type())?;
-        for (l, v) in series {
-            ConstCounter::new(*v).encode(m.encode_family(l)?)?;
-        }
+        gpumeter_telemetry::series::counter(enc, name, help, series)
     } else {
-        let mut m = enc.encode_descriptor(name, help, None, ConstGauge::new(0.0).metric_type())?;
-        for (l, v) in series {
-            ConstGauge::new(*v).encode(m.encode_family(l)?)?;
-        }
+        gpumeter_telemetry::series::gauge(enc, name, help, series)
     }
-    Ok(())
 }
 
 impl Collector for CollectorMetrics {

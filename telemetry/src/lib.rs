@@ -6,5 +6,6 @@
 pub mod docs;
 pub mod http;
 pub mod logging;
+pub mod series;
 
 pub use prometheus_client;
