@@ -644,8 +644,11 @@ fn check_phased(life: &Life, sc: &Scenario, t0: i64, iv: i64, w: i64) -> Result<
             );
             let at = format!("{} window {i} [{start}, {end})", card.uuid);
             let last = i + 1 == ws.len();
-            if start.rem_euclid(w) != 0 || end - start != w || x.sample_interval_ms != iv as u64 {
-                return Err(format!("{at}: bad bounds or interval"));
+            if let Err(e) = window_bounds(start, end, n, iv, w, i == 0, last) {
+                return Err(format!("{at}: {e}"));
+            }
+            if x.sample_interval_ms != iv as u64 {
+                return Err(format!("{at}: bad interval"));
             }
             if x.good_samples != x.expected_samples
                 || n == 0
@@ -665,12 +668,8 @@ fn check_phased(life: &Life, sc: &Scenario, t0: i64, iv: i64, w: i64) -> Result<
                     "{at}: not contiguous with the window before (ends {prev_end:?})"
                 ));
             }
-            // The read before the window's first sample, and its samples.
-            let (before, first) = if i == 0 {
-                (end - n * iv, end - (n - 1) * iv)
-            } else {
-                (start, start + iv)
-            };
+            // The read before the window's first sample (at its start), and its samples.
+            let (before, first) = (start, start + iv);
             let last_slot = first + (n - 1) * iv;
             let energy = card.energy_mj_at(last_slot - t0) - card.energy_mj_at(before - t0);
             let mut sum = 0.0;
@@ -702,10 +701,40 @@ fn check_phased(life: &Life, sc: &Scenario, t0: i64, iv: i64, w: i64) -> Result<
     Ok(())
 }
 
+/// A window spans the whole intervals it sampled inside its aligned period: all of it, except
+/// that a life's first window may start late and a window closed at shutdown may end early.
+fn window_bounds(
+    start: i64,
+    end: i64,
+    n: i64,
+    iv: i64,
+    w: i64,
+    first: bool,
+    last: bool,
+) -> Result<(), String> {
+    let aligned = start - start.rem_euclid(w);
+    if start.rem_euclid(iv) != 0 || end - start != n * iv || end > aligned + w {
+        return Err(format!(
+            "bounds: {n} samples of {iv} ms do not span it inside [{aligned}, {})",
+            aligned + w
+        ));
+    }
+    if !first && start != aligned {
+        return Err("bounds: only a life's first window may start late".into());
+    }
+    if !last && end != aligned + w {
+        return Err("bounds: only a window closed at shutdown may end early".into());
+    }
+    Ok(())
+}
+
 /// The one t0 (a window start at or before the first window) that explains every window of a
 /// single-life binary agent exactly.
 fn find_t0(life: &Life, sc: &Scenario, iv: i64, w: i64) -> i64 {
-    let first = life.windows.first().expect("windows").window_start_unix_ms;
+    let first = align_down(
+        life.windows.first().expect("windows").window_start_unix_ms,
+        w as u64,
+    );
     let fits: Vec<i64> = (0..=40)
         .map(|j| first - j * w)
         .filter(|&t0| check_phased(life, sc, t0, iv, w).is_ok())
@@ -750,7 +779,9 @@ fn check_constant_lives(lives: &[Life], sc: &Scenario, iv: i64, w: i64, termed: 
                 );
                 let at = format!("life {l}: {} window {i} [{start}, {end})", card.uuid);
                 let flushed = termed[l] && i + 1 == ws.len();
-                assert!(start.rem_euclid(w) == 0 && end - start == w, "{at}: bounds");
+                if let Err(e) = window_bounds(start, end, n, iv, w, i == 0, flushed) {
+                    panic!("{at}: {e}");
+                }
                 assert!(
                     x.good_samples == x.expected_samples && n >= 1 && x.expected_samples <= per,
                     "{at}: samples {}/{}",
@@ -775,14 +806,10 @@ fn check_constant_lives(lives: &[Life], sc: &Scenario, iv: i64, w: i64, termed: 
                 if i > 0 {
                     assert_eq!(ws[i - 1].window_end_unix_ms, start, "{at}: contiguous");
                 }
-                // Slots: a closed window's last sample is at its end; a flushed one's samples
-                // run on from its start (unless it is also the life's first).
-                let last_slot = if flushed { start + n * iv } else { end };
-                let baseline = if i == 0 && !flushed {
-                    Some(end - n * iv)
-                } else {
-                    None
-                };
+                // Slots: a window's last sample is at its end; a life's first window starts
+                // at the read that set the baseline.
+                let last_slot = end;
+                let baseline = (i == 0).then_some(start);
                 if let Some(b) = baseline {
                     assert!(
                         b >= life.started_at,
@@ -797,7 +824,9 @@ fn check_constant_lives(lives: &[Life], sc: &Scenario, iv: i64, w: i64, termed: 
                         next.started_at
                     );
                 }
-                *per_window.entry((card.uuid.clone(), start)).or_default() += x.good_samples;
+                *per_window
+                    .entry((card.uuid.clone(), align_down(start, w as u64)))
+                    .or_default() += x.good_samples;
             }
             let starts: Vec<i64> = ws.iter().map(|x| x.window_start_unix_ms).collect();
             match &starts_of_first {

@@ -195,7 +195,12 @@ struct PrincipalAcc {
 
 #[derive(Debug)]
 struct Acc {
+    /// Start of the aligned window the slots belong to.
     start: UnixMs,
+    /// First and last slot folded in: a window the agent started or stopped inside covers
+    /// only the time it sampled.
+    first_slot: UnixMs,
+    last_slot: UnixMs,
     expected: u32,
     good: u32,
     util: Mean,
@@ -229,9 +234,11 @@ struct Acc {
 }
 
 impl Acc {
-    fn new(start: UnixMs) -> Self {
+    fn new(start: UnixMs, slot: UnixMs) -> Self {
         Self {
             start,
+            first_slot: slot,
+            last_slot: slot,
             expected: 0,
             good: 0,
             util: Mean::default(),
@@ -306,7 +313,8 @@ impl CardAggregator {
             closed.extend(self.close());
         }
         let interval = self.periods.interval_ms;
-        let acc = self.acc.get_or_insert_with(|| Acc::new(start));
+        let acc = self.acc.get_or_insert_with(|| Acc::new(start, slot));
+        acc.last_slot = slot;
         acc.expected += 1;
         acc.applied = applied.clone();
         match outcome {
@@ -395,10 +403,14 @@ impl CardAggregator {
                 matches_grant: p.matches,
             })
             .collect();
+        // A slot stands for the interval ending at it. A whole window spans its aligned
+        // bounds; one the agent started or stopped inside spans only the intervals it
+        // sampled, so a window flushed at shutdown and the first one after a restart inside
+        // the same aligned window never claim the same time.
         Some(WindowSummary {
             gpu_uuid: self.uuid.clone(),
-            start_ms: acc.start,
-            end_ms: acc.start + self.periods.window_ms as i64,
+            start_ms: (acc.first_slot - interval as i64).max(acc.start),
+            end_ms: acc.last_slot,
             interval_ms: interval,
             expected_samples: acc.expected,
             good_samples: acc.good,
@@ -639,11 +651,42 @@ mod tests {
         assert_eq!(w.grantee_occupied_ms, 0);
         assert_eq!(w.active_ms, 0);
         let p = &out[1];
+        // The partial window spans the two intervals it sampled, not its aligned bounds.
         assert_eq!(
-            (p.start_ms, p.expected_samples, p.good_samples),
-            (t0 + 10_000, 2, 2)
+            (p.start_ms, p.end_ms, p.expected_samples, p.good_samples),
+            (t0 + 10_000, t0 + 12_000, 2, 2)
         );
+        assert_eq!((w.start_ms, w.end_ms), (t0, t0 + 10_000));
         assert_eq!(p.energy_mj, Some(200));
+    }
+
+    #[test]
+    fn a_window_begun_and_ended_inside_its_aligned_period_spans_only_what_it_sampled() {
+        let mut agg = CardAggregator::new("GPU-a", P);
+        let t0 = 2_000_000i64;
+        let good = |i: i64| SlotOutcome::Good {
+            sample: Box::new(sample(50.0, Some(100 * i as u64), None)),
+            procs: vec![],
+        };
+        // Started at t0 + 6 s (the read there primes), stopped after the slot at t0 + 8 s.
+        agg.prime(Some(&sample(50.0, Some(600), None)));
+        for i in 7..=8 {
+            assert!(
+                agg.push(t0 + i * 1000, good(i), &Applied::default())
+                    .is_empty()
+            );
+        }
+        let w = agg.close().unwrap();
+        assert_eq!((w.start_ms, w.end_ms), (t0 + 6_000, t0 + 8_000));
+        assert_eq!(w.expected_samples, 2);
+        // A restart inside the same aligned window: its first window starts where it began.
+        let mut agg = CardAggregator::new("GPU-a", P);
+        agg.prime(Some(&sample(50.0, Some(900), None)));
+        let out: Vec<_> = (10..=10)
+            .flat_map(|i| agg.push(t0 + i * 1000, good(i), &Applied::default()))
+            .collect();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].start_ms, out[0].end_ms), (t0 + 9_000, t0 + 10_000));
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! window commits and by `verify` when it re-derives the flags.
 //!
 //! A window is *impossible* when any of these fails (`len` = end − start):
-//! - `0 < len ≤ 1 day`, `len` divides a day and `start` is a multiple of `len` (the agent
-//!   aligns windows to the wall clock);
+//! - `0 < len ≤ 1 day` and the window lies inside one day (UTC); its start and end are
+//!   multiples of the sample interval (the agent samples at wall-clock multiples of it, and a
+//!   window spans the intervals it sampled: its whole aligned period, or the part of it the
+//!   agent was running for);
 //! - `0 < sample interval ≤ len`; `expected_samples ≤ len / interval`;
 //!   `good_samples ≤ expected_samples`; `good_samples × interval + unavailable ≤ len`;
 //! - utilization, its maximum and memory utilization are finite and within 0–100 %;
@@ -41,12 +43,24 @@ fn pct_ok(v: Option<f64>) -> bool {
 pub fn window_problems(w: &WindowRow, card_memory_total: Option<u64>) -> Vec<String> {
     let mut why = Vec::new();
     let len = w.end_ms.checked_sub(w.start_ms).unwrap_or(-1);
-    if len <= 0 || len > DAY_MS || DAY_MS % len != 0 {
-        why.push(format!("window length {len} ms does not divide a day"));
+    if len <= 0 || len > DAY_MS {
+        why.push(format!("window length {len} ms is not within 1 ms..1 day"));
         return why;
     }
-    if w.start_ms.rem_euclid(len) != 0 {
-        why.push(format!("start {} is not aligned to {len} ms", w.start_ms));
+    if w.start_ms.div_euclid(DAY_MS) != (w.end_ms - 1).div_euclid(DAY_MS) {
+        why.push(format!(
+            "{}..{} crosses a day boundary",
+            w.start_ms, w.end_ms
+        ));
+    }
+    if let Ok(iv) = i64::try_from(w.interval_ms)
+        && iv > 0
+        && (w.start_ms.rem_euclid(iv) != 0 || w.end_ms.rem_euclid(iv) != 0)
+    {
+        why.push(format!(
+            "{}..{} is not on {iv} ms sample boundaries",
+            w.start_ms, w.end_ms
+        ));
     }
     let len = len as u64;
     if w.interval_ms == 0 || w.interval_ms > len {
@@ -192,7 +206,15 @@ mod tests {
             ("share", Box::new(|w| w.principals[0].active_ms = 60_001)),
             ("energy", Box::new(|w| w.energy_mj = Some(u64::MAX))),
             ("aligned", Box::new(|w| w.start_ms += 1)),
+            ("end on a sample", Box::new(|w| w.end_ms += 500)),
             ("length", Box::new(|w| w.end_ms = w.start_ms + 7_000)),
+            (
+                "one day",
+                Box::new(|w| {
+                    w.start_ms = DAY_MS - 30_000;
+                    w.end_ms = DAY_MS + 30_000;
+                }),
+            ),
             ("unavailable", Box::new(|w| w.unavailable_ms = 1_000)),
             (
                 "unattributed",
@@ -204,6 +226,16 @@ mod tests {
             edit(&mut w);
             assert!(!window_problems(&w, None).is_empty(), "{name}");
         }
+        // A window the agent started or stopped inside its aligned period spans what it
+        // sampled.
+        let mut w = window();
+        (w.start_ms, w.end_ms) = (w.start_ms + 6_000, w.start_ms + 8_000);
+        (w.expected_samples, w.good_samples) = (2, 2);
+        (w.occupied_ms, w.active_ms, w.foreign_ms) = (0, 0, 0);
+        w.grantee_occupied_ms = Some(0);
+        w.principals.clear();
+        w.energy_mj = Some(1_000);
+        assert_eq!(window_problems(&w, None), Vec::<String>::new());
         let mut w = window();
         w.memory_used_max_bytes = Some(11);
         assert!(window_problems(&w, None).is_empty());
