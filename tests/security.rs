@@ -757,3 +757,34 @@ async fn the_built_in_ca_enrols_a_host_and_the_real_binaries_speak_tls() {
     let _ = insecure.kill();
     let _ = insecure.wait();
 }
+
+/// A client that opens a connection and never starts its TLS handshake is cut after
+/// `limits.tls_handshake_timeout_s`, long before the connection idle timeout; a real client
+/// still gets through meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_handshakes_is_closed_at_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = gpumeter_e2e::replay_options();
+    opts.connections.handshake_timeout = Duration::from_secs(1);
+    opts.connections.idle_timeout = Duration::from_secs(120);
+    let c = TestCollector::start_with(&dir.path().join("db"), "127.0.0.1:0", opts)
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(c.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("the collector closes a connection that never handshakes")
+        .unwrap_or(0);
+    let waited = started.elapsed();
+    assert_eq!(n, 0, "closed, not answered");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}, the timeout is 1 s"
+    );
+    let mut q = query_client(&c.url, Some(&test_tls().admin_token)).await;
+    q.hosts(v1::HostsRequest {}).await.unwrap();
+    c.stop().await.unwrap();
+}

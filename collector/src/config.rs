@@ -80,6 +80,13 @@ pub struct LimitsConfig {
     pub http2_keepalive_interval_s: u64,
     #[serde(default = "d_ka_timeout")]
     pub http2_keepalive_timeout_s: u64,
+    /// A connection that has not finished its TLS handshake within this long is closed.
+    #[serde(default = "d_handshake")]
+    pub tls_handshake_timeout_s: u64,
+}
+
+fn d_handshake() -> u64 {
+    10
 }
 
 fn d_batch() -> u32 {
@@ -139,6 +146,7 @@ impl Default for LimitsConfig {
             connection_idle_timeout_s: d_conn_idle(),
             http2_keepalive_interval_s: d_ka(),
             http2_keepalive_timeout_s: d_ka_timeout(),
+            tls_handshake_timeout_s: d_handshake(),
         }
     }
 }
@@ -188,6 +196,9 @@ impl CollectorConfig {
         }
         if l.idle_timeout_s < 10 {
             return Err(bad("limits.idle_timeout_s", "must be at least 10"));
+        }
+        if !(1..=300).contains(&l.tls_handshake_timeout_s) {
+            return Err(bad("limits.tls_handshake_timeout_s", "must be 1..=300"));
         }
         if l.max_streams_per_connection == 0 {
             return Err(bad("limits.max_streams_per_connection", "must be positive"));
@@ -255,6 +266,7 @@ impl CollectorConfig {
                 max_total: self.limits.max_connections as usize,
                 max_per_ip: self.limits.max_connections_per_ip as usize,
                 idle_timeout: Duration::from_secs(self.limits.connection_idle_timeout_s),
+                handshake_timeout: Duration::from_secs(self.limits.tls_handshake_timeout_s),
             },
             http2_keepalive_interval: Duration::from_secs(self.limits.http2_keepalive_interval_s),
             http2_keepalive_timeout: Duration::from_secs(self.limits.http2_keepalive_timeout_s),

@@ -42,6 +42,9 @@ pub struct ConnectionLimits {
     pub max_per_ip: usize,
     /// `limits.connection_idle_timeout_s`.
     pub idle_timeout: Duration,
+    /// `limits.tls_handshake_timeout_s`: a connection that has not finished its TLS
+    /// handshake by then is closed.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -50,6 +53,7 @@ impl Default for ConnectionLimits {
             max_total: 768,
             max_per_ip: 256,
             idle_timeout: Duration::from_secs(300),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -283,6 +287,7 @@ mod tests {
             max_total: 3,
             max_per_ip: 2,
             idle_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(1),
         });
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
@@ -309,6 +314,7 @@ mod tests {
             max_total: 10,
             max_per_ip: 1,
             idle_timeout: Duration::from_millis(300),
+            handshake_timeout: Duration::from_secs(1),
         });
         let mut conns = Box::pin(incoming(listener, limiter.clone()));
         let _first = TcpStream::connect(addr).await.unwrap();

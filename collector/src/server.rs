@@ -143,7 +143,13 @@ pub async fn run(
         listener,
         crate::limiter::Limiter::new(opts.connections.clone()),
     );
-    let (incoming, accept_task) = crate::auth::tls::incoming(Box::pin(limited), opts.tls.clone());
+    let tls = opts.tls.as_ref().map(|t| {
+        Arc::new(crate::auth::tls::ServerTls {
+            config: t.config.clone(),
+            handshake_timeout: opts.connections.handshake_timeout,
+        })
+    });
+    let (incoming, accept_task) = crate::auth::tls::incoming(Box::pin(limited), tls);
     let mut draining = closing_tx.subscribe();
     let drain_timeout = opts.drain_timeout;
     let serve = tonic::transport::Server::builder()
