@@ -383,14 +383,28 @@ fn counts(pairs: &[(&str, i64, i64)]) -> BTreeMap<(String, i64), i64> {
         .collect()
 }
 
-/// Windows of one card follow each other without gap or overlap, each `WINDOW_MS` long.
+/// Windows of one card follow each other without gap or overlap, each inside its period of
+/// `WINDOW_MS` aligned to the clock and spanning the intervals it sampled: the whole period,
+/// except that the first may start late (the agent started inside it) and the last end early.
 fn assert_contiguous(uuid: &str, ws: &[Window]) {
-    for w in ws {
-        assert_eq!(w.end - w.start, WINDOW_MS, "{uuid}: {w:?}");
+    for (i, w) in ws.iter().enumerate() {
+        let period = w.start - w.start.rem_euclid(WINDOW_MS);
         assert_eq!(
-            w.start % WINDOW_MS,
-            0,
-            "{uuid}: aligned to the clock: {w:?}"
+            w.end - w.start,
+            w.expected * INTERVAL_MS,
+            "{uuid}: spans its samples: {w:?}"
+        );
+        assert!(
+            w.end <= period + WINDOW_MS,
+            "{uuid}: inside its period: {w:?}"
+        );
+        assert!(
+            i == 0 || w.start == period,
+            "{uuid}: only the first window starts late: {w:?}"
+        );
+        assert!(
+            i + 1 == ws.len() || w.end == period + WINDOW_MS,
+            "{uuid}: only the last window ends early: {w:?}"
         );
         assert!(
             (1..=WINDOW_MS / INTERVAL_MS).contains(&w.expected) && w.good <= w.expected,
