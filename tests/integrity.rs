@@ -437,7 +437,13 @@ async fn signed_heads_catch_a_deleted_agent_a_cut_chain_and_a_rewrite_under_a_ne
         ),
     ];
     for (name, edit, agent, kind, seq) in cases {
-        let tampered = copy(&db, dir.path(), name, |c| edit(c));
+        // A thorough tamperer derives the rollups again from what it left.
+        let tampered = copy(&db, dir.path(), name, |c| {
+            edit(c);
+            c.execute_batch("DELETE FROM card_hours; DELETE FROM card_days;")
+                .unwrap();
+            gpumeter_collector::store::sqlite_rollup::backfill(c).unwrap();
+        });
         // The ledger alone cannot tell...
         let (code, f, _, v) = verify_db(&tampered, None);
         assert_eq!((code, f), (Some(0), vec![]), "{name}: {v}");

@@ -405,14 +405,15 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     }
 
     let mut query = crate::client::query(&url, &client).await?;
-    let report = query
-        .usage(v1::UsageRequest {
+    let report = crate::parts::usage(
+        &mut query,
+        v1::UsageRequest {
             from_unix_ms: start,
             until_unix_ms: stop_at,
             ..Default::default()
-        })
-        .await?
-        .into_inner();
+        },
+    )
+    .await?;
     out.push_str(&format!(
         "metered {} simulated minutes on 3 hosts, {} cards\n\n",
         opts.minutes,
@@ -432,16 +433,17 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
             })
             .unwrap_or_default()
     };
-    let reconciled = query
-        .reconcile(v1::ReconcileRequest {
+    let reconciled = crate::parts::reconcile(
+        &mut query,
+        v1::ReconcileRequest {
             period: format!("{}..{}", rfc3339(start), rfc3339(stop_at)),
             idle_threshold_pct: Some(DEMO_IDLE_THRESHOLD_PCT),
             idle_days: Some(DEMO_IDLE_DAYS),
             as_of_unix_ms: Some(stop_at),
             ..Default::default()
-        })
-        .await?
-        .into_inner();
+        },
+    )
+    .await?;
     out.push('\n');
     out.push_str(&crate::report::reconciliation_table(
         &crate::query::reconciliation_from_wire(&reconciled),

@@ -1918,8 +1918,9 @@ async fn trend_report(a: &ReportArgs, spec: &str) -> Result<(), Failure> {
     let mut c = query_client(&a.server).await?;
     let mut reports = Vec::with_capacity(months.len());
     for m in &months {
-        let r = c
-            .reconcile(v1::ReconcileRequest {
+        let r = gpumeter_collector::parts::reconcile(
+            &mut c,
+            v1::ReconcileRequest {
                 period: m.clone(),
                 program: a.program.clone().unwrap_or_default(),
                 grant_id: a.grant.clone().unwrap_or_default(),
@@ -1927,10 +1928,10 @@ async fn trend_report(a: &ReportArgs, spec: &str) -> Result<(), Failure> {
                 idle_days: Some(a.idle_days),
                 as_of_head: 0,
                 as_of_unix_ms: Some(as_of),
-            })
-            .await
-            .map_err(|s| refused("report", s))?
-            .into_inner();
+            },
+        )
+        .await
+        .map_err(|s| refused("report", s))?;
         reports.push(gpumeter_collector::query::reconciliation_from_wire(&r));
     }
     let t = gpumeter_collector::trend::build(&reports, as_of);
@@ -1971,15 +1972,16 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
             )));
         }
         let mut c = query_client(&a.server).await?;
-        let r = c
-            .usage(v1::UsageRequest {
+        let r = gpumeter_collector::parts::usage(
+            &mut c,
+            v1::UsageRequest {
                 from_unix_ms: from,
                 until_unix_ms: until,
                 ..Default::default()
-            })
-            .await
-            .map_err(|s| refused("usage", s))?
-            .into_inner();
+            },
+        )
+        .await
+        .map_err(|s| refused("usage", s))?;
         let json = UsageJson::from(&r);
         let text = match a.format {
             Format::Json => serde_json::to_string_pretty(&json)? + "\n",
@@ -1997,11 +1999,9 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         as_of_head: 0,
         as_of_unix_ms: as_of,
     };
-    let r = c
-        .reconcile(q.clone())
+    let r = gpumeter_collector::parts::reconcile(&mut c, q.clone())
         .await
-        .map_err(|s| refused("report", s))?
-        .into_inner();
+        .map_err(|s| refused("report", s))?;
     let rec = gpumeter_collector::query::reconciliation_from_wire(&r);
     let korean = a.lang == ReportLang::Ko;
     let days = gpumeter_collector::query::card_days_from_wire(&r);

@@ -29,62 +29,10 @@ impl Query for QueryService {
         &self,
         request: Request<v1::UsageRequest>,
     ) -> Result<Response<v1::UsageReport>, Status> {
-        let q = request.into_inner();
-        if q.until_unix_ms <= q.from_unix_ms {
-            return Err(Status::invalid_argument(
-                "until_unix_ms must be after from_unix_ms",
-            ));
-        }
-        if q.until_unix_ms - q.from_unix_ms > MAX_PERIOD_MS {
-            return Err(Status::invalid_argument("period longer than 400 days"));
-        }
-        let store = self.store.clone();
-        let (from, until) = (q.from_unix_ms, q.until_unix_ms);
-        let usage = tokio::task::spawn_blocking(move || store.usage(from, until))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        let keep_host = |h: &str| q.host_id.is_empty() || q.host_id == h;
-        let keep_gpu = |g: &str| q.gpu_uuid.is_empty() || q.gpu_uuid == g;
-        Ok(Response::new(v1::UsageReport {
-            from_unix_ms: from,
-            until_unix_ms: until,
-            cards: usage
-                .cards
-                .into_iter()
-                .filter(|c| keep_host(&c.host_id) && keep_gpu(&c.gpu_uuid))
-                .map(|c| v1::CardUsage {
-                    agent_id: c.agent_id,
-                    host_id: c.host_id,
-                    csp: c.csp,
-                    gpu_uuid: c.gpu_uuid,
-                    gpu_name: c.gpu_name,
-                    windows: c.windows,
-                    metered_ms: c.metered_ms,
-                    occupied_ms: c.occupied_ms,
-                    active_ms: c.active_ms,
-                    foreign_ms: c.foreign_ms,
-                    unavailable_ms: c.unavailable_ms,
-                    util_avg_pct: c.util_avg_pct,
-                    energy_mj: c.energy_mj,
-                    memory_used_max_bytes: c.memory_used_max_bytes,
-                })
-                .collect(),
-            tenants: usage
-                .tenants
-                .into_iter()
-                .filter(|t| keep_host(&t.host_id) && keep_gpu(&t.gpu_uuid))
-                .map(|t| v1::TenantUsage {
-                    host_id: t.host_id,
-                    gpu_uuid: t.gpu_uuid,
-                    principal: t.principal,
-                    occupied_ms: t.occupied_ms,
-                    active_ms: t.active_ms,
-                    memory_max_bytes: t.memory_max_bytes,
-                    matches_grant: t.matches_grant,
-                    grant_id: t.grant_id,
-                })
-                .collect(),
-        }))
+        bounded(
+            self.usage_report(request.into_inner()).await?,
+            "StreamUsage",
+        )
     }
 
     async fn verify(
@@ -147,28 +95,10 @@ impl Query for QueryService {
         &self,
         request: Request<v1::ReconcileRequest>,
     ) -> Result<Response<v1::ReconcileReply>, Status> {
-        let q = request.into_inner();
-        let store = self.store.clone();
-        let (report, days, head) = blocking(move || compute_report(store.as_ref(), &q)).await?;
-        let mut reply = reconciliation_to_wire(&report);
-        reply.days = days
-            .into_iter()
-            .map(|d| v1::CardDay {
-                grant_id: d.grant_id,
-                host_id: d.host_id,
-                gpu_uuid: d.gpu_uuid,
-                day: d.day,
-                allocated_ms: d.allocated_ms,
-                delivered_ms: d.delivered_ms,
-                active_ms: d.active_ms,
-            })
-            .collect();
-        reply.head = Some(v1::ReportHead {
-            id: head.id,
-            at_unix_ms: head.at_ms,
-            root: head.root,
-        });
-        Ok(Response::new(reply))
+        bounded(
+            self.reconcile_reply(request.into_inner()).await?,
+            "StreamReconcile",
+        )
     }
 
     async fn check_report(
@@ -279,7 +209,14 @@ impl Query for QueryService {
         let found = blocking(move || -> Result<Vec<IdleGrant>, Status> {
             let grants = store.grants()?;
             let look = idle.window();
-            let windows = store.windows(look.from_ms, look.until_ms, None)?;
+            let cuts = crate::rollup::Cuts::of_grants(vec![look.from_ms, look.until_ms], &grants);
+            let windows = crate::rollup::metered(
+                store.as_ref(),
+                look.from_ms,
+                look.until_ms,
+                &cuts,
+                &|_, _| true,
+            )?;
             let events = store.events(look.from_ms, look.until_ms, Some("enforcement"), None)?;
             Ok(reconcile::idle_grants(
                 grants
@@ -339,6 +276,27 @@ impl Query for QueryService {
         bounded(v1::HostsReply { hosts }, "StreamHosts")
     }
 
+    type StreamReconcileStream = ItemStream<v1::ReconcileReply>;
+    type StreamUsageStream = ItemStream<v1::UsageReport>;
+
+    async fn stream_reconcile(
+        &self,
+        request: Request<v1::ReconcileRequest>,
+    ) -> Result<Response<Self::StreamReconcileStream>, Status> {
+        let reply = self.reconcile_reply(request.into_inner()).await?;
+        Ok(Response::new(stream_of(crate::parts::reconcile_parts(
+            reply,
+        ))))
+    }
+
+    async fn stream_usage(
+        &self,
+        request: Request<v1::UsageRequest>,
+    ) -> Result<Response<Self::StreamUsageStream>, Status> {
+        let reply = self.usage_report(request.into_inner()).await?;
+        Ok(Response::new(stream_of(crate::parts::usage_parts(reply))))
+    }
+
     type StreamHostsStream = ItemStream<v1::HostInfo>;
     type StreamAlarmsStream = ItemStream<v1::Alarm>;
     type StreamEventsStream = ItemStream<v1::EventInfo>;
@@ -391,6 +349,71 @@ impl Query for QueryService {
 
 /// The list RPCs' items, gathered once for their unary and streamed forms.
 impl QueryService {
+    /// The whole usage report of a request.
+    async fn usage_report(&self, q: v1::UsageRequest) -> Result<v1::UsageReport, Status> {
+        if q.until_unix_ms <= q.from_unix_ms {
+            return Err(Status::invalid_argument(
+                "until_unix_ms must be after from_unix_ms",
+            ));
+        }
+        if q.until_unix_ms - q.from_unix_ms > MAX_PERIOD_MS {
+            return Err(Status::invalid_argument("period longer than 400 days"));
+        }
+        let store = self.store.clone();
+        let (from, until) = (q.from_unix_ms, q.until_unix_ms);
+        let usage = tokio::task::spawn_blocking(move || store.usage(from, until))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let keep_host = |h: &str| q.host_id.is_empty() || q.host_id == h;
+        let keep_gpu = |g: &str| q.gpu_uuid.is_empty() || q.gpu_uuid == g;
+        Ok(v1::UsageReport {
+            from_unix_ms: from,
+            until_unix_ms: until,
+            cards: usage
+                .cards
+                .into_iter()
+                .filter(|c| keep_host(&c.host_id) && keep_gpu(&c.gpu_uuid))
+                .map(|c| v1::CardUsage {
+                    agent_id: c.agent_id,
+                    host_id: c.host_id,
+                    csp: c.csp,
+                    gpu_uuid: c.gpu_uuid,
+                    gpu_name: c.gpu_name,
+                    windows: c.windows,
+                    metered_ms: c.metered_ms,
+                    occupied_ms: c.occupied_ms,
+                    active_ms: c.active_ms,
+                    foreign_ms: c.foreign_ms,
+                    unavailable_ms: c.unavailable_ms,
+                    util_avg_pct: c.util_avg_pct,
+                    energy_mj: c.energy_mj,
+                    memory_used_max_bytes: c.memory_used_max_bytes,
+                })
+                .collect(),
+            tenants: usage
+                .tenants
+                .into_iter()
+                .filter(|t| keep_host(&t.host_id) && keep_gpu(&t.gpu_uuid))
+                .map(|t| v1::TenantUsage {
+                    host_id: t.host_id,
+                    gpu_uuid: t.gpu_uuid,
+                    principal: t.principal,
+                    occupied_ms: t.occupied_ms,
+                    active_ms: t.active_ms,
+                    memory_max_bytes: t.memory_max_bytes,
+                    matches_grant: t.matches_grant,
+                    grant_id: t.grant_id,
+                })
+                .collect(),
+        })
+    }
+
+    /// The whole reconciliation reply of a request.
+    async fn reconcile_reply(&self, q: v1::ReconcileRequest) -> Result<v1::ReconcileReply, Status> {
+        let store = self.store.clone();
+        blocking(move || reconcile_reply(store.as_ref(), &q, true)).await
+    }
+
     async fn alarm_list(&self, q: v1::AlarmsRequest) -> Result<Vec<v1::Alarm>, Status> {
         let agent = q.agent_id;
         let store = self.store.clone();
@@ -617,6 +640,7 @@ fn finding_to_wire(f: &Finding) -> v1::VerifyFinding {
         Finding::DerivedOrphan { seq, .. } => ("derived_orphan", *seq, 0, 0),
         Finding::OverlapCounted { seq, .. } => ("overlap_counted", *seq, 0, 0),
         Finding::OverlapUnfounded { seq } => ("overlap_unfounded", *seq, 0, 0),
+        Finding::RollupMismatch { .. } => ("rollup_mismatch", 0, 0, 0),
     };
     v1::VerifyFinding {
         kind: kind.into(),
@@ -638,6 +662,23 @@ fn finding_to_wire(f: &Finding) -> v1::VerifyFinding {
 pub fn compute_report(
     store: &dyn Store,
     q: &v1::ReconcileRequest,
+) -> Result<
+    (
+        Reconciliation,
+        Vec<crate::render::CardDay>,
+        crate::heads::SignedHead,
+    ),
+    Status,
+> {
+    compute_report_with(store, q, true)
+}
+
+/// [`compute_report`], reading rollups where they stand in exactly (`rollups`), or every
+/// window of the period (the benchmark's baseline: the same figures, the old way).
+pub fn compute_report_with(
+    store: &dyn Store,
+    q: &v1::ReconcileRequest,
+    rollups: bool,
 ) -> Result<
     (
         Reconciliation,
@@ -675,8 +716,19 @@ pub fn compute_report(
     let in_head = |agent: &str, seq: u64| covered.get(agent).is_some_and(|&s| seq <= s);
     let look = idle.window();
     let (span_from, span_until) = (from.min(look.from_ms), until.max(look.until_ms));
-    let mut windows = store.windows(span_from, span_until, None)?;
-    windows.retain(|w| in_head(&w.agent_id, w.seq));
+    // Every boundary the figures are cut at; rollups stand in for whole buckets between them.
+    let elapsed_until = until.min(as_of.max(from));
+    let cuts = crate::rollup::Cuts::of_grants(
+        vec![from, until, elapsed_until, look.from_ms, look.until_ms],
+        &grants,
+    );
+    let windows = if rollups {
+        crate::rollup::metered(store, span_from, span_until, &cuts, &in_head)?
+    } else {
+        let mut ws = store.windows(span_from, span_until, None)?;
+        ws.retain(|w| in_head(&w.agent_id, w.seq));
+        ws
+    };
     let mut events = store.events(span_from, span_until, Some("enforcement"), None)?;
     events.retain(|e| in_head(&e.agent_id, e.seq));
     let invoices = store.invoices()?;
@@ -697,6 +749,35 @@ pub fn compute_report(
     );
     let days = crate::render::card_days(&report, &windows);
     Ok((report, days, head))
+}
+
+/// The reconciliation reply of `q` as the Query service sends it (before it is cut into
+/// parts); `rollups` false reads every window (the benchmark's baseline).
+pub fn reconcile_reply(
+    store: &dyn Store,
+    q: &v1::ReconcileRequest,
+    rollups: bool,
+) -> Result<v1::ReconcileReply, Status> {
+    let (report, days, head) = compute_report_with(store, q, rollups)?;
+    let mut reply = reconciliation_to_wire(&report);
+    reply.days = days
+        .into_iter()
+        .map(|d| v1::CardDay {
+            grant_id: d.grant_id,
+            host_id: d.host_id,
+            gpu_uuid: d.gpu_uuid,
+            day: d.day,
+            allocated_ms: d.allocated_ms,
+            delivered_ms: d.delivered_ms,
+            active_ms: d.active_ms,
+        })
+        .collect();
+    reply.head = Some(v1::ReportHead {
+        id: head.id,
+        at_unix_ms: head.at_ms,
+        root: head.root,
+    });
+    Ok(reply)
 }
 
 /// The provenance of a report rendered as `content` from query `q` as of `head`.

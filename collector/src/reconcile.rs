@@ -450,7 +450,7 @@ pub(crate) fn window_len(w: &WindowRow) -> u64 {
 /// The grantee's occupied time in a window. Windows from agents older than the field carry
 /// only per-principal rows: the longest matching principal's time is then the best lower
 /// bound of the union (exact when one principal, or every principal, matches).
-fn grantee_occupied(w: &WindowRow) -> u64 {
+pub(crate) fn grantee_occupied(w: &WindowRow) -> u64 {
     if let Some(ms) = w.grantee_occupied_ms {
         return ms;
     }

@@ -92,6 +92,11 @@ pub trait ChainSource {
         let _ = agent_id;
         Ok(Vec::new())
     }
+    /// Rollup rows that differ from what the stored windows give (re-derived; see
+    /// [`crate::rollup`]). A source without rollups has none.
+    fn rollup_mismatches(&self) -> Result<Vec<crate::rollup::RollupMismatch>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// One entry of an agent's key history: `public_key` signs checkpoints from `from_seq` until
@@ -189,6 +194,14 @@ pub enum Finding {
     },
     /// A window flagged `overlap` overlaps no counted window it names.
     OverlapUnfounded { seq: u64 },
+    /// A rollup row (derived from the windows, read by reports) differs from what the
+    /// agent's windows give: `problem` is "differs", "missing" or "not derived".
+    RollupMismatch {
+        table: &'static str,
+        start_ms: i64,
+        gpu_uuid: String,
+        problem: &'static str,
+    },
 }
 
 impl Finding {
@@ -197,7 +210,7 @@ impl Finding {
         match self {
             Finding::Gap { from, .. } | Finding::Unsigned { from, .. } => *from,
             Finding::Truncated { checkpoint_seq, .. } => *checkpoint_seq,
-            Finding::BadKey => 0,
+            Finding::BadKey | Finding::RollupMismatch { .. } => 0,
             Finding::Rewritten { seq }
             | Finding::BrokenLink { seq }
             | Finding::CheckpointMismatch { seq }
@@ -284,6 +297,25 @@ impl std::fmt::Display for Finding {
                 f,
                 "record {seq}: flagged as overlapping a window it does not overlap"
             ),
+            Finding::RollupMismatch {
+                table,
+                start_ms,
+                gpu_uuid,
+                problem,
+            } => match *problem {
+                "missing" => write!(
+                    f,
+                    "{table}: the row of {gpu_uuid} at {start_ms} that its windows give is missing"
+                ),
+                "not derived" => write!(
+                    f,
+                    "{table}: a row of {gpu_uuid} at {start_ms} has no windows behind it (inserted)"
+                ),
+                _ => write!(
+                    f,
+                    "{table}: the row of {gpu_uuid} at {start_ms} differs from what its windows give"
+                ),
+            },
         }
     }
 }
@@ -636,6 +668,28 @@ pub fn verify(src: &dyn ChainSource) -> Result<VerifyReport, StoreError> {
     for (agent_id, f) in check_card_time(src)? {
         if let Some(a) = report.agents.iter_mut().find(|a| a.agent_id == agent_id) {
             a.findings.push(f);
+        }
+    }
+    // The windows are checked against their bodies above; the rollups reports read are
+    // re-derived from them. A row of an agent with no records still fails.
+    for m in src.rollup_mismatches()? {
+        let finding = Finding::RollupMismatch {
+            table: m.table,
+            start_ms: m.start_ms,
+            gpu_uuid: m.gpu_uuid,
+            problem: m.problem,
+        };
+        match report.agents.iter_mut().find(|a| a.agent_id == m.agent_id) {
+            Some(a) => a.findings.push(finding),
+            None => report.agents.push(AgentVerification {
+                agent_id: m.agent_id,
+                records: 0,
+                first_seq: 0,
+                last_seq: 0,
+                checkpoints: 0,
+                findings: vec![finding],
+                flagged: vec![],
+            }),
         }
     }
     for a in &report.agents {

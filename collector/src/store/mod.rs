@@ -4,6 +4,7 @@
 pub mod sqlite;
 pub mod sqlite_integrity;
 pub mod sqlite_ledger;
+pub mod sqlite_rollup;
 pub mod writer;
 
 use gpumeter_proto::chain::Hash;
@@ -525,6 +526,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// The card history, oldest first (every card when `gpu_uuid` is `None`).
     fn card_moves(&self, gpu_uuid: Option<&str>) -> Result<Vec<CardMoveRow>, StoreError>;
+    /// Visits the rollup rows of `level` whose bucket overlaps `[from, until)`, one card's
+    /// bucket (all its rows) at a time (see [`crate::rollup`]). `false`: this store keeps no
+    /// rollups (nothing is visited, and reports read windows).
+    fn rollups(
+        &self,
+        level: crate::rollup::Level,
+        from_ms: i64,
+        until_ms: i64,
+        visit: &mut dyn FnMut(Vec<crate::rollup::RollupRow>),
+    ) -> Result<bool, StoreError> {
+        let _ = (level, from_ms, until_ms, visit);
+        Ok(false)
+    }
 }
 
 /// A bearer token as held: never the secret, only its SHA-256.

@@ -385,7 +385,13 @@ ALTER TABLE gpus ADD COLUMN mig_profile TEXT NOT NULL DEFAULT '';
 ALTER TABLE gpus ADD COLUMN mig_slices INTEGER;
 ALTER TABLE gpus ADD COLUMN parent_slices INTEGER;
 "#,
+    // 9: rollups per card and hour and per card and Seoul day (crate::rollup), filled from the
+    // windows already stored.
+    super::sqlite_rollup::MIGRATION,
 ];
+
+/// The version whose migration is followed by the rollups' backfill.
+const ROLLUPS_VERSION: usize = 9;
 
 /// The windows that count (alias `w`): all but those reported for a card another host held,
 /// unless the card has since been moved to the reporting host (see migration 7).
@@ -408,6 +414,65 @@ pub struct SqliteStore {
     /// Token lookups (every Query and Admin call) on their own connection, so they never
     /// wait behind a long report query.
     auth: Mutex<Connection>,
+    /// Dropping it stops the checkpointer thread (after a last checkpoint).
+    _checkpointer: Checkpointer,
+}
+
+/// Copies the write-ahead log into the database off the writer's commit path: the writer's
+/// connection never checkpoints (`wal_autocheckpoint=0`); this thread, on a connection of its
+/// own, runs a PASSIVE checkpoint (which never waits for the writer) every
+/// [`CHECKPOINT_EVERY`], and a TRUNCATE one once the log has grown past [`WAL_TRUNCATE_BYTES`]
+/// so that it cannot grow without bound behind long reads.
+#[derive(Debug)]
+struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const WAL_TRUNCATE_BYTES: u64 = 256 << 20;
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Self, StoreError> {
+        let c = open_conn(path)?;
+        let wal = PathBuf::from(format!("{}-wal", path.display()));
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                use std::sync::mpsc::RecvTimeoutError;
+                loop {
+                    let last = !matches!(
+                        stopped.recv_timeout(CHECKPOINT_EVERY),
+                        Err(RecvTimeoutError::Timeout)
+                    );
+                    let big = std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_TRUNCATE_BYTES);
+                    let mode = if big { "TRUNCATE" } else { "PASSIVE" };
+                    if let Err(e) =
+                        c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, mode, "WAL checkpoint failed; retrying");
+                    }
+                    if last {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Db(format!("starting the checkpoint thread: {e}")))?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn open_conn(path: &Path) -> Result<Connection, StoreError> {
@@ -437,6 +502,9 @@ pub fn migrate(c: &mut Connection) -> Result<i64, StoreError> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let tx = c.transaction().map_err(db)?;
         tx.execute_batch(sql).map_err(db)?;
+        if i + 1 == ROLLUPS_VERSION {
+            super::sqlite_rollup::backfill(&tx)?;
+        }
         tx.pragma_update(None, "user_version", i as i64 + 1)
             .map_err(db)?;
         tx.commit().map_err(db)?;
@@ -452,6 +520,7 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut w = open_conn(path)?;
         migrate(&mut w)?;
+        w.pragma_update(None, "wal_autocheckpoint", 0).map_err(db)?;
         let r = open_conn(path)?;
         let a = open_conn(path)?;
         Ok(Self {
@@ -460,6 +529,7 @@ impl SqliteStore {
             reader: Mutex::new(r),
             head_key: std::sync::OnceLock::new(),
             auth: Mutex::new(a),
+            _checkpointer: Checkpointer::start(path)?,
         })
     }
 
@@ -624,11 +694,11 @@ impl SqliteStore {
                                     opt_u64(w.energy_estimated_mj)
                                 ])
                                 .map_err(db)?;
-                            if mark_disputed
+                            let is_disputed = mark_disputed
                                 .execute(params![b.agent_id, seq, w.gpu_uuid])
                                 .map_err(db)?
-                                > 0
-                            {
+                                > 0;
+                            if is_disputed {
                                 disputed.push((r.seq, w.gpu_uuid.clone()));
                             }
                             for p in &w.principals {
@@ -646,13 +716,22 @@ impl SqliteStore {
                                     ])
                                     .map_err(db)?;
                             }
-                            super::sqlite_integrity::check_window(
+                            let flagged = super::sqlite_integrity::check_window(
                                 &tx,
                                 &b.agent_id,
                                 r.seq,
                                 w,
                                 b.received_ms,
                             )?;
+                            if !flagged {
+                                super::sqlite_rollup::add_window(
+                                    &tx,
+                                    &b.agent_id,
+                                    r.seq,
+                                    w,
+                                    is_disputed,
+                                )?;
+                            }
                         }
                         RecordContent::Event(e) => {
                             ins_ev
@@ -1086,6 +1165,17 @@ impl Store for SqliteStore {
         )?;
         tx.commit().map_err(db)?;
         Ok(row)
+    }
+
+    fn rollups(
+        &self,
+        level: crate::rollup::Level,
+        from_ms: i64,
+        until_ms: i64,
+        visit: &mut dyn FnMut(Vec<crate::rollup::RollupRow>),
+    ) -> Result<bool, StoreError> {
+        super::sqlite_rollup::visit(&self.r(), level, from_ms, until_ms, visit)?;
+        Ok(true)
     }
 
     fn card_moves(&self, gpu_uuid: Option<&str>) -> Result<Vec<CardMoveRow>, StoreError> {
@@ -2021,6 +2111,44 @@ mod tests {
             valid_until_ms: 40 * DAY,
             cards: cards.iter().map(|(h, u)| GrantCard::new(*h, *u)).collect(),
             revoked_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn the_log_reaches_the_database_file_off_the_writers_commit_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let autocheckpoint: i64 = store
+            .w()
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(autocheckpoint, 0, "the writer never checkpoints inline");
+        store
+            .insert_grants(&[grant("G-WAL", &[("h1", C1)])], "test", 1)
+            .unwrap();
+        // A connection that ignores the log sees only what was copied into the file.
+        let in_file = || {
+            let c = Connection::open_with_flags(
+                format!("file:{}?immutable=1", path.display()),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+            )
+            .unwrap();
+            // Until the first checkpoint even the schema is only in the log.
+            c.query_row(
+                "SELECT COUNT(*) FROM grants WHERE grant_id = 'G-WAL'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or(0)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while in_file() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the checkpointer never copied the commit into the database file"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 

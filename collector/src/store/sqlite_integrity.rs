@@ -59,14 +59,14 @@ fn flag(
 
 /// Checks a window just inserted: flags it `impossible` (see [`sanity::window_problems`]) or
 /// `overlap` (another counted window of the card already covers some of its time), with an
-/// alarm either way.
+/// alarm either way. Returns whether it was flagged.
 pub fn check_window(
     c: &Connection,
     agent_id: &str,
     seq: u64,
     w: &WindowRow,
     at_ms: i64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let memory: Option<i64> = c
         .prepare_cached("SELECT memory_total_bytes FROM card_identity WHERE gpu_uuid = ?1")
         .map_err(db)?
@@ -78,7 +78,7 @@ pub fn check_window(
     if !problems.is_empty() {
         let detail = problems.join("; ");
         flag(c, agent_id, seq, FLAG_IMPOSSIBLE, None, &detail)?;
-        return alarm(
+        alarm(
             c,
             Alarm {
                 agent_id: agent_id.into(),
@@ -90,7 +90,8 @@ pub fn check_window(
                     w.gpu_uuid, w.start_ms
                 ),
             },
-        );
+        )?;
+        return Ok(true);
     }
     let other: Option<(String, i64, i64, i64)> = c
         .prepare_cached(
@@ -130,8 +131,9 @@ pub fn check_window(
                 detail: format!("{agent_id} seq {seq}: {detail}"),
             },
         )?;
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Keeps each card's identity as first reported; a change of serial, model or memory under

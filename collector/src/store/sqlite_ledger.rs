@@ -163,6 +163,22 @@ impl ChainSource for SqliteLedger {
             .map_err(db)
     }
 
+    fn rollup_mismatches(&self) -> Result<Vec<crate::rollup::RollupMismatch>, StoreError> {
+        // A ledger from before migration 9 keeps no rollups, so reports read its windows.
+        let has: bool = self
+            .conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'card_days')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if !has {
+            return Ok(Vec::new());
+        }
+        super::sqlite_rollup::mismatches(&self.conn)
+    }
+
     fn flagged(&self, agent_id: &str) -> Result<Vec<FlaggedWindow>, StoreError> {
         if !self.has_integrity_tables()? {
             return Ok(Vec::new());

@@ -1,0 +1,414 @@
+//! Rollups: per card, per hour and per Korean calendar day, what reconciliation sums over a
+//! card's windows, kept current as windows commit (derived rows: `verify` re-derives and
+//! compares them).
+//!
+//! A rollup row sums the windows of one bucket (an hour, or a day in Asia/Seoul) of one card,
+//! one agent and one applied assignment (status and grant): good time, unavailable,
+//! unattributed, energy, occupied, the grantee's occupied time, the grantee's active time and
+//! foreign time, with the highest seq summed. Only windows that count and that lie wholly
+//! inside the bucket are summed. A counted window that crosses the bucket's edge, or that was
+//! reported for a card another host held (whether it counts can change with `hosts
+//! move-card`), is not summed: it leaves a *marker* row (`raw`) in every bucket it touches, and
+//! those buckets are always read window by window.
+//!
+//! Reports read rollups through [`metered`]: a bucket stands in for its windows, as one
+//! window spanning the bucket, only where that is exact:
+//! - no boundary the report cuts at (its period, the elapsed part, the idle look-back, any
+//!   grant's card interval) falls strictly inside the bucket, so every interval the figures
+//!   are summed over holds the bucket whole or not at all, and pro-rating by overlap gives
+//!   each window's whole value or nothing, as it does for the windows themselves;
+//! - it has no marker; and
+//! - the report's signed head covers every window summed (each row's highest seq is at most
+//!   the head's seq for that agent), so a rollup never counts a window the head does not.
+//!
+//! A day that fails goes down to its hours, an hour that fails to its windows, so a report
+//! reads about one row per card and day, and windows only at its edges.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::store::{MeteredWindow, PrincipalRow, Store, StoreError, WindowRow};
+
+pub const HOUR_MS: i64 = 3_600_000;
+pub const DAY_MS: i64 = 86_400_000;
+/// Asia/Seoul is UTC+9 all year: its days start at 15:00 UTC.
+pub const KST_OFFSET_MS: i64 = 9 * HOUR_MS;
+
+/// The two bucket sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Level {
+    Hour,
+    /// A calendar day in Asia/Seoul.
+    Day,
+}
+
+impl Level {
+    pub fn len_ms(self) -> i64 {
+        match self {
+            Level::Hour => HOUR_MS,
+            Level::Day => DAY_MS,
+        }
+    }
+
+    /// Start of the bucket holding `t`.
+    pub fn bucket(self, t: i64) -> i64 {
+        match self {
+            Level::Hour => t - t.rem_euclid(HOUR_MS),
+            Level::Day => t - (t + KST_OFFSET_MS).rem_euclid(DAY_MS),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Hour => "hour",
+            Level::Day => "day",
+        }
+    }
+}
+
+/// One rollup row as stored, with the host and CSP of its agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollupRow {
+    pub level: Level,
+    pub start_ms: i64,
+    pub gpu_uuid: String,
+    pub agent_id: String,
+    pub host_id: String,
+    pub csp: String,
+    /// The applied assignment of the windows summed; empty in a marker.
+    pub assignment_status: &'static str,
+    pub grant_id: String,
+    pub windows: u64,
+    /// A marker: the bucket holds a window that is not summed.
+    pub raw: bool,
+    pub sums: RollupSums,
+    pub max_seq: u64,
+}
+
+/// What a rollup row sums, per window as reconciliation reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RollupSums {
+    /// good samples × interval.
+    pub good_ms: u64,
+    pub unavailable_ms: u64,
+    pub unattributed_ms: u64,
+    pub energy_mj: u64,
+    pub occupied_ms: u64,
+    pub grantee_occupied_ms: u64,
+    /// Active time of the principals that matched the grant.
+    pub active_ms: u64,
+    pub foreign_ms: u64,
+}
+
+impl RollupSums {
+    /// What one window adds (as [`crate::reconcile`] reads a window).
+    pub fn of(w: &WindowRow) -> Self {
+        Self {
+            good_ms: u64::from(w.good_samples).saturating_mul(w.interval_ms),
+            unavailable_ms: w.unavailable_ms,
+            unattributed_ms: w.unattributed_ms.unwrap_or(0),
+            energy_mj: w.energy_mj.unwrap_or(0),
+            occupied_ms: w.occupied_ms,
+            grantee_occupied_ms: crate::reconcile::grantee_occupied(w),
+            active_ms: w
+                .principals
+                .iter()
+                .filter(|p| p.matches_grant)
+                .map(|p| p.active_ms)
+                .sum(),
+            foreign_ms: w.foreign_ms,
+        }
+    }
+}
+
+/// A stored rollup row that differs from the one the windows give (found by `verify`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RollupMismatch {
+    pub table: &'static str,
+    pub start_ms: i64,
+    pub gpu_uuid: String,
+    pub agent_id: String,
+    /// "differs", "missing" (the windows give it, the table lacks it) or "not derived" (the
+    /// table holds a row no window gives).
+    pub problem: &'static str,
+}
+
+/// How a window enters the rollups of a level: summed into its bucket, or marking each
+/// bucket it touches.
+pub enum Entry {
+    Summed(i64),
+    Marks(Vec<i64>),
+}
+
+/// Where a counted window goes at `level`; `disputed`: reported for a card another host held.
+pub fn entry(level: Level, w: &WindowRow, disputed: bool) -> Entry {
+    let first = level.bucket(w.start_ms);
+    let last = level.bucket(w.end_ms.max(w.start_ms + 1) - 1);
+    if first == last && !disputed {
+        return Entry::Summed(first);
+    }
+    let mut marks = Vec::new();
+    let mut b = first;
+    while b <= last {
+        marks.push(b);
+        b += level.len_ms();
+    }
+    Entry::Marks(marks)
+}
+
+/// A rollup row as one window spanning its bucket, for reconciliation: delivered time is
+/// `good_samples × interval_ms` with a 1-ms interval, and the grantee's active time is one
+/// matching principal's.
+fn as_window(r: RollupRow) -> MeteredWindow {
+    let len = r.level.len_ms();
+    let s = r.sums;
+    MeteredWindow {
+        agent_id: r.agent_id,
+        host_id: r.host_id,
+        csp: r.csp,
+        seq: r.max_seq,
+        window: WindowRow {
+            gpu_uuid: r.gpu_uuid,
+            start_ms: r.start_ms,
+            end_ms: r.start_ms + len,
+            interval_ms: 1,
+            expected_samples: s.good_ms.min(u64::from(u32::MAX)) as u32,
+            good_samples: s.good_ms.min(u64::from(u32::MAX)) as u32,
+            util_avg_pct: None,
+            util_max_pct: None,
+            mem_util_avg_pct: None,
+            memory_used_max_bytes: None,
+            energy_mj: Some(s.energy_mj),
+            energy_estimated: false,
+            power_avg_w: None,
+            temperature_max_c: None,
+            throttle_reasons: None,
+            health: "ok",
+            unavailable_ms: s.unavailable_ms,
+            assignment_status: r.assignment_status,
+            grant_id: r.grant_id,
+            principal: String::new(),
+            active_ms: s.active_ms,
+            occupied_ms: s.occupied_ms,
+            foreign_ms: s.foreign_ms,
+            grantee_occupied_ms: Some(s.grantee_occupied_ms),
+            unattributed_ms: Some(s.unattributed_ms),
+            energy_estimated_mj: None,
+            principals: vec![PrincipalRow {
+                principal: String::new(),
+                uid: None,
+                occupied_ms: s.grantee_occupied_ms,
+                active_ms: s.active_ms,
+                memory_max_bytes: 0,
+                process_count: 0,
+                matches_grant: true,
+            }],
+        },
+    }
+}
+
+/// The boundaries a report cuts at: everywhere, and per card.
+#[derive(Debug, Default, Clone)]
+pub struct Cuts {
+    pub everywhere: Vec<i64>,
+    pub by_card: HashMap<String, Vec<i64>>,
+}
+
+impl Cuts {
+    /// `everywhere` plus every card interval of every grant.
+    pub fn of_grants(everywhere: Vec<i64>, grants: &[crate::grants::Grant]) -> Self {
+        let mut by_card: HashMap<String, Vec<i64>> = HashMap::new();
+        for g in grants {
+            for c in &g.cards {
+                let (from, until) = g.card_interval(c);
+                by_card
+                    .entry(c.gpu_uuid.clone())
+                    .or_default()
+                    .extend([from, until]);
+            }
+        }
+        Self {
+            everywhere,
+            by_card,
+        }
+    }
+
+    /// Whether a boundary falls strictly inside `[start, start + len)`.
+    fn splits(&self, gpu_uuid: &str, start: i64, len: i64) -> bool {
+        let inside = |c: &i64| *c > start && *c < start + len;
+        self.everywhere.iter().any(inside)
+            || self
+                .by_card
+                .get(gpu_uuid)
+                .is_some_and(|cs| cs.iter().any(inside))
+    }
+}
+
+/// The card's windows in `[from, until)` as reconciliation needs them, with rollups standing in
+/// for whole buckets where that is exact (see the module doc); `in_head` says whether the
+/// report's head covers an agent's seq. Windows are those [`Store::windows`] returns, less the
+/// ones the head does not cover: a store without rollups gives exactly that.
+pub fn metered(
+    store: &dyn Store,
+    from_ms: i64,
+    until_ms: i64,
+    cuts: &Cuts,
+    in_head: &dyn Fn(&str, u64) -> bool,
+) -> Result<Vec<MeteredWindow>, StoreError> {
+    let mut out = Vec::new();
+    let mut need_hours: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    let any = store.rollups(Level::Day, from_ms, until_ms, &mut |group| {
+        take_or_descend(group, cuts, in_head, &mut out, &mut |day, gpu| {
+            need_hours.entry(day).or_default().insert(gpu.to_owned());
+        });
+    })?;
+    if !any {
+        let mut ws = store.windows(from_ms, until_ms, None)?;
+        ws.retain(|w| in_head(&w.agent_id, w.seq));
+        return Ok(ws);
+    }
+    let mut need_raw: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    for (day, cards) in need_hours {
+        let (f, u) = (day.max(from_ms), (day + DAY_MS).min(until_ms));
+        store.rollups(Level::Hour, f, u, &mut |group| {
+            if !cards.contains(group[0].gpu_uuid.as_str()) {
+                return;
+            }
+            take_or_descend(group, cuts, in_head, &mut out, &mut |hour, gpu| {
+                need_raw.entry(hour).or_default().insert(gpu.to_owned());
+            });
+        })?;
+    }
+    // A window crossing a bucket's edge is read for each bucket it touches: once is kept.
+    let mut seen: HashSet<(String, u64)> = HashSet::new();
+    for (hour, cards) in need_raw {
+        let (f, u) = (hour.max(from_ms), (hour + HOUR_MS).min(until_ms));
+        let ws = if cards.len() > 16 {
+            let mut ws = store.windows(f, u, None)?;
+            ws.retain(|w| cards.contains(w.window.gpu_uuid.as_str()));
+            ws
+        } else {
+            let mut ws = Vec::new();
+            for gpu in &cards {
+                ws.extend(store.windows(f, u, Some(gpu))?);
+            }
+            ws
+        };
+        for w in ws {
+            if in_head(&w.agent_id, w.seq) && seen.insert((w.agent_id.clone(), w.seq)) {
+                out.push(w);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One bucket of one card (every row of it): its rows as windows where they stand in exactly,
+/// or the bucket handed to `descend`.
+fn take_or_descend(
+    group: Vec<RollupRow>,
+    cuts: &Cuts,
+    in_head: &dyn Fn(&str, u64) -> bool,
+    out: &mut Vec<MeteredWindow>,
+    descend: &mut dyn FnMut(i64, &str),
+) {
+    let Some(first) = group.first() else {
+        return;
+    };
+    let (start, len) = (first.start_ms, first.level.len_ms());
+    let exact = !cuts.splits(&first.gpu_uuid, start, len)
+        && group
+            .iter()
+            .all(|r| !r.raw && in_head(&r.agent_id, r.max_seq));
+    if exact {
+        out.extend(group.into_iter().filter(|r| r.windows > 0).map(as_window));
+    } else {
+        descend(start, &first.gpu_uuid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_utc_hours_and_seoul_days() {
+        // 2026-11-29T15:00Z is midnight (30 November) in Seoul.
+        let midnight = 1_795_964_400_000;
+        assert_eq!(Level::Day.bucket(midnight), midnight);
+        assert_eq!(Level::Day.bucket(midnight - 1), midnight - DAY_MS);
+        assert_eq!(Level::Day.bucket(midnight + DAY_MS - 1), midnight);
+        assert_eq!(Level::Hour.bucket(midnight + 59 * 60_000), midnight);
+        assert_eq!(Level::Hour.bucket(-1), -HOUR_MS);
+    }
+
+    fn window(start: i64, end: i64) -> WindowRow {
+        WindowRow {
+            gpu_uuid: "GPU-1".into(),
+            start_ms: start,
+            end_ms: end,
+            interval_ms: 1_000,
+            expected_samples: 60,
+            good_samples: 60,
+            util_avg_pct: None,
+            util_max_pct: None,
+            mem_util_avg_pct: None,
+            memory_used_max_bytes: None,
+            energy_mj: None,
+            energy_estimated: false,
+            power_avg_w: None,
+            temperature_max_c: None,
+            throttle_reasons: None,
+            health: "ok",
+            unavailable_ms: 0,
+            assignment_status: "assigned",
+            grant_id: "G".into(),
+            principal: String::new(),
+            active_ms: 0,
+            occupied_ms: 0,
+            foreign_ms: 0,
+            grantee_occupied_ms: None,
+            unattributed_ms: None,
+            energy_estimated_mj: None,
+            principals: vec![],
+        }
+    }
+
+    #[test]
+    fn a_window_inside_its_bucket_is_summed_and_one_across_an_edge_marks_each_bucket() {
+        let h = 10 * HOUR_MS;
+        assert!(matches!(
+            entry(Level::Hour, &window(h, h + 60_000), false),
+            Entry::Summed(b) if b == h
+        ));
+        assert!(matches!(
+            entry(Level::Hour, &window(h + HOUR_MS - 60_000, h + HOUR_MS), false),
+            Entry::Summed(b) if b == h
+        ));
+        let Entry::Marks(m) = entry(Level::Hour, &window(h + 1_800_000, h + 3 * HOUR_MS), false)
+        else {
+            panic!("a window over three hours is not summed")
+        };
+        assert_eq!(m, vec![h, h + HOUR_MS, h + 2 * HOUR_MS]);
+        // Inside one Seoul day it is summed there, whatever its hours.
+        assert!(matches!(
+            entry(Level::Day, &window(h + 1_800_000, h + 3 * HOUR_MS), false),
+            Entry::Summed(_)
+        ));
+        let Entry::Marks(m) = entry(Level::Hour, &window(h, h + 60_000), true) else {
+            panic!("a disputed window is not summed")
+        };
+        assert_eq!(m, vec![h]);
+    }
+
+    #[test]
+    fn a_boundary_strictly_inside_a_bucket_splits_it() {
+        let mut cuts = Cuts::default();
+        cuts.everywhere.push(HOUR_MS);
+        cuts.by_card.insert("GPU-2".into(), vec![3 * HOUR_MS + 1]);
+        assert!(!cuts.splits("GPU-1", 0, HOUR_MS));
+        assert!(!cuts.splits("GPU-1", HOUR_MS, HOUR_MS));
+        assert!(cuts.splits("GPU-1", 0, DAY_MS));
+        assert!(!cuts.splits("GPU-1", 3 * HOUR_MS, HOUR_MS));
+        assert!(cuts.splits("GPU-2", 3 * HOUR_MS, HOUR_MS));
+    }
+}
