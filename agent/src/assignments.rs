@@ -94,6 +94,12 @@ impl TryFrom<&v1::AssignmentSet> for Assignments {
 }
 
 impl Assignments {
+    /// Whether this is a set the collector sent (now or before, from the cache): the
+    /// collector numbers its sets from 1, and the agent starts from version 0 with none.
+    pub fn known(&self) -> bool {
+        self.version > 0
+    }
+
     /// How card `uuid` stands at `at`, with its assignment when it has one.
     pub fn judge(&self, uuid: &str, at: UnixMs) -> (Status, Option<&CardAssignment>) {
         let Some(a) = self.cards.get(uuid) else {

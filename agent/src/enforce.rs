@@ -13,6 +13,10 @@
 //!   the card or turns legal, the assignment changes, the pid is reused) ends it; a violation
 //!   seen again after that is a new episode. A lost or failed reading changes nothing.
 //! - A process that exited since the reading (gone, or a zombie) holds nothing and is skipped.
+//! - Before the agent holds any assignment set (a fresh state directory: no cache, and no
+//!   Welcome yet) every card only looks unassigned: violations are recorded (`skipped: no
+//!   assignment set from the collector yet`), no process is ended and no card is locked. The
+//!   first set starts new episodes, so what is still a violation then is acted on.
 //! - `observe` signals nothing. `terminate` never signals pid 0, pid 1, the agent itself, a
 //!   process whose identity could not be read, or a simulated process (a replayable source's
 //!   pids are not processes of this host), and re-checks before every signal that the pid
@@ -264,6 +268,9 @@ pub struct Episode {
     pub principal: String,
     pub uid: Option<u32>,
     pub start_ticks: Option<u64>,
+    /// Judged against an assignment set the collector sent: the first set starts a new
+    /// episode, so a violation seen before it (recorded only) is then acted on.
+    pub judged: bool,
 }
 
 /// Replaces a card's open episodes with those seen now; returns the pids whose episode is new.
@@ -457,6 +464,7 @@ impl Enforcer {
                         principal,
                         uid: id.as_ref().and_then(|i| i.id.uid),
                         start_ticks: stamp.map(|s| s.start_ticks),
+                        judged: assignments.known(),
                     },
                 );
                 seen.insert(p.pid, (id, stamp));
@@ -481,7 +489,14 @@ impl Enforcer {
                 };
                 let detail = why(status, card, &ep.principal);
                 let live = self.control.is_some();
-                let p = plan(self.cfg.mode, live, pid, self.own_pid, id.as_ref(), stamp);
+                // Until the agent holds an assignment set (from the collector or its cache),
+                // every card only looks unassigned: the violation is recorded, nobody's
+                // process is ended on that.
+                let p = if !assignments.known() && self.cfg.mode == EnforcementMode::Terminate {
+                    Plan::Skip("no assignment set from the collector yet")
+                } else {
+                    plan(self.cfg.mode, live, pid, self.own_pid, id.as_ref(), stamp)
+                };
                 let result = match p {
                     Plan::Record | Plan::Terminate(_) => "recorded".to_string(),
                     Plan::Skip(reason) => format!("skipped: {reason}"),
@@ -549,7 +564,9 @@ impl Enforcer {
         assignments: &Assignments,
         at: UnixMs,
     ) -> Vec<LockChange> {
-        if !self.cfg.lock_unassigned {
+        // Before any assignment set (no cache, no Welcome yet) nothing is known to be
+        // unassigned: no card is locked on ignorance.
+        if !self.cfg.lock_unassigned || !assignments.known() {
             return Vec::new();
         }
         cards
@@ -953,6 +970,7 @@ mod tests {
             principal: principal.into(),
             uid: Some(1),
             start_ticks: Some(5),
+            judged: true,
         };
         let mut open = BTreeMap::new();
         let now = |v: &[(u32, Episode)]| v.iter().cloned().collect::<BTreeMap<_, _>>();
@@ -1311,6 +1329,40 @@ mod tests {
             }
             Ok(())
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_ended_or_locked_before_the_first_assignment_set() {
+        let fake = Arc::new(Fake::default());
+        fake.add(600, 1002, true);
+        let mut e = enforcer(EnforcementMode::Terminate, &fake);
+        e.cfg.lock_unassigned = true;
+        let cards = vec![CARD.to_string()];
+        // A fresh agent: no cache, no Welcome yet. Every card only looks unassigned.
+        let none = Assignments::default();
+        assert!(!none.known());
+        assert!(e.lock_changes(&cards, &none, 1_000).is_empty());
+        let procs = [(600, Some(ident(1002, "bob")))];
+        let first = summary(&e.on_slot(1_000, &none, &[reading(CARD, &procs)]));
+        assert_eq!(
+            first,
+            vec![(
+                600,
+                "none".into(),
+                "skipped: no assignment set from the collector yet".into()
+            )]
+        );
+        assert_eq!(e.in_flight(), 0);
+        // The collector's first set (version 1) says the card is unassigned: now it is a
+        // violation terminate mode ends, and the card is locked.
+        let empty = Assignments {
+            version: 1,
+            ..Default::default()
+        };
+        assert_eq!(e.lock_changes(&cards, &empty, 2_000).len(), 1);
+        let next = summary(&e.on_slot(2_000, &empty, &[reading(CARD, &procs)]));
+        assert_eq!(next, vec![(600, "none".into(), "recorded".into())]);
+        assert_eq!(e.in_flight(), 1);
     }
 
     #[tokio::test(start_paused = true)]
