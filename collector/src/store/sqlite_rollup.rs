@@ -769,6 +769,60 @@ mod tests {
         out
     }
 
+    #[test]
+    fn a_window_overlapping_a_counted_one_is_flagged_wherever_they_meet() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store.hello(&hello("a", &CARDS)).unwrap();
+        let at = |start_min: i64, len_min: i64| {
+            let mut w = window_of(&Gen {
+                card: 0,
+                agent_b: false,
+                start_min: 0,
+                len_min: 1,
+                good_pct: 100,
+                assignment: 0,
+                grantee: None,
+                matches: (true, true),
+                energy: None,
+                unattributed: None,
+                bad: false,
+            });
+            (w.start_ms, w.end_ms) = (T0 + start_min * MIN, T0 + (start_min + len_min) * MIN);
+            w.expected_samples = (len_min * 60) as u32;
+            w.good_samples = w.expected_samples;
+            (w.occupied_ms, w.foreign_ms, w.active_ms) = (0, 0, 0);
+            w.principals.clear();
+            w.unavailable_ms = 0;
+            w
+        };
+        // A two-hour window; one inside it; one after it; one across its end and the next's
+        // start; one long before (more than a day); one starting where the first ends.
+        commit(
+            &store,
+            "a",
+            1,
+            vec![
+                at(0, 120),
+                at(30, 1),
+                at(121, 1),
+                at(119, 2),
+                at(-2000, 1),
+                at(120, 1),
+            ],
+        );
+        let c = Connection::open(&path).unwrap();
+        let flagged: Vec<i64> = c
+            .prepare("SELECT seq FROM window_flags WHERE flag = 'overlap' ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(flagged, vec![2, 4]);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
