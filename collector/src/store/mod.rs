@@ -1,12 +1,24 @@
 //! Storage: the one `Store` trait every backend implements, and the plain rows it takes and
 //! gives. Nothing generated from the proto files crosses this boundary.
 
+pub mod open;
+#[doc(hidden)]
+pub mod pg_testdb;
+pub mod postgres;
+pub mod postgres_commit;
+pub mod postgres_integrity;
+pub mod postgres_ledger;
+pub mod postgres_schema;
 pub mod sqlite;
 pub mod sqlite_integrity;
 pub mod sqlite_ledger;
+#[cfg(test)]
+mod suite;
 pub mod writer;
 
 use gpumeter_proto::chain::Hash;
+
+pub use open::{open_ledger, open_store};
 
 use crate::grants::{AmendError, Amendment, Grant};
 

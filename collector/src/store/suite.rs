@@ -1,0 +1,694 @@
+//! The store suite: what every backend must do the same, run once per backend (SQLite on a
+//! temporary file, PostgreSQL on a database of its own; see [`super::pg_testdb`] for when the
+//! PostgreSQL runs are skipped). Each body takes a `&dyn Store`; `both!` makes one test per
+//! backend (`store::suite::sqlite::NAME`, `store::suite::postgres::NAME`). Tests of one
+//! backend's own format (migrating an old SQLite file, say) stay beside that backend.
+
+use super::Store;
+use super::pg_testdb::TestPg;
+use super::postgres::PgStore;
+use super::sqlite::SqliteStore;
+
+pub(super) fn on_sqlite(body: fn(&dyn Store)) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("suite.db")).unwrap();
+    body(&store);
+}
+
+pub(super) fn on_postgres(name: &str, body: fn(&dyn Store)) {
+    let Some(db) = TestPg::create(name) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = PgStore::open(&db.url, Some(&dir.path().join("collector-key"))).unwrap();
+    body(&store);
+    drop(store);
+}
+
+macro_rules! both {
+    ($($module:ident :: $name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    super::on_sqlite(super::$module::$name);
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    super::on_postgres(stringify!($name), super::$module::$name);
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    grants::grants_amendment_is_stored_with_history_and_honoured_by_assignments,
+    reconcile_reads::gap_and_epoch_records_raise_alarms,
+    reconcile_reads::windows_events_and_invoices_read_back_for_reconciliation,
+    binding::a_failing_batch_is_rolled_back_alone_and_the_others_commit,
+    binding::cards_stay_with_their_first_host_until_an_admin_moves_them,
+    binding::a_card_granted_to_a_host_is_its_own_before_that_host_reports_it,
+    binding::an_agent_id_is_bound_to_the_host_of_its_first_hello,
+);
+
+mod grants {
+    use crate::grants::{AmendError, Amendment, Grant, GrantCard, Program};
+    use crate::store::*;
+
+    const C1: &str = "GPU-00000001-0000-4000-8000-000000000000";
+    const C2: &str = "GPU-00000002-0000-4000-8000-000000000000";
+    const DAY: i64 = 86_400_000;
+
+    fn grant(id: &str, cards: &[(&str, &str)]) -> Grant {
+        Grant {
+            grant_id: id.into(),
+            program: Program::Research,
+            grantee: "Lab".into(),
+            principal: "user:alice".parse().unwrap(),
+            csp: "kt".into(),
+            valid_from_ms: 10 * DAY,
+            valid_until_ms: 40 * DAY,
+            cards: cards.iter().map(|(h, u)| GrantCard::new(*h, *u)).collect(),
+            revoked_at_ms: None,
+        }
+    }
+
+    pub(super) fn grants_amendment_is_stored_with_history_and_honoured_by_assignments(
+        store: &dyn Store,
+    ) {
+        store
+            .insert_grants(&[grant("G", &[("h1", C1)])], "importer", 5)
+            .unwrap();
+        let (v0, _) = store.assignments("h1").unwrap();
+        let at = 20 * DAY;
+        let move_card = Amendment::MoveCard {
+            from_gpu_uuid: C1.into(),
+            to_host_id: "h2".into(),
+            to_gpu_uuid: C2.into(),
+            at_ms: at,
+        };
+        let r = store.amend_grant("G", &move_card, "alice", 99).unwrap();
+        assert_eq!(r.grant.cards.len(), 2);
+        let actions: Vec<_> = r
+            .history
+            .iter()
+            .map(|h| (h.at_ms, h.actor.as_str(), h.action.as_str()))
+            .collect();
+        assert_eq!(
+            actions,
+            vec![(5, "importer", "import"), (99, "alice", "move_card")]
+        );
+        assert_eq!(store.grant("G").unwrap().unwrap(), r);
+        let (v1, h1) = store.assignments("h1").unwrap();
+        assert!(v1 > v0);
+        assert_eq!(
+            (h1.len(), h1[0].valid_from_ms, h1[0].valid_until_ms),
+            (1, 10 * DAY, at)
+        );
+        let (_, h2) = store.assignments("h2").unwrap();
+        assert_eq!(
+            (
+                h2.len(),
+                h2[0].gpu_uuid.as_str(),
+                h2[0].valid_from_ms,
+                h2[0].valid_until_ms
+            ),
+            (1, C2, at, 40 * DAY)
+        );
+
+        // A refusal stores nothing.
+        let e = store
+            .amend_grant(
+                "G",
+                &Amendment::Extend {
+                    valid_until_ms: DAY,
+                },
+                "alice",
+                100,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::Amend(AmendError::Invalid {
+                    field: "valid_until",
+                    ..
+                })
+            ),
+            "{e}"
+        );
+        assert_eq!(store.grant("G").unwrap().unwrap(), r);
+        assert_eq!(store.assignments("h1").unwrap().0, v1);
+        assert!(matches!(
+            store.amend_grant("NOPE", &move_card, "alice", 100),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(store.grant("NOPE").unwrap().is_none());
+
+        // Moving a card away at the grant's start leaves it out of the assignments: it never
+        // belonged.
+        store
+            .insert_grants(
+                &[grant(
+                    "H",
+                    &[("h3", "GPU-00000003-0000-4000-8000-000000000000")],
+                )],
+                "importer",
+                5,
+            )
+            .unwrap();
+        store
+            .amend_grant(
+                "H",
+                &Amendment::MoveCard {
+                    from_gpu_uuid: "GPU-00000003-0000-4000-8000-000000000000".into(),
+                    to_host_id: "h4".into(),
+                    to_gpu_uuid: "GPU-00000004-0000-4000-8000-000000000000".into(),
+                    at_ms: 10 * DAY,
+                },
+                "alice",
+                101,
+            )
+            .unwrap();
+        assert!(store.assignments("h3").unwrap().1.is_empty());
+        assert_eq!(store.assignments("h4").unwrap().1.len(), 1);
+    }
+}
+
+pub(super) mod reconcile_reads {
+    use crate::store::*;
+    use crate::store::{CheckpointRow, IngestRecord};
+
+    fn hello(agent: &str, csp: &str) -> AgentHello {
+        AgentHello {
+            agent_id: agent.into(),
+            host_id: format!("host-{agent}"),
+            csp: csp.into(),
+            hostname: agent.into(),
+            agent_version: "t".into(),
+            public_key: [7; 32],
+            driver_version: "t".into(),
+            gpus: vec![],
+            epoch: 1,
+            received_ms: 0,
+        }
+    }
+
+    fn window(gpu: &str, start: i64, grantee: Option<u64>) -> WindowRow {
+        WindowRow {
+            gpu_uuid: gpu.into(),
+            start_ms: start,
+            end_ms: start + 60_000,
+            interval_ms: 1_000,
+            expected_samples: 60,
+            good_samples: 58,
+            util_avg_pct: Some(40.0),
+            util_max_pct: None,
+            mem_util_avg_pct: None,
+            memory_used_max_bytes: Some(5),
+            energy_mj: None,
+            energy_estimated: false,
+            power_avg_w: None,
+            temperature_max_c: None,
+            throttle_reasons: None,
+            health: "lost",
+            unavailable_ms: 2_000,
+            assignment_status: "assigned",
+            grant_id: "G".into(),
+            principal: "user:alice".into(),
+            active_ms: 9_000,
+            occupied_ms: 30_000,
+            foreign_ms: 10_000,
+            grantee_occupied_ms: grantee,
+            unattributed_ms: None,
+            energy_estimated_mj: None,
+            principals: vec![
+                PrincipalRow {
+                    principal: "user:alice".into(),
+                    uid: Some(1001),
+                    occupied_ms: 20_000,
+                    active_ms: 8_000,
+                    memory_max_bytes: 1,
+                    process_count: 1,
+                    matches_grant: true,
+                },
+                PrincipalRow {
+                    principal: "user:bob".into(),
+                    uid: None,
+                    occupied_ms: 10_000,
+                    active_ms: 1_000,
+                    memory_max_bytes: 2,
+                    process_count: 2,
+                    matches_grant: false,
+                },
+            ],
+        }
+    }
+
+    fn event(gpu: &str, at: i64, kind: &'static str) -> EventRow {
+        EventRow {
+            gpu_uuid: gpu.into(),
+            at_ms: at,
+            kind,
+            code: 0,
+            detail: "d".into(),
+            pid: Some(9),
+            principal: "user:bob".into(),
+            grant_id: "G".into(),
+            mode: "observe".into(),
+            action: "none".into(),
+            result: "recorded".into(),
+        }
+    }
+
+    fn batch(agent: &str, contents: Vec<RecordContent>) -> IngestBatch {
+        let records: Vec<IngestRecord> = contents
+            .into_iter()
+            .enumerate()
+            .map(|(i, content)| IngestRecord {
+                seq: i as u64 + 1,
+                prev_hash: [0; 32],
+                hash: [i as u8 + 1; 32],
+                body: vec![i as u8],
+                created_ms: 0,
+                content,
+            })
+            .collect();
+        IngestBatch {
+            agent_id: agent.into(),
+            checkpoint: CheckpointRow {
+                epoch: 1,
+                seq: records.len() as u64,
+                chain_hash: [0; 32],
+                signature: vec![],
+            },
+            records,
+            received_ms: 0,
+            alarms: vec![],
+        }
+    }
+
+    pub(super) fn gap_and_epoch_records_raise_alarms(store: &dyn Store) {
+        store.hello(&hello("a", "kt")).unwrap();
+        store
+            .commit(&[batch(
+                "a",
+                vec![
+                    RecordContent::EpochStart {
+                        epoch: 2,
+                        last_acked_seq: 0,
+                    },
+                    RecordContent::Gap {
+                        from_ms: 60_000,
+                        until_ms: 240_000,
+                        reason: "spool full".into(),
+                    },
+                ],
+            )])
+            .unwrap();
+        let alarms = store.alarms(Some("a")).unwrap();
+        let kinds: Vec<(&str, Option<u64>)> =
+            alarms.iter().map(|a| (a.kind.as_str(), a.seq)).collect();
+        assert_eq!(
+            kinds,
+            vec![("epoch_start", Some(1)), ("agent_gap", Some(2))]
+        );
+        assert!(
+            alarms[1].detail.contains("60000..240000") && alarms[1].detail.contains("spool full")
+        );
+    }
+
+    pub(super) fn windows_events_and_invoices_read_back_for_reconciliation(store: &dyn Store) {
+        store.hello(&hello("a", "kt")).unwrap();
+        store.hello(&hello("b", "nhn")).unwrap();
+        let day = 86_400_000;
+        store
+            .commit(&[
+                batch(
+                    "a",
+                    vec![
+                        RecordContent::Window(window("GPU-2", 10 * day, Some(25_000))),
+                        RecordContent::Window(window("GPU-1", 10 * day + 60_000, None)),
+                        // Starts before the period but runs into it (windows are aligned to
+                        // their length, so the period starts mid-window).
+                        RecordContent::Window(window("GPU-1", 10 * day - 60_000, Some(1))),
+                        RecordContent::Window(window("GPU-1", 9 * day, Some(1))),
+                        RecordContent::Event(event("GPU-1", 10 * day + 5, "enforcement")),
+                        RecordContent::Event(event("GPU-1", 10 * day + 6, "xid")),
+                    ],
+                ),
+                batch(
+                    "b",
+                    vec![RecordContent::Event(event(
+                        "GPU-3",
+                        10 * day + 1,
+                        "enforcement",
+                    ))],
+                ),
+            ])
+            .unwrap();
+
+        let w = store.windows(10 * day - 30_000, 11 * day, None).unwrap();
+        let got: Vec<(&str, i64, u64, &str, &str)> = w
+            .iter()
+            .map(|m| {
+                (
+                    m.window.gpu_uuid.as_str(),
+                    m.window.start_ms - 10 * day,
+                    m.seq,
+                    m.host_id.as_str(),
+                    m.csp.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("GPU-1", -60_000, 3, "host-a", "kt"),
+                ("GPU-1", 60_000, 2, "host-a", "kt"),
+                ("GPU-2", 0, 1, "host-a", "kt"),
+            ]
+        );
+        // Every column comes back as it went in.
+        assert_eq!(w[2].window, window("GPU-2", 10 * day, Some(25_000)));
+        assert_eq!(w[1].window, window("GPU-1", 10 * day + 60_000, None));
+        assert_eq!(
+            store
+                .windows(10 * day, 11 * day, Some("GPU-2"))
+                .unwrap()
+                .len(),
+            1
+        );
+
+        let e = store.events(10 * day, 11 * day, None, None).unwrap();
+        let got: Vec<(&str, &str, &str)> = e
+            .iter()
+            .map(|s| (s.event.gpu_uuid.as_str(), s.event.kind, s.csp.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("GPU-3", "enforcement", "nhn"),
+                ("GPU-1", "enforcement", "kt"),
+                ("GPU-1", "xid", "kt")
+            ]
+        );
+        assert_eq!(e[1].event, event("GPU-1", 10 * day + 5, "enforcement"));
+        let only = store
+            .events(10 * day, 11 * day, Some("enforcement"), Some("GPU-1"))
+            .unwrap();
+        assert_eq!(only.len(), 1);
+
+        let inv = |grant: &str, period: &str, hours: f64| Invoice {
+            csp: "kt".into(),
+            grant_id: grant.into(),
+            period: period.into(),
+            billed_gpu_hours: hours,
+            line: 2,
+        };
+        store
+            .insert_invoices(
+                &[inv("G", "2026-04", 10.0), inv("G", "2026-05", 3.0)],
+                "x",
+                1,
+            )
+            .unwrap();
+        store
+            .insert_invoices(&[inv("G", "2026-04", 12.5)], "y", 2)
+            .unwrap();
+        let held = store.invoices().unwrap();
+        let got: Vec<(&str, f64, &str, i64)> = held
+            .iter()
+            .map(|s| {
+                (
+                    s.invoice.period.as_str(),
+                    s.invoice.billed_gpu_hours,
+                    s.actor.as_str(),
+                    s.imported_at_ms,
+                )
+            })
+            .collect();
+        assert_eq!(got, [("2026-04", 12.5, "y", 2), ("2026-05", 3.0, "x", 1)]);
+    }
+}
+
+pub(super) mod binding {
+    use crate::grants::{Grant, GrantCard, Program};
+    use crate::store::*;
+    use crate::store::{CheckpointRow, IngestRecord};
+
+    const CARD: &str = "GPU-000000c1-0000-4000-8000-000000000000";
+
+    fn hello(agent: &str, host: &str, gpus: &[&str]) -> AgentHello {
+        AgentHello {
+            agent_id: agent.into(),
+            host_id: host.into(),
+            csp: "kt".into(),
+            hostname: agent.into(),
+            agent_version: "t".into(),
+            public_key: [7; 32],
+            driver_version: "t".into(),
+            gpus: gpus
+                .iter()
+                .map(|u| GpuRow {
+                    uuid: u.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            epoch: 1,
+            received_ms: 5,
+        }
+    }
+
+    fn window(gpu: &str, start: i64, principals: &[&str]) -> WindowRow {
+        WindowRow {
+            gpu_uuid: gpu.into(),
+            start_ms: start,
+            end_ms: start + 60_000,
+            interval_ms: 1_000,
+            expected_samples: 60,
+            good_samples: 60,
+            util_avg_pct: Some(50.0),
+            util_max_pct: None,
+            mem_util_avg_pct: None,
+            memory_used_max_bytes: None,
+            energy_mj: None,
+            energy_estimated: false,
+            power_avg_w: None,
+            temperature_max_c: None,
+            throttle_reasons: None,
+            health: "ok",
+            unavailable_ms: 0,
+            assignment_status: "unassigned",
+            grant_id: String::new(),
+            principal: String::new(),
+            active_ms: 0,
+            occupied_ms: 0,
+            foreign_ms: 0,
+            grantee_occupied_ms: None,
+            unattributed_ms: None,
+            energy_estimated_mj: None,
+            principals: principals
+                .iter()
+                .map(|p| PrincipalRow {
+                    principal: p.to_string(),
+                    uid: None,
+                    occupied_ms: 1,
+                    active_ms: 1,
+                    memory_max_bytes: 1,
+                    process_count: 1,
+                    matches_grant: false,
+                })
+                .collect(),
+        }
+    }
+
+    fn batch(agent: &str, first_seq: u64, windows: Vec<WindowRow>) -> IngestBatch {
+        let records: Vec<IngestRecord> = windows
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| IngestRecord {
+                seq: first_seq + i as u64,
+                prev_hash: [0; 32],
+                hash: [first_seq as u8 + i as u8; 32],
+                body: vec![i as u8],
+                created_ms: 0,
+                content: RecordContent::Window(w),
+            })
+            .collect();
+        IngestBatch {
+            agent_id: agent.into(),
+            checkpoint: CheckpointRow {
+                epoch: 1,
+                seq: records.last().map_or(0, |r| r.seq),
+                chain_hash: [0; 32],
+                signature: vec![],
+            },
+            records,
+            received_ms: 9,
+            alarms: vec![],
+        }
+    }
+
+    fn kinds(store: &dyn Store, agent: &str) -> Vec<String> {
+        store
+            .alarms(Some(agent))
+            .unwrap()
+            .into_iter()
+            .map(|a| a.kind)
+            .collect()
+    }
+
+    pub(super) fn a_failing_batch_is_rolled_back_alone_and_the_others_commit(store: &dyn Store) {
+        for a in ["a", "p", "b"] {
+            store.hello(&hello(a, a, &[])).unwrap();
+        }
+        let out = store
+            .commit_each(&[
+                batch("a", 1, vec![window("GPU-a", 0, &["user:a"])]),
+                // The same principal twice in one window: the insert fails.
+                batch("p", 1, vec![window("GPU-p", 0, &["user:x", "user:x"])]),
+                batch("p", 2, vec![window("GPU-p", 60_000, &["user:x"])]),
+                batch("b", 1, vec![window("GPU-b", 0, &["user:b"])]),
+            ])
+            .unwrap();
+        assert_eq!(out[0].as_ref().unwrap().durable_seq, 1);
+        assert!(
+            matches!(&out[1], Err(StoreError::BatchRefused { agent_id, seq: 1, reason }) if agent_id == "p" && reason.contains("UNIQUE")),
+            "{:?}",
+            out[1]
+        );
+        assert!(
+            matches!(&out[2], Err(StoreError::BatchRefused { seq: 2, .. })),
+            "a later batch of the same agent would leave a hole: {:?}",
+            out[2]
+        );
+        assert_eq!(out[3].as_ref().unwrap().durable_seq, 1);
+        let held = |agent: &str| {
+            let mut n = 0i64;
+            store
+                .ledger()
+                .unwrap()
+                .scan_records(agent, &mut |_| n += 1)
+                .unwrap();
+            n
+        };
+        assert_eq!((held("a"), held("p"), held("b")), (1, 0, 1));
+        assert_eq!(kinds(store, "p"), ["batch_failed"]);
+        // All or nothing through `commit`, as before.
+        assert!(
+            store
+                .commit(&[batch(
+                    "p",
+                    1,
+                    vec![window("GPU-p", 0, &["user:x", "user:x"])]
+                )])
+                .is_err()
+        );
+    }
+
+    pub(super) fn cards_stay_with_their_first_host_until_an_admin_moves_them(store: &dyn Store) {
+        store.hello(&hello("k", "host-k", &[CARD])).unwrap();
+        store
+            .commit_each(&[batch("k", 1, vec![window(CARD, 0, &["user:k"])])])
+            .unwrap();
+        // Another host lists the card and meters it.
+        store.hello(&hello("h", "host-h", &[CARD])).unwrap();
+        assert_eq!(kinds(store, "h"), ["card_claimed"]);
+        let out = store
+            .commit_each(&[batch("h", 1, vec![window(CARD, 60_000, &["user:h"])])])
+            .unwrap();
+        assert!(out[0].is_ok());
+        assert_eq!(kinds(store, "h"), ["card_claimed", "card_not_owned"]);
+        let counted = |store: &dyn Store| {
+            store
+                .windows(0, 600_000, Some(CARD))
+                .unwrap()
+                .into_iter()
+                .map(|w| w.agent_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(counted(store), ["k"]);
+        let usage = store.usage(0, 600_000).unwrap();
+        assert_eq!(usage.cards.len(), 1);
+        assert_eq!(usage.tenants.len(), 1, "{:?}", usage.tenants);
+        let hosts = store.hosts().unwrap();
+        let of = |agent: &str| {
+            hosts
+                .iter()
+                .find(|h| h.agent_id == agent)
+                .map(|h| h.gpus.len())
+        };
+        assert_eq!((of("h"), of("k")), (Some(0), Some(1)));
+
+        let moved = store
+            .move_host_card(CARD, "host-h", "ops", "rack swap", 77)
+            .unwrap();
+        assert_eq!(moved.from_host_id, "host-k");
+        assert_eq!(counted(store), ["k", "h"]);
+        assert_eq!(store.card_moves(Some(CARD)).unwrap(), [moved]);
+        assert!(matches!(
+            store.move_host_card(CARD, "host-h", "ops", "", 78),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            store.move_host_card("GPU-none", "host-h", "ops", "", 78),
+            Err(StoreError::NotFound { what: "card", .. })
+        ));
+        // Now host K is the one without the card.
+        store.hello(&hello("k", "host-k", &[CARD])).unwrap();
+        assert_eq!(kinds(store, "k"), ["card_claimed"]);
+    }
+
+    pub(super) fn a_card_granted_to_a_host_is_its_own_before_that_host_reports_it(
+        store: &dyn Store,
+    ) {
+        let g = Grant {
+            grant_id: "G1".into(),
+            program: Program::Research,
+            grantee: "Lab".into(),
+            principal: "user:alice".parse().unwrap(),
+            csp: "kt".into(),
+            valid_from_ms: 0,
+            valid_until_ms: 86_400_000,
+            cards: vec![GrantCard::new("host-k", CARD)],
+            revoked_at_ms: None,
+        };
+        store.insert_grants(&[g], "ops", 1).unwrap();
+        store.hello(&hello("h", "host-h", &[CARD])).unwrap();
+        assert_eq!(kinds(store, "h"), ["card_claimed"]);
+        store
+            .commit_each(&[batch("h", 1, vec![window(CARD, 0, &["user:h"])])])
+            .unwrap();
+        assert!(store.windows(0, 600_000, Some(CARD)).unwrap().is_empty());
+        // The granted host reports it: listed under its agent, no alarm.
+        store.hello(&hello("k", "host-k", &[CARD])).unwrap();
+        assert!(kinds(store, "k").is_empty());
+        let hosts = store.hosts().unwrap();
+        let k = hosts.iter().find(|h| h.agent_id == "k").unwrap();
+        assert_eq!(k.gpus.len(), 1);
+    }
+
+    pub(super) fn an_agent_id_is_bound_to_the_host_of_its_first_hello(store: &dyn Store) {
+        // An admin registration binds no host yet.
+        store.register_agent("a", &[7; 32], "ops", "", 1).unwrap();
+        assert_eq!(store.agent_registered_ms("a").unwrap(), Some(1));
+        store.hello(&hello("a", "host-1", &[])).unwrap();
+        assert_eq!(
+            store.agent_registered_ms("a").unwrap(),
+            Some(1),
+            "the first registration counts"
+        );
+        assert!(matches!(
+            store.hello(&hello("a", "host-2", &[])),
+            Err(StoreError::HostMismatch { bound, claimed, .. }) if bound == "host-1" && claimed == "host-2"
+        ));
+        store.hello(&hello("a", "host-1", &[])).unwrap();
+        assert_eq!(store.agent_registered_ms("nobody").unwrap(), None);
+    }
+}
