@@ -1494,3 +1494,117 @@ fn bump_assignments_version(c: &mut impl GenericClient) -> Result<(), StoreError
     .map_err(db)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::pg_testdb::TestPg;
+
+    const C1: &str = "GPU-00000001-0000-4000-8000-000000000000";
+    const C2: &str = "GPU-00000002-0000-4000-8000-000000000000";
+
+    fn client(url: &str) -> postgres::Client {
+        postgres::Client::connect(url, NoTls).unwrap()
+    }
+
+    #[test]
+    fn grants_migration_keeps_cards_of_a_version_1_database() {
+        let Some(db) = TestPg::create("pg_migrate_v1") else {
+            return;
+        };
+        {
+            let mut c = client(&db.url);
+            c.batch_execute(MIGRATIONS[0]).unwrap();
+            c.batch_execute(&format!(
+                "CREATE TABLE schema_version (version BIGINT NOT NULL);
+                 INSERT INTO schema_version VALUES (1);
+                 INSERT INTO grants VALUES ('G', 'hpc', 'Acme', 'user:alice', 'kt', 1, 2, NULL);
+                 INSERT INTO grant_cards VALUES ('G', 'h2', '{C2}');
+                 INSERT INTO grant_cards VALUES ('G', 'h1', '{C1}');"
+            ))
+            .unwrap();
+        }
+        let store = PgStore::open(&db.url, None).unwrap();
+        let version = store.reader.with(schema_version).unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let g = &store.grants().unwrap()[0];
+        assert_eq!(
+            g.cards,
+            vec![GrantCard::new("h2", C2), GrantCard::new("h1", C1)]
+        );
+        assert_eq!(store.assignments("h1").unwrap().1.len(), 1);
+    }
+
+    #[test]
+    fn a_database_newer_than_the_collector_is_refused_and_opens_migrate_once() {
+        let Some(db) = TestPg::create("pg_schema_too_new") else {
+            return;
+        };
+        // Collectors starting together: each migration runs once.
+        let opened: Vec<_> = std::thread::scope(|s| {
+            (0..3)
+                .map(|_| s.spawn(|| PgStore::open(&db.url, None).map(|_| ())))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect()
+        });
+        assert!(opened.iter().all(Result::is_ok), "{opened:?}");
+        let mut c = client(&db.url);
+        let rows: i64 = c
+            .query_one("SELECT COUNT(*) FROM schema_version", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 1);
+        c.execute("UPDATE schema_version SET version = 99", &[])
+            .unwrap();
+        let e = PgStore::open(&db.url, None).unwrap_err();
+        assert!(
+            matches!(e, StoreError::SchemaTooNew { found: 99, known } if known == MIGRATIONS.len() as i64),
+            "{e}"
+        );
+        assert!(e.to_string().contains("newer than this collector"), "{e}");
+    }
+
+    #[test]
+    fn signing_without_a_key_file_names_the_flag_and_a_bad_url_names_the_database() {
+        let Some(db) = TestPg::create("pg_no_key") else {
+            return;
+        };
+        let store = PgStore::open(&db.url, None).unwrap();
+        let e = store.sign_head(1).unwrap_err().to_string();
+        assert!(e.contains("--collector-key"), "{e}");
+        assert!(store.collector_sign(b"x").is_err());
+        let e = PgStore::open("postgres://nobody:secret@%2Fnonexistent/none", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nobody:***@") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn the_store_answers_on_async_threads_too() {
+        let Some(db) = TestPg::create("pg_async_threads") else {
+            return;
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let store = std::sync::Arc::new(PgStore::open(&db.url, None).unwrap());
+        let s = store.clone();
+        // Called (and dropped) on a worker thread, as the token interceptor does: no panic.
+        let known = rt
+            .block_on(async move { tokio::spawn(async move { s.agent_known("a") }).await })
+            .unwrap()
+            .unwrap();
+        assert!(!known);
+        let s = store.clone();
+        rt.block_on(async move {
+            tokio::task::spawn_blocking(move || s.tokens().map(|t| t.len()))
+                .await
+                .unwrap()
+        })
+        .unwrap();
+        rt.block_on(async move { drop(store) });
+    }
+}

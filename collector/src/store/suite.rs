@@ -54,6 +54,7 @@ both!(
     binding::cards_stay_with_their_first_host_until_an_admin_moves_them,
     binding::a_card_granted_to_a_host_is_its_own_before_that_host_reports_it,
     binding::an_agent_id_is_bound_to_the_host_of_its_first_hello,
+    dedup::a_resent_record_is_a_duplicate_or_an_equivocation,
 );
 
 mod grants {
@@ -690,5 +691,487 @@ pub(super) mod binding {
         ));
         store.hello(&hello("a", "host-1", &[])).unwrap();
         assert_eq!(store.agent_registered_ms("nobody").unwrap(), None);
+    }
+}
+
+/// Dedup on (agent_id, seq) is exact on every backend: the same bytes again are duplicates,
+/// other bytes are equivocations (alarmed, the first copy kept, the other history's
+/// checkpoint not stored).
+pub(super) mod dedup {
+    use crate::store::*;
+
+    fn batch(agent: &str, seqs: std::ops::RangeInclusive<u64>, salt: u8) -> IngestBatch {
+        let records: Vec<IngestRecord> = seqs
+            .clone()
+            .map(|seq| IngestRecord {
+                seq,
+                prev_hash: [0; 32],
+                hash: [seq as u8 ^ salt; 32],
+                body: vec![seq as u8, salt],
+                created_ms: 0,
+                content: RecordContent::Unknown,
+            })
+            .collect();
+        IngestBatch {
+            agent_id: agent.into(),
+            checkpoint: CheckpointRow {
+                epoch: 1,
+                seq: *seqs.end(),
+                chain_hash: [*seqs.end() as u8 ^ salt; 32],
+                signature: vec![salt; 64],
+            },
+            records,
+            received_ms: 3,
+            alarms: vec![],
+        }
+    }
+
+    pub(super) fn a_resent_record_is_a_duplicate_or_an_equivocation(store: &dyn Store) {
+        let first = store.commit_each(&[batch("a", 1..=3, 0)]).unwrap();
+        let first = first[0].as_ref().unwrap();
+        assert_eq!((first.durable_seq, first.duplicates), (3, 0));
+        // The same bytes again, in one commit with more: duplicates, nothing else.
+        let out = store
+            .commit_each(&[batch("a", 1..=3, 0), batch("a", 4..=5, 0)])
+            .unwrap();
+        let again = out[0].as_ref().unwrap();
+        assert_eq!(
+            (again.duplicates, again.equivocations.as_slice()),
+            (3, &[][..])
+        );
+        assert_eq!(out[1].as_ref().unwrap().durable_seq, 5);
+        assert!(store.alarms(Some("a")).unwrap().is_empty());
+        // Other bytes for held seqs: the first copies stay, each is alarmed once.
+        let out = store.commit_each(&[batch("a", 4..=6, 0x80)]).unwrap();
+        let other = out[0].as_ref().unwrap();
+        assert_eq!(other.equivocations, [4, 5]);
+        assert_eq!((other.duplicates, other.durable_seq), (0, 6));
+        assert_eq!(store.record_hash("a", 4).unwrap(), Some([4; 32]));
+        assert_eq!(store.record_hash("a", 6).unwrap(), Some([6 ^ 0x80; 32]));
+        let alarms = store.alarms(Some("a")).unwrap();
+        let got: Vec<(&str, Option<u64>)> =
+            alarms.iter().map(|a| (a.kind.as_str(), a.seq)).collect();
+        assert_eq!(got, [("equivocation", Some(4)), ("equivocation", Some(5))]);
+        assert!(
+            alarms[0].detail.contains(&hex::encode([4u8; 32]))
+                && alarms[0].detail.contains(&hex::encode([4u8 ^ 0x80; 32])),
+            "{}",
+            alarms[0].detail
+        );
+        let ledger = store.ledger().unwrap();
+        let seqs: Vec<u64> = ledger
+            .checkpoints("a")
+            .unwrap()
+            .iter()
+            .map(|c| c.seq)
+            .collect();
+        // Seq 6 is new, so the checkpoint over it vouches for the chain held.
+        assert_eq!(seqs, [3, 5, 6]);
+        // A checkpoint over a re-sent seq with other bytes is the other history's: kept out
+        // (the held one at 5 stays as it was signed).
+        let out = store.commit_each(&[batch("a", 4..=5, 0x40)]).unwrap();
+        assert_eq!(out[0].as_ref().unwrap().equivocations, [4, 5]);
+        let cps = store.ledger().unwrap().checkpoints("a").unwrap();
+        assert_eq!(cps.len(), 3);
+        assert_eq!(
+            (cps[1].seq, cps[1].signature.as_slice()),
+            (5, &[0u8; 64][..])
+        );
+        let mut held = 0;
+        ledger.scan_records("a", &mut |_| held += 1).unwrap();
+        assert_eq!(held, 6);
+    }
+}
+
+/// The same script on both backends gives the same answers to every read, down to alarm
+/// texts, verification findings and the signed head's bytes.
+mod backends_agree {
+    use crate::grants::{Amendment, CardModel, Grant, GrantCard, Program};
+    use crate::store::*;
+
+    const K: &str = "GPU-000000a1-0000-4000-8000-000000000000";
+    const H: &str = "GPU-000000a2-0000-4000-8000-000000000000";
+    const SECRET: [u8; 32] = [42; 32];
+
+    fn hello(agent: &str, host: &str, gpus: &[(&str, &str)], at: i64) -> AgentHello {
+        AgentHello {
+            agent_id: agent.into(),
+            host_id: host.into(),
+            csp: "kt".into(),
+            hostname: agent.into(),
+            agent_version: "t".into(),
+            public_key: [agent.len() as u8; 32],
+            driver_version: "t".into(),
+            gpus: gpus
+                .iter()
+                .enumerate()
+                .map(|(i, (u, name))| GpuRow {
+                    uuid: u.to_string(),
+                    index: i as u32,
+                    name: name.to_string(),
+                    serial: format!("s-{u}"),
+                    pci_bus_id: "00:01".into(),
+                    memory_total_bytes: Some(80 << 30),
+                    mig_mode: "disabled".into(),
+                    mig: None,
+                })
+                .collect(),
+            epoch: 1,
+            received_ms: at,
+        }
+    }
+
+    fn window(gpu: &str, start: i64, util: f64, who: &[&str]) -> WindowRow {
+        WindowRow {
+            gpu_uuid: gpu.into(),
+            start_ms: start,
+            end_ms: start + 60_000,
+            interval_ms: 1_000,
+            expected_samples: 60,
+            good_samples: 59,
+            util_avg_pct: Some(util),
+            util_max_pct: Some(util),
+            mem_util_avg_pct: None,
+            memory_used_max_bytes: Some(1 << 30),
+            energy_mj: Some(12_345),
+            energy_estimated: false,
+            power_avg_w: Some(300.5),
+            temperature_max_c: Some(61),
+            throttle_reasons: None,
+            health: "ok",
+            unavailable_ms: 1_000,
+            assignment_status: "assigned",
+            grant_id: "G".into(),
+            principal: "user:alice".into(),
+            active_ms: 20_000,
+            occupied_ms: 59_000,
+            foreign_ms: 0,
+            grantee_occupied_ms: Some(59_000),
+            unattributed_ms: Some(0),
+            energy_estimated_mj: None,
+            principals: who
+                .iter()
+                .map(|p| PrincipalRow {
+                    principal: p.to_string(),
+                    uid: Some(1001),
+                    occupied_ms: 59_000,
+                    active_ms: 20_000,
+                    memory_max_bytes: 1 << 30,
+                    process_count: 1,
+                    matches_grant: *p == "user:alice",
+                })
+                .collect(),
+        }
+    }
+
+    fn batch(agent: &str, first: u64, contents: Vec<RecordContent>, at: i64) -> IngestBatch {
+        let mut prev = gpumeter_proto::chain::GENESIS;
+        let records: Vec<IngestRecord> = contents
+            .into_iter()
+            .enumerate()
+            .map(|(i, content)| {
+                let seq = first + i as u64;
+                let body = format!("{agent}-{seq}").into_bytes();
+                let hash = gpumeter_proto::chain::record_hash(&prev, seq, &body);
+                let r = IngestRecord {
+                    seq,
+                    prev_hash: prev,
+                    hash,
+                    body,
+                    created_ms: at,
+                    content,
+                };
+                prev = hash;
+                r
+            })
+            .collect();
+        IngestBatch {
+            agent_id: agent.into(),
+            checkpoint: CheckpointRow {
+                epoch: 1,
+                seq: records.last().map_or(0, |r| r.seq),
+                chain_hash: prev,
+                signature: vec![7; 64],
+            },
+            records,
+            received_ms: at,
+            alarms: vec![Alarm {
+                agent_id: agent.into(),
+                at_ms: at,
+                kind: "clock_skew".into(),
+                seq: None,
+                detail: format!("{agent} is {at} ms off"),
+            }],
+        }
+    }
+
+    /// Everything the store answers, after the script.
+    #[derive(Debug, PartialEq)]
+    struct Answers {
+        commits: Vec<Vec<Result<CommitOutcome, String>>>,
+        alarms: Vec<Alarm>,
+        windows: Vec<MeteredWindow>,
+        card: Vec<MeteredWindow>,
+        usage: Usage,
+        events: Vec<StoredEvent>,
+        hosts: Vec<HostRow>,
+        grants: Vec<Grant>,
+        grant: Option<GrantRecord>,
+        assignments: Vec<(u64, Vec<AssignmentRow>)>,
+        moves: Vec<CardMoveRow>,
+        invoices: Vec<StoredInvoice>,
+        tokens: Vec<TokenRow>,
+        verify: crate::verify::VerifyReport,
+        head: crate::heads::SignedHead,
+        heads: Vec<crate::heads::SignedHead>,
+    }
+
+    fn script(store: &dyn Store) -> Answers {
+        let day = 86_400_000;
+        let t = 10 * day;
+        let grant = Grant {
+            grant_id: "G".into(),
+            program: Program::Research,
+            grantee: "Lab".into(),
+            principal: "user:alice".parse().unwrap(),
+            csp: "kt".into(),
+            valid_from_ms: 0,
+            valid_until_ms: 40 * day,
+            cards: vec![GrantCard::new("host-k", K), GrantCard::new("host-k", H)],
+            revoked_at_ms: None,
+        };
+        store.insert_grants(&[grant], "ops", 1).unwrap();
+        store
+            .set_card_models(
+                &[CardModel {
+                    grant_id: "G".into(),
+                    gpu_uuid: H.into(),
+                    gpu_model: "H100".into(),
+                }],
+                2,
+            )
+            .unwrap();
+        store
+            .register_agent("k", &[1; 32], "ops", "install", 3)
+            .unwrap();
+        store
+            .hello(&hello(
+                "k",
+                "host-k",
+                &[(K, "NVIDIA A100"), (H, "NVIDIA A100")],
+                4,
+            ))
+            .unwrap();
+        store
+            .hello(&hello("hh", "host-h", &[(K, "NVIDIA A100")], 5))
+            .unwrap();
+        let mut commits = Vec::new();
+        let mut commit = |bs: Vec<IngestBatch>| {
+            commits.push(
+                store
+                    .commit_each(&bs)
+                    .unwrap()
+                    .into_iter()
+                    // Which batch failed, not the database's own words for why.
+                    .map(|r| {
+                        r.map_err(|e| match e {
+                            StoreError::BatchRefused { agent_id, seq, .. } => {
+                                format!("{agent_id} {seq}")
+                            }
+                            e => e.to_string(),
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        };
+        let w = |g: &str, s: i64, u: f64| RecordContent::Window(window(g, s, u, &["user:alice"]));
+        commit(vec![
+            batch(
+                "k",
+                1,
+                vec![
+                    w(K, t, 40.0),
+                    w(K, t + 60_000, 50.0),
+                    // Impossible: over 100 %.
+                    w(H, t, 150.0),
+                    // The same card time as seq 1.
+                    w(K, t, 10.0),
+                    RecordContent::Event(EventRow {
+                        gpu_uuid: K.into(),
+                        at_ms: t + 5,
+                        kind: "xid",
+                        code: 79,
+                        detail: "fell off the bus".into(),
+                        pid: None,
+                        principal: String::new(),
+                        grant_id: "G".into(),
+                        mode: String::new(),
+                        action: String::new(),
+                        result: String::new(),
+                    }),
+                    RecordContent::Gap {
+                        from_ms: t,
+                        until_ms: t + 1,
+                        reason: "spool full".into(),
+                    },
+                ],
+                100,
+            ),
+            // A card host K holds, metered by host H: stored, disputed.
+            batch("hh", 1, vec![w(K, t + 120_000, 30.0)], 101),
+            // Two principals of one name: this batch fails alone.
+            batch(
+                "hh",
+                2,
+                vec![RecordContent::Window(window(
+                    K,
+                    t + 180_000,
+                    1.0,
+                    &["user:x", "user:x"],
+                ))],
+                102,
+            ),
+        ]);
+        // A resend with other bytes, and one with the same.
+        let mut other = batch("k", 1, vec![w(K, t, 40.0)], 103);
+        other.records[0].hash = [9; 32];
+        other.checkpoint.chain_hash = [9; 32];
+        let same = batch("k", 1, vec![w(K, t, 40.0)], 104);
+        commit(vec![other, same]);
+        store
+            .amend_grant(
+                "G",
+                &Amendment::Extend {
+                    valid_until_ms: 50 * day,
+                },
+                "ops",
+                6,
+            )
+            .unwrap();
+        store
+            .move_host_card(K, "host-h", "ops", "rack swap", 7)
+            .unwrap();
+        store
+            .insert_invoices(
+                &[Invoice {
+                    csp: "kt".into(),
+                    grant_id: "G".into(),
+                    period: "2026-04".into(),
+                    billed_gpu_hours: 1.5,
+                    line: 2,
+                }],
+                "csp",
+                8,
+            )
+            .unwrap();
+        store
+            .create_token(&TokenRow {
+                name: "aud".into(),
+                role: "auditor".into(),
+                hash: "ab".repeat(32),
+                created_ms: 9,
+                revoked_ms: None,
+            })
+            .unwrap();
+        store.revoke_token("aud", 10).unwrap();
+        store
+            .alarm(&Alarm {
+                agent_id: "k".into(),
+                at_ms: 11,
+                kind: "seq_gap".into(),
+                seq: Some(3),
+                detail: "gap".into(),
+            })
+            .unwrap();
+        let head = store.sign_head(12).unwrap();
+        assert_eq!(
+            store.sign_head(13).unwrap(),
+            head,
+            "nothing changed: reused"
+        );
+        let ledger = store.ledger().unwrap();
+        Answers {
+            commits,
+            alarms: store
+                .alarms(None)
+                .unwrap()
+                .into_iter()
+                .map(|mut a| {
+                    // The database's own words for why a batch failed differ by backend.
+                    if let Some(i) = a.detail.find("rolled back alone") {
+                        a.detail.truncate(i);
+                    }
+                    a
+                })
+                .collect(),
+            windows: store.windows(t - day, t + day, None).unwrap(),
+            card: store.windows(t, t + 120_000, Some(K)).unwrap(),
+            usage: store.usage(t - day, t + day).unwrap(),
+            events: store.events(t - day, t + day, None, None).unwrap(),
+            hosts: store.hosts().unwrap(),
+            grants: store.grants().unwrap(),
+            grant: store.grant("G").unwrap(),
+            assignments: ["host-k", "host-h"]
+                .iter()
+                .map(|h| store.assignments(h).unwrap())
+                .collect(),
+            moves: store.card_moves(None).unwrap(),
+            invoices: store.invoices().unwrap(),
+            tokens: store.tokens().unwrap(),
+            verify: crate::verify::verify(ledger.as_ref()).unwrap(),
+            heads: store.heads(0).unwrap(),
+            head,
+        }
+    }
+
+    fn write_key(path: &std::path::Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, SECRET).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn both_backends_store_and_answer_alike() {
+        let Some(db) = super::TestPg::create("backends_agree") else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agree.db");
+        write_key(&crate::heads::key_path(&file));
+        let sqlite = script(&super::SqliteStore::open(&file).unwrap());
+        let key = dir.path().join("pg-key");
+        write_key(&key);
+        let postgres = script(&super::PgStore::open(&db.url, Some(&key)).unwrap());
+        // The script did what it meant to (so agreeing is not agreeing on nothing).
+        // Two of host K's, and host H's disputed one, which counts once the card moved to H.
+        assert_eq!(sqlite.windows.len(), 3, "{:?}", sqlite.windows);
+        let kinds: Vec<&str> = sqlite.alarms.iter().map(|a| a.kind.as_str()).collect();
+        for k in [
+            "impossible_window",
+            "card_time_overlap",
+            "equivocation",
+            "card_not_owned",
+            "batch_failed",
+            "card_claimed",
+            "card_model_mismatch",
+            "agent_gap",
+            "card_moved",
+        ] {
+            assert!(kinds.contains(&k), "{k} in {kinds:?}");
+        }
+        assert!(!sqlite.verify.ok, "the test bodies are not real records");
+        // Field by field first, for a readable failure.
+        assert_eq!(sqlite.commits, postgres.commits);
+        assert_eq!(sqlite.alarms, postgres.alarms);
+        assert_eq!(sqlite.windows, postgres.windows);
+        assert_eq!(sqlite.card, postgres.card);
+        assert_eq!(sqlite.usage, postgres.usage);
+        assert_eq!(sqlite.events, postgres.events);
+        assert_eq!(sqlite.hosts, postgres.hosts);
+        assert_eq!(sqlite.grant, postgres.grant);
+        assert_eq!(sqlite.assignments, postgres.assignments);
+        assert_eq!(sqlite.verify, postgres.verify);
+        assert_eq!(sqlite.head, postgres.head);
+        assert_eq!(sqlite, postgres);
     }
 }
