@@ -537,6 +537,42 @@ pub trait Store: Send + Sync + 'static {
 
     /// The card history, oldest first (every card when `gpu_uuid` is `None`).
     fn card_moves(&self, gpu_uuid: Option<&str>) -> Result<Vec<CardMoveRow>, StoreError>;
+
+    /// Claims the one live session an agent may have across every collector sharing this
+    /// store; `Ok(None)` while another collector holds it. The claim lasts until the returned
+    /// value is dropped, or its process dies. A store only one collector uses grants every
+    /// claim (that collector's own live set already allows one session per agent).
+    fn claim_session(&self, agent_id: &str) -> Result<Option<SessionClaim>, StoreError> {
+        let _ = agent_id;
+        Ok(Some(SessionClaim::default()))
+    }
+
+    /// How often to look for grant changes made by other collectors sharing this store (so
+    /// sessions here push them); `None` where only this collector changes grants.
+    fn shared_poll(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// A held claim on an agent's live session ([`Store::claim_session`]); released on drop.
+#[derive(Default)]
+pub struct SessionClaim(Option<Box<dyn std::any::Any + Send + Sync>>);
+
+impl SessionClaim {
+    /// A claim whose release is `held`'s drop.
+    pub fn holding(held: impl std::any::Any + Send + Sync) -> Self {
+        Self(Some(Box::new(held)))
+    }
+}
+
+impl std::fmt::Debug for SessionClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "SessionClaim(held)"
+        } else {
+            "SessionClaim(local)"
+        })
+    }
 }
 
 /// A bearer token as held: never the secret, only its SHA-256.

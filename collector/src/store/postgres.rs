@@ -20,7 +20,21 @@
 //! runtime (the writer thread, the CLI's blocking paths) and on a scoped helper thread
 //! otherwise (tokio workers, `spawn_blocking`), so the store is safe from anywhere.
 //! Connections: one for ingest and admin writes, one for queries, one for token lookups (so a
-//! long report never delays authentication), as in the SQLite store; one more per `ledger()`.
+//! long report never delays authentication), as in the SQLite store; one more per `ledger()`;
+//! and one holding the session claims.
+//!
+//! Several collectors on one database. Each agent has one live session across all of them:
+//! [`Store::claim_session`] takes a session-scoped advisory lock keyed by the agent id on
+//! this collector's claims connection and holds it for the session, so a collector that dies
+//! (its connection closes) releases its agents at once. Dedup, equivocation and window flags
+//! are decided inside each commit's transaction against what is committed, whichever
+//! collector committed it; a batch re-sent to another collector after a switch is a
+//! duplicate. Grant changes made through another collector are seen by polling the
+//! assignments version ([`Store::shared_poll`]). Heads are numbered under a lock across
+//! collectors; all collectors of one database must be given the same `--collector-key` file
+//! (an auditor's heads file refuses a head under another key). Limitation: if the claims
+//! connection itself breaks, the claims it held are gone while their sessions continue
+//! until they next reconnect.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -238,6 +252,8 @@ pub struct PgStore {
     auth: PgConn,
     key_path: Option<PathBuf>,
     head_key: OnceLock<ed25519_dalek::SigningKey>,
+    /// Holds the session claims (advisory locks) of this collector's live sessions.
+    claims: std::sync::Arc<PgConn>,
 }
 
 impl PgStore {
@@ -254,6 +270,7 @@ impl PgStore {
             writer,
             key_path: collector_key.map(Path::to_path_buf),
             head_key: OnceLock::new(),
+            claims: std::sync::Arc::new(PgConn::open(url)?),
         })
     }
 
@@ -300,6 +317,36 @@ impl PgStore {
                 epoch: 0,
             },
         })
+    }
+}
+
+/// The advisory lock key of an agent's live session.
+fn session_key(agent_id: &str) -> i64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"gpumeter.v1.session\0");
+    h.update(agent_id.as_bytes());
+    let d = h.finalize();
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(k)
+}
+
+/// A live session's claim: the advisory lock, released on drop.
+struct PgClaim {
+    conn: std::sync::Arc<PgConn>,
+    key: i64,
+}
+
+impl Drop for PgClaim {
+    fn drop(&mut self) {
+        let key = self.key;
+        if let Err(e) = self.conn.with(|c| {
+            c.execute("SELECT pg_advisory_unlock($1::BIGINT)", &[&key])
+                .map_err(db)
+        }) {
+            tracing::warn!(error = %e, "releasing a session claim failed");
+        }
     }
 }
 
@@ -586,6 +633,27 @@ impl Store for PgStore {
             tx.commit().map_err(db)?;
             Ok(row)
         })
+    }
+
+    fn claim_session(&self, agent_id: &str) -> Result<Option<super::SessionClaim>, StoreError> {
+        let key = session_key(agent_id);
+        let got: bool = self.claims.with(|c| {
+            Ok(
+                c.query_one("SELECT pg_try_advisory_lock($1::BIGINT)", &[&key])
+                    .map_err(db)?
+                    .get(0),
+            )
+        })?;
+        Ok(got.then(|| {
+            super::SessionClaim::holding(PgClaim {
+                conn: self.claims.clone(),
+                key,
+            })
+        }))
+    }
+
+    fn shared_poll(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(1))
     }
 
     fn card_moves(&self, gpu_uuid: Option<&str>) -> Result<Vec<CardMoveRow>, StoreError> {
@@ -1579,6 +1647,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nobody:***@") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn one_live_session_per_agent_across_collectors_and_a_dead_one_lets_go() {
+        let Some(db) = TestPg::create("pg_claims") else {
+            return;
+        };
+        let a = PgStore::open(&db.url, None).unwrap();
+        let b = PgStore::open(&db.url, None).unwrap();
+        let held = a.claim_session("agent-1").unwrap().expect("first claim");
+        assert!(b.claim_session("agent-1").unwrap().is_none());
+        let other = b.claim_session("agent-2").unwrap().expect("another agent");
+        drop(held);
+        let moved = b
+            .claim_session("agent-1")
+            .unwrap()
+            .expect("released on drop");
+        assert!(a.claim_session("agent-1").unwrap().is_none());
+        // Collector B dies: its connections close and its agents are free at once.
+        let mut c = client(&db.url);
+        let pid: i32 = b
+            .claims
+            .with(|c| {
+                Ok(c.query_one("SELECT pg_backend_pid()", &[])
+                    .map_err(super::db)?
+                    .get(0))
+            })
+            .unwrap();
+        c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+        std::mem::forget(moved);
+        std::mem::forget(other);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while a.claim_session("agent-1").unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "never released");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(a.claim_session("agent-2").unwrap().is_some());
     }
 
     #[test]
