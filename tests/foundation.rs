@@ -669,11 +669,23 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
 
 #[tokio::test]
 async fn a_second_live_session_for_the_same_agent_is_refused() {
-    use gpumeter_proto::v1::agent_message;
     let dir = tempfile::tempdir().unwrap();
-    let collector = TestCollector::start(&dir.path().join("l.db"))
-        .await
-        .unwrap();
+    let db = TestDb::sqlite(&dir.path().join("l.db"));
+    a_second_live_session_is_refused(db).await;
+}
+
+#[tokio::test]
+async fn a_second_live_session_for_the_same_agent_is_refused_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(db) = TestDb::postgres("second_session", dir.path()) else {
+        return;
+    };
+    a_second_live_session_is_refused(db).await;
+}
+
+async fn a_second_live_session_is_refused(backend: TestDb) {
+    use gpumeter_proto::v1::agent_message;
+    let collector = TestCollector::start_in(&backend).await.unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
     let hello = v1::AgentMessage {
         kind: Some(agent_message::Kind::Hello(v1::Hello {
