@@ -1056,6 +1056,13 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     error: anyhow::anyhow!("--minutes must be 1..=1440 and --speed in (0, 10000]"),
                 });
             }
+            if db.as_deref().is_some_and(|d| {
+                gpumeter_collector::store::postgres::is_postgres_url(&d.to_string_lossy())
+            }) {
+                return Err(usage(anyhow::anyhow!(
+                    "--db: the demo keeps its ledger in a SQLite file; serve runs on PostgreSQL"
+                )));
+            }
             demo(minutes, speed, db).await
         }
         Command::Man { out } => Ok(write_man_pages(&out)?),
