@@ -122,7 +122,13 @@ pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 pub(crate) struct PgConn {
     config: postgres::Config,
     label: String,
-    client: Mutex<Option<postgres::Client>>,
+    client: Mutex<Option<Conn>>,
+}
+
+/// A live connection and the commit statements prepared on it (gone with it).
+struct Conn {
+    client: postgres::Client,
+    commit: Option<super::postgres_commit::Statements>,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -153,12 +159,25 @@ impl PgConn {
         &self,
         f: impl FnOnce(&mut postgres::Client) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
+        self.with_commit(|c, _| f(c))
+    }
+
+    /// [`PgConn::with`], also handing over the commit statements prepared on this
+    /// connection (`None` until the commit path prepares them; reset on reconnect).
+    pub(crate) fn with_commit<T: Send>(
+        &self,
+        f: impl FnOnce(
+            &mut postgres::Client,
+            &mut Option<super::postgres_commit::Statements>,
+        ) -> Result<T, StoreError>
+        + Send,
+    ) -> Result<T, StoreError> {
         let mut guard = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        let slot: &mut Option<postgres::Client> = &mut guard;
+        let slot: &mut Option<Conn> = &mut guard;
         let config = &self.config;
         let label = &self.label;
         off_runtime(move || {
-            if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
                 let c = config.connect(NoTls).map_err(|e| StoreError::Open {
                     path: label.clone(),
                     reason: match e.as_db_error() {
@@ -166,10 +185,13 @@ impl PgConn {
                         None => e.to_string(),
                     },
                 })?;
-                *slot = Some(c);
+                *slot = Some(Conn {
+                    client: c,
+                    commit: None,
+                });
             }
             match slot.as_mut() {
-                Some(c) => f(c),
+                Some(c) => f(&mut c.client, &mut c.commit),
                 None => Err(StoreError::Closed),
             }
         })

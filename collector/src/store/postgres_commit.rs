@@ -20,25 +20,104 @@
 
 use std::collections::{HashMap, HashSet};
 
-use postgres::Transaction;
 use postgres::types::ToSql;
+use postgres::{Statement, Transaction};
 
-use super::postgres::{PgStore, db, insert_alarm, opt_u32, opt_u64};
+use super::postgres::{PgStore, db, hash_from, insert_alarm, opt_u32, opt_u64};
 use super::{Alarm, CommitOutcome, IngestBatch, RecordContent, StoreError, WindowRow};
 use crate::sanity::{self, DAY_MS, FLAG_IMPOSSIBLE, FLAG_OVERLAP};
+
+/// The commit path's statements, prepared once per connection (each saves a round trip per
+/// use).
+pub(crate) struct Statements {
+    rec_insert: Statement,
+    rec_held: Statement,
+    card_memory: Statement,
+    card_holders: Statement,
+    agent_host: Statement,
+    counted_spans: Statement,
+    win_insert: Statement,
+    principal_insert: Statement,
+    event_insert: Statement,
+    disputed_insert: Statement,
+    flag_insert: Statement,
+    cp_held: Statement,
+    cp_insert: Statement,
+    alarms_insert: Statement,
+    durable: Statement,
+}
+
+impl Statements {
+    pub(crate) fn prepare(c: &mut postgres::Client) -> Result<Self, StoreError> {
+        Ok(Self {
+            rec_insert: c.prepare("INSERT INTO records (agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms)
+                 SELECT $1::text, u.seq, u.prev, u.hash, u.body, u.kind, u.created, $2::bigint
+                 FROM UNNEST($3::bigint[], $4::bytea[], $5::bytea[], $6::bytea[], $7::text[], $8::bigint[])
+                      AS u(seq, prev, hash, body, kind, created)
+                 ON CONFLICT (agent_id, seq) DO NOTHING
+                 RETURNING seq").map_err(db)?,
+            rec_held: c.prepare("SELECT seq, hash FROM records WHERE agent_id = $1 AND seq = ANY($2)").map_err(db)?,
+            card_memory: c.prepare("SELECT gpu_uuid, memory_total_bytes FROM card_identity WHERE gpu_uuid = ANY($1)").map_err(db)?,
+            card_holders: c.prepare("SELECT gpu_uuid, host_id FROM gpus WHERE gpu_uuid = ANY($1)").map_err(db)?,
+            agent_host: c.prepare("SELECT host_id FROM agents WHERE agent_id = $1").map_err(db)?,
+            counted_spans: c.prepare("SELECT gpu_uuid, agent_id, seq, start_ms, end_ms FROM windows w
+                     WHERE gpu_uuid = ANY($1) AND start_ms < $3::BIGINT AND start_ms > $2::BIGINT - 86400000 AND end_ms > $2::BIGINT
+                       AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
+                     ORDER BY gpu_uuid, start_ms, end_ms, agent_id, seq").map_err(db)?,
+            win_insert: c.prepare("INSERT INTO windows (agent_id, seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
+                   util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj, energy_estimated, power_avg_w,
+                   temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_id, principal,
+                   active_ms, occupied_ms, foreign_ms, grantee_occupied_ms, unattributed_ms, energy_estimated_mj)
+                 SELECT $1::text, u.* FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                   $7::bigint[], $8::bigint[], $9::float8[], $10::float8[], $11::float8[], $12::bigint[], $13::bigint[],
+                   $14::bool[], $15::float8[], $16::bigint[], $17::bigint[], $18::text[], $19::bigint[], $20::text[],
+                   $21::text[], $22::text[], $23::bigint[], $24::bigint[], $25::bigint[], $26::bigint[], $27::bigint[],
+                   $28::bigint[]) AS u").map_err(db)?,
+            principal_insert: c.prepare("INSERT INTO window_principals (agent_id, seq, principal, uid, occupied_ms, active_ms, memory_max_bytes, process_count, matches_grant)
+                 SELECT $1::text, u.* FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                   $7::bigint[], $8::bigint[], $9::bool[]) AS u").map_err(db)?,
+            event_insert: c.prepare("INSERT INTO events (agent_id, seq, gpu_uuid, at_ms, kind, code, detail, pid, principal, grant_id, mode, action, result)
+                 SELECT $1::text, u.* FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
+                   $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[]) AS u").map_err(db)?,
+            disputed_insert: c.prepare("INSERT INTO disputed_windows (agent_id, seq, gpu_uuid, host_id, owner_host_id)
+                 SELECT $1::text, u.seq, u.gpu, $2::text, u.owner
+                 FROM UNNEST($3::bigint[], $4::text[], $5::text[]) AS u(seq, gpu, owner)").map_err(db)?,
+            flag_insert: c.prepare("INSERT INTO window_flags (agent_id, seq, flag, other_agent_id, other_seq, detail)
+                 SELECT $1::text, u.* FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[]) AS u
+                 ON CONFLICT DO NOTHING").map_err(db)?,
+            cp_held: c.prepare("SELECT hash FROM records WHERE agent_id = $1 AND seq = $2").map_err(db)?,
+            cp_insert: c.prepare("INSERT INTO checkpoints (agent_id, epoch, seq, chain_hash, signature, received_ms)
+                 VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (agent_id, seq) DO NOTHING").map_err(db)?,
+            alarms_insert: c.prepare("INSERT INTO alarms (agent_id, at_ms, kind, seq, detail)
+                     SELECT u.a, u.t, u.k, u.s, u.d
+                     FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::text[])
+                          WITH ORDINALITY AS u(a, t, k, s, d, n)
+                     ORDER BY u.n").map_err(db)?,
+            durable: c
+                .prepare("SELECT seq, hash FROM records WHERE agent_id = $1 ORDER BY seq DESC LIMIT 1")
+                .map_err(db)?,
+        })
+    }
+}
 
 pub(crate) fn commit_batches(
     store: &PgStore,
     batches: &[IngestBatch],
     isolate: bool,
 ) -> Result<Vec<Result<CommitOutcome, StoreError>>, StoreError> {
-    store.writer.with(|c| {
+    store.writer.with_commit(|c, prepared| {
+        if prepared.is_none() {
+            *prepared = Some(Statements::prepare(c)?);
+        }
+        let Some(st) = prepared.as_ref() else {
+            return Err(StoreError::Closed);
+        };
         let mut tx = c.transaction().map_err(db)?;
         let mut outcomes = Vec::with_capacity(batches.len());
         let mut failed: HashSet<&str> = HashSet::new();
         for b in batches {
             if !isolate {
-                outcomes.push(Ok(one(&mut tx, b)?));
+                outcomes.push(Ok(one(&mut tx, st, b)?));
                 continue;
             }
             let last_seq = b.records.last().map_or(b.checkpoint.seq, |r| r.seq);
@@ -51,7 +130,7 @@ pub(crate) fn commit_batches(
                 continue;
             }
             tx.batch_execute("SAVEPOINT batch").map_err(db)?;
-            match one(&mut tx, b) {
+            match one(&mut tx, st, b) {
                 Ok(o) => {
                     tx.batch_execute("RELEASE SAVEPOINT batch").map_err(db)?;
                     outcomes.push(Ok(o));
@@ -163,7 +242,11 @@ impl<'a> WindowCols<'a> {
 }
 
 /// Stores one batch (inside the caller's transaction or savepoint).
-fn one(tx: &mut Transaction<'_>, b: &IngestBatch) -> Result<CommitOutcome, StoreError> {
+fn one(
+    tx: &mut Transaction<'_>,
+    st: &Statements,
+    b: &IngestBatch,
+) -> Result<CommitOutcome, StoreError> {
     let mut out = CommitOutcome::default();
     let agent = b.agent_id.as_str();
     let mut alarms: Vec<Alarm> = Vec::new();
@@ -186,13 +269,17 @@ fn one(tx: &mut Transaction<'_>, b: &IngestBatch) -> Result<CommitOutcome, Store
         let kind: Vec<&str> = b.records.iter().map(|r| r.content.kind()).collect();
         let created: Vec<i64> = b.records.iter().map(|r| r.created_ms).collect();
         tx.query(
-            "INSERT INTO records (agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms)
-             SELECT $1::text, u.seq, u.prev, u.hash, u.body, u.kind, u.created, $2::bigint
-             FROM UNNEST($3::bigint[], $4::bytea[], $5::bytea[], $6::bytea[], $7::text[], $8::bigint[])
-                  AS u(seq, prev, hash, body, kind, created)
-             ON CONFLICT (agent_id, seq) DO NOTHING
-             RETURNING seq",
-            &[&agent, &b.received_ms, &seqs, &prev, &hash, &body, &kind, &created],
+            &st.rec_insert,
+            &[
+                &agent,
+                &b.received_ms,
+                &seqs,
+                &prev,
+                &hash,
+                &body,
+                &kind,
+                &created,
+            ],
         )
         .map_err(db)?
         .iter()
@@ -207,14 +294,11 @@ fn one(tx: &mut Transaction<'_>, b: &IngestBatch) -> Result<CommitOutcome, Store
             .copied()
             .filter(|s| !inserted.contains(s))
             .collect();
-        tx.query(
-            "SELECT seq, hash FROM records WHERE agent_id = $1 AND seq = ANY($2)",
-            &[&agent, &others],
-        )
-        .map_err(db)?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+        tx.query(&st.rec_held, &[&agent, &others])
+            .map_err(db)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
     };
 
     // What the window rules need, read once for the batch.
@@ -238,26 +322,14 @@ fn one(tx: &mut Transaction<'_>, b: &IngestBatch) -> Result<CommitOutcome, Store
             .collect();
         cards.sort_unstable();
         cards.dedup();
-        for r in tx
-            .query(
-                "SELECT gpu_uuid, memory_total_bytes FROM card_identity WHERE gpu_uuid = ANY($1)",
-                &[&cards],
-            )
-            .map_err(db)?
-        {
+        for r in tx.query(&st.card_memory, &[&cards]).map_err(db)? {
             memory.insert(r.get(0), r.get(1));
         }
-        for r in tx
-            .query(
-                "SELECT gpu_uuid, host_id FROM gpus WHERE gpu_uuid = ANY($1)",
-                &[&cards],
-            )
-            .map_err(db)?
-        {
+        for r in tx.query(&st.card_holders, &[&cards]).map_err(db)? {
             holders.insert(r.get(0), r.get(1));
         }
         agent_host = tx
-            .query_opt("SELECT host_id FROM agents WHERE agent_id = $1", &[&agent])
+            .query_opt(&st.agent_host, &[&agent])
             .map_err(db)?
             .map(|r| r.get(0));
         let from = new_windows
@@ -267,13 +339,7 @@ fn one(tx: &mut Transaction<'_>, b: &IngestBatch) -> Result<CommitOutcome, Store
             .unwrap_or(0);
         let until = new_windows.iter().map(|(_, w)| w.end_ms).max().unwrap_or(0);
         for r in tx
-            .query(
-                "SELECT gpu_uuid, agent_id, seq, start_ms, end_ms FROM windows w
-                 WHERE gpu_uuid = ANY($1) AND start_ms < $3::BIGINT AND start_ms > $2::BIGINT - 86400000 AND end_ms > $2::BIGINT
-                   AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
-                 ORDER BY gpu_uuid, start_ms, end_ms, agent_id, seq",
-                &[&cards, &from, &until],
-            )
+            .query(&st.counted_spans, &[&cards, &from, &until])
             .map_err(db)?
         {
             counted.entry(r.get(0)).or_default().push(Span {
@@ -499,37 +565,23 @@ fn one(tx: &mut Transaction<'_>, b: &IngestBatch) -> Result<CommitOutcome, Store
             &w.unattributed,
             &w.energy_estimated_mj,
         ];
-        tx.execute(
-            "INSERT INTO windows (agent_id, seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
-               util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj, energy_estimated, power_avg_w,
-               temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_id, principal,
-               active_ms, occupied_ms, foreign_ms, grantee_occupied_ms, unattributed_ms, energy_estimated_mj)
-             SELECT $1::text, u.* FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
-               $7::bigint[], $8::bigint[], $9::float8[], $10::float8[], $11::float8[], $12::bigint[], $13::bigint[],
-               $14::bool[], $15::float8[], $16::bigint[], $17::bigint[], $18::text[], $19::bigint[], $20::text[],
-               $21::text[], $22::text[], $23::bigint[], $24::bigint[], $25::bigint[], $26::bigint[], $27::bigint[],
-               $28::bigint[]) AS u",
-            &params,
-        )
-        .map_err(db)?;
+        tx.execute(&st.win_insert, &params).map_err(db)?;
     }
     if !p_seq.is_empty() {
         tx.execute(
-            "INSERT INTO window_principals (agent_id, seq, principal, uid, occupied_ms, active_ms, memory_max_bytes, process_count, matches_grant)
-             SELECT $1::text, u.* FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
-               $7::bigint[], $8::bigint[], $9::bool[]) AS u",
-            &[&agent, &p_seq, &p_name, &p_uid, &p_occ, &p_act, &p_mem, &p_n, &p_match],
+            &st.principal_insert,
+            &[
+                &agent, &p_seq, &p_name, &p_uid, &p_occ, &p_act, &p_mem, &p_n, &p_match,
+            ],
         )
         .map_err(db)?;
     }
     if !ev.0.is_empty() {
         tx.execute(
-            "INSERT INTO events (agent_id, seq, gpu_uuid, at_ms, kind, code, detail, pid, principal, grant_id, mode, action, result)
-             SELECT $1::text, u.* FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
-               $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[]) AS u",
+            &st.event_insert,
             &[
-                &agent, &ev.0, &ev.1, &ev.2, &ev.3, &ev.4, &ev.5, &ev.6, &ev.7, &ev.8, &ev.9, &ev.10,
-                &ev.11,
+                &agent, &ev.0, &ev.1, &ev.2, &ev.3, &ev.4, &ev.5, &ev.6, &ev.7, &ev.8, &ev.9,
+                &ev.10, &ev.11,
             ],
         )
         .map_err(db)?;
@@ -538,9 +590,7 @@ fn one(tx: &mut Transaction<'_>, b: &IngestBatch) -> Result<CommitOutcome, Store
         let seq: Vec<i64> = disputed.iter().map(|(s, _)| *s as i64).collect();
         let gpu: Vec<&str> = disputed.iter().map(|(_, g)| g.as_str()).collect();
         tx.execute(
-            "INSERT INTO disputed_windows (agent_id, seq, gpu_uuid, host_id, owner_host_id)
-             SELECT $1::text, u.seq, u.gpu, $2::text, u.owner
-             FROM UNNEST($3::bigint[], $4::text[], $5::text[]) AS u(seq, gpu, owner)",
+            &st.disputed_insert,
             &[&agent, &agent_host, &seq, &gpu, &disputed_owner],
         )
         .map_err(db)?;
@@ -552,9 +602,7 @@ fn one(tx: &mut Transaction<'_>, b: &IngestBatch) -> Result<CommitOutcome, Store
         let other_seq: Vec<Option<i64>> = flags.iter().map(|f| f.3).collect();
         let detail: Vec<&str> = flags.iter().map(|f| f.4.as_str()).collect();
         tx.execute(
-            "INSERT INTO window_flags (agent_id, seq, flag, other_agent_id, other_seq, detail)
-             SELECT $1::text, u.* FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[]) AS u
-             ON CONFLICT DO NOTHING",
+            &st.flag_insert,
             &[&agent, &seq, &flag, &other, &other_seq, &detail],
         )
         .map_err(db)?;
@@ -566,16 +614,12 @@ fn one(tx: &mut Transaction<'_>, b: &IngestBatch) -> Result<CommitOutcome, Store
     let cp = &b.checkpoint;
     let vouches = out.equivocations.is_empty()
         || tx
-            .query_opt(
-                "SELECT hash FROM records WHERE agent_id = $1 AND seq = $2",
-                &[&agent, &(cp.seq as i64)],
-            )
+            .query_opt(&st.cp_held, &[&agent, &(cp.seq as i64)])
             .map_err(db)?
             .is_some_and(|r| r.get::<_, Vec<u8>>(0).as_slice() == cp.chain_hash.as_slice());
     if vouches {
         tx.execute(
-            "INSERT INTO checkpoints (agent_id, epoch, seq, chain_hash, signature, received_ms)
-             VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (agent_id, seq) DO NOTHING",
+            &st.cp_insert,
             &[
                 &agent,
                 &(cp.epoch as i64),
@@ -604,34 +648,32 @@ fn one(tx: &mut Transaction<'_>, b: &IngestBatch) -> Result<CommitOutcome, Store
             ),
         ));
     }
-    insert_alarms(tx, &alarms)?;
-    let st = PgStore::durable(tx, agent)?;
-    out.durable_seq = st.durable_seq;
-    out.durable_hash = st.durable_hash;
+    insert_alarms(tx, st, &alarms)?;
+    if let Some(r) = tx.query_opt(&st.durable, &[&agent]).map_err(db)? {
+        out.durable_seq = r.get::<_, i64>(0) as u64;
+        out.durable_hash = hash_from(r.get(1));
+    } else {
+        out.durable_seq = 0;
+        out.durable_hash = gpumeter_proto::chain::GENESIS;
+    }
     Ok(out)
 }
 
 /// Inserts alarms in one statement, their ids in the order given.
-fn insert_alarms(tx: &mut Transaction<'_>, alarms: &[Alarm]) -> Result<(), StoreError> {
-    match alarms {
-        [] => Ok(()),
-        [a] => insert_alarm(tx, a),
-        _ => {
-            let agent: Vec<&str> = alarms.iter().map(|a| a.agent_id.as_str()).collect();
-            let at: Vec<i64> = alarms.iter().map(|a| a.at_ms).collect();
-            let kind: Vec<&str> = alarms.iter().map(|a| a.kind.as_str()).collect();
-            let seq: Vec<Option<i64>> = alarms.iter().map(|a| a.seq.map(|s| s as i64)).collect();
-            let detail: Vec<&str> = alarms.iter().map(|a| a.detail.as_str()).collect();
-            tx.execute(
-                "INSERT INTO alarms (agent_id, at_ms, kind, seq, detail)
-                 SELECT u.a, u.t, u.k, u.s, u.d
-                 FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::text[])
-                      WITH ORDINALITY AS u(a, t, k, s, d, n)
-                 ORDER BY u.n",
-                &[&agent, &at, &kind, &seq, &detail],
-            )
-            .map_err(db)?;
-            Ok(())
-        }
+fn insert_alarms(
+    tx: &mut Transaction<'_>,
+    st: &Statements,
+    alarms: &[Alarm],
+) -> Result<(), StoreError> {
+    if alarms.is_empty() {
+        return Ok(());
     }
+    let agent: Vec<&str> = alarms.iter().map(|a| a.agent_id.as_str()).collect();
+    let at: Vec<i64> = alarms.iter().map(|a| a.at_ms).collect();
+    let kind: Vec<&str> = alarms.iter().map(|a| a.kind.as_str()).collect();
+    let seq: Vec<Option<i64>> = alarms.iter().map(|a| a.seq.map(|s| s as i64)).collect();
+    let detail: Vec<&str> = alarms.iter().map(|a| a.detail.as_str()).collect();
+    tx.execute(&st.alarms_insert, &[&agent, &at, &kind, &seq, &detail])
+        .map_err(db)?;
+    Ok(())
 }
