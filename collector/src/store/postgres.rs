@@ -870,6 +870,30 @@ impl Store for PgStore {
         self.writer.with(|c| {
             let mut tx = c.transaction().map_err(db)?;
             lock(&mut tx, LOCK_GRANTS)?;
+            // The import was validated against the grants this collector read before taking
+            // the lock; another collector may have imported since. No card may be in two
+            // grants whose validity overlaps: checked again against what is held now.
+            let held = load_grants(&mut tx, None)?;
+            for g in grants {
+                for card in &g.cards {
+                    let mine = g.card_interval(card);
+                    for h in held.iter().filter(|h| h.grant_id != g.grant_id) {
+                        for theirs in h
+                            .cards
+                            .iter()
+                            .filter(|c| c.gpu_uuid.eq_ignore_ascii_case(&card.gpu_uuid))
+                        {
+                            let t = h.card_interval(theirs);
+                            if mine.0.max(t.0) < mine.1.min(t.1) {
+                                return Err(StoreError::Conflict(format!(
+                                    "card {} is already in grant {} for an overlapping period (imported since this import was checked); grant {} was not stored",
+                                    card.gpu_uuid, h.grant_id, g.grant_id
+                                )));
+                            }
+                        }
+                    }
+                }
+            }
             for g in grants {
                 tx.execute(
                     "INSERT INTO grants (grant_id, program, grantee, principal, csp, valid_from_ms, valid_until_ms, revoked_at_ms)
@@ -1707,6 +1731,46 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert!(a.claim_session("agent-2").unwrap().is_some());
+    }
+
+    #[test]
+    fn an_import_racing_another_collectors_is_checked_again_under_the_lock() {
+        let Some(db) = TestPg::create("pg_import_race") else {
+            return;
+        };
+        let store = PgStore::open(&db.url, None).unwrap();
+        let grant = |id: &str, from: i64, until: i64| Grant {
+            grant_id: id.into(),
+            program: Program::Research,
+            grantee: "Lab".into(),
+            principal: "user:alice".parse().unwrap(),
+            csp: "kt".into(),
+            valid_from_ms: from,
+            valid_until_ms: until,
+            cards: vec![GrantCard::new("h1", C1)],
+            revoked_at_ms: None,
+        };
+        // Both validated against an empty store, as two collectors would.
+        store
+            .insert_grants(&[grant("A", 0, 100)], "ops", 1)
+            .unwrap();
+        let e = store
+            .insert_grants(&[grant("B", 50, 150)], "ops", 2)
+            .unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Conflict(m) if m.contains(C1) && m.contains("grant A")),
+            "{e}"
+        );
+        store
+            .insert_grants(&[grant("C", 100, 200)], "ops", 3)
+            .unwrap();
+        let ids: Vec<String> = store
+            .grants()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.grant_id)
+            .collect();
+        assert_eq!(ids, ["A", "C"]);
     }
 
     #[test]
