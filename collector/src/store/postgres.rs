@@ -503,39 +503,50 @@ impl Store for PgStore {
                         granted
                     }
                 };
+                let claimed = |holder: &str| Alarm {
+                    agent_id: h.agent_id.clone(),
+                    at_ms: h.received_ms,
+                    kind: "card_claimed".into(),
+                    seq: None,
+                    detail: format!(
+                        "host {} listed card {} that host {holder} holds; the card stays with {holder} and windows for it from {} count in no figure until an admin moves it (hosts move-card)",
+                        h.host_id, g.uuid, h.host_id
+                    ),
+                };
                 if let Some(holder) = holder.filter(|o| *o != h.host_id) {
-                    insert_alarm(
-                        &mut tx,
-                        &Alarm {
-                            agent_id: h.agent_id.clone(),
-                            at_ms: h.received_ms,
-                            kind: "card_claimed".into(),
-                            seq: None,
-                            detail: format!(
-                                "host {} listed card {} that host {holder} holds; the card stays with {holder} and windows for it from {} count in no figure until an admin moves it (hosts move-card)",
-                                h.host_id, g.uuid, h.host_id
-                            ),
-                        },
-                    )?;
+                    insert_alarm(&mut tx, &claimed(&holder))?;
                     continue;
                 }
                 let mig = g.mig.clone().unwrap_or_default();
-                tx.execute(
-                    "INSERT INTO gpus (gpu_uuid, agent_id, host_id, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode, last_seen_ms,
-                                       parent_uuid, mig_profile, mig_slices, parent_slices)
-                     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)
-                     ON CONFLICT (gpu_uuid) DO UPDATE SET agent_id=excluded.agent_id, host_id=excluded.host_id, idx=excluded.idx,
-                       name=excluded.name, serial=excluded.serial, pci_bus_id=excluded.pci_bus_id,
-                       memory_total_bytes=excluded.memory_total_bytes, mig_mode=excluded.mig_mode, last_seen_ms=excluded.last_seen_ms,
-                       parent_uuid=excluded.parent_uuid, mig_profile=excluded.mig_profile,
-                       mig_slices=excluded.mig_slices, parent_slices=excluded.parent_slices",
-                    &[
-                        &g.uuid, &h.agent_id, &h.host_id, &i64::from(g.index), &g.name, &g.serial, &g.pci_bus_id,
-                        &opt_u64(g.memory_total_bytes), &g.mig_mode, &h.received_ms,
-                        &mig.parent_uuid, &mig.profile, &opt_u32(mig.slices), &opt_u32(mig.parent_slices),
-                    ],
-                )
-                .map_err(db)?;
+                // Only the holder's own row is updated: another host that took the card
+                // in between (through another collector) keeps it, and this is a claim.
+                let taken = tx
+                    .query(
+                        "INSERT INTO gpus (gpu_uuid, agent_id, host_id, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode, last_seen_ms,
+                                           parent_uuid, mig_profile, mig_slices, parent_slices)
+                         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)
+                         ON CONFLICT (gpu_uuid) DO UPDATE SET agent_id=excluded.agent_id, host_id=excluded.host_id, idx=excluded.idx,
+                           name=excluded.name, serial=excluded.serial, pci_bus_id=excluded.pci_bus_id,
+                           memory_total_bytes=excluded.memory_total_bytes, mig_mode=excluded.mig_mode, last_seen_ms=excluded.last_seen_ms,
+                           parent_uuid=excluded.parent_uuid, mig_profile=excluded.mig_profile,
+                           mig_slices=excluded.mig_slices, parent_slices=excluded.parent_slices
+                         WHERE gpus.host_id = excluded.host_id
+                         RETURNING 1",
+                        &[
+                            &g.uuid, &h.agent_id, &h.host_id, &i64::from(g.index), &g.name, &g.serial, &g.pci_bus_id,
+                            &opt_u64(g.memory_total_bytes), &g.mig_mode, &h.received_ms,
+                            &mig.parent_uuid, &mig.profile, &opt_u32(mig.slices), &opt_u32(mig.parent_slices),
+                        ],
+                    )
+                    .map_err(db)?
+                    .is_empty();
+                if taken {
+                    let holder: String = tx
+                        .query_one("SELECT host_id FROM gpus WHERE gpu_uuid = $1", &[&g.uuid])
+                        .map_err(db)?
+                        .get(0);
+                    insert_alarm(&mut tx, &claimed(&holder))?;
+                }
             }
             super::postgres_integrity::note_cards(&mut tx, h)?;
             super::postgres_integrity::note_key(
@@ -1771,6 +1782,54 @@ mod tests {
             .map(|g| g.grant_id)
             .collect();
         assert_eq!(ids, ["A", "C"]);
+    }
+
+    #[test]
+    fn a_card_two_hosts_list_at_once_stays_with_the_first_to_commit() {
+        let Some(db) = TestPg::create("pg_card_race") else {
+            return;
+        };
+        let store = PgStore::open(&db.url, None).unwrap();
+        // Host X's Hello (through another collector) has inserted the card, not committed.
+        let mut other = client(&db.url);
+        let mut tx = other.transaction().unwrap();
+        tx.execute(
+            "INSERT INTO gpus (gpu_uuid, agent_id, host_id, idx, name, serial, pci_bus_id, mig_mode, last_seen_ms)
+             VALUES ($1, 'x', 'host-x', 0, '', '', '', '', 1)",
+            &[&C1],
+        )
+        .unwrap();
+        let hello = AgentHello {
+            agent_id: "h".into(),
+            host_id: "host-h".into(),
+            csp: "kt".into(),
+            hostname: "h".into(),
+            agent_version: "t".into(),
+            public_key: [1; 32],
+            driver_version: "t".into(),
+            gpus: vec![GpuRow {
+                uuid: C1.into(),
+                ..Default::default()
+            }],
+            epoch: 1,
+            received_ms: 2,
+        };
+        std::thread::scope(|s| {
+            // Host H reads no holder, then waits on X's row.
+            let h = s.spawn(|| store.hello(&hello));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            tx.commit().unwrap();
+            h.join().unwrap().unwrap();
+        });
+        assert!(store.known_card("host-x", C1).unwrap());
+        assert!(!store.known_card("host-h", C1).unwrap());
+        let kinds: Vec<String> = store
+            .alarms(Some("h"))
+            .unwrap()
+            .into_iter()
+            .map(|a| a.kind)
+            .collect();
+        assert_eq!(kinds, ["card_claimed"]);
     }
 
     #[test]
