@@ -1833,6 +1833,116 @@ mod tests {
     }
 
     #[test]
+    fn windows_of_one_card_committed_at_once_by_two_collectors_count_once() {
+        let Some(db) = TestPg::create("pg_card_lock") else {
+            return;
+        };
+        let store = PgStore::open(&db.url, None).unwrap();
+        let hello = |agent: &str| AgentHello {
+            agent_id: agent.into(),
+            host_id: "host-1".into(),
+            csp: "kt".into(),
+            hostname: agent.into(),
+            agent_version: "t".into(),
+            public_key: [1; 32],
+            driver_version: "t".into(),
+            gpus: vec![GpuRow {
+                uuid: C1.into(),
+                ..Default::default()
+            }],
+            epoch: 1,
+            received_ms: 0,
+        };
+        store.hello(&hello("a1")).unwrap();
+        store.hello(&hello("a2")).unwrap();
+        // Collector X is committing a2's window of the card: it holds the card, not committed.
+        let mut other = client(&db.url);
+        let mut tx = other.transaction().unwrap();
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&crate::store::postgres_commit::card_key(C1)],
+        )
+        .unwrap();
+        tx.execute(
+            "INSERT INTO windows (agent_id, seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples,
+               good_samples, energy_estimated, health, unavailable_ms, assignment_status, grant_id, principal,
+               active_ms, occupied_ms, foreign_ms)
+             VALUES ('a2', 1, $1, 0, 60000, 1000, 60, 60, false, 'ok', 0, 'assigned', '', '', 0, 0, 0)",
+            &[&C1],
+        )
+        .unwrap();
+        let window = WindowRow {
+            gpu_uuid: C1.into(),
+            start_ms: 0,
+            end_ms: 60_000,
+            interval_ms: 1_000,
+            expected_samples: 60,
+            good_samples: 60,
+            util_avg_pct: None,
+            util_max_pct: None,
+            mem_util_avg_pct: None,
+            memory_used_max_bytes: None,
+            energy_mj: None,
+            energy_estimated: false,
+            power_avg_w: None,
+            temperature_max_c: None,
+            throttle_reasons: None,
+            health: "ok",
+            unavailable_ms: 0,
+            assignment_status: "assigned",
+            grant_id: String::new(),
+            principal: String::new(),
+            active_ms: 0,
+            occupied_ms: 0,
+            foreign_ms: 0,
+            grantee_occupied_ms: None,
+            unattributed_ms: None,
+            energy_estimated_mj: None,
+            principals: vec![],
+        };
+        let batch = IngestBatch {
+            agent_id: "a1".into(),
+            records: vec![crate::store::IngestRecord {
+                seq: 1,
+                prev_hash: [0; 32],
+                hash: [1; 32],
+                body: vec![1],
+                created_ms: 0,
+                content: crate::store::RecordContent::Window(window),
+            }],
+            checkpoint: crate::store::CheckpointRow {
+                epoch: 1,
+                seq: 1,
+                chain_hash: [1; 32],
+                signature: vec![],
+            },
+            received_ms: 0,
+            alarms: vec![],
+        };
+        std::thread::scope(|s| {
+            // This collector's commit of a1's window of the same time waits, then sees it.
+            let c = s.spawn(|| store.commit_each(std::slice::from_ref(&batch)));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            tx.commit().unwrap();
+            assert!(c.join().unwrap().unwrap()[0].is_ok());
+        });
+        let counted: Vec<String> = store
+            .windows(0, 60_000, Some(C1))
+            .unwrap()
+            .into_iter()
+            .map(|w| w.agent_id)
+            .collect();
+        assert_eq!(counted, ["a2"], "the card's minute counts once");
+        let kinds: Vec<String> = store
+            .alarms(Some("a1"))
+            .unwrap()
+            .into_iter()
+            .map(|a| a.kind)
+            .collect();
+        assert_eq!(kinds, ["card_time_overlap"]);
+    }
+
+    #[test]
     fn the_store_answers_on_async_threads_too() {
         let Some(db) = TestPg::create("pg_async_threads") else {
             return;

@@ -17,6 +17,11 @@
 //!   start), then the batch's own, then `card_not_owned`.
 //! - With `isolate`, each batch runs under a savepoint and fails alone (a `batch_failed`
 //!   alarm), and a later batch of the same agent in the same commit fails with it.
+//! - Several collectors: a batch takes a transaction-scoped advisory lock per card it has
+//!   windows for before judging them, so concurrent commits of one card's windows are judged
+//!   one after the other, each seeing what the other committed (the one writer of SQLite).
+//!   Two group commits locking cards in opposite orders across batches are a deadlock that
+//!   PostgreSQL breaks by failing one; its sessions are answered with the error and resend.
 
 use std::collections::{HashMap, HashSet};
 
@@ -45,6 +50,7 @@ pub(crate) struct Statements {
     cp_insert: Statement,
     alarms_insert: Statement,
     durable: Statement,
+    card_locks: Statement,
 }
 
 impl Statements {
@@ -93,6 +99,9 @@ impl Statements {
                      FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::text[])
                           WITH ORDINALITY AS u(a, t, k, s, d, n)
                      ORDER BY u.n").map_err(db)?,
+            card_locks: c
+                .prepare("SELECT pg_advisory_xact_lock(k) FROM UNNEST($1::bigint[]) AS k")
+                .map_err(db)?,
             durable: c
                 .prepare("SELECT seq, hash FROM records WHERE agent_id = $1 ORDER BY seq DESC LIMIT 1")
                 .map_err(db)?,
@@ -163,6 +172,18 @@ pub(crate) fn commit_batches(
         tx.commit().map_err(db)?;
         Ok(outcomes)
     })
+}
+
+/// The advisory lock key of a card's window judging.
+pub(crate) fn card_key(gpu_uuid: &str) -> i64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"gpumeter.v1.card\0");
+    h.update(gpu_uuid.as_bytes());
+    let d = h.finalize();
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(k)
 }
 
 /// A counted window of a card, as the overlap rule sees it.
@@ -322,6 +343,13 @@ fn one(
             .collect();
         cards.sort_unstable();
         cards.dedup();
+        // Commits of other collectors judging windows of these cards wait for this one (and
+        // this one for theirs), so each sees the other's windows as SQLite's one writer
+        // would; keys in one order, so two commits cannot wait on each other within a batch.
+        let mut keys: Vec<i64> = cards.iter().map(|c| card_key(c)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        tx.execute(&st.card_locks, &[&keys]).map_err(db)?;
         for r in tx.query(&st.card_memory, &[&cards]).map_err(db)? {
             memory.insert(r.get(0), r.get(1));
         }
