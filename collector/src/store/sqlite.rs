@@ -2002,11 +2002,27 @@ fn bump_assignments_version(c: &Connection) -> Result<(), StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const C1: &str = "GPU-00000001-0000-4000-8000-000000000000";
     const C2: &str = "GPU-00000002-0000-4000-8000-000000000000";
+    const DAY: i64 = 86_400_000;
+
+    /// A research grant of `cards` (host, card) from day 10 to day 40 (also the store suite's).
+    pub(crate) fn grant(id: &str, cards: &[(&str, &str)]) -> Grant {
+        Grant {
+            grant_id: id.into(),
+            program: Program::Research,
+            grantee: "Lab".into(),
+            principal: "user:alice".parse().unwrap(),
+            csp: "kt".into(),
+            valid_from_ms: 10 * DAY,
+            valid_until_ms: 40 * DAY,
+            cards: cards.iter().map(|(h, u)| GrantCard::new(*h, *u)).collect(),
+            revoked_at_ms: None,
+        }
+    }
 
     #[test]
     fn grants_migration_keeps_cards_of_a_version_1_database() {

@@ -58,26 +58,13 @@ both!(
 );
 
 mod grants {
-    use crate::grants::{AmendError, Amendment, Grant, GrantCard, Program};
+    use crate::grants::{AmendError, Amendment};
+    use crate::store::sqlite::tests::grant;
     use crate::store::*;
 
     const C1: &str = "GPU-00000001-0000-4000-8000-000000000000";
     const C2: &str = "GPU-00000002-0000-4000-8000-000000000000";
     const DAY: i64 = 86_400_000;
-
-    fn grant(id: &str, cards: &[(&str, &str)]) -> Grant {
-        Grant {
-            grant_id: id.into(),
-            program: Program::Research,
-            grantee: "Lab".into(),
-            principal: "user:alice".parse().unwrap(),
-            csp: "kt".into(),
-            valid_from_ms: 10 * DAY,
-            valid_until_ms: 40 * DAY,
-            cards: cards.iter().map(|(h, u)| GrantCard::new(*h, *u)).collect(),
-            revoked_at_ms: None,
-        }
-    }
 
     pub(super) fn grants_amendment_is_stored_with_history_and_honoured_by_assignments(
         store: &dyn Store,
