@@ -1,6 +1,7 @@
-//! Foundation, end to end: a real collector on port 0 with a real SQLite file, two agents with
-//! simulated cards over loopback gRPC; the stored windows and the report are checked against
-//! the scenario's ground truth exactly. Also the bad-input paths of the foundation.
+//! Foundation, end to end: a real collector on port 0 with a real SQLite file (and the same on
+//! a PostgreSQL database), two agents with simulated cards over loopback gRPC; the stored
+//! windows and the report are checked against the scenario's ground truth exactly. Also the
+//! bad-input paths of the foundation.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use gpumeter_agent::clock::align_down;
 use gpumeter_agent::gpu::sim::Scenario;
-use gpumeter_e2e::{TestCollector, agent_config, bin, now_ms, spawn_sim_agent};
+use gpumeter_e2e::{TestCollector, TestDb, agent_config, bin, now_ms, pg_rows, spawn_sim_agent};
 use gpumeter_proto::v1;
 
 const A0: &str = "GPU-0000000a-0000-4000-8000-000000000000";
@@ -150,8 +151,21 @@ fn truth(s: &Scenario, uuid: &str, windows: i64) -> Vec<WindowTruth> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_stream_windows_that_match_the_scenario_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ledger.db");
-    let collector = TestCollector::start(&db).await.unwrap();
+    let db = TestDb::sqlite(&dir.path().join("ledger.db"));
+    two_agents_stream_windows(dir, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_stream_windows_that_match_the_scenario_exactly_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(db) = TestDb::postgres("foundation", dir.path()) else {
+        return;
+    };
+    two_agents_stream_windows(dir, db).await;
+}
+
+async fn two_agents_stream_windows(dir: tempfile::TempDir, backend: TestDb) {
+    let collector = TestCollector::start_in(&backend).await.unwrap();
 
     let mut admin = collector.admin().await;
     let r = admin
@@ -194,36 +208,39 @@ async fn two_agents_stream_windows_that_match_the_scenario_exactly() {
     .await
     .expect("agents finish within 60 s");
 
-    // Stored windows, read straight from the SQLite file.
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    let mut st = conn
-        .prepare(
-            "SELECT gpu_uuid, start_ms, end_ms, expected_samples, good_samples, unavailable_ms, util_avg_pct, energy_mj,
+    // Stored windows, read straight from the database.
+    const WINDOWS: &str = "SELECT gpu_uuid, start_ms, end_ms, expected_samples, good_samples, unavailable_ms, util_avg_pct, energy_mj,
                     assignment_status, grant_id, occupied_ms, active_ms, foreign_ms
-             FROM windows ORDER BY gpu_uuid, start_ms",
-        )
-        .unwrap();
-    let rows: Vec<StoredWindow> = st
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-                r.get(8)?,
-                r.get(9)?,
-                r.get(10)?,
-                r.get(11)?,
-                r.get(12)?,
-            ))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+             FROM windows ORDER BY gpu_uuid, start_ms";
+    let xid_79 = format!(
+        "SELECT COUNT(*) FROM events WHERE kind = 'xid' AND code = 79 AND gpu_uuid = '{A2}'"
+    );
+    let (rows, xids): (Vec<StoredWindow>, i64) = match &backend {
+        TestDb::Postgres { pg, .. } => (
+            pg_rows(&pg.url, WINDOWS)
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        r.get(1),
+                        r.get(2),
+                        r.get::<_, i64>(3) as u32,
+                        r.get::<_, i64>(4) as u32,
+                        r.get(5),
+                        r.get(6),
+                        r.get(7),
+                        r.get(8),
+                        r.get(9),
+                        r.get(10),
+                        r.get(11),
+                        r.get(12),
+                    )
+                })
+                .collect(),
+            pg_rows(&pg.url, &xid_79)[0].get(0),
+        ),
+        TestDb::Sqlite(db) => sqlite_rows(db, WINDOWS, &xid_79),
+    };
     let mut per_card: BTreeMap<String, Vec<_>> = BTreeMap::new();
     for r in rows {
         per_card.entry(r.0.clone()).or_default().push(r);
@@ -384,15 +401,37 @@ async fn two_agents_stream_windows_that_match_the_scenario_exactly() {
     assert!(table.contains("user:bob"), "{table}");
 
     // XID 79 from the lost span arrived as an event, exactly once.
-    let xids: i64 = conn
-        .query_row(
-            "SELECT COUNT(*) FROM events WHERE kind = 'xid' AND code = 79 AND gpu_uuid = ?1",
-            [A2],
-            |r| r.get(0),
-        )
-        .unwrap();
     assert_eq!(xids, 1);
     collector.stop().await.unwrap();
+}
+
+/// The stored windows and the XID 79 count, read straight from the SQLite file.
+fn sqlite_rows(db: &std::path::Path, windows: &str, xid_79: &str) -> (Vec<StoredWindow>, i64) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut st = conn.prepare(windows).unwrap();
+    let rows: Vec<StoredWindow> = st
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+                r.get(9)?,
+                r.get(10)?,
+                r.get(11)?,
+                r.get(12)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let xids: i64 = conn.query_row(xid_79, [], |r| r.get(0)).unwrap();
+    (rows, xids)
 }
 
 /// An RFC 3339 time for a CLI period bound.
@@ -630,11 +669,23 @@ async fn agent_outlives_a_collector_that_is_down_and_loses_no_window() {
 
 #[tokio::test]
 async fn a_second_live_session_for_the_same_agent_is_refused() {
-    use gpumeter_proto::v1::agent_message;
     let dir = tempfile::tempdir().unwrap();
-    let collector = TestCollector::start(&dir.path().join("l.db"))
-        .await
-        .unwrap();
+    let db = TestDb::sqlite(&dir.path().join("l.db"));
+    a_second_live_session_is_refused(db).await;
+}
+
+#[tokio::test]
+async fn a_second_live_session_for_the_same_agent_is_refused_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(db) = TestDb::postgres("second_session", dir.path()) else {
+        return;
+    };
+    a_second_live_session_is_refused(db).await;
+}
+
+async fn a_second_live_session_is_refused(backend: TestDb) {
+    use gpumeter_proto::v1::agent_message;
+    let collector = TestCollector::start_in(&backend).await.unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
     let hello = v1::AgentMessage {
         kind: Some(agent_message::Kind::Hello(v1::Hello {

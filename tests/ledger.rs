@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use gpumeter_agent::clock::align_down;
 use gpumeter_agent::gpu::sim::Scenario;
-use gpumeter_e2e::{TestCollector, agent_config, now_ms, spawn_sim_agent};
+use gpumeter_e2e::{TestCollector, TestDb, agent_config, now_ms, spawn_sim_agent};
 
 fn scenario() -> Scenario {
     toml::from_str(
@@ -366,9 +366,20 @@ fn register(url: &str, agent_id: &str, key: &ed25519_dalek::SigningKey) -> (Opti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_key_is_refused_until_an_admin_re_registers_it() {
     let dir = tempfile::tempdir().unwrap();
-    let collector = TestCollector::start(&dir.path().join("keys.db"))
-        .await
-        .unwrap();
+    a_changed_key_is_refused(TestDb::sqlite(&dir.path().join("keys.db"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_key_is_refused_until_an_admin_re_registers_it_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(db) = TestDb::postgres("changed_key", dir.path()) else {
+        return;
+    };
+    a_changed_key_is_refused(db).await;
+}
+
+async fn a_changed_key_is_refused(backend: TestDb) {
+    let collector = TestCollector::start_in(&backend).await.unwrap();
     let k1 = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
     let k2 = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
 

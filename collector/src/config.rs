@@ -24,8 +24,13 @@ pub enum ConfigError {
 pub struct CollectorConfig {
     /// Address to serve Ingest, Query and Admin on (`--listen` wins).
     pub listen: Option<String>,
-    /// The ledger: a SQLite file path (`--db` wins).
+    /// The ledger: a SQLite file path, or a PostgreSQL database as `postgres://…` (`--db`
+    /// wins).
     pub db: Option<String>,
+    /// The collector's signing key file (heads, signed reports), created 0600 on first use;
+    /// required with a PostgreSQL `db`, which never holds the key. A SQLite `db` keeps it
+    /// beside the file (`<db>.collector-key`) and ignores this (`--collector-key` wins).
+    pub collector_key: Option<std::path::PathBuf>,
     /// This collector's name in Welcome messages and metrics; default `collector`.
     pub collector_id: Option<String>,
     /// Address of the Prometheus and health endpoint (`/metrics`, `/healthz`, `/readyz`).

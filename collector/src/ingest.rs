@@ -343,6 +343,16 @@ impl Ingest for IngestService {
             live: self.live.clone(),
             agent_id: agent_id.clone(),
         };
+        // One live session per agent across every collector sharing the store.
+        let store = self.store.clone();
+        let id = agent_id.clone();
+        let Some(claim) = blocking(move || store.claim_session(&id).map_err(Status::from)).await?
+        else {
+            warn!(agent = %agent_id, "refused a session another collector holds");
+            return Err(Status::already_exists(format!(
+                "agent {agent_id} already has a live session on another collector"
+            )));
+        };
         let store = self.store.clone();
         let h2 = h.clone();
         let state = match blocking(move || Ok(store.hello(&h2))).await? {
@@ -421,6 +431,7 @@ impl Ingest for IngestService {
         let host_id = h.host_id.clone();
         tokio::spawn(async move {
             let _guard = guard;
+            let _claim = claim;
             if let Err(status) = svc
                 .pump(
                     &mut inbound,

@@ -117,9 +117,14 @@ enum Command {
     Serve {
         #[arg(long)]
         listen: Option<String>,
-        /// SQLite file path.
+        /// SQLite file path, or a PostgreSQL database: postgres://USER@HOST/DB.
         #[arg(long)]
         db: Option<String>,
+        /// The collector's signing key file (heads, signed reports; created 0600 on first
+        /// use). Required with a PostgreSQL --db, which never holds the key; a SQLite --db
+        /// keeps it beside the file.
+        #[arg(long, value_name = "PATH")]
+        collector_key: Option<PathBuf>,
         #[arg(long)]
         config: Option<PathBuf>,
         /// How log lines are written to stderr (colour only on a terminal; level from
@@ -224,9 +229,10 @@ enum Command {
         file: PathBuf,
         #[arg(long, conflicts_with = "db", required_unless_present = "db")]
         server: Option<String>,
-        /// A copy of the ledger database (a scratch copy of it is opened; the file is not touched).
+        /// A copy of the ledger database (a scratch copy of it is opened; the file is not
+        /// touched), or a PostgreSQL database (postgres://…), read as of the report's head.
         #[arg(long)]
-        db: Option<PathBuf>,
+        db: Option<String>,
     },
     /// Grants to reclaim: utilization under a threshold over the last days up to now, with
     /// the cards that could be reassigned. (`report` lists them for its period too.)
@@ -261,9 +267,10 @@ enum Command {
         /// A running collector.
         #[arg(long, conflicts_with = "db", required_unless_present = "db")]
         server: Option<String>,
-        /// A copy of the ledger database, opened read-only.
+        /// A copy of the ledger database, opened read-only (a SQLite file, or postgres://…,
+        /// read in one snapshot).
         #[arg(long)]
-        db: Option<PathBuf>,
+        db: Option<String>,
         /// An auditor's heads file (from `heads --out`): the ledger must still extend each.
         #[arg(long)]
         heads: Option<PathBuf>,
@@ -281,9 +288,10 @@ enum Command {
         out: PathBuf,
         #[arg(long, conflicts_with = "db", required_unless_present = "db")]
         server: Option<String>,
-        /// A copy of the ledger database, opened read-only (its stored heads).
+        /// A copy of the ledger database, opened read-only (its stored heads): a SQLite file
+        /// or postgres://….
         #[arg(long)]
-        db: Option<PathBuf>,
+        db: Option<String>,
     },
     /// What the collector flagged for operators and auditors: equivocations, sequence gaps,
     /// rejected batches, clock skew, agents' gap and epoch records, key registrations.
@@ -392,20 +400,20 @@ enum TokensCommand {
         /// Who holds it; recorded as the actor of what it changes. Never reused.
         #[arg(long)]
         name: String,
-        /// The collector's SQLite database.
+        /// The collector's database: a SQLite file or postgres://….
         #[arg(long)]
-        db: PathBuf,
+        db: String,
     },
     /// Every token: name, role, created, revoked.
     List {
         #[arg(long)]
-        db: PathBuf,
+        db: String,
     },
     /// Revoke a token by name; calls with it are refused from the next one on.
     Revoke {
         name: String,
         #[arg(long)]
-        db: PathBuf,
+        db: String,
     },
 }
 
@@ -620,6 +628,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
         Command::Serve {
             listen,
             db,
+            collector_key,
             config,
             log_format,
             log_json,
@@ -647,11 +656,13 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                 code: 64,
                 error: anyhow::anyhow!("config field db: give --db PATH or db in the config file"),
             })?;
-            if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+            let collector_key = collector_key.or(cfg.collector_key.clone());
+            if gpumeter_collector::store::postgres::is_postgres_url(&db) && collector_key.is_none()
+            {
                 return Err(Failure {
                     code: 64,
                     error: anyhow::anyhow!(
-                        "config field db: the PostgreSQL store is not built into this collector yet; use a SQLite file path"
+                        "config field collector_key: a PostgreSQL db needs --collector-key PATH (or collector_key in the config file): the collector's signing key is kept in a file, never in the database"
                     ),
                 });
             }
@@ -670,10 +681,13 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             });
             let mut options = cfg.server_options();
             options.tls = tls;
-            let store = Arc::new(
-                SqliteStore::open(std::path::Path::new(&db))
-                    .with_context(|| format!("opening {db}"))?,
-            );
+            let store = gpumeter_collector::store::open_store(&db, collector_key.as_deref())
+                .with_context(|| {
+                    format!(
+                        "opening {}",
+                        gpumeter_collector::store::open::display_db(&db)
+                    )
+                })?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -869,13 +883,11 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     .into_inner()
                 }
                 (None, Some(db)) => {
-                    let ledger =
-                        gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(
-                            &db,
-                        )?;
+                    let opened = gpumeter_collector::store::open_ledger(&db)?;
+                    let ledger = opened.source();
                     let started = std::time::Instant::now();
-                    let mut report = gpumeter_collector::verify::verify(&ledger)?;
-                    report.heads = gpumeter_collector::heads::verify_heads(&heads, &ledger)?;
+                    let mut report = gpumeter_collector::verify::verify(ledger)?;
+                    report.heads = gpumeter_collector::heads::verify_heads(&heads, ledger)?;
                     report.ok &= report.heads.is_empty();
                     eprintln!("verified in {:.2} s", started.elapsed().as_secs_f64());
                     gpumeter_collector::query::report_to_wire(&report)
@@ -925,10 +937,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     .map(gpumeter_collector::convert::head_from_wire)
                     .collect::<Vec<_>>()
                 }
-                (None, Some(db)) => {
-                    gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(&db)?
-                        .heads(since_ms)?
-                }
+                (None, Some(db)) => gpumeter_collector::store::open_ledger(&db)?.heads(since_ms)?,
                 (None, None) => {
                     return Err(usage(anyhow::anyhow!("give --server URL or --db PATH")));
                 }
@@ -1046,6 +1055,13 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     code: 2,
                     error: anyhow::anyhow!("--minutes must be 1..=1440 and --speed in (0, 10000]"),
                 });
+            }
+            if db.as_deref().is_some_and(|d| {
+                gpumeter_collector::store::postgres::is_postgres_url(&d.to_string_lossy())
+            }) {
+                return Err(usage(anyhow::anyhow!(
+                    "--db: the demo keeps its ledger in a SQLite file; serve runs on PostgreSQL"
+                )));
             }
             demo(minutes, speed, db).await
         }
@@ -1282,14 +1298,18 @@ fn ca(command: CaCommand) -> Result<(), Failure> {
 fn tokens(command: TokensCommand) -> Result<(), Failure> {
     use gpumeter_collector::auth::tokens::{self, Role};
     use gpumeter_collector::store::Store;
-    let open = |db: &std::path::Path| -> Result<SqliteStore, Failure> {
-        if !db.exists() {
+    use gpumeter_collector::store::open::display_db;
+    let open = |db: &str| -> Result<Arc<dyn Store>, Failure> {
+        if !gpumeter_collector::store::postgres::is_postgres_url(db)
+            && !std::path::Path::new(db).exists()
+        {
             return Err(Failure {
                 code: 64,
-                error: anyhow::anyhow!("--db {}: no such database", db.display()),
+                error: anyhow::anyhow!("--db {db}: no such database"),
             });
         }
-        Ok(SqliteStore::open(db).with_context(|| format!("opening {}", db.display()))?)
+        Ok(gpumeter_collector::store::open_store(db, None)
+            .with_context(|| format!("opening {}", display_db(db)))?)
     };
     let now = gpumeter_collector::ingest::now_ms();
     match command {
@@ -1304,9 +1324,9 @@ fn tokens(command: TokensCommand) -> Result<(), Failure> {
                 TokenRole::Admin => Role::Admin,
             };
             // Bootstrapping: the first token is made before the collector ever ran.
-            let store =
-                SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))?;
-            let token = tokens::create(&store, &name, role, now)?;
+            let store = gpumeter_collector::store::open_store(&db, None)
+                .with_context(|| format!("opening {}", display_db(&db)))?;
+            let token = tokens::create(store.as_ref(), &name, role, now)?;
             eprintln!(
                 "token {name} ({}) made; it is shown once, only its hash is kept:",
                 role.as_str()
@@ -1804,7 +1824,7 @@ fn query_of(p: &gpumeter_collector::provenance::Provenance) -> v1::ReconcileRequ
 async fn verify_report(
     file: &std::path::Path,
     server: Option<String>,
-    db: Option<PathBuf>,
+    db: Option<String>,
 ) -> Result<(), Failure> {
     use gpumeter_collector::provenance::{content_hash, extract, render};
     let text =
@@ -1839,7 +1859,22 @@ async fn verify_report(
                 .into_inner();
             r.matches
         }
+        (None, Some(db)) if gpumeter_collector::store::postgres::is_postgres_url(&db) => {
+            // The report names its head; recomputing as of it only reads the database.
+            let store = gpumeter_collector::store::open_store(&db, None).with_context(|| {
+                format!(
+                    "opening {}",
+                    gpumeter_collector::store::open::display_db(&db)
+                )
+            })?;
+            let (rec, days, _) =
+                gpumeter_collector::query::compute_report(store.as_ref(), &query_of(&p))
+                    .map_err(|s| anyhow::anyhow!("recomputing: {}", s.message()))?;
+            let again = render(&rec, &days, &p.format, korean).map_err(|e| anyhow::anyhow!(e))?;
+            content_hash(&again) == hash
+        }
         (None, Some(db)) => {
+            let db = PathBuf::from(db);
             let scratch = tempfile::tempdir().context("a scratch directory")?;
             let copy = scratch.path().join("ledger.db");
             let src = rusqlite::Connection::open_with_flags(

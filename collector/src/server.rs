@@ -99,9 +99,18 @@ pub async fn run(
         need: Role::Admin,
         service: "Admin",
     };
+    let grants_tx = Arc::new(grants_tx);
+    if let Some(every) = store.shared_poll() {
+        tokio::spawn(watch_shared_grants(
+            store.clone(),
+            every,
+            grants_tx.clone(),
+            closing_tx.subscribe(),
+        ));
+    }
     let admin = AdminService {
         store,
-        grants_version: Arc::new(grants_tx),
+        grants_version: grants_tx,
         grants_lock: Arc::new(tokio::sync::Mutex::new(())),
     };
     let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady("starting".into()));
@@ -214,5 +223,39 @@ async fn sign_heads(store: Arc<dyn Store>, interval: Duration, mut closing: watc
             Ok(Err(e)) => tracing::error!(error = %e, "could not sign a ledger head"),
             Err(e) => tracing::error!(error = %e, "head signing task failed"),
         }
+    }
+}
+
+/// Bumps `grants` whenever the store's assignments version moves without this collector
+/// (another collector sharing the store changed grants), so sessions here push the new
+/// assignment sets. Read every `every` until the server closes.
+async fn watch_shared_grants(
+    store: Arc<dyn Store>,
+    every: Duration,
+    grants: Arc<watch::Sender<u64>>,
+    mut closing: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = closing.wait_for(|c| *c) => return,
+            _ = tick.tick() => {}
+        }
+        let s = store.clone();
+        // No host is named "": only the version is read.
+        let version = match tokio::task::spawn_blocking(move || s.assignments("")).await {
+            Ok(Ok((v, _))) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not read the assignments version");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if seen.is_some_and(|s| s != version) {
+            grants.send_modify(|v| *v += 1);
+        }
+        seen = Some(version);
     }
 }

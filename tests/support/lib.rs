@@ -1,5 +1,6 @@
-//! Helpers shared by the end-to-end tests: an in-process collector on a real SQLite file and
-//! port 0, the real binaries, and simulated agents.
+//! Helpers shared by the end-to-end tests: an in-process collector on a real SQLite file (or,
+//! through [`TestDb`], a PostgreSQL database of its own) and port 0, the real binaries, and
+//! simulated agents.
 //!
 //! TLS is on everywhere, as in production: one CA per test process ([`test_tls`]) with a
 //! server certificate for 127.0.0.1 and localhost; every collector serves it and holds the
@@ -20,6 +21,7 @@ use gpumeter_collector::auth::tls::{ServerTls, TlsFiles};
 use gpumeter_collector::client::{AuthChannel, ClientAuth};
 use gpumeter_collector::server::{ServerOptions, run};
 use gpumeter_collector::store::Store;
+use gpumeter_collector::store::pg_testdb::TestPg;
 use gpumeter_collector::store::sqlite::SqliteStore;
 use gpumeter_proto::v1::{
     admin_client::AdminClient, ingest_client::IngestClient, query_client::QueryClient,
@@ -29,16 +31,103 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-/// A collector serving on loopback from a SQLite file.
+/// Where a test collector keeps its ledger: a SQLite file, or a PostgreSQL database made for
+/// the test (dropped when the last clone goes) with the collector's key in a file beside it.
+#[derive(Clone, Debug)]
+pub enum TestDb {
+    Sqlite(PathBuf),
+    Postgres { pg: Arc<TestPg>, key: PathBuf },
+}
+
+impl TestDb {
+    pub fn sqlite(path: &Path) -> TestDb {
+        TestDb::Sqlite(path.to_path_buf())
+    }
+
+    /// A fresh PostgreSQL database for the test `tag`, its collector key in `dir`; `None`
+    /// (after a `SKIPPED` line) when no server is reachable and CI does not require one.
+    pub fn postgres(tag: &str, dir: &Path) -> Option<TestDb> {
+        Some(TestDb::Postgres {
+            pg: Arc::new(TestPg::create(tag)?),
+            key: dir.join("collector-key"),
+        })
+    }
+
+    /// What `--db` takes.
+    pub fn db_arg(&self) -> String {
+        match self {
+            TestDb::Sqlite(p) => p.display().to_string(),
+            TestDb::Postgres { pg, .. } => pg.url.clone(),
+        }
+    }
+
+    /// The `serve` arguments naming this database (and the PostgreSQL collector key).
+    pub fn serve_args(&self) -> Vec<String> {
+        let mut a = vec!["--db".to_string(), self.db_arg()];
+        if let TestDb::Postgres { key, .. } = self {
+            a.push("--collector-key".into());
+            a.push(key.display().to_string());
+        }
+        a
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, TestDb::Postgres { .. })
+    }
+
+    /// The store, opened (and migrated) as the collector opens it.
+    pub fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
+        let key = match self {
+            TestDb::Sqlite(_) => None,
+            TestDb::Postgres { key, .. } => Some(key.as_path()),
+        };
+        Ok(gpumeter_collector::store::open_store(&self.db_arg(), key)?)
+    }
+}
+
+/// Rows of `sql` run on the PostgreSQL database `url`, for tests that read its tables
+/// straight (the client runs on a thread of its own: it must not block an async test).
+pub fn pg_rows(url: &str, sql: &str) -> Vec<postgres::Row> {
+    let (url, sql) = (url.to_string(), sql.to_string());
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connecting");
+        let rows = c.query(&sql, &[]).expect("querying");
+        drop(c);
+        rows
+    })
+    .join()
+    .expect("query thread")
+}
+
+/// A collector serving on loopback from a SQLite file (or the database `backend` names).
 pub struct TestCollector {
     pub addr: SocketAddr,
     pub url: String,
+    /// The SQLite file (for PostgreSQL: its URL, as `--db` takes it).
     pub db: PathBuf,
+    pub backend: TestDb,
     stop: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl TestCollector {
+    /// Starts on port 0 on `backend`.
+    pub async fn start_in(backend: &TestDb) -> anyhow::Result<Self> {
+        Self::start_in_with(backend, "127.0.0.1:0", replay_options()).await
+    }
+
+    /// [`TestCollector::start_with`] on `backend`.
+    pub async fn start_in_with(
+        backend: &TestDb,
+        addr: &str,
+        mut opts: ServerOptions,
+    ) -> anyhow::Result<Self> {
+        if opts.tls.is_none() {
+            opts.tls = Some(test_tls().server.clone());
+        }
+        Self::serve_on(backend, addr, opts).await
+    }
+
     /// Starts on port 0.
     pub async fn start(db: &Path) -> anyhow::Result<Self> {
         Self::start_on(db, "127.0.0.1:0").await
@@ -72,7 +161,11 @@ impl TestCollector {
     }
 
     async fn serve(db: &Path, addr: &str, opts: ServerOptions) -> anyhow::Result<Self> {
-        let store = Arc::new(SqliteStore::open(db)?);
+        Self::serve_on(&TestDb::sqlite(db), addr, opts).await
+    }
+
+    async fn serve_on(backend: &TestDb, addr: &str, opts: ServerOptions) -> anyhow::Result<Self> {
+        let store = backend.open()?;
         ensure_admin_token(store.as_ref())?;
         let tls = opts.tls.is_some();
         let listener = TcpListener::bind(addr).await?;
@@ -84,7 +177,8 @@ impl TestCollector {
         Ok(Self {
             addr,
             url: format!("{}://{addr}", if tls { "https" } else { "http" }),
-            db: db.to_path_buf(),
+            db: PathBuf::from(backend.db_arg()),
+            backend: backend.clone(),
             stop,
             task,
         })
@@ -110,9 +204,9 @@ impl TestCollector {
     /// A token with `role` ("auditor" or "admin") named `name`, made in the collector's
     /// database.
     pub fn token(&self, role: &str, name: &str) -> String {
-        let store = SqliteStore::open(&self.db).expect("opening the test database");
+        let store = self.backend.open().expect("opening the test database");
         let role = gpumeter_collector::auth::tokens::Role::parse(role).expect("auditor or admin");
-        gpumeter_collector::auth::tokens::create(&store, name, role, now_ms())
+        gpumeter_collector::auth::tokens::create(store.as_ref(), name, role, now_ms())
             .expect("making a token")
     }
 

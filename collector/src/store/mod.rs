@@ -1,13 +1,26 @@
 //! Storage: the one `Store` trait every backend implements, and the plain rows it takes and
 //! gives. Nothing generated from the proto files crosses this boundary.
 
+pub mod open;
+#[doc(hidden)]
+pub mod pg_testdb;
+pub mod postgres;
+pub mod postgres_commit;
+pub mod postgres_integrity;
+pub mod postgres_ledger;
+pub mod postgres_rollup;
+pub mod postgres_schema;
 pub mod sqlite;
 pub mod sqlite_integrity;
 pub mod sqlite_ledger;
 pub mod sqlite_rollup;
+#[cfg(test)]
+mod suite;
 pub mod writer;
 
 use gpumeter_proto::chain::Hash;
+
+pub use open::{open_ledger, open_store};
 
 use crate::grants::{AmendError, Amendment, Grant};
 
@@ -538,6 +551,42 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError> {
         let _ = (level, from_ms, until_ms, visit);
         Ok(false)
+    }
+
+    /// Claims the one live session an agent may have across every collector sharing this
+    /// store; `Ok(None)` while another collector holds it. The claim lasts until the returned
+    /// value is dropped, or its process dies. A store only one collector uses grants every
+    /// claim (that collector's own live set already allows one session per agent).
+    fn claim_session(&self, agent_id: &str) -> Result<Option<SessionClaim>, StoreError> {
+        let _ = agent_id;
+        Ok(Some(SessionClaim::default()))
+    }
+
+    /// How often to look for grant changes made by other collectors sharing this store (so
+    /// sessions here push them); `None` where only this collector changes grants.
+    fn shared_poll(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// A held claim on an agent's live session ([`Store::claim_session`]); released on drop.
+#[derive(Default)]
+pub struct SessionClaim(Option<Box<dyn std::any::Any + Send + Sync>>);
+
+impl SessionClaim {
+    /// A claim whose release is `held`'s drop.
+    pub fn holding(held: impl std::any::Any + Send + Sync) -> Self {
+        Self(Some(Box::new(held)))
+    }
+}
+
+impl std::fmt::Debug for SessionClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "SessionClaim(held)"
+        } else {
+            "SessionClaim(local)"
+        })
     }
 }
 

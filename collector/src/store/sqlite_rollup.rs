@@ -525,7 +525,7 @@ mod tests {
         }
     }
 
-    fn commit(store: &SqliteStore, agent: &str, first_seq: u64, windows: Vec<WindowRow>) {
+    fn commit(store: &dyn Store, agent: &str, first_seq: u64, windows: Vec<WindowRow>) {
         let records: Vec<IngestRecord> = windows
             .into_iter()
             .enumerate()
@@ -576,7 +576,7 @@ mod tests {
 
     /// Sorted for comparison: the planner returns windows in another order than the store.
     fn report(
-        store: &SqliteStore,
+        store: &dyn Store,
         grants: &[Grant],
         (from, until, as_of): (i64, i64, i64),
         covered: &HashMap<&str, u64>,
@@ -823,6 +823,71 @@ mod tests {
         assert_eq!(flagged, vec![2, 4]);
     }
 
+    /// One case of the property below, on `store`.
+    fn rollups_agree(
+        store: &dyn Store,
+        gens: &[Gen],
+        split: usize,
+        period: (i64, i64, i64),
+        edges: (i64, Option<i64>),
+        head: (u64, u64),
+    ) -> Result<(), TestCaseError> {
+        // host-a holds every card; what agent b reports is disputed.
+        store.hello(&hello("a", &CARDS)).unwrap();
+        store.hello(&hello("b", &[])).unwrap();
+        let (mut a, mut b): (Vec<WindowRow>, Vec<WindowRow>) = (vec![], vec![]);
+        for g in gens {
+            if g.agent_b {
+                b.push(window_of(g))
+            } else {
+                a.push(window_of(g))
+            }
+        }
+        // Two commits each, so rows are added to as well as created.
+        let cut = split.min(a.len());
+        let later = a.split_off(cut);
+        commit(store, "a", 1, a.clone());
+        commit(store, "a", 1 + a.len() as u64, later);
+        commit(store, "b", 1, b);
+        // What commits kept is what verify derives from the windows.
+        prop_assert_eq!(store.ledger().unwrap().rollup_mismatches().unwrap(), vec![]);
+
+        // Grants cut at whole days, at odd minutes, and revoked mid-hour.
+        let g1_from = T0 + edges.0 * MIN;
+        let grants = vec![
+            grant("G1", &CARDS[..2], T0, T0 + 2 * DAY_MS, None),
+            grant(
+                "G2",
+                &CARDS[2..],
+                g1_from,
+                T0 + 3 * DAY_MS,
+                edges.1.map(|r| T0 + r * MIN + 7),
+            ),
+            grant(
+                "G3",
+                &CARDS[1..2],
+                T0 + 2 * DAY_MS + HOUR_MS,
+                T0 + 3 * DAY_MS,
+                None,
+            ),
+        ];
+        let from = T0 + period.0 * MIN;
+        let span = (from, from + period.1 * MIN, T0 + period.2 * MIN + 13);
+        let covered: HashMap<&str, u64> = [("a", head.0), ("b", head.1)].into();
+        let raw = report(store, &grants, span, &covered, false);
+        let rolled = report(store, &grants, span, &covered, true);
+        prop_assert_eq!(&rolled.0, &raw.0);
+        prop_assert_eq!(&rolled.1, &raw.1);
+        // A period of whole days reads rollups and still agrees.
+        let whole = (T0, T0 + 3 * DAY_MS, T0 + 3 * DAY_MS);
+        let all: HashMap<&str, u64> = [("a", u64::MAX), ("b", u64::MAX)].into();
+        prop_assert_eq!(
+            report(store, &grants, whole, &all, true),
+            report(store, &grants, whole, &all, false)
+        );
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -839,44 +904,30 @@ mod tests {
         ) {
             let dir = tempfile::tempdir().unwrap();
             let store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
-            // host-a holds every card; what agent b reports is disputed.
-            store.hello(&hello("a", &CARDS)).unwrap();
-            store.hello(&hello("b", &[])).unwrap();
-            let (mut a, mut b): (Vec<WindowRow>, Vec<WindowRow>) = (vec![], vec![]);
-            for g in &gens {
-                if g.agent_b { b.push(window_of(g)) } else { a.push(window_of(g)) }
-            }
-            // Two commits each, so rows are added to as well as created.
-            let cut = split.min(a.len());
-            let later = a.split_off(cut);
-            commit(&store, "a", 1, a.clone());
-            commit(&store, "a", 1 + a.len() as u64, later);
-            commit(&store, "b", 1, b);
+            rollups_agree(&store, &gens, split, period, edges, head)?;
+        }
+    }
 
-            let c = Connection::open(dir.path().join("r.db")).unwrap();
-            prop_assert_eq!(mismatches(&c).unwrap(), vec![]);
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(8))]
 
-            // Grants cut at whole days, at odd minutes, and revoked mid-hour.
-            let g1_from = T0 + edges.0 * MIN;
-            let grants = vec![
-                grant("G1", &CARDS[..2], T0, T0 + 2 * DAY_MS, None),
-                grant("G2", &CARDS[2..], g1_from, T0 + 3 * DAY_MS, edges.1.map(|r| T0 + r * MIN + 7)),
-                grant("G3", &CARDS[1..2], T0 + 2 * DAY_MS + HOUR_MS, T0 + 3 * DAY_MS, None),
-            ];
-            let from = T0 + period.0 * MIN;
-            let span = (from, from + period.1 * MIN, T0 + period.2 * MIN + 13);
-            let covered: HashMap<&str, u64> = [("a", head.0), ("b", head.1)].into();
-            let raw = report(&store, &grants, span, &covered, false);
-            let rolled = report(&store, &grants, span, &covered, true);
-            prop_assert_eq!(&rolled.0, &raw.0);
-            prop_assert_eq!(&rolled.1, &raw.1);
-            // A period of whole days reads rollups and still agrees.
-            let whole = (T0, T0 + 3 * DAY_MS, T0 + 3 * DAY_MS);
-            let all: HashMap<&str, u64> = [("a", u64::MAX), ("b", u64::MAX)].into();
-            prop_assert_eq!(
-                report(&store, &grants, whole, &all, true),
-                report(&store, &grants, whole, &all, false)
-            );
+        /// The same on PostgreSQL (fewer cases: each is a database of its own).
+        #[test]
+        fn reports_from_rollups_equal_reports_from_windows_on_postgres(
+            gens in proptest::collection::vec(arb_gen(), 1..120),
+            split in 0usize..120,
+            period in (0i64..3 * 1440, 1i64..3 * 1440, 0i64..4 * 1440),
+            edges in (0i64..3 * 1440, proptest::option::of(0i64..3 * 1440)),
+            head in (0u64..130, 0u64..130),
+        ) {
+            let Some(db) = crate::store::pg_testdb::TestPg::create("rollups") else {
+                return Ok(());
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let store =
+                crate::store::postgres::PgStore::open(&db.url, Some(&dir.path().join("key")))
+                    .unwrap();
+            rollups_agree(&store, &gens, split, period, edges, head)?;
         }
     }
 }
