@@ -93,44 +93,24 @@ pub fn check_window(
         )?;
         return Ok(true);
     }
-    // Counted windows of a card never overlap one another (each window that would is flagged
-    // as it arrives), so their ends are ordered as their starts: the earliest counted window
-    // overlapping this one is the last counted one to start before it, if that one reaches
-    // into it, or else the first to start inside it. Two index probes, however many windows
-    // the card has; the one named is the earliest, as verify and the PostgreSQL store name it.
-    let before = c
+    // Windows are at most a day long, so a counted window overlapping this one started less
+    // than a day before it: a range of the card's index (windows_by_card, in start order, so
+    // the one named is the earliest, as verify and the PostgreSQL store name it).
+    let other: Option<(String, i64, i64, i64)> = c
         .prepare_cached(
             "SELECT agent_id, seq, start_ms, end_ms FROM windows w
-             WHERE gpu_uuid = ?1 AND start_ms < ?2 AND start_ms > ?2 - 86400000
-               AND NOT (agent_id = ?3 AND seq = ?4)
+             WHERE gpu_uuid = ?1 AND start_ms < ?3 AND start_ms > ?2 - 86400000 AND end_ms > ?2
+               AND NOT (agent_id = ?4 AND seq = ?5)
                AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
-             ORDER BY start_ms DESC LIMIT 1",
+             LIMIT 1",
         )
         .map_err(db)?
-        .query_row(params![w.gpu_uuid, w.start_ms, agent_id, seq as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
+        .query_row(
+            params![w.gpu_uuid, w.start_ms, w.end_ms, agent_id, seq as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
         .optional()
-        .map_err(db)?
-        .filter(|(_, _, _, end): &(String, i64, i64, i64)| *end > w.start_ms);
-    let other: Option<(String, i64, i64, i64)> = match before {
-        Some(o) => Some(o),
-        None => c
-            .prepare_cached(
-                "SELECT agent_id, seq, start_ms, end_ms FROM windows w
-                 WHERE gpu_uuid = ?1 AND start_ms >= ?2 AND start_ms < ?3
-                   AND NOT (agent_id = ?4 AND seq = ?5)
-                   AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
-                 ORDER BY start_ms, end_ms, agent_id, seq LIMIT 1",
-            )
-            .map_err(db)?
-            .query_row(
-                params![w.gpu_uuid, w.start_ms, w.end_ms, agent_id, seq as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()
-            .map_err(db)?,
-    };
+        .map_err(db)?;
     if let Some((other_agent, other_seq, from, until)) = other {
         let detail = format!(
             "card {} time {}..{} is already covered by {other_agent} seq {other_seq} ({from}..{until}); this window counts in no figure",
