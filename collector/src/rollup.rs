@@ -84,6 +84,77 @@ pub struct RollupRow {
     pub max_seq: u64,
 }
 
+impl RollupRow {
+    /// A row as a store reads it: its key, the host and CSP of its agent, `raw`, and
+    /// `[windows, the eight sums in `RollupSums` order, max_seq]` as stored (negatives read
+    /// as 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn stored(
+        level: Level,
+        start_ms: i64,
+        gpu_uuid: String,
+        agent_id: String,
+        (host_id, csp): (String, String),
+        status: &str,
+        grant_id: String,
+        raw: bool,
+        n: [i64; 10],
+    ) -> Self {
+        let u = |v: i64| v.max(0) as u64;
+        Self {
+            level,
+            start_ms,
+            gpu_uuid,
+            agent_id,
+            host_id,
+            csp,
+            assignment_status: if status.is_empty() {
+                ""
+            } else {
+                crate::store::sqlite::known(status, crate::store::sqlite::STATUSES)
+            },
+            grant_id,
+            windows: u(n[0]),
+            raw,
+            sums: RollupSums {
+                good_ms: u(n[1]),
+                unavailable_ms: u(n[2]),
+                unattributed_ms: u(n[3]),
+                energy_mj: u(n[4]),
+                occupied_ms: u(n[5]),
+                grantee_occupied_ms: u(n[6]),
+                active_ms: u(n[7]),
+                foreign_ms: u(n[8]),
+            },
+            max_seq: u(n[9]),
+        }
+    }
+}
+
+/// Rows read in bucket order, handed to a visitor one card's bucket (all its rows) at a time,
+/// as [`Store::rollups`] promises.
+#[derive(Default)]
+pub struct Buckets(Vec<RollupRow>);
+
+impl Buckets {
+    pub fn push(&mut self, row: RollupRow, visit: &mut dyn FnMut(Vec<RollupRow>)) {
+        if self
+            .0
+            .first()
+            .is_some_and(|g| g.start_ms != row.start_ms || g.gpu_uuid != row.gpu_uuid)
+        {
+            visit(std::mem::take(&mut self.0));
+        }
+        self.0.push(row);
+    }
+
+    pub fn finish(self, visit: &mut dyn FnMut(Vec<RollupRow>)) {
+        if !self.0.is_empty() {
+            visit(self.0);
+        }
+    }
+}
+
 /// What a rollup row sums, per window as reconciliation reads it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RollupSums {

@@ -10,6 +10,7 @@ pub mod postgres_integrity;
 pub mod postgres_ledger;
 pub mod postgres_rollup;
 pub mod postgres_schema;
+pub mod rollup_sql;
 pub mod sqlite;
 pub mod sqlite_integrity;
 pub mod sqlite_ledger;

@@ -3,20 +3,22 @@
 //! `windows` table for `verify`.
 //!
 //! The commit path adds each window to its rows in Rust ([`add_window`]); migration 9 and
-//! `verify` derive the same rows in SQL from the windows ([`derive_sql`]). The two must agree
-//! to the row: verify compares them, and the store tests check every kind of window.
+//! `verify` derive the same rows in SQL from the windows ([`super::rollup_sql`], shared with
+//! PostgreSQL). The two must agree to the row: verify compares them, and the store tests
+//! check every kind of window.
 
 use rusqlite::{Connection, params};
 
+pub use super::rollup_sql::table;
+use super::rollup_sql::{COLUMNS, Dialect, Source, derive, mismatch_sql, problem, source_select};
 use super::{StoreError, WindowRow};
-use crate::rollup::{Entry, Level, RollupMismatch as Mismatch, RollupRow, RollupSums, entry};
+use crate::rollup::{
+    Buckets, Entry, Level, RollupMismatch as Mismatch, RollupRow, RollupSums, entry,
+};
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
 }
-
-/// The most one window contributes to a rollup sum as `verify` re-derives it (1e12).
-const VALUE_CAP: i64 = 1_000_000_000_000;
 
 /// Migration 9: the rollup tables (filled from the windows already stored by [`backfill`]).
 pub const MIGRATION: &str = r#"
@@ -60,106 +62,30 @@ CREATE TABLE card_days (
 ) WITHOUT ROWID;
 "#;
 
-pub fn table(level: Level) -> &'static str {
-    match level {
-        Level::Hour => "card_hours",
-        Level::Day => "card_days",
-    }
-}
+/// The temporary table the derivation reads (both levels read it once).
+const SOURCE: &str = "rollup_src";
 
-const COLUMNS: &str = "start_ms, gpu_uuid, agent_id, assignment_status, grant_id, windows, raw, good_ms, unavailable_ms, unattributed_ms, energy_mj, occupied_ms, grantee_occupied_ms, active_ms, foreign_ms, max_seq";
-
-/// SQL for the start of the bucket holding `x` (see [`Level::bucket`]).
-fn bucket_sql(level: Level, x: &str) -> String {
-    match level {
-        Level::Hour => format!("(({x}) - ((({x}) % 3600000) + 3600000) % 3600000)"),
-        Level::Day => {
-            format!("(({x}) - (((({x}) + 32400000) % 86400000) + 86400000) % 86400000)")
-        }
-    }
-}
-
-/// A temporary table `rollup_src` of every window that counts, as the rollups read it: its
-/// summed values, whether it is disputed, and its first and last hour and day.
-///
-/// Each value is clamped to [0, [`VALUE_CAP`]]: a window that counts holds far less (sanity
-/// bounds every time by a day and energy by 2,000 W over it), so the clamp changes nothing
-/// the commit path sums, and a tampered ledger (an impossible window's flag deleted) cannot
-/// overflow a sum: its row comes out different and is reported.
-fn source_sql() -> String {
-    let by_seq = "p.agent_id = w.agent_id AND p.seq = w.seq";
-    let cap = |x: &str| format!("MIN(MAX({x}, 0), {VALUE_CAP})");
-    format!(
-        "CREATE TEMP TABLE rollup_src AS
-         SELECT w.agent_id, w.seq, w.gpu_uuid, w.assignment_status, w.grant_id,
-                {good} AS good_ms, {unavailable} AS unavailable_ms,
-                {unattributed} AS unattributed_ms, {energy} AS energy_mj,
-                {occupied} AS occupied_ms, {foreign} AS foreign_ms,
-                {grantee} AS grantee_ms,
-                {active} AS active_ms,
-                EXISTS (SELECT 1 FROM disputed_windows d WHERE d.agent_id = w.agent_id AND d.seq = w.seq) AS disputed,
-                {h0} AS first_hour, {h1} AS last_hour, {d0} AS first_day, {d1} AS last_day
-         FROM windows w
-         WHERE NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)",
-        good = cap("w.good_samples * w.interval_ms"),
-        unavailable = cap("w.unavailable_ms"),
-        unattributed = cap("COALESCE(w.unattributed_ms, 0)"),
-        energy = cap("COALESCE(w.energy_mj, 0)"),
-        occupied = cap("w.occupied_ms"),
-        foreign = cap("w.foreign_ms"),
-        grantee = cap(&format!(
-            "COALESCE(w.grantee_occupied_ms,
-               CASE WHEN EXISTS (SELECT 1 FROM window_principals p WHERE {by_seq})
-                     AND NOT EXISTS (SELECT 1 FROM window_principals p WHERE {by_seq} AND NOT p.matches_grant)
-                    THEN w.occupied_ms
-                    ELSE COALESCE((SELECT MAX(p.occupied_ms) FROM window_principals p WHERE {by_seq} AND p.matches_grant), 0)
-               END)"
-        )),
-        active = cap(&format!(
-            "COALESCE((SELECT SUM(MIN(MAX(p.active_ms, 0), {VALUE_CAP})) FROM window_principals p WHERE {by_seq} AND p.matches_grant), 0)"
-        )),
-        h0 = bucket_sql(Level::Hour, "w.start_ms"),
-        h1 = bucket_sql(Level::Hour, "MAX(w.end_ms, w.start_ms + 1) - 1"),
-        d0 = bucket_sql(Level::Day, "w.start_ms"),
-        d1 = bucket_sql(Level::Day, "MAX(w.end_ms, w.start_ms + 1) - 1"),
-    )
-}
-
-/// The rows of `level` as derived from `rollup_src`, in [`COLUMNS`] order.
-pub fn derive_sql(level: Level) -> String {
-    let (first, last) = match level {
-        Level::Hour => ("first_hour", "last_hour"),
-        Level::Day => ("first_day", "last_day"),
-    };
-    let len = level.len_ms();
-    format!(
-        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 24)
-         SELECT {first}, gpu_uuid, agent_id, assignment_status, grant_id, COUNT(*), 0,
-                SUM(good_ms), SUM(unavailable_ms), SUM(unattributed_ms), SUM(energy_mj),
-                SUM(occupied_ms), SUM(grantee_ms), SUM(active_ms), SUM(foreign_ms), MAX(seq)
-         FROM rollup_src WHERE {first} = {last} AND NOT disputed
-         GROUP BY {first}, gpu_uuid, agent_id, assignment_status, grant_id
-         UNION ALL
-         SELECT {first} + n.i * {len}, gpu_uuid, agent_id, '', '', COUNT(*), 1,
-                0, 0, 0, 0, 0, 0, 0, 0, MAX(seq)
-         FROM rollup_src JOIN n ON {first} + n.i * {len} <= {last}
-         WHERE {first} <> {last} OR disputed
-         GROUP BY {first} + n.i * {len}, gpu_uuid, agent_id"
-    )
+fn create_source(c: &Connection) -> Result<(), StoreError> {
+    c.execute_batch(&format!(
+        "DROP TABLE IF EXISTS temp.{SOURCE}; CREATE TEMP TABLE {SOURCE} AS {}",
+        source_select(Dialect::Sqlite)
+    ))
+    .map_err(db)
 }
 
 /// Fills the rollup tables from the windows stored (migration 9).
 pub fn backfill(c: &Connection) -> Result<(), StoreError> {
-    c.execute_batch(&source_sql()).map_err(db)?;
+    create_source(c)?;
     for level in [Level::Hour, Level::Day] {
         c.execute_batch(&format!(
             "INSERT INTO {} ({COLUMNS}) {}",
             table(level),
-            derive_sql(level)
+            derive(Dialect::Sqlite, level, Source::Table(SOURCE))
         ))
         .map_err(db)?;
     }
-    c.execute_batch("DROP TABLE rollup_src").map_err(db)
+    c.execute_batch(&format!("DROP TABLE temp.{SOURCE}"))
+        .map_err(db)
 }
 
 /// Adds a window that counts (no flag) to its rows; `disputed`: reported for a card another
@@ -258,93 +184,49 @@ pub fn visit(
     let mut rows = st
         .query(params![from_ms, until_ms, level.len_ms()])
         .map_err(db)?;
-    let u = |v: i64| v.max(0) as u64;
-    let mut group: Vec<RollupRow> = Vec::new();
+    let mut buckets = Buckets::default();
     while let Some(r) = rows.next().map_err(db)? {
-        let start_ms: i64 = r.get(0).map_err(db)?;
-        let gpu_uuid: String = r.get(1).map_err(db)?;
-        if group
-            .first()
-            .is_some_and(|g| g.start_ms != start_ms || g.gpu_uuid != gpu_uuid)
-        {
-            visit(std::mem::take(&mut group));
-        }
         let agent_id: String = r.get(2).map_err(db)?;
-        let (host_id, csp) = agents.get(&agent_id).cloned().unwrap_or_default();
+        let at = agents.get(&agent_id).cloned().unwrap_or_default();
         let status: String = r.get(3).map_err(db)?;
-        group.push(RollupRow {
+        let mut n = [0i64; 10];
+        for (k, v) in n.iter_mut().enumerate() {
+            *v = r.get(if k == 0 { 5 } else { k + 6 }).map_err(db)?;
+        }
+        let row = RollupRow::stored(
             level,
-            start_ms,
-            gpu_uuid,
+            r.get(0).map_err(db)?,
+            r.get(1).map_err(db)?,
             agent_id,
-            host_id,
-            csp,
-            assignment_status: if status.is_empty() {
-                ""
-            } else {
-                super::sqlite::known(&status, super::sqlite::STATUSES)
-            },
-            grant_id: r.get(4).map_err(db)?,
-            windows: u(r.get(5).map_err(db)?),
-            raw: r.get(6).map_err(db)?,
-            sums: RollupSums {
-                good_ms: u(r.get(7).map_err(db)?),
-                unavailable_ms: u(r.get(8).map_err(db)?),
-                unattributed_ms: u(r.get(9).map_err(db)?),
-                energy_mj: u(r.get(10).map_err(db)?),
-                occupied_ms: u(r.get(11).map_err(db)?),
-                grantee_occupied_ms: u(r.get(12).map_err(db)?),
-                active_ms: u(r.get(13).map_err(db)?),
-                foreign_ms: u(r.get(14).map_err(db)?),
-            },
-            max_seq: u(r.get(15).map_err(db)?),
-        });
+            at,
+            &status,
+            r.get(4).map_err(db)?,
+            r.get(6).map_err(db)?,
+            n,
+        );
+        buckets.push(row, visit);
     }
-    if !group.is_empty() {
-        visit(group);
-    }
+    buckets.finish(visit);
     Ok(())
 }
 
 /// Re-derives both rollup tables from the windows (as migration 9 fills them) and lists every
 /// row that differs, by key. Runs on a connection that may write temporary tables.
 pub fn mismatches(c: &Connection) -> Result<Vec<Mismatch>, StoreError> {
-    c.execute_batch("DROP TABLE IF EXISTS temp.rollup_src")
-        .map_err(db)?;
-    c.execute_batch(&source_sql()).map_err(db)?;
+    create_source(c)?;
     let mut out = Vec::new();
     for level in [Level::Hour, Level::Day] {
-        let t = table(level);
-        let same = "l.start_ms = e.start_ms AND l.gpu_uuid = e.gpu_uuid AND l.agent_id = e.agent_id
-                    AND l.assignment_status = e.assignment_status AND l.grant_id = e.grant_id";
-        let sql = format!(
-            "WITH derived ({COLUMNS}) AS ({derive}),
-             extra AS (SELECT {COLUMNS} FROM {t} EXCEPT SELECT {COLUMNS} FROM derived),
-             lacking AS (SELECT {COLUMNS} FROM derived EXCEPT SELECT {COLUMNS} FROM {t})
-             SELECT e.start_ms, e.gpu_uuid, e.agent_id,
-                    CASE WHEN EXISTS (SELECT 1 FROM lacking l WHERE {same})
-                         THEN 'differs' ELSE 'not derived' END
-             FROM extra e
-             UNION ALL
-             SELECT l.start_ms, l.gpu_uuid, l.agent_id, 'missing' FROM lacking l
-             WHERE NOT EXISTS (SELECT 1 FROM extra e WHERE {same})
-             ORDER BY 1, 2, 3",
-            derive = derive_sql(level),
-        );
-        let mut st = c.prepare(&sql).map_err(db)?;
+        let mut st = c
+            .prepare(&mismatch_sql(Dialect::Sqlite, level, Source::Table(SOURCE)))
+            .map_err(db)?;
         let rows = st
             .query_map([], |r| {
-                let problem: String = r.get(3)?;
                 Ok(Mismatch {
-                    table: t,
+                    table: table(level),
                     start_ms: r.get(0)?,
                     gpu_uuid: r.get(1)?,
                     agent_id: r.get(2)?,
-                    problem: match problem.as_str() {
-                        "differs" => "differs",
-                        "missing" => "missing",
-                        _ => "not derived",
-                    },
+                    problem: problem(&r.get::<_, String>(3)?),
                 })
             })
             .map_err(db)?;
@@ -352,7 +234,8 @@ pub fn mismatches(c: &Connection) -> Result<Vec<Mismatch>, StoreError> {
             out.push(r.map_err(db)?);
         }
     }
-    c.execute_batch("DROP TABLE temp.rollup_src").map_err(db)?;
+    c.execute_batch(&format!("DROP TABLE temp.{SOURCE}"))
+        .map_err(db)?;
     Ok(out)
 }
 
