@@ -864,6 +864,58 @@ async fn windows_re_sent_under_new_seqs_to_cover_a_gap_count_once() {
     ]);
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(err.contains("REFUSED") && err.contains("edited"), "{err}");
+    // Re-signed by a key of the forger's own, the file checks against itself, but not against
+    // the key that signed the head it names.
+    let forged = dir.path().join("forged.json");
+    {
+        use gpumeter_collector::provenance::{embed, extract};
+        let (content, mut p) = extract(&text).unwrap();
+        let forger = SigningKey::from_bytes(&[77; 32]);
+        let sig = ed25519_dalek::Signer::sign(&forger, &p.signed_message());
+        p.signature = hex::encode(sig.to_bytes());
+        p.collector_key = hex::encode(forger.verifying_key().to_bytes());
+        assert_eq!(p.verify_signature(), Ok(true));
+        std::fs::write(&forged, embed(&content, &p)).unwrap();
+    }
+    let (code, out, err) = run(&[
+        "verify-report",
+        forged.to_str().unwrap(),
+        "--server",
+        &collector.url,
+    ]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("REFUSED") && err.contains("was signed by the collector's key"),
+        "{err}"
+    );
+    // An auditor's heads file pins the head: the report's head is in it after `heads`, and a
+    // file from before that head refuses it.
+    let early = dir.path().join("early-heads.jsonl");
+    std::fs::write(&early, "").unwrap();
+    let witness = dir.path().join("heads.jsonl");
+    let (code, out, err) = run(&[
+        "heads",
+        "--out",
+        witness.to_str().unwrap(),
+        "--server",
+        &collector.url,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let with_heads = |heads: &Path| {
+        run(&[
+            "verify-report",
+            signed.to_str().unwrap(),
+            "--server",
+            &collector.url,
+            "--heads",
+            heads.to_str().unwrap(),
+        ])
+    };
+    let (code, out, err) = with_heads(&witness);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = with_heads(&early);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("is not in the heads file"), "{err}");
     // Every format carries it; a table checks against a copy of the database too.
     for format in ["table", "csv", "focus", "html"] {
         let f = dir.path().join(format!("report.{format}"));
@@ -896,6 +948,14 @@ async fn windows_re_sent_under_new_seqs_to_cover_a_gap_count_once() {
         db.to_str().unwrap(),
     ]);
     assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = run(&[
+        "verify-report",
+        forged.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("was signed by the collector's key"), "{err}");
     // On a ledger whose overlap flags were dropped, the same report no longer comes out.
     let unflagged = copy(&db, dir.path(), "unflagged", |c| {
         c.execute("DELETE FROM window_flags", []).unwrap();
@@ -1086,6 +1146,74 @@ async fn a_collector_behind_an_agent_and_a_changed_card_raise_alarms() {
     assert!(
         models[1].contains("0000000000f1") && models[1].contains("\"H100 80GB\""),
         "{models:?}"
+    );
+
+    // The report shows each of them on the grant's cards, in every format; a report of
+    // another program has no such card and shows none.
+    let report = |format: &str, program: Option<&str>| {
+        let mut args = vec!["report", "--period", "2026-04", "--format", format];
+        if let Some(p) = program {
+            args.extend(["--program", p]);
+        }
+        args.extend(["--server", &collector.url]);
+        let (code, out, err) = run(&args);
+        assert_eq!(code, Some(0), "{format}: {out}{err}");
+        out
+    };
+    let json = report("json", None);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let shown: Vec<(String, String, Vec<Value>)> = v["card_alarms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["kind"].as_str().unwrap().to_owned(),
+                a["gpu_uuid"].as_str().unwrap().to_owned(),
+                a["grant_ids"].as_array().unwrap().clone(),
+            )
+        })
+        .collect();
+    let mut kinds: Vec<(&str, &str)> = shown
+        .iter()
+        .map(|(k, g, _)| (k.as_str(), g.as_str()))
+        .collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        vec![
+            ("card_changed", CARD),
+            ("card_model_mismatch", CARD),
+            (
+                "card_model_mismatch",
+                "GPU-0000000d-0000-4000-8000-0000000000f1"
+            ),
+        ],
+        "{json}"
+    );
+    assert!(
+        shown.iter().all(|(_, _, g)| g == &vec![Value::from("G-M")]),
+        "{shown:?}"
+    );
+    let table = report("table", None);
+    assert!(
+        table.contains("Card identity alarms") && table.contains("card_changed  swapper"),
+        "{table}"
+    );
+    let csv = report("csv", None);
+    let total = csv.lines().find(|l| l.starts_with("total,")).unwrap();
+    assert!(total.ends_with(",3"), "{total}");
+    let html = report("html", None);
+    assert!(
+        html.contains("id=\"card-identity\"") && html.contains("S-OTHER"),
+        "card-identity section missing"
+    );
+    let other = report("json", Some("research"));
+    let v: Value = serde_json::from_str(&other).unwrap();
+    assert_eq!(
+        v["card_alarms"].as_array().map(Vec::len),
+        Some(0),
+        "{other}"
     );
     collector.stop().await.unwrap();
 }

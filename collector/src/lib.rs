@@ -12,6 +12,7 @@ mod csv;
 pub mod demo;
 pub mod grants;
 pub mod heads;
+pub mod identity;
 pub mod ingest;
 pub mod invoices;
 pub mod limiter;

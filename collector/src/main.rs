@@ -233,6 +233,10 @@ enum Command {
         /// touched), or a PostgreSQL database (postgres://…), read as of the report's head.
         #[arg(long)]
         db: Option<String>,
+        /// An auditor's heads file (from `heads --out`): the head the report names must be in
+        /// it, exactly as the ledger holds it.
+        #[arg(long)]
+        heads: Option<PathBuf>,
     },
     /// Grants to reclaim: utilization under a threshold over the last days up to now, with
     /// the cards that could be reassigned. (`report` lists them for its period too.)
@@ -748,7 +752,12 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             };
             report(args).await
         }
-        Command::VerifyReport { file, server, db } => verify_report(&file, server, db).await,
+        Command::VerifyReport {
+            file,
+            server,
+            db,
+            heads,
+        } => verify_report(&file, server, db, heads).await,
         Command::Idle {
             threshold,
             days,
@@ -1825,6 +1834,7 @@ async fn verify_report(
     file: &std::path::Path,
     server: Option<String>,
     db: Option<String>,
+    heads: Option<PathBuf>,
 ) -> Result<(), Failure> {
     use gpumeter_collector::provenance::{content_hash, extract, render};
     let text =
@@ -1843,7 +1853,7 @@ async fn verify_report(
         .verify_signature()
         .map_err(|e| anyhow::anyhow!("{}: REFUSED: {e}", file.display()))?;
     let korean = p.lang == "ko";
-    let matches = match (server, db) {
+    let (matches, head) = match (server, db) {
         (Some(server), _) => {
             let mut c = query_client(&server).await?;
             let r = c
@@ -1857,7 +1867,11 @@ async fn verify_report(
                 .await
                 .map_err(|s| refused("verify-report", s))?
                 .into_inner();
-            r.matches
+            let head = r
+                .head
+                .map(gpumeter_collector::convert::head_from_wire)
+                .ok_or_else(|| anyhow::anyhow!("the collector sent no head with its answer"))?;
+            (r.matches, head)
         }
         (None, Some(db)) if gpumeter_collector::store::postgres::is_postgres_url(&db) => {
             // The report names its head; recomputing as of it only reads the database.
@@ -1867,11 +1881,11 @@ async fn verify_report(
                     gpumeter_collector::store::open::display_db(&db)
                 )
             })?;
-            let (rec, days, _) =
+            let (rec, days, head) =
                 gpumeter_collector::query::compute_report(store.as_ref(), &query_of(&p))
                     .map_err(|s| anyhow::anyhow!("recomputing: {}", s.message()))?;
             let again = render(&rec, &days, &p.format, korean).map_err(|e| anyhow::anyhow!(e))?;
-            content_hash(&again) == hash
+            (content_hash(&again) == hash, head)
         }
         (None, Some(db)) => {
             let db = PathBuf::from(db);
@@ -1885,13 +1899,41 @@ async fn verify_report(
             src.execute("VACUUM INTO ?1", [copy.to_string_lossy()])
                 .with_context(|| format!("copying {}", db.display()))?;
             let store = SqliteStore::open(&copy)?;
-            let (rec, days, _) = gpumeter_collector::query::compute_report(&store, &query_of(&p))
-                .map_err(|s| anyhow::anyhow!("recomputing: {}", s.message()))?;
+            let (rec, days, head) =
+                gpumeter_collector::query::compute_report(&store, &query_of(&p))
+                    .map_err(|s| anyhow::anyhow!("recomputing: {}", s.message()))?;
             let again = render(&rec, &days, &p.format, korean).map_err(|e| anyhow::anyhow!(e))?;
-            content_hash(&again) == hash
+            (content_hash(&again) == hash, head)
         }
         (None, None) => return Err(usage(anyhow::anyhow!("give --server URL or --db PATH"))),
     };
+    // The report's own signature only shows it was not edited since signing; the head the
+    // ledger (and, given --heads, the auditor's own file) holds shows who signed it.
+    gpumeter_collector::provenance::check_against_head(&p, &head)
+        .map_err(|e| anyhow::anyhow!("{}: REFUSED: {e}", file.display()))?;
+    if let Some(path) = &heads {
+        let kept = gpumeter_collector::heads::read_heads_file(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let witnessed = kept.iter().find(|h| h.id == p.head_id).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: REFUSED: head {} is not in the heads file {}",
+                file.display(),
+                p.head_id,
+                path.display()
+            )
+        })?;
+        if witnessed != &head {
+            return Err(anyhow::anyhow!(
+                "{}: REFUSED: head {} in the heads file {} differs from the ledger's (root {} there, {} here)",
+                file.display(),
+                p.head_id,
+                path.display(),
+                hex::encode(&witnessed.root),
+                hex::encode(&head.root)
+            )
+            .into());
+        }
+    }
     if !matches {
         return Err(anyhow::anyhow!(
             "{}: does NOT match the ledger as of head {}: recomputed, the report differs",

@@ -47,6 +47,7 @@ pub fn reconcile_parts(mut r: v1::ReconcileReply) -> Vec<v1::ReconcileReply> {
     let invoices = std::mem::take(&mut r.invoices);
     let invoice_csps = std::mem::take(&mut r.invoice_csps);
     let days = std::mem::take(&mut r.days);
+    let card_alarms = std::mem::take(&mut r.card_alarms);
     let mut parts = vec![r];
     let part = v1::ReconcileReply::default;
     parts.extend(
@@ -97,6 +98,14 @@ pub fn reconcile_parts(mut r: v1::ReconcileReply) -> Vec<v1::ReconcileReply> {
             .into_iter()
             .map(|days| v1::ReconcileReply { days, ..part() }),
     );
+    parts.extend(
+        slices(card_alarms)
+            .into_iter()
+            .map(|card_alarms| v1::ReconcileReply {
+                card_alarms,
+                ..part()
+            }),
+    );
     parts
 }
 
@@ -115,6 +124,7 @@ pub fn append_reconcile(acc: &mut v1::ReconcileReply, p: v1::ReconcileReply) {
     acc.invoices.extend(p.invoices);
     acc.invoice_csps.extend(p.invoice_csps);
     acc.days.extend(p.days);
+    acc.card_alarms.extend(p.card_alarms);
 }
 
 /// A usage report as its parts.

@@ -125,6 +125,37 @@ impl Provenance {
     }
 }
 
+/// Ties a report's provenance to the head it names, as the ledger (or a witness's heads file)
+/// holds it: the head's own signature and root must hold, its id, time and root must be the
+/// ones the report names, and a signed report must be signed by the key that signed the head.
+/// So a report signed by a key of its own, or naming a head the ledger never signed, is
+/// refused even when its signature over itself verifies.
+pub fn check_against_head(p: &Provenance, head: &crate::heads::SignedHead) -> Result<(), String> {
+    crate::heads::check_head(head)
+        .map_err(|kind| format!("head {} does not verify ({kind})", head.id))?;
+    if head.id != p.head_id || head.at_ms != p.head_at_ms || hex::encode(&head.root) != p.head_root
+    {
+        return Err(format!(
+            "the report names head {} at {} with root {}, but head {} is at {} with root {}",
+            p.head_id,
+            p.head_at_ms,
+            p.head_root,
+            head.id,
+            head.at_ms,
+            hex::encode(&head.root)
+        ));
+    }
+    if !p.signature.is_empty() && p.collector_key != hex::encode(&head.public_key) {
+        return Err(format!(
+            "the report is signed by key {}, but head {} was signed by the collector's key {}",
+            p.collector_key,
+            head.id,
+            hex::encode(&head.public_key)
+        ));
+    }
+    Ok(())
+}
+
 /// The file for `content` with its provenance line.
 pub fn embed(content: &str, p: &Provenance) -> String {
     let line = serde_json::to_string(p).unwrap_or_default();

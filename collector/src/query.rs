@@ -126,15 +126,16 @@ impl Query for QueryService {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let hash = hex::decode(crate::provenance::content_hash(&content)).unwrap_or_default();
             let matches = hash == r.content_sha256;
+            let head = store
+                .head(q.as_of_head)?
+                .ok_or_else(|| Status::not_found(format!("head {} not found", q.as_of_head)))?;
             let mut reply = v1::CheckReportReply {
                 matches,
                 recomputed_sha256: hash,
+                head: Some(crate::convert::head_to_wire(&head)),
                 ..Default::default()
             };
             if matches && r.sign {
-                let head = store
-                    .head(q.as_of_head)?
-                    .ok_or_else(|| Status::not_found("head not found"))?;
                 let p = provenance_of(&q, &head, &r.format, &r.lang, &content);
                 let (sig, key) = store.collector_sign(&p.signed_message())?;
                 reply.signature = sig;
@@ -747,6 +748,8 @@ pub fn compute_report_with(
         },
         as_of,
     );
+    let mut report = report;
+    report.card_alarms = crate::identity::report_alarms(&store.alarms(None)?, &report, head.at_ms);
     let days = crate::render::card_days(&report, &windows);
     Ok((report, days, head))
 }
@@ -1162,6 +1165,19 @@ pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
         days: Vec::new(),
         as_of_unix_ms: r.as_of_ms,
         elapsed_until_unix_ms: r.elapsed_until_ms,
+        card_alarms: r
+            .card_alarms
+            .iter()
+            .map(|a| v1::CardIdentityAlarm {
+                gpu_uuid: a.gpu_uuid.clone(),
+                host_id: a.host_id.clone(),
+                grant_ids: a.grant_ids.clone(),
+                kind: a.kind.clone(),
+                agent_id: a.agent_id.clone(),
+                at_unix_ms: a.at_ms,
+                detail: a.detail.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -1293,6 +1309,19 @@ pub fn reconciliation_from_wire(r: &v1::ReconcileReply) -> Reconciliation {
                 delivered_ms: c.delivered_ms,
                 delivered_gpu_hours: gpu_hours(c.delivered_ms),
                 difference_gpu_hours: c.billed_gpu_hours - gpu_hours(c.delivered_ms),
+            })
+            .collect(),
+        card_alarms: r
+            .card_alarms
+            .iter()
+            .map(|a| crate::identity::CardAlarm {
+                gpu_uuid: a.gpu_uuid.clone(),
+                host_id: a.host_id.clone(),
+                grant_ids: a.grant_ids.clone(),
+                kind: a.kind.clone(),
+                agent_id: a.agent_id.clone(),
+                at_ms: a.at_unix_ms,
+                detail: a.detail.clone(),
             })
             .collect(),
     }

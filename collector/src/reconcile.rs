@@ -388,6 +388,9 @@ pub struct Reconciliation {
     pub idle: IdleReport,
     pub invoices: Vec<InvoiceRow>,
     pub invoice_csps: Vec<InvoiceCspTotal>,
+    /// Identity alarms on the report's cards (filled from the ledger's alarms by the query
+    /// layer, see [`crate::identity`]; the engine leaves it empty).
+    pub card_alarms: Vec<crate::identity::CardAlarm>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1006,6 +1009,7 @@ pub fn reconcile_as_of(inputs: &Inputs<'_>, as_of_ms: i64) -> Reconciliation {
         },
         invoices,
         invoice_csps,
+        card_alarms: Vec::new(),
     }
 }
 

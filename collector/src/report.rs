@@ -422,6 +422,8 @@ struct Words {
     unassigned: &'static str,
     idle: &'static str,
     invoices: &'static str,
+    identity: &'static str,
+    no_grant: &'static str,
     grant_card: &'static str,
     grant: &'static str,
     program: &'static str,
@@ -455,6 +457,8 @@ const EN: Words = Words {
     unassigned: "Use of unassigned cards",
     idle: "Idle grants",
     invoices: "Invoices against delivery",
+    identity: "Card identity alarms (a card changed under its UUID, or not the granted model)",
+    no_grant: "(no grant)",
     grant_card: "GRANT / CARD",
     grant: "GRANT",
     program: "PROGRAM",
@@ -497,6 +501,8 @@ const KO: Words = Words {
     unassigned: "미배정 GPU 사용",
     idle: "유휴 과제",
     invoices: "청구 대비 제공",
+    identity: "GPU 식별 경보 (같은 UUID의 카드가 바뀌었거나 과제가 지정한 모델이 아님)",
+    no_grant: "(미배정)",
     grant_card: "과제 / GPU",
     grant: "과제",
     program: "사업",
@@ -831,6 +837,8 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
         ));
     }
     out.push('\n');
+    out.push_str(&identity_lines(r, w, width));
+    out.push('\n');
     let mut keys = vec![
         "allocated",
         "unmetered",
@@ -853,6 +861,43 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
         } else {
             "(--wide shows occupied, idle, foreign and energy too, and whole GPU UUIDs)\n"
         });
+    }
+    out
+}
+
+/// The report's card identity alarms, one entry each: when, what, which card and grants,
+/// then the alarm's own words wrapped to the table width.
+fn identity_lines(r: &Reconciliation, w: &Words, width: Width) -> String {
+    let mut out = format!("{}\n", w.identity);
+    if r.card_alarms.is_empty() {
+        out.push_str(w.none);
+        out.push('\n');
+        return out;
+    }
+    let max = if width == Width::Wide {
+        usize::MAX
+    } else {
+        NARROW_COLUMNS
+    };
+    for a in &r.card_alarms {
+        let grants = if a.grant_ids.is_empty() {
+            w.no_grant.to_owned()
+        } else {
+            a.grant_ids.join(" ")
+        };
+        out.push_str(&clip_width(
+            &format!(
+                "{}  {}  {}  {}  {}",
+                crate::render::kst_minute(a.at_ms),
+                a.kind,
+                a.host_id,
+                short_uuid(&a.gpu_uuid, width),
+                grants
+            ),
+            max,
+        ));
+        out.push('\n');
+        out.push_str(&wrap(&a.detail, "  ", max));
     }
     out
 }
@@ -1198,6 +1243,15 @@ mod reconciliation_tests {
                 delivered_gpu_hours: 8.5,
                 difference_gpu_hours: 0.5,
             }],
+            card_alarms: vec![crate::identity::CardAlarm {
+                gpu_uuid: "GPU-0000000a-0000-4000-8000-000000000001".into(),
+                host_id: "h1".into(),
+                grant_ids: vec!["G-1".into()],
+                kind: "card_model_mismatch".into(),
+                agent_id: "a1".into(),
+                at_ms: from,
+                detail: "card GPU-0000000a-0000-4000-8000-000000000001 reports model \"NVIDIA A10\" but grant G-1 names \"H100 80GB\" and this sentence goes on long enough to be wrapped at the table width".into(),
+            }],
         }
     }
 
@@ -1240,6 +1294,11 @@ CSP  GRANT  INVOICED  BILLED  DELIVERED  DIFFERENCE
 ---  -----  --------  ------  ---------  ----------
 kt   G-1    2026-04    9.000      8.500      +0.500
 kt   total             9.000      8.500      +0.500
+
+Card identity alarms (a card changed under its UUID, or not the granted model)
+2026-04-01 00:00  card_model_mismatch  h1  GPU-0000000a…0001  G-1
+  card GPU-0000000a-0000-4000-8000-000000000001 reports model \"NVIDIA A10\" but grant G-1 names \"H100 80GB\" and this
+    sentence goes on long enough to be wrapped at the table width
 
 Terms:
   Allocated: GPU-hours granted in the elapsed part of the period: each card's time in its grant, by the calendar,
@@ -1295,6 +1354,11 @@ G-1 · 에이씨미  kt   10.000   1.000  0.500  8.500      3.000               
 
 청구 대비 제공
 (없음)
+
+GPU 식별 경보 (같은 UUID의 카드가 바뀌었거나 과제가 지정한 모델이 아님)
+2026-04-01 00:00  card_model_mismatch  h1  GPU-0000000a…0001  G-1
+  card GPU-0000000a-0000-4000-8000-000000000001 reports model \"NVIDIA A10\" but grant G-1 names \"H100 80GB\" and this
+    sentence goes on long enough to be wrapped at the table width
 
 용어:
   배정: 기간 중 경과한 부분에서 과제에 배정된 GPU시간. 계측 여부와 관계없이 달력 기준으로 셉니다.

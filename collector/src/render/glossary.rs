@@ -42,7 +42,7 @@ impl Term {
 }
 
 /// Every figure, in report order.
-pub const TERMS: [Term; 16] = [
+pub const TERMS: [Term; 17] = [
     Term {
         key: "allocated",
         en: "Allocated",
@@ -147,6 +147,13 @@ pub const TERMS: [Term; 16] = [
         ko: "미경과",
         en_def: "The part of a period after the report's as-of time: counted in no figure, allocated included.",
         ko_def: "보고서 기준 시각 이후의 기간. 배정을 포함한 어떤 수치에도 포함되지 않습니다.",
+    },
+    Term {
+        key: "identity_alarms",
+        en: "Card identity alarms",
+        ko: "GPU 식별 경보",
+        en_def: "Alarms on a card of the report: under the same UUID it reported a model, serial or memory size other than those it first reported, or it is not the model its grant names. Every such alarm raised up to the report's ledger head is listed, however long before the period.",
+        ko_def: "보고서의 GPU에 대한 경보: 같은 UUID로 처음 보고된 때와 다른 모델·시리얼·메모리 크기를 보고했거나, 과제가 지정한 모델이 아닌 경우. 보고서의 원장 헤드까지 발생한 모든 경보를 보입니다.",
     },
     Term {
         key: "time_zone",

@@ -572,6 +572,51 @@ fn violations(r: &Reconciliation, l: &Labels) -> String {
     s
 }
 
+/// The card identity alarms on the report's cards (absent when there are none).
+fn card_alarms(r: &Reconciliation, l: &Labels) -> String {
+    if r.card_alarms.is_empty() {
+        return String::new();
+    }
+    let mut s = format!(
+        "<section id=\"card-identity\"><h2>{}</h2>",
+        esc(l.identity_title)
+    );
+    let rows: Vec<(bool, Vec<Td>)> = r
+        .card_alarms
+        .iter()
+        .map(|a| {
+            (
+                false,
+                vec![
+                    Td::Text(kst_minute(a.at_ms)),
+                    Td::Text(a.kind.clone()),
+                    Td::Text(a.host_id.clone()),
+                    Td::Text(a.gpu_uuid.clone()),
+                    Td::Text(if a.grant_ids.is_empty() {
+                        l.no_grant.to_owned()
+                    } else {
+                        a.grant_ids.join(", ")
+                    }),
+                    Td::Text(a.detail.clone()),
+                ],
+            )
+        })
+        .collect();
+    s.push_str(&table(
+        &[
+            l.alarm_time,
+            l.alarm_kind,
+            l.host,
+            l.gpu,
+            l.grant,
+            l.alarm_detail,
+        ],
+        &rows,
+    ));
+    s.push_str("</section>");
+    s
+}
+
 fn invoices(r: &Reconciliation, l: &Labels) -> String {
     if r.invoices.is_empty() {
         return String::new();
@@ -754,6 +799,7 @@ pub(super) fn render(r: &Reconciliation, days: &[CardDay], lang: Lang) -> String
         csps(r, l),
         idle(r, l),
         violations(r, l),
+        card_alarms(r, l),
         invoices(r, l),
         grant_table(r, l),
         glossary_section(lang, l),

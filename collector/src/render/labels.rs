@@ -10,7 +10,7 @@ use super::Lang;
 /// only: use of (and violations on) cards outside every grant, which are not part of the other
 /// figures. `as_of` and `not_elapsed` say how much of the period the figures cover. The last is
 /// the time a card was in use while the driver showed no process (see `reconcile.rs`).
-pub const CSV_COLUMNS: [(&str, &str); 27] = [
+pub const CSV_COLUMNS: [(&str, &str); 28] = [
     ("level", "구분"),
     ("period", "기간"),
     ("program", "사업"),
@@ -38,6 +38,7 @@ pub const CSV_COLUMNS: [(&str, &str); 27] = [
     ("as_of", "정산 기준 시각(KST)"),
     ("not_elapsed", "미경과 기간(KST)"),
     ("unattributed_gpu_hours", "귀속 불명(GPU시간)"),
+    ("card_identity_alarms", "GPU 식별 경보(건)"),
 ];
 
 /// One language's words for the reports.
@@ -104,6 +105,11 @@ pub struct Labels {
     pub unassigned_title: &'static str,
     pub unassigned_none: &'static str,
     pub invoices_title: &'static str,
+    pub identity_title: &'static str,
+    pub no_grant: &'static str,
+    pub alarm_time: &'static str,
+    pub alarm_kind: &'static str,
+    pub alarm_detail: &'static str,
     pub billed: &'static str,
     pub difference: &'static str,
     pub no_invoice: &'static str,
@@ -200,6 +206,11 @@ pub static KO: Labels = Labels {
     unassigned_title: "미배정 GPU 사용",
     unassigned_none: "미배정 GPU 사용이 없습니다.",
     invoices_title: "청구 대비 제공",
+    identity_title: "GPU 식별 경보: 같은 UUID의 카드가 바뀌었거나 과제가 지정한 모델이 아닌 GPU",
+    no_grant: "미배정",
+    alarm_time: "시각(KST)",
+    alarm_kind: "종류",
+    alarm_detail: "내용",
     billed: "청구",
     difference: "차이(청구-제공)",
     no_invoice: "청구 없음",
@@ -269,6 +280,11 @@ pub static EN: Labels = Labels {
     unassigned_title: "Use of unassigned GPUs",
     unassigned_none: "No use of unassigned GPUs.",
     invoices_title: "Invoiced vs delivered",
+    identity_title: "Card identity alarms: cards that changed under their UUID, or are not the model their grant names",
+    no_grant: "no grant",
+    alarm_time: "Time (KST)",
+    alarm_kind: "Kind",
+    alarm_detail: "Detail",
     billed: "Billed",
     difference: "Difference (billed − delivered)",
     no_invoice: "no invoice",

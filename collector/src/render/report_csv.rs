@@ -50,12 +50,14 @@ fn figure_cells(f: &Figures) -> [String; 11] {
 }
 
 /// One row: the leading descriptive columns, the figures, unassigned use and violations, the
-/// as-of columns, and the unattributed time (last, so the columns before it keep their places).
+/// as-of columns, then the columns added later at the end (so the columns before them keep
+/// their places): the unattributed time and the count of card identity alarms.
 fn row(
     head: [String; 11],
     f: &Figures,
     unassigned: Option<(u64, u64)>,
     as_of: &[String; 2],
+    identity_alarms: usize,
 ) -> Vec<String> {
     let mut cells: Vec<String> = head.into();
     cells.extend(figure_cells(f));
@@ -63,7 +65,29 @@ fn row(
     cells.push(unassigned.map_or(String::new(), |u| u.1.to_string()));
     cells.extend(as_of.iter().cloned());
     cells.push(hours(f.unattributed_ms));
+    cells.push(identity_alarms.to_string());
     cells
+}
+
+/// How many of the report's card identity alarms are on a card of a grant `holds` accepts, or
+/// (with `unassigned_on`) on a card without a grant on a host it accepts.
+fn identity_count(
+    r: &Reconciliation,
+    holds: impl Fn(&crate::reconcile::GrantRow) -> bool,
+    unassigned_on: impl Fn(&str) -> bool,
+) -> usize {
+    r.card_alarms
+        .iter()
+        .filter(|a| {
+            if a.grant_ids.is_empty() {
+                unassigned_on(&a.host_id)
+            } else {
+                r.grants
+                    .iter()
+                    .any(|g| a.grant_ids.contains(&g.grant_id) && holds(g))
+            }
+        })
+        .count()
 }
 
 /// The `definition` row: what each column means, in `lang`.
@@ -94,6 +118,7 @@ fn definitions(lang: Lang, level: &str) -> Vec<String> {
                 "수치가 반영한 기간의 끝(KST)",
             ),
             "not_elapsed" => def("not_elapsed"),
+            "card_identity_alarms" => def("identity_alarms"),
             c if c.ends_with("_gpu_hours") => def(&c.replace("_gpu_hours", "")),
             c => def(c),
         })
@@ -129,7 +154,8 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
             kst_start(g.valid_from_ms),
             kst_end_inclusive(g.valid_until_ms),
         ];
-        out.record(&row(head, &g.figures, None, &as_of));
+        let n = identity_count(r, |h| h.grant_id == g.grant_id, |_| false);
+        out.record(&row(head, &g.figures, None, &as_of, n));
     }
     for p in &r.programs {
         let head = [
@@ -145,7 +171,8 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
             none(),
             none(),
         ];
-        out.record(&row(head, &p.figures, None, &as_of));
+        let n = identity_count(r, |g| g.program == p.program, |_| false);
+        out.record(&row(head, &p.figures, None, &as_of, n));
     }
     for c in &r.csps {
         let head = [
@@ -161,11 +188,21 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
             none(),
             none(),
         ];
+        let n = identity_count(
+            r,
+            |g| g.csp == c.csp,
+            |host| {
+                r.unassigned
+                    .iter()
+                    .any(|u| u.csp == c.csp && u.host_id == host)
+            },
+        );
         out.record(&row(
             head,
             &c.figures,
             Some((c.unassigned_use_ms, c.unassigned_violations)),
             &as_of,
+            n,
         ));
     }
     let cards: usize = r.grants.iter().map(|g| g.cards.len()).sum();
@@ -188,6 +225,7 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
         &r.total,
         Some((unassigned, r.unassigned_violations)),
         &as_of,
+        r.card_alarms.len(),
     ));
     out.record(&definitions(lang, l.level_definition));
     out.finish()

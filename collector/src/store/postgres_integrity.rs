@@ -6,27 +6,8 @@
 use postgres::GenericClient;
 
 use super::postgres::{db, insert_alarm};
-use super::sqlite_integrity::model_matches;
-use super::{AgentHello, Alarm, StoreError};
-
-fn model_alarm(
-    agent_id: &str,
-    at_ms: i64,
-    uuid: &str,
-    reported: &str,
-    grant_id: &str,
-    granted: &str,
-) -> Alarm {
-    Alarm {
-        agent_id: agent_id.into(),
-        at_ms,
-        kind: "card_model_mismatch".into(),
-        seq: None,
-        detail: format!(
-            "card {uuid} reports model {reported:?} but grant {grant_id} names {granted:?}"
-        ),
-    }
-}
+use super::{AgentHello, StoreError};
+use crate::identity::{self, model_alarm, model_matches};
 
 /// Keeps each card's identity as first reported; a change of serial, model or memory under
 /// the same UUID is an alarm (the first report stays).
@@ -76,31 +57,10 @@ pub fn note_cards(c: &mut impl GenericClient, h: &AgentHello) -> Result<(), Stor
                 .map_err(db)?;
             }
             Some((name, serial, mem)) => {
-                let mut changes = Vec::new();
-                if name != g.name {
-                    changes.push(format!("model {name:?} -> {:?}", g.name));
-                }
-                if serial != g.serial {
-                    changes.push(format!("serial {serial:?} -> {:?}", g.serial));
-                }
-                if mem != memory {
-                    changes.push(format!("memory {mem:?} -> {memory:?} B"));
-                }
-                if !changes.is_empty() {
-                    insert_alarm(
-                        c,
-                        &Alarm {
-                            agent_id: h.agent_id.clone(),
-                            at_ms: h.received_ms,
-                            kind: "card_changed".into(),
-                            seq: None,
-                            detail: format!(
-                                "card {} changed under the same UUID since first reported: {}",
-                                g.uuid,
-                                changes.join(", ")
-                            ),
-                        },
-                    )?;
+                if let Some(a) =
+                    identity::changed_alarm(&h.agent_id, h.received_ms, g, (&name, &serial, mem))
+                {
+                    insert_alarm(c, &a)?;
                 }
             }
         }

@@ -11,6 +11,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{AgentHello, Alarm, StoreError, WindowRow};
+use crate::identity::{self, model_alarm, model_matches};
 use crate::sanity::{self, FLAG_IMPOSSIBLE, FLAG_OVERLAP};
 
 fn db(e: rusqlite::Error) -> StoreError {
@@ -198,63 +199,15 @@ pub fn note_cards(c: &Connection, h: &AgentHello) -> Result<(), StoreError> {
                 .map_err(db)?;
             }
             Some((name, serial, mem)) => {
-                let mut changes = Vec::new();
-                if name != g.name {
-                    changes.push(format!("model {name:?} -> {:?}", g.name));
-                }
-                if serial != g.serial {
-                    changes.push(format!("serial {serial:?} -> {:?}", g.serial));
-                }
-                if mem != memory {
-                    changes.push(format!("memory {mem:?} -> {memory:?} B"));
-                }
-                if !changes.is_empty() {
-                    alarm(
-                        c,
-                        Alarm {
-                            agent_id: h.agent_id.clone(),
-                            at_ms: h.received_ms,
-                            kind: "card_changed".into(),
-                            seq: None,
-                            detail: format!(
-                                "card {} changed under the same UUID since first reported: {}",
-                                g.uuid,
-                                changes.join(", ")
-                            ),
-                        },
-                    )?;
+                if let Some(a) =
+                    identity::changed_alarm(&h.agent_id, h.received_ms, g, (&name, &serial, mem))
+                {
+                    alarm(c, a)?;
                 }
             }
         }
     }
     Ok(())
-}
-
-/// Whether a reported model name is the granted one: it contains it, case-insensitively
-/// ("NVIDIA H100 80GB HBM3" is an "H100 80GB").
-pub fn model_matches(reported: &str, granted: &str) -> bool {
-    reported
-        .to_lowercase()
-        .contains(granted.trim().to_lowercase().as_str())
-}
-
-fn model_alarm(
-    agent_id: &str,
-    at_ms: i64,
-    uuid: &str,
-    reported: &str,
-    grant_id: &str,
-    granted: &str,
-) -> Alarm {
-    Alarm {
-        agent_id: agent_id.into(),
-        at_ms,
-        kind: "card_model_mismatch".into(),
-        seq: None,
-        detail: format!(
-            "card {uuid} reports model {reported:?} but grant {grant_id} names {granted:?}"
-        ),
-    }
 }
 
 /// Keeps granted models; a card already reported as another model is an alarm.
