@@ -537,6 +537,8 @@ async fn the_april_report_matches_the_scenario_exactly() {
             { "csp": "nhn", "billed_gpu_hours": 720.0, "delivered_ms": b0.delivered,
               "delivered_gpu_hours": hours(b0.delivered), "difference_gpu_hours": 720.0 - hours(b0.delivered) },
         ],
+        // Every card reported the model and serial it was first seen with.
+        "card_alarms": [],
     });
 
     let report = |args: &[&str]| {
@@ -860,6 +862,9 @@ kt   G-RES  2026-04     1.500      1.583      -0.083
 nhn  G-ADV  2026-04   720.000      2.000    +718.000
 kt   total              4.500      3.917      +0.583
 nhn  total            720.000      2.000    +718.000
+
+Card identity alarms (a card changed under its UUID, or not the granted model)
+(none)
 
 Terms:
   Allocated: GPU-hours granted in the elapsed part of the period: each card's time in its grant, by the calendar,
