@@ -217,6 +217,7 @@ impl Query for QueryService {
                 look.until_ms,
                 &cuts,
                 &|_, _| true,
+                &mut |_| {},
             )?;
             let events = store.events(look.from_ms, look.until_ms, Some("enforcement"), None)?;
             Ok(reconcile::idle_grants(
@@ -674,6 +675,72 @@ pub fn compute_report(
     compute_report_with(store, q, true)
 }
 
+/// The reconciliation and per-day figures of `inputs` (whose `windows` and `events` are
+/// ignored: they are read here) as of `as_of_ms`, counting only records `in_head` accepts;
+/// `rollups` false reads every window (the baseline the rollups must equal). The windows are
+/// read once: the per-day figures are summed as they are read, and dropped before the reply
+/// is built.
+pub fn figures_of(
+    store: &dyn Store,
+    inputs: &Inputs<'_>,
+    as_of_ms: i64,
+    in_head: &dyn Fn(&str, u64) -> bool,
+    rollups: bool,
+) -> Result<(Reconciliation, Vec<crate::render::CardDay>), StoreError> {
+    let (from, until) = (inputs.from_ms, inputs.until_ms);
+    let look = inputs.idle.window();
+    let (span_from, span_until) = (from.min(look.from_ms), until.max(look.until_ms));
+    // Every boundary the figures are cut at; rollups stand in for whole buckets between them.
+    let elapsed = reconcile::elapsed_range(from, until, as_of_ms);
+    let cuts = crate::rollup::Cuts::of_grants(
+        vec![from, until, elapsed.until_ms, look.from_ms, look.until_ms],
+        inputs.grants,
+    );
+    // The heatmaps' per-day figures are summed as rows are read, before the planner merges
+    // consecutive days: the engine's grant cards are known before it runs.
+    let report_cards =
+        reconcile::report_grant_cards(inputs.grants, inputs.program, inputs.grant_id, elapsed);
+    let mut per_day = crate::render::DayFigures::new(
+        from,
+        until,
+        report_cards.iter().flat_map(|(g, cards)| {
+            cards.iter().map(|(host, gpu, ivs)| {
+                (
+                    g.grant_id.as_str(),
+                    host.as_str(),
+                    gpu.as_str(),
+                    ivs.as_slice(),
+                )
+            })
+        }),
+    );
+    drop(report_cards);
+    let windows = if rollups {
+        crate::rollup::metered(store, span_from, span_until, &cuts, in_head, &mut |c| {
+            per_day.add_counted(c)
+        })?
+    } else {
+        let mut ws = store.windows(span_from, span_until, None)?;
+        ws.retain(|w| in_head(&w.agent_id, w.seq));
+        for w in &ws {
+            per_day.add(&w.window);
+        }
+        ws
+    };
+    let mut events = store.events(span_from, span_until, Some("enforcement"), None)?;
+    events.retain(|e| in_head(&e.agent_id, e.seq));
+    let report = reconcile::reconcile_as_of(
+        &Inputs {
+            windows: &windows,
+            events: &events,
+            ..*inputs
+        },
+        as_of_ms,
+    );
+    drop(windows);
+    Ok((report, per_day.finish()))
+}
+
 /// [`compute_report`], reading rollups where they stand in exactly (`rollups`), or every
 /// window of the period (the benchmark's baseline: the same figures, the old way).
 pub fn compute_report_with(
@@ -715,25 +782,9 @@ pub fn compute_report_with(
         .map(|l| (l.agent_id.as_str(), l.seq))
         .collect();
     let in_head = |agent: &str, seq: u64| covered.get(agent).is_some_and(|&s| seq <= s);
-    let look = idle.window();
-    let (span_from, span_until) = (from.min(look.from_ms), until.max(look.until_ms));
-    // Every boundary the figures are cut at; rollups stand in for whole buckets between them.
-    let elapsed_until = until.min(as_of.max(from));
-    let cuts = crate::rollup::Cuts::of_grants(
-        vec![from, until, elapsed_until, look.from_ms, look.until_ms],
-        &grants,
-    );
-    let windows = if rollups {
-        crate::rollup::metered(store, span_from, span_until, &cuts, &in_head)?
-    } else {
-        let mut ws = store.windows(span_from, span_until, None)?;
-        ws.retain(|w| in_head(&w.agent_id, w.seq));
-        ws
-    };
-    let mut events = store.events(span_from, span_until, Some("enforcement"), None)?;
-    events.retain(|e| in_head(&e.agent_id, e.seq));
     let invoices = store.invoices()?;
-    let report = reconcile::reconcile_as_of(
+    let (mut report, days) = figures_of(
+        store,
         &Inputs {
             period: &period,
             from_ms: from,
@@ -741,16 +792,16 @@ pub fn compute_report_with(
             program: program.as_deref(),
             grant_id: grant_id.as_deref(),
             grants: &grants,
-            windows: &windows,
-            events: &events,
+            windows: &[],
+            events: &[],
             invoices: &invoices,
             idle,
         },
         as_of,
-    );
-    let mut report = report;
+        &in_head,
+        rollups,
+    )?;
     report.card_alarms = crate::identity::report_alarms(&store.alarms(None)?, &report, head.at_ms);
-    let days = crate::render::card_days(&report, &windows);
     Ok((report, days, head))
 }
 

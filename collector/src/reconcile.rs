@@ -654,9 +654,44 @@ fn card_intervals(g: &Grant, range: Interval) -> Vec<(String, String, Vec<Interv
     out
 }
 
-/// One grant over `range`; `None` when it held no card in it.
-fn grant_row(g: &Grant, by: &ByCard<'_>, range: Interval) -> Option<GrantRow> {
-    let cards: Vec<CardRow> = card_intervals(g, range)
+/// A report's grant and its cards over the elapsed range, as [`report_grant_cards`] gives.
+pub type GrantCards<'a> = (&'a Grant, Vec<(String, String, Vec<Interval>)>);
+
+/// The grants a report shows, in its order (by grant id), each with its cards over `range`
+/// (host, card, intervals; see [`card_intervals`]); grants that held no card in it are left
+/// out. The engine builds its grant rows from exactly these, so a reader summing something
+/// else per grant card (the per-day figures) can start before the engine runs.
+pub fn report_grant_cards<'a>(
+    grants: &'a [Grant],
+    program: Option<&str>,
+    grant_id: Option<&str>,
+    range: Interval,
+) -> Vec<GrantCards<'a>> {
+    let mut out: Vec<GrantCards<'a>> = grants
+        .iter()
+        .filter(|g| selected(g, program, grant_id))
+        .map(|g| (g, card_intervals(g, range)))
+        .filter(|(_, cards)| !cards.is_empty())
+        .collect();
+    out.sort_by(|a, b| a.0.grant_id.cmp(&b.0.grant_id));
+    out
+}
+
+/// The part of `[from, until)` elapsed at `as_of`: `[from, min(until, max(from, as_of)))`.
+pub fn elapsed_range(from_ms: i64, until_ms: i64, as_of_ms: i64) -> Interval {
+    Interval {
+        from_ms,
+        until_ms: until_ms.min(as_of_ms.max(from_ms)),
+    }
+}
+
+/// One grant over `range`, from its cards there (never empty).
+fn grant_row(
+    g: &Grant,
+    card_intervals: Vec<(String, String, Vec<Interval>)>,
+    by: &ByCard<'_>,
+) -> GrantRow {
+    let cards: Vec<CardRow> = card_intervals
         .into_iter()
         .map(|(host_id, gpu_uuid, intervals)| {
             let mut figures = Figures::default();
@@ -671,14 +706,11 @@ fn grant_row(g: &Grant, by: &ByCard<'_>, range: Interval) -> Option<GrantRow> {
             }
         })
         .collect();
-    if cards.is_empty() {
-        return None;
-    }
     let mut figures = Figures::default();
     for c in &cards {
         figures.add(&c.figures);
     }
-    Some(GrantRow {
+    GrantRow {
         grant_id: g.grant_id.clone(),
         program: g.program.as_str().to_owned(),
         grantee: g.grantee.clone(),
@@ -689,7 +721,7 @@ fn grant_row(g: &Grant, by: &ByCard<'_>, range: Interval) -> Option<GrantRow> {
         revoked_at_ms: g.revoked_at_ms,
         cards,
         figures,
-    })
+    }
 }
 
 fn selected(g: &Grant, program: Option<&str>, grant_id: Option<&str>) -> bool {
@@ -783,9 +815,11 @@ pub fn idle_grants<'a>(
         if g.valid_from_ms > look.from_ms || g.effective_until_ms() < look.until_ms {
             continue;
         }
-        let Some(row) = grant_row(g, &by, look) else {
+        let cards = card_intervals(g, look);
+        if cards.is_empty() {
             continue;
-        };
+        }
+        let row = grant_row(g, cards, &by);
         let Some(util) = row.figures.utilization_pct() else {
             continue;
         };
@@ -906,22 +940,14 @@ pub fn reconcile(inputs: &Inputs<'_>) -> Reconciliation {
 /// The reconciliation of a period as of `as_of_ms`: figures count only the part of the period
 /// elapsed by then (see the module doc).
 pub fn reconcile_as_of(inputs: &Inputs<'_>, as_of_ms: i64) -> Reconciliation {
-    let elapsed_until = inputs.until_ms.min(as_of_ms.max(inputs.from_ms));
-    let range = Interval {
-        from_ms: inputs.from_ms,
-        until_ms: elapsed_until,
-    };
+    let range = elapsed_range(inputs.from_ms, inputs.until_ms, as_of_ms);
+    let elapsed_until = range.until_ms;
     let by = ByCard::new(inputs.windows, inputs.events);
-    let picked: Vec<&Grant> = inputs
-        .grants
-        .iter()
-        .filter(|g| selected(g, inputs.program, inputs.grant_id))
-        .collect();
-    let mut grants: Vec<GrantRow> = picked
-        .iter()
-        .filter_map(|g| grant_row(g, &by, range))
-        .collect();
-    grants.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
+    let grants: Vec<GrantRow> =
+        report_grant_cards(inputs.grants, inputs.program, inputs.grant_id, range)
+            .into_iter()
+            .map(|(g, cards)| grant_row(g, cards, &by))
+            .collect();
 
     let mut total = Figures::default();
     let mut programs: BTreeMap<crate::grants::Program, ProgramTotal> = BTreeMap::new();
@@ -1001,7 +1027,10 @@ pub fn reconcile_as_of(inputs: &Inputs<'_>, as_of_ms: i64) -> Reconciliation {
             days: inputs.idle.days,
             as_of_ms: inputs.idle.as_of_ms,
             grants: idle_grants(
-                picked.iter().copied(),
+                inputs
+                    .grants
+                    .iter()
+                    .filter(|g| selected(g, inputs.program, inputs.grant_id)),
                 inputs.windows,
                 inputs.events,
                 inputs.idle,

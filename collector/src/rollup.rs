@@ -226,11 +226,10 @@ pub fn entry(level: Level, w: &WindowRow, disputed: bool) -> Entry {
     Entry::Marks(marks)
 }
 
-/// A rollup row as one window spanning its bucket, for reconciliation: delivered time is
-/// `good_samples × interval_ms` with a 1-ms interval, and the grantee's active time is one
-/// matching principal's.
-fn as_window(r: RollupRow) -> MeteredWindow {
-    let len = r.level.len_ms();
+/// A rollup row (or a run of them, `len` ms long) as one window spanning it, for
+/// reconciliation: delivered time is `good_samples × interval_ms` with a 1-ms interval, and
+/// the grantee's active time is one matching principal's.
+fn as_window(r: RollupRow, len: i64) -> MeteredWindow {
     let s = r.sums;
     MeteredWindow {
         agent_id: r.agent_id,
@@ -314,27 +313,142 @@ impl Cuts {
     }
 }
 
+/// What one row read for a report counts, as the per-day figures need it: a window, a bucket
+/// or an hour, before consecutive days are merged.
+#[derive(Debug, Clone, Copy)]
+pub struct Counted<'a> {
+    pub gpu_uuid: &'a str,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// Good samples × interval.
+    pub delivered_ms: u64,
+    /// The grant the agent metered it under, when assigned.
+    pub assigned_to: Option<&'a str>,
+    /// Active time of the principals that matched that grant.
+    pub grantee_active_ms: u64,
+}
+
+impl<'a> Counted<'a> {
+    pub fn of(w: &'a WindowRow) -> Self {
+        Self {
+            gpu_uuid: &w.gpu_uuid,
+            start_ms: w.start_ms,
+            end_ms: w.end_ms,
+            delivered_ms: u64::from(w.good_samples).saturating_mul(w.interval_ms),
+            assigned_to: (w.assignment_status == "assigned").then_some(w.grant_id.as_str()),
+            grantee_active_ms: w
+                .principals
+                .iter()
+                .filter(|p| p.matches_grant)
+                .map(|p| p.active_ms)
+                .sum(),
+        }
+    }
+
+    fn of_row(r: &'a RollupRow) -> Self {
+        Self {
+            gpu_uuid: &r.gpu_uuid,
+            start_ms: r.start_ms,
+            end_ms: r.start_ms + r.level.len_ms(),
+            delivered_ms: r.sums.good_ms,
+            assigned_to: (r.assignment_status == "assigned").then_some(r.grant_id.as_str()),
+            grantee_active_ms: r.sums.active_ms,
+        }
+    }
+}
+
+/// Consecutive clean days of one card, agent and assignment, merged into one window: between
+/// the report's cuts every figure is a sum over whole rows, so one row spanning several days
+/// sums to exactly what its days do, and a month reads about one window per card instead of
+/// one per card-day.
+#[derive(Default)]
+struct DayRuns {
+    runs: BTreeMap<(String, String, &'static str, String), (RollupRow, i64)>,
+    done: Vec<MeteredWindow>,
+}
+
+impl DayRuns {
+    fn push(&mut self, row: RollupRow, cuts: &Cuts) {
+        let key = (
+            row.gpu_uuid.clone(),
+            row.agent_id.clone(),
+            row.assignment_status,
+            row.grant_id.clone(),
+        );
+        let day = row.level.len_ms();
+        match self.runs.get_mut(&key) {
+            Some((run, len))
+                if run.start_ms + *len == row.start_ms
+                    && !cuts.splits(&row.gpu_uuid, run.start_ms, *len + day)
+                    // Delivered time travels as a u32 count of 1-ms samples.
+                    && run.sums.good_ms + row.sums.good_ms <= u64::from(u32::MAX) =>
+            {
+                *len += day;
+                run.windows += row.windows;
+                run.max_seq = run.max_seq.max(row.max_seq);
+                let (a, b) = (&mut run.sums, row.sums);
+                a.good_ms += b.good_ms;
+                a.unavailable_ms += b.unavailable_ms;
+                a.unattributed_ms += b.unattributed_ms;
+                a.energy_mj = a.energy_mj.saturating_add(b.energy_mj);
+                a.occupied_ms += b.occupied_ms;
+                a.grantee_occupied_ms += b.grantee_occupied_ms;
+                a.active_ms += b.active_ms;
+                a.foreign_ms += b.foreign_ms;
+            }
+            _ => {
+                if let Some((run, len)) = self.runs.insert(key, (row, day)) {
+                    self.done.push(as_window(run, len));
+                }
+            }
+        }
+    }
+
+    fn finish(self, out: &mut Vec<MeteredWindow>) {
+        out.extend(self.done);
+        out.extend(self.runs.into_values().map(|(r, len)| as_window(r, len)));
+    }
+}
+
 /// The card's windows in `[from, until)` as reconciliation needs them, with rollups standing in
-/// for whole buckets where that is exact (see the module doc); `in_head` says whether the
-/// report's head covers an agent's seq. Windows are those [`Store::windows`] returns, less the
-/// ones the head does not cover: a store without rollups gives exactly that.
+/// for whole buckets where that is exact (see the module doc), and consecutive clean days of a
+/// card merged into one window; `in_head` says whether the report's head covers an agent's
+/// seq. `count` sees every window, hour and day before days are merged (for the per-day
+/// figures). The figures summed over the windows are those over the windows
+/// [`Store::windows`] returns, less the ones the head does not cover: a store without rollups
+/// gives exactly those windows.
 pub fn metered(
     store: &dyn Store,
     from_ms: i64,
     until_ms: i64,
     cuts: &Cuts,
     in_head: &dyn Fn(&str, u64) -> bool,
+    count: &mut dyn FnMut(Counted<'_>),
 ) -> Result<Vec<MeteredWindow>, StoreError> {
     let mut out = Vec::new();
     let mut need_hours: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    let mut days = DayRuns::default();
     let any = store.rollups(Level::Day, from_ms, until_ms, &mut |group| {
-        take_or_descend(group, cuts, in_head, &mut out, &mut |day, gpu| {
-            need_hours.entry(day).or_default().insert(gpu.to_owned());
-        });
+        take_or_descend(
+            group,
+            cuts,
+            in_head,
+            &mut |r| {
+                count(Counted::of_row(&r));
+                days.push(r, cuts);
+            },
+            &mut |day, gpu| {
+                need_hours.entry(day).or_default().insert(gpu.to_owned());
+            },
+        );
     })?;
+    days.finish(&mut out);
     if !any {
         let mut ws = store.windows(from_ms, until_ms, None)?;
         ws.retain(|w| in_head(&w.agent_id, w.seq));
+        for w in &ws {
+            count(Counted::of(&w.window));
+        }
         return Ok(ws);
     }
     let mut need_raw: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
@@ -344,9 +458,18 @@ pub fn metered(
             if !cards.contains(group[0].gpu_uuid.as_str()) {
                 return;
             }
-            take_or_descend(group, cuts, in_head, &mut out, &mut |hour, gpu| {
-                need_raw.entry(hour).or_default().insert(gpu.to_owned());
-            });
+            take_or_descend(
+                group,
+                cuts,
+                in_head,
+                &mut |r| {
+                    count(Counted::of_row(&r));
+                    out.push(as_window(r, HOUR_MS));
+                },
+                &mut |hour, gpu| {
+                    need_raw.entry(hour).or_default().insert(gpu.to_owned());
+                },
+            );
         })?;
     }
     // A window crossing a bucket's edge is read for each bucket it touches: once is kept.
@@ -366,6 +489,7 @@ pub fn metered(
         };
         for w in ws {
             if in_head(&w.agent_id, w.seq) && seen.insert((w.agent_id.clone(), w.seq)) {
+                count(Counted::of(&w.window));
                 out.push(w);
             }
         }
@@ -373,13 +497,13 @@ pub fn metered(
     Ok(out)
 }
 
-/// One bucket of one card (every row of it): its rows as windows where they stand in exactly,
-/// or the bucket handed to `descend`.
+/// One bucket of one card (every row of it): its rows handed to `take` where they stand in
+/// exactly, or the bucket handed to `descend`.
 fn take_or_descend(
     group: Vec<RollupRow>,
     cuts: &Cuts,
     in_head: &dyn Fn(&str, u64) -> bool,
-    out: &mut Vec<MeteredWindow>,
+    take: &mut dyn FnMut(RollupRow),
     descend: &mut dyn FnMut(i64, &str),
 ) {
     let Some(first) = group.first() else {
@@ -391,7 +515,7 @@ fn take_or_descend(
             .iter()
             .all(|r| !r.raw && in_head(&r.agent_id, r.max_seq));
     if exact {
-        out.extend(group.into_iter().filter(|r| r.windows > 0).map(as_window));
+        group.into_iter().filter(|r| r.windows > 0).for_each(take);
     } else {
         descend(start, &first.gpu_uuid);
     }

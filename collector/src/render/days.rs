@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::reconcile::{Interval, Reconciliation, share, window_len};
+use crate::rollup::Counted;
 use crate::store::{MeteredWindow, WindowRow};
 
 const DAY_MS: i64 = 86_400_000;
@@ -80,31 +81,45 @@ struct Sums {
     active: u64,
 }
 
-/// Every grant card's figures per Korean calendar day of the report's period, in the report's
-/// order (grant, card, day). Only days in which the card belonged to the grant are listed.
-/// `windows` are the metered windows the reconciliation was made from (more do no harm).
-pub fn card_days(r: &Reconciliation, windows: &[MeteredWindow]) -> Vec<CardDay> {
-    let days = period_days(r.from_ms, r.until_ms);
-    let mut by_card: HashMap<&str, Vec<&WindowRow>> = HashMap::new();
-    for w in windows {
-        if window_len(&w.window) > 0 {
-            by_card
-                .entry(w.window.gpu_uuid.as_str())
-                .or_default()
-                .push(&w.window);
-        }
-    }
-    for v in by_card.values_mut() {
-        v.sort_by_key(|w| (w.start_ms, w.end_ms));
-    }
-    let mut out = Vec::new();
-    for g in &r.grants {
-        for c in &g.cards {
-            // The card's allocation cut at midnights: sorted and disjoint, since the engine's
-            // intervals are and days are.
+/// One grant card's allocation cut at midnights, and its running sums per day.
+struct CardSegments {
+    grant_id: String,
+    host_id: String,
+    gpu_uuid: String,
+    /// (day index, the part of the day the card belonged to the grant): sorted and disjoint,
+    /// since the engine's intervals are and days are.
+    segments: Vec<(usize, Interval)>,
+    sums: Vec<Sums>,
+}
+
+/// The per-day figures of a report's grant cards, summed window by window as the windows are
+/// read, so that nothing needs to hold every window of the period at once (see
+/// [`crate::query::compute_report_with`]). Windows may come in any order; each counts pro rata
+/// to the part of it inside each day of its card's allocation.
+pub struct DayFigures {
+    days: Vec<PeriodDay>,
+    cards: Vec<CardSegments>,
+    by_uuid: HashMap<String, Vec<usize>>,
+}
+
+impl DayFigures {
+    /// For the days of `[from_ms, until_ms)` and the grant cards `cards` — (grant, host, card,
+    /// the card's intervals in the grant as the engine cut them), in the report's order.
+    pub fn new<'a>(
+        from_ms: i64,
+        until_ms: i64,
+        cards: impl IntoIterator<Item = (&'a str, &'a str, &'a str, &'a [Interval])>,
+    ) -> Self {
+        let days = period_days(from_ms, until_ms);
+        let mut out = Self {
+            cards: Vec::new(),
+            by_uuid: HashMap::new(),
+            days,
+        };
+        for (grant_id, host_id, gpu_uuid, intervals) in cards {
             let mut segments: Vec<(usize, Interval)> = Vec::new();
-            for iv in &c.intervals {
-                for (i, d) in days.iter().enumerate() {
+            for iv in intervals {
+                for (i, d) in out.days.iter().enumerate() {
                     let seg = Interval {
                         from_ms: iv.from_ms.max(d.span.from_ms),
                         until_ms: iv.until_ms.min(d.span.until_ms),
@@ -114,37 +129,85 @@ pub fn card_days(r: &Reconciliation, windows: &[MeteredWindow]) -> Vec<CardDay> 
                     }
                 }
             }
-            let mut sums = vec![Sums::default(); days.len()];
+            let mut sums = vec![Sums::default(); out.days.len()];
             for (i, seg) in &segments {
                 sums[*i].allocated += seg.len_ms();
             }
-            let card_windows = by_card
-                .get(c.gpu_uuid.as_str())
-                .map_or(&[][..], Vec::as_slice);
-            for w in card_windows {
-                let len = window_len(w);
-                let first = segments.partition_point(|(_, s)| s.until_ms <= w.start_ms);
-                let delivered = u64::from(w.good_samples) * w.interval_ms;
-                let own = w.assignment_status == "assigned" && w.grant_id == g.grant_id;
-                let active: u64 = if own {
-                    w.principals
-                        .iter()
-                        .filter(|p| p.matches_grant)
-                        .map(|p| p.active_ms)
-                        .sum()
-                } else {
-                    0
-                };
-                for (i, seg) in segments[first..]
-                    .iter()
-                    .take_while(|(_, s)| s.from_ms < w.end_ms)
-                {
-                    let ov = seg.overlap_ms(w.start_ms, w.end_ms);
-                    sums[*i].delivered += share(delivered, ov, len);
-                    sums[*i].active += share(active, ov, len);
-                }
+            out.by_uuid
+                .entry(gpu_uuid.to_owned())
+                .or_default()
+                .push(out.cards.len());
+            out.cards.push(CardSegments {
+                grant_id: grant_id.to_owned(),
+                host_id: host_id.to_owned(),
+                gpu_uuid: gpu_uuid.to_owned(),
+                segments,
+                sums,
+            });
+        }
+        out
+    }
+
+    /// The days and grant cards of a reconciliation.
+    pub fn of_report(r: &Reconciliation) -> Self {
+        Self::new(
+            r.from_ms,
+            r.until_ms,
+            r.grants.iter().flat_map(|g| {
+                g.cards.iter().map(|c| {
+                    (
+                        g.grant_id.as_str(),
+                        c.host_id.as_str(),
+                        c.gpu_uuid.as_str(),
+                        c.intervals.as_slice(),
+                    )
+                })
+            }),
+        )
+    }
+
+    /// Counts one metered window.
+    pub fn add(&mut self, w: &WindowRow) {
+        if window_len(w) > 0 {
+            self.add_counted(Counted::of(w));
+        }
+    }
+
+    /// Counts one window, hour or day as the report's planner read it.
+    pub fn add_counted(&mut self, w: Counted<'_>) {
+        let len = (w.end_ms - w.start_ms).max(0) as u64;
+        if len == 0 {
+            return;
+        }
+        let Some(cards) = self.by_uuid.get(w.gpu_uuid) else {
+            return;
+        };
+        for &k in cards {
+            let c = &mut self.cards[k];
+            let first = c
+                .segments
+                .partition_point(|(_, s)| s.until_ms <= w.start_ms);
+            let active = if w.assigned_to == Some(c.grant_id.as_str()) {
+                w.grantee_active_ms
+            } else {
+                0
+            };
+            for (i, seg) in c.segments[first..]
+                .iter()
+                .take_while(|(_, s)| s.from_ms < w.end_ms)
+            {
+                let ov = seg.overlap_ms(w.start_ms, w.end_ms);
+                c.sums[*i].delivered += share(w.delivered_ms, ov, len);
+                c.sums[*i].active += share(active, ov, len);
             }
-            for (d, s) in days.iter().zip(&sums) {
+        }
+    }
+
+    /// Every grant card's days in which it belonged to the grant, in order (grant, card, day).
+    pub fn finish(self) -> Vec<CardDay> {
+        let mut out = Vec::new();
+        for c in self.cards {
+            for (d, s) in self.days.iter().zip(&c.sums) {
                 if s.allocated == 0 {
                     continue;
                 }
@@ -153,7 +216,7 @@ pub fn card_days(r: &Reconciliation, windows: &[MeteredWindow]) -> Vec<CardDay> 
                 let delivered = s.delivered.min(s.allocated);
                 let active = s.active.min(delivered);
                 out.push(CardDay {
-                    grant_id: g.grant_id.clone(),
+                    grant_id: c.grant_id.clone(),
                     host_id: c.host_id.clone(),
                     gpu_uuid: c.gpu_uuid.clone(),
                     day: d.day.clone(),
@@ -165,8 +228,19 @@ pub fn card_days(r: &Reconciliation, windows: &[MeteredWindow]) -> Vec<CardDay> 
                 });
             }
         }
+        out
     }
-    out
+}
+
+/// Every grant card's figures per Korean calendar day of the report's period, in the report's
+/// order (grant, card, day). Only days in which the card belonged to the grant are listed.
+/// `windows` are the metered windows the reconciliation was made from (more do no harm).
+pub fn card_days(r: &Reconciliation, windows: &[MeteredWindow]) -> Vec<CardDay> {
+    let mut d = DayFigures::of_report(r);
+    for w in windows {
+        d.add(&w.window);
+    }
+    d.finish()
 }
 
 #[cfg(test)]

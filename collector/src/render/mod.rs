@@ -20,7 +20,7 @@ use std::str::FromStr;
 
 use crate::reconcile::Reconciliation;
 
-pub use days::{CardDay, PeriodDay, card_days, period_days};
+pub use days::{CardDay, DayFigures, PeriodDay, card_days, period_days};
 pub use labels::{CSV_COLUMNS, Labels};
 pub use trend_page::{TREND_COLUMNS, csv as trend_csv, html as trend_html};
 

@@ -247,12 +247,12 @@ mod tests {
 
     use super::*;
     use crate::grants::{Grant, GrantCard, Program};
-    use crate::reconcile::{IdleSettings, Inputs, reconcile_as_of};
-    use crate::rollup::{Cuts, DAY_MS, HOUR_MS, metered};
+    use crate::reconcile::{IdleSettings, Inputs};
+    use crate::rollup::{DAY_MS, HOUR_MS};
     use crate::store::sqlite::SqliteStore;
     use crate::store::{
-        AgentHello, CheckpointRow, GpuRow, IngestBatch, IngestRecord, MeteredWindow, PrincipalRow,
-        RecordContent, Store,
+        AgentHello, CheckpointRow, GpuRow, IngestBatch, IngestRecord, PrincipalRow, RecordContent,
+        Store,
     };
 
     const MIN: i64 = 60_000;
@@ -474,26 +474,8 @@ mod tests {
             days: 1,
             as_of_ms: until.min(as_of),
         };
-        let look = idle.window();
-        let (sf, su) = (from.min(look.from_ms), until.max(look.until_ms));
-        let windows: Vec<MeteredWindow> = if rollups {
-            let cuts = Cuts::of_grants(
-                vec![
-                    from,
-                    until,
-                    until.min(as_of.max(from)),
-                    look.from_ms,
-                    look.until_ms,
-                ],
-                grants,
-            );
-            metered(store, sf, su, &cuts, &in_head).unwrap()
-        } else {
-            let mut ws = store.windows(sf, su, None).unwrap();
-            ws.retain(|w| in_head(&w.agent_id, w.seq));
-            ws
-        };
-        let r = reconcile_as_of(
+        crate::query::figures_of(
+            store,
             &Inputs {
                 period: "p",
                 from_ms: from,
@@ -501,15 +483,78 @@ mod tests {
                 program: None,
                 grant_id: None,
                 grants,
-                windows: &windows,
+                windows: &[],
                 events: &[],
                 invoices: &[],
                 idle,
             },
             as_of,
+            &in_head,
+            rollups,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn consecutive_clean_days_of_a_card_are_read_as_one_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        store.hello(&hello("a", &CARDS)).unwrap();
+        let hourly: Vec<WindowRow> = (0..72)
+            .map(|h| {
+                window_of(&Gen {
+                    card: 0,
+                    agent_b: false,
+                    start_min: h * 60,
+                    len_min: 60,
+                    good_pct: 100,
+                    assignment: 0,
+                    grantee: Some(50),
+                    matches: (true, false),
+                    energy: Some(5),
+                    unattributed: None,
+                    bad: false,
+                })
+            })
+            .collect();
+        commit(&store, "a", 1, hourly);
+        let read = |cuts: &crate::rollup::Cuts| {
+            let mut days = Vec::new();
+            let ws = crate::rollup::metered(
+                &store,
+                T0,
+                T0 + 3 * DAY_MS,
+                cuts,
+                &|_, _| true,
+                &mut |c| days.push((c.start_ms, c.end_ms)),
+            )
+            .unwrap();
+            let spans: Vec<(i64, i64)> = ws
+                .iter()
+                .map(|w| (w.window.start_ms, w.window.end_ms))
+                .collect();
+            (spans, days)
+        };
+        // Three clean days, no cut: one window for the figures, three days counted.
+        let (spans, days) = read(&crate::rollup::Cuts::default());
+        assert_eq!(spans, vec![(T0, T0 + 3 * DAY_MS)]);
+        assert_eq!(
+            days,
+            vec![
+                (T0, T0 + DAY_MS),
+                (T0 + DAY_MS, T0 + 2 * DAY_MS),
+                (T0 + 2 * DAY_MS, T0 + 3 * DAY_MS)
+            ]
         );
-        let days = crate::render::card_days(&r, &windows);
-        (r, days)
+        // A cut at the second midnight keeps the runs apart.
+        let cuts = crate::rollup::Cuts {
+            everywhere: vec![T0 + 2 * DAY_MS],
+            ..Default::default()
+        };
+        assert_eq!(
+            read(&cuts).0,
+            vec![(T0, T0 + 2 * DAY_MS), (T0 + 2 * DAY_MS, T0 + 3 * DAY_MS)]
+        );
     }
 
     #[test]
