@@ -10,6 +10,7 @@ pub mod convert;
 mod csv;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod episodes;
 pub mod grants;
 pub mod heads;
 pub mod ingest;
