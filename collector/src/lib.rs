@@ -16,6 +16,7 @@ pub mod heads;
 pub mod ingest;
 pub mod invoices;
 pub mod limiter;
+pub mod listing;
 pub mod metrics;
 pub mod parts;
 pub mod pdf;
