@@ -776,9 +776,10 @@ async fn a_4096_card_hello_with_3_kb_strings_is_refused_by_name_and_hosts_keeps_
         .output()
         .unwrap();
     assert!(out.status.success());
+    // The header row and its rule, then the one agent.
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).lines().count(),
-        1,
+        3,
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

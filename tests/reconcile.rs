@@ -692,7 +692,7 @@ async fn the_april_report_matches_the_scenario_exactly() {
         .events(v1::EventsRequest {
             period: "2026-04".into(),
             kind: "xid".into(),
-            gpu_uuid: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

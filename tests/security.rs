@@ -695,7 +695,19 @@ async fn the_built_in_ca_enrols_a_host_and_the_real_binaries_speak_tls() {
         "{}",
         String::from_utf8_lossy(&hosts.stderr)
     );
-    assert!(out.contains("kt-gpu-07\tkt-gpu-07\tkt\t1 cards"), "{out}");
+    // A header row, then the agent: agent, host, CSP, hostname, version, cards, ….
+    assert!(out.starts_with("AGENT "), "{out}");
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with("kt-gpu-07 "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        (&row[..3], row[5]),
+        (&["kt-gpu-07", "kt-gpu-07", "kt"][..], "1"),
+        "{out}"
+    );
     let (code, _, err) = run(&["hosts", "--server", &url]);
     assert_eq!(code, Some(64), "{err}");
     assert!(

@@ -3,7 +3,7 @@
 //! and checkpoint signature, hands it to the writer, and acks in order once it is committed.
 //! Pushes a new assignment set whenever the grants change.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -224,6 +224,8 @@ pub struct IngestService {
     pub store: Arc<dyn Store>,
     pub writer: Writer,
     pub live: Arc<Mutex<HashSet<String>>>,
+    /// What each agent's last Hello here said its head was (for `hosts`' lag).
+    pub heads: AgentHeads,
     pub limits: Limits,
     pub collector_id: String,
     /// Bumped whenever grants change; sessions then push new assignment sets.
@@ -231,6 +233,11 @@ pub struct IngestService {
     /// Turns true when the server shuts down; sessions then end so the server can stop.
     pub closing: watch::Receiver<bool>,
 }
+
+/// Agent id → the agent's own head seq (the one before the next it would assign) as its last
+/// Hello to this collector said. Kept in memory only: it is a gauge of how far behind an agent
+/// is, never evidence, so a restart (or another collector sharing the database) forgets it.
+pub type AgentHeads = Arc<Mutex<HashMap<String, u64>>>;
 
 /// Removes an agent from the live set when its session ends, however it ends.
 struct LiveGuard {
@@ -406,6 +413,10 @@ impl Ingest for IngestService {
         let host = h.host_id.clone();
         let assignments = blocking(move || assignment_set(store.as_ref(), &host)).await?;
         info!(agent = %agent_id, host = %h.host_id, durable_seq = state.durable_seq, agent_next = hello.next_seq, "session open");
+        self.heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent_id.clone(), hello.next_seq.saturating_sub(1));
 
         let (tx, rx) = mpsc::channel::<Result<v1::CollectorMessage, Status>>(64);
         let welcome = v1::CollectorMessage {

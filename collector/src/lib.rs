@@ -10,12 +10,14 @@ pub mod convert;
 mod csv;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod episodes;
 pub mod grants;
 pub mod heads;
 pub mod identity;
 pub mod ingest;
 pub mod invoices;
 pub mod limiter;
+pub mod listing;
 pub mod metrics;
 pub mod parts;
 pub mod pdf;

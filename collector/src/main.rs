@@ -11,6 +11,7 @@ use gpumeter_collector::config::CollectorConfig;
 #[cfg(feature = "demo")]
 use gpumeter_collector::demo::{DemoOptions, run_demo};
 use gpumeter_collector::grants::{fmt_kst, parse_gpu_uuid, parse_valid_from, parse_valid_until};
+use gpumeter_collector::listing;
 use gpumeter_collector::report::{UsageJson, idle_table, parse_period};
 use gpumeter_collector::store::sqlite::SqliteStore;
 use gpumeter_proto::v1;
@@ -303,17 +304,79 @@ enum Command {
         /// Only this agent's.
         #[arg(long)]
         agent: Option<String>,
+        /// Print JSON: an array of objects, instants in ms and RFC 3339.
+        #[arg(long)]
+        json: bool,
         #[arg(long)]
         server: String,
     },
-    /// Agents and cards the collector has seen (`hosts --server URL`); `hosts move-card`
-    /// gives a card to another host.
+    /// Agents and cards the collector has seen, with when each was last seen and how far
+    /// behind it is (`hosts --server URL`); `hosts move-card` gives a card to another host.
     #[command(args_conflicts_with_subcommands = true)]
     Hosts {
         #[arg(long)]
         server: Option<String>,
+        /// Print JSON: an array of objects, instants in ms and RFC 3339.
+        #[arg(long)]
+        json: bool,
         #[command(subcommand)]
         command: Option<HostsCommand>,
+    },
+    /// Events in the ledger: XIDs, ECC errors, card health counters, lost and recovered
+    /// cards, enforcement, assignment changes, agent starts, spool full.
+    Events {
+        /// YYYY-MM, YYYY-MM-DD, or FROM..UNTIL (KST dates, end inclusive, or RFC 3339)
+        /// [default: the last 30 days].
+        #[arg(long)]
+        period: Option<String>,
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this card's (GPU or MIG UUID).
+        #[arg(long = "gpu", value_name = "UUID")]
+        gpu: Option<String>,
+        /// Only this kind: xid, ecc_single_bit, ecc_double_bit, card_health, gpu_lost,
+        /// gpu_recovered, enforcement, assignment_changed, agent_started, spool_full.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Print JSON: an array of objects, instants in ms and RFC 3339.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        server: String,
+    },
+    /// A card's windows in time order, as counted (start, end, agent, seq, health, assignment
+    /// status, grant, utilization, occupied time, memory, energy, flags), and the grants that
+    /// held it: what ran on the card. Windows the collector flagged (impossible values, card
+    /// time counted twice, a card another host holds) count in no figure and are not listed;
+    /// `alarms` and `verify` name them.
+    Timeline {
+        #[arg(long = "gpu", value_name = "UUID")]
+        gpu: String,
+        /// As for `events` [default: the last 30 days].
+        #[arg(long)]
+        period: Option<String>,
+        /// Print JSON: an array of windows, instants in ms and RFC 3339.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        server: String,
+    },
+    /// Violation episodes: card, host, grant (or none), principal and pid as the agent
+    /// recorded them, the enforcement mode and the action taken (its last signal and
+    /// outcome). One row per episode, as `report` counts them.
+    Violations {
+        /// As for `events` [default: the last 30 days].
+        #[arg(long)]
+        period: Option<String>,
+        /// Only violations on this grant's cards while it held them.
+        #[arg(long = "grant", value_name = "ID")]
+        grant: Option<String>,
+        /// Print JSON: an array of episodes, instants in ms and RFC 3339.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        server: String,
     },
     /// The whole system on one machine with simulated GPUs.
     Demo {
@@ -968,7 +1031,11 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Alarms { agent, server } => {
+        Command::Alarms {
+            agent,
+            json,
+            server,
+        } => {
             let mut c = query_client(&server).await?;
             let mut stream = c
                 .stream_alarms(v1::AlarmsRequest {
@@ -977,22 +1044,104 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                 .await
                 .map_err(|s| refused("alarms", s))?
                 .into_inner();
-            let mut any = false;
+            let mut alarms = Vec::new();
             while let Some(a) = stream.message().await.map_err(|s| refused("alarms", s))? {
-                any = true;
-                println!(
-                    "{}\t{}\t{}\t{}\t{}",
-                    kst(a.at_unix_ms),
-                    a.agent_id,
-                    a.kind,
-                    a.seq.map_or("-".to_string(), |s| s.to_string()),
-                    a.detail
-                );
+                alarms.push(a);
             }
-            if !any {
-                println!("no alarms");
+            let text = if json {
+                listing::alarms_json(&alarms)?
+            } else {
+                listing::alarms_table(&alarms)
+            };
+            write_out(&text, None)
+        }
+        Command::Events {
+            period,
+            agent,
+            gpu,
+            kind,
+            json,
+            server,
+        } => {
+            // As the agent reported it: the ledger is searched, not a grant validated.
+            let gpu_uuid = gpu.map(|g| g.trim().to_owned());
+            let mut c = query_client(&server).await?;
+            let mut stream = c
+                .stream_events(v1::EventsRequest {
+                    period: period_or_default(period),
+                    kind: kind.unwrap_or_default(),
+                    gpu_uuid: gpu_uuid.unwrap_or_default(),
+                    agent_id: agent.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| refused("events", s))?
+                .into_inner();
+            let mut events = Vec::new();
+            while let Some(e) = stream.message().await.map_err(|s| refused("events", s))? {
+                events.push(e);
             }
-            Ok(())
+            let text = if json {
+                listing::events_json(&events)?
+            } else {
+                listing::events_table(&events)
+            };
+            write_out(&text, None)
+        }
+        Command::Timeline {
+            gpu,
+            period,
+            json,
+            server,
+        } => {
+            let gpu_uuid = gpu.trim().to_owned();
+            // A month of one-minute windows is several MiB: more than the usual reply limit.
+            let mut c = query_client(&server)
+                .await?
+                .max_decoding_message_size(256 << 20);
+            let t = c
+                .card_timeline(v1::CardTimelineRequest {
+                    gpu_uuid,
+                    period: period_or_default(period),
+                })
+                .await
+                .map_err(|s| refused("timeline", s))?
+                .into_inner();
+            let text = if json {
+                listing::timeline_json(&t)?
+            } else {
+                listing::timeline_table(&t)
+            };
+            write_out(&text, None)
+        }
+        Command::Violations {
+            period,
+            grant,
+            json,
+            server,
+        } => {
+            let mut c = query_client(&server).await?;
+            let mut stream = c
+                .stream_violations(v1::ViolationsRequest {
+                    period: period_or_default(period),
+                    grant_id: grant.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| refused("violations", s))?
+                .into_inner();
+            let mut events = Vec::new();
+            while let Some(e) = stream
+                .message()
+                .await
+                .map_err(|s| refused("violations", s))?
+            {
+                events.push(e);
+            }
+            let text = if json {
+                listing::violations_json(&events)?
+            } else {
+                listing::violations_table(&events)
+            };
+            write_out(&text, None)
         }
         Command::Hosts {
             command:
@@ -1033,11 +1182,13 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
         Command::Hosts {
             server: None,
             command: None,
+            ..
         } => Err(usage(anyhow::anyhow!(
             "hosts: give --server URL (or a subcommand: move-card)"
         ))),
         Command::Hosts {
             server: Some(server),
+            json,
             command: None,
         } => {
             let mut c = query_client(&server).await?;
@@ -1046,17 +1197,17 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                 .await
                 .map_err(|s| refused("hosts", s))?
                 .into_inner();
+            let mut hosts = Vec::new();
             while let Some(h) = stream.message().await.map_err(|s| refused("hosts", s))? {
-                println!(
-                    "{}\t{}\t{}\t{} cards\tseq {}",
-                    h.agent_id,
-                    h.host_id,
-                    h.csp,
-                    h.gpus.len(),
-                    h.durable_seq
-                );
+                hosts.push(h);
             }
-            Ok(())
+            let now = gpumeter_collector::ingest::now_ms();
+            let text = if json {
+                listing::hosts_json(&hosts, now)?
+            } else {
+                listing::hosts_table(&hosts, now)
+            };
+            write_out(&text, None)
         }
         Command::Demo { minutes, speed, db } => {
             if minutes == 0 || minutes > 24 * 60 || !(speed > 0.0 && speed <= 10_000.0) {
@@ -1114,6 +1265,11 @@ fn parse_at(at: &str) -> Result<Option<i64>, Failure> {
     parse_valid_from(at)
         .map(Some)
         .map_err(|e| usage(anyhow::anyhow!("--at: {e}, or now")))
+}
+
+/// `--period` of the listings, or the last 30 Korean calendar days.
+fn period_or_default(period: Option<String>) -> String {
+    period.unwrap_or_else(|| listing::last_days(gpumeter_collector::ingest::now_ms(), 30))
 }
 
 fn parse_card(flag: &str, uuid: &str) -> Result<String, Failure> {

@@ -1,7 +1,8 @@
 //! The collector's Prometheus metrics, served by gpumeter-telemetry's endpoint (`/metrics`,
 //! `/healthz`, `/readyz`): ingest (records and commits, failed commits, the commit-latency
-//! histogram, live sessions), each agent's last-seen age and durable seq, alarms by kind, the
-//! database's size and build info. Read at scrape time from the writer's counters and the
+//! histogram, live sessions), each agent's last-seen age and durable seq, alarms by kind,
+//! violation episodes by the action taken (`crate::episodes`), the database's size and build
+//! info. Read at scrape time from the writer's counters and the
 //! store; a store that cannot answer leaves its series out of that scrape and counts a
 //! `gpumeter_collector_scrape_errors_total`.
 
@@ -139,7 +140,10 @@ impl Collector for CollectorMetrics {
                         ("host_id", h.host_id.clone()),
                         ("csp", h.csp.clone()),
                     ];
-                    seen.push((l.clone(), ((now - h.last_seen_ms).max(0) as f64) / 1000.0));
+                    let last = h
+                        .last_record_ms
+                        .map_or(h.last_seen_ms, |r| r.max(h.last_seen_ms));
+                    seen.push((l.clone(), ((now - last).max(0) as f64) / 1000.0));
                     durable.push((l, h.durable_seq as f64));
                 }
                 family(
@@ -181,6 +185,40 @@ impl Collector for CollectorMetrics {
                     "gpumeter_collector_alarms",
                     "Alarms stored, by kind.",
                     true,
+                    &series,
+                )?;
+            }
+            Err(_) => {
+                self.scrape_errors.fetch_add(1, Relaxed);
+            }
+        }
+        // Violations are rare (one event per episode and a few per termination), so reading
+        // them at each scrape is cheap next to the alarms above.
+        match self
+            .store
+            .events(i64::MIN, i64::MAX, Some("enforcement"), None)
+        {
+            Ok(events) => {
+                let mut by_action: BTreeMap<String, u64> = BTreeMap::new();
+                for e in crate::episodes::episodes(&events) {
+                    *by_action.entry(e.action().to_string()).or_default() += 1;
+                }
+                let series: Series = by_action
+                    .into_iter()
+                    .map(|(a, n)| {
+                        (
+                            vec![("collector_id", self.collector_id.clone()), ("action", a)],
+                            n as f64,
+                        )
+                    })
+                    .collect();
+                // A gauge, not a counter: an episode moves from `none` to `sigterm` (say)
+                // when its follow-up arrives.
+                family(
+                    &mut enc,
+                    "gpumeter_collector_violation_episodes",
+                    "Violation episodes in the ledger, by the action taken so far (none: recorded only).",
+                    false,
                     &series,
                 )?;
             }

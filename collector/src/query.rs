@@ -18,6 +18,8 @@ use crate::verify::{Finding, VerifyReport, verify, verify_agent};
 #[derive(Clone)]
 pub struct QueryService {
     pub store: Arc<dyn Store>,
+    /// The agents' heads as their Hellos here said (see [`crate::ingest::AgentHeads`]).
+    pub agent_heads: crate::ingest::AgentHeads,
 }
 
 /// Longest period one usage query may span (a little over a year).
@@ -460,6 +462,7 @@ impl QueryService {
 
     async fn event_list(&self, q: v1::EventsRequest) -> Result<Vec<v1::EventInfo>, Status> {
         let (from, until) = period_arg(&q.period)?;
+        let agent = q.agent_id.trim().to_owned();
         let store = self.store.clone();
         let events = blocking(move || {
             let kind = q.kind.trim();
@@ -472,7 +475,11 @@ impl QueryService {
             )
         })
         .await?;
-        Ok(events.into_iter().map(event_to_wire).collect())
+        Ok(events
+            .into_iter()
+            .filter(|e| agent.is_empty() || e.agent_id == agent)
+            .map(event_to_wire)
+            .collect())
     }
 
     async fn grant_list(&self, q: v1::GrantsRequest) -> Result<Vec<v1::AuditedGrant>, Status> {
@@ -518,9 +525,16 @@ impl QueryService {
         let hosts = tokio::task::spawn_blocking(move || store.hosts())
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
+        let heads = self
+            .agent_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         Ok(hosts
             .into_iter()
             .map(|h| v1::HostInfo {
+                agent_head_seq: heads.get(&h.agent_id).copied(),
+                last_record_unix_ms: h.last_record_ms,
                 agent_id: h.agent_id,
                 host_id: h.host_id,
                 csp: h.csp,
@@ -983,6 +997,10 @@ fn timeline_window(m: MeteredWindow) -> v1::TimelineWindow {
         active_ms: w.active_ms,
         foreign_ms: w.foreign_ms,
         energy_mj: w.energy_mj,
+        memory_used_max_bytes: w.memory_used_max_bytes,
+        energy_estimated: w.energy_estimated,
+        unattributed_ms: w.unattributed_ms,
+        energy_estimated_mj: w.energy_estimated_mj,
     }
 }
 

@@ -301,8 +301,9 @@ fn display_width(s: &str) -> usize {
         .sum()
 }
 
-/// An aligned table; columns flagged in `right` (numbers) are right-aligned.
-fn grid(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
+/// An aligned table under a header row and a rule; columns flagged in `right` (numbers) are
+/// right-aligned. Every terminal table of the CLI is one of these.
+pub fn grid(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
     let mut w: Vec<usize> = header.iter().map(|h| display_width(h)).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {

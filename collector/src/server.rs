@@ -76,10 +76,12 @@ pub async fn run(
     let (grants_tx, grants_rx) = watch::channel(0u64);
     let (closing_tx, closing_rx) = watch::channel(false);
     let max_msg = opts.limits.max_message_bytes as usize;
+    let heads = crate::ingest::AgentHeads::default();
     let ingest = IngestService {
         store: store.clone(),
         writer,
         live: Arc::new(Mutex::new(HashSet::new())),
+        heads: heads.clone(),
         limits: opts.limits.clone(),
         collector_id: opts.collector_id.clone(),
         grants_version: grants_rx,
@@ -87,6 +89,7 @@ pub async fn run(
     };
     let query = QueryService {
         store: store.clone(),
+        agent_heads: heads,
     };
     let store_for_heads = store.clone();
     let query_check = TokenCheck {

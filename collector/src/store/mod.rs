@@ -324,7 +324,10 @@ pub struct HostRow {
     pub hostname: String,
     pub agent_version: String,
     pub durable_seq: u64,
+    /// The agent's last Hello.
     pub last_seen_ms: i64,
+    /// When the collector received the record at `durable_seq` (`None`: no record yet).
+    pub last_record_ms: Option<i64>,
     pub gpus: Vec<GpuRow>,
 }
 

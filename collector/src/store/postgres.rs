@@ -859,6 +859,7 @@ impl Store for PgStore {
                     agent_version: r.get(4),
                     last_seen_ms: r.get(5),
                     durable_seq: 0,
+                    last_record_ms: None,
                     gpus: vec![],
                 })
                 .collect();
@@ -869,8 +870,16 @@ impl Store for PgStore {
                      FROM gpus WHERE agent_id = $1 ORDER BY idx, parent_uuid, gpu_uuid",
                 )
                 .map_err(db)?;
+            let last = c
+                .prepare(
+                    "SELECT seq, received_ms FROM records WHERE agent_id = $1 ORDER BY seq DESC LIMIT 1",
+                )
+                .map_err(db)?;
             for h in &mut hosts {
-                h.durable_seq = Self::durable(c, &h.agent_id)?.durable_seq;
+                if let Some(r) = c.query_opt(&last, &[&h.agent_id]).map_err(db)? {
+                    h.durable_seq = r.get::<_, i64>(0).max(0) as u64;
+                    h.last_record_ms = Some(r.get(1));
+                }
                 h.gpus = c
                     .query(&gst, &[&h.agent_id])
                     .map_err(db)?

@@ -1329,6 +1329,7 @@ impl Store for SqliteStore {
                     agent_version: r.get(4)?,
                     last_seen_ms: r.get(5)?,
                     durable_seq: 0,
+                    last_record_ms: None,
                     gpus: vec![],
                 })
             })
@@ -1342,8 +1343,22 @@ impl Store for SqliteStore {
                  FROM gpus WHERE agent_id = ?1 ORDER BY idx, parent_uuid, gpu_uuid",
             )
             .map_err(db)?;
+        let mut last = c
+            .prepare(
+                "SELECT seq, received_ms FROM records WHERE agent_id = ?1 ORDER BY seq DESC LIMIT 1",
+            )
+            .map_err(db)?;
         for h in &mut hosts {
-            h.durable_seq = Self::durable(&c, &h.agent_id)?.durable_seq;
+            if let Some((seq, received)) = last
+                .query_row(params![h.agent_id], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
+                .map_err(db)?
+            {
+                h.durable_seq = seq.max(0) as u64;
+                h.last_record_ms = Some(received);
+            }
             h.gpus = gst
                 .query_map(params![h.agent_id], |r| {
                     Ok(GpuRow {
@@ -1955,6 +1970,7 @@ pub(crate) const EVENT_KINDS: &[&str] = &[
     "assignment_changed",
     "agent_started",
     "spool_full",
+    "card_health",
 ];
 
 /// A stored spelling as the `&'static str` the rows carry; one this collector does not know

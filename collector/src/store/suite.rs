@@ -328,6 +328,7 @@ pub(super) mod reconcile_reads {
                         RecordContent::Window(window("GPU-1", 9 * day, Some(1))),
                         RecordContent::Event(event("GPU-1", 10 * day + 5, "enforcement")),
                         RecordContent::Event(event("GPU-1", 10 * day + 6, "xid")),
+                        RecordContent::Event(event("GPU-1", 10 * day + 7, "card_health")),
                     ],
                 ),
                 batch(
@@ -383,10 +384,13 @@ pub(super) mod reconcile_reads {
             [
                 ("GPU-3", "enforcement", "nhn"),
                 ("GPU-1", "enforcement", "kt"),
-                ("GPU-1", "xid", "kt")
+                ("GPU-1", "xid", "kt"),
+                ("GPU-1", "card_health", "kt"),
             ]
         );
         assert_eq!(e[1].event, event("GPU-1", 10 * day + 5, "enforcement"));
+        // Every kind an agent sends reads back as itself, not as "unknown".
+        assert_eq!(e[3].event, event("GPU-1", 10 * day + 7, "card_health"));
         let only = store
             .events(10 * day, 11 * day, Some("enforcement"), Some("GPU-1"))
             .unwrap();
@@ -613,6 +617,16 @@ pub(super) mod binding {
                 .map(|h| h.gpus.len())
         };
         assert_eq!((of("h"), of("k")), (Some(0), Some(1)));
+        // Last seen: the Hello's time, and the receipt of the latest durable record apart.
+        let k = hosts.iter().find(|h| h.agent_id == "k").unwrap();
+        assert_eq!(
+            (k.durable_seq, k.last_seen_ms, k.last_record_ms),
+            (1, 5, Some(9))
+        );
+        store.hello(&hello("fresh", "host-f", &[])).unwrap();
+        let hosts = store.hosts().unwrap();
+        let f = hosts.iter().find(|h| h.agent_id == "fresh").unwrap();
+        assert_eq!((f.durable_seq, f.last_record_ms), (0, None));
 
         let moved = store
             .move_host_card(CARD, "host-h", "ops", "rack swap", 77)
