@@ -520,15 +520,11 @@ mod tests {
         commit(&store, "a", 1, hourly);
         let read = |cuts: &crate::rollup::Cuts| {
             let mut days = Vec::new();
-            let ws = crate::rollup::metered(
-                &store,
-                T0,
-                T0 + 3 * DAY_MS,
-                cuts,
-                &|_, _| true,
-                &mut |c| days.push((c.start_ms, c.end_ms)),
-            )
-            .unwrap();
+            let ws =
+                crate::rollup::metered(&store, T0, T0 + 3 * DAY_MS, cuts, &|_, _| true, &mut |c| {
+                    days.push((c.start_ms, c.end_ms))
+                })
+                .unwrap();
             let spans: Vec<(i64, i64)> = ws
                 .iter()
                 .map(|w| (w.window.start_ms, w.window.end_ms))
