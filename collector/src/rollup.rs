@@ -226,6 +226,55 @@ pub fn entry(level: Level, w: &WindowRow, disputed: bool) -> Entry {
     Entry::Marks(marks)
 }
 
+/// One rollup row's increment from one batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Add {
+    pub windows: i64,
+    pub raw: bool,
+    pub sums: RollupSums,
+    pub max_seq: i64,
+}
+
+/// One batch's counted windows (seq, window, disputed) summed per row of `level`, keyed by
+/// (bucket start, card, status, grant): both stores then touch each row once per batch
+/// instead of once per window. A marker row has an empty status and grant.
+pub fn batch_rows<'a>(
+    level: Level,
+    windows: &[(i64, &'a WindowRow, bool)],
+) -> BTreeMap<(i64, &'a str, &'a str, &'a str), Add> {
+    let mut rows: BTreeMap<(i64, &str, &str, &str), Add> = BTreeMap::new();
+    for &(seq, w, disputed) in windows {
+        match entry(level, w, disputed) {
+            Entry::Summed(start) => {
+                let s = RollupSums::of(w);
+                let a = rows
+                    .entry((start, &w.gpu_uuid, w.assignment_status, &w.grant_id))
+                    .or_default();
+                a.windows += 1;
+                a.max_seq = a.max_seq.max(seq);
+                let t = &mut a.sums;
+                t.good_ms += s.good_ms;
+                t.unavailable_ms += s.unavailable_ms;
+                t.unattributed_ms += s.unattributed_ms;
+                t.energy_mj = t.energy_mj.saturating_add(s.energy_mj);
+                t.occupied_ms += s.occupied_ms;
+                t.grantee_occupied_ms += s.grantee_occupied_ms;
+                t.active_ms += s.active_ms;
+                t.foreign_ms += s.foreign_ms;
+            }
+            Entry::Marks(starts) => {
+                for start in starts {
+                    let a = rows.entry((start, &w.gpu_uuid, "", "")).or_default();
+                    a.windows += 1;
+                    a.raw = true;
+                    a.max_seq = a.max_seq.max(seq);
+                }
+            }
+        }
+    }
+    rows
+}
+
 /// A rollup row (or a run of them, `len` ms long) as one window spanning it, for
 /// reconciliation: delivered time is `good_samples × interval_ms` with a 1-ms interval, and
 /// the grantee's active time is one matching principal's.

@@ -3,14 +3,12 @@
 //! them in one multi-row statement per level; migration 9 and `verify` derive the rows with
 //! the SQL both backends share ([`super::rollup_sql`]), and verify compares them.
 
-use std::collections::BTreeMap;
-
 use postgres::GenericClient;
 use postgres::types::ToSql;
 
 use super::rollup_sql::{COLUMNS, Dialect, Source, derive, mismatch_sql, problem, table};
 use super::{StoreError, WindowRow};
-use crate::rollup::{Buckets, Entry, Level, RollupMismatch, RollupRow, RollupSums, entry};
+use crate::rollup::{Buckets, Level, RollupMismatch, RollupRow};
 
 use super::postgres::db;
 
@@ -66,15 +64,6 @@ type Cols<'a> = (
     Vec<i64>,
 );
 
-/// One rollup row's increment.
-#[derive(Default)]
-struct Add {
-    windows: i64,
-    raw: bool,
-    sums: RollupSums,
-    max_seq: i64,
-}
-
 /// Adds one batch's counted windows (seq, window, disputed) of `agent_id` to their rows: summed
 /// per row first (a multi-row upsert may touch each row once), then one upsert per level.
 pub fn add_windows(
@@ -86,36 +75,7 @@ pub fn add_windows(
         return Ok(());
     }
     for level in [Level::Hour, Level::Day] {
-        let mut rows: BTreeMap<(i64, &str, &str, &str), Add> = BTreeMap::new();
-        for (seq, w, disputed) in windows {
-            match entry(level, w, *disputed) {
-                Entry::Summed(start) => {
-                    let s = RollupSums::of(w);
-                    let a = rows
-                        .entry((start, &w.gpu_uuid, w.assignment_status, &w.grant_id))
-                        .or_default();
-                    a.windows += 1;
-                    a.max_seq = a.max_seq.max(*seq);
-                    let t = &mut a.sums;
-                    t.good_ms += s.good_ms;
-                    t.unavailable_ms += s.unavailable_ms;
-                    t.unattributed_ms += s.unattributed_ms;
-                    t.energy_mj += s.energy_mj;
-                    t.occupied_ms += s.occupied_ms;
-                    t.grantee_occupied_ms += s.grantee_occupied_ms;
-                    t.active_ms += s.active_ms;
-                    t.foreign_ms += s.foreign_ms;
-                }
-                Entry::Marks(starts) => {
-                    for start in starts {
-                        let a = rows.entry((start, &w.gpu_uuid, "", "")).or_default();
-                        a.windows += 1;
-                        a.raw = true;
-                        a.max_seq = a.max_seq.max(*seq);
-                    }
-                }
-            }
-        }
+        let rows = crate::rollup::batch_rows(level, windows);
         let i = |v: u64| v.min(i64::MAX as u64) as i64;
         let mut cols = Cols::default();
         for ((start, gpu, status, grant), a) in &rows {

@@ -613,6 +613,8 @@ impl SqliteStore {
             let mut one = |b: &IngestBatch| -> Result<CommitOutcome, StoreError> {
                 let mut out = CommitOutcome::default();
                 let mut disputed: Vec<(u64, String)> = Vec::new();
+                // Counted windows, added to the rollups once per batch.
+                let mut rolled: Vec<(i64, &WindowRow, bool)> = Vec::new();
                 for r in &b.records {
                     let seq = r.seq as i64;
                     let n = ins_rec
@@ -724,13 +726,7 @@ impl SqliteStore {
                                 b.received_ms,
                             )?;
                             if !flagged {
-                                super::sqlite_rollup::add_window(
-                                    &tx,
-                                    &b.agent_id,
-                                    r.seq,
-                                    w,
-                                    is_disputed,
-                                )?;
+                                rolled.push((seq, w, is_disputed));
                             }
                         }
                         RecordContent::Event(e) => {
@@ -788,6 +784,7 @@ impl SqliteStore {
                         RecordContent::Unknown => {}
                     }
                 }
+                super::sqlite_rollup::add_windows(&tx, &b.agent_id, &rolled)?;
                 // A batch that re-sent a record with other bytes comes with a checkpoint
                 // over the other history (links inside a batch are verified), which the
                 // ledger does not hold: stored, it would make the kept chain fail

@@ -2,7 +2,7 @@
 //! upkeep as each window commits, the rows reports read, and their re-derivation from the
 //! `windows` table for `verify`.
 //!
-//! The commit path adds each window to its rows in Rust ([`add_window`]); migration 9 and
+//! The commit path adds each batch's windows to their rows in Rust ([`add_windows`]); migration 9 and
 //! `verify` derive the same rows in SQL from the windows ([`super::rollup_sql`], shared with
 //! PostgreSQL). The two must agree to the row: verify compares them, and the store tests
 //! check every kind of window.
@@ -12,9 +12,7 @@ use rusqlite::{Connection, params};
 pub use super::rollup_sql::table;
 use super::rollup_sql::{COLUMNS, Dialect, Source, derive, mismatch_sql, problem, source_select};
 use super::{StoreError, WindowRow};
-use crate::rollup::{
-    Buckets, Entry, Level, RollupMismatch as Mismatch, RollupRow, RollupSums, entry,
-};
+use crate::rollup::{Buckets, Level, RollupMismatch as Mismatch, RollupRow};
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
@@ -88,22 +86,23 @@ pub fn backfill(c: &Connection) -> Result<(), StoreError> {
         .map_err(db)
 }
 
-/// Adds a window that counts (no flag) to its rows; `disputed`: reported for a card another
-/// host held.
-pub fn add_window(
+/// Adds one batch's counted windows (seq, window, disputed: reported for a card another host
+/// held) of `agent_id` to their rows: summed per row first ([`crate::rollup::batch_rows`]),
+/// then one upsert per row and level.
+pub fn add_windows(
     c: &Connection,
     agent_id: &str,
-    seq: u64,
-    w: &WindowRow,
-    disputed: bool,
+    windows: &[(i64, &WindowRow, bool)],
 ) -> Result<(), StoreError> {
-    let sums = RollupSums::of(w);
+    if windows.is_empty() {
+        return Ok(());
+    }
     for level in [Level::Hour, Level::Day] {
         let mut st = c
             .prepare_cached(&format!(
-                "INSERT INTO {} ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,1,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)
+                "INSERT INTO {} ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)
                  ON CONFLICT (start_ms, gpu_uuid, agent_id, assignment_status, grant_id) DO UPDATE SET
-                   windows = windows + 1,
+                   windows = windows + excluded.windows,
                    good_ms = good_ms + excluded.good_ms,
                    unavailable_ms = unavailable_ms + excluded.unavailable_ms,
                    unattributed_ms = unattributed_ms + excluded.unattributed_ms,
@@ -117,36 +116,27 @@ pub fn add_window(
             ))
             .map_err(db)?;
         let i = |v: u64| v.min(i64::MAX as u64) as i64;
-        match entry(level, w, disputed) {
-            Entry::Summed(start) => {
-                st.execute(params![
-                    start,
-                    w.gpu_uuid,
-                    agent_id,
-                    w.assignment_status,
-                    w.grant_id,
-                    false,
-                    i(sums.good_ms),
-                    i(sums.unavailable_ms),
-                    i(sums.unattributed_ms),
-                    i(sums.energy_mj),
-                    i(sums.occupied_ms),
-                    i(sums.grantee_occupied_ms),
-                    i(sums.active_ms),
-                    i(sums.foreign_ms),
-                    seq as i64
-                ])
-                .map_err(db)?;
-            }
-            Entry::Marks(starts) => {
-                for start in starts {
-                    st.execute(params![
-                        start, w.gpu_uuid, agent_id, "", "", true, 0, 0, 0, 0, 0, 0, 0, 0,
-                        seq as i64
-                    ])
-                    .map_err(db)?;
-                }
-            }
+        for ((start, gpu, status, grant), a) in crate::rollup::batch_rows(level, windows) {
+            let s = a.sums;
+            st.execute(params![
+                start,
+                gpu,
+                agent_id,
+                status,
+                grant,
+                a.windows,
+                a.raw,
+                i(s.good_ms),
+                i(s.unavailable_ms),
+                i(s.unattributed_ms),
+                i(s.energy_mj),
+                i(s.occupied_ms),
+                i(s.grantee_occupied_ms),
+                i(s.active_ms),
+                i(s.foreign_ms),
+                a.max_seq
+            ])
+            .map_err(db)?;
         }
     }
     Ok(())
