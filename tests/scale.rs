@@ -84,6 +84,32 @@ async fn a_month_report_for_two_thousand_cards_streams_where_one_reply_would_not
     assert!(whole.encoded_len() > 4 << 20, "{}", whole.encoded_len());
     assert_eq!(whole.grants.len(), 400);
     assert_eq!(whole.days.len(), 2_000 * 30);
+    // Without the per-day figures (what every format but the HTML page asks for), the reply
+    // grows with cards, not cards × days, and holds the same figures.
+    let mut lean: Option<v1::ReconcileReply> = None;
+    let mut parts = query
+        .stream_reconcile(v1::ReconcileRequest {
+            without_days: true,
+            ..q.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(p) = parts.message().await.unwrap() {
+        match lean.as_mut() {
+            None => lean = Some(p),
+            Some(w) => gpumeter_collector::parts::append_reconcile(w, p),
+        }
+    }
+    let lean = lean.unwrap();
+    assert!(lean.days.is_empty());
+    assert_eq!((&lean.grants, &lean.total), (&whole.grants, &whole.total));
+    assert!(
+        lean.encoded_len() * 4 < whole.encoded_len(),
+        "{} of {}",
+        lean.encoded_len(),
+        whole.encoded_len()
+    );
     let total = whole.total.unwrap();
     assert_eq!(total.allocated_ms, 2_000 * 30 * 86_400_000);
     assert_eq!(total.unmetered_ms, total.allocated_ms, "nothing metered");

@@ -1983,6 +1983,7 @@ fn query_of(p: &gpumeter_collector::provenance::Provenance) -> v1::ReconcileRequ
         idle_days: Some(p.idle_days),
         as_of_head: p.head_id,
         as_of_unix_ms: p.as_of_ms,
+        without_days: p.format != "html",
     }
 }
 
@@ -2161,6 +2162,8 @@ async fn trend_report(a: &ReportArgs, spec: &str) -> Result<(), Failure> {
                 idle_days: Some(a.idle_days),
                 as_of_head: 0,
                 as_of_unix_ms: Some(as_of),
+                // Trends sum months; no page draws their days.
+                without_days: true,
             },
         )
         .await
@@ -2223,6 +2226,8 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         return write_out(&text, a.out.as_ref());
     }
     let mut c = query_client(&a.server).await?;
+    // A PDF is the HTML page printed: the page (with its provenance) is what is rendered.
+    let format = format_name(a.format, width);
     let mut q = v1::ReconcileRequest {
         period: a.period.clone(),
         program: a.program.clone().unwrap_or_default(),
@@ -2231,6 +2236,9 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         idle_days: Some(a.idle_days),
         as_of_head: 0,
         as_of_unix_ms: as_of,
+        // Only the HTML page draws per-day heatmaps: any other report is held as cards, not
+        // cards × days.
+        without_days: format != "html",
     };
     let r = gpumeter_collector::parts::reconcile(&mut c, q.clone())
         .await
@@ -2238,8 +2246,6 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
     let rec = gpumeter_collector::query::reconciliation_from_wire(&r);
     let korean = a.lang == ReportLang::Ko;
     let days = gpumeter_collector::query::card_days_from_wire(&r);
-    // A PDF is the HTML page printed: the page (with its provenance) is what is rendered.
-    let format = format_name(a.format, width);
     let text = gpumeter_collector::provenance::render(&rec, &days, format, korean)
         .map_err(|e| anyhow::anyhow!(e))?;
     // Every report names the head it was computed from and carries its content hash.

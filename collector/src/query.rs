@@ -691,7 +691,8 @@ pub fn compute_report(
 
 /// The reconciliation and per-day figures of `inputs` (whose `windows` and `events` are
 /// ignored: they are read here) as of `as_of_ms`, counting only records `in_head` accepts;
-/// `rollups` false reads every window (the baseline the rollups must equal). The windows are
+/// `rollups` false reads every window (the baseline the rollups must equal); `with_days`
+/// false leaves the per-day figures empty. The windows are
 /// read once: the per-day figures are summed as they are read, and dropped before the reply
 /// is built.
 pub fn figures_of(
@@ -700,6 +701,7 @@ pub fn figures_of(
     as_of_ms: i64,
     in_head: &dyn Fn(&str, u64) -> bool,
     rollups: bool,
+    with_days: bool,
 ) -> Result<(Reconciliation, Vec<crate::render::CardDay>), StoreError> {
     let (from, until) = (inputs.from_ms, inputs.until_ms);
     let look = inputs.idle.window();
@@ -717,16 +719,19 @@ pub fn figures_of(
     let mut per_day = crate::render::DayFigures::new(
         from,
         until,
-        report_cards.iter().flat_map(|(g, cards)| {
-            cards.iter().map(|(host, gpu, ivs)| {
-                (
-                    g.grant_id.as_str(),
-                    host.as_str(),
-                    gpu.as_str(),
-                    ivs.as_slice(),
-                )
-            })
-        }),
+        report_cards
+            .iter()
+            .filter(|_| with_days)
+            .flat_map(|(g, cards)| {
+                cards.iter().map(|(host, gpu, ivs)| {
+                    (
+                        g.grant_id.as_str(),
+                        host.as_str(),
+                        gpu.as_str(),
+                        ivs.as_slice(),
+                    )
+                })
+            }),
     );
     drop(report_cards);
     let windows = if rollups {
@@ -814,6 +819,7 @@ pub fn compute_report_with(
         as_of,
         &in_head,
         rollups,
+        !q.without_days,
     )?;
     report.card_alarms = crate::identity::report_alarms(&store.alarms(None)?, &report, head.at_ms);
     Ok((report, days, head))

@@ -481,6 +481,7 @@ mod tests {
             as_of,
             &in_head,
             rollups,
+            true,
         )
         .unwrap()
     }
