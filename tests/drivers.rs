@@ -279,6 +279,16 @@ grace_ms = 1000
     /// The collector's reconciliation of `grant_id` over the whole run, through the Query
     /// service.
     async fn reconcile(&self, grant_id: &str, from: i64, until: i64) -> v1::Figures {
+        self.reconcile_eq(grant_id, from, until).await.0
+    }
+
+    /// A grant's figures, and the same in GPU-equivalents.
+    async fn reconcile_eq(
+        &self,
+        grant_id: &str,
+        from: i64,
+        until: i64,
+    ) -> (v1::Figures, v1::Equivalent) {
         let url = self.collector.as_ref().unwrap().url.clone();
         let mut q = gpumeter_e2e::query_at(&url).await;
         let rfc = |ms: i64| {
@@ -296,7 +306,13 @@ grace_ms = 1000
             .unwrap()
             .into_inner();
         let g = r.grants.iter().find(|g| g.grant_id == grant_id).unwrap();
-        g.figures.unwrap()
+        let eq = r
+            .gpu_equivalents
+            .as_ref()
+            .and_then(|e| e.grants.iter().find(|k| k.key == grant_id))
+            .and_then(|k| k.figures)
+            .unwrap();
+        (g.figures.unwrap(), eq)
     }
 
     async fn shutdown(mut self) {
@@ -1314,11 +1330,23 @@ async fn seven_mig_instances_of_two_tenants_are_metered_and_enforced_as_cards() 
     for w in windows(&rig.conn, MIG_PARENT) {
         assert_eq!((w.occupied_ms, w.foreign_ms), (0, 0), "{w:?}");
     }
-    // Reconciliation per tenant: exactly its instances' windows.
+    // Reconciliation per tenant: exactly its instances' windows; in GPU-equivalents each
+    // 1g.10gb instance of the 7-slice GPU is 1/7 of it.
     for (grant_id, range) in [("G-MIG-A", 0..4), ("G-MIG-B", 4..7)] {
-        let f = rig
-            .reconcile(grant_id, started - 60_000, finished + 60_000)
+        let n = range.len() as f64;
+        let (f, eq) = rig
+            .reconcile_eq(grant_id, started - 60_000, finished + 60_000)
             .await;
+        assert!((eq.gpus - n / 7.0).abs() < 1e-9, "{grant_id}: {eq:?}");
+        let hours = |ms: u64| ms as f64 / 3_600_000.0;
+        assert!(
+            (eq.delivered_gpu_hours - hours(f.delivered_ms) / 7.0).abs() < 1e-9,
+            "{grant_id}: {eq:?} {f:?}"
+        );
+        assert!(
+            (eq.allocated_gpu_hours - hours(f.allocated_ms) / 7.0).abs() < 1e-9,
+            "{grant_id}: {eq:?} {f:?}"
+        );
         let ws: Vec<Window> = range.flat_map(|i| windows(&rig.conn, &migs[i])).collect();
         let (delivered, occupied, unattributed) = sums(&ws);
         assert_eq!(

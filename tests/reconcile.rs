@@ -566,7 +566,31 @@ async fn the_april_report_matches_the_scenario_exactly() {
         assert!(p.head_id > 0, "{p:?}");
         content
     };
-    let got: Value = serde_json::from_str(&report(&["--format", "json"])).unwrap();
+    let mut got: Value = serde_json::from_str(&report(&["--format", "json"])).unwrap();
+    // Every card is a whole GPU: in GPU-equivalents each grant is its cards, and its hours are
+    // its GPU-hours.
+    let eq = got
+        .as_object_mut()
+        .unwrap()
+        .remove("gpu_equivalents")
+        .unwrap();
+    assert_eq!(eq["cards"], json!([]), "{eq}");
+    let grants = expected["grants"].as_array().unwrap();
+    assert_eq!(eq["grants"].as_array().unwrap().len(), grants.len(), "{eq}");
+    for (e, g) in eq["grants"].as_array().unwrap().iter().zip(grants) {
+        assert_eq!(e["key"], g["grant_id"]);
+        let cards = g["cards"].as_array().unwrap().len() as f64;
+        assert_eq!(e["gpus"].as_f64(), Some(cards), "{e}");
+        for (k, want) in [
+            ("allocated_gpu_hours", "allocated_ms"),
+            ("delivered_gpu_hours", "delivered_ms"),
+            ("active_gpu_hours", "active_ms"),
+        ] {
+            let a = e[k].as_f64().unwrap();
+            let b = g[want].as_u64().unwrap() as f64 / 3_600_000.0;
+            assert!((a - b).abs() < 1e-9, "{k}: {a} vs {b}");
+        }
+    }
     // The as-of is the moment of the run: after the period, and not in the future.
     let as_of = got["as_of_ms"].as_i64().unwrap();
     assert!(as_of >= until, "{as_of}");
@@ -630,6 +654,10 @@ async fn the_april_report_matches_the_scenario_exactly() {
     let mut saved: Value =
         serde_json::from_str(&gpumeter_collector::provenance::extract(&saved).unwrap().0).unwrap();
     saved["as_of_ms"] = expected["as_of_ms"].clone();
+    assert_eq!(
+        saved.as_object_mut().unwrap().remove("gpu_equivalents"),
+        Some(eq)
+    );
     assert_eq!(saved, expected);
 
     // The raw usage view is still there.

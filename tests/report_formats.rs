@@ -103,7 +103,22 @@ fn grant(
 
 /// Three days of April 2026: a Korean grantee with two cards (with a comma and quotes in its
 /// name), a `<script>` grantee with violations, and an idle grant; invoices; unassigned use.
+/// A fixture with its GPU-equivalent figures filled in as the collector does, every card one
+/// GPU except the MIG instance `MIG_1G` (1/7 of its GPU).
+fn with_equivalents(mut r: Reconciliation) -> Reconciliation {
+    r.gpu_equivalents = gpumeter_collector::reconcile::equivalents(&r, &|g| {
+        if g == MIG_1G { 1.0 / 7.0 } else { 1.0 }
+    });
+    r
+}
+
+const MIG_1G: &str = "MIG-00000001-0000-4000-8000-0000000000a1";
+
 fn sample() -> Reconciliation {
+    with_equivalents(sample_figures())
+}
+
+fn sample_figures() -> Reconciliation {
     let until = APR1 + 3 * DAY;
     let g1 = grant(
         "G-001",
@@ -276,11 +291,16 @@ fn sample() -> Reconciliation {
         invoices,
         invoice_csps,
         card_alarms: Vec::new(),
+        gpu_equivalents: Default::default(),
     }
 }
 
 /// The smallest report: one grant of one card for one day.
 fn tiny() -> Reconciliation {
+    with_equivalents(tiny_figures())
+}
+
+fn tiny_figures() -> Reconciliation {
     let until = APR1 + DAY;
     let g = grant(
         "G-9",
@@ -336,6 +356,7 @@ fn tiny() -> Reconciliation {
         invoices: vec![],
         invoice_csps: vec![],
         card_alarms: Vec::new(),
+        gpu_equivalents: Default::default(),
     }
 }
 
@@ -520,11 +541,11 @@ fn csv_is_excel_ready_utf8_with_bom_and_crlf() {
 fn csv_snapshot_of_a_one_card_report() {
     let en = render::csv(&tiny(), Lang::En);
     let expected = "\u{feff}\
-level,period,program,csp,grant_id,grantee,principal,grants,cards,valid_from,valid_until_inclusive,allocated_gpu_hours,unmetered_gpu_hours,unavailable_gpu_hours,delivered_gpu_hours,occupied_gpu_hours,active_gpu_hours,idle_gpu_hours,foreign_gpu_hours,utilization_pct,energy_kwh,violations,unassigned_use_gpu_hours,unassigned_violations,as_of,not_elapsed,unattributed_gpu_hours,card_identity_alarms\r\n\
-grant,2026-04-01,advanced,csp-a,G-9,\"가나다, \"\"라\"\"\",uid:1001,,1,2026-04-01,2026-04-30,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,,,2026-04-02 00:00,,0.000000,0\r\n\
-program,2026-04-01,advanced,,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,,,2026-04-02 00:00,,0.000000,0\r\n\
-csp,2026-04-01,,csp-a,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,0.500000,0,2026-04-02 00:00,,0.000000,0\r\n\
-total,2026-04-01,,,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,0.000000,0,2026-04-02 00:00,,0.000000,0\r\n";
+level,period,program,csp,grant_id,grantee,principal,grants,cards,valid_from,valid_until_inclusive,allocated_gpu_hours,unmetered_gpu_hours,unavailable_gpu_hours,delivered_gpu_hours,occupied_gpu_hours,active_gpu_hours,idle_gpu_hours,foreign_gpu_hours,utilization_pct,energy_kwh,violations,unassigned_use_gpu_hours,unassigned_violations,as_of,not_elapsed,unattributed_gpu_hours,card_identity_alarms,gpu_equivalents,allocated_gpu_equivalent_hours,delivered_gpu_equivalent_hours,active_gpu_equivalent_hours\r\n\
+grant,2026-04-01,advanced,csp-a,G-9,\"가나다, \"\"라\"\"\",uid:1001,,1,2026-04-01,2026-04-30,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,,,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000\r\n\
+program,2026-04-01,advanced,,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,,,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000\r\n\
+csp,2026-04-01,,csp-a,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,0.500000,0,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000\r\n\
+total,2026-04-01,,,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,0.000000,0,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000\r\n";
     let (data, definitions) = en.split_at(expected.len());
     assert_eq!(data, expected);
     assert!(definitions.starts_with("definition,"), "{definitions}");
@@ -532,12 +553,60 @@ total,2026-04-01,,,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.00
     let header = ko.split("\r\n").next().unwrap();
     assert_eq!(
         header,
-        "\u{feff}구분,기간,사업,클라우드 사업자(CSP),과제 ID,수혜기관,사용 주체,과제 수,GPU 수,시작(KST),종료(KST·당일 포함),배정(GPU시간),미계측(GPU시간),장애(GPU시간),제공(GPU시간),점유(GPU시간),활성 사용(GPU시간),유휴(GPU시간),타 사용자 사용(GPU시간),활용률(%),전력량(kWh),위반(건),미배정 사용(GPU시간),미배정 위반(건),정산 기준 시각(KST),미경과 기간(KST),귀속 불명(GPU시간),GPU 식별 경보(건)"
+        "\u{feff}구분,기간,사업,클라우드 사업자(CSP),과제 ID,수혜기관,사용 주체,과제 수,GPU 수,시작(KST),종료(KST·당일 포함),배정(GPU시간),미계측(GPU시간),장애(GPU시간),제공(GPU시간),점유(GPU시간),활성 사용(GPU시간),유휴(GPU시간),타 사용자 사용(GPU시간),활용률(%),전력량(kWh),위반(건),미배정 사용(GPU시간),미배정 위반(건),정산 기준 시각(KST),미경과 기간(KST),귀속 불명(GPU시간),GPU 식별 경보(건),GPU 환산 수,배정(GPU 환산 시간),제공(GPU 환산 시간),활성 사용(GPU 환산 시간)"
     );
     assert_eq!(
         ko.split("\r\n").nth(1).unwrap().split(',').next(),
         Some("과제")
     );
+}
+
+#[test]
+fn a_mig_instance_counts_its_slices_in_gpu_equivalents_in_every_format() {
+    let mut r = tiny_figures();
+    r.grants[0].cards[0].gpu_uuid = MIG_1G.into();
+    let r = with_equivalents(r);
+    let eq = &r.gpu_equivalents;
+    assert_eq!(eq.cards.len(), 1);
+    assert!((eq.total.gpus - 1.0 / 7.0).abs() < 1e-12, "{eq:?}");
+    assert!(
+        (eq.total.allocated_gpu_hours - 24.0 / 7.0).abs() < 1e-9,
+        "{eq:?}"
+    );
+    assert!((eq.total.delivered_gpu_hours - 3.0).abs() < 1e-9, "{eq:?}");
+    let csv = parse_csv(&render::csv(&r, Lang::En)[3..]);
+    let rows = rows_by_header(&csv);
+    let grant = rows.iter().find(|r| r["level"] == "grant").unwrap();
+    assert_eq!(
+        (
+            grant["gpu_equivalents"].as_str(),
+            grant["allocated_gpu_equivalent_hours"].as_str(),
+            grant["delivered_gpu_equivalent_hours"].as_str(),
+            grant["allocated_gpu_hours"].as_str()
+        ),
+        ("0.142857", "3.428571", "3.000000", "24.000000")
+    );
+    let table = gpumeter_collector::report::reconciliation_table(&r, false);
+    assert!(
+        table.contains("GPU-equivalents") && table.contains("3.429"),
+        "{table}"
+    );
+    let page = render::html(&r, &[], Lang::Ko);
+    assert!(page.contains("id=\"gpu-equivalents\""), "no section");
+    let json: serde_json::Value =
+        serde_json::from_str(&gpumeter_collector::report::reconciliation_json(&r).unwrap())
+            .unwrap();
+    assert_eq!(
+        json["gpu_equivalents"]["cards"][0]["gpu_uuid"].as_str(),
+        Some(MIG_1G)
+    );
+    // A report of whole GPUs shows no such section.
+    let whole = tiny();
+    assert!(
+        !gpumeter_collector::report::reconciliation_table(&whole, false)
+            .contains("GPU-equivalents (")
+    );
+    assert!(!render::html(&whole, &[], Lang::En).contains("id=\"gpu-equivalents\""));
 }
 
 #[test]

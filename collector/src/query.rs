@@ -757,6 +757,15 @@ pub fn figures_of(
         as_of_ms,
     );
     drop(windows);
+    let mut report = report;
+    let mig: std::collections::HashMap<String, f64> = store
+        .hosts()?
+        .into_iter()
+        .flat_map(|h| h.gpus)
+        .filter_map(|g| Some((g.uuid, g.mig?.gpu_equivalents()?)))
+        .collect();
+    report.gpu_equivalents =
+        reconcile::equivalents(&report, &|gpu| mig.get(gpu).copied().unwrap_or(1.0));
     Ok((report, per_day.finish()))
 }
 
@@ -1240,6 +1249,7 @@ pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
         days: Vec::new(),
         as_of_unix_ms: r.as_of_ms,
         elapsed_until_unix_ms: r.elapsed_until_ms,
+        gpu_equivalents: Some(equivalents_to_wire(&r.gpu_equivalents)),
         card_alarms: r
             .card_alarms
             .iter()
@@ -1253,6 +1263,75 @@ pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
                 detail: a.detail.clone(),
             })
             .collect(),
+    }
+}
+
+fn equivalents_to_wire(e: &reconcile::Equivalents) -> v1::GpuEquivalents {
+    let one = |f: &reconcile::Equivalent| v1::Equivalent {
+        gpus: f.gpus,
+        allocated_gpu_hours: f.allocated_gpu_hours,
+        delivered_gpu_hours: f.delivered_gpu_hours,
+        active_gpu_hours: f.active_gpu_hours,
+    };
+    let keyed = |v: &[reconcile::KeyedEquivalent]| {
+        v.iter()
+            .map(|k| v1::KeyedEquivalent {
+                key: k.key.clone(),
+                figures: Some(one(&k.figures)),
+            })
+            .collect()
+    };
+    v1::GpuEquivalents {
+        cards: e
+            .cards
+            .iter()
+            .map(|c| v1::CardEquivalent {
+                grant_id: c.grant_id.clone(),
+                gpu_uuid: c.gpu_uuid.clone(),
+                gpu_equivalents: c.gpu_equivalents,
+            })
+            .collect(),
+        grants: keyed(&e.grants),
+        programs: keyed(&e.programs),
+        csps: keyed(&e.csps),
+        total: Some(one(&e.total)),
+    }
+}
+
+fn equivalents_from_wire(e: Option<&v1::GpuEquivalents>) -> reconcile::Equivalents {
+    let Some(e) = e else {
+        return reconcile::Equivalents::default();
+    };
+    let one = |f: Option<&v1::Equivalent>| {
+        f.map_or_else(reconcile::Equivalent::default, |f| reconcile::Equivalent {
+            gpus: f.gpus,
+            allocated_gpu_hours: f.allocated_gpu_hours,
+            delivered_gpu_hours: f.delivered_gpu_hours,
+            active_gpu_hours: f.active_gpu_hours,
+        })
+    };
+    let keyed = |v: &[v1::KeyedEquivalent]| {
+        v.iter()
+            .map(|k| reconcile::KeyedEquivalent {
+                key: k.key.clone(),
+                figures: one(k.figures.as_ref()),
+            })
+            .collect()
+    };
+    reconcile::Equivalents {
+        cards: e
+            .cards
+            .iter()
+            .map(|c| reconcile::CardEquivalent {
+                grant_id: c.grant_id.clone(),
+                gpu_uuid: c.gpu_uuid.clone(),
+                gpu_equivalents: c.gpu_equivalents,
+            })
+            .collect(),
+        grants: keyed(&e.grants),
+        programs: keyed(&e.programs),
+        csps: keyed(&e.csps),
+        total: one(e.total.as_ref()),
     }
 }
 
@@ -1386,6 +1465,7 @@ pub fn reconciliation_from_wire(r: &v1::ReconcileReply) -> Reconciliation {
                 difference_gpu_hours: c.billed_gpu_hours - gpu_hours(c.delivered_ms),
             })
             .collect(),
+        gpu_equivalents: equivalents_from_wire(r.gpu_equivalents.as_ref()),
         card_alarms: r
             .card_alarms
             .iter()

@@ -391,6 +391,110 @@ pub struct Reconciliation {
     /// Identity alarms on the report's cards (filled from the ledger's alarms by the query
     /// layer, see [`crate::identity`]; the engine leaves it empty).
     pub card_alarms: Vec<crate::identity::CardAlarm>,
+    /// The figures in GPU-equivalents (see [`equivalents`]); the engine counts every card as
+    /// one GPU, and the query layer applies the card inventory's MIG slices.
+    pub gpu_equivalents: Equivalents,
+}
+
+/// Figures in GPU-equivalents: each card's hours × its GPU-equivalents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Equivalent {
+    /// The GPUs the cards make up: Σ each card's GPU-equivalents.
+    pub gpus: f64,
+    pub allocated_gpu_hours: f64,
+    pub delivered_gpu_hours: f64,
+    pub active_gpu_hours: f64,
+}
+
+impl Equivalent {
+    fn add_card(&mut self, factor: f64, f: &Figures) {
+        self.gpus += factor;
+        self.allocated_gpu_hours += gpu_hours(f.allocated_ms) * factor;
+        self.delivered_gpu_hours += gpu_hours(f.delivered_ms) * factor;
+        self.active_gpu_hours += gpu_hours(f.active_ms) * factor;
+    }
+
+    fn add(&mut self, o: &Equivalent) {
+        self.gpus += o.gpus;
+        self.allocated_gpu_hours += o.allocated_gpu_hours;
+        self.delivered_gpu_hours += o.delivered_gpu_hours;
+        self.active_gpu_hours += o.active_gpu_hours;
+    }
+}
+
+/// [`Equivalent`] figures of one grant, program or CSP (`key` is its id).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct KeyedEquivalent {
+    pub key: String,
+    #[serde(flatten)]
+    pub figures: Equivalent,
+}
+
+/// A grant card that is not one whole GPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CardEquivalent {
+    pub grant_id: String,
+    pub gpu_uuid: String,
+    pub gpu_equivalents: f64,
+}
+
+/// A report's figures in GPU-equivalents. The rule: a whole GPU is 1; a MIG instance is its
+/// compute slices ÷ its parent GPU's slices (a `1g.10gb` instance of a 7-slice A100 is 1/7),
+/// as the agent's inventory reports them; a card whose slices are unknown counts as 1.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Equivalents {
+    /// Only the cards that are not 1 (MIG instances), in report order.
+    pub cards: Vec<CardEquivalent>,
+    pub grants: Vec<KeyedEquivalent>,
+    pub programs: Vec<KeyedEquivalent>,
+    pub csps: Vec<KeyedEquivalent>,
+    pub total: Equivalent,
+}
+
+impl Equivalents {
+    /// Whether any card counts as other than one GPU (a MIG instance).
+    pub fn fractional(&self) -> bool {
+        !self.cards.is_empty()
+    }
+}
+
+/// The GPU-equivalent figures of `r`, with `factor` giving each card's GPU-equivalents.
+pub fn equivalents(r: &Reconciliation, factor: &dyn Fn(&str) -> f64) -> Equivalents {
+    let mut out = Equivalents::default();
+    let mut programs: BTreeMap<&str, Equivalent> = BTreeMap::new();
+    let mut csps: BTreeMap<&str, Equivalent> = BTreeMap::new();
+    for g in &r.grants {
+        let mut e = Equivalent::default();
+        for c in &g.cards {
+            let k = factor(&c.gpu_uuid);
+            if k != 1.0 {
+                out.cards.push(CardEquivalent {
+                    grant_id: g.grant_id.clone(),
+                    gpu_uuid: c.gpu_uuid.clone(),
+                    gpu_equivalents: k,
+                });
+            }
+            e.add_card(k, &c.figures);
+        }
+        programs.entry(&g.program).or_default().add(&e);
+        csps.entry(&g.csp).or_default().add(&e);
+        out.total.add(&e);
+        out.grants.push(KeyedEquivalent {
+            key: g.grant_id.clone(),
+            figures: e,
+        });
+    }
+    let keyed = |m: BTreeMap<&str, Equivalent>| {
+        m.into_iter()
+            .map(|(k, figures)| KeyedEquivalent {
+                key: k.to_owned(),
+                figures,
+            })
+            .collect()
+    };
+    out.programs = keyed(programs);
+    out.csps = keyed(csps);
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1002,7 +1106,7 @@ pub fn reconcile_as_of(inputs: &Inputs<'_>, as_of_ms: i64) -> Reconciliation {
     }
     let unassigned_violations: u64 = unassigned.iter().map(|u| u.violations).sum();
     let (invoices, invoice_csps) = invoice_rows(inputs, &grants);
-    Reconciliation {
+    let mut r = Reconciliation {
         period: inputs.period.to_owned(),
         from_ms: inputs.from_ms,
         until_ms: inputs.until_ms,
@@ -1039,7 +1143,10 @@ pub fn reconcile_as_of(inputs: &Inputs<'_>, as_of_ms: i64) -> Reconciliation {
         invoices,
         invoice_csps,
         card_alarms: Vec::new(),
-    }
+        gpu_equivalents: Equivalents::default(),
+    };
+    r.gpu_equivalents = equivalents(&r, &|_| 1.0);
+    r
 }
 
 #[cfg(test)]

@@ -425,6 +425,9 @@ struct Words {
     invoices: &'static str,
     identity: &'static str,
     no_grant: &'static str,
+    equivalents: &'static str,
+    /// GPU-equivalents, then allocated, delivered and active GPU-equivalent hours.
+    eq_headers: [&'static str; 4],
     grant_card: &'static str,
     grant: &'static str,
     program: &'static str,
@@ -460,6 +463,8 @@ const EN: Words = Words {
     invoices: "Invoices against delivery",
     identity: "Card identity alarms (a card changed under its UUID, or not the granted model)",
     no_grant: "(no grant)",
+    equivalents: "GPU-equivalents (a MIG instance counts its slices ÷ its GPU's slices; hours × that)",
+    eq_headers: ["GPU_EQ", "ALLOCATED_EQ", "DELIVERED_EQ", "ACTIVE_EQ"],
     grant_card: "GRANT / CARD",
     grant: "GRANT",
     program: "PROGRAM",
@@ -504,6 +509,8 @@ const KO: Words = Words {
     invoices: "청구 대비 제공",
     identity: "GPU 식별 경보 (같은 UUID의 카드가 바뀌었거나 과제가 지정한 모델이 아님)",
     no_grant: "(미배정)",
+    equivalents: "GPU 환산 (MIG 인스턴스는 슬라이스 ÷ 상위 GPU 슬라이스, 시간 × 그 값)",
+    eq_headers: ["GPU 환산 수", "배정(환산)", "제공(환산)", "활성 사용(환산)"],
     grant_card: "과제 / GPU",
     grant: "과제",
     program: "사업",
@@ -837,6 +844,10 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
             &[false, false, false, true, true, true],
         ));
     }
+    if r.gpu_equivalents.fractional() {
+        out.push('\n');
+        out.push_str(&equivalent_lines(r, w));
+    }
     out.push('\n');
     out.push_str(&identity_lines(r, w, width));
     out.push('\n');
@@ -864,6 +875,36 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
         });
     }
     out
+}
+
+/// The grants' figures in GPU-equivalents, shown when a card is a MIG instance.
+fn equivalent_lines(r: &Reconciliation, w: &Words) -> String {
+    let cells = |key: &str, e: &crate::reconcile::Equivalent| {
+        vec![
+            key.to_owned(),
+            format!("{:.3}", e.gpus),
+            format!("{:.3}", e.allocated_gpu_hours),
+            format!("{:.3}", e.delivered_gpu_hours),
+            format!("{:.3}", e.active_gpu_hours),
+        ]
+    };
+    let eq = &r.gpu_equivalents;
+    let mut rows: Vec<Vec<String>> = eq
+        .grants
+        .iter()
+        .map(|g| cells(&g.key, &g.figures))
+        .collect();
+    rows.push(cells(w.total, &eq.total));
+    let h = w.eq_headers;
+    format!(
+        "{}\n{}",
+        w.equivalents,
+        grid(
+            &[w.grant, h[0], h[1], h[2], h[3]],
+            &rows,
+            &[false, true, true, true, true]
+        )
+    )
 }
 
 /// The report's card identity alarms, one entry each: when, what, which card and grants,
@@ -1253,6 +1294,7 @@ mod reconciliation_tests {
                 at_ms: from,
                 detail: "card GPU-0000000a-0000-4000-8000-000000000001 reports model \"NVIDIA A10\" but grant G-1 names \"H100 80GB\" and this sentence goes on long enough to be wrapped at the table width".into(),
             }],
+            gpu_equivalents: Default::default(),
         }
     }
 

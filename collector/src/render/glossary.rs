@@ -42,7 +42,7 @@ impl Term {
 }
 
 /// Every figure, in report order.
-pub const TERMS: [Term; 17] = [
+pub const TERMS: [Term; 18] = [
     Term {
         key: "allocated",
         en: "Allocated",
@@ -154,6 +154,13 @@ pub const TERMS: [Term; 17] = [
         ko: "GPU 식별 경보",
         en_def: "Alarms on a card of the report: under the same UUID it reported a model, serial or memory size other than those it first reported, or it is not the model its grant names. Every such alarm raised up to the report's ledger head is listed, however long before the period.",
         ko_def: "보고서의 GPU에 대한 경보: 같은 UUID로 처음 보고된 때와 다른 모델·시리얼·메모리 크기를 보고했거나, 과제가 지정한 모델이 아닌 경우. 보고서의 원장 헤드까지 발생한 모든 경보를 보입니다.",
+    },
+    Term {
+        key: "gpu_equivalents",
+        en: "GPU-equivalents",
+        ko: "GPU 환산",
+        en_def: "How many whole GPUs a card is: a whole GPU is 1; a MIG instance is its compute slices ÷ its parent GPU's slices (a 1g.10gb instance of a 7-slice A100 is 1/7), as the agent reports them; a card whose slices are unknown counts as 1. GPU-equivalent hours are each card's hours × its GPU-equivalents, so seven 1/7 instances for an hour make one GPU-hour.",
+        ko_def: "GPU 한 장을 기준으로 한 환산 값: 일반 GPU는 1, MIG 인스턴스는 인스턴스의 연산 슬라이스 ÷ 상위 GPU의 슬라이스(7슬라이스 A100의 1g.10gb 인스턴스는 1/7)이며 에이전트가 보고한 값을 씁니다. 슬라이스를 모르면 1로 셉니다. GPU 환산 시간은 GPU별 시간 × 환산 값으로, 1/7 인스턴스 7개를 1시간 쓰면 1 GPU시간입니다.",
     },
     Term {
         key: "time_zone",

@@ -572,6 +572,45 @@ fn violations(r: &Reconciliation, l: &Labels) -> String {
     s
 }
 
+/// The grants' figures in GPU-equivalents (absent unless a card is a MIG instance).
+fn gpu_equivalents(r: &Reconciliation, l: &Labels) -> String {
+    let eq = &r.gpu_equivalents;
+    if !eq.fractional() {
+        return String::new();
+    }
+    let mut s = format!(
+        "<section id=\"gpu-equivalents\"><h2>{}</h2>",
+        esc(l.equivalents_title)
+    );
+    let cells = |key: &str, e: &crate::reconcile::Equivalent| {
+        vec![
+            Td::Text(key.to_owned()),
+            Td::Num(num(e.gpus, 3)),
+            Td::Num(num(e.allocated_gpu_hours, 2)),
+            Td::Num(num(e.delivered_gpu_hours, 2)),
+            Td::Num(num(e.active_gpu_hours, 2)),
+        ]
+    };
+    let mut rows: Vec<(bool, Vec<Td>)> = eq
+        .grants
+        .iter()
+        .map(|g| (false, cells(&g.key, &g.figures)))
+        .collect();
+    rows.push((true, cells(l.total, &eq.total)));
+    s.push_str(&table(
+        &[
+            l.grant,
+            l.eq_gpus,
+            l.eq_allocated,
+            l.eq_delivered,
+            l.eq_active,
+        ],
+        &rows,
+    ));
+    s.push_str("</section>");
+    s
+}
+
 /// The card identity alarms on the report's cards (absent when there are none).
 fn card_alarms(r: &Reconciliation, l: &Labels) -> String {
     if r.card_alarms.is_empty() {
@@ -799,6 +838,7 @@ pub(super) fn render(r: &Reconciliation, days: &[CardDay], lang: Lang) -> String
         csps(r, l),
         idle(r, l),
         violations(r, l),
+        gpu_equivalents(r, l),
         card_alarms(r, l),
         invoices(r, l),
         grant_table(r, l),

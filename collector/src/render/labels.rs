@@ -10,7 +10,7 @@ use super::Lang;
 /// only: use of (and violations on) cards outside every grant, which are not part of the other
 /// figures. `as_of` and `not_elapsed` say how much of the period the figures cover. The last is
 /// the time a card was in use while the driver showed no process (see `reconcile.rs`).
-pub const CSV_COLUMNS: [(&str, &str); 28] = [
+pub const CSV_COLUMNS: [(&str, &str); 32] = [
     ("level", "구분"),
     ("period", "기간"),
     ("program", "사업"),
@@ -39,6 +39,10 @@ pub const CSV_COLUMNS: [(&str, &str); 28] = [
     ("not_elapsed", "미경과 기간(KST)"),
     ("unattributed_gpu_hours", "귀속 불명(GPU시간)"),
     ("card_identity_alarms", "GPU 식별 경보(건)"),
+    ("gpu_equivalents", "GPU 환산 수"),
+    ("allocated_gpu_equivalent_hours", "배정(GPU 환산 시간)"),
+    ("delivered_gpu_equivalent_hours", "제공(GPU 환산 시간)"),
+    ("active_gpu_equivalent_hours", "활성 사용(GPU 환산 시간)"),
 ];
 
 /// One language's words for the reports.
@@ -106,6 +110,11 @@ pub struct Labels {
     pub unassigned_none: &'static str,
     pub invoices_title: &'static str,
     pub identity_title: &'static str,
+    pub equivalents_title: &'static str,
+    pub eq_gpus: &'static str,
+    pub eq_allocated: &'static str,
+    pub eq_delivered: &'static str,
+    pub eq_active: &'static str,
     pub no_grant: &'static str,
     pub alarm_time: &'static str,
     pub alarm_kind: &'static str,
@@ -207,6 +216,11 @@ pub static KO: Labels = Labels {
     unassigned_none: "미배정 GPU 사용이 없습니다.",
     invoices_title: "청구 대비 제공",
     identity_title: "GPU 식별 경보: 같은 UUID의 카드가 바뀌었거나 과제가 지정한 모델이 아닌 GPU",
+    equivalents_title: "GPU 환산: MIG 인스턴스는 슬라이스 ÷ 상위 GPU 슬라이스로 셉니다",
+    eq_gpus: "GPU 환산 수",
+    eq_allocated: "배정(GPU 환산 시간)",
+    eq_delivered: "제공(GPU 환산 시간)",
+    eq_active: "활성 사용(GPU 환산 시간)",
     no_grant: "미배정",
     alarm_time: "시각(KST)",
     alarm_kind: "종류",
@@ -281,6 +295,11 @@ pub static EN: Labels = Labels {
     unassigned_none: "No use of unassigned GPUs.",
     invoices_title: "Invoiced vs delivered",
     identity_title: "Card identity alarms: cards that changed under their UUID, or are not the model their grant names",
+    equivalents_title: "GPU-equivalents: a MIG instance counts its slices ÷ its GPU's slices",
+    eq_gpus: "GPU-equivalents",
+    eq_allocated: "Allocated (GPU-eq. hours)",
+    eq_delivered: "Delivered (GPU-eq. hours)",
+    eq_active: "Active (GPU-eq. hours)",
     no_grant: "no grant",
     alarm_time: "Time (KST)",
     alarm_kind: "Kind",

@@ -19,7 +19,7 @@
 //! glossary, [`super::glossary`]), so that the file explains itself when opened in Excel, and a
 //! tool that filters rows by `level` skips it as it skips the totals.
 
-use crate::reconcile::{Figures, Reconciliation, gpu_hours};
+use crate::reconcile::{Equivalent, Figures, KeyedEquivalent, Reconciliation, gpu_hours};
 
 use super::csv_writer::CsvWriter;
 use super::glossary;
@@ -51,13 +51,15 @@ fn figure_cells(f: &Figures) -> [String; 11] {
 
 /// One row: the leading descriptive columns, the figures, unassigned use and violations, the
 /// as-of columns, then the columns added later at the end (so the columns before them keep
-/// their places): the unattributed time and the count of card identity alarms.
+/// their places): the unattributed time, the count of card identity alarms, and the figures
+/// in GPU-equivalents.
 fn row(
     head: [String; 11],
     f: &Figures,
     unassigned: Option<(u64, u64)>,
     as_of: &[String; 2],
     identity_alarms: usize,
+    eq: &Equivalent,
 ) -> Vec<String> {
     let mut cells: Vec<String> = head.into();
     cells.extend(figure_cells(f));
@@ -66,7 +68,28 @@ fn row(
     cells.extend(as_of.iter().cloned());
     cells.push(hours(f.unattributed_ms));
     cells.push(identity_alarms.to_string());
+    cells.push(format!("{:.6}", eq.gpus));
+    for h in [
+        eq.allocated_gpu_hours,
+        eq.delivered_gpu_hours,
+        eq.active_gpu_hours,
+    ] {
+        cells.push(format!("{h:.6}"));
+    }
     cells
+}
+
+/// The GPU-equivalent figures of the grant, program or CSP `key` in `of`.
+fn eq_of<'a>(of: &'a [KeyedEquivalent], key: &str) -> &'a Equivalent {
+    static NONE: Equivalent = Equivalent {
+        gpus: 0.0,
+        allocated_gpu_hours: 0.0,
+        delivered_gpu_hours: 0.0,
+        active_gpu_hours: 0.0,
+    };
+    of.iter()
+        .find(|k| k.key == key)
+        .map_or(&NONE, |k| &k.figures)
 }
 
 /// How many of the report's card identity alarms are on a card of a grant `holds` accepts, or
@@ -119,6 +142,19 @@ fn definitions(lang: Lang, level: &str) -> Vec<String> {
             ),
             "not_elapsed" => def("not_elapsed"),
             "card_identity_alarms" => def("identity_alarms"),
+            "gpu_equivalents" => def("gpu_equivalents"),
+            "allocated_gpu_equivalent_hours" => own(
+                "Allocated GPU-hours × each card's GPU-equivalents",
+                "배정 GPU시간 × GPU별 환산 계수",
+            ),
+            "delivered_gpu_equivalent_hours" => own(
+                "Delivered GPU-hours × each card's GPU-equivalents",
+                "제공 GPU시간 × GPU별 환산 계수",
+            ),
+            "active_gpu_equivalent_hours" => own(
+                "Active GPU-hours × each card's GPU-equivalents",
+                "활성 사용 GPU시간 × GPU별 환산 계수",
+            ),
             c if c.ends_with("_gpu_hours") => def(&c.replace("_gpu_hours", "")),
             c => def(c),
         })
@@ -155,7 +191,8 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
             kst_end_inclusive(g.valid_until_ms),
         ];
         let n = identity_count(r, |h| h.grant_id == g.grant_id, |_| false);
-        out.record(&row(head, &g.figures, None, &as_of, n));
+        let eq = eq_of(&r.gpu_equivalents.grants, &g.grant_id);
+        out.record(&row(head, &g.figures, None, &as_of, n, eq));
     }
     for p in &r.programs {
         let head = [
@@ -172,7 +209,8 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
             none(),
         ];
         let n = identity_count(r, |g| g.program == p.program, |_| false);
-        out.record(&row(head, &p.figures, None, &as_of, n));
+        let eq = eq_of(&r.gpu_equivalents.programs, &p.program);
+        out.record(&row(head, &p.figures, None, &as_of, n, eq));
     }
     for c in &r.csps {
         let head = [
@@ -203,6 +241,7 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
             Some((c.unassigned_use_ms, c.unassigned_violations)),
             &as_of,
             n,
+            eq_of(&r.gpu_equivalents.csps, &c.csp),
         ));
     }
     let cards: usize = r.grants.iter().map(|g| g.cards.len()).sum();
@@ -226,6 +265,7 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
         Some((unassigned, r.unassigned_violations)),
         &as_of,
         r.card_alarms.len(),
+        &r.gpu_equivalents.total,
     ));
     out.record(&definitions(lang, l.level_definition));
     out.finish()
