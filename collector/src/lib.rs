@@ -16,6 +16,7 @@ pub mod heads;
 pub mod identity;
 pub mod ingest;
 pub mod invoices;
+pub mod jobs;
 pub mod limiter;
 pub mod listing;
 pub mod metrics;

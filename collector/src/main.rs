@@ -95,6 +95,9 @@ enum View {
     Reconcile,
     /// Raw metered usage per card and per tenant (table or json only).
     Usage,
+    /// GPU-hours, active time and peak memory per Slurm job, Kubernetes pod or container, like
+    /// sacct (table, csv, json or html; `--grant` keeps one grant's windows).
+    Jobs,
 }
 
 /// Language of a report's labels.
@@ -2201,6 +2204,39 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
     } else {
         gpumeter_collector::report::Width::Narrow
     };
+    if a.view == View::Jobs {
+        if matches!(a.format, Format::Focus | Format::Pdf) {
+            return Err(usage(anyhow::anyhow!(
+                "--view jobs comes as table, csv, json or html"
+            )));
+        }
+        let mut c = query_client(&a.server).await?;
+        let mut stream = c
+            .stream_jobs(v1::JobsRequest {
+                period: a.period.clone(),
+                grant_id: a.grant.clone().unwrap_or_default(),
+            })
+            .await
+            .map_err(|s| refused("jobs", s))?
+            .into_inner();
+        let mut jobs = Vec::new();
+        while let Some(j) = stream.message().await.map_err(|s| refused("jobs", s))? {
+            jobs.push(gpumeter_collector::jobs::from_wire(j));
+        }
+        let lang = if a.lang == ReportLang::Ko {
+            gpumeter_collector::render::Lang::Ko
+        } else {
+            gpumeter_collector::render::Lang::En
+        };
+        use gpumeter_collector::render::jobs_page;
+        let text = match a.format {
+            Format::Json => serde_json::to_string_pretty(&jobs)? + "\n",
+            Format::Csv => jobs_page::csv(&jobs, lang),
+            Format::Html => jobs_page::html(&jobs, &a.period, lang),
+            _ => jobs_page::table(&jobs, &a.period, lang),
+        };
+        return write_out(&text, a.out.as_ref());
+    }
     if a.view == View::Usage {
         if !matches!(a.format, Format::Table | Format::Json) {
             return Err(usage(anyhow::anyhow!(

@@ -301,6 +301,29 @@ impl Query for QueryService {
         Ok(Response::new(stream_of(crate::parts::usage_parts(reply))))
     }
 
+    type StreamJobsStream = ItemStream<v1::JobInfo>;
+
+    async fn stream_jobs(
+        &self,
+        request: Request<v1::JobsRequest>,
+    ) -> Result<Response<Self::StreamJobsStream>, Status> {
+        let q = request.into_inner();
+        let (from, until) = period_arg(&q.period)?;
+        let grant = q.grant_id.trim().to_owned();
+        let store = self.store.clone();
+        let jobs = blocking(move || -> Result<Vec<v1::JobInfo>, Status> {
+            let bodies = store.window_bodies(from, until)?;
+            Ok(
+                crate::jobs::jobs(&bodies, (!grant.is_empty()).then_some(grant.as_str()))
+                    .iter()
+                    .map(crate::jobs::to_wire)
+                    .collect(),
+            )
+        })
+        .await?;
+        Ok(Response::new(stream_of(jobs)))
+    }
+
     type StreamHostsStream = ItemStream<v1::HostInfo>;
     type StreamAlarmsStream = ItemStream<v1::Alarm>;
     type StreamEventsStream = ItemStream<v1::EventInfo>;

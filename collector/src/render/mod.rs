@@ -10,6 +10,7 @@ mod days;
 mod focus_csv;
 pub mod glossary;
 mod html_page;
+pub mod jobs_page;
 mod labels;
 mod report_csv;
 mod svg;

@@ -72,7 +72,7 @@ pub fn csv(t: &Trend, lang: Lang) -> String {
     w.finish()
 }
 
-const CSS: &str = r#"
+pub(super) const CSS: &str = r#"
 body { font-family: "Noto Sans CJK KR", "Noto Sans KR", "Malgun Gothic", system-ui, sans-serif; margin: 24px 32px; color: #1f2933; font-size: 14px; }
 h2 { font-size: 18px; margin: 28px 0 8px; border-bottom: 2px solid #d9e2ec; }
 .note { color: #52606d; }

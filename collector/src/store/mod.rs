@@ -245,6 +245,9 @@ pub struct CheckpointRow {
     pub signature: Vec<u8>,
 }
 
+/// A window's signed body with where it came from: (agent, host, seq, body).
+pub type WindowBody = (String, String, u64, Vec<u8>);
+
 /// Something an operator or auditor must see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alarm {
@@ -394,6 +397,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Usage of windows starting in [from, until).
     fn usage(&self, from_ms: i64, until_ms: i64) -> Result<Usage, StoreError>;
+    /// The signed bodies of the windows that count (no flag; not reported for a card another
+    /// host holds) starting in `[from, until)`, as (agent, host, seq, body), in (agent, seq)
+    /// order: what `verify` proves, for readers that need fields no derived row keeps.
+    fn window_bodies(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<WindowBody>, StoreError>;
 
     fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
 

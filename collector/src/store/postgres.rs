@@ -768,6 +768,29 @@ impl Store for PgStore {
         })
     }
 
+    fn window_bodies(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<super::WindowBody>, StoreError> {
+        self.reader.with(|c| {
+            Ok(c.query(
+                &format!(
+                    "SELECT w.agent_id, a.host_id, w.seq, r.body
+                     FROM windows w JOIN records r ON r.agent_id = w.agent_id AND r.seq = w.seq
+                     JOIN agents a ON a.agent_id = w.agent_id
+                     WHERE w.start_ms >= $1 AND w.start_ms < $2 AND {COUNTED} AND {UNFLAGGED}
+                     ORDER BY w.agent_id, w.seq"
+                ),
+                &[&from_ms, &until_ms],
+            )
+            .map_err(db)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64, r.get(3)))
+            .collect())
+        })
+    }
+
     fn usage(&self, from_ms: i64, until_ms: i64) -> Result<Usage, StoreError> {
         self.reader.with(|c| {
             let cards = c

@@ -1235,6 +1235,30 @@ impl Store for SqliteStore {
         rows.collect::<Result<_, _>>().map_err(db)
     }
 
+    fn window_bodies(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<super::WindowBody>, StoreError> {
+        let c = self.r();
+        let mut st = c
+            .prepare(&format!(
+                "SELECT w.agent_id, a.host_id, w.seq, r.body
+                 FROM windows w JOIN records r ON r.agent_id = w.agent_id AND r.seq = w.seq
+                 JOIN agents a ON a.agent_id = w.agent_id
+                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2 AND {COUNTED}
+                   AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
+                 ORDER BY w.agent_id, w.seq"
+            ))
+            .map_err(db)?;
+        st.query_map(params![from_ms, until_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get(3)?))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)
+    }
+
     fn usage(&self, from_ms: i64, until_ms: i64) -> Result<Usage, StoreError> {
         let c = self.r();
         let mut st = c

@@ -50,6 +50,7 @@ both!(
     grants::grants_amendment_is_stored_with_history_and_honoured_by_assignments,
     reconcile_reads::gap_and_epoch_records_raise_alarms,
     reconcile_reads::windows_events_and_invoices_read_back_for_reconciliation,
+    reconcile_reads::window_bodies_are_those_of_the_windows_that_count,
     binding::a_failing_batch_is_rolled_back_alone_and_the_others_commit,
     binding::cards_stay_with_their_first_host_until_an_admin_moves_them,
     binding::a_card_granted_to_a_host_is_its_own_before_that_host_reports_it,
@@ -309,6 +310,35 @@ pub(super) mod reconcile_reads {
         assert!(
             alarms[1].detail.contains("60000..240000") && alarms[1].detail.contains("spool full")
         );
+    }
+
+    pub(super) fn window_bodies_are_those_of_the_windows_that_count(store: &dyn Store) {
+        store.hello(&hello("a", "kt")).unwrap();
+        let day = 86_400_000;
+        let mut impossible = window("GPU-1", 10 * day + 120_000, None);
+        impossible.good_samples = 1_000;
+        store
+            .commit(&[batch(
+                "a",
+                vec![
+                    RecordContent::Window(window("GPU-1", 10 * day, None)),
+                    RecordContent::Window(window("GPU-2", 10 * day + 60_000, None)),
+                    RecordContent::Window(impossible),
+                    RecordContent::Event(event("GPU-1", 10 * day + 5, "xid")),
+                    RecordContent::Window(window("GPU-1", 11 * day, None)),
+                ],
+            )])
+            .unwrap();
+        let got = store.window_bodies(10 * day, 11 * day).unwrap();
+        let host = "host-a".to_string();
+        assert_eq!(
+            got,
+            vec![
+                ("a".to_string(), host.clone(), 1, vec![0u8]),
+                ("a".to_string(), host, 2, vec![1u8]),
+            ]
+        );
+        assert_eq!(store.window_bodies(11 * day, 12 * day).unwrap().len(), 1);
     }
 
     pub(super) fn windows_events_and_invoices_read_back_for_reconciliation(store: &dyn Store) {
