@@ -24,6 +24,7 @@ pub mod pdf;
 pub mod provenance;
 pub mod query;
 pub mod reconcile;
+pub mod registry;
 pub mod render;
 pub mod report;
 pub mod rollup;
