@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod registry_cli;
+
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use gpumeter_collector::config::CollectorConfig;
@@ -257,6 +259,11 @@ enum Command {
         #[arg(long)]
         server: String,
     },
+    /// The providers registry: CSPs, their names and committed cards per program.
+    Providers {
+        #[command(subcommand)]
+        command: registry_cli::ProvidersCommand,
+    },
     /// CSP invoices: import billed GPU-hours per grant and month.
     Invoices {
         #[command(subcommand)]
@@ -499,6 +506,31 @@ enum HostsCommand {
         actor: Option<String>,
         #[arg(long)]
         server: String,
+    },
+    /// Register a host to a CSP (a registered provider); grant imports then refuse the host
+    /// under any other CSP. Kept in the registry history.
+    Register {
+        host_id: String,
+        #[arg(long)]
+        csp: String,
+        #[arg(long)]
+        server: String,
+    },
+    /// Register hosts from CSV (host_id,csp); all or nothing.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        server: String,
+        /// Check the file only; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The registered hosts and their CSP.
+    Registered {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -1179,6 +1211,43 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
+        Command::Providers { command } => registry_cli::providers(command).await,
+        Command::Hosts {
+            command:
+                Some(HostsCommand::Register {
+                    host_id,
+                    csp,
+                    server,
+                }),
+            ..
+        } => {
+            registry_cli::hosts(registry_cli::HostsRegistry::Register {
+                host_id,
+                csp,
+                server,
+            })
+            .await
+        }
+        Command::Hosts {
+            command:
+                Some(HostsCommand::Import {
+                    file,
+                    server,
+                    dry_run,
+                }),
+            ..
+        } => {
+            registry_cli::hosts(registry_cli::HostsRegistry::Import {
+                file,
+                server,
+                dry_run,
+            })
+            .await
+        }
+        Command::Hosts {
+            command: Some(HostsCommand::Registered { server, json }),
+            ..
+        } => registry_cli::hosts(registry_cli::HostsRegistry::List { server, json }).await,
         Command::Hosts {
             server: None,
             command: None,
