@@ -391,6 +391,11 @@ pub struct Reconciliation {
     /// Identity alarms on the report's cards (filled from the ledger's alarms by the query
     /// layer, see [`crate::identity`]; the engine leaves it empty).
     pub card_alarms: Vec<crate::identity::CardAlarm>,
+    /// Per CSP and program: committed, registered, healthy, granted and delivered cards
+    /// (filled by the query layer from the registry, see [`crate::registry::fleet`]; empty,
+    /// and absent from the JSON, while no provider is registered).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fleet: Vec<crate::registry::FleetRow>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1039,6 +1044,7 @@ pub fn reconcile_as_of(inputs: &Inputs<'_>, as_of_ms: i64) -> Reconciliation {
         invoices,
         invoice_csps,
         card_alarms: Vec::new(),
+        fleet: Vec::new(),
     }
 }
 
