@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod convert;
 mod csv;
+pub mod delivery;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod episodes;

@@ -157,6 +157,11 @@ enum Command {
         /// agents an admin registered are admitted.
         #[arg(long)]
         insecure: bool,
+        /// Write each closed month's reports here once the month has ended in Korea (every
+        /// format, Korean and English, signed provenance) and an idle-grants notice;
+        /// existing files are never rewritten, and missed months are caught up at start.
+        #[arg(long, value_name = "DIR")]
+        reports_dir: Option<PathBuf>,
     },
     /// The built-in certificate authority: make it, issue agent and server certificates,
     /// revoke them.
@@ -737,6 +742,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             client_ca,
             revoked,
             insecure,
+            reports_dir,
         } => {
             let cfg = match &config {
                 Some(p) => CollectorConfig::load(p).map_err(|e| Failure {
@@ -780,6 +786,13 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             });
             let mut options = cfg.server_options();
             options.tls = tls;
+            if let Some(dir) = &reports_dir {
+                std::fs::create_dir_all(dir).map_err(|e| Failure {
+                    code: 64,
+                    error: anyhow::anyhow!("--reports-dir {}: {e}", dir.display()),
+                })?;
+            }
+            options.reports_dir = reports_dir;
             let store = gpumeter_collector::store::open_store(&db, collector_key.as_deref())
                 .with_context(|| {
                     format!(
