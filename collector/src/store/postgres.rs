@@ -1383,7 +1383,7 @@ impl Store for PgStore {
     }
 
     fn providers(&self) -> Result<Vec<crate::registry::Provider>, StoreError> {
-        self.reader.with(|c| pg_providers(c))
+        self.reader.with(pg_providers)
     }
 
     fn register_hosts(
@@ -1414,7 +1414,7 @@ impl Store for PgStore {
     }
 
     fn registered_hosts(&self) -> Result<Vec<crate::registry::RegisteredHost>, StoreError> {
-        self.reader.with(|c| pg_registered_hosts(c))
+        self.reader.with(pg_registered_hosts)
     }
 
     fn registry_history(&self) -> Result<Vec<crate::registry::RegistryChange>, StoreError> {
