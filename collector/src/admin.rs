@@ -80,15 +80,32 @@ fn provider_to_wire(p: crate::registry::Provider) -> v1::Provider {
     }
 }
 
-/// Runs a registry import: parse (`parse` gets the providers held), count what changes, and
+/// Which registry file an import is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RegistryFile {
+    Providers,
+    Hosts,
+}
+
+impl RegistryFile {
+    fn name(self) -> &'static str {
+        match self {
+            RegistryFile::Providers => "providers",
+            RegistryFile::Hosts => "hosts",
+        }
+    }
+}
+
+/// Runs a registry import: parse (hosts against the providers held), count what changes, and
 /// store unless it is a dry run. All or nothing.
 async fn registry_import(
     store: Arc<dyn Store>,
     csv: String,
     dry_run: bool,
     actor: String,
-    what: &'static str,
+    file: RegistryFile,
 ) -> Result<v1::ImportRegistryReply, Status> {
+    let what = file.name();
     if csv.len() > MAX_REGISTRY_CSV_BYTES {
         return Err(Status::invalid_argument(format!(
             "{what} file is {} bytes, more than the limit {MAX_REGISTRY_CSV_BYTES}",
@@ -97,7 +114,7 @@ async fn registry_import(
     }
     tokio::task::spawn_blocking(move || -> Result<v1::ImportRegistryReply, Status> {
         let providers = store.providers()?;
-        let (rows, changed) = if what == "providers" {
+        let (rows, changed) = if file == RegistryFile::Providers {
             match crate::registry::parse_providers_csv(&csv) {
                 Err(p) => return Ok(problems_reply(p)),
                 Ok(new) => {
@@ -425,8 +442,14 @@ impl Admin for AdminService {
         let req = request.into_inner();
         // Grant imports read the registry; a change must not land in the middle of one.
         let _changing = self.grants_lock.lock().await;
-        let reply =
-            registry_import(self.store.clone(), req.csv, req.dry_run, actor, "providers").await?;
+        let reply = registry_import(
+            self.store.clone(),
+            req.csv,
+            req.dry_run,
+            actor,
+            RegistryFile::Providers,
+        )
+        .await?;
         Ok(Response::new(reply))
     }
 
@@ -437,8 +460,14 @@ impl Admin for AdminService {
         let actor = actor(&request)?;
         let req = request.into_inner();
         let _changing = self.grants_lock.lock().await;
-        let reply =
-            registry_import(self.store.clone(), req.csv, req.dry_run, actor, "hosts").await?;
+        let reply = registry_import(
+            self.store.clone(),
+            req.csv,
+            req.dry_run,
+            actor,
+            RegistryFile::Hosts,
+        )
+        .await?;
         Ok(Response::new(reply))
     }
 

@@ -543,7 +543,8 @@ pub struct GrantedCard {
 }
 
 /// The fleet table: one row per CSP and program that has a commitment or a granted card, and
-/// one row (program empty) per CSP for its reported cards no grant held, when there are any.
+/// one row (program empty) per CSP for its reported cards no grant held, when there are any
+/// (and for a registered provider that would otherwise have no row).
 /// Empty while the registry holds no provider (ledgers from before the registry report as
 /// they did). `program` keeps only that program's rows.
 pub fn fleet(
@@ -604,6 +605,12 @@ pub fn fleet(
             if health.get(&k.gpu_uuid).is_some_and(|s| s.healthy) {
                 acc.healthy.insert(&k.gpu_uuid);
             }
+        }
+    }
+    // Every registered provider is listed, with nothing committed, granted or reported too.
+    for p in providers {
+        if !rows.keys().any(|(csp, _)| *csp == p.csp) {
+            rows.entry((p.csp.clone(), String::new())).or_default();
         }
     }
     // Registered hosts that reported no card still count as hosts of their CSP.
@@ -809,6 +816,17 @@ mod tests {
             ]
         );
         assert!(fleet(&[], &registered, &known, &health, &granted, None).is_empty());
+        let quiet = providers("kt,케이티,KT Cloud,4,2,0\nidle,아이들,Idle,0,0,0\n");
+        let rows = fleet(&quiet, &registered, &known, &health, &granted, None);
+        assert_eq!(
+            rows.iter().find(|r| r.csp == "idle").map(|r| (
+                r.csp.as_str(),
+                r.program.as_str(),
+                r.registered_cards
+            )),
+            Some(("idle", "", 0)),
+            "a registered provider with nothing is still listed"
+        );
         let hpc = fleet(&p, &registered, &known, &health, &granted, Some("hpc"));
         assert_eq!(hpc.len(), 1);
     }
