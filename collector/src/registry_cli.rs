@@ -8,7 +8,9 @@ use clap::Subcommand;
 use gpumeter_collector::report::grid;
 use gpumeter_proto::v1;
 
-use super::{Failure, admin_client, kst, refused, write_out};
+use gpumeter_collector::listing::{kst_cell, rfc3339};
+
+use super::{Failure, admin_client, refused, write_out};
 
 #[derive(Subcommand)]
 pub enum ProvidersCommand {
@@ -27,7 +29,7 @@ pub enum ProvidersCommand {
     List {
         #[arg(long)]
         server: String,
-        /// Print JSON: {providers, hosts, history}, instants in ms.
+        /// Print JSON: {providers, hosts, history}, every instant in ms and RFC 3339 (KST).
         #[arg(long)]
         json: bool,
         /// Also print every change to the registry (who, when, what).
@@ -129,7 +131,7 @@ pub async fn providers(command: ProvidersCommand) -> Result<(), Failure> {
                             .filter(|h| h.csp == p.csp)
                             .count()
                             .to_string(),
-                        kst(p.updated_unix_ms),
+                        kst_cell(p.updated_unix_ms),
                         p.updated_by.clone(),
                     ]
                 })
@@ -164,7 +166,7 @@ fn history_table(r: &v1::GetRegistryReply) -> String {
         .iter()
         .map(|c| {
             vec![
-                kst(c.at_unix_ms),
+                kst_cell(c.at_unix_ms),
                 c.actor.clone(),
                 c.kind.clone(),
                 c.subject.clone(),
@@ -195,6 +197,7 @@ fn registry_json(r: &v1::GetRegistryReply) -> Result<String, Failure> {
                     "advanced": p.committed_advanced,
                 },
                 "updated_at_unix_ms": p.updated_unix_ms,
+                "updated_at": rfc3339(p.updated_unix_ms),
                 "updated_by": p.updated_by,
             })
         })
@@ -207,6 +210,7 @@ fn registry_json(r: &v1::GetRegistryReply) -> Result<String, Failure> {
                 "host_id": h.host_id,
                 "csp": h.csp,
                 "updated_at_unix_ms": h.updated_unix_ms,
+                "updated_at": rfc3339(h.updated_unix_ms),
                 "updated_by": h.updated_by,
             })
         })
@@ -217,6 +221,7 @@ fn registry_json(r: &v1::GetRegistryReply) -> Result<String, Failure> {
         .map(|c| {
             serde_json::json!({
                 "at_unix_ms": c.at_unix_ms,
+                "at": rfc3339(c.at_unix_ms),
                 "actor": c.actor,
                 "kind": c.kind,
                 "subject": c.subject,
@@ -294,7 +299,7 @@ pub async fn hosts(command: HostsRegistry) -> Result<(), Failure> {
                     vec![
                         h.host_id.clone(),
                         h.csp.clone(),
-                        kst(h.updated_unix_ms),
+                        kst_cell(h.updated_unix_ms),
                         h.updated_by.clone(),
                     ]
                 })
