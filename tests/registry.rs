@@ -168,6 +168,18 @@ async fn the_registry_refuses_what_it_does_not_know_and_reports_count_every_card
     assert!(err.contains("nothing was imported"), "{err}");
 
     let providers = write(d, "providers.csv", PROVIDERS);
+    // Only admins change the registry: an auditor's token is refused, and nothing is stored.
+    let auditor = collector.token("auditor", "auditor-park");
+    let out = tokio::process::Command::new(bin("gpumeter-collector"))
+        .args(["providers", "import", &providers, "--server", &url])
+        .envs(gpumeter_e2e::cli_env())
+        .env("GPUMETER_TOKEN", &auditor)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused"), "{err}");
     let said = ok(&cli(&["providers", "import", &providers, "--server", &url]).await);
     assert_eq!(said, "2 providers registered (2 added or changed)\n");
     let said = ok(&cli(&["providers", "import", &providers, "--server", &url]).await);
