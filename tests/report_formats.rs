@@ -292,6 +292,7 @@ fn sample_figures() -> Reconciliation {
         invoice_csps,
         card_alarms: Vec::new(),
         gpu_equivalents: Default::default(),
+        fleet: Vec::new(),
     }
 }
 
@@ -357,6 +358,7 @@ fn tiny_figures() -> Reconciliation {
         invoice_csps: vec![],
         card_alarms: Vec::new(),
         gpu_equivalents: Default::default(),
+        fleet: Vec::new(),
     }
 }
 
@@ -541,11 +543,11 @@ fn csv_is_excel_ready_utf8_with_bom_and_crlf() {
 fn csv_snapshot_of_a_one_card_report() {
     let en = render::csv(&tiny(), Lang::En);
     let expected = "\u{feff}\
-level,period,program,csp,grant_id,grantee,principal,grants,cards,valid_from,valid_until_inclusive,allocated_gpu_hours,unmetered_gpu_hours,unavailable_gpu_hours,delivered_gpu_hours,occupied_gpu_hours,active_gpu_hours,idle_gpu_hours,foreign_gpu_hours,utilization_pct,energy_kwh,violations,unassigned_use_gpu_hours,unassigned_violations,as_of,not_elapsed,unattributed_gpu_hours,card_identity_alarms,gpu_equivalents,allocated_gpu_equivalent_hours,delivered_gpu_equivalent_hours,active_gpu_equivalent_hours\r\n\
-grant,2026-04-01,advanced,csp-a,G-9,\"가나다, \"\"라\"\"\",uid:1001,,1,2026-04-01,2026-04-30,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,,,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000\r\n\
-program,2026-04-01,advanced,,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,,,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000\r\n\
-csp,2026-04-01,,csp-a,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,0.500000,0,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000\r\n\
-total,2026-04-01,,,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,0.000000,0,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000\r\n";
+level,period,program,csp,grant_id,grantee,principal,grants,cards,valid_from,valid_until_inclusive,allocated_gpu_hours,unmetered_gpu_hours,unavailable_gpu_hours,delivered_gpu_hours,occupied_gpu_hours,active_gpu_hours,idle_gpu_hours,foreign_gpu_hours,utilization_pct,energy_kwh,violations,unassigned_use_gpu_hours,unassigned_violations,as_of,not_elapsed,unattributed_gpu_hours,card_identity_alarms,gpu_equivalents,allocated_gpu_equivalent_hours,delivered_gpu_equivalent_hours,active_gpu_equivalent_hours,committed_cards,registered_hosts,registered_cards,healthy_cards,granted_cards,delivered_cards\r\n\
+grant,2026-04-01,advanced,csp-a,G-9,\"가나다, \"\"라\"\"\",uid:1001,,1,2026-04-01,2026-04-30,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,,,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000,,,,,,\r\n\
+program,2026-04-01,advanced,,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,,,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000,,,,,,\r\n\
+csp,2026-04-01,,csp-a,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,0.500000,0,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000,,,,,,\r\n\
+total,2026-04-01,,,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.000000,9.000000,1.000000,25.00,5.000,2,0.000000,0,2026-04-02 00:00,,0.000000,0,1.000000,24.000000,21.000000,6.000000,,,,,,\r\n";
     let (data, definitions) = en.split_at(expected.len());
     assert_eq!(data, expected);
     assert!(definitions.starts_with("definition,"), "{definitions}");
@@ -553,7 +555,7 @@ total,2026-04-01,,,,,,1,1,,,24.000000,1.000000,2.000000,21.000000,12.000000,6.00
     let header = ko.split("\r\n").next().unwrap();
     assert_eq!(
         header,
-        "\u{feff}구분,기간,사업,클라우드 사업자(CSP),과제 ID,수혜기관,사용 주체,과제 수,GPU 수,시작(KST),종료(KST·당일 포함),배정(GPU시간),미계측(GPU시간),장애(GPU시간),제공(GPU시간),점유(GPU시간),활성 사용(GPU시간),유휴(GPU시간),타 사용자 사용(GPU시간),활용률(%),전력량(kWh),위반(건),미배정 사용(GPU시간),미배정 위반(건),정산 기준 시각(KST),미경과 기간(KST),귀속 불명(GPU시간),GPU 식별 경보(건),GPU 환산 수,배정(GPU 환산 시간),제공(GPU 환산 시간),활성 사용(GPU 환산 시간)"
+        "\u{feff}구분,기간,사업,클라우드 사업자(CSP),과제 ID,수혜기관,사용 주체,과제 수,GPU 수,시작(KST),종료(KST·당일 포함),배정(GPU시간),미계측(GPU시간),장애(GPU시간),제공(GPU시간),점유(GPU시간),활성 사용(GPU시간),유휴(GPU시간),타 사용자 사용(GPU시간),활용률(%),전력량(kWh),위반(건),미배정 사용(GPU시간),미배정 위반(건),정산 기준 시각(KST),미경과 기간(KST),귀속 불명(GPU시간),GPU 식별 경보(건),GPU 환산 수,배정(GPU 환산 시간),제공(GPU 환산 시간),활성 사용(GPU 환산 시간),약정 GPU 수,등록 서버 수,등록 GPU 수,정상 GPU 수,배정 GPU 수,제공 GPU 수"
     );
     assert_eq!(
         ko.split("\r\n").nth(1).unwrap().split(',').next(),

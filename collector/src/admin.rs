@@ -1,5 +1,6 @@
 //! The `Admin` service: the operating agency's changes (grants: import, list, show, and the
-//! amendments revoke, extend and move-card, each stored with its history and pushed to agents).
+//! amendments revoke, extend and move-card, each stored with its history and pushed to agents;
+//! the providers and hosts registry, changed only here and kept with its history).
 
 use std::sync::Arc;
 
@@ -61,6 +62,101 @@ fn required_grant_id(grant_id: &str) -> Result<String, Status> {
 /// An instant from a request; absent means now, by the collector's clock.
 fn at_or_now(at_unix_ms: Option<i64>) -> i64 {
     at_unix_ms.unwrap_or_else(now_ms)
+}
+
+/// Largest providers or hosts file accepted in one import.
+const MAX_REGISTRY_CSV_BYTES: usize = 4 << 20;
+
+fn provider_to_wire(p: crate::registry::Provider) -> v1::Provider {
+    v1::Provider {
+        csp: p.csp,
+        name_ko: p.name_ko,
+        name_en: p.name_en,
+        committed_hpc: p.committed_hpc,
+        committed_research: p.committed_research,
+        committed_advanced: p.committed_advanced,
+        updated_unix_ms: p.updated_ms,
+        updated_by: p.updated_by,
+    }
+}
+
+/// Which registry file an import is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RegistryFile {
+    Providers,
+    Hosts,
+}
+
+impl RegistryFile {
+    fn name(self) -> &'static str {
+        match self {
+            RegistryFile::Providers => "providers",
+            RegistryFile::Hosts => "hosts",
+        }
+    }
+}
+
+/// Runs a registry import: parse (hosts against the providers held), count what changes, and
+/// store unless it is a dry run. All or nothing.
+async fn registry_import(
+    store: Arc<dyn Store>,
+    csv: String,
+    dry_run: bool,
+    actor: String,
+    file: RegistryFile,
+) -> Result<v1::ImportRegistryReply, Status> {
+    let what = file.name();
+    if csv.len() > MAX_REGISTRY_CSV_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{what} file is {} bytes, more than the limit {MAX_REGISTRY_CSV_BYTES}",
+            csv.len()
+        )));
+    }
+    tokio::task::spawn_blocking(move || -> Result<v1::ImportRegistryReply, Status> {
+        let providers = store.providers()?;
+        let (rows, changed) = if file == RegistryFile::Providers {
+            match crate::registry::parse_providers_csv(&csv) {
+                Err(p) => return Ok(problems_reply(p)),
+                Ok(new) => {
+                    let changed = crate::registry::provider_changes(&providers, &new).len();
+                    if !dry_run {
+                        store.import_providers(&new, &actor, now_ms())?;
+                    }
+                    (new.len(), changed)
+                }
+            }
+        } else {
+            match crate::registry::parse_hosts_csv(&csv, &providers) {
+                Err(p) => return Ok(problems_reply(p)),
+                Ok(new) => {
+                    let changed =
+                        crate::registry::host_changes(&store.registered_hosts()?, &new).len();
+                    if !dry_run {
+                        store.register_hosts(&new, &actor, now_ms())?;
+                    }
+                    (new.len(), changed)
+                }
+            }
+        };
+        if !dry_run {
+            info!(rows, changed, actor = %actor, "{what} registered");
+        }
+        Ok(v1::ImportRegistryReply {
+            rows: rows as u32,
+            changed: changed as u32,
+            errors: vec![],
+            applied: !dry_run,
+        })
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+}
+
+fn problems_reply(problems: Vec<ImportProblem>) -> v1::ImportRegistryReply {
+    v1::ImportRegistryReply {
+        errors: problems.into_iter().map(wire_problem).collect(),
+        ..Default::default()
+    }
 }
 
 impl AdminService {
@@ -129,12 +225,32 @@ impl Admin for AdminService {
                 let held = store.grants()?;
                 let known = |host: &str, gpu: &str| store.known_card(host, gpu).unwrap_or(false);
                 let (csv, models) = crate::grants::split_gpu_models(&req.csv);
-                match parse_grants_csv(&csv, &held, &known) {
+                // The registry's refusals (unknown CSPs, hosts of another CSP) are reported
+                // beside the grants parser's, by line, so one import shows every problem.
+                let registry = crate::registry::check_grants_csv(
+                    &csv,
+                    &store.providers()?,
+                    &store.registered_hosts()?,
+                );
+                let parsed = match parse_grants_csv(&csv, &held, &known) {
+                    Ok(_) if !registry.is_empty() => Err(registry),
+                    Err(mut problems) => {
+                        problems.extend(registry);
+                        problems.sort_by_key(|p| p.line);
+                        Err(problems)
+                    }
+                    ok => ok,
+                };
+                match parsed {
                     Err(problems) => Ok(v1::ImportGrantsReply {
                         errors: problems.into_iter().map(wire_problem).collect(),
                         ..Default::default()
                     }),
-                    Ok(import) => {
+                    Ok(mut import) => {
+                        // One provider whatever the file's case: `KT` and `kt` are one CSP.
+                        for g in &mut import.grants {
+                            g.csp = crate::registry::normalize_csp(&g.csp);
+                        }
                         let cards =
                             import.grants.iter().map(|g| g.cards.len()).sum::<usize>() as u32;
                         if !req.dry_run {
@@ -316,6 +432,82 @@ impl Admin for AdminService {
             at_ms: at_or_now(req.at_unix_ms),
         };
         self.amend(id, amendment, actor).await
+    }
+
+    async fn import_providers(
+        &self,
+        request: Request<v1::ImportRegistryRequest>,
+    ) -> Result<Response<v1::ImportRegistryReply>, Status> {
+        let actor = actor(&request)?;
+        let req = request.into_inner();
+        // Grant imports read the registry; a change must not land in the middle of one.
+        let _changing = self.grants_lock.lock().await;
+        let reply = registry_import(
+            self.store.clone(),
+            req.csv,
+            req.dry_run,
+            actor,
+            RegistryFile::Providers,
+        )
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn register_hosts(
+        &self,
+        request: Request<v1::ImportRegistryRequest>,
+    ) -> Result<Response<v1::ImportRegistryReply>, Status> {
+        let actor = actor(&request)?;
+        let req = request.into_inner();
+        let _changing = self.grants_lock.lock().await;
+        let reply = registry_import(
+            self.store.clone(),
+            req.csv,
+            req.dry_run,
+            actor,
+            RegistryFile::Hosts,
+        )
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_registry(
+        &self,
+        _request: Request<v1::GetRegistryRequest>,
+    ) -> Result<Response<v1::GetRegistryReply>, Status> {
+        let store = self.store.clone();
+        let (providers, hosts, history) = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::store::StoreError>((
+                store.providers()?,
+                store.registered_hosts()?,
+                store.registry_history()?,
+            ))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(v1::GetRegistryReply {
+            providers: providers.into_iter().map(provider_to_wire).collect(),
+            hosts: hosts
+                .into_iter()
+                .map(|h| v1::RegisteredHost {
+                    host_id: h.host_id,
+                    csp: h.csp,
+                    updated_unix_ms: h.updated_ms,
+                    updated_by: h.updated_by,
+                })
+                .collect(),
+            history: history
+                .into_iter()
+                .map(|c| v1::RegistryChange {
+                    at_unix_ms: c.at_ms,
+                    actor: c.actor,
+                    kind: c.kind,
+                    subject: c.subject,
+                    action: c.action,
+                    detail: c.detail,
+                })
+                .collect(),
+        }))
     }
 
     async fn import_invoices(

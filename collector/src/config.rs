@@ -279,8 +279,10 @@ impl CollectorConfig {
             drain_timeout: Duration::from_secs(10),
             metrics_listen: self.metrics_listen.as_deref().and_then(|m| m.parse().ok()),
             head_interval: Duration::from_secs(self.head_interval_s.unwrap_or(600)),
-            // TLS material comes from `serve`'s flags.
+            // TLS material comes from `serve`'s flags, and so does the reports folder.
             tls: None,
+            reports_dir: None,
+            reports_interval: Duration::from_secs(600),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod convert;
 mod csv;
+pub mod delivery;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod episodes;
@@ -25,6 +26,7 @@ pub mod pdf;
 pub mod provenance;
 pub mod query;
 pub mod reconcile;
+pub mod registry;
 pub mod render;
 pub mod report;
 pub mod rollup;

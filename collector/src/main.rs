@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod registry_cli;
+
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use gpumeter_collector::config::CollectorConfig;
@@ -158,6 +160,11 @@ enum Command {
         /// agents an admin registered are admitted.
         #[arg(long)]
         insecure: bool,
+        /// Write each closed month's reports here once the month has ended in Korea (every
+        /// format, Korean and English, signed provenance) and an idle-grants notice;
+        /// existing files are never rewritten, and missed months are caught up at start.
+        #[arg(long, value_name = "DIR")]
+        reports_dir: Option<PathBuf>,
     },
     /// The built-in certificate authority: make it, issue agent and server certificates,
     /// revoke them.
@@ -259,6 +266,11 @@ enum Command {
         lang: ReportLang,
         #[arg(long)]
         server: String,
+    },
+    /// The providers registry: CSPs, their names and committed cards per program.
+    Providers {
+        #[command(subcommand)]
+        command: registry_cli::ProvidersCommand,
     },
     /// CSP invoices: import billed GPU-hours per grant and month.
     Invoices {
@@ -503,6 +515,31 @@ enum HostsCommand {
         #[arg(long)]
         server: String,
     },
+    /// Register a host to a CSP (a registered provider); grant imports then refuse the host
+    /// under any other CSP. Kept in the registry history.
+    Register {
+        host_id: String,
+        #[arg(long)]
+        csp: String,
+        #[arg(long)]
+        server: String,
+    },
+    /// Register hosts from CSV (host_id,csp); all or nothing.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        server: String,
+        /// Check the file only; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The registered hosts and their CSP.
+    Registered {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -708,6 +745,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             client_ca,
             revoked,
             insecure,
+            reports_dir,
         } => {
             let cfg = match &config {
                 Some(p) => CollectorConfig::load(p).map_err(|e| Failure {
@@ -751,6 +789,13 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             });
             let mut options = cfg.server_options();
             options.tls = tls;
+            if let Some(dir) = &reports_dir {
+                std::fs::create_dir_all(dir).map_err(|e| Failure {
+                    code: 64,
+                    error: anyhow::anyhow!("--reports-dir {}: {e}", dir.display()),
+                })?;
+            }
+            options.reports_dir = reports_dir;
             let store = gpumeter_collector::store::open_store(&db, collector_key.as_deref())
                 .with_context(|| {
                     format!(
@@ -1182,6 +1227,43 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
+        Command::Providers { command } => registry_cli::providers(command).await,
+        Command::Hosts {
+            command:
+                Some(HostsCommand::Register {
+                    host_id,
+                    csp,
+                    server,
+                }),
+            ..
+        } => {
+            registry_cli::hosts(registry_cli::HostsRegistry::Register {
+                host_id,
+                csp,
+                server,
+            })
+            .await
+        }
+        Command::Hosts {
+            command:
+                Some(HostsCommand::Import {
+                    file,
+                    server,
+                    dry_run,
+                }),
+            ..
+        } => {
+            registry_cli::hosts(registry_cli::HostsRegistry::Import {
+                file,
+                server,
+                dry_run,
+            })
+            .await
+        }
+        Command::Hosts {
+            command: Some(HostsCommand::Registered { server, json }),
+            ..
+        } => registry_cli::hosts(registry_cli::HostsRegistry::List { server, json }).await,
         Command::Hosts {
             server: None,
             command: None,

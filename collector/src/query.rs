@@ -854,7 +854,85 @@ pub fn compute_report_with(
         !q.without_days,
     )?;
     report.card_alarms = crate::identity::report_alarms(&store.alarms(None)?, &report, head.at_ms);
+    if grant_id.is_none() {
+        report.fleet = fleet_of(store, &report, &head, &in_head)?;
+    }
     Ok((report, days, head))
+}
+
+/// How far back from the end of a report's elapsed period a card's latest window is looked
+/// for: a card with no window in it is not healthy (not reporting).
+pub const HEALTH_LOOKBACK_MS: i64 = 15 * 60_000;
+
+/// The report's fleet table ([`crate::registry::fleet`]): the registry as held now, the cards
+/// of the agents the head covers as their Hellos listed them, each card's latest window in
+/// the last [`HEALTH_LOOKBACK_MS`] of the elapsed period, and the report's granted cards.
+fn fleet_of(
+    store: &dyn Store,
+    report: &Reconciliation,
+    head: &crate::heads::SignedHead,
+    in_head: &dyn Fn(&str, u64) -> bool,
+) -> Result<Vec<crate::registry::FleetRow>, StoreError> {
+    use crate::registry::{CardState, GrantedCard, KnownCard};
+    let providers = store.providers()?;
+    if providers.is_empty() {
+        return Ok(vec![]);
+    }
+    let registered = store.registered_hosts()?;
+    let covered: std::collections::HashSet<&str> =
+        head.leaves.iter().map(|l| l.agent_id.as_str()).collect();
+    let known: Vec<KnownCard> = store
+        .hosts()?
+        .into_iter()
+        .filter(|h| covered.contains(h.agent_id.as_str()))
+        .flat_map(|h| {
+            h.gpus.into_iter().map(move |g| KnownCard {
+                host_id: h.host_id.clone(),
+                csp: h.csp.clone(),
+                gpu_uuid: g.uuid,
+            })
+        })
+        .collect();
+    let end = report.elapsed_until_ms;
+    let mut latest: std::collections::HashMap<String, (i64, CardState)> = Default::default();
+    if end > report.from_ms {
+        for w in store.windows((end - HEALTH_LOOKBACK_MS).max(report.from_ms), end, None)? {
+            if !in_head(&w.agent_id, w.seq) {
+                continue;
+            }
+            let state = CardState {
+                healthy: w.window.health == "ok" && w.window.unavailable_ms == 0,
+            };
+            let e = latest
+                .entry(w.window.gpu_uuid.clone())
+                .or_insert((w.window.start_ms, state));
+            if w.window.start_ms >= e.0 {
+                *e = (w.window.start_ms, state);
+            }
+        }
+    }
+    let health = latest.into_iter().map(|(k, (_, s))| (k, s)).collect();
+    let granted: Vec<GrantedCard> = report
+        .grants
+        .iter()
+        .flat_map(|g| {
+            g.cards.iter().map(move |c| GrantedCard {
+                csp: g.csp.clone(),
+                program: g.program.clone(),
+                host_id: c.host_id.clone(),
+                gpu_uuid: c.gpu_uuid.clone(),
+                delivered: c.figures.delivered_ms > 0,
+            })
+        })
+        .collect();
+    Ok(crate::registry::fleet(
+        &providers,
+        &registered,
+        &known,
+        &health,
+        &granted,
+        report.program.as_deref(),
+    ))
 }
 
 /// The reconciliation reply of `q` as the Query service sends it (before it is cut into
@@ -1286,6 +1364,22 @@ pub fn reconciliation_to_wire(r: &Reconciliation) -> v1::ReconcileReply {
                 detail: a.detail.clone(),
             })
             .collect(),
+        fleet: r
+            .fleet
+            .iter()
+            .map(|f| v1::FleetRow {
+                csp: f.csp.clone(),
+                name_ko: f.name_ko.clone(),
+                name_en: f.name_en.clone(),
+                program: f.program.clone(),
+                committed_cards: f.committed_cards,
+                registered_hosts: f.registered_hosts,
+                registered_cards: f.registered_cards,
+                healthy_cards: f.healthy_cards,
+                granted_cards: f.granted_cards,
+                delivered_cards: f.delivered_cards,
+            })
+            .collect(),
     }
 }
 
@@ -1500,6 +1594,22 @@ pub fn reconciliation_from_wire(r: &v1::ReconcileReply) -> Reconciliation {
                 agent_id: a.agent_id.clone(),
                 at_ms: a.at_unix_ms,
                 detail: a.detail.clone(),
+            })
+            .collect(),
+        fleet: r
+            .fleet
+            .iter()
+            .map(|f| crate::registry::FleetRow {
+                csp: f.csp.clone(),
+                name_ko: f.name_ko.clone(),
+                name_en: f.name_en.clone(),
+                program: f.program.clone(),
+                committed_cards: f.committed_cards,
+                registered_hosts: f.registered_hosts,
+                registered_cards: f.registered_cards,
+                healthy_cards: f.healthy_cards,
+                granted_cards: f.granted_cards,
+                delivered_cards: f.delivered_cards,
             })
             .collect(),
     }

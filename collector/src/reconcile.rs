@@ -394,6 +394,11 @@ pub struct Reconciliation {
     /// The figures in GPU-equivalents (see [`equivalents`]); the engine counts every card as
     /// one GPU, and the query layer applies the card inventory's MIG slices.
     pub gpu_equivalents: Equivalents,
+    /// Per CSP and program: committed, registered, healthy, granted and delivered cards
+    /// (filled by the query layer from the registry, see [`crate::registry::fleet`]; empty,
+    /// and absent from the JSON, while no provider is registered).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fleet: Vec<crate::registry::FleetRow>,
 }
 
 /// Figures in GPU-equivalents: each card's hours × its GPU-equivalents.
@@ -1144,6 +1149,7 @@ pub fn reconcile_as_of(inputs: &Inputs<'_>, as_of_ms: i64) -> Reconciliation {
         invoice_csps,
         card_alarms: Vec::new(),
         gpu_equivalents: Equivalents::default(),
+        fleet: Vec::new(),
     };
     r.gpu_equivalents = equivalents(&r, &|_| 1.0);
     r

@@ -608,6 +608,74 @@ pub fn reconciliation_table(r: &Reconciliation, korean: bool) -> String {
     reconciliation_table_width(r, korean, Width::Narrow)
 }
 
+/// The fleet section of the table (present once a provider is registered): per CSP and
+/// program, the card counts, with what each column means under it.
+fn fleet_table(fleet: &[crate::registry::FleetRow], korean: bool) -> String {
+    let (title, header) = if korean {
+        (
+            "사업자별 공급 현황 (GPU 수)",
+            [
+                "CSP", "사업", "약정", "서버", "등록", "정상", "배정", "제공",
+            ],
+        )
+    } else {
+        (
+            "Providers (cards)",
+            [
+                "CSP",
+                "PROGRAM",
+                "COMMITTED",
+                "HOSTS",
+                "REGISTERED",
+                "HEALTHY",
+                "GRANTED",
+                "DELIVERED",
+            ],
+        )
+    };
+    let rows: Vec<Vec<String>> = fleet
+        .iter()
+        .map(|f| {
+            let name = if korean { &f.name_ko } else { &f.name_en };
+            let mut row = vec![
+                if name.is_empty() {
+                    f.csp.clone()
+                } else {
+                    format!("{} ({})", f.csp, name)
+                },
+                if f.program.is_empty() {
+                    "-".to_owned()
+                } else {
+                    f.program.clone()
+                },
+            ];
+            row.extend(
+                [
+                    f.committed_cards,
+                    f.registered_hosts,
+                    f.registered_cards,
+                    f.healthy_cards,
+                    f.granted_cards,
+                    f.delivered_cards,
+                ]
+                .map(|n| n.to_string()),
+            );
+            row
+        })
+        .collect();
+    let right: Vec<bool> = (0..header.len()).map(|i| i >= 2).collect();
+    let mut out = format!("{title}\n");
+    out.push_str(&grid(&header, &rows, &right));
+    for (col, h) in crate::registry::FLEET_COLUMNS.iter().zip(&header[2..]) {
+        out.push_str(&wrap(
+            &format!("{h}: {}", crate::registry::fleet_definition(col, korean)),
+            "  ",
+            NARROW_COLUMNS,
+        ));
+    }
+    out
+}
+
 /// [`reconciliation_table`] at a chosen width.
 pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width) -> String {
     let w = if korean { &KO } else { &EN };
@@ -761,6 +829,11 @@ pub fn reconciliation_table_width(r: &Reconciliation, korean: bool, width: Width
             })
             .collect();
         out.push_str(&grid(&h, &rows, &right));
+    }
+
+    if !r.fleet.is_empty() {
+        out.push('\n');
+        out.push_str(&fleet_table(&r.fleet, korean));
     }
 
     out.push('\n');
@@ -1295,6 +1368,7 @@ mod reconciliation_tests {
                 detail: "card GPU-0000000a-0000-4000-8000-000000000001 reports model \"NVIDIA A10\" but grant G-1 names \"H100 80GB\" and this sentence goes on long enough to be wrapped at the table width".into(),
             }],
             gpu_equivalents: Default::default(),
+            fleet: Vec::new(),
         }
     }
 

@@ -45,6 +45,11 @@ pub struct ServerOptions {
     /// TLS for every connection; `None` serves plain TCP (`serve --insecure`: tokens are still
     /// checked, and only admin-registered agents are admitted).
     pub tls: Option<Arc<crate::auth::tls::ServerTls>>,
+    /// Where each closed month's reports are written (`serve --reports-dir`, see
+    /// `crate::delivery`); none by default.
+    pub reports_dir: Option<std::path::PathBuf>,
+    /// How often the reports folder is brought up to date (first at start).
+    pub reports_interval: Duration,
 }
 
 impl Default for ServerOptions {
@@ -60,6 +65,8 @@ impl Default for ServerOptions {
             metrics_listen: None,
             head_interval: Duration::from_secs(600),
             tls: None,
+            reports_dir: None,
+            reports_interval: Duration::from_secs(600),
         }
     }
 }
@@ -136,6 +143,14 @@ pub async fn run(
         ));
     }
     let _ = ready_tx.send(Readiness::Ready);
+    if let Some(dir) = opts.reports_dir.clone() {
+        tokio::spawn(deliver_reports(
+            store_for_heads.clone(),
+            dir,
+            opts.reports_interval,
+            closing_tx.subscribe(),
+        ));
+    }
     tokio::spawn(sign_heads(
         store_for_heads,
         opts.head_interval,
@@ -225,6 +240,43 @@ async fn sign_heads(store: Arc<dyn Store>, interval: Duration, mut closing: watc
             Ok(Ok(h)) => info!(head = h.id, agents = h.agents, "signed a ledger head"),
             Ok(Err(e)) => tracing::error!(error = %e, "could not sign a ledger head"),
             Err(e) => tracing::error!(error = %e, "head signing task failed"),
+        }
+    }
+}
+
+/// Brings the reports folder up to date at start and every `interval` (`crate::delivery`):
+/// closed months' missing files are written, so a restart catches up on what it missed.
+async fn deliver_reports(
+    store: Arc<dyn Store>,
+    dir: std::path::PathBuf,
+    interval: Duration,
+    mut closing: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = closing.wait_for(|c| *c) => return,
+            _ = tick.tick() => {}
+        }
+        let (store, d) = (store.clone(), dir.clone());
+        let now = crate::ingest::now_ms();
+        match tokio::task::spawn_blocking(move || {
+            crate::delivery::catch_up(store.as_ref(), &d, now)
+        })
+        .await
+        {
+            Ok(Ok(pass)) if !pass.written.is_empty() => info!(
+                dir = %dir.display(),
+                files = pass.written.len(),
+                "wrote closed months' reports"
+            ),
+            Ok(Ok(_)) => {}
+            // Reports are not written, so an operator must act; the next pass tries again.
+            Ok(Err(e)) => {
+                tracing::error!(dir = %dir.display(), error = %e, "could not write closed months' reports")
+            }
+            Err(e) => tracing::error!(error = %e, "report delivery task failed"),
         }
     }
 }

@@ -434,6 +434,89 @@ fn csps(r: &Reconciliation, l: &Labels) -> String {
     s
 }
 
+/// The providers section (once a provider is registered): per CSP and program, committed,
+/// registered, healthy, granted and delivered cards, each column defined under the table.
+fn fleet(r: &Reconciliation, lang: Lang) -> String {
+    if r.fleet.is_empty() {
+        return String::new();
+    }
+    let ko = lang == Lang::Ko;
+    let (title, headers) = if ko {
+        (
+            "사업자별 공급 현황 (GPU 수)",
+            [
+                "CSP",
+                "사업자",
+                "사업",
+                "약정",
+                "등록 서버",
+                "등록 GPU",
+                "정상 GPU",
+                "배정 GPU",
+                "제공 GPU",
+            ],
+        )
+    } else {
+        (
+            "Providers (cards)",
+            [
+                "CSP",
+                "Provider",
+                "Program",
+                "Committed",
+                "Hosts",
+                "Registered",
+                "Healthy",
+                "Granted",
+                "Delivered",
+            ],
+        )
+    };
+    let mut s = format!("<section id=\"fleet\"><h2>{}</h2>", esc(title));
+    let rows: Vec<(bool, Vec<Td>)> = r
+        .fleet
+        .iter()
+        .map(|f| {
+            let mut cells = vec![
+                Td::Text(f.csp.clone()),
+                Td::Text(if ko {
+                    f.name_ko.clone()
+                } else {
+                    f.name_en.clone()
+                }),
+                Td::Text(if f.program.is_empty() {
+                    "-".into()
+                } else {
+                    f.program.clone()
+                }),
+            ];
+            cells.extend(
+                [
+                    f.committed_cards,
+                    f.registered_hosts,
+                    f.registered_cards,
+                    f.healthy_cards,
+                    f.granted_cards,
+                    f.delivered_cards,
+                ]
+                .map(|n| Td::Num(n.to_string())),
+            );
+            (false, cells)
+        })
+        .collect();
+    s.push_str(&table(&headers, &rows));
+    s.push_str("<dl class=\"glossary\">");
+    for (col, h) in crate::registry::FLEET_COLUMNS.iter().zip(&headers[3..]) {
+        s.push_str(&format!(
+            "<dt>{}</dt><dd>{}</dd>",
+            esc(h),
+            esc(crate::registry::fleet_definition(col, ko))
+        ));
+    }
+    s.push_str("</dl></section>");
+    s
+}
+
 fn idle(r: &Reconciliation, l: &Labels) -> String {
     let i = &r.idle;
     let mut s = format!(
@@ -836,6 +919,7 @@ pub(super) fn render(r: &Reconciliation, days: &[CardDay], lang: Lang) -> String
         heatmaps(r, days, l),
         programs(r, l),
         csps(r, l),
+        fleet(r, lang),
         idle(r, l),
         violations(r, l),
         gpu_equivalents(r, l),

@@ -10,7 +10,7 @@ use super::Lang;
 /// only: use of (and violations on) cards outside every grant, which are not part of the other
 /// figures. `as_of` and `not_elapsed` say how much of the period the figures cover. The last is
 /// the time a card was in use while the driver showed no process (see `reconcile.rs`).
-pub const CSV_COLUMNS: [(&str, &str); 32] = [
+pub const CSV_COLUMNS: [(&str, &str); 38] = [
     ("level", "구분"),
     ("period", "기간"),
     ("program", "사업"),
@@ -43,6 +43,12 @@ pub const CSV_COLUMNS: [(&str, &str); 32] = [
     ("allocated_gpu_equivalent_hours", "배정(GPU 환산 시간)"),
     ("delivered_gpu_equivalent_hours", "제공(GPU 환산 시간)"),
     ("active_gpu_equivalent_hours", "활성 사용(GPU 환산 시간)"),
+    ("committed_cards", "약정 GPU 수"),
+    ("registered_hosts", "등록 서버 수"),
+    ("registered_cards", "등록 GPU 수"),
+    ("healthy_cards", "정상 GPU 수"),
+    ("granted_cards", "배정 GPU 수"),
+    ("delivered_cards", "제공 GPU 수"),
 ];
 
 /// One language's words for the reports.

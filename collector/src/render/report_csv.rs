@@ -15,6 +15,10 @@
 //! start day (or minute), and the *inclusive* last day (`valid_until_inclusive`: a grant to
 //! 2026-12-31 reads `2026-12-31`, not the next midnight). Every time is KST.
 //!
+//! Once a provider is registered, one `fleet` row per CSP and program follows the total
+//! (`crate::registry::fleet`): its card counts are in the six columns at the end
+//! (`committed_cards` … `delivered_cards`), which are empty on every other row.
+//!
 //! After the data rows comes one `definition` row: under each column, what it means (the
 //! glossary, [`super::glossary`]), so that the file explains itself when opened in Excel, and a
 //! tool that filters rows by `level` skips it as it skips the totals.
@@ -76,6 +80,47 @@ fn row(
     ] {
         cells.push(format!("{h:.6}"));
     }
+    // The fleet columns: filled on `fleet` rows only.
+    cells.extend(std::iter::repeat_n(String::new(), FLEET_COLUMNS));
+    cells
+}
+
+/// The fleet columns at the end of [`CSV_COLUMNS`], and the GPU-equivalent ones before them.
+const FLEET_COLUMNS: usize = 6;
+const EQ_COLUMNS: usize = 4;
+
+/// A `fleet` row (one per CSP and program, [`crate::registry::FleetRow`]): CSP and program,
+/// the as-of columns and the card counts; the figure columns are empty.
+fn fleet_row(
+    f: &crate::registry::FleetRow,
+    period: &str,
+    as_of: &[String; 2],
+    ko: bool,
+) -> Vec<String> {
+    let mut cells = vec![
+        if ko { "공급 현황" } else { "fleet" }.to_owned(),
+        period.to_owned(),
+        f.program.clone(),
+        f.csp.clone(),
+    ];
+    cells.resize(
+        CSV_COLUMNS.len() - FLEET_COLUMNS - EQ_COLUMNS - 4,
+        String::new(),
+    );
+    cells.extend(as_of.iter().cloned());
+    // Unattributed time, identity alarms and the GPU-equivalents: empty here.
+    cells.extend(std::iter::repeat_n(String::new(), 2 + EQ_COLUMNS));
+    cells.extend(
+        [
+            f.committed_cards,
+            f.registered_hosts,
+            f.registered_cards,
+            f.healthy_cards,
+            f.granted_cards,
+            f.delivered_cards,
+        ]
+        .map(|n| n.to_string()),
+    );
     cells
 }
 
@@ -155,6 +200,10 @@ fn definitions(lang: Lang, level: &str) -> Vec<String> {
                 "Active GPU-hours × each card's GPU-equivalents",
                 "활성 사용 GPU시간 × GPU별 환산 계수",
             ),
+            c @ ("committed_cards" | "registered_hosts" | "registered_cards" | "healthy_cards"
+            | "granted_cards" | "delivered_cards") => {
+                crate::registry::fleet_definition(c, ko).to_owned()
+            }
             c if c.ends_with("_gpu_hours") => def(&c.replace("_gpu_hours", "")),
             c => def(c),
         })
@@ -267,6 +316,9 @@ pub(super) fn render(r: &Reconciliation, lang: Lang) -> String {
         r.card_alarms.len(),
         &r.gpu_equivalents.total,
     ));
+    for f in &r.fleet {
+        out.record(&fleet_row(f, &r.period, &as_of, lang == Lang::Ko));
+    }
     out.record(&definitions(lang, l.level_definition));
     out.finish()
 }

@@ -400,11 +400,7 @@ pub trait Store: Send + Sync + 'static {
     /// The signed bodies of the windows that count (no flag; not reported for a card another
     /// host holds) starting in `[from, until)`, as (agent, host, seq, body), in (agent, seq)
     /// order: what `verify` proves, for readers that need fields no derived row keeps.
-    fn window_bodies(
-        &self,
-        from_ms: i64,
-        until_ms: i64,
-    ) -> Result<Vec<WindowBody>, StoreError>;
+    fn window_bodies(&self, from_ms: i64, until_ms: i64) -> Result<Vec<WindowBody>, StoreError>;
 
     fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
 
@@ -567,6 +563,34 @@ pub trait Store: Send + Sync + 'static {
         let _ = (level, from_ms, until_ms, visit);
         Ok(false)
     }
+
+    /// Stores providers (already validated, ids normalised) in one transaction: a CSP held
+    /// before has its names and commitments replaced. Each provider added or changed gets a
+    /// `registry_history` row (`actor`, `at_ms`); an unchanged one none.
+    fn import_providers(
+        &self,
+        providers: &[crate::registry::Provider],
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Every provider held, by CSP id.
+    fn providers(&self) -> Result<Vec<crate::registry::Provider>, StoreError>;
+
+    /// Registers hosts (already validated against the providers) in one transaction: a host
+    /// held before under another CSP moves to the new one. History as for providers.
+    fn register_hosts(
+        &self,
+        hosts: &[crate::registry::RegisteredHost],
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Every registered host, by host id.
+    fn registered_hosts(&self) -> Result<Vec<crate::registry::RegisteredHost>, StoreError>;
+
+    /// Every change to the registry, oldest first.
+    fn registry_history(&self) -> Result<Vec<crate::registry::RegistryChange>, StoreError>;
 
     /// Claims the one live session an agent may have across every collector sharing this
     /// store; `Ok(None)` while another collector holds it. The claim lasts until the returned

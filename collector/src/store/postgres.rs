@@ -74,6 +74,8 @@ pub fn redact(url: &str) -> String {
 pub(crate) const LOCK_GRANTS: i64 = 0x6770_6d01;
 pub(crate) const LOCK_HEADS: i64 = 0x6770_6d02;
 pub(crate) const LOCK_CARDS: i64 = 0x6770_6d03;
+/// Registry changes (providers, hosts): read, decide, write under it.
+const LOCK_REGISTRY: i64 = 0x6770_6d04;
 /// Session-scoped: one collector at a time migrates.
 const LOCK_MIGRATE: i64 = 0x6770_6d00;
 
@@ -413,6 +415,66 @@ pub(crate) fn insert_alarm(c: &mut impl GenericClient, a: &Alarm) -> Result<(), 
             &a.seq.map(|s| s as i64),
             &a.detail,
         ],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+/// The providers held, by CSP id.
+fn pg_providers(c: &mut impl GenericClient) -> Result<Vec<crate::registry::Provider>, StoreError> {
+    Ok(c.query(
+        "SELECT csp, name_ko, name_en, committed_hpc, committed_research, committed_advanced,
+                updated_ms, updated_by FROM providers ORDER BY csp",
+        &[],
+    )
+    .map_err(db)?
+    .iter()
+    .map(|r| crate::registry::Provider {
+        csp: r.get(0),
+        name_ko: r.get(1),
+        name_en: r.get(2),
+        committed_hpc: small(r.get(3)),
+        committed_research: small(r.get(4)),
+        committed_advanced: small(r.get(5)),
+        updated_ms: r.get(6),
+        updated_by: r.get(7),
+    })
+    .collect())
+}
+
+/// The registered hosts, by host id.
+fn pg_registered_hosts(
+    c: &mut impl GenericClient,
+) -> Result<Vec<crate::registry::RegisteredHost>, StoreError> {
+    Ok(c.query(
+        "SELECT host_id, csp, updated_ms, updated_by FROM registered_hosts ORDER BY host_id",
+        &[],
+    )
+    .map_err(db)?
+    .iter()
+    .map(|r| crate::registry::RegisteredHost {
+        host_id: r.get(0),
+        csp: r.get(1),
+        updated_ms: r.get(2),
+        updated_by: r.get(3),
+    })
+    .collect())
+}
+
+/// Appends a registry history row.
+fn pg_registry_change(
+    c: &mut impl GenericClient,
+    at_ms: i64,
+    actor: &str,
+    kind: &str,
+    subject: &str,
+    action: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO registry_history (at_ms, actor, kind, subject, action, detail)
+         VALUES ($1,$2,$3,$4,$5,$6)",
+        &[&at_ms, &actor, &kind, &subject, &action, &detail],
     )
     .map_err(db)?;
     Ok(())
@@ -1296,6 +1358,103 @@ impl Store for PgStore {
                 },
                 actor: r.get(5),
                 imported_at_ms: r.get(6),
+            })
+            .collect())
+        })
+    }
+
+    fn import_providers(
+        &self,
+        providers: &[crate::registry::Provider],
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.writer.with(|c| {
+            let mut tx = c.transaction().map_err(db)?;
+            // Read, decide, write: one registry change at a time across collectors.
+            lock(&mut tx, LOCK_REGISTRY)?;
+            let held = pg_providers(&mut tx)?;
+            for (csp, action, detail) in crate::registry::provider_changes(&held, providers) {
+                let Some(p) = providers.iter().find(|p| p.csp == csp) else {
+                    continue;
+                };
+                tx.execute(
+                    "INSERT INTO providers (csp, name_ko, name_en, committed_hpc, committed_research,
+                         committed_advanced, updated_ms, updated_by)
+                     VALUES ($1,$2,$3,$4,$5,$6,$7,$8)
+                     ON CONFLICT (csp) DO UPDATE SET name_ko = excluded.name_ko,
+                         name_en = excluded.name_en, committed_hpc = excluded.committed_hpc,
+                         committed_research = excluded.committed_research,
+                         committed_advanced = excluded.committed_advanced,
+                         updated_ms = excluded.updated_ms, updated_by = excluded.updated_by",
+                    &[
+                        &p.csp,
+                        &p.name_ko,
+                        &p.name_en,
+                        &i64::from(p.committed_hpc),
+                        &i64::from(p.committed_research),
+                        &i64::from(p.committed_advanced),
+                        &at_ms,
+                        &actor,
+                    ],
+                )
+                .map_err(db)?;
+                pg_registry_change(&mut tx, at_ms, actor, "provider", &csp, action, &detail)?;
+            }
+            tx.commit().map_err(db)
+        })
+    }
+
+    fn providers(&self) -> Result<Vec<crate::registry::Provider>, StoreError> {
+        self.reader.with(pg_providers)
+    }
+
+    fn register_hosts(
+        &self,
+        hosts: &[crate::registry::RegisteredHost],
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.writer.with(|c| {
+            let mut tx = c.transaction().map_err(db)?;
+            lock(&mut tx, LOCK_REGISTRY)?;
+            let held = pg_registered_hosts(&mut tx)?;
+            for (host, action, detail) in crate::registry::host_changes(&held, hosts) {
+                let Some(h) = hosts.iter().find(|h| h.host_id == host) else {
+                    continue;
+                };
+                tx.execute(
+                    "INSERT INTO registered_hosts (host_id, csp, updated_ms, updated_by) VALUES ($1,$2,$3,$4)
+                     ON CONFLICT (host_id) DO UPDATE SET csp = excluded.csp,
+                         updated_ms = excluded.updated_ms, updated_by = excluded.updated_by",
+                    &[&h.host_id, &h.csp, &at_ms, &actor],
+                )
+                .map_err(db)?;
+                pg_registry_change(&mut tx, at_ms, actor, "host", &host, action, &detail)?;
+            }
+            tx.commit().map_err(db)
+        })
+    }
+
+    fn registered_hosts(&self) -> Result<Vec<crate::registry::RegisteredHost>, StoreError> {
+        self.reader.with(pg_registered_hosts)
+    }
+
+    fn registry_history(&self) -> Result<Vec<crate::registry::RegistryChange>, StoreError> {
+        self.reader.with(|c| {
+            Ok(c.query(
+                "SELECT at_ms, actor, kind, subject, action, detail FROM registry_history ORDER BY id",
+                &[],
+            )
+            .map_err(db)?
+            .iter()
+            .map(|r| crate::registry::RegistryChange {
+                at_ms: r.get(0),
+                actor: r.get(1),
+                kind: r.get(2),
+                subject: r.get(3),
+                action: r.get(4),
+                detail: r.get(5),
             })
             .collect())
         })

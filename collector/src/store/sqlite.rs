@@ -388,6 +388,34 @@ ALTER TABLE gpus ADD COLUMN parent_slices INTEGER;
     // 9: rollups per card and hour and per card and Seoul day (crate::rollup), filled from the
     // windows already stored.
     super::sqlite_rollup::MIGRATION,
+    // 10: the providers and hosts registry (crate::registry) and its history.
+    r#"
+CREATE TABLE providers (
+    csp TEXT PRIMARY KEY,
+    name_ko TEXT NOT NULL,
+    name_en TEXT NOT NULL,
+    committed_hpc INTEGER NOT NULL,
+    committed_research INTEGER NOT NULL,
+    committed_advanced INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    updated_by TEXT NOT NULL
+);
+CREATE TABLE registered_hosts (
+    host_id TEXT PRIMARY KEY,
+    csp TEXT NOT NULL REFERENCES providers(csp),
+    updated_ms INTEGER NOT NULL,
+    updated_by TEXT NOT NULL
+);
+CREATE TABLE registry_history (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"#,
 ];
 
 /// The version whose migration is followed by the rollups' backfill.
@@ -1812,6 +1840,104 @@ impl Store for SqliteStore {
         tx.commit().map_err(db)
     }
 
+    fn import_providers(
+        &self,
+        providers: &[crate::registry::Provider],
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.w();
+        let tx = c
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let held = read_providers(&tx)?;
+        for (csp, action, detail) in crate::registry::provider_changes(&held, providers) {
+            let Some(p) = providers.iter().find(|p| p.csp == csp) else {
+                continue;
+            };
+            tx.execute(
+                "INSERT INTO providers (csp, name_ko, name_en, committed_hpc, committed_research,
+                     committed_advanced, updated_ms, updated_by)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8)
+                 ON CONFLICT (csp) DO UPDATE SET name_ko = excluded.name_ko,
+                     name_en = excluded.name_en, committed_hpc = excluded.committed_hpc,
+                     committed_research = excluded.committed_research,
+                     committed_advanced = excluded.committed_advanced,
+                     updated_ms = excluded.updated_ms, updated_by = excluded.updated_by",
+                params![
+                    p.csp,
+                    p.name_ko,
+                    p.name_en,
+                    p.committed_hpc,
+                    p.committed_research,
+                    p.committed_advanced,
+                    at_ms,
+                    actor
+                ],
+            )
+            .map_err(db)?;
+            registry_change(&tx, at_ms, actor, "provider", &csp, action, &detail)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    fn providers(&self) -> Result<Vec<crate::registry::Provider>, StoreError> {
+        read_providers(&self.r())
+    }
+
+    fn register_hosts(
+        &self,
+        hosts: &[crate::registry::RegisteredHost],
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.w();
+        let tx = c
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let held = read_registered_hosts(&tx)?;
+        for (host, action, detail) in crate::registry::host_changes(&held, hosts) {
+            let Some(h) = hosts.iter().find(|h| h.host_id == host) else {
+                continue;
+            };
+            tx.execute(
+                "INSERT INTO registered_hosts (host_id, csp, updated_ms, updated_by) VALUES (?1,?2,?3,?4)
+                 ON CONFLICT (host_id) DO UPDATE SET csp = excluded.csp,
+                     updated_ms = excluded.updated_ms, updated_by = excluded.updated_by",
+                params![h.host_id, h.csp, at_ms, actor],
+            )
+            .map_err(db)?;
+            registry_change(&tx, at_ms, actor, "host", &host, action, &detail)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    fn registered_hosts(&self) -> Result<Vec<crate::registry::RegisteredHost>, StoreError> {
+        read_registered_hosts(&self.r())
+    }
+
+    fn registry_history(&self) -> Result<Vec<crate::registry::RegistryChange>, StoreError> {
+        let c = self.r();
+        let mut st = c
+            .prepare(
+                "SELECT at_ms, actor, kind, subject, action, detail FROM registry_history ORDER BY id",
+            )
+            .map_err(db)?;
+        st.query_map([], |r| {
+            Ok(crate::registry::RegistryChange {
+                at_ms: r.get(0)?,
+                actor: r.get(1)?,
+                kind: r.get(2)?,
+                subject: r.get(3)?,
+                action: r.get(4)?,
+                detail: r.get(5)?,
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)
+    }
+
     fn size_bytes(&self) -> Option<u64> {
         // The WAL holds committed data not yet checkpointed: it is part of the size.
         let sizes = ["", "-wal"].iter().filter_map(|suffix| {
@@ -2123,6 +2249,72 @@ fn bump_assignments_version(c: &Connection) -> Result<(), StoreError> {
     c.execute(
         "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'assignments_version'",
         [],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+/// The providers held, by CSP id.
+fn read_providers(c: &Connection) -> Result<Vec<crate::registry::Provider>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT csp, name_ko, name_en, committed_hpc, committed_research, committed_advanced,
+                    updated_ms, updated_by FROM providers ORDER BY csp",
+        )
+        .map_err(db)?;
+    st.query_map([], |r| {
+        Ok(crate::registry::Provider {
+            csp: r.get(0)?,
+            name_ko: r.get(1)?,
+            name_en: r.get(2)?,
+            committed_hpc: r.get(3)?,
+            committed_research: r.get(4)?,
+            committed_advanced: r.get(5)?,
+            updated_ms: r.get(6)?,
+            updated_by: r.get(7)?,
+        })
+    })
+    .map_err(db)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(db)
+}
+
+/// The registered hosts, by host id.
+fn read_registered_hosts(
+    c: &Connection,
+) -> Result<Vec<crate::registry::RegisteredHost>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT host_id, csp, updated_ms, updated_by FROM registered_hosts ORDER BY host_id",
+        )
+        .map_err(db)?;
+    st.query_map([], |r| {
+        Ok(crate::registry::RegisteredHost {
+            host_id: r.get(0)?,
+            csp: r.get(1)?,
+            updated_ms: r.get(2)?,
+            updated_by: r.get(3)?,
+        })
+    })
+    .map_err(db)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(db)
+}
+
+/// Appends a registry history row.
+fn registry_change(
+    c: &Connection,
+    at_ms: i64,
+    actor: &str,
+    kind: &str,
+    subject: &str,
+    action: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO registry_history (at_ms, actor, kind, subject, action, detail)
+         VALUES (?1,?2,?3,?4,?5,?6)",
+        params![at_ms, actor, kind, subject, action, detail],
     )
     .map_err(db)?;
     Ok(())

@@ -56,7 +56,101 @@ both!(
     binding::a_card_granted_to_a_host_is_its_own_before_that_host_reports_it,
     binding::an_agent_id_is_bound_to_the_host_of_its_first_hello,
     dedup::a_resent_record_is_a_duplicate_or_an_equivocation,
+    registry::providers_and_hosts_are_kept_with_who_and_when,
 );
+
+mod registry {
+    use crate::registry::{Provider, RegisteredHost, parse_hosts_csv, parse_providers_csv};
+    use crate::store::*;
+
+    const HEAD: &str = "csp,name_ko,name_en,committed_hpc,committed_research,committed_advanced\n";
+
+    pub(super) fn providers_and_hosts_are_kept_with_who_and_when(store: &dyn Store) {
+        assert!(store.providers().unwrap().is_empty());
+        let first = parse_providers_csv(&format!(
+            "{HEAD}KT,케이티 클라우드,KT Cloud,1060,960,0\nnhn,엔에이치엔,NHN Cloud,0,0,8\n"
+        ))
+        .unwrap();
+        store.import_providers(&first, "ops-kim", 10).unwrap();
+        // The same file again changes nothing and adds no history; a changed commitment
+        // replaces the row and says what it was.
+        store.import_providers(&first, "ops-kim", 11).unwrap();
+        let again = parse_providers_csv(&format!("{HEAD}kt,케이티 클라우드,KT Cloud,1100,960,0\n"))
+            .unwrap();
+        store.import_providers(&again, "ops-lee", 20).unwrap();
+        let held = store.providers().unwrap();
+        assert_eq!(
+            held,
+            vec![
+                Provider {
+                    csp: "kt".into(),
+                    name_ko: "케이티 클라우드".into(),
+                    name_en: "KT Cloud".into(),
+                    committed_hpc: 1100,
+                    committed_research: 960,
+                    committed_advanced: 0,
+                    updated_ms: 20,
+                    updated_by: "ops-lee".into(),
+                },
+                Provider {
+                    csp: "nhn".into(),
+                    name_ko: "엔에이치엔".into(),
+                    name_en: "NHN Cloud".into(),
+                    committed_hpc: 0,
+                    committed_research: 0,
+                    committed_advanced: 8,
+                    updated_ms: 10,
+                    updated_by: "ops-kim".into(),
+                },
+            ]
+        );
+        let hosts = parse_hosts_csv("host_id,csp\nkt-gpu-01,KT\nkt-gpu-02,kt\n", &held).unwrap();
+        store.register_hosts(&hosts, "ops-kim", 30).unwrap();
+        let moved = parse_hosts_csv("host_id,csp\nkt-gpu-02,nhn\n", &held).unwrap();
+        store.register_hosts(&moved, "ops-lee", 40).unwrap();
+        assert_eq!(
+            store.registered_hosts().unwrap(),
+            vec![
+                RegisteredHost {
+                    host_id: "kt-gpu-01".into(),
+                    csp: "kt".into(),
+                    updated_ms: 30,
+                    updated_by: "ops-kim".into(),
+                },
+                RegisteredHost {
+                    host_id: "kt-gpu-02".into(),
+                    csp: "nhn".into(),
+                    updated_ms: 40,
+                    updated_by: "ops-lee".into(),
+                },
+            ]
+        );
+        let history: Vec<(i64, String, String, String, String)> = store
+            .registry_history()
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.at_ms, c.actor, c.kind, c.subject, c.action))
+            .collect();
+        let want: Vec<(i64, &str, &str, &str, &str)> = vec![
+            (10, "ops-kim", "provider", "kt", "add"),
+            (10, "ops-kim", "provider", "nhn", "add"),
+            (20, "ops-lee", "provider", "kt", "change"),
+            (30, "ops-kim", "host", "kt-gpu-01", "add"),
+            (30, "ops-kim", "host", "kt-gpu-02", "add"),
+            (40, "ops-lee", "host", "kt-gpu-02", "change"),
+        ];
+        let want: Vec<(i64, String, String, String, String)> = want
+            .into_iter()
+            .map(|(a, b, c, d, e)| (a, b.into(), c.into(), d.into(), e.into()))
+            .collect();
+        assert_eq!(history, want);
+        let detail = &store.registry_history().unwrap()[2].detail;
+        assert!(
+            detail.contains("hpc=1100") && detail.contains("was"),
+            "{detail}"
+        );
+    }
+}
 
 mod grants {
     use crate::grants::{AmendError, Amendment};
