@@ -17,11 +17,15 @@
 //!   start), then the batch's own, then `card_not_owned`.
 //! - With `isolate`, each batch runs under a savepoint and fails alone (a `batch_failed`
 //!   alarm), and a later batch of the same agent in the same commit fails with it.
-//! - Several collectors: a batch takes a transaction-scoped advisory lock per card it has
-//!   windows for before judging them, so concurrent commits of one card's windows are judged
-//!   one after the other, each seeing what the other committed (the one writer of SQLite).
-//!   Two group commits locking cards in opposite orders across batches are a deadlock that
-//!   PostgreSQL breaks by failing one; its sessions are answered with the error and resend.
+//! - Several collectors: a commit takes a transaction-scoped advisory lock per card its
+//!   batches have windows for before judging any, so concurrent commits of one card's windows
+//!   are judged one after the other, each seeing what the other committed (the one writer of
+//!   SQLite). It takes them all at once, first thing in the transaction and in key order:
+//!   locked batch by batch, two group commits holding the cards of their first batches would
+//!   wait on each other for those of their later ones, a deadlock PostgreSQL breaks by failing
+//!   one commit's batch (the store test `two_collectors_group_committing_…` shows it). The
+//!   locks cover the cards of every window sent, duplicates included: more than the rules
+//!   need, never fewer.
 
 use std::collections::{HashMap, HashSet};
 
@@ -122,6 +126,7 @@ pub(crate) fn commit_batches(
             return Err(StoreError::Closed);
         };
         let mut tx = c.transaction().map_err(db)?;
+        lock_cards(&mut tx, st, batches)?;
         let mut outcomes = Vec::with_capacity(batches.len());
         let mut failed: HashSet<&str> = HashSet::new();
         for b in batches {
@@ -172,6 +177,32 @@ pub(crate) fn commit_batches(
         tx.commit().map_err(db)?;
         Ok(outcomes)
     })
+}
+
+/// Locks every card the batches have windows for, in one statement and in key order (see the
+/// module doc), held until the transaction ends: a batch rolled back to its savepoint keeps
+/// them, since they were taken before it.
+fn lock_cards(
+    tx: &mut Transaction<'_>,
+    st: &Statements,
+    batches: &[IngestBatch],
+) -> Result<(), StoreError> {
+    let cards: HashSet<&str> = batches
+        .iter()
+        .flat_map(|b| &b.records)
+        .filter_map(|r| match &r.content {
+            RecordContent::Window(w) => Some(w.gpu_uuid.as_str()),
+            _ => None,
+        })
+        .collect();
+    if cards.is_empty() {
+        return Ok(());
+    }
+    let mut keys: Vec<i64> = cards.into_iter().map(card_key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    tx.execute(&st.card_locks, &[&keys]).map_err(db)?;
+    Ok(())
 }
 
 /// The advisory lock key of a card's window judging.
@@ -343,13 +374,9 @@ fn one(
             .collect();
         cards.sort_unstable();
         cards.dedup();
-        // Commits of other collectors judging windows of these cards wait for this one (and
-        // this one for theirs), so each sees the other's windows as SQLite's one writer
-        // would; keys in one order, so two commits cannot wait on each other within a batch.
-        let mut keys: Vec<i64> = cards.iter().map(|c| card_key(c)).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        tx.execute(&st.card_locks, &[&keys]).map_err(db)?;
+        // These cards are locked already (`lock_cards`): other collectors' commits of their
+        // windows wait for this one, so each sees the other's windows as SQLite's one writer
+        // would.
         for r in tx.query(&st.card_memory, &[&cards]).map_err(db)? {
             memory.insert(r.get(0), r.get(1));
         }
