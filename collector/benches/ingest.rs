@@ -1,7 +1,9 @@
 //! Ingest benchmark (DESIGN.md §8): a simulated fleet streams signed card-window records over
 //! loopback gRPC into an in-process collector, measured against bare rusqlite inserting the same
 //! rows in the same run, plus ack latency at a fixed offered load and the agent-side costs
-//! (spool appends, checkpoint signing).
+//! (spool appends, checkpoint signing). Then the same on PostgreSQL (`--pg URL`, default
+//! `GPUMETER_TEST_PG`; skipped, saying why, without one), with two collectors sharing one
+//! database: see `ingest/postgres.rs`.
 //!
 //! Run with `cargo bench -p gpumeter-collector --bench ingest [-- --quick | --agents N ...]`.
 //! Every record body, chain link and checkpoint signature is built before any clock starts, so
