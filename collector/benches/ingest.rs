@@ -1,7 +1,9 @@
 //! Ingest benchmark (DESIGN.md §8): a simulated fleet streams signed card-window records over
 //! loopback gRPC into an in-process collector, measured against bare rusqlite inserting the same
 //! rows in the same run, plus ack latency at a fixed offered load and the agent-side costs
-//! (spool appends, checkpoint signing).
+//! (spool appends, checkpoint signing). Then the same on PostgreSQL (`--pg URL`, default
+//! `GPUMETER_TEST_PG`; skipped, saying why, without one), with two collectors sharing one
+//! database: see `ingest/postgres.rs`.
 //!
 //! Run with `cargo bench -p gpumeter-collector --bench ingest [-- --quick | --agents N ...]`.
 //! Every record body, chain link and checkpoint signature is built before any clock starts, so
@@ -33,6 +35,9 @@ use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
+
+#[path = "ingest/postgres.rs"]
+mod pg;
 
 /// 2026-04-01T00:00:00+09:00, where the simulated windows start.
 const BASE_MS: i64 = 1_774_969_200_000;
@@ -85,6 +90,24 @@ struct Args {
     /// verified) to check it works.
     #[arg(long)]
     quick: bool,
+    /// PostgreSQL server for the PostgreSQL section: a libpq connection string or URL of a
+    /// role that may create databases (each run makes a scratch database there and drops it).
+    /// Default: `GPUMETER_TEST_PG` when set; without either the section is skipped.
+    #[arg(long)]
+    pg: Option<String>,
+    /// Skip the PostgreSQL section.
+    #[arg(long, conflicts_with = "pg_only")]
+    no_pg: bool,
+    /// Only the PostgreSQL section (no SQLite runs, no verify, no agent-side figures).
+    #[arg(long)]
+    pg_only: bool,
+    /// Internal: serve as one collector on this PostgreSQL database (the PostgreSQL section
+    /// starts its collectors so, as child processes).
+    #[arg(long, hide = true)]
+    child_collector: Option<String>,
+    /// Internal: the child collector's signing key file.
+    #[arg(long, hide = true)]
+    child_key: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -312,6 +335,17 @@ fn build_agent(i: usize, shape: Shape, windows: usize, batch: usize) -> SimAgent
         batches,
         hashes,
     }
+}
+
+/// What each agent of `fleet` sends, copied (each run consumes its loads).
+fn loads_of(fleet: &[SimAgent]) -> Vec<Load> {
+    fleet
+        .iter()
+        .map(|a| Load {
+            hello: a.hello.clone(),
+            batches: a.batches.clone(),
+        })
+        .collect()
 }
 
 fn build_fleet(agents: usize, shape: Shape, windows: usize, batch: usize) -> Vec<SimAgent> {
@@ -549,6 +583,7 @@ fn run_baseline(path: &Path, batches: &[BaseBatch]) -> anyhow::Result<BaselineRe
 // ---------------------------------------------------------------------------------------------
 
 /// What one simulated agent sends.
+#[derive(Clone)]
 struct Load {
     hello: v1::Hello,
     batches: Vec<v1::RecordBatch>,
@@ -739,24 +774,14 @@ struct Cpu {
 
 impl Cpu {
     fn read() -> Option<Cpu> {
-        // Clock ticks are 100 Hz on every Linux this runs on (USER_HZ).
-        const TICK: Duration = Duration::from_millis(10);
         let mut cpu = Cpu::default();
         for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
             };
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            let Some((name, t)) = stat_cpu(&stat) else {
                 continue;
             };
-            let name = &stat[open + 1..close];
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            // After the name: state is field 3, utime 14 and stime 15 (1-based, man proc).
-            let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u32>().ok());
-            let (Some(u), Some(s)) = (ticks(14), ticks(15)) else {
-                continue;
-            };
-            let t = TICK * (u + s);
             if name == "gpumeter-writer" {
                 cpu.writer += t;
                 cpu.writer_wchar += wchar(&entry.path().join("io")).unwrap_or(0);
@@ -801,6 +826,18 @@ impl Cpu {
     }
 }
 
+/// The name and user + system CPU time in a /proc `stat` file (of a process or a thread).
+fn stat_cpu(stat: &str) -> Option<(&str, Duration)> {
+    // Clock ticks are 100 Hz on every Linux this runs on (USER_HZ).
+    const TICK: Duration = Duration::from_millis(10);
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let name = &stat[open + 1..close];
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    // After the name: state is field 3, utime 14 and stime 15 (1-based, man proc).
+    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok());
+    Some((name, TICK * (ticks(14)? + ticks(15)?) as u32))
+}
+
 /// The `wchar` line of a /proc `io` file.
 fn wchar(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path)
@@ -833,50 +870,25 @@ impl RunResult {
     }
 }
 
-/// Starts a collector on its own runtime (named `collector`, so its CPU time is told apart
-/// from the clients') with a fresh database, drives it with `loads`, stops it.
-fn ingest_run(
+/// Drives `loads` against the collectors at `urls` (agent i talks to `urls[i % len]`): every
+/// agent says Hello, then all start together. `sample` is taken just before the start and
+/// just after the last ack (CPU readings of whoever does the work). The stored counts and
+/// `cpu` are left for the caller.
+fn drive_fleet<M>(
     clients: &tokio::runtime::Runtime,
-    db: &Path,
+    urls: &[String],
     loads: Vec<Load>,
     pace: Pace,
-) -> anyhow::Result<RunResult> {
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("collector")
-        .enable_all()
-        .build()?;
-    let store = Arc::new(SqliteStore::open(db)?);
-    // The collector serves without TLS here (the baseline has no TLS either), where only
-    // agents an admin registered are admitted.
-    for load in &loads {
-        let key: [u8; 32] = load.hello.public_key.as_slice().try_into()?;
-        store.register_agent(&load.hello.agent_id, &key, "bench", "benchmark agent", 0)?;
-    }
-    let (addr_tx, addr_rx) = oneshot::channel::<SocketAddr>();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = server_rt.spawn(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let _ = addr_tx.send(listener.local_addr()?);
-        // The simulated fleet replays windows from BASE_MS on, before its agents registered,
-        // which a production collector refuses (limits.max_backfill_s = 0).
-        let mut opts = ServerOptions::default();
-        opts.limits.max_backfill_ms = 400 * 86_400_000;
-        server::run(listener, store, opts, async move {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
-    let result = clients.block_on(async move {
-        let addr = addr_rx.await.context("collector did not start")?;
-        let url = format!("http://{addr}");
+    sample: impl Fn() -> M,
+) -> anyhow::Result<(RunResult, M, M)> {
+    clients.block_on(async move {
         let agents = loads.len();
         let (ready_tx, mut ready_rx) = mpsc::channel::<()>(agents);
         let (start_tx, start_rx) = watch::channel::<Option<Instant>>(None);
         let mut tasks = Vec::with_capacity(agents);
         for (i, load) in loads.into_iter().enumerate() {
             tasks.push(tokio::spawn(drive_agent(
-                url.clone(),
+                urls[i % urls.len()].clone(),
                 load,
                 pace,
                 i,
@@ -897,16 +909,13 @@ fn ingest_run(
             }
             bail!("only {ready} of {agents} agents got a Welcome");
         }
-        let cpu_before = Cpu::read();
+        let before = sample();
         let _ = start_tx.send(Some(Instant::now() + Duration::from_millis(20)));
         let mut outcomes = Vec::with_capacity(agents);
         for t in tasks {
             outcomes.push(t.await??);
         }
-        let cpu = match (Cpu::read(), cpu_before) {
-            (Some(a), Some(b)) => Some(a.since(b)),
-            _ => None,
-        };
+        let after = sample();
         let first = outcomes.iter().filter_map(|o| o.first_send).min();
         let last_send = outcomes.iter().filter_map(|o| o.last_send).max();
         let last_ack = outcomes.iter().filter_map(|o| o.last_ack).max();
@@ -918,7 +927,7 @@ fn ingest_run(
             .flat_map(|o| std::mem::take(&mut o.latencies))
             .collect();
         latencies.sort_unstable();
-        Ok(RunResult {
+        let result = RunResult {
             records: outcomes.iter().map(|o| o.records).sum(),
             acked: outcomes.iter().map(|o| o.acked_seq).sum(),
             stored: 0,
@@ -929,9 +938,67 @@ fn ingest_run(
             wall: last_ack - first,
             send_span: last_send - first,
             latencies,
-            cpu,
+            cpu: None,
+        };
+        Ok((result, before, after))
+    })
+}
+
+/// How the benchmark's collectors serve: as `serve` does, but admitting the simulated fleet's
+/// replayed windows, which start before its agents registered (a production collector
+/// refuses them: limits.max_backfill_s = 0).
+fn bench_options() -> ServerOptions {
+    let mut opts = ServerOptions::default();
+    opts.limits.max_backfill_ms = 400 * 86_400_000;
+    opts
+}
+
+/// Registers the fleet's agents (the collectors serve without TLS here, the baselines have
+/// none either, where only agents an admin registered are admitted).
+fn register(store: &dyn Store, loads: &[Load]) -> anyhow::Result<()> {
+    for load in loads {
+        let key: [u8; 32] = load.hello.public_key.as_slice().try_into()?;
+        store.register_agent(&load.hello.agent_id, &key, "bench", "benchmark agent", 0)?;
+    }
+    Ok(())
+}
+
+/// Starts a collector on its own runtime (named `collector`, so its CPU time is told apart
+/// from the clients') with a fresh database, drives it with `loads`, stops it.
+fn ingest_run(
+    clients: &tokio::runtime::Runtime,
+    db: &Path,
+    loads: Vec<Load>,
+    pace: Pace,
+) -> anyhow::Result<RunResult> {
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("collector")
+        .enable_all()
+        .build()?;
+    let store = Arc::new(SqliteStore::open(db)?);
+    register(store.as_ref(), &loads)?;
+    let (addr_tx, addr_rx) = oneshot::channel::<SocketAddr>();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = server_rt.spawn(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let _ = addr_tx.send(listener.local_addr()?);
+        server::run(listener, store, bench_options(), async move {
+            let _ = stop_rx.await;
         })
+        .await
     });
+    let result = clients
+        .block_on(addr_rx)
+        .context("collector did not start")
+        .and_then(|addr| drive_fleet(clients, &[format!("http://{addr}")], loads, pace, Cpu::read))
+        .map(|(mut r, before, after)| {
+            r.cpu = match (after, before) {
+                (Some(a), Some(b)) => Some(a.since(b)),
+                _ => None,
+            };
+            r
+        });
     let _ = stop_tx.send(());
     // A failed run may leave client streams open, which a graceful stop would wait on.
     let stopped =
@@ -1166,6 +1233,9 @@ fn row(what: &str, value: &str, target: &str, result: &str) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse().resolve()?;
+    if let Some(db) = &args.child_collector {
+        return pg::child(db, args.child_key.as_deref());
+    }
     let clients = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("agents")
@@ -1237,20 +1307,25 @@ fn main() -> anyhow::Result<()> {
     );
     println!();
 
+    if args.pg_only {
+        return pg::section(
+            &args,
+            &clients,
+            &fleet,
+            &lat_fleet,
+            period,
+            lat_batch,
+            tmp.path(),
+        );
+    }
+
     // --- Baseline, ingest, baseline again (the machine is noisy: bracket the ingest run).
     let base1 = run_baseline(&tmp.path().join("baseline-1.db"), &base)?;
     eprintln!("baseline 1: {} records/s", thousands(base1.rate()));
-    let loads: Vec<Load> = fleet
-        .into_iter()
-        .map(|a| Load {
-            hello: a.hello,
-            batches: a.batches,
-        })
-        .collect();
     let sat = ingest_run(
         &clients,
         &tmp.path().join("ingest.db"),
-        loads,
+        loads_of(&fleet),
         Pace::Saturate {
             in_flight: args.in_flight,
         },
@@ -1261,17 +1336,10 @@ fn main() -> anyhow::Result<()> {
     drop(base);
 
     // --- Fixed offered load.
-    let lat_loads: Vec<Load> = lat_fleet
-        .into_iter()
-        .map(|a| Load {
-            hello: a.hello,
-            batches: a.batches,
-        })
-        .collect();
     let lat = ingest_run(
         &clients,
         &tmp.path().join("latency.db"),
-        lat_loads,
+        loads_of(&lat_fleet),
         Pace::Fixed { period },
     )?;
     eprintln!("latency run done");
@@ -1598,5 +1666,13 @@ fn main() -> anyhow::Result<()> {
         "  ingest = Hello/Welcome, then batches over loopback gRPC, verified (chain + signature),"
     );
     println!("  group-committed by the collector's writer, acknowledged after commit.");
-    Ok(())
+    pg::section(
+        &args,
+        &clients,
+        &fleet,
+        &lat_fleet,
+        period,
+        lat_batch,
+        tmp.path(),
+    )
 }

@@ -88,8 +88,21 @@ impl TestPg {
     }
 
     fn try_create(tag: &str) -> Result<TestPg, String> {
+        Self::create_in(base_config()?, tag)
+    }
+
+    /// A fresh empty database named after `tag` on the server `server` (a libpq connection
+    /// string or URL of a role that may create databases), or why it could not be made.
+    /// For benchmarks, which take the server as an option and report a skip themselves.
+    pub fn create_on(server: &str, tag: &str) -> Result<TestPg, String> {
+        let base = server
+            .parse::<postgres::Config>()
+            .map_err(|e| format!("{server:?}: {e}"))?;
+        Self::create_in(base, tag)
+    }
+
+    fn create_in(base: postgres::Config, tag: &str) -> Result<TestPg, String> {
         static N: AtomicU64 = AtomicU64::new(0);
-        let base = base_config()?;
         let clean: String = tag
             .chars()
             .map(|c| {

@@ -2153,6 +2153,126 @@ mod tests {
         assert_eq!(kinds, ["card_time_overlap"]);
     }
 
+    /// A counted one-minute window of `card` starting at `start_ms`.
+    fn window_of(card: &str, start_ms: i64) -> WindowRow {
+        WindowRow {
+            gpu_uuid: card.into(),
+            start_ms,
+            end_ms: start_ms + 60_000,
+            interval_ms: 1_000,
+            expected_samples: 60,
+            good_samples: 60,
+            util_avg_pct: None,
+            util_max_pct: None,
+            mem_util_avg_pct: None,
+            memory_used_max_bytes: None,
+            energy_mj: None,
+            energy_estimated: false,
+            power_avg_w: None,
+            temperature_max_c: None,
+            throttle_reasons: None,
+            health: "ok",
+            unavailable_ms: 0,
+            assignment_status: "assigned",
+            grant_id: String::new(),
+            principal: String::new(),
+            active_ms: 0,
+            occupied_ms: 0,
+            foreign_ms: 0,
+            grantee_occupied_ms: None,
+            unattributed_ms: None,
+            energy_estimated_mj: None,
+            principals: vec![],
+        }
+    }
+
+    /// A batch of one window record at `seq` of `agent`.
+    fn batch_of(agent: &str, seq: u64, window: WindowRow) -> IngestBatch {
+        let hash = [seq as u8; 32];
+        IngestBatch {
+            agent_id: agent.into(),
+            records: vec![crate::store::IngestRecord {
+                seq,
+                prev_hash: [seq as u8 - 1; 32],
+                hash,
+                body: vec![1],
+                created_ms: 0,
+                content: crate::store::RecordContent::Window(window),
+            }],
+            checkpoint: crate::store::CheckpointRow {
+                epoch: 1,
+                seq,
+                chain_hash: hash,
+                signature: vec![],
+            },
+            received_ms: 0,
+            alarms: vec![],
+        }
+    }
+
+    #[test]
+    fn two_collectors_group_committing_the_same_cards_in_opposite_orders_do_not_deadlock() {
+        let Some(db) = TestPg::create("pg_card_deadlock") else {
+            return;
+        };
+        let x = PgStore::open(&db.url, None).unwrap();
+        let y = PgStore::open(&db.url, None).unwrap();
+        // a1 and a4 send windows of C1, a2 and a3 of C2 (the second of each pair's windows are
+        // disputed or overlaps: what matters here is only that every commit goes through).
+        let cards = [("a1", C1), ("a2", C2), ("a3", C2), ("a4", C1)];
+        let hello = |agent: &str, card: &str| AgentHello {
+            agent_id: agent.into(),
+            host_id: format!("host-{agent}"),
+            csp: "kt".into(),
+            hostname: agent.into(),
+            agent_version: "t".into(),
+            public_key: [1; 32],
+            driver_version: "t".into(),
+            gpus: vec![GpuRow {
+                uuid: card.into(),
+                ..Default::default()
+            }],
+            epoch: 1,
+            received_ms: 0,
+        };
+        for (agent, card) in cards {
+            x.hello(&hello(agent, card)).unwrap();
+        }
+        // Each round, collector X group-commits C1's batch then C2's while Y commits C2's then
+        // C1's, both at once: card locks taken batch by batch would cross and one commit's
+        // batch would fail with "deadlock detected".
+        const ROUNDS: u64 = 20;
+        let go = std::sync::Barrier::new(2);
+        let run = |store: &PgStore, pair: [(&str, &str); 2]| {
+            let mut failed = Vec::new();
+            for round in 0..ROUNDS {
+                let batches: Vec<IngestBatch> = pair
+                    .iter()
+                    .map(|(agent, card)| {
+                        batch_of(agent, round + 1, window_of(card, round as i64 * 60_000))
+                    })
+                    .collect();
+                go.wait();
+                for o in store.commit_each(&batches).unwrap() {
+                    if let Err(e) = o {
+                        failed.push(e.to_string());
+                    }
+                }
+            }
+            failed
+        };
+        let (fx, fy) = std::thread::scope(|s| {
+            let a = s.spawn(|| run(&x, [("a1", C1), ("a2", C2)]));
+            let b = s.spawn(|| run(&y, [("a3", C2), ("a4", C1)]));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(fx.is_empty() && fy.is_empty(), "X: {fx:?}; Y: {fy:?}");
+        for (agent, card) in cards {
+            let seq = x.hello(&hello(agent, card)).unwrap().durable_seq;
+            assert_eq!(seq, ROUNDS, "{agent}: every batch stored");
+        }
+    }
+
     #[test]
     fn the_store_answers_on_async_threads_too() {
         let Some(db) = TestPg::create("pg_async_threads") else {
