@@ -128,9 +128,10 @@ pub fn report_alarms(alarms: &[Alarm], r: &Reconciliation, up_to_ms: i64) -> Vec
         .iter()
         .filter(|a| a.at_ms <= up_to_ms)
         .filter_map(|a| {
-            let (host_id, grant_ids) = cards.get(alarm_card(a)?)?;
+            let card = alarm_card(a)?;
+            let (host_id, grant_ids) = cards.get(card)?;
             Some(CardAlarm {
-                gpu_uuid: alarm_card(a)?.to_owned(),
+                gpu_uuid: card.to_owned(),
                 host_id: host_id.clone(),
                 grant_ids: grant_ids.clone(),
                 kind: a.kind.clone(),

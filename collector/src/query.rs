@@ -715,7 +715,8 @@ pub fn compute_report(
 /// The reconciliation and per-day figures of `inputs` (whose `windows` and `events` are
 /// ignored: they are read here) as of `as_of_ms`, counting only records `in_head` accepts;
 /// `rollups` false reads every window (the baseline the rollups must equal); `with_days`
-/// false leaves the per-day figures empty. The windows are
+/// false leaves the per-day figures empty. Every card counts as one GPU here; the caller
+/// applies the inventory's GPU-equivalents. The windows are
 /// read once: the per-day figures are summed as they are read, and dropped before the reply
 /// is built.
 pub fn figures_of(
@@ -780,15 +781,6 @@ pub fn figures_of(
         as_of_ms,
     );
     drop(windows);
-    let mut report = report;
-    let mig: std::collections::HashMap<String, f64> = store
-        .hosts()?
-        .into_iter()
-        .flat_map(|h| h.gpus)
-        .filter_map(|g| Some((g.uuid, g.mig?.gpu_equivalents()?)))
-        .collect();
-    report.gpu_equivalents =
-        reconcile::equivalents(&report, &|gpu| mig.get(gpu).copied().unwrap_or(1.0));
     Ok((report, per_day.finish()))
 }
 
@@ -854,8 +846,17 @@ pub fn compute_report_with(
         !q.without_days,
     )?;
     report.card_alarms = crate::identity::report_alarms(&store.alarms(None)?, &report, head.at_ms);
+    // The card inventory, read once for the GPU-equivalents and the fleet table.
+    let hosts = store.hosts()?;
+    let mig: std::collections::HashMap<&str, f64> = hosts
+        .iter()
+        .flat_map(|h| &h.gpus)
+        .filter_map(|g| Some((g.uuid.as_str(), g.mig.as_ref()?.gpu_equivalents()?)))
+        .collect();
+    report.gpu_equivalents =
+        reconcile::equivalents(&report, &|gpu| mig.get(gpu).copied().unwrap_or(1.0));
     if grant_id.is_none() {
-        report.fleet = fleet_of(store, &report, &head, &in_head)?;
+        report.fleet = fleet_of(store, &hosts, &report, &head, &in_head)?;
     }
     Ok((report, days, head))
 }
@@ -869,6 +870,7 @@ pub const HEALTH_LOOKBACK_MS: i64 = 15 * 60_000;
 /// the last [`HEALTH_LOOKBACK_MS`] of the elapsed period, and the report's granted cards.
 fn fleet_of(
     store: &dyn Store,
+    hosts: &[crate::store::HostRow],
     report: &Reconciliation,
     head: &crate::heads::SignedHead,
     in_head: &dyn Fn(&str, u64) -> bool,
@@ -881,15 +883,14 @@ fn fleet_of(
     let registered = store.registered_hosts()?;
     let covered: std::collections::HashSet<&str> =
         head.leaves.iter().map(|l| l.agent_id.as_str()).collect();
-    let known: Vec<KnownCard> = store
-        .hosts()?
-        .into_iter()
+    let known: Vec<KnownCard> = hosts
+        .iter()
         .filter(|h| covered.contains(h.agent_id.as_str()))
         .flat_map(|h| {
-            h.gpus.into_iter().map(move |g| KnownCard {
+            h.gpus.iter().map(move |g| KnownCard {
                 host_id: h.host_id.clone(),
                 csp: h.csp.clone(),
-                gpu_uuid: g.uuid,
+                gpu_uuid: g.uuid.clone(),
             })
         })
         .collect();

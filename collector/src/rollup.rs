@@ -180,15 +180,19 @@ impl RollupSums {
             energy_mj: w.energy_mj.unwrap_or(0),
             occupied_ms: w.occupied_ms,
             grantee_occupied_ms: crate::reconcile::grantee_occupied(w),
-            active_ms: w
-                .principals
-                .iter()
-                .filter(|p| p.matches_grant)
-                .map(|p| p.active_ms)
-                .sum(),
+            active_ms: grantee_active(w),
             foreign_ms: w.foreign_ms,
         }
     }
+}
+
+/// Active time of a window's principals that matched its grant.
+fn grantee_active(w: &WindowRow) -> u64 {
+    w.principals
+        .iter()
+        .filter(|p| p.matches_grant)
+        .map(|p| p.active_ms)
+        .sum()
 }
 
 /// A stored rollup row that differs from the one the windows give (found by `verify`).
@@ -385,12 +389,7 @@ impl<'a> Counted<'a> {
             end_ms: w.end_ms,
             delivered_ms: u64::from(w.good_samples).saturating_mul(w.interval_ms),
             assigned_to: (w.assignment_status == "assigned").then_some(w.grant_id.as_str()),
-            grantee_active_ms: w
-                .principals
-                .iter()
-                .filter(|p| p.matches_grant)
-                .map(|p| p.active_ms)
-                .sum(),
+            grantee_active_ms: grantee_active(w),
         }
     }
 

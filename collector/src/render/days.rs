@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::reconcile::{Interval, Reconciliation, share, window_len};
+use crate::reconcile::{Interval, Reconciliation, share};
 use crate::rollup::Counted;
 use crate::store::{MeteredWindow, WindowRow};
 
@@ -168,9 +168,7 @@ impl DayFigures {
 
     /// Counts one metered window.
     pub fn add(&mut self, w: &WindowRow) {
-        if window_len(w) > 0 {
-            self.add_counted(Counted::of(w));
-        }
+        self.add_counted(Counted::of(w));
     }
 
     /// Counts one window, hour or day as the report's planner read it.
