@@ -398,26 +398,45 @@ struct StoredRecord {
     received_ms: i64,
 }
 
+/// An agent's records as the ledger holds them: links and bodies read back through the
+/// ledger's own reader (bodies lie in compressed blocks), times from the rows.
 fn stored_records(db: &Path, agent: &str) -> Vec<StoredRecord> {
+    use gpumeter_collector::verify::ChainSource;
+    let mut chain = Vec::new();
+    gpumeter_collector::store::sqlite_ledger::SqliteLedger::open_read_only(db)
+        .unwrap()
+        .scan_records(agent, &mut |r| chain.push(r))
+        .unwrap();
     let c = db_conn(db);
     let mut st = c
         .prepare(
-            "SELECT seq, prev_hash, hash, body, created_ms, received_ms FROM records WHERE agent_id = ?1 ORDER BY seq",
+            "SELECT seq, created_ms, received_ms FROM records WHERE agent_id = ?1 ORDER BY seq",
         )
         .unwrap();
-    st.query_map([agent], |r| {
-        Ok(StoredRecord {
-            seq: r.get::<_, i64>(0)? as u64,
-            prev_hash: r.get(1)?,
-            hash: r.get(2)?,
-            body: r.get(3)?,
-            created_ms: r.get(4)?,
-            received_ms: r.get(5)?,
+    let times: Vec<(u64, i64, i64)> = st
+        .query_map([agent], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
         })
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(chain.len(), times.len());
+    chain
+        .into_iter()
+        .zip(times)
+        .map(|(r, (seq, created_ms, received_ms))| {
+            assert_eq!(r.seq, seq);
+            assert_eq!(r.unreadable, None, "{agent} seq {seq}");
+            StoredRecord {
+                seq,
+                prev_hash: r.prev_hash,
+                hash: r.hash,
+                body: r.body,
+                created_ms,
+                received_ms,
+            }
+        })
+        .collect()
 }
 
 /// (kind, seq, detail) of an agent's alarms, oldest first.

@@ -262,13 +262,17 @@ async fn verify_re_derives_every_derived_row_and_names_each_tampering() {
 /// checkpoint with `key` and pinning it in place of the agent's own (an operator with the
 /// database and a key of their own rewriting history).
 fn rewrite_under_new_key(c: &rusqlite::Connection, agent: &str, key: &SigningKey) {
-    let rows: Vec<(i64, Vec<u8>)> = c
-        .prepare("SELECT seq, body FROM records WHERE agent_id = ?1 ORDER BY seq")
+    let seqs: Vec<i64> = c
+        .prepare("SELECT seq FROM records WHERE agent_id = ?1 ORDER BY seq")
         .unwrap()
-        .query_map([agent], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_map([agent], |r| r.get(0))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
+    let rows: Vec<(i64, Vec<u8>)> = seqs
+        .into_iter()
+        .map(|seq| (seq, gpumeter_e2e::record_body(c, agent, seq as u64)))
+        .collect();
     let mut head: Hash = GENESIS;
     for (seq, body) in rows {
         let h = chain::record_hash(&head, seq as u64, &body);
@@ -405,14 +409,15 @@ async fn signed_heads_catch_a_deleted_agent_a_cut_chain_and_a_rewrite_under_a_ne
             Box::new(|c| {
                 // One window's energy rewritten, derived row included, then everything
                 // re-hashed and re-signed under a key the operator holds.
-                let (seq, body): (i64, Vec<u8>) = c
+                let seq: i64 = c
                     .query_row(
-                        "SELECT r.seq, r.body FROM records r JOIN windows w ON w.agent_id = r.agent_id AND w.seq = r.seq
+                        "SELECT r.seq FROM records r JOIN windows w ON w.agent_id = r.agent_id AND w.seq = r.seq
                          WHERE r.agent_id = 'int-a' AND w.energy_mj > 1000 ORDER BY r.seq LIMIT 1",
                         [],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
+                        |r| r.get(0),
                     )
                     .unwrap();
+                let body = gpumeter_e2e::record_body(c, "int-a", seq as u64);
                 let mut b = v1::RecordBody::decode(body.as_slice()).unwrap();
                 let Some(v1::record_body::Kind::CardWindow(w)) = b.kind.as_mut() else {
                     panic!("not a window")
@@ -1229,6 +1234,8 @@ async fn a_collector_behind_an_agent_and_a_changed_card_raise_alarms() {
 enum Edit {
     /// Flip one bit of one record body.
     BodyBit { pick: usize, byte: usize, bit: u8 },
+    /// Flip one bit of one compressed body block, as it lies on disk.
+    BlockBit { pick: usize, byte: usize, bit: u8 },
     /// Add to one column of one derived row.
     Column {
         table: &'static str,
@@ -1265,6 +1272,11 @@ fn edits() -> impl proptest::strategy::Strategy<Value = Edit> {
         "process_count",
     ]);
     prop_oneof![
+        (any::<usize>(), any::<usize>(), 0u8..8).prop_map(|(pick, byte, bit)| Edit::BlockBit {
+            pick,
+            byte,
+            bit
+        }),
         (any::<usize>(), any::<usize>(), 0u8..8).prop_map(|(pick, byte, bit)| Edit::BodyBit {
             pick,
             byte,
@@ -1322,15 +1334,27 @@ const WINDOW_COLUMNS: &str = "gpu_uuid, start_ms, end_ms, interval_ms, expected_
 /// Applies an edit; returns the agent whose rows it touched.
 fn apply(c: &rusqlite::Connection, e: &Edit) -> String {
     match e {
-        Edit::BodyBit { pick, byte, bit } => {
-            let (agent, seq) = row_of(c, "records", *pick);
-            let mut body: Vec<u8> = c
+        Edit::BlockBit { pick, byte, bit } => {
+            let n = one(c, "SELECT COUNT(*) FROM record_blocks") as usize;
+            let (id, agent, mut data): (i64, String, Vec<u8>) = c
                 .query_row(
-                    "SELECT body FROM records WHERE agent_id = ?1 AND seq = ?2",
-                    rusqlite::params![agent, seq],
-                    |r| r.get(0),
+                    "SELECT id, agent_id, data FROM record_blocks ORDER BY id LIMIT 1 OFFSET ?1",
+                    [(pick % n) as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .unwrap();
+            let i = byte % data.len();
+            data[i] ^= 1 << bit;
+            c.execute(
+                "UPDATE record_blocks SET data = ?1 WHERE id = ?2",
+                rusqlite::params![data, id],
+            )
+            .unwrap();
+            agent
+        }
+        Edit::BodyBit { pick, byte, bit } => {
+            let (agent, seq) = row_of(c, "records", *pick);
+            let mut body = gpumeter_e2e::record_body(c, &agent, seq as u64);
             let i = byte % body.len();
             body[i] ^= 1 << bit;
             c.execute(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use gpumeter_agent::clock::align_down;
 use gpumeter_agent::gpu::sim::Scenario;
-use gpumeter_e2e::{TestCollector, TestDb, agent_config, now_ms, spawn_sim_agent};
+use gpumeter_e2e::{TestCollector, TestDb, agent_config, now_ms, record_body, spawn_sim_agent};
 
 fn scenario() -> Scenario {
     toml::from_str(
@@ -123,14 +123,7 @@ async fn verify_passes_an_intact_ledger_and_catches_every_tampering() {
 
     // One byte of one body.
     let edited = tampered(&db, dir.path(), "edited", |c| {
-        let body: Vec<u8> = c
-            .query_row(
-                "SELECT body FROM records WHERE agent_id='verify-a' AND seq=20",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        let mut b = body.clone();
+        let mut b = record_body(c, "verify-a", 20);
         let last = b.len() - 1;
         b[last] ^= 0x01;
         c.execute(
@@ -192,14 +185,15 @@ async fn verify_passes_an_intact_ledger_and_catches_every_tampering() {
 
     // A forged body with its hash recomputed: the link and the signature give it away.
     let forged = tampered(&db, dir.path(), "forged", |c| {
-        let (prev, body): (Vec<u8>, Vec<u8>) = c
+        // Its prev_hash is the hash of the record before it (the row keeps no copy of it).
+        let prev: Vec<u8> = c
             .query_row(
-                "SELECT prev_hash, body FROM records WHERE agent_id='verify-a' AND seq=30",
+                "SELECT hash FROM records WHERE agent_id='verify-a' AND seq=29",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| r.get(0),
             )
             .unwrap();
-        let mut b = body;
+        let mut b = record_body(c, "verify-a", 30);
         b[3] ^= 0x10;
         let h = gpumeter_proto::chain::record_hash(&prev.try_into().unwrap(), 30, &b);
         c.execute(
@@ -210,7 +204,62 @@ async fn verify_passes_an_intact_ledger_and_catches_every_tampering() {
     });
     let (code, out) = verify_db(&forged);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("record 31: does not link"), "{out}");
+    // Record 31's row keeps no prev_hash (it is record 30's hash), so the break shows there.
+    assert!(
+        out.contains("record 31: stored hash does not match its body and the record before it"),
+        "{out}"
+    );
+
+    // Bodies lie in compressed blocks, one per batch. A damaged block: every record in it is
+    // named as unreadable (zstd's checksum catches it), and the chain around it still checks.
+    let block_of = |c: &rusqlite::Connection, seq: i64| -> (i64, i64, Vec<u8>) {
+        c.query_row(
+            "SELECT b.id, b.raw_len, b.data FROM record_blocks b JOIN records r ON r.block = b.id
+             WHERE r.agent_id = 'verify-a' AND r.seq = ?1",
+            [seq],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    };
+    let damaged = tampered(&db, dir.path(), "damaged-block", |c| {
+        let (id, _, mut data) = block_of(c, 25);
+        let mid = data.len() / 2;
+        data[mid] ^= 0x40;
+        c.execute(
+            "UPDATE record_blocks SET data = ?1 WHERE id = ?2",
+            rusqlite::params![data, id],
+        )
+        .unwrap();
+    });
+    let (code, out) = verify_db(&damaged);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("record 25: its body cannot be read back: body block"),
+        "{out}"
+    );
+    assert!(!out.contains("verify-b: 1"), "only verify-a's block: {out}");
+
+    // A block re-compressed around a forged body: the body's hash gives it away.
+    let recompressed = tampered(&db, dir.path(), "recompressed-block", |c| {
+        let (id, raw_len, data) = block_of(c, 25);
+        let mut bodies = gpumeter_collector::store::body_block::decode(id, raw_len, &data).unwrap();
+        let body = &mut bodies.iter_mut().find(|(s, _)| *s == 25).unwrap().1;
+        body[3] ^= 0x10;
+        let z = gpumeter_collector::store::body_block::encode(
+            bodies.iter().map(|(s, b)| (*s, b.as_slice())),
+        );
+        c.execute(
+            "UPDATE record_blocks SET raw_len = ?1, data = ?2 WHERE id = ?3",
+            rusqlite::params![z.raw_len as i64, z.data, id],
+        )
+        .unwrap();
+    });
+    let (code, out) = verify_db(&recompressed);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("record 25: stored hash does not match its body"),
+        "{out}"
+    );
 
     // A missing file or another database is named.
     let (code, out) = verify_db(&dir.path().join("nope.db"));

@@ -229,14 +229,45 @@ async fn the_collector_binary_serves_a_postgres_ledger_that_the_cli_verifies() {
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("matches the ledger as of head"), "{out}");
 
-    // A body rewritten in the database is caught.
+    // Bodies lie in compressed blocks (none kept in the row), and every one reads back.
+    let kept = pg_rows(
+        &url,
+        "SELECT COUNT(*) FILTER (WHERE body IS NOT NULL), COUNT(*) FILTER (WHERE block IS NULL),
+                (SELECT COUNT(*) FROM record_blocks) FROM records",
+    );
+    assert_eq!(
+        (kept[0].get::<_, i64>(0), kept[0].get::<_, i64>(1)),
+        (0, 0),
+        "every body in a block"
+    );
+    assert!(kept[0].get::<_, i64>(2) > 0);
+    // A body put back into its row with other bytes is caught.
     pg_rows(
         &url,
-        "UPDATE records SET body = body || '\\x00'::bytea WHERE agent_id = 'pg-b' AND seq = 5",
+        "UPDATE records SET body = '\\x0a00'::bytea WHERE agent_id = 'pg-b' AND seq = 5",
     );
     let (code, out, err) = run(&["verify", "--db", &url]);
     assert_eq!(code, Some(1), "{out}{err}");
-    assert!(out.contains("pg-b"), "{out}");
+    assert!(
+        out.contains("pg-b") && out.contains("record 5: stored hash does not match its body"),
+        "{out}"
+    );
+    // So is a damaged block.
+    pg_rows(
+        &url,
+        "UPDATE records SET body = NULL WHERE agent_id = 'pg-b' AND seq = 5",
+    );
+    pg_rows(
+        &url,
+        "UPDATE record_blocks SET data = substring(data from 1 for length(data) - 4)
+         WHERE id = (SELECT block FROM records WHERE agent_id = 'pg-b' AND seq = 5)",
+    );
+    let (code, out, err) = run(&["verify", "--db", &url]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains("record 5: its body cannot be read back: body block"),
+        "{out}"
+    );
 }
 
 /// A loopback TCP proxy whose upstream can be switched: the open connections are cut and

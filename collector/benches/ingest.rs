@@ -856,6 +856,8 @@ struct RunResult {
     stored_checkpoints: u64,
     /// Ledger size once the collector closed it.
     bytes: u64,
+    /// Pages per table and index (SQLite's `dbstat`), largest first.
+    tables: Vec<(String, u64)>,
     /// First send to last ack, over the whole fleet.
     wall: Duration,
     /// First send to last send.
@@ -935,6 +937,7 @@ fn drive_fleet<M>(
             stored_principals: 0,
             stored_checkpoints: 0,
             bytes: 0,
+            tables: Vec::new(),
             wall: last_ack - first,
             send_span: last_send - first,
             latencies,
@@ -1019,6 +1022,13 @@ fn ingest_run(
     result.stored_windows = count("windows")?;
     result.stored_principals = count("window_principals")?;
     result.stored_checkpoints = count("checkpoints")?;
+    let mut st = c.prepare(
+        "SELECT name, SUM(pgsize) FROM dbstat GROUP BY name HAVING SUM(pgsize) > 0 ORDER BY 2 DESC",
+    )?;
+    result.tables = st
+        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+        .collect::<Result<_, _>>()?;
+    drop(st);
     drop(c);
     result.bytes = db_bytes(db);
     Ok(result)
@@ -1484,6 +1494,15 @@ fn main() -> anyhow::Result<()> {
         "",
         "",
     );
+    let per_record = |b: u64| b as f64 / sat.stored.max(1) as f64;
+    for (table, b) in sat.tables.iter().filter(|(_, b)| per_record(*b) >= 1.0) {
+        row(
+            &format!("  of which {table}"),
+            &format!("{:.0}", per_record(*b)),
+            "",
+            "",
+        );
+    }
     row(
         "baseline: bytes written per record",
         &format!(

@@ -665,6 +665,8 @@ fn finding_to_wire(f: &Finding) -> v1::VerifyFinding {
     let (kind, seq, from_seq, to_seq) = match f {
         Finding::Gap { from, to } => ("gap", 0, *from, *to),
         Finding::Rewritten { seq } => ("rewritten", *seq, 0, 0),
+        Finding::Unreadable { seq, .. } => ("unreadable", *seq, 0, 0),
+        Finding::RewrittenOrReplaced { seq } => ("rewritten_or_replaced", *seq, 0, 0),
         Finding::BrokenLink { seq } => ("broken_link", *seq, 0, 0),
         Finding::CheckpointMismatch { seq } => ("checkpoint_mismatch", *seq, 0, 0),
         Finding::BadSignature { seq } => ("bad_signature", *seq, 0, 0),

@@ -33,6 +33,13 @@ pub struct ChainRow {
     pub prev_hash: Vec<u8>,
     pub hash: Vec<u8>,
     pub body: Vec<u8>,
+    /// Why the body could not be read back from where it is stored (a compressed body block
+    /// that is missing or damaged); `body` is then empty.
+    pub unreadable: Option<String>,
+    /// The ledger keeps no copy of this record's prev_hash: it is the hash of the record
+    /// stored before it, so a mismatch cannot tell this record's edit from that one's
+    /// replacement.
+    pub prev_derived: bool,
 }
 
 /// One stored checkpoint.
@@ -163,6 +170,11 @@ pub enum Finding {
     Gap { from: u64, to: u64 },
     /// The stored hash does not match the stored body: the body or hash was edited.
     Rewritten { seq: u64 },
+    /// The record's body cannot be read back (its compressed block is missing or damaged).
+    Unreadable { seq: u64, why: String },
+    /// A record whose row keeps no prev_hash does not hash to its stored value from the
+    /// record stored before it: it was edited, or the one before it was replaced.
+    RewrittenOrReplaced { seq: u64 },
     /// The record does not link to the one stored before it: reordered, or an earlier record
     /// was replaced.
     BrokenLink { seq: u64 },
@@ -212,6 +224,8 @@ impl Finding {
             Finding::Truncated { checkpoint_seq, .. } => *checkpoint_seq,
             Finding::BadKey | Finding::RollupMismatch { .. } => 0,
             Finding::Rewritten { seq }
+            | Finding::Unreadable { seq, .. }
+            | Finding::RewrittenOrReplaced { seq }
             | Finding::BrokenLink { seq }
             | Finding::CheckpointMismatch { seq }
             | Finding::BadSignature { seq }
@@ -242,6 +256,13 @@ impl std::fmt::Display for Finding {
                     f,
                     "record {seq}: stored hash does not match its body (rewritten)"
                 )
+            }
+            Finding::RewrittenOrReplaced { seq } => write!(
+                f,
+                "record {seq}: stored hash does not match its body and the record before it (rewritten, or the record before it replaced)"
+            ),
+            Finding::Unreadable { seq, why } => {
+                write!(f, "record {seq}: its body cannot be read back: {why}")
             }
             Finding::BrokenLink { seq } => write!(
                 f,
@@ -459,9 +480,12 @@ fn verify_agent_with(
     let mut records = 0u64;
     let mut last_signed = 0u64;
     let mut pending: Option<Pending> = None;
+    // A record whose body cannot be read: its derived rows cannot be checked either.
+    let mut unreadable_seq = None;
     src.scan(agent_id, &mut |item| {
         let row = match item {
             ScanItem::Record(row) => row,
+            ScanItem::Derived { seq, .. } if unreadable_seq == Some(seq) => return,
             ScanItem::Derived { seq, row } => {
                 let table = row.table();
                 let Some(p) = pending.as_mut().filter(|p| p.seq == seq) else {
@@ -486,19 +510,35 @@ fn verify_agent_with(
         if let Some(p) = pending.take() {
             p.finish(&mut findings);
         }
-        pending = Some(Pending {
-            seq: row.seq,
-            expected: expected_derived(&row.body, card_memory)
-                .into_iter()
-                .map(Some)
-                .collect(),
-        });
         records += 1;
         let prev_hash = chain::to_hash(&row.prev_hash).unwrap_or([0xff; 32]);
-        let computed = chain::record_hash(&prev_hash, row.seq, &row.body);
-        if row.hash.as_slice() != computed.as_slice() {
-            findings.push(Finding::Rewritten { seq: row.seq });
-        }
+        let computed = if let Some(why) = &row.unreadable {
+            // Nothing to hash: the stored hash stands in, so that the links and checkpoints
+            // around it are still checked.
+            findings.push(Finding::Unreadable {
+                seq: row.seq,
+                why: why.clone(),
+            });
+            unreadable_seq = Some(row.seq);
+            chain::to_hash(&row.hash).unwrap_or([0xff; 32])
+        } else {
+            pending = Some(Pending {
+                seq: row.seq,
+                expected: expected_derived(&row.body, card_memory)
+                    .into_iter()
+                    .map(Some)
+                    .collect(),
+            });
+            let computed = chain::record_hash(&prev_hash, row.seq, &row.body);
+            if row.hash.as_slice() != computed.as_slice() {
+                findings.push(if row.prev_derived {
+                    Finding::RewrittenOrReplaced { seq: row.seq }
+                } else {
+                    Finding::Rewritten { seq: row.seq }
+                });
+            }
+            computed
+        };
         match prev {
             None => {
                 first_seq = row.seq;
@@ -738,6 +778,8 @@ mod tests {
                 prev_hash: head.to_vec(),
                 hash: hash.to_vec(),
                 body,
+                unreadable: None,
+                prev_derived: false,
             });
             head = hash;
             if seq % 5 == 0 {
@@ -765,6 +807,50 @@ mod tests {
         let r = verify(&ledger()).unwrap();
         assert!(r.ok);
         assert_eq!((r.records, r.agents[0].checkpoints), (20, 4));
+    }
+
+    #[test]
+    fn an_unreadable_body_is_named_and_the_chain_around_it_still_checked() {
+        let mut m = ledger();
+        m.rows[6].body.clear();
+        m.rows[6].unreadable = Some("body block 3: does not decompress".into());
+        assert_eq!(
+            findings(&m),
+            vec![Finding::Unreadable {
+                seq: 7,
+                why: "body block 3: does not decompress".into()
+            }]
+        );
+        assert!(
+            Finding::Unreadable {
+                seq: 7,
+                why: "body block 3: does not decompress".into()
+            }
+            .to_string()
+            .contains("record 7: its body cannot be read back: body block 3")
+        );
+        // Its stored hash still has to link on: an edited one breaks the next record.
+        m.rows[6].hash[0] ^= 1;
+        assert!(findings(&m).contains(&Finding::BrokenLink { seq: 8 }));
+    }
+
+    #[test]
+    fn a_mismatch_behind_a_derived_link_names_both_possibilities() {
+        // Record 8 keeps no prev_hash: it reads as record 7's stored hash.
+        let mut m = ledger();
+        m.rows[7].prev_derived = true;
+        assert!(findings(&m).is_empty());
+        // Record 7 replaced, its hash recomputed: record 8 no longer hashes from it.
+        let prev = chain::to_hash(&m.rows[5].hash).unwrap();
+        m.rows[6].body[0] ^= 1;
+        m.rows[6].hash = chain::record_hash(&prev, 7, &m.rows[6].body).to_vec();
+        m.rows[7].prev_hash = m.rows[6].hash.clone();
+        assert_eq!(findings(&m), vec![Finding::RewrittenOrReplaced { seq: 8 }]);
+        assert!(
+            Finding::RewrittenOrReplaced { seq: 8 }
+                .to_string()
+                .starts_with("record 8: stored hash does not match its body")
+        );
     }
 
     #[test]

@@ -85,6 +85,14 @@ impl TestDb {
     }
 }
 
+/// The body of one record as its agent signed it, read from a SQLite ledger wherever the
+/// ledger keeps it (the row, or the batch's compressed block), for tests that tamper with it.
+pub fn record_body(c: &rusqlite::Connection, agent: &str, seq: u64) -> Vec<u8> {
+    gpumeter_collector::store::sqlite_ledger::record_body(c, agent, seq)
+        .expect("reading a body")
+        .unwrap_or_else(|| panic!("no record {agent} seq {seq}"))
+}
+
 /// Rows of `sql` run on the PostgreSQL database `url`, for tests that read its tables
 /// straight (the client runs on a thread of its own: it must not block an async test).
 pub fn pg_rows(url: &str, sql: &str) -> Vec<postgres::Row> {

@@ -1,6 +1,7 @@
 //! Storage: the one `Store` trait every backend implements, and the plain rows it takes and
 //! gives. Nothing generated from the proto files crosses this boundary.
 
+pub mod body_block;
 pub mod open;
 #[doc(hidden)]
 pub mod pg_testdb;

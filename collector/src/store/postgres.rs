@@ -836,20 +836,33 @@ impl Store for PgStore {
         until_ms: i64,
     ) -> Result<Vec<super::WindowBody>, StoreError> {
         self.reader.with(|c| {
-            Ok(c.query(
-                &format!(
-                    "SELECT w.agent_id, a.host_id, w.seq, r.body
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT w.agent_id, a.host_id, w.seq, r.body, r.block
                      FROM windows w JOIN records r ON r.agent_id = w.agent_id AND r.seq = w.seq
                      JOIN agents a ON a.agent_id = w.agent_id
                      WHERE w.start_ms >= $1 AND w.start_ms < $2 AND {COUNTED} AND {UNFLAGGED}
                      ORDER BY w.agent_id, w.seq"
-                ),
-                &[&from_ms, &until_ms],
-            )
-            .map_err(db)?
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64, r.get(3)))
-            .collect())
+                    ),
+                    &[&from_ms, &until_ms],
+                )
+                .map_err(db)?;
+            let mut blocks = super::body_block::BlockCache::default();
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let (agent_id, seq): (String, u64) = (r.get(0), r.get::<_, i64>(2) as u64);
+                let body = blocks.body_of(&agent_id, seq, r.get(3), r.get(4), |id| {
+                    Ok(c.query_opt(
+                        "SELECT raw_len, data FROM record_blocks WHERE id = $1 AND agent_id = $2",
+                        &[&id, &agent_id],
+                    )
+                    .map_err(db)?
+                    .map(|b| (b.get(0), b.get(1))))
+                })?;
+                out.push((agent_id, r.get(1), seq, body));
+            }
+            Ok(out)
         })
     }
 

@@ -41,6 +41,9 @@ use crate::sanity::{self, DAY_MS, FLAG_IMPOSSIBLE, FLAG_OVERLAP};
 pub(crate) struct Statements {
     rec_insert: Statement,
     rec_held: Statement,
+    block_insert: Statement,
+    block_delete: Statement,
+    prev_restore: Statement,
     card_memory: Statement,
     card_holders: Statement,
     agent_host: Statement,
@@ -60,12 +63,19 @@ pub(crate) struct Statements {
 impl Statements {
     pub(crate) fn prepare(c: &mut postgres::Client) -> Result<Self, StoreError> {
         Ok(Self {
-            rec_insert: c.prepare("INSERT INTO records (agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms)
-                 SELECT $1::text, u.seq, u.prev, u.hash, u.body, u.kind, u.created, $2::bigint
-                 FROM UNNEST($3::bigint[], $4::bytea[], $5::bytea[], $6::bytea[], $7::text[], $8::bigint[])
-                      AS u(seq, prev, hash, body, kind, created)
+            // Bodies lie in the batch's block (`body_block`); a prev_hash is NULL where it
+            // is the hash of the record before it in the batch (restored below where that
+            // record turned out to be held with other bytes).
+            rec_insert: c.prepare("INSERT INTO records (agent_id, seq, prev_hash, hash, body, block, kind, created_ms, received_ms)
+                 SELECT $1::text, u.seq, u.prev, u.hash, NULL, $3::bigint, u.kind, u.created, $2::bigint
+                 FROM UNNEST($4::bigint[], $5::bytea[], $6::bytea[], $7::text[], $8::bigint[])
+                      AS u(seq, prev, hash, kind, created)
                  ON CONFLICT (agent_id, seq) DO NOTHING
                  RETURNING seq").map_err(db)?,
+            block_insert: c.prepare("INSERT INTO record_blocks (agent_id, first_seq, last_seq, raw_len, data)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id").map_err(db)?,
+            block_delete: c.prepare("DELETE FROM record_blocks WHERE id = $1").map_err(db)?,
+            prev_restore: c.prepare("UPDATE records SET prev_hash = $3 WHERE agent_id = $1 AND seq = $2").map_err(db)?,
             rec_held: c.prepare("SELECT seq, hash FROM records WHERE agent_id = $1 AND seq = ANY($2)").map_err(db)?,
             card_memory: c.prepare("SELECT gpu_uuid, memory_total_bytes FROM card_identity WHERE gpu_uuid = ANY($1)").map_err(db)?,
             card_holders: c.prepare("SELECT gpu_uuid, host_id FROM gpus WHERE gpu_uuid = ANY($1)").map_err(db)?,
@@ -321,31 +331,67 @@ fn one(
 
     // Records, verbatim; what was held already is not inserted again.
     let seqs: Vec<i64> = b.records.iter().map(|r| r.seq as i64).collect();
+    // Whether each record links to the one before it in the batch (its prev_hash not kept).
+    let links: Vec<bool> = b
+        .records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            i > 0 && {
+                let before = &b.records[i - 1];
+                before.seq + 1 == r.seq && before.hash == r.prev_hash
+            }
+        })
+        .collect();
     let inserted: HashSet<i64> = if b.records.is_empty() {
         HashSet::new()
     } else {
-        let prev: Vec<&[u8]> = b.records.iter().map(|r| &r.prev_hash[..]).collect();
+        let z = super::body_block::encode(b.records.iter().map(|r| (r.seq, r.body.as_slice())));
+        let block: i64 = tx
+            .query_one(
+                &st.block_insert,
+                &[
+                    &agent,
+                    &(z.first_seq as i64),
+                    &(z.last_seq as i64),
+                    &(z.raw_len as i64),
+                    &z.data,
+                ],
+            )
+            .map_err(db)?
+            .get(0);
+        let prev: Vec<Option<&[u8]>> = b
+            .records
+            .iter()
+            .zip(&links)
+            .map(|(r, linked)| (!linked).then_some(&r.prev_hash[..]))
+            .collect();
         let hash: Vec<&[u8]> = b.records.iter().map(|r| &r.hash[..]).collect();
-        let body: Vec<&[u8]> = b.records.iter().map(|r| r.body.as_slice()).collect();
         let kind: Vec<&str> = b.records.iter().map(|r| r.content.kind()).collect();
         let created: Vec<i64> = b.records.iter().map(|r| r.created_ms).collect();
-        tx.query(
-            &st.rec_insert,
-            &[
-                &agent,
-                &b.received_ms,
-                &seqs,
-                &prev,
-                &hash,
-                &body,
-                &kind,
-                &created,
-            ],
-        )
-        .map_err(db)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+        let inserted: HashSet<i64> = tx
+            .query(
+                &st.rec_insert,
+                &[
+                    &agent,
+                    &b.received_ms,
+                    &block,
+                    &seqs,
+                    &prev,
+                    &hash,
+                    &kind,
+                    &created,
+                ],
+            )
+            .map_err(db)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if inserted.is_empty() {
+            // Every record was held already: the block holds nothing the ledger needs.
+            tx.execute(&st.block_delete, &[&block]).map_err(db)?;
+        }
+        inserted
     };
     let held: HashMap<i64, Vec<u8>> = if inserted.len() == seqs.len() {
         HashMap::new()
@@ -361,6 +407,24 @@ fn one(
             .map(|r| (r.get(0), r.get(1)))
             .collect()
     };
+    // A record stored without its prev_hash whose predecessor in the batch was held with other
+    // bytes does not link to what the ledger holds before it: it keeps its own prev_hash.
+    for (i, r) in b.records.iter().enumerate() {
+        let before = i.checked_sub(1).map(|j| &b.records[j]);
+        let restore = links[i]
+            && inserted.contains(&(r.seq as i64))
+            && before.is_some_and(|p| {
+                held.get(&(p.seq as i64))
+                    .is_some_and(|h| h.as_slice() != p.hash.as_slice())
+            });
+        if restore {
+            tx.execute(
+                &st.prev_restore,
+                &[&agent, &(r.seq as i64), &&r.prev_hash[..]],
+            )
+            .map_err(db)?;
+        }
+    }
 
     // What the window rules need, read once for the batch.
     let new_windows: Vec<(i64, &WindowRow)> = b

@@ -6,6 +6,7 @@
 //! while ingest goes on. Records and derived rows are streamed through server-side cursors a
 //! thousand rows at a time, never loaded whole. It never migrates or writes.
 
+use crate::store::body_block::{RecordReader, StoredRecord};
 use std::collections::{HashMap, VecDeque};
 
 use ed25519_dalek::{Signer, SigningKey};
@@ -87,6 +88,17 @@ impl PgLedger {
         })
     }
 
+    /// Body block `id` of `agent_id`: its uncompressed length and data.
+    fn block(&self, agent_id: &str, id: i64) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .rows(
+                "SELECT raw_len, data FROM record_blocks WHERE id = $1 AND agent_id = $2",
+                &[&id, &agent_id],
+            )?
+            .first()
+            .map(|r| (r.get(0), r.get(1))))
+    }
+
     /// Signed heads held, oldest first, from `since_ms` on.
     pub fn heads(&self, since_ms: i64) -> Result<Vec<SignedHead>, StoreError> {
         self.conn.with(|c| load_heads(c, since_ms))
@@ -129,14 +141,20 @@ fn u(v: i64) -> u64 {
     v.max(0) as u64
 }
 
-fn chain_row(r: &Row) -> ChainRow {
-    ChainRow {
+/// A row of [`RECORDS_SQL`] as the ledger keeps it.
+fn stored_record(r: &Row) -> StoredRecord {
+    StoredRecord {
         seq: u(r.get(0)),
         prev_hash: r.get(1),
         hash: r.get(2),
         body: r.get(3),
+        block: r.get(4),
     }
 }
+
+/// An agent's records in seq order, read back as signed by `body_block::RecordReader`.
+const RECORDS_SQL: &str =
+    "SELECT seq, prev_hash, hash, body, block FROM records WHERE agent_id = $1 ORDER BY seq";
 
 fn key_entry(r: &Row, at: usize) -> KeyEntry {
     KeyEntry {
@@ -165,13 +183,10 @@ impl ChainSource for PgLedger {
         agent_id: &str,
         visit: &mut dyn FnMut(ChainRow),
     ) -> Result<(), StoreError> {
-        let mut cur = self.cursor(
-            "gpumeter_records",
-            "SELECT seq, prev_hash, hash, body FROM records WHERE agent_id = $1 ORDER BY seq",
-            &[&agent_id],
-        )?;
+        let mut cur = self.cursor("gpumeter_records", RECORDS_SQL, &[&agent_id])?;
+        let mut read = RecordReader::default();
         while let Some(r) = cur.next()? {
-            visit(chain_row(&r));
+            visit(read.row(stored_record(&r), |id| self.block(agent_id, id))?);
         }
         Ok(())
     }
@@ -193,11 +208,8 @@ impl ChainSource for PgLedger {
     }
 
     fn scan(&self, agent_id: &str, visit: &mut dyn FnMut(ScanItem)) -> Result<(), StoreError> {
-        let mut rec = self.cursor(
-            "gpumeter_scan_records",
-            "SELECT seq, prev_hash, hash, body FROM records WHERE agent_id = $1 ORDER BY seq",
-            &[&agent_id],
-        )?;
+        let mut rec = self.cursor("gpumeter_scan_records", RECORDS_SQL, &[&agent_id])?;
+        let mut read = RecordReader::default();
         let mut win = self.cursor(
             "gpumeter_scan_windows",
             &format!(
@@ -240,7 +252,8 @@ impl ChainSource for PgLedger {
             };
             if r_next.as_ref().is_some_and(|r| seq_of(r) == seq) {
                 if let Some(r) = r_next.take() {
-                    visit(ScanItem::Record(chain_row(&r)));
+                    let row = read.row(stored_record(&r), |id| self.block(agent_id, id))?;
+                    visit(ScanItem::Record(row));
                 }
                 r_next = rec.next()?;
             }

@@ -416,6 +416,37 @@ CREATE TABLE registry_history (
     detail TEXT NOT NULL
 );
 "#,
+    // 11: a compact ledger (crate::store::body_block). Bodies committed from now on lie in one
+    // zstd block per batch (`records.block`, body NULL), and a record whose prev_hash is the
+    // hash of the record before it in its batch keeps no copy of it (prev_hash NULL). Records
+    // already stored keep their bodies and links as they are.
+    r#"
+CREATE TABLE record_blocks (
+    id INTEGER PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    raw_len INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE records_v11 (
+    agent_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    prev_hash BLOB,
+    hash BLOB NOT NULL,
+    body BLOB,
+    block INTEGER,
+    kind TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+INSERT INTO records_v11 (agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms)
+    SELECT agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms FROM records
+    ORDER BY rowid;
+DROP TABLE records;
+ALTER TABLE records_v11 RENAME TO records;
+CREATE UNIQUE INDEX records_key ON records(agent_id, seq);
+"#,
 ];
 
 /// The version whose migration is followed by the rollups' backfill.
@@ -594,10 +625,25 @@ impl SqliteStore {
         let tx = c.transaction().map_err(db)?;
         let mut outcomes = Vec::with_capacity(batches.len());
         {
+            // Bodies go into one block per batch (`body_block`), written after its records;
+            // ids are handed out here, by the only writer, so records can name theirs.
             let mut ins_rec = tx
                 .prepare_cached(
-                    "INSERT INTO records (agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms)
-                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8) ON CONFLICT(agent_id, seq) DO NOTHING",
+                    "INSERT INTO records (agent_id, seq, prev_hash, hash, body, block, kind, created_ms, received_ms)
+                     VALUES (?1,?2,?3,?4,NULL,?5,?6,?7,?8) ON CONFLICT(agent_id, seq) DO NOTHING",
+                )
+                .map_err(db)?;
+            let mut ins_block = tx
+                .prepare_cached(
+                    "INSERT INTO record_blocks (id, agent_id, first_seq, last_seq, raw_len, data)
+                     VALUES (?1,?2,?3,?4,?5,?6)",
+                )
+                .map_err(db)?;
+            let mut next_block: i64 = tx
+                .query_row(
+                    "SELECT COALESCE(MAX(id), 0) + 1 FROM record_blocks",
+                    [],
+                    |r| r.get(0),
                 )
                 .map_err(db)?;
             let mut get_hash = tx
@@ -643,20 +689,31 @@ impl SqliteStore {
                 let mut disputed: Vec<(u64, String)> = Vec::new();
                 // Counted windows, added to the rollups once per batch.
                 let mut rolled: Vec<(i64, &WindowRow, bool)> = Vec::new();
+                let block = next_block;
+                let mut bodies: Vec<(u64, &[u8])> = Vec::new();
+                // The seq and hash now held just before the record at hand: a record that
+                // links to it keeps no copy of its prev_hash.
+                let mut held_prev: Option<(u64, &[u8])> = None;
                 for r in &b.records {
                     let seq = r.seq as i64;
+                    let links = held_prev
+                        .is_some_and(|(s, h)| s + 1 == r.seq && h == r.prev_hash.as_slice());
                     let n = ins_rec
                         .execute(params![
                             b.agent_id,
                             seq,
-                            &r.prev_hash[..],
+                            (!links).then_some(&r.prev_hash[..]),
                             &r.hash[..],
-                            r.body,
+                            block,
                             r.content.kind(),
                             r.created_ms,
                             b.received_ms
                         ])
                         .map_err(db)?;
+                    held_prev = Some((r.seq, r.hash.as_slice()));
+                    if n == 1 {
+                        bodies.push((r.seq, r.body.as_slice()));
+                    }
                     if n == 0 {
                         let held: Vec<u8> = get_hash
                             .query_row(params![b.agent_id, seq], |row| row.get(0))
@@ -664,6 +721,7 @@ impl SqliteStore {
                         if held.as_slice() == r.hash.as_slice() {
                             out.duplicates += 1;
                         } else {
+                            held_prev = None;
                             out.equivocations.push(r.seq);
                             insert_alarm(
                                 &tx,
@@ -811,6 +869,20 @@ impl SqliteStore {
                         )?,
                         RecordContent::Unknown => {}
                     }
+                }
+                if !bodies.is_empty() {
+                    let z = super::body_block::encode(bodies);
+                    ins_block
+                        .execute(params![
+                            block,
+                            b.agent_id,
+                            z.first_seq as i64,
+                            z.last_seq as i64,
+                            z.raw_len as i64,
+                            z.data
+                        ])
+                        .map_err(db)?;
+                    next_block += 1;
                 }
                 super::sqlite_rollup::add_windows(&tx, &b.agent_id, &rolled)?;
                 // A batch that re-sent a record with other bytes comes with a checkpoint
@@ -1271,7 +1343,7 @@ impl Store for SqliteStore {
         let c = self.r();
         let mut st = c
             .prepare(&format!(
-                "SELECT w.agent_id, a.host_id, w.seq, r.body
+                "SELECT w.agent_id, a.host_id, w.seq, r.body, r.block
                  FROM windows w JOIN records r ON r.agent_id = w.agent_id AND r.seq = w.seq
                  JOIN agents a ON a.agent_id = w.agent_id
                  WHERE w.start_ms >= ?1 AND w.start_ms < ?2 AND {COUNTED}
@@ -1279,12 +1351,27 @@ impl Store for SqliteStore {
                  ORDER BY w.agent_id, w.seq"
             ))
             .map_err(db)?;
-        st.query_map(params![from_ms, until_ms], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get(3)?))
-        })
-        .map_err(db)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(db)
+        let rows = st
+            .query_map(params![from_ms, until_ms], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                ))
+            })
+            .map_err(db)?;
+        let mut blocks = super::body_block::BlockCache::default();
+        let mut out = Vec::new();
+        for row in rows {
+            let (agent_id, host_id, seq, body, block) = row.map_err(db)?;
+            let body = blocks.body_of(&agent_id, seq, body, block, |id| {
+                super::sqlite_ledger::load_block(&c, &agent_id, id)
+            })?;
+            out.push((agent_id, host_id, seq, body));
+        }
+        Ok(out)
     }
 
     fn usage(&self, from_ms: i64, until_ms: i64) -> Result<Usage, StoreError> {

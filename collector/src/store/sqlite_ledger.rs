@@ -5,6 +5,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, params};
 
+use super::body_block::{RecordReader, StoredRecord};
 use super::sqlite::{EVENT_KINDS, HEALTHS, STATUSES, known};
 use super::{EventRow, PrincipalRow, StoreError, WindowRow};
 use crate::verify::{
@@ -67,18 +68,12 @@ impl ChainSource for SqliteLedger {
     ) -> Result<(), StoreError> {
         let mut st = self
             .conn
-            .prepare(
-                "SELECT seq, prev_hash, hash, body FROM records WHERE agent_id = ?1 ORDER BY seq",
-            )
+            .prepare(records_sql(self.has_blocks()?))
             .map_err(db)?;
         let mut rows = st.query(params![agent_id]).map_err(db)?;
+        let mut read = RecordReader::default();
         while let Some(r) = rows.next().map_err(db)? {
-            visit(ChainRow {
-                seq: r.get::<_, i64>(0).map_err(db)? as u64,
-                prev_hash: r.get(1).map_err(db)?,
-                hash: r.get(2).map_err(db)?,
-                body: r.get(3).map_err(db)?,
-            });
+            visit(record_row(&mut read, &self.conn, agent_id, r)?);
         }
         Ok(())
     }
@@ -225,13 +220,95 @@ impl ChainSource for SqliteLedger {
 /// The schema version that added key history, flags and card identity.
 const INTEGRITY_SCHEMA: i64 = 5;
 
+/// The schema version from which records may keep their bodies in blocks (migration 11).
+const BLOCKS_SCHEMA: i64 = 11;
+
+/// An agent's records in seq order, as [`RecordReader::row`] reads them.
+fn records_sql(blocks: bool) -> &'static str {
+    if blocks {
+        "SELECT seq, prev_hash, hash, body, block FROM records WHERE agent_id = ?1 ORDER BY seq"
+    } else {
+        "SELECT seq, prev_hash, hash, body, NULL FROM records WHERE agent_id = ?1 ORDER BY seq"
+    }
+}
+
+/// One row of [`records_sql`], read back as signed (`body_block::RecordReader`).
+fn record_row(
+    read: &mut RecordReader,
+    conn: &Connection,
+    agent_id: &str,
+    r: &rusqlite::Row<'_>,
+) -> Result<ChainRow, StoreError> {
+    let row = StoredRecord {
+        seq: r.get::<_, i64>(0).map_err(db)? as u64,
+        prev_hash: r.get(1).map_err(db)?,
+        hash: r.get(2).map_err(db)?,
+        body: r.get(3).map_err(db)?,
+        block: r.get(4).map_err(db)?,
+    };
+    read.row(row, |id| load_block(conn, agent_id, id))
+}
+
+/// The body of one record as signed, wherever the ledger keeps it (its row, or its block);
+/// `None` when there is no such record. For tools and tests that hold a connection.
+pub fn record_body(
+    conn: &Connection,
+    agent_id: &str,
+    seq: u64,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    use rusqlite::OptionalExtension;
+    let blocks = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(db)?
+        >= BLOCKS_SCHEMA;
+    let sql = if blocks {
+        "SELECT body, block FROM records WHERE agent_id = ?1 AND seq = ?2"
+    } else {
+        "SELECT body, NULL FROM records WHERE agent_id = ?1 AND seq = ?2"
+    };
+    let Some((body, block)) = conn
+        .query_row(sql, params![agent_id, seq as i64], |r| {
+            Ok((r.get::<_, Option<Vec<u8>>>(0)?, r.get::<_, Option<i64>>(1)?))
+        })
+        .optional()
+        .map_err(db)?
+    else {
+        return Ok(None);
+    };
+    super::body_block::BlockCache::default()
+        .body_of(agent_id, seq, body, block, |id| {
+            load_block(conn, agent_id, id)
+        })
+        .map(Some)
+}
+
+/// Block `id` of `agent_id`: its uncompressed length and data.
+pub(crate) fn load_block(
+    conn: &Connection,
+    agent_id: &str,
+    id: i64,
+) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+    use rusqlite::OptionalExtension;
+    conn.prepare_cached("SELECT raw_len, data FROM record_blocks WHERE id = ?1 AND agent_id = ?2")
+        .map_err(db)?
+        .query_row(params![id, agent_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(db)
+}
+
 impl SqliteLedger {
-    fn has_integrity_tables(&self) -> Result<bool, StoreError> {
-        let v: i64 = self
-            .conn
+    fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(db)?;
-        Ok(v >= INTEGRITY_SCHEMA)
+            .map_err(db)
+    }
+
+    fn has_integrity_tables(&self) -> Result<bool, StoreError> {
+        Ok(self.schema_version()? >= INTEGRITY_SCHEMA)
+    }
+
+    fn has_blocks(&self) -> Result<bool, StoreError> {
+        Ok(self.schema_version()? >= BLOCKS_SCHEMA)
     }
 
     /// Runs `visit` over an agent's records and derived rows, merged by seq.
@@ -242,9 +319,7 @@ impl SqliteLedger {
     ) -> Result<(), StoreError> {
         let integrity = self.has_integrity_tables()?;
         let prep = |sql: &str| self.conn.prepare(sql).map_err(db);
-        let mut rec_st = prep(
-            "SELECT seq, prev_hash, hash, body FROM records WHERE agent_id = ?1 ORDER BY seq",
-        )?;
+        let mut rec_st = prep(records_sql(self.has_blocks()?))?;
         let mut win_st = prep(
             "SELECT seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
                     util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj,
@@ -276,16 +351,13 @@ impl SqliteLedger {
         let mut fl = fl_st.query(params![agent_id]).map_err(db)?;
 
         let u = |v: i64| v as u64;
-        let next_rec = |rows: &mut rusqlite::Rows<'_>| -> Result<Option<ChainRow>, StoreError> {
+        let mut read = RecordReader::default();
+        let conn = &self.conn;
+        let mut next_rec = |rows: &mut rusqlite::Rows<'_>| -> Result<Option<ChainRow>, StoreError> {
             let Some(r) = rows.next().map_err(db)? else {
                 return Ok(None);
             };
-            Ok(Some(ChainRow {
-                seq: u(r.get(0).map_err(db)?),
-                prev_hash: r.get(1).map_err(db)?,
-                hash: r.get(2).map_err(db)?,
-                body: r.get(3).map_err(db)?,
-            }))
+            record_row(&mut read, conn, agent_id, r).map(Some)
         };
         let next_win =
             |rows: &mut rusqlite::Rows<'_>| -> Result<Option<(u64, WindowRow)>, StoreError> {

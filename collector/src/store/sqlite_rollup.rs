@@ -656,7 +656,8 @@ mod tests {
             // versions' tables).
             c.execute_batch(
                 "DROP TABLE card_hours; DROP TABLE card_days; DROP TABLE registry_history;
-                 DROP TABLE registered_hosts; DROP TABLE providers; PRAGMA user_version = 8;",
+                 DROP TABLE registered_hosts; DROP TABLE providers; DROP TABLE record_blocks;
+                 PRAGMA user_version = 8;",
             )
             .unwrap();
         }
