@@ -1380,10 +1380,17 @@ fn apply(c: &rusqlite::Connection, e: &Edit) -> String {
                     rusqlite::params![delta, agent, seq],
                 )
                 .or_else(|_| {
-                    // events has no rowid: it is keyed by (agent_id, seq).
+                    // events and window_principals have no rowid: they are keyed by (agent_id,
+                    // seq), and principals by their name within it too.
+                    let one_principal = if *table == "window_principals" {
+                        " AND principal = (SELECT MIN(principal) FROM window_principals
+                                           WHERE agent_id = ?2 AND seq = ?3)"
+                    } else {
+                        ""
+                    };
                     c.execute(
                         &format!(
-                            "UPDATE {table} SET {column} = COALESCE({column}, 0) + ?1 WHERE agent_id = ?2 AND seq = ?3"
+                            "UPDATE {table} SET {column} = COALESCE({column}, 0) + ?1 WHERE agent_id = ?2 AND seq = ?3{one_principal}"
                         ),
                         rusqlite::params![delta, agent, seq],
                     )

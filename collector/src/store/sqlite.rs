@@ -419,7 +419,9 @@ CREATE TABLE registry_history (
     // 11: a compact ledger (crate::store::body_block). Bodies committed from now on lie in one
     // zstd block per batch (`records.block`, body NULL), and a record whose prev_hash is the
     // hash of the record before it in its batch keeps no copy of it (prev_hash NULL). Records
-    // already stored keep their bodies and links as they are.
+    // already stored keep their bodies and links as they are. With bodies out of their rows,
+    // records and window principals are small rows keyed by (agent, seq[, principal]): as
+    // WITHOUT ROWID tables their key is the table, not a second b-tree beside it.
     r#"
 CREATE TABLE record_blocks (
     id INTEGER PRIMARY KEY,
@@ -438,14 +440,29 @@ CREATE TABLE records_v11 (
     block INTEGER,
     kind TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
-    received_ms INTEGER NOT NULL
-);
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
 INSERT INTO records_v11 (agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms)
-    SELECT agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms FROM records
-    ORDER BY rowid;
+    SELECT agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms FROM records;
 DROP TABLE records;
 ALTER TABLE records_v11 RENAME TO records;
-CREATE UNIQUE INDEX records_key ON records(agent_id, seq);
+CREATE TABLE window_principals_v11 (
+    agent_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    principal TEXT NOT NULL,
+    uid INTEGER,
+    occupied_ms INTEGER NOT NULL,
+    active_ms INTEGER NOT NULL,
+    memory_max_bytes INTEGER NOT NULL,
+    process_count INTEGER NOT NULL,
+    matches_grant INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, seq, principal)
+) WITHOUT ROWID;
+INSERT INTO window_principals_v11 SELECT agent_id, seq, principal, uid, occupied_ms, active_ms,
+    memory_max_bytes, process_count, matches_grant FROM window_principals;
+DROP TABLE window_principals;
+ALTER TABLE window_principals_v11 RENAME TO window_principals;
 "#,
 ];
 
@@ -505,7 +522,9 @@ impl Checkpointer {
                         stopped.recv_timeout(CHECKPOINT_EVERY),
                         Err(RecvTimeoutError::Timeout)
                     );
-                    let big = std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_TRUNCATE_BYTES);
+                    // The last one, as the store closes, leaves no log behind.
+                    let big =
+                        last || std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_TRUNCATE_BYTES);
                     let mode = if big { "TRUNCATE" } else { "PASSIVE" };
                     if let Err(e) =
                         c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()))
