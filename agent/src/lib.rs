@@ -21,3 +21,5 @@ pub mod sampler;
 pub mod spool;
 pub mod uplink;
 pub mod window;
+pub mod kubelet;
+pub mod pods;

@@ -470,7 +470,10 @@ fn fold_processes(acc: &mut Acc, util: Option<f64>, procs: &[AttributedProcess],
         if first_time {
             entry.matches = true;
         }
-        if entry.identity.is_none() {
+        // The first identity seen, or a later one that names the kubelet's pod when the first
+        // did not (a pod's UID is bound to its name a slot after its first process was seen).
+        let named = |i: &Option<Identity>| i.as_ref().is_some_and(|i| i.k8s_pod_name.is_some());
+        if entry.identity.is_none() || (!named(&entry.identity) && named(&p.identity)) {
             entry.identity = p.identity.clone();
         }
         let h = here.entry(label).or_insert(Here {
