@@ -88,18 +88,21 @@ impl PodResourcesClient {
     async fn connect(&self) -> Result<PodResourcesListerClient<Channel>, KubeletError> {
         let path = self.socket.clone();
         // The URI is not used: the connector always opens the socket.
-        let channel = Endpoint::from_static("http://kubelet.invalid")
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .map_err(|e| KubeletError::Connect {
-                socket: self.socket.display().to_string(),
-                reason: with_causes(&e),
-            })?;
+        let channel =
+            Endpoint::from_static("http://kubelet.invalid")
+                .connect_timeout(CALL_TIMEOUT)
+                .timeout(CALL_TIMEOUT)
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }))
+                .await
+                .map_err(|e| KubeletError::Connect {
+                    socket: self.socket.display().to_string(),
+                    reason: with_causes(&e),
+                })?;
         Ok(PodResourcesListerClient::new(channel).max_decoding_message_size(MAX_ANSWER))
     }
 

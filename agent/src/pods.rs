@@ -209,7 +209,10 @@ pub enum Mismatch {
 }
 
 fn holders_text(h: &[Holder]) -> String {
-    h.iter().map(Holder::to_string).collect::<Vec<_>>().join(", ")
+    h.iter()
+        .map(Holder::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn pod_text(uid: &str, pod: &Option<PodRef>) -> String {
@@ -504,8 +507,16 @@ mod tests {
         let mut l = list(&[
             ("train", "nvidia.com/gpu", &[A, "1"]),
             ("infer", "nvidia.com/mig-1g.10gb", &[MIG]),
-            ("shared-a", "nvidia.com/gpu.shared", &["GPU-cccccccc-0000-4000-8000-00000000000c::0"]),
-            ("shared-b", "nvidia.com/gpu.shared", &["GPU-cccccccc-0000-4000-8000-00000000000c::1"]),
+            (
+                "shared-a",
+                "nvidia.com/gpu.shared",
+                &["GPU-cccccccc-0000-4000-8000-00000000000c::0"],
+            ),
+            (
+                "shared-b",
+                "nvidia.com/gpu.shared",
+                &["GPU-cccccccc-0000-4000-8000-00000000000c::1"],
+            ),
             ("nic", "example.com/nic", &["0"]),
             ("idle", "", &[]),
         ]);
@@ -577,10 +588,10 @@ mod tests {
         );
         let mut bd = Binder::default();
         let v = bd.judge(&a, &[seen(A, 10, Some(U1)), seen(B, 11, Some(U1))]);
-        assert!(v.iter().all(|v| matches!(
-            v,
-            Verdict::Mismatch(Mismatch::OtherPods { pod: None, .. })
-        )));
+        assert!(
+            v.iter()
+                .all(|v| matches!(v, Verdict::Mismatch(Mismatch::OtherPods { pod: None, .. })))
+        );
         assert_eq!(bd.pod_of(U1), None);
         // Two pods' processes on one exclusive card: neither is bound; both are reported.
         let v = bd.judge(&a, &[seen(A, 10, Some(U1)), seen(A, 12, Some(U2))]);
@@ -597,7 +608,10 @@ mod tests {
         let mut bd = Binder::default();
         bd.judge(&a, &[seen(A, 10, Some(U1))]);
         let v = bd.judge(&a, &[seen(B, 11, Some(U1)), seen(B, 20, Some(U2))]);
-        assert!(matches!(v[0], Verdict::Mismatch(Mismatch::OtherPods { .. })));
+        assert!(matches!(
+            v[0],
+            Verdict::Mismatch(Mismatch::OtherPods { .. })
+        ));
         assert_eq!(v[1], Verdict::Holder(holder("b")));
     }
 
@@ -605,7 +619,14 @@ mod tests {
     fn unallocated_cards_and_processes_outside_pods_are_mismatches() {
         let a = Allocations::map(&list(&[("a", "nvidia.com/gpu", &[A])]), &cards());
         let mut bd = Binder::default();
-        let v = bd.judge(&a, &[seen(A, 10, Some(U1)), seen(C, 11, Some(U2)), seen(A, 12, None)]);
+        let v = bd.judge(
+            &a,
+            &[
+                seen(A, 10, Some(U1)),
+                seen(C, 11, Some(U2)),
+                seen(A, 12, None),
+            ],
+        );
         assert_eq!(v[0], Verdict::Holder(holder("a")));
         assert_eq!(
             v[1],
@@ -633,7 +654,11 @@ mod tests {
         let mut bd = Binder::default();
         let v = bd.judge(
             &a,
-            &[seen(C, 10, Some(U1)), seen(C, 20, Some(U2)), seen(A, 11, Some(U1))],
+            &[
+                seen(C, 10, Some(U1)),
+                seen(C, 20, Some(U2)),
+                seen(A, 11, Some(U1)),
+            ],
         );
         // s1 is bound through its own card A; s2's UID cannot be told from s1's on C.
         assert_eq!(v[0], Verdict::Holder(holder("s1")));
@@ -677,7 +702,10 @@ mod tests {
         assert_eq!(e.update(4, &read, vec![f.clone()]), (vec![], true));
         assert_eq!(e.update(4, &read, vec![f.clone()]), (vec![], true));
         // Answer 5 still shows it: recorded, once.
-        assert_eq!(e.update(5, &read, vec![f.clone()]), (vec![f.clone()], false));
+        assert_eq!(
+            e.update(5, &read, vec![f.clone()]),
+            (vec![f.clone()], false)
+        );
         assert_eq!(e.update(6, &read, vec![f.clone()]), (vec![], false));
         // A slot that did not read the card changes nothing.
         assert_eq!(e.update(6, &BTreeSet::new(), vec![]), (vec![], false));
