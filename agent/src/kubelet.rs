@@ -440,3 +440,237 @@ pub async fn probe_report(socket: &Path, cards: &[CardInfo]) -> serde_json::Valu
     };
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attribution::ProcessIdentity;
+    use crate::gpu::{CardSample, GpuProcess, ProcessSources};
+    use pr::pod_resources_lister_server::{PodResourcesLister, PodResourcesListerServer};
+
+    const A: &str = "GPU-aaaaaaaa-0000-4000-8000-00000000000a";
+    const B: &str = "GPU-bbbbbbbb-0000-4000-8000-00000000000b";
+    const U1: &str = "11111111-1111-4111-8111-111111111111";
+
+    /// A kubelet older than GetAllocatableResources: List only.
+    struct OldKubelet;
+
+    #[tonic::async_trait]
+    impl PodResourcesLister for OldKubelet {
+        async fn list(
+            &self,
+            _: tonic::Request<pr::ListPodResourcesRequest>,
+        ) -> Result<tonic::Response<pr::ListPodResourcesResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pr::ListPodResourcesResponse {
+                pod_resources: vec![pr::PodResources {
+                    name: "train".into(),
+                    namespace: "ml".into(),
+                    containers: vec![pr::ContainerResources {
+                        name: "trainer".into(),
+                        devices: vec![pr::ContainerDevices {
+                            resource_name: "nvidia.com/gpu".into(),
+                            device_ids: vec![A.into()],
+                            topology: None,
+                        }],
+                        cpu_ids: vec![3],
+                    }],
+                }],
+            }))
+        }
+
+        async fn get_allocatable_resources(
+            &self,
+            _: tonic::Request<pr::AllocatableResourcesRequest>,
+        ) -> Result<tonic::Response<pr::AllocatableResourcesResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not served"))
+        }
+
+        async fn get(
+            &self,
+            _: tonic::Request<pr::GetPodResourcesRequest>,
+        ) -> Result<tonic::Response<pr::GetPodResourcesResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not served"))
+        }
+    }
+
+    fn card(uuid: &str, index: u32) -> CardInfo {
+        CardInfo {
+            uuid: uuid.into(),
+            index,
+            name: "NVIDIA L4".into(),
+            serial: None,
+            pci_bus_id: None,
+            memory_total_bytes: None,
+            mig_enabled: None,
+            mig: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_lists_over_a_unix_socket_and_knows_what_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kubelet.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PodResourcesListerServer::new(OldKubelet))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        let client = PodResourcesClient::new(&socket);
+        let list = client.list().await.unwrap();
+        let train = PodRef {
+            namespace: "ml".into(),
+            name: "train".into(),
+        };
+        assert_eq!(list.pods, [train.clone()].into());
+        assert_eq!(
+            list.devices,
+            vec![ContainerDevices {
+                pod: train,
+                container: "trainer".into(),
+                resource: "nvidia.com/gpu".into(),
+                device_ids: vec![A.into()],
+            }]
+        );
+        assert_eq!(client.allocatable().await.unwrap(), None);
+        let report = probe_report(&socket, &[card(A, 0)]).await;
+        assert_eq!(report["up"], serde_json::json!(true));
+        assert_eq!(
+            report["allocatable"],
+            serde_json::json!("not served by this kubelet")
+        );
+
+        // No socket: the error names it and says why underneath "transport error".
+        let gone = dir.path().join("gone.sock");
+        let e = PodResourcesClient::new(&gone).list().await.unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("gone.sock"), "{text}");
+        assert!(text.contains("No such file or directory"), "{text}");
+    }
+
+    fn reading(uuid: &str, pids: &[u32]) -> CardReading {
+        CardReading::Ok(CardSample {
+            uuid: uuid.into(),
+            processes: pids
+                .iter()
+                .map(|&pid| GpuProcess {
+                    pid,
+                    used_memory_bytes: None,
+                    sm_util_pct: None,
+                    graphics: false,
+                    accounting: None,
+                    seen_in: ProcessSources {
+                        list: true,
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn in_pod(uid: &str) -> Option<Identity> {
+        Some(Identity::from_parts(ProcessIdentity {
+            uid: Some(1000),
+            cgroup: Some(format!("/kubepods/burstable/pod{uid}/0123")),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn the_readers_step_names_holders_and_records_confirmed_mismatches_once() {
+        let cards = [card(A, 0), card(B, 1)];
+        let list = PodList {
+            pods: [PodRef {
+                namespace: "ml".into(),
+                name: "train".into(),
+            }]
+            .into(),
+            devices: vec![ContainerDevices {
+                pod: PodRef {
+                    namespace: "ml".into(),
+                    name: "train".into(),
+                },
+                container: "trainer".into(),
+                resource: "nvidia.com/gpu".into(),
+                device_ids: vec!["0".into()],
+            }],
+        };
+        let (tx, rx) = watch::channel(KubeletSnapshot::default());
+        let nudge = Arc::new(Notify::new());
+        let mismatches = Arc::new(AtomicU64::new(0));
+        let mut step = PodAttribution {
+            snapshot: rx,
+            nudge: nudge.clone(),
+            binder: Binder::default(),
+            episodes: Episodes::default(),
+            mismatches: mismatches.clone(),
+        };
+        let slot = || {
+            vec![
+                (reading(A, &[10]), vec![in_pod(U1)]),
+                (reading(B, &[11]), vec![in_pod(U1)]),
+            ]
+        };
+        // No answer yet: cgroup paths only, nothing judged.
+        let mut r = slot();
+        assert!(step.apply(0, &mut r).is_empty());
+        assert_eq!(r[0].1[0].as_ref().unwrap().k8s_pod_name, None);
+        assert_eq!(r[0].1[0].as_ref().unwrap().k8s_pod_uid.as_deref(), Some(U1));
+
+        let put = |generation| {
+            tx.send_replace(KubeletSnapshot {
+                generation,
+                allocations: Some(Arc::new(Allocations::map(&list, &cards))),
+                ..Default::default()
+            })
+        };
+        put(1);
+        // The pod's process on card B, which no pod holds: the UID is on an unallocated card
+        // too, so it is bound to no pod; both are suspects until a newer answer.
+        let mut r = slot();
+        assert!(step.apply(1_000, &mut r).is_empty());
+        assert_eq!(r[0].1[0].as_ref().unwrap().k8s_pod_name, None);
+        assert_eq!(mismatches.load(Ordering::Relaxed), 0);
+        put(2);
+        let events = step.apply(2_000, &mut slot());
+        assert_eq!(events.len(), 2, "{events:?}");
+        let on_b = events.iter().find(|e| e.gpu_uuid == B).unwrap();
+        assert_eq!(on_b.kind, v1::EventKind::PodDeviceMismatch as i32);
+        assert_eq!((on_b.code, on_b.at_unix_ms), (11, 2_000));
+        assert_eq!(
+            on_b.detail,
+            format!("process of pod uid {U1} on a card the kubelet allocated to no pod")
+        );
+        let on_a = events.iter().find(|e| e.gpu_uuid == A).unwrap();
+        assert!(
+            on_a.detail.starts_with(&format!(
+                "process of pod uid {U1}, which the agent cannot tie to the card's pod"
+            )) && on_a.detail.ends_with("allocated to ml/train/trainer"),
+            "{}",
+            on_a.detail
+        );
+        assert!(
+            step.apply(3_000, &mut slot()).is_empty(),
+            "once per episode"
+        );
+        assert_eq!(mismatches.load(Ordering::Relaxed), 2);
+
+        // The stray process leaves card B: the pod is bound, its process named.
+        put(3);
+        let mut r = vec![
+            (reading(A, &[10]), vec![in_pod(U1)]),
+            (reading(B, &[]), vec![]),
+        ];
+        assert!(step.apply(4_000, &mut r).is_empty());
+        let id = r[0].1[0].as_ref().unwrap();
+        assert_eq!(
+            (
+                id.k8s_namespace.as_deref(),
+                id.k8s_pod_name.as_deref(),
+                id.k8s_container_name.as_deref()
+            ),
+            (Some("ml"), Some("train"), Some("trainer"))
+        );
+    }
+}

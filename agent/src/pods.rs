@@ -228,6 +228,14 @@ impl Mismatch {
         match self {
             Mismatch::OtherPods {
                 pod_uid,
+                pod: None,
+                holders,
+            } => format!(
+                "process of pod uid {pod_uid}, which the agent cannot tie to the card's pod (its pod's processes are also on other cards or beside another pod's), on a card the kubelet allocated to {}",
+                holders_text(holders)
+            ),
+            Mismatch::OtherPods {
+                pod_uid,
                 pod,
                 holders,
             } => format!(
