@@ -248,7 +248,12 @@ impl Refresher {
                 _ = self.nudge.notified() => {
                     tokio::time::sleep_until(asked + MIN_GAP).await;
                 }
-                _ = shutdown.changed() => {}
+                r = shutdown.changed() => {
+                    // The agent is gone with its shutdown sender: so is the reason to ask.
+                    if r.is_err() {
+                        return;
+                    }
+                }
             }
             if *shutdown.borrow() {
                 return;
