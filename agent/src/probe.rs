@@ -202,3 +202,43 @@ fn to_json(report: &ProbeReport) -> Value {
         "cards": cards,
     })
 }
+
+#[cfg(test)]
+mod kubelet_text_tests {
+    use super::*;
+
+    #[test]
+    fn the_kubelets_answer_reads_as_lines() {
+        let mut out = String::new();
+        write_kubelet(
+            &mut out,
+            &json!({
+                "socket": "/k.sock", "up": true, "pods": 3,
+                "cards": {
+                    "GPU-a": { "holders": ["ml/train/trainer"], "shared": false },
+                    "GPU-b": { "holders": ["ml/s1/main", "ml/s2/main"], "shared": true },
+                },
+                "unmapped": ["nvidia.com/gpu=GPU-gone"],
+                "allocatable": { "nvidia.com/gpu": ["GPU-a", "1"] },
+            }),
+        );
+        assert_eq!(
+            out,
+            "kubelet pod-resources /k.sock: answers, 3 pods\n\
+             \x20   GPU-a -> ml/train/trainer\n\
+             \x20   GPU-b -> ml/s1/main, ml/s2/main (shared)\n\
+             \x20   devices naming no card here: nvidia.com/gpu=GPU-gone\n\
+             \x20   allocatable nvidia.com/gpu: GPU-a, 1\n"
+        );
+        let mut out = String::new();
+        write_kubelet(
+            &mut out,
+            &json!({ "socket": "/k.sock", "up": true, "pods": 0, "cards": {}, "unmapped": [],
+                     "allocatable": "not served by this kubelet" }),
+        );
+        assert!(
+            out.ends_with("    allocatable: not served by this kubelet\n"),
+            "{out}"
+        );
+    }
+}
