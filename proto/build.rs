@@ -1,4 +1,5 @@
-//! Compiles proto/gpumeter/v1/*.proto with protox (pure Rust), so no system protoc is needed.
+//! Compiles proto/gpumeter/v1/*.proto (and the kubelet's pod-resources API the agent reads,
+//! proto/kubelet/podresources/v1/api.proto) with protox (pure Rust), so no system protoc is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
@@ -6,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/gpumeter/v1/ingest.proto",
         "proto/gpumeter/v1/query.proto",
         "proto/gpumeter/v1/admin.proto",
+        "proto/kubelet/podresources/v1/api.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -1,7 +1,8 @@
 //! Attribution: who a GPU process belongs to. Reads `/proc/<pid>` (uid, gid, groups, cgroup)
 //! and names users and groups through the system's name service (NSS), so accounts from LDAP
 //! or SSSD match `user:`/`group:` principals as local ones do; pure helpers extract Slurm job
-//! ids, Kubernetes pod UIDs and container ids from cgroup paths.
+//! ids, Kubernetes pod UIDs and container ids from cgroup paths. Pod and container names come
+//! from the kubelet where the agent asks it (`crate::kubelet`, `crate::pods`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,11 @@ pub struct Identity {
     pub slurm_job_id: Option<String>,
     pub k8s_pod_uid: Option<String>,
     pub container_id: Option<String>,
+    /// The pod and container the kubelet's pod-resources API allocated the process's card to,
+    /// set only when the process's cgroup pod is that pod (`crate::pods`).
+    pub k8s_namespace: Option<String>,
+    pub k8s_pod_name: Option<String>,
+    pub k8s_container_name: Option<String>,
 }
 
 impl Identity {
@@ -36,6 +42,7 @@ impl Identity {
             k8s_pod_uid: k8s_pod_uid(&cg),
             container_id: container_id(&cg),
             id,
+            ..Default::default()
         }
     }
 }

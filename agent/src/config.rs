@@ -65,6 +65,21 @@ pub struct AttributionConfig {
     /// signal them). Default `/proc`.
     #[serde(default = "default_proc_root")]
     pub proc_root: PathBuf,
+    /// The kubelet's pod-resources socket (normally
+    /// `/var/lib/kubelet/pod-resources/kubelet.sock`). When set, the agent asks the kubelet
+    /// which pod and container each GPU is allocated to, names a process's pod and container
+    /// where its cgroup pod is the card's holder, and records processes on cards the kubelet
+    /// gave another pod or none. Absent: pods are known from cgroup paths only (pod UID).
+    #[serde(default)]
+    pub kubelet_pod_resources_socket: Option<PathBuf>,
+    /// How often the kubelet's answer is asked for again (the kubelet rate-limits this API);
+    /// a process the answer cannot place asks sooner, but never more than once a second.
+    #[serde(default = "default_kubelet_refresh")]
+    pub kubelet_refresh_ms: u64,
+}
+
+fn default_kubelet_refresh() -> u64 {
+    10_000
 }
 
 fn default_proc_root() -> PathBuf {
@@ -75,6 +90,8 @@ impl Default for AttributionConfig {
     fn default() -> Self {
         Self {
             proc_root: default_proc_root(),
+            kubelet_pod_resources_socket: None,
+            kubelet_refresh_ms: default_kubelet_refresh(),
         }
     }
 }
@@ -365,6 +382,20 @@ impl AgentConfig {
                 "must be an absolute path (the host's procfs)",
             ));
         }
+        if let Some(sock) = &self.attribution.kubelet_pod_resources_socket {
+            if !sock.is_absolute() {
+                return Err(invalid(
+                    "attribution.kubelet_pod_resources_socket",
+                    "must be an absolute path (the kubelet's pod-resources socket)",
+                ));
+            }
+        }
+        if !(1_000..=600_000).contains(&self.attribution.kubelet_refresh_ms) {
+            return Err(invalid(
+                "attribution.kubelet_refresh_ms",
+                "must be 1000..=600000 (the kubelet rate-limits its pod-resources API)",
+            ));
+        }
         let url = &self.collector.url;
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
             return Err(invalid(
@@ -489,6 +520,16 @@ url = "http://127.0.0.1:7070"
         ))
         .unwrap();
         assert_eq!(host.attribution.proc_root, PathBuf::from("/host/proc"));
+        assert_eq!(c.attribution.kubelet_pod_resources_socket, None);
+        assert_eq!(c.attribution.kubelet_refresh_ms, 10_000);
+        let k8s = parse(&format!(
+            "{GOOD}[attribution]\nkubelet_pod_resources_socket = \"/var/lib/kubelet/pod-resources/kubelet.sock\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            k8s.attribution.kubelet_pod_resources_socket.as_deref(),
+            Some(Path::new("/var/lib/kubelet/pod-resources/kubelet.sock"))
+        );
     }
 
     #[test]
@@ -498,6 +539,14 @@ url = "http://127.0.0.1:7070"
             (
                 format!("{GOOD}[attribution]\nproc_root = \"proc\"\n"),
                 "attribution.proc_root",
+            ),
+            (
+                format!("{GOOD}[attribution]\nkubelet_pod_resources_socket = \"kubelet.sock\"\n"),
+                "attribution.kubelet_pod_resources_socket",
+            ),
+            (
+                format!("{GOOD}[attribution]\nkubelet_refresh_ms = 10\n"),
+                "attribution.kubelet_refresh_ms",
             ),
             (
                 GOOD.replace("http://127.0.0.1:7070", "127.0.0.1"),

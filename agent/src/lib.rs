@@ -12,8 +12,10 @@ pub mod enforce;
 pub mod gpu;
 /// The signing key file lives in the proto crate, shared with the collector's head key.
 pub use gpumeter_proto::keys;
+pub mod kubelet;
 pub mod ledger;
 pub mod metrics;
+pub mod pods;
 pub mod probe;
 pub mod record;
 pub mod run;

@@ -69,6 +69,10 @@ enum Command {
         nvml_lib: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Also ask the kubelet's pod-resources API on this socket (e.g.
+        /// /var/lib/kubelet/pod-resources/kubelet.sock) which pod holds each card.
+        #[arg(long)]
+        kubelet_socket: Option<PathBuf>,
     },
     /// Write the man pages (gpumeter-agent.1 and one per subcommand) into a directory.
     Man {
@@ -130,8 +134,16 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Probe { nvml_lib, json } => {
-            match gpumeter_agent::probe::probe(nvml_lib.as_deref(), json) {
+        Command::Probe {
+            nvml_lib,
+            json,
+            kubelet_socket,
+        } => {
+            match gpumeter_agent::probe::probe_with(
+                nvml_lib.as_deref(),
+                json,
+                kubelet_socket.as_deref(),
+            ) {
                 Ok(out) => {
                     print!("{out}");
                     ExitCode::SUCCESS

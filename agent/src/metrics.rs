@@ -127,6 +127,8 @@ pub struct AgentMetrics {
     pub hostname: String,
     pub csp: String,
     pub dcgm_compat: bool,
+    /// The kubelet's pod-resources state, when the agent asks it.
+    pub kubelet: Option<crate::kubelet::KubeletHandle>,
 }
 
 impl std::fmt::Debug for AgentMetrics {
@@ -421,6 +423,27 @@ impl AgentMetrics {
                 "gpumeter_agent_last_ack_age_seconds",
                 "Time since the collector last acknowledged records.",
                 &one(((now - at).max(0) as f64) / 1000.0),
+            )?;
+        }
+        if let Some(k) = &self.kubelet {
+            let snap = k.snapshot.borrow().clone();
+            gauge(
+                enc,
+                "gpumeter_agent_kubelet_pod_resources_up",
+                "1 while the kubelet's pod-resources API answers (pods named from it), 0 while attribution falls back to cgroup paths.",
+                &one(if snap.allocations.is_some() { 1.0 } else { 0.0 }),
+            )?;
+            counter(
+                enc,
+                "gpumeter_agent_kubelet_pod_resources_failures",
+                "Calls to the kubelet's pod-resources API that failed.",
+                &one(snap.failures as f64),
+            )?;
+            counter(
+                enc,
+                "gpumeter_agent_pod_device_mismatches",
+                "Pod device mismatches recorded (a pod's process on a card the kubelet gave another pod or none, or a process outside pods on a pod's card).",
+                &one(k.mismatches.load(std::sync::atomic::Ordering::Relaxed) as f64),
             )?;
         }
         gauge(

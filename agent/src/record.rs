@@ -73,6 +73,11 @@ impl From<&WindowSummary> for v1::CardWindow {
                         memory_max_bytes: p.memory_max_bytes,
                         process_count: p.process_count,
                         matches_grant: p.matches_grant,
+                        k8s_namespace: id.and_then(|i| i.k8s_namespace.clone()).unwrap_or_default(),
+                        k8s_pod_name: id.and_then(|i| i.k8s_pod_name.clone()).unwrap_or_default(),
+                        k8s_container_name: id
+                            .and_then(|i| i.k8s_container_name.clone())
+                            .unwrap_or_default(),
                     }
                 })
                 .collect(),

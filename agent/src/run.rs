@@ -215,6 +215,18 @@ impl Agent {
         };
         let status_tx = self.status.clone();
         let uplink_task = tokio::spawn(uplink.run(stop_uplink.clone(), status_tx));
+        let (pods, kubelet) = match &self.cfg.attribution.kubelet_pod_resources_socket {
+            Some(socket) => {
+                let (p, h) = crate::kubelet::start(
+                    socket,
+                    self.inventory.cards.clone(),
+                    std::time::Duration::from_millis(self.cfg.attribution.kubelet_refresh_ms),
+                    stop_uplink.clone(),
+                );
+                (Some(p), Some(h))
+            }
+            None => (None, None),
+        };
         let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady("starting".into()));
         let card_metrics = match &self.cfg.metrics_listen {
             Some(addr) => {
@@ -233,6 +245,7 @@ impl Agent {
                     hostname: hostname(),
                     csp: self.cfg.csp.clone(),
                     dcgm_compat: self.cfg.metrics_dcgm_compat,
+                    kubelet,
                 });
                 let mut stop = stop_uplink;
                 tokio::spawn(gpumeter_telemetry::http::serve(
@@ -262,6 +275,7 @@ impl Agent {
             source: self.parts.source,
             attributor: self.parts.attributor,
             metrics: card_metrics,
+            pods,
         };
         let settings = SamplerSettings {
             periods: Periods {

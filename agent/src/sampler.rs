@@ -27,17 +27,21 @@ pub struct Reader {
     pub attributor: Box<dyn Attributor>,
     /// Where each slot's readings are copied for the metrics endpoint, when it is on.
     pub metrics: Option<Arc<crate::metrics::CardMetrics>>,
+    /// Pod names and mismatches from the kubelet, when the agent asks it.
+    pub pods: Option<crate::kubelet::PodAttribution>,
 }
 
 /// What one read gave: each card's reading with its processes' identities, and events.
 pub struct SlotRead {
     pub readings: Vec<(CardReading, Vec<Option<Identity>>)>,
     pub events: Vec<GpuEvent>,
+    /// Pod device mismatches confirmed in this read (`EVENT_KIND_POD_DEVICE_MISMATCH`).
+    pub pod_events: Vec<v1::Event>,
 }
 
 impl Reader {
     pub fn read(&mut self, at: UnixMs) -> SlotRead {
-        let readings: Vec<(CardReading, Vec<Option<Identity>>)> = self
+        let mut readings: Vec<(CardReading, Vec<Option<Identity>>)> = self
             .source
             .read(at)
             .into_iter()
@@ -63,11 +67,19 @@ impl Reader {
                 (r, ids)
             })
             .collect();
+        let pod_events = match &mut self.pods {
+            Some(p) => p.apply(at, &mut readings),
+            None => Vec::new(),
+        };
         let events = self.source.drain_events();
         if let Some(m) = &self.metrics {
             m.observe(readings.iter().map(|(r, _)| r), &events);
         }
-        SlotRead { readings, events }
+        SlotRead {
+            readings,
+            events,
+            pod_events,
+        }
     }
 }
 
@@ -168,6 +180,9 @@ impl SlotFolder {
         }
         for e in read.events {
             bodies.push(event_body(now, gpu_event_to_wire(&e)));
+        }
+        for e in read.pod_events {
+            bodies.push(event_body(now, e));
         }
         bodies
     }

@@ -470,7 +470,10 @@ fn fold_processes(acc: &mut Acc, util: Option<f64>, procs: &[AttributedProcess],
         if first_time {
             entry.matches = true;
         }
-        if entry.identity.is_none() {
+        // The first identity seen, or a later one that names the kubelet's pod when the first
+        // did not (a pod's UID is bound to its name a slot after its first process was seen).
+        let named = |i: &Option<Identity>| i.as_ref().is_some_and(|i| i.k8s_pod_name.is_some());
+        if entry.identity.is_none() || (!named(&entry.identity) && named(&p.identity)) {
             entry.identity = p.identity.clone();
         }
         let h = here.entry(label).or_insert(Here {
@@ -554,6 +557,45 @@ mod tests {
             principal: "user:alice".into(),
             version: 1,
         }
+    }
+
+    #[test]
+    fn a_principal_keeps_the_first_identity_that_names_the_kubelets_pod() {
+        let mut agg = CardAggregator::new("GPU-a", P);
+        let t0 = 1_000_000i64;
+        agg.prime(Some(&sample(0.0, Some(5_000), Some(100_000))));
+        let named = |pod: &str| {
+            let mut id = user("alice", 1001).unwrap();
+            id.k8s_namespace = Some("ml".into());
+            id.k8s_pod_name = Some(pod.into());
+            id.k8s_container_name = Some("trainer".into());
+            Some(id)
+        };
+        let mut out = Vec::new();
+        for i in 1..=10i64 {
+            // Unnamed in the first slot (the UID is not bound yet), then named, then a later
+            // name that does not replace the first.
+            let identity = match i {
+                1 => user("alice", 1001),
+                2..=5 => named("train"),
+                _ => named("other"),
+            };
+            let p = AttributedProcess {
+                identity,
+                ..proc_(10, "alice", 1001, Some(60), true)
+            };
+            out.extend(agg.push(
+                t0 + i * 1000,
+                SlotOutcome::Good {
+                    sample: Box::new(sample(50.0, Some(5_000 + 300 * i as u64), Some(120_000))),
+                    procs: vec![p],
+                },
+                &assigned(),
+            ));
+        }
+        let id = out[0].principals[0].identity.as_ref().unwrap();
+        assert_eq!(id.k8s_pod_name.as_deref(), Some("train"));
+        assert_eq!(out[0].principals[0].occupied_ms, 10_000);
     }
 
     #[test]

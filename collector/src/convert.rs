@@ -199,6 +199,7 @@ fn event_kind_str(k: i32) -> &'static str {
         Ok(v1::EventKind::AgentStarted) => "agent_started",
         Ok(v1::EventKind::SpoolFull) => "spool_full",
         Ok(v1::EventKind::CardHealth) => "card_health",
+        Ok(v1::EventKind::PodDeviceMismatch) => "pod_device_mismatch",
         _ => "unknown",
     }
 }

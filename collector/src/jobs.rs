@@ -42,6 +42,9 @@ pub struct JobRow {
     pub active_ms: u64,
     pub active_gpu_hours: f64,
     pub memory_max_bytes: u64,
+    /// For a pod: "namespace/name" as the kubelet named it in any of the job's windows
+    /// (empty when none did).
+    pub k8s_pod: String,
 }
 
 /// The job a principal's usage belongs to: (kind, id).
@@ -69,6 +72,7 @@ struct Acc {
     occupied_ms: u64,
     active_ms: u64,
     memory_max_bytes: u64,
+    k8s_pod: String,
 }
 
 /// The jobs of the window bodies `bodies` (agent, host, seq, body), only windows metered under
@@ -113,6 +117,9 @@ pub fn jobs(bodies: &[crate::store::WindowBody], grant_id: Option<&str>) -> Vec<
             a.occupied_ms = a.occupied_ms.saturating_add(p.occupied_ms);
             a.active_ms = a.active_ms.saturating_add(p.active_ms);
             a.memory_max_bytes = a.memory_max_bytes.max(p.memory_max_bytes);
+            if kind == "k8s" && a.k8s_pod.is_empty() && !p.k8s_pod_name.is_empty() {
+                a.k8s_pod = format!("{}/{}", p.k8s_namespace, p.k8s_pod_name);
+            }
         }
     }
     acc.into_iter()
@@ -132,6 +139,7 @@ pub fn jobs(bodies: &[crate::store::WindowBody], grant_id: Option<&str>) -> Vec<
             active_ms: a.active_ms,
             active_gpu_hours: gpu_hours(a.active_ms),
             memory_max_bytes: a.memory_max_bytes,
+            k8s_pod: a.k8s_pod,
         })
         .collect()
 }
@@ -152,6 +160,7 @@ pub fn to_wire(j: &JobRow) -> v1::JobInfo {
         occupied_ms: j.occupied_ms,
         active_ms: j.active_ms,
         memory_max_bytes: j.memory_max_bytes,
+        k8s_pod: j.k8s_pod.clone(),
     }
 }
 
@@ -173,6 +182,7 @@ pub fn from_wire(j: v1::JobInfo) -> JobRow {
         occupied_ms: j.occupied_ms,
         active_ms: j.active_ms,
         memory_max_bytes: j.memory_max_bytes,
+        k8s_pod: j.k8s_pod,
     }
 }
 
@@ -232,6 +242,22 @@ mod tests {
             (
                 "a".into(),
                 "h1".into(),
+                4,
+                body(
+                    "GPU-3",
+                    0,
+                    "G-1",
+                    vec![v1::PrincipalUsage {
+                        k8s_namespace: "ml".into(),
+                        k8s_pod_name: "train".into(),
+                        k8s_container_name: "trainer".into(),
+                        ..usage("user:bob", "", "pod-9", 20_000, 3)
+                    }],
+                ),
+            ),
+            (
+                "a".into(),
+                "h1".into(),
                 2,
                 body(
                     "GPU-2",
@@ -276,6 +302,14 @@ mod tests {
             (0, 120_000, 2)
         );
         assert_eq!(all[1].grant_ids, vec![String::new()]);
+        // The pod's row takes the kubelet's name from the window that carried it.
+        let bob = &all[0];
+        assert_eq!(
+            (bob.k8s_pod.as_str(), bob.occupied_ms, bob.windows),
+            ("ml/train", 50_000, 2)
+        );
+        assert_eq!(from_wire(to_wire(bob)), *bob);
+        assert_eq!(alice.k8s_pod, "");
         // Only one grant's windows.
         let g1 = jobs(&rows, Some("G-1"));
         assert_eq!(g1.len(), 2);

@@ -351,7 +351,8 @@ enum Command {
         #[arg(long = "gpu", value_name = "UUID")]
         gpu: Option<String>,
         /// Only this kind: xid, ecc_single_bit, ecc_double_bit, card_health, gpu_lost,
-        /// gpu_recovered, enforcement, assignment_changed, agent_started, spool_full.
+        /// gpu_recovered, enforcement, assignment_changed, agent_started, spool_full,
+        /// pod_device_mismatch.
         #[arg(long)]
         kind: Option<String>,
         /// Print JSON: an array of objects, instants in ms and RFC 3339.

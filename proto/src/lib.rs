@@ -13,5 +13,14 @@ pub mod v1 {
     tonic::include_proto!("gpumeter.v1");
 }
 
+/// The kubelet's pod-resources API (package `v1`, service `PodResourcesLister`), which the
+/// agent asks which pod each GPU is allocated to. A client here and a server in tests.
+pub mod podresources {
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("v1");
+    }
+}
+
 /// Protocol version spoken in `Hello.protocol_version`.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -10,7 +10,7 @@ use super::svg::{esc, num};
 use super::{Lang, trend_page::CSS};
 
 /// The jobs CSV's columns: (machine name, Korean header).
-pub const JOB_COLUMNS: [(&str, &str); 14] = [
+pub const JOB_COLUMNS: [(&str, &str); 15] = [
     ("kind", "구분"),
     ("job_id", "작업 ID"),
     ("principal", "사용 주체"),
@@ -25,6 +25,7 @@ pub const JOB_COLUMNS: [(&str, &str); 14] = [
     ("active_gpu_hours", "활성 사용(GPU시간)"),
     ("memory_max_gib", "최대 메모리(GiB)"),
     ("gpu_uuids", "GPU UUID"),
+    ("k8s_pod", "파드"),
 ];
 
 fn gib(bytes: u64) -> String {
@@ -47,6 +48,7 @@ fn cells(j: &JobRow) -> Vec<String> {
         format!("{:.6}", j.active_gpu_hours),
         gib(j.memory_max_bytes),
         j.gpu_uuids.join(" "),
+        j.k8s_pod.clone(),
     ]
 }
 

@@ -2224,6 +2224,7 @@ pub(crate) const EVENT_KINDS: &[&str] = &[
     "agent_started",
     "spool_full",
     "card_health",
+    "pod_device_mismatch",
 ];
 
 /// A stored spelling as the `&'static str` the rows carry; one this collector does not know
