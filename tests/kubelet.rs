@@ -270,17 +270,19 @@ struct Who {
 
 /// Every principal of every stored window, from the signed bodies.
 fn principals(conn: &Connection) -> Vec<Who> {
+    // Bodies lie in the ledger's compressed blocks: read each back as signed.
     let mut st = conn
-        .prepare(
-            "SELECT w.seq, r.body FROM windows w
-             JOIN records r ON r.agent_id = w.agent_id AND r.seq = w.seq ORDER BY w.seq",
-        )
+        .prepare("SELECT agent_id, seq FROM windows ORDER BY seq")
         .unwrap();
-    let rows: Vec<(i64, Vec<u8>)> = st
+    let keys: Vec<(String, i64)> = st
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
+    let rows: Vec<(i64, Vec<u8>)> = keys
+        .into_iter()
+        .map(|(agent, seq)| (seq, gpumeter_e2e::record_body(conn, &agent, seq as u64)))
+        .collect();
     let mut out = Vec::new();
     for (seq, body) in rows {
         let Some(v1::record_body::Kind::CardWindow(w)) =
