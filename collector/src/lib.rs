@@ -35,3 +35,4 @@ pub mod server;
 pub mod store;
 pub mod trend;
 pub mod verify;
+pub mod watch;
