@@ -369,6 +369,8 @@ impl Hub {
             filter,
             rx: None,
             version: 0,
+            held_cards: Default::default(),
+            held_grants: Default::default(),
         }
     }
 
@@ -397,6 +399,9 @@ pub struct Subscription {
     rx: Option<broadcast::Receiver<Arc<Delta>>>,
     /// The version the subscriber holds.
     version: u64,
+    /// The cards and grants it holds (what its filter kept).
+    held_cards: std::collections::HashSet<String>,
+    held_grants: std::collections::HashSet<String>,
 }
 
 impl Subscription {
@@ -436,7 +441,10 @@ impl Subscription {
         let (rx, fleet) = self.attach().await?;
         self.rx = Some(rx);
         self.version = fleet.version;
-        Some(Frame::Snapshot(view(&fleet, &self.filter)))
+        let v = view(&fleet, &self.filter);
+        self.held_cards = v.cards.iter().map(|c| c.gpu_uuid.clone()).collect();
+        self.held_grants = v.grants.iter().map(|g| g.grant_id.clone()).collect();
+        Some(Frame::Snapshot(v))
     }
 
     async fn attach(&mut self) -> Option<(broadcast::Receiver<Arc<Delta>>, Arc<Fleet>)> {
@@ -464,25 +472,38 @@ impl Subscription {
         out
     }
 
-    fn filtered(&self, d: &Delta) -> Update {
+    /// What of `d` this subscriber sees: changed entries its filter keeps, and removals of
+    /// those it holds (gone, or no longer kept: a card moved to another grant, say).
+    fn filtered(&mut self, d: &Delta) -> Update {
         let f = &self.filter;
-        let mut removed_cards = d.removed_cards.clone();
         let mut cards = Vec::new();
+        let mut removed_cards = Vec::new();
         for c in &d.cards {
             if f.card(c) {
+                self.held_cards.insert(c.gpu_uuid.clone());
                 cards.push(c.clone());
-            } else if f != &Filter::default() {
-                // It may have passed before the change; a reader drops what it does not hold.
+            } else if self.held_cards.remove(&c.gpu_uuid) {
                 removed_cards.push(c.gpu_uuid.clone());
             }
         }
-        let mut removed_grants = d.removed_grants.clone();
+        for id in &d.removed_cards {
+            if self.held_cards.remove(id) {
+                removed_cards.push(id.clone());
+            }
+        }
         let mut grants = Vec::new();
+        let mut removed_grants = Vec::new();
         for g in &d.grants {
             if f.grant(g) {
+                self.held_grants.insert(g.grant_id.clone());
                 grants.push(g.clone());
-            } else if f != &Filter::default() {
+            } else if self.held_grants.remove(&g.grant_id) {
                 removed_grants.push(g.grant_id.clone());
+            }
+        }
+        for id in &d.removed_grants {
+            if self.held_grants.remove(id) {
+                removed_grants.push(id.clone());
             }
         }
         Update {

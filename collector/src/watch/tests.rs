@@ -411,6 +411,15 @@ fn after_commit_and_only_then(b: Backend) {
         let l = u.cards.iter().find(|c| c.gpu_uuid == L).expect("L changed");
         assert_eq!(l.window_unassigned_ms, 60_000);
         assert!(l.violating && !l.idle, "{l:?}");
+        // The grant's subscriber heard of K's changes, never of L (not in G).
+        let mut seen = Vec::new();
+        while let Ok(Some(f)) = tokio::time::timeout(Duration::from_millis(500), on_g.next()).await
+        {
+            let u = update(f);
+            seen.extend(u.cards.into_iter().map(|c| c.gpu_uuid));
+            seen.extend(u.removed_cards);
+        }
+        assert!(seen.iter().all(|c| c == K) && !seen.is_empty(), "{seen:?}");
         drop(writer);
     });
 }
