@@ -343,8 +343,24 @@ pub fn title(m: &Model, server: &str, group: Group, sort: Sort, reverse: bool) -
     )
 }
 
-/// `--once`: the view as plain text, aligned columns, one line per group and card.
-pub fn text(m: &Model, server: &str, group: Group, sort: Sort, reverse: bool) -> String {
+/// How a line of the view is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Heads,
+    Group {
+        violating: bool,
+        idle: bool,
+    },
+    Card {
+        violating: bool,
+        idle: bool,
+        reporting: bool,
+    },
+}
+
+/// The view's lines, laid out in aligned columns: the column heads, then each group's line
+/// and its cards' (the screen and `--once` print exactly these).
+pub fn layout(m: &Model, group: Group, sort: Sort, reverse: bool) -> Vec<(String, Kind)> {
     let lines = lines(m, group, sort, reverse);
     let mut widths: Vec<usize> = HEADS.iter().map(|h| h.chars().count()).collect();
     for l in &lines {
@@ -364,20 +380,41 @@ pub fn text(m: &Model, server: &str, group: Group, sort: Sort, reverse: bool) ->
             .trim_end()
             .to_string()
     };
+    let mut out = vec![(
+        row(HEADS.iter().map(|h| h.to_string()).collect()),
+        Kind::Heads,
+    )];
+    for l in lines {
+        out.push(match l {
+            Line::Group {
+                title,
+                summary,
+                violating,
+                idle,
+            } => (
+                format!("▸ {title} — {summary}"),
+                Kind::Group { violating, idle },
+            ),
+            Line::Card(c) => (
+                row(cells(&c).to_vec()),
+                Kind::Card {
+                    violating: c.violating,
+                    idle: c.idle,
+                    reporting: c.reporting,
+                },
+            ),
+        });
+    }
+    out
+}
+
+/// `--once`: the view as plain text.
+pub fn text(m: &Model, server: &str, group: Group, sort: Sort, reverse: bool) -> String {
     let mut out = title(m, server, group, sort, reverse);
     out.push('\n');
-    out.push_str(&row(HEADS.iter().map(|h| h.to_string()).collect()));
-    out.push('\n');
-    for l in lines {
-        match l {
-            Line::Group { title, summary, .. } => {
-                out.push_str(&format!("{title} — {summary}\n"));
-            }
-            Line::Card(c) => {
-                out.push_str(&row(cells(&c).to_vec()));
-                out.push('\n');
-            }
-        }
+    for (line, _) in layout(m, group, sort, reverse) {
+        out.push_str(&line);
+        out.push('\n');
     }
     out
 }
@@ -603,7 +640,7 @@ fn draw(f: &mut ratatui::Frame<'_>, m: &Model, server: &str, v: &mut ViewState) 
     use ratatui::layout::{Constraint, Layout};
     use ratatui::style::{Color, Modifier, Style};
     use ratatui::text::Line as Text;
-    use ratatui::widgets::{Cell, Paragraph, Row, Table};
+    use ratatui::widgets::Paragraph;
     let [head, body, foot] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Min(1),
@@ -622,66 +659,38 @@ fn draw(f: &mut ratatui::Frame<'_>, m: &Model, server: &str, v: &mut ViewState) 
         Paragraph::new(top).style(Style::new().add_modifier(Modifier::BOLD)),
         head,
     );
-    let all = lines(m, v.group, v.sort, v.reverse);
+    let all = layout(m, v.group, v.sort, v.reverse);
     let visible = usize::from(body.height.saturating_sub(1)).max(1);
-    v.scroll = v.scroll.min(all.len().saturating_sub(visible));
-    let rows: Vec<Row<'_>> = all
+    v.scroll = v.scroll.min(all.len().saturating_sub(1 + visible));
+    let style = |k: Kind| match k {
+        Kind::Heads => Style::new().add_modifier(Modifier::REVERSED),
+        Kind::Group { violating, idle } => {
+            let colour = if violating {
+                Color::Red
+            } else if idle {
+                Color::Yellow
+            } else {
+                Color::Cyan
+            };
+            Style::new().fg(colour).add_modifier(Modifier::BOLD)
+        }
+        Kind::Card {
+            violating: true, ..
+        } => Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+        Kind::Card { idle: true, .. } => Style::new().fg(Color::Yellow),
+        Kind::Card {
+            reporting: false, ..
+        } => Style::new().fg(Color::DarkGray),
+        Kind::Card { .. } => Style::new(),
+    };
+    // The column heads stay; the groups and cards under them scroll.
+    let shown: Vec<Text<'_>> = all
         .iter()
-        .skip(v.scroll)
-        .take(visible)
-        .map(|l| match l {
-            Line::Group {
-                title,
-                summary,
-                violating,
-                idle,
-            } => {
-                let colour = if *violating {
-                    Color::Red
-                } else if *idle {
-                    Color::Yellow
-                } else {
-                    Color::Cyan
-                };
-                Row::new(vec![
-                    Cell::from("▸"),
-                    Cell::from(title.clone()),
-                    Cell::from(summary.clone()),
-                ])
-                .style(Style::new().fg(colour).add_modifier(Modifier::BOLD))
-            }
-            Line::Card(c) => {
-                let style = if c.violating {
-                    Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)
-                } else if c.idle {
-                    Style::new().fg(Color::Yellow)
-                } else if !c.reporting {
-                    Style::new().fg(Color::DarkGray)
-                } else {
-                    Style::new()
-                };
-                Row::new(cells(c).to_vec()).style(style)
-            }
-        })
+        .take(1)
+        .chain(all.iter().skip(1 + v.scroll).take(visible))
+        .map(|(line, kind)| Text::styled(line.clone(), style(*kind)))
         .collect();
-    let widths = [
-        Constraint::Length(9),
-        Constraint::Length(40),
-        Constraint::Length(14),
-        Constraint::Length(12),
-        Constraint::Length(14),
-        Constraint::Length(5),
-        Constraint::Length(11),
-        Constraint::Length(7),
-        Constraint::Length(10),
-        Constraint::Length(13),
-        Constraint::Length(7),
-        Constraint::Length(8),
-    ];
-    let table = Table::new(rows, widths)
-        .header(Row::new(HEADS.to_vec()).style(Style::new().add_modifier(Modifier::REVERSED)))
-        .column_spacing(1);
-    f.render_widget(table, body);
+    f.render_widget(Paragraph::new(shown), body);
     f.render_widget(
         Paragraph::new(Text::from(
             "g group  s sort  u util  p power  m memory  a active  n card  h host  x state  r reverse  ↑↓ scroll  q quit",
