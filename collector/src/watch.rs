@@ -8,8 +8,9 @@
 //!   alone is not passed). The hub only widens a pending time range there and wakes its worker;
 //!   every figure it publishes is then read back from the store, so it sees what any report
 //!   would see at that instant and nothing that is not durable. That holds on SQLite and
-//!   PostgreSQL alike (the writer is the same); windows another collector commits to a shared
-//!   PostgreSQL database reach this hub at its next refresh ([`HubOptions::refresh`]).
+//!   PostgreSQL alike (the writer is the same). Windows another collector commits to a shared
+//!   PostgreSQL database reach this hub at its next refresh ([`HubOptions::refresh`]), which
+//!   reads the windows that ended since two refreshes before the last computation.
 //! - **One formula per figure.** A card's day figures and a grant's are
 //!   [`crate::query::figures_of`] over the current Korean calendar day as of now (the path
 //!   every report takes, rollups included); a card's *window* figures are
@@ -135,7 +136,8 @@ pub struct CardLive {
     pub window: Figures,
     /// The latest window's use while no grant held the card.
     pub window_unassigned_ms: u64,
-    /// Today's figures (Korean calendar day, as of now), summed over the grants that held it.
+    /// Today's figures (Korean calendar day, as of now), summed over the grants that held it;
+    /// allocated and unmetered are left 0 (they grow with the clock; the day's report has them).
     pub day: Figures,
     /// Today's use while no grant held the card.
     pub day_unassigned_ms: u64,
@@ -158,7 +160,7 @@ pub struct GrantLive {
     pub violating_cards: u32,
     /// Its cards' latest windows, summed.
     pub window: Figures,
-    /// Today's figures (the reconciliation of today, as of now).
+    /// Today's figures (the reconciliation of today, as of now; allocated and unmetered 0).
     pub day: Figures,
 }
 
@@ -343,6 +345,7 @@ impl Hub {
             shared: shared.clone(),
             latest: HashMap::new(),
             seeded: false,
+            last_now: None,
             last_gap: Duration::ZERO,
         };
         let spawned = std::thread::Builder::new()
@@ -549,6 +552,8 @@ struct Worker {
     latest: HashMap<String, MeteredWindow>,
     /// Whether `latest` was read over the whole look-back once.
     seeded: bool,
+    /// The instant the last computation was made as of.
+    last_now: Option<i64>,
     /// Current least gap between recomputations.
     last_gap: Duration,
 }
@@ -694,6 +699,12 @@ impl Worker {
         if let Some(r) = range {
             reads.push(r);
         }
+        // Other collectors sharing the store commit windows this hub is not told of: read
+        // what ended since a little before the last computation (two refreshes back).
+        if let (true, Some(last)) = (store.shared_poll().is_some(), self.last_now) {
+            let back = 2 * i64::try_from(self.opts.refresh.as_millis()).unwrap_or(i64::MAX / 4);
+            reads.push((last.saturating_sub(back), now + DAY_MS));
+        }
         for (from, until) in reads {
             for w in store.windows(from, until.max(from + 1), None)? {
                 let newer = self.latest.get(&w.window.gpu_uuid).is_none_or(|l| {
@@ -705,6 +716,7 @@ impl Worker {
             }
         }
         self.seeded = true;
+        self.last_now = Some(now);
         let grants = store.grants()?;
         let hosts = store.hosts()?;
         let (day, day_from, day_until) = kst_day(now);
@@ -853,6 +865,18 @@ fn window_figures(
     Ok(out)
 }
 
+/// A day's figures without the two that grow with the clock rather than with the ledger
+/// (allocated, and unmetered with it): kept, they would change every card at every
+/// recomputation and send the whole fleet to every subscriber each time. The day's report
+/// has them.
+fn metered(f: Figures) -> Figures {
+    Figures {
+        allocated_ms: 0,
+        unmetered_ms: 0,
+        ..f
+    }
+}
+
 struct Assembly<'a> {
     now: i64,
     day: String,
@@ -935,7 +959,7 @@ fn assemble(a: Assembly<'_>) -> Fleet {
     for g in &a.today.grants {
         for gc in &g.cards {
             if let Some(c) = cards.get_mut(&gc.gpu_uuid) {
-                c.day.add(&gc.figures);
+                c.day.add(&metered(gc.figures));
             }
         }
     }
@@ -982,7 +1006,7 @@ fn assemble(a: Assembly<'_>) -> Fleet {
             idle_cards: 0,
             violating_cards: 0,
             window: Figures::default(),
-            day: g.figures,
+            day: metered(g.figures),
         };
         for gc in &g.cards {
             let Some(c) = cards.get(&gc.gpu_uuid) else {

@@ -513,6 +513,66 @@ fn postgres_a_lagging_subscriber_is_resynced() {
     }
 }
 
+/// Two collectors on one PostgreSQL database: a window committed through one reaches the
+/// other's watchers at its next refresh.
+#[test]
+fn postgres_another_collectors_commit_reaches_watchers_at_the_next_refresh() {
+    let Some(db) = TestPg::create("watch_shared") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("collector-key");
+    let a: Arc<dyn Store> = Arc::new(PgStore::open(&db.url, Some(&key)).unwrap());
+    let b: Arc<dyn Store> = Arc::new(PgStore::open(&db.url, Some(&key)).unwrap());
+    let start = fleet(a.as_ref());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let writer = Writer::spawn(a.clone());
+        let hub = Hub::start(
+            b.clone(),
+            HubOptions {
+                refresh: Duration::from_millis(1000),
+                ..options()
+            },
+        );
+        let mut sub = hub.subscribe(Filter::default());
+        let first = snapshot(next(&mut sub).await);
+        assert_eq!(
+            first
+                .cards
+                .iter()
+                .find(|c| c.gpu_uuid == K)
+                .unwrap()
+                .window_end_ms,
+            0
+        );
+        let mut chain = Chain::new("a1");
+        // Committed as windows are, just after they end.
+        // (on whole seconds, as the agent samples).
+        let recent = ((crate::ingest::now_ms() - MIN - 100).div_euclid(1000) * 1000).max(start);
+        writer
+            .commit(chain.batch(vec![window(K, recent, 40.0, true, false)]))
+            .await
+            .unwrap();
+        let u = update(next(&mut sub).await);
+        let k = u.cards.iter().find(|c| c.gpu_uuid == K).expect("K changed");
+        assert_eq!((k.window_end_ms, k.util_pct), (recent + MIN, Some(40.0)));
+        // With nothing committed, refreshes send nothing: no figure grows with the clock.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1500), sub.next())
+                .await
+                .is_err(),
+            "an update with nothing committed"
+        );
+        drop(writer);
+    });
+    drop(db);
+}
+
 #[test]
 fn filters_keep_what_they_name() {
     let card = |uuid: &str, host: &str, grant: &str, program: &str| CardLive {
