@@ -33,5 +33,7 @@ pub mod rollup;
 pub mod sanity;
 pub mod server;
 pub mod store;
+pub mod top;
 pub mod trend;
 pub mod verify;
+pub mod watch;

@@ -418,6 +418,35 @@ enum Command {
         #[arg(value_enum)]
         shell: Shell,
     },
+    /// The fleet live in the terminal, like nvtop for every card the collector meters (fed by
+    /// Query.Watch): grouped by program, grant or host, sortable, idle (IDLE) and violating
+    /// (VIOL) cards marked and coloured. Keys: g group, s sort, u/p/m/a/n/h/x sort by
+    /// util/power/memory/active/card/host/state, r reverse, arrows scroll, q quit.
+    Top {
+        #[arg(long)]
+        server: String,
+        /// Only this program's grants and cards (hpc, research, advanced).
+        #[arg(long)]
+        program: Option<String>,
+        /// Only this grant and its cards.
+        #[arg(long)]
+        grant: Option<String>,
+        /// Only this host's cards (and the grants with a card on it).
+        #[arg(long)]
+        host: Option<String>,
+        /// Grouping to start with (the `g` key cycles it).
+        #[arg(long, value_enum, default_value = "grant")]
+        group: gpumeter_collector::top::Group,
+        /// Sort to start with (the `s` key cycles it).
+        #[arg(long, value_enum, default_value = "util")]
+        sort: gpumeter_collector::top::Sort,
+        /// Print the view once as text and exit (for scripts; needs no terminal).
+        #[arg(long, conflicts_with = "json")]
+        once: bool,
+        /// Print the first snapshot as JSON and exit.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1320,6 +1349,44 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             gpumeter_telemetry::docs::completions(shell, Cli::command(), &mut std::io::stdout())
                 .context("writing the completion script")?;
             Ok(())
+        }
+        Command::Top {
+            server,
+            program,
+            grant,
+            host,
+            group,
+            sort,
+            once,
+            json,
+        } => {
+            use gpumeter_collector::top::{self, TopError};
+            let auth = client_auth()?;
+            warn_clear_text(&server, &auth);
+            let q = v1::WatchRequest {
+                program: program.unwrap_or_default(),
+                grant_id: grant.unwrap_or_default(),
+                host_id: host.unwrap_or_default(),
+            };
+            let failed = |e: TopError| match e {
+                TopError::Client(c) => client_failure(c),
+                other => Failure {
+                    code: 1,
+                    error: other.into(),
+                },
+            };
+            if once || json {
+                let m = top::snapshot(&server, &auth, &q).await.map_err(failed)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&top::json(&m))?);
+                } else {
+                    print!("{}", top::text(&m, &server, group, sort, false));
+                }
+                return Ok(());
+            }
+            top::run(&server, &auth, &q, group, sort)
+                .await
+                .map_err(failed)
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct QueryService {
     pub store: Arc<dyn Store>,
     /// The agents' heads as their Hellos here said (see [`crate::ingest::AgentHeads`]).
     pub agent_heads: crate::ingest::AgentHeads,
+    /// Live figures for `Watch` (see [`crate::watch`]).
+    pub hub: crate::watch::Hub,
 }
 
 /// Longest period one usage query may span (a little over a year).
@@ -322,6 +324,38 @@ impl Query for QueryService {
         })
         .await?;
         Ok(Response::new(stream_of(jobs)))
+    }
+
+    type WatchStream = ItemStream<v1::WatchEvent>;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let filter = crate::watch::filter_from_wire(&request.into_inner())?;
+        let mut sub = self.hub.subscribe(filter);
+        // A few messages in flight; a reader slower than that holds this task, the hub's
+        // channel overflows for it, and it is sent a fresh snapshot when it catches up.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    _ = tx.closed() => return,
+                    f = sub.next() => f,
+                };
+                let Some(frame) = frame else {
+                    return;
+                };
+                for event in crate::watch::frame_to_wire(&frame) {
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type StreamHostsStream = ItemStream<v1::HostInfo>;
@@ -1143,7 +1177,7 @@ fn span_from_wire(s: Option<&v1::TimeSpan>) -> Interval {
     )
 }
 
-fn figures_to_wire(f: &Figures) -> v1::Figures {
+pub(crate) fn figures_to_wire(f: &Figures) -> v1::Figures {
     v1::Figures {
         allocated_ms: f.allocated_ms,
         unmetered_ms: f.unmetered_ms,

@@ -79,7 +79,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let writer = Writer::spawn(store.clone());
+    // Live figures (`crate::watch`): the writer tells the hub of every commit; Query.Watch and
+    // the console subscribe to it.
+    let live: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+    let hub = crate::watch::Hub::start(
+        store.clone(),
+        crate::watch::HubOptions {
+            connected: Some(crate::watch::live_set(live.clone())),
+            ..Default::default()
+        },
+    );
+    let writer = Writer::spawn_observed(store.clone(), Some(hub.observer()));
+    let hub_closing = hub.clone();
     let (grants_tx, grants_rx) = watch::channel(0u64);
     let (closing_tx, closing_rx) = watch::channel(false);
     let max_msg = opts.limits.max_message_bytes as usize;
@@ -87,7 +98,7 @@ pub async fn run(
     let ingest = IngestService {
         store: store.clone(),
         writer,
-        live: Arc::new(Mutex::new(HashSet::new())),
+        live,
         heads: heads.clone(),
         limits: opts.limits.clone(),
         collector_id: opts.collector_id.clone(),
@@ -97,6 +108,7 @@ pub async fn run(
     let query = QueryService {
         store: store.clone(),
         agent_heads: heads,
+        hub: hub.clone(),
     };
     let store_for_heads = store.clone();
     let query_check = TokenCheck {
@@ -202,6 +214,7 @@ pub async fn run(
             let _ = ready_tx.send(Readiness::NotReady("shutting down".into()));
             // Open sessions are long-lived streams: end them, or a graceful stop waits forever.
             let _ = closing_tx.send(true);
+            hub_closing.close();
         });
     let result = tokio::select! {
         r = serve => r,

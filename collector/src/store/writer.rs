@@ -24,6 +24,12 @@ struct Req {
     queued: std::time::Instant,
 }
 
+/// Told of the batches a group commit stored, once its transaction has committed (a batch
+/// that failed alone is not among them). Runs on the writer thread: it must return at once.
+pub trait CommitObserver: Send + Sync {
+    fn committed(&self, batches: &[&IngestBatch]);
+}
+
 /// A handle for submitting batches to the writer thread. Cloning is cheap.
 #[derive(Clone, Debug)]
 pub struct Writer {
@@ -97,6 +103,14 @@ pub const MAX_GROUP_RECORDS: usize = 8192;
 impl Writer {
     /// Starts the writer thread; it ends when every handle is dropped.
     pub fn spawn(store: Arc<dyn Store>) -> Writer {
+        Self::spawn_observed(store, None)
+    }
+
+    /// [`Writer::spawn`], telling `observer` of every commit (the live figures' hub).
+    pub fn spawn_observed(
+        store: Arc<dyn Store>,
+        observer: Option<Arc<dyn CommitObserver>>,
+    ) -> Writer {
         let (tx, mut rx) = mpsc::channel::<Req>(4 * MAX_GROUP);
         let stats = Arc::new(WriterStats::default());
         let counters = stats.clone();
@@ -135,6 +149,17 @@ impl Writer {
                     match store.commit_each(&batches) {
                         Ok(outcomes) => {
                             counters.commits.fetch_add(1, Relaxed);
+                            if let Some(o) = &observer {
+                                let stored: Vec<&IngestBatch> = batches
+                                    .iter()
+                                    .zip(&outcomes)
+                                    .filter(|(_, o)| o.is_ok())
+                                    .map(|(b, _)| b)
+                                    .collect();
+                                if !stored.is_empty() {
+                                    o.committed(&stored);
+                                }
+                            }
                             for ((r, o), b) in group.drain(..).zip(outcomes).zip(&batches) {
                                 counters.commit_latency.observe(r.queued.elapsed().as_secs_f64());
                                 match &o {
