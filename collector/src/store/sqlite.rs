@@ -641,7 +641,13 @@ impl SqliteStore {
         isolate: bool,
     ) -> Result<Vec<Result<CommitOutcome, StoreError>>, StoreError> {
         let mut c = self.w();
-        let tx = c.transaction().map_err(db)?;
+        // IMMEDIATE: the commit takes the write lock before its first read (the next block
+        // id), so another process's write waits under the busy timeout instead of turning
+        // this transaction's read snapshot stale (SQLITE_BUSY_SNAPSHOT, which no timeout
+        // retries).
+        let tx = c
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db)?;
         let mut outcomes = Vec::with_capacity(batches.len());
         {
             // Bodies go into one block per batch (`body_block`), written after its records;
