@@ -105,7 +105,7 @@ impl std::fmt::Debug for HubOptions {
 }
 
 /// One card as it stands.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct CardLive {
     pub gpu_uuid: String,
     /// The host and agent of its latest window (or of the inventory that lists it).
@@ -479,36 +479,20 @@ impl Subscription {
     /// those it holds (gone, or no longer kept: a card moved to another grant, say).
     fn filtered(&mut self, d: &Delta) -> Update {
         let f = &self.filter;
-        let mut cards = Vec::new();
-        let mut removed_cards = Vec::new();
-        for c in &d.cards {
-            if f.card(c) {
-                self.held_cards.insert(c.gpu_uuid.clone());
-                cards.push(c.clone());
-            } else if self.held_cards.remove(&c.gpu_uuid) {
-                removed_cards.push(c.gpu_uuid.clone());
-            }
-        }
-        for id in &d.removed_cards {
-            if self.held_cards.remove(id) {
-                removed_cards.push(id.clone());
-            }
-        }
-        let mut grants = Vec::new();
-        let mut removed_grants = Vec::new();
-        for g in &d.grants {
-            if f.grant(g) {
-                self.held_grants.insert(g.grant_id.clone());
-                grants.push(g.clone());
-            } else if self.held_grants.remove(&g.grant_id) {
-                removed_grants.push(g.grant_id.clone());
-            }
-        }
-        for id in &d.removed_grants {
-            if self.held_grants.remove(id) {
-                removed_grants.push(id.clone());
-            }
-        }
+        let (cards, removed_cards) = kept(
+            &d.cards,
+            &d.removed_cards,
+            &mut self.held_cards,
+            |c| f.card(c),
+            |c| &c.gpu_uuid,
+        );
+        let (grants, removed_grants) = kept(
+            &d.grants,
+            &d.removed_grants,
+            &mut self.held_grants,
+            |g| f.grant(g),
+            |g| &g.grant_id,
+        );
         Update {
             version: d.version,
             at_ms: d.at_ms,
@@ -898,25 +882,7 @@ fn assemble(a: Assembly<'_>) -> Fleet {
         host_id: host.to_string(),
         agent_id: agent.to_string(),
         csp: csp.to_string(),
-        gpu_name: String::new(),
-        window_start_ms: 0,
-        window_end_ms: 0,
-        util_pct: None,
-        memory_used_bytes: None,
-        memory_total_bytes: None,
-        power_w: None,
-        health: String::new(),
-        reporting: false,
-        connected: false,
-        grant_id: String::new(),
-        program: String::new(),
-        grantee: String::new(),
-        window: Figures::default(),
-        window_unassigned_ms: 0,
-        day: Figures::default(),
-        day_unassigned_ms: 0,
-        idle: false,
-        violating: false,
+        ..CardLive::default()
     };
     // The inventory: every card an agent listed.
     for h in a.hosts {
@@ -1155,6 +1121,29 @@ pub fn grant_to_wire(g: &GrantLive) -> v1::LiveGrant {
         window: Some(f(&g.window)),
         day: Some(f(&g.day)),
     }
+}
+
+/// The changed entries a filter keeps (now held) and the ids the subscriber must drop: those
+/// it held that are gone, or changed into ones the filter no longer keeps.
+fn kept<T: Clone>(
+    changed: &[T],
+    removed: &[String],
+    held: &mut std::collections::HashSet<String>,
+    keeps: impl Fn(&T) -> bool,
+    id: impl Fn(&T) -> &String,
+) -> (Vec<T>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut dropped = Vec::new();
+    for item in changed {
+        if keeps(item) {
+            held.insert(id(item).clone());
+            out.push(item.clone());
+        } else if held.remove(id(item)) {
+            dropped.push(id(item).clone());
+        }
+    }
+    dropped.extend(removed.iter().filter(|r| held.remove(*r)).cloned());
+    (out, dropped)
 }
 
 #[cfg(test)]

@@ -157,6 +157,26 @@ impl BlockCache {
 }
 
 impl BlockCache {
+    /// A record's body where its row keeps it, or from its block; `Ok(Err(why))` when it
+    /// cannot be read (verification reports that, queries fail on it).
+    fn resolve<E>(
+        &mut self,
+        seq: u64,
+        body: Option<Vec<u8>>,
+        block: Option<i64>,
+        load: impl FnOnce(i64) -> Result<Option<(i64, Vec<u8>)>, E>,
+    ) -> Result<Result<Vec<u8>, String>, E> {
+        Ok(match (body, block) {
+            (Some(body), _) => Ok(body),
+            (None, Some(id)) => match self.body(id, seq, load)? {
+                Ok(Some(body)) => Ok(body),
+                Ok(None) => Err(format!("body block {id} does not hold it")),
+                Err(e) => Err(e.to_string()),
+            },
+            (None, None) => Err("its row keeps no body and names no block".into()),
+        })
+    }
+
     /// A record's body for a query (not for verification, which reports instead): the row's
     /// own, or the one in its block; an error naming the record when it cannot be read.
     pub fn body_of(
@@ -167,21 +187,11 @@ impl BlockCache {
         block: Option<i64>,
         load: impl FnOnce(i64) -> Result<Option<(i64, Vec<u8>)>, super::StoreError>,
     ) -> Result<Vec<u8>, super::StoreError> {
-        let unreadable = |why: String| {
+        self.resolve(seq, body, block, load)?.map_err(|why| {
             super::StoreError::Db(format!(
                 "record {agent_id} seq {seq}: its body cannot be read back: {why}"
             ))
-        };
-        match (body, block) {
-            (Some(body), _) => Ok(body),
-            (None, Some(id)) => self
-                .body(id, seq, load)?
-                .map_err(|e| unreadable(e.to_string()))?
-                .ok_or_else(|| unreadable(format!("body block {id} does not hold it"))),
-            (None, None) => Err(unreadable(
-                "its row keeps no body and names no block".into(),
-            )),
-        }
+        })
     }
 }
 
@@ -219,20 +229,9 @@ impl RecordReader {
             Some((s, h)) if s + 1 == seq => h.clone(),
             _ => Vec::new(),
         });
-        let (body, unreadable) = match (r.body, r.block) {
-            (Some(body), _) => (body, None),
-            (None, Some(id)) => match self.blocks.body(id, seq, load)? {
-                Ok(Some(body)) => (body, None),
-                Ok(None) => (
-                    Vec::new(),
-                    Some(format!("body block {id} does not hold it")),
-                ),
-                Err(e) => (Vec::new(), Some(e.to_string())),
-            },
-            (None, None) => (
-                Vec::new(),
-                Some("its row keeps no body and names no block".into()),
-            ),
+        let (body, unreadable) = match self.blocks.resolve(seq, r.body, r.block, load)? {
+            Ok(body) => (body, None),
+            Err(why) => (Vec::new(), Some(why)),
         };
         self.prev = Some((seq, r.hash.clone()));
         Ok(crate::verify::ChainRow {

@@ -853,12 +853,7 @@ impl Store for PgStore {
             for r in &rows {
                 let (agent_id, seq): (String, u64) = (r.get(0), r.get::<_, i64>(2) as u64);
                 let body = blocks.body_of(&agent_id, seq, r.get(3), r.get(4), |id| {
-                    Ok(c.query_opt(
-                        "SELECT raw_len, data FROM record_blocks WHERE id = $1 AND agent_id = $2",
-                        &[&id, &agent_id],
-                    )
-                    .map_err(db)?
-                    .map(|b| (b.get(0), b.get(1))))
+                    super::postgres_ledger::load_block(c, &agent_id, id)
                 })?;
                 out.push((agent_id, r.get(1), seq, body));
             }

@@ -90,13 +90,7 @@ impl PgLedger {
 
     /// Body block `id` of `agent_id`: its uncompressed length and data.
     fn block(&self, agent_id: &str, id: i64) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
-        Ok(self
-            .rows(
-                "SELECT raw_len, data FROM record_blocks WHERE id = $1 AND agent_id = $2",
-                &[&id, &agent_id],
-            )?
-            .first()
-            .map(|r| (r.get(0), r.get(1))))
+        self.conn.with(|c| load_block(c, agent_id, id))
     }
 
     /// Signed heads held, oldest first, from `since_ms` on.
@@ -139,6 +133,20 @@ impl Drop for Cursor<'_> {
 
 fn u(v: i64) -> u64 {
     v.max(0) as u64
+}
+
+/// Body block `id` of `agent_id`: its uncompressed length and data.
+pub(crate) fn load_block(
+    c: &mut postgres::Client,
+    agent_id: &str,
+    id: i64,
+) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+    Ok(c.query_opt(
+        "SELECT raw_len, data FROM record_blocks WHERE id = $1 AND agent_id = $2",
+        &[&id, &agent_id],
+    )
+    .map_err(db)?
+    .map(|b| (b.get(0), b.get(1))))
 }
 
 /// A row of [`RECORDS_SQL`] as the ledger keeps it.

@@ -578,27 +578,9 @@ fn filters_keep_what_they_name() {
     let card = |uuid: &str, host: &str, grant: &str, program: &str| CardLive {
         gpu_uuid: uuid.into(),
         host_id: host.into(),
-        agent_id: String::new(),
-        csp: String::new(),
-        gpu_name: String::new(),
-        window_start_ms: 0,
-        window_end_ms: 0,
-        util_pct: None,
-        memory_used_bytes: None,
-        memory_total_bytes: None,
-        power_w: None,
-        health: String::new(),
-        reporting: false,
-        connected: false,
         grant_id: grant.into(),
         program: program.into(),
-        grantee: String::new(),
-        window: Figures::default(),
-        window_unassigned_ms: 0,
-        day: Figures::default(),
-        day_unassigned_ms: 0,
-        idle: false,
-        violating: false,
+        ..CardLive::default()
     };
     let f = Filter {
         program: "hpc".into(),
