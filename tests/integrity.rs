@@ -227,7 +227,10 @@ async fn verify_re_derives_every_derived_row_and_names_each_tampering() {
     ];
     for (name, sql, agent, kind, seq) in cases {
         let tampered = copy(&db, dir.path(), name, |c| {
-            assert!(c.execute(&sql, []).unwrap() > 0, "{name}: {sql}");
+            assert!(
+                gpumeter_e2e::rows_changed(c, &sql, []).unwrap() > 0,
+                "{name}: {sql}"
+            );
         });
         let (code, findings, _, v) = verify_db(&tampered, None);
         assert_eq!(code, Some(1), "{name}: {v}");
@@ -1379,6 +1382,7 @@ fn apply(c: &rusqlite::Connection, e: &Edit) -> String {
                     ),
                     rusqlite::params![delta, agent, seq],
                 )
+                .map(|n| n as u64)
                 .or_else(|_| {
                     // events and window_principals have no rowid: they are keyed by (agent_id,
                     // seq), and principals by their name within it too.
@@ -1388,7 +1392,8 @@ fn apply(c: &rusqlite::Connection, e: &Edit) -> String {
                     } else {
                         ""
                     };
-                    c.execute(
+                    gpumeter_e2e::rows_changed(
+                        c,
                         &format!(
                             "UPDATE {table} SET {column} = COALESCE({column}, 0) + ?1 WHERE agent_id = ?2 AND seq = ?3{one_principal}"
                         ),

@@ -572,3 +572,17 @@ pub async fn ingest_with(
         .await?;
     Ok(IngestClient::new(ch))
 }
+
+/// Runs one statement that edits a SQLite ledger by hand and returns how many rows it changed.
+/// `windows` and `window_principals` are views whose INSTEAD OF triggers write the row tables
+/// (`sqlite_names`), and SQLite counts no change for a statement on a view: the count here is
+/// of every row written, triggers included.
+pub fn rows_changed(
+    c: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<u64> {
+    let before = c.total_changes();
+    c.execute(sql, params)?;
+    Ok(c.total_changes() - before)
+}

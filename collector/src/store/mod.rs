@@ -15,6 +15,7 @@ pub mod rollup_sql;
 pub mod sqlite;
 pub mod sqlite_integrity;
 pub mod sqlite_ledger;
+pub mod sqlite_names;
 pub mod sqlite_rollup;
 #[cfg(test)]
 mod suite;

@@ -1,4 +1,4 @@
-//! The PostgreSQL schema: the same versions 1..10 as the SQLite store's `MIGRATIONS`, with the
+//! The PostgreSQL schema: the same versions as the SQLite store's `MIGRATIONS`, with the
 //! same tables and columns, in PostgreSQL's types (BIGINT for every integer, BYTEA, DOUBLE
 //! PRECISION, BOOLEAN for SQLite's 0/1 columns, TEXT).
 //!
@@ -11,8 +11,8 @@
 //! Every text column is `COLLATE "C"`: reports and tests order by ids, and SQLite compares
 //! bytes; a database created with a language collation would otherwise sort `GPU-b` before
 //! `GPU-B` differently from the SQLite ledger. Where SQLite rebuilt a table only for its own
-//! storage reasons (version 4: rowid tables), the PostgreSQL version renames the keys to
-//! SQLite's index names and changes nothing else.
+//! storage reasons (version 4: rowid tables; version 12: interned names), the PostgreSQL
+//! version renames the keys to SQLite's index names, or changes nothing.
 
 /// Schema migrations; entry i brings the schema to version i + 1.
 pub const MIGRATIONS: &[&str] = &[
@@ -345,6 +345,10 @@ ALTER TABLE records ALTER COLUMN prev_hash DROP NOT NULL;
 ALTER TABLE records ALTER COLUMN body DROP NOT NULL;
 ALTER TABLE records ADD COLUMN block BIGINT;
 "#,
+    // 12: SQLite interns agent ids, card UUIDs, grant ids and principals for its own storage
+    // (`sqlite_names`), keeping the same columns in views; PostgreSQL's tables keep those
+    // columns as they are, so nothing changes here but the version.
+    "SELECT 1",
 ];
 
 #[cfg(test)]

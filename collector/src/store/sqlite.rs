@@ -464,6 +464,9 @@ INSERT INTO window_principals_v11 SELECT agent_id, seq, principal, uid, occupied
 DROP TABLE window_principals;
 ALTER TABLE window_principals_v11 RENAME TO window_principals;
 "#,
+    // 12: names interned (crate::store::sqlite_names): windows and window principals become
+    // views over narrow row tables keyed by numbers.
+    super::sqlite_names::MIGRATION,
 ];
 
 /// The version whose migration is followed by the rollups' backfill.
@@ -676,16 +679,16 @@ impl SqliteStore {
                 .map_err(db)?;
             let mut ins_win = tx
                 .prepare_cached(
-                    "INSERT INTO windows (agent_id, seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
+                    "INSERT INTO window_rows (agent_no, seq, card_no, start_ms, end_ms, interval_ms, expected_samples, good_samples,
                        util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj, energy_estimated, power_avg_w,
-                       temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_id, principal,
+                       temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_no, principal_no,
                        active_ms, occupied_ms, foreign_ms, grantee_occupied_ms, unattributed_ms, energy_estimated_mj)
                      VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28)",
                 )
                 .map_err(db)?;
             let mut ins_pr = tx
                 .prepare_cached(
-                    "INSERT INTO window_principals (agent_id, seq, principal, uid, occupied_ms, active_ms, memory_max_bytes, process_count, matches_grant)
+                    "INSERT INTO window_principal_rows (agent_no, seq, principal_no, uid, occupied_ms, active_ms, memory_max_bytes, process_count, matches_grant)
                      VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
                 )
                 .map_err(db)?;
@@ -709,7 +712,11 @@ impl SqliteStore {
                      VALUES (?1,?2,?3,?4,?5,?6) ON CONFLICT(agent_id, seq) DO NOTHING",
                 )
                 .map_err(db)?;
-            let mut one = |b: &IngestBatch| -> Result<CommitOutcome, StoreError> {
+            let mut names = super::sqlite_names::Interner::default();
+            // A savepoint rolled back takes its new names with it: the interner is then dropped.
+            let mut one = |b: &IngestBatch,
+                           names: &mut super::sqlite_names::Interner|
+             -> Result<CommitOutcome, StoreError> {
                 let mut out = CommitOutcome::default();
                 let mut disputed: Vec<(u64, String)> = Vec::new();
                 // Counted windows, added to the rollups once per batch.
@@ -775,11 +782,15 @@ impl SqliteStore {
                     }
                     match &r.content {
                         RecordContent::Window(w) => {
+                            let agent_no = names.no(&tx, &b.agent_id)?;
+                            let card_no = names.no(&tx, &w.gpu_uuid)?;
+                            let grant_no = names.no(&tx, &w.grant_id)?;
+                            let principal_no = names.no(&tx, &w.principal)?;
                             ins_win
                                 .execute(params![
-                                    b.agent_id,
+                                    agent_no,
                                     seq,
-                                    w.gpu_uuid,
+                                    card_no,
                                     w.start_ms,
                                     w.end_ms,
                                     w.interval_ms as i64,
@@ -797,8 +808,8 @@ impl SqliteStore {
                                     w.health,
                                     w.unavailable_ms as i64,
                                     w.assignment_status,
-                                    w.grant_id,
-                                    w.principal,
+                                    grant_no,
+                                    principal_no,
                                     w.active_ms as i64,
                                     w.occupied_ms as i64,
                                     w.foreign_ms as i64,
@@ -815,11 +826,12 @@ impl SqliteStore {
                                 disputed.push((r.seq, w.gpu_uuid.clone()));
                             }
                             for p in &w.principals {
+                                let principal_no = names.no(&tx, &p.principal)?;
                                 ins_pr
                                     .execute(params![
-                                        b.agent_id,
+                                        agent_no,
                                         seq,
-                                        p.principal,
+                                        principal_no,
                                         p.uid,
                                         p.occupied_ms as i64,
                                         p.active_ms as i64,
@@ -967,7 +979,7 @@ impl SqliteStore {
             let mut failed: std::collections::HashSet<&str> = std::collections::HashSet::new();
             for b in batches {
                 if !isolate {
-                    outcomes.push(Ok(one(b)?));
+                    outcomes.push(Ok(one(b, &mut names)?));
                     continue;
                 }
                 let last_seq = b.records.last().map_or(b.checkpoint.seq, |r| r.seq);
@@ -980,7 +992,7 @@ impl SqliteStore {
                     continue;
                 }
                 tx.execute_batch("SAVEPOINT batch").map_err(db)?;
-                match one(b) {
+                match one(b, &mut names) {
                     Ok(o) => {
                         tx.execute_batch("RELEASE batch").map_err(db)?;
                         outcomes.push(Ok(o));
@@ -988,6 +1000,7 @@ impl SqliteStore {
                     Err(e) => {
                         tx.execute_batch("ROLLBACK TO batch; RELEASE batch")
                             .map_err(db)?;
+                        names = super::sqlite_names::Interner::default();
                         failed.insert(b.agent_id.as_str());
                         let reason = e.to_string();
                         insert_alarm(

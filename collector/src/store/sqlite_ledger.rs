@@ -118,7 +118,18 @@ impl ChainSource for SqliteLedger {
     }
 
     fn card_windows(&self, visit: &mut dyn FnMut(CardWindowRef)) -> Result<(), StoreError> {
-        let sql = if self.has_integrity_tables()? {
+        // From version 12 the rows are read by card number, in the order of their index;
+        // the check needs each card's windows together and in time order, not cards in the
+        // order of their UUIDs.
+        let sql = if self.schema_version()? >= NAMES_SCHEMA {
+            "SELECT c.name, w.start_ms, w.end_ms, a.name, w.seq, o.other_agent_id, o.other_seq
+             FROM window_rows w
+             JOIN names c ON c.no = w.card_no JOIN names a ON a.no = w.agent_no
+             LEFT JOIN window_flags o ON o.agent_id = a.name AND o.seq = w.seq AND o.flag = 'overlap'
+             WHERE NOT EXISTS (SELECT 1 FROM window_flags i
+                               WHERE i.agent_id = a.name AND i.seq = w.seq AND i.flag = 'impossible')
+             ORDER BY w.card_no, w.start_ms"
+        } else if self.has_integrity_tables()? {
             "SELECT w.gpu_uuid, w.start_ms, w.end_ms, w.agent_id, w.seq, o.other_agent_id, o.other_seq
              FROM windows w
              LEFT JOIN window_flags o ON o.agent_id = w.agent_id AND o.seq = w.seq AND o.flag = 'overlap'
@@ -222,6 +233,8 @@ const INTEGRITY_SCHEMA: i64 = 5;
 
 /// The schema version from which records may keep their bodies in blocks (migration 11).
 const BLOCKS_SCHEMA: i64 = 11;
+/// The first version whose windows are rows keyed by interned names (`sqlite_names`).
+const NAMES_SCHEMA: i64 = 12;
 
 /// An agent's records in seq order, as [`RecordReader::row`] reads them.
 fn records_sql(blocks: bool) -> &'static str {

@@ -655,7 +655,12 @@ mod tests {
             // Back to a version-8 ledger: the same windows, no rollups (nor the later
             // versions' tables).
             c.execute_batch(
-                "DROP TABLE card_hours; DROP TABLE card_days; DROP TABLE registry_history;
+                "CREATE TABLE w8 AS SELECT * FROM windows; DROP VIEW windows;
+                 ALTER TABLE w8 RENAME TO windows;
+                 CREATE TABLE p8 AS SELECT * FROM window_principals; DROP VIEW window_principals;
+                 ALTER TABLE p8 RENAME TO window_principals;
+                 DROP TABLE window_rows; DROP TABLE window_principal_rows; DROP TABLE names;
+                 DROP TABLE card_hours; DROP TABLE card_days; DROP TABLE registry_history;
                  DROP TABLE registered_hosts; DROP TABLE providers; DROP TABLE record_blocks;
                  PRAGMA user_version = 8;",
             )
@@ -665,6 +670,134 @@ mod tests {
         let _store = SqliteStore::open(&path).unwrap();
         let c = Connection::open(&path).unwrap();
         assert_eq!(all_rows(&c), kept, "the backfill gives what commits kept");
+    }
+
+    /// Every column of every window and principal row, as the views give them.
+    fn derived_dump(c: &Connection) -> Vec<String> {
+        let mut out = Vec::new();
+        for sql in [
+            "SELECT * FROM windows ORDER BY agent_id, seq",
+            "SELECT * FROM window_principals ORDER BY agent_id, seq, principal",
+        ] {
+            let mut st = c.prepare(sql).unwrap();
+            let n = st.column_count();
+            let rows = st
+                .query_map([], |r| {
+                    Ok((0..n)
+                        .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                        .collect::<Vec<_>>()
+                        .join("|"))
+                })
+                .unwrap();
+            out.extend(rows.map(Result::unwrap));
+        }
+        out
+    }
+
+    #[test]
+    fn migration_12_moves_windows_and_principals_over_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let kept: Vec<String>;
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.hello(&hello("a", &CARDS)).unwrap();
+            let ws = (0..40)
+                .map(|i| {
+                    window_of(&Gen {
+                        card: i % 3,
+                        agent_b: false,
+                        start_min: i as i64 * 7,
+                        len_min: 1,
+                        good_pct: 80,
+                        assignment: (i % 3) as u8,
+                        grantee: None,
+                        matches: (true, i % 2 == 0),
+                        energy: Some(i as u64),
+                        unattributed: Some(10),
+                        bad: false,
+                    })
+                })
+                .collect();
+            commit(&store, "a", 1, ws);
+            let c = Connection::open(&path).unwrap();
+            kept = derived_dump(&c);
+            // Back to a version-11 ledger: the same rows in plain tables.
+            c.execute_batch(
+                "CREATE TABLE w11 AS SELECT * FROM windows; DROP VIEW windows;
+                 ALTER TABLE w11 RENAME TO windows;
+                 CREATE TABLE p11 AS SELECT * FROM window_principals; DROP VIEW window_principals;
+                 ALTER TABLE p11 RENAME TO window_principals;
+                 DROP TABLE window_rows; DROP TABLE window_principal_rows; DROP TABLE names;
+                 PRAGMA user_version = 11;",
+            )
+            .unwrap();
+        }
+        assert!(kept.len() > 60, "{}", kept.len());
+        let _store = SqliteStore::open(&path).unwrap();
+        let c = Connection::open(&path).unwrap();
+        assert_eq!(
+            derived_dump(&c),
+            kept,
+            "the views give back every row as it was"
+        );
+        // Each name is stored once, however many rows carry it.
+        let names: i64 = c
+            .query_row("SELECT COUNT(*) FROM names WHERE name = 'a'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(names, 1);
+        // The views stay writable for tools that edit the ledger by hand.
+        let occupied_of = |c: &Connection| -> i64 {
+            c.query_row(
+                "SELECT occupied_ms FROM windows WHERE agent_id = 'a' AND seq = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        let was = occupied_of(&c);
+        let before = c.total_changes();
+        c.execute(
+            "UPDATE windows SET occupied_ms = occupied_ms + 1 WHERE agent_id = 'a' AND seq = 1",
+            [],
+        )
+        .unwrap();
+        c.execute(
+            "DELETE FROM window_principals WHERE agent_id = 'a' AND seq = 2",
+            [],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO windows SELECT 'b', seq, gpu_uuid, start_ms, end_ms, interval_ms,
+                 expected_samples, good_samples, util_avg_pct, util_max_pct, mem_util_avg_pct,
+                 memory_used_max_bytes, energy_mj, energy_estimated, power_avg_w,
+                 temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status,
+                 grant_id, principal, active_ms, occupied_ms, foreign_ms, grantee_occupied_ms,
+                 unattributed_ms, energy_estimated_mj
+             FROM windows WHERE agent_id = 'a' AND seq = 3",
+            [],
+        )
+        .unwrap();
+        assert!(c.total_changes() - before >= 3);
+        assert_eq!(occupied_of(&c), was + 1);
+        let gone: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM window_principals WHERE agent_id = 'a' AND seq = 2",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(gone, 0);
+        let copied: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM windows WHERE agent_id = 'b' AND seq = 3",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(copied, 1);
     }
 
     fn all_rows(c: &Connection) -> Vec<(i64, String, i64, i64)> {
