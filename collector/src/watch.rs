@@ -395,6 +395,22 @@ impl Hub {
     }
 }
 
+/// One subscriber waiting for a first fresh state, counted for as long as it lives.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// One subscriber's stream of frames.
 pub struct Subscription {
     hub: Hub,
@@ -452,7 +468,9 @@ impl Subscription {
 
     async fn attach(&mut self) -> Option<(broadcast::Receiver<Arc<Delta>>, Arc<Fleet>)> {
         let shared = &self.hub.shared;
-        shared.waiting.fetch_add(1, Ordering::SeqCst);
+        // Counted while it waits, and no longer once it returns or is dropped mid-wait (a
+        // client gone before its first frame), so the worker never computes for nobody.
+        let _waiting = Waiting::enter(&shared.waiting);
         let _ = self.hub.wake.try_send(());
         let out = loop {
             let notified = shared.fresh.notified();
@@ -471,7 +489,6 @@ impl Subscription {
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
             let _ = self.hub.wake.try_send(());
         };
-        shared.waiting.fetch_sub(1, Ordering::SeqCst);
         out
     }
 

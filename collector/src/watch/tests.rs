@@ -592,3 +592,36 @@ fn filters_keep_what_they_name() {
     assert!(!f.card(&card("a", "h2", "G", "research")));
     assert!(Filter::default().card(&card("a", "h1", "", "")));
 }
+
+/// A subscriber dropped while it waits for its first state (a client gone before its first
+/// frame) stops counting as a watcher, so the worker does not keep computing for nobody.
+#[test]
+fn a_subscriber_dropped_mid_wait_stops_counting() {
+    let b = sqlite();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let hub = Hub::start(b.store.clone(), options());
+        let mut sub = hub.subscribe(Filter::default());
+        // Polled once, it counts itself, wakes the worker and waits for the first state,
+        // which a just-started hub has not computed yet: the wait is cut there.
+        let mut waiting = Box::pin(sub.next());
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(waiting.as_mut(), cx))
+        })
+        .await;
+        assert!(
+            first.is_pending(),
+            "the first state was ready at the first poll"
+        );
+        assert_eq!(hub.shared.waiting.load(Ordering::SeqCst), 1);
+        drop(waiting);
+        assert_eq!(hub.shared.waiting.load(Ordering::SeqCst), 0);
+        // A subscriber that waits to the end is uncounted too, and gets its snapshot.
+        snapshot(next(&mut sub).await);
+        assert_eq!(hub.shared.waiting.load(Ordering::SeqCst), 0);
+        hub.close();
+    });
+}
