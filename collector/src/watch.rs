@@ -472,7 +472,7 @@ impl Subscription {
         // client gone before its first frame), so the worker never computes for nobody.
         let _waiting = Waiting::enter(&shared.waiting);
         let _ = self.hub.wake.try_send(());
-        let out = loop {
+        loop {
             let notified = shared.fresh.notified();
             {
                 let Ok(st) = shared.state.lock() else {
@@ -488,8 +488,7 @@ impl Subscription {
             // The worker publishes (and notifies) once it has recomputed.
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
             let _ = self.hub.wake.try_send(());
-        };
-        out
+        }
     }
 
     /// What of `d` this subscriber sees: changed entries its filter keeps, and removals of
