@@ -197,6 +197,8 @@ processes = [{{ pid = 502, uid = 1002, user = "bob" }}]
                     (false, false, "G-W")
                 );
                 assert_eq!(c.grantee, "Lab-G-W");
+                // Its agent's session is live while it streams.
+                assert!(c.connected, "{c:?}");
                 busy_seen = true;
             }
             if c.idle && idle_at.is_none() {
