@@ -463,6 +463,7 @@ fn run_baseline(path: &Path, batches: &[BaseBatch]) -> anyhow::Result<BaselineRe
     let mut db_time = Duration::ZERO;
     let mut split = [Duration::ZERO; 5];
     let mut records = 0u64;
+    let mut names: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
     for b in batches {
         let decoded: Vec<(i64, RecordContent)> =
             b.records.iter().map(|r| decode_body(&r.body)).collect();
@@ -474,17 +475,29 @@ fn run_baseline(path: &Path, batches: &[BaseBatch]) -> anyhow::Result<BaselineRe
                 "INSERT INTO records (agent_id, seq, prev_hash, hash, body, kind, created_ms, received_ms)
                  VALUES (?1,?2,?3,?4,?5,?6,?7,?8) ON CONFLICT(agent_id, seq) DO NOTHING",
             )?;
+            // The schema's row tables, names interned (store::sqlite_names) and held in a
+            // map across transactions, as a hand-written loader would.
             let mut ins_win = tx.prepare_cached(
-                "INSERT INTO windows (agent_id, seq, gpu_uuid, start_ms, end_ms, interval_ms, expected_samples, good_samples,
+                "INSERT INTO window_rows (agent_no, seq, card_no, start_ms, end_ms, interval_ms, expected_samples, good_samples,
                    util_avg_pct, util_max_pct, mem_util_avg_pct, memory_used_max_bytes, energy_mj, energy_estimated, power_avg_w,
-                   temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_id, principal,
+                   temperature_max_c, throttle_reasons, health, unavailable_ms, assignment_status, grant_no, principal_no,
                    active_ms, occupied_ms, foreign_ms)
                  VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25)",
             )?;
             let mut ins_pr = tx.prepare_cached(
-                "INSERT INTO window_principals (agent_id, seq, principal, uid, occupied_ms, active_ms, memory_max_bytes, process_count, matches_grant)
+                "INSERT INTO window_principal_rows (agent_no, seq, principal_no, uid, occupied_ms, active_ms, memory_max_bytes, process_count, matches_grant)
                  VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
             )?;
+            let mut no = |name: &str| -> rusqlite::Result<i64> {
+                if let Some(&n) = names.get(name) {
+                    return Ok(n);
+                }
+                tx.prepare_cached("INSERT INTO names (name) VALUES (?1)")?
+                    .execute([name])?;
+                let n = tx.last_insert_rowid();
+                names.insert(name.to_owned(), n);
+                Ok(n)
+            };
             let mut ins_cp = tx.prepare_cached(
                 "INSERT INTO checkpoints (agent_id, epoch, seq, chain_hash, signature, received_ms)
                  VALUES (?1,?2,?3,?4,?5,?6) ON CONFLICT(agent_id, seq) DO NOTHING",
@@ -505,10 +518,11 @@ fn run_baseline(path: &Path, batches: &[BaseBatch]) -> anyhow::Result<BaselineRe
                 let t1 = Instant::now();
                 split[0] += t1 - t0;
                 if let RecordContent::Window(w) = content {
+                    let agent_no = no(&b.agent_id)?;
                     ins_win.execute(params![
-                        b.agent_id,
+                        agent_no,
                         seq,
-                        w.gpu_uuid,
+                        no(&w.gpu_uuid)?,
                         w.start_ms,
                         w.end_ms,
                         w.interval_ms as i64,
@@ -526,8 +540,8 @@ fn run_baseline(path: &Path, batches: &[BaseBatch]) -> anyhow::Result<BaselineRe
                         w.health,
                         w.unavailable_ms as i64,
                         w.assignment_status,
-                        w.grant_id,
-                        w.principal,
+                        no(&w.grant_id)?,
+                        no(&w.principal)?,
                         w.active_ms as i64,
                         w.occupied_ms as i64,
                         w.foreign_ms as i64
@@ -535,10 +549,11 @@ fn run_baseline(path: &Path, batches: &[BaseBatch]) -> anyhow::Result<BaselineRe
                     let t2 = Instant::now();
                     split[1] += t2 - t1;
                     for p in &w.principals {
+                        let principal_no = no(&p.principal)?;
                         ins_pr.execute(params![
-                            b.agent_id,
+                            agent_no,
                             seq,
-                            p.principal,
+                            principal_no,
                             p.uid,
                             p.occupied_ms as i64,
                             p.active_ms as i64,

@@ -95,14 +95,19 @@ pub fn check_window(
         return Ok(true);
     }
     // Windows are at most a day long, so a counted window overlapping this one started less
-    // than a day before it: a range of the card's index (windows_by_card, in start order, so
-    // the one named is the earliest, as verify and the PostgreSQL store name it).
+    // than a day before it: a range of the card's index (window_rows_by_card, in start order,
+    // so the one named is the earliest, as verify and the PostgreSQL store name it). The row
+    // table is read, not the `windows` view: the index covers every column used here, and a
+    // view's joins would look up each row of the range in the table (a day of the card's
+    // windows per window committed).
     let other: Option<(String, i64, i64, i64)> = c
         .prepare_cached(
-            "SELECT agent_id, seq, start_ms, end_ms FROM windows w
-             WHERE gpu_uuid = ?1 AND start_ms < ?3 AND start_ms > ?2 - 86400000 AND end_ms > ?2
-               AND NOT (agent_id = ?4 AND seq = ?5)
-               AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
+            "SELECT a.name, w.seq, w.start_ms, w.end_ms
+             FROM window_rows w JOIN names a ON a.no = w.agent_no
+             WHERE w.card_no = (SELECT no FROM names WHERE name = ?1)
+               AND w.start_ms < ?3 AND w.start_ms > ?2 - 86400000 AND w.end_ms > ?2
+               AND NOT (a.name = ?4 AND w.seq = ?5)
+               AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = a.name AND f.seq = w.seq)
              LIMIT 1",
         )
         .map_err(db)?
