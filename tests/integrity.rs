@@ -169,6 +169,19 @@ async fn verify_re_derives_every_derived_row_and_names_each_tampering() {
             "int-b", "derived_missing", 0,
         ),
         (
+            // One interned name rewritten changes every row that carries its number.
+            "name_renamed",
+            "UPDATE names SET name = 'GPU-0000000e-0000-4000-8000-0000000000ff'
+             WHERE name = 'GPU-0000000e-0000-4000-8000-000000000020'".into(),
+            "int-b", "derived_mismatch", 0,
+        ),
+        (
+            // A row whose number names nothing drops out of the views, and is missed.
+            "name_deleted",
+            "DELETE FROM names WHERE name = 'GPU-0000000e-0000-4000-8000-000000000020'".into(),
+            "int-b", "derived_missing", 0,
+        ),
+        (
             "principals_deleted",
             format!("DELETE FROM window_principals WHERE agent_id='int-a' AND seq={wseq}"),
             "int-a", "derived_missing", wseq,
