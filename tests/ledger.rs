@@ -580,3 +580,119 @@ async fn collector_metrics_count_sessions_and_commits() {
     drop(_tx);
     collector.stop().await.unwrap();
 }
+
+/// A ledger stored before the compact format (bodies and prev_hashes verbatim in their rows,
+/// no blocks) is compacted by `gpumeter-collector compact`: the same records, the same
+/// `verify` answer, a smaller file, and a second run finds nothing left to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_moves_verbatim_bodies_into_blocks_and_verify_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = build_ledger(dir.path()).await;
+    let db = dir.path().join("ledger.db");
+    // The same ledger as a collector before version 11 kept it.
+    let old = tampered(&db, dir.path(), "verbatim", |c| {
+        let rows: Vec<(String, i64, Option<Vec<u8>>, Vec<u8>)> = c
+            .prepare("SELECT agent_id, seq, prev_hash, hash FROM records ORDER BY agent_id, seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut before: Option<(String, i64, Vec<u8>)> = None;
+        for (agent, seq, prev, hash) in &rows {
+            let prev = prev.clone().unwrap_or_else(|| match &before {
+                Some((a, s, h)) if a == agent && s + 1 == *seq => h.clone(),
+                _ => panic!("{agent} seq {seq}: no prev_hash and no record before"),
+            });
+            let body = record_body(c, agent, *seq as u64);
+            c.execute(
+                "UPDATE records SET body = ?1, prev_hash = ?2, block = NULL
+                 WHERE agent_id = ?3 AND seq = ?4",
+                rusqlite::params![body, prev, agent, seq],
+            )
+            .unwrap();
+            before = Some((agent.clone(), *seq, hash.clone()));
+        }
+        c.execute("DELETE FROM record_blocks", []).unwrap();
+        c.execute_batch("VACUUM").unwrap();
+    });
+    let count = |sql: &str| -> i64 {
+        rusqlite::Connection::open(&old)
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    };
+    let records = count("SELECT COUNT(*) FROM records");
+    assert!(records > 80, "{records}");
+    assert_eq!(count("SELECT COUNT(*) FROM records WHERE body IS NULL"), 0);
+    let (code, verbatim_verdict) = verify_db(&old);
+    assert_eq!(code, Some(0), "{verbatim_verdict}");
+    let size_before = std::fs::metadata(&old).unwrap().len();
+
+    let out = gpumeter_e2e::cli()
+        // Small blocks: each agent's records in several, linked across their edges.
+        .args(["compact", "--vacuum", "--per-block", "7", "--db"])
+        .arg(&old)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("compacted {records} records of 2 agents")),
+        "{text}"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM records WHERE body IS NOT NULL"),
+        0
+    );
+    assert_eq!(count("SELECT COUNT(*) FROM records"), records);
+    assert!(count("SELECT COUNT(*) FROM record_blocks") >= records / 7);
+    assert!(
+        count("SELECT COUNT(*) FROM records WHERE prev_hash IS NULL") > records / 2,
+        "links to the record before are no longer stored"
+    );
+    let (code, compact_verdict) = verify_db(&old);
+    assert_eq!(code, Some(0), "{compact_verdict}");
+    let verdict = |v: &str| {
+        v.lines()
+            .filter(|l| !l.starts_with("verified in"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        verdict(&compact_verdict),
+        verdict(&verbatim_verdict),
+        "verify says the same of the ledger before and after"
+    );
+    let size_after = std::fs::metadata(&old).unwrap().len();
+    assert!(
+        size_after < size_before,
+        "{size_after} bytes after, {size_before} before"
+    );
+
+    let again = gpumeter_e2e::cli()
+        .args(["compact", "--db"])
+        .arg(&old)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("compacted 0 records"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    // Bad input is named.
+    let missing = gpumeter_e2e::cli()
+        .args(["compact", "--db"])
+        .arg(dir.path().join("nowhere.db"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no such ledger file"));
+    collector.stop().await.unwrap();
+}

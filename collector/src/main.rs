@@ -297,6 +297,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move the bodies of records stored before the compact ledger (schema version 11) into
+    /// compressed blocks, as bodies are stored since; no signed byte changes, and `verify`
+    /// gives the same answer. Runs beside a serving collector, a chunk of records at a time.
+    Compact {
+        /// The SQLite ledger file.
+        #[arg(long)]
+        db: PathBuf,
+        /// Then rewrite the file without the freed pages (`VACUUM`; needs as much free disk
+        /// as the file, and holds the database for its length).
+        #[arg(long)]
+        vacuum: bool,
+        /// Records per block (and per transaction).
+        #[arg(long, default_value_t = gpumeter_collector::store::sqlite_compact::PER_BLOCK as u64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+        per_block: u64,
+    },
     /// Fetch the collector's signed ledger heads and append the new ones to an append-only
     /// file an auditor keeps (with --server, a fresh head is signed first).
     Heads {
@@ -1003,6 +1018,43 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     "unchanged"
                 }
             );
+            Ok(())
+        }
+        Command::Compact {
+            db,
+            vacuum,
+            per_block,
+        } => {
+            if gpumeter_collector::store::postgres::is_postgres_url(&db.to_string_lossy()) {
+                return Err(Failure {
+                    code: 2,
+                    error: anyhow::anyhow!(
+                        "compact works on a SQLite ledger file; a PostgreSQL ledger keeps rows stored before version 11 as they are"
+                    ),
+                });
+            }
+            if !db.exists() {
+                return Err(Failure {
+                    code: 2,
+                    error: anyhow::anyhow!("--db {}: no such ledger file", db.display()),
+                });
+            }
+            let store = gpumeter_collector::store::sqlite::SqliteStore::open(&db)?;
+            let before = file_len(&db);
+            let done = store.compact_verbatim(per_block as usize)?;
+            println!(
+                "compacted {} records of {} agents into {} blocks: {} bytes of bodies now {} bytes; {} prev_hashes restored from the record before instead of stored",
+                done.records,
+                done.agents,
+                done.blocks,
+                done.body_bytes,
+                done.block_bytes,
+                done.links_dropped
+            );
+            if vacuum {
+                store.vacuum()?;
+                println!("vacuumed: {} bytes before, {} after", before, file_len(&db));
+            }
             Ok(())
         }
         Command::Verify {
@@ -2485,4 +2537,9 @@ async fn report(a: ReportArgs) -> Result<(), Failure> {
         return write_bytes(&pdf, a.out.as_ref());
     }
     write_out(&embedded, a.out.as_ref())
+}
+
+/// A file's length, 0 when it cannot be read.
+fn file_len(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }

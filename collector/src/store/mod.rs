@@ -13,6 +13,7 @@ pub mod postgres_rollup;
 pub mod postgres_schema;
 pub mod rollup_sql;
 pub mod sqlite;
+pub mod sqlite_compact;
 pub mod sqlite_integrity;
 pub mod sqlite_ledger;
 pub mod sqlite_names;

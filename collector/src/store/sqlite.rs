@@ -618,6 +618,20 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Moves bodies stored verbatim (before migration 11) into blocks
+    /// ([`super::sqlite_compact`]), on the writer's connection.
+    pub fn compact_verbatim(
+        &self,
+        per_block: usize,
+    ) -> Result<super::sqlite_compact::Compacted, StoreError> {
+        super::sqlite_compact::compact(&mut self.w(), per_block)
+    }
+
+    /// Rewrites the file without its free pages.
+    pub fn vacuum(&self) -> Result<(), StoreError> {
+        self.w().execute_batch("VACUUM").map_err(db)
+    }
+
     /// The collector's signing key, beside the database (created on first use).
     fn collector_key(&self) -> Result<&ed25519_dalek::SigningKey, StoreError> {
         if let Some(k) = self.head_key.get() {
