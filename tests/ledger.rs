@@ -591,7 +591,9 @@ async fn compact_moves_verbatim_bodies_into_blocks_and_verify_agrees() {
     let db = dir.path().join("ledger.db");
     // The same ledger as a collector before version 11 kept it.
     let old = tampered(&db, dir.path(), "verbatim", |c| {
-        let rows: Vec<(String, i64, Option<Vec<u8>>, Vec<u8>)> = c
+        // (agent, seq, prev_hash as stored, hash)
+        type Row = (String, i64, Option<Vec<u8>>, Vec<u8>);
+        let rows: Vec<Row> = c
             .prepare("SELECT agent_id, seq, prev_hash, hash FROM records ORDER BY agent_id, seq")
             .unwrap()
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
