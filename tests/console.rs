@@ -107,16 +107,29 @@ async fn the_console_refuses_without_a_session_and_sets_its_headers() {
     for path in ["/", "/grants", "/cards/GPU-x", "/admin/tokens", "/ledger"] {
         let a = request(addr, "GET", path, &[], None).await.unwrap();
         assert_eq!(a.status, 303, "{path}: {a:?}");
-        assert!(a.header("location").unwrap().starts_with("/login?next="), "{path}");
+        assert!(
+            a.header("location").unwrap().starts_with("/login?next="),
+            "{path}"
+        );
     }
-    assert_eq!(request(addr, "GET", "/live", &[], None).await.unwrap().status, 401);
+    assert_eq!(
+        request(addr, "GET", "/live", &[], None)
+            .await
+            .unwrap()
+            .status,
+        401
+    );
 
     // The login page and every answer carry the policy and headers.
     let a = request(addr, "GET", "/login", &[], None).await.unwrap();
     assert_eq!(a.status, 200);
     let csp = a.header("content-security-policy").unwrap();
     assert!(csp.starts_with("default-src 'none'"), "{csp}");
-    for d in ["script-src 'self'", "style-src 'self'", "frame-ancestors 'none'"] {
+    for d in [
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
         assert!(csp.contains(d), "{d} in {csp}");
     }
     assert!(!csp.contains("unsafe-inline"));
@@ -124,13 +137,23 @@ async fn the_console_refuses_without_a_session_and_sets_its_headers() {
     assert_eq!(a.header("referrer-policy"), Some("same-origin"));
     assert_eq!(a.header("cache-control"), Some("no-store"));
     assert!(!a.body.contains("<style") && !a.body.contains(" style="));
-    assert_eq!(a.body.matches("<script").count(), 1, "only the served script");
+    assert_eq!(
+        a.body.matches("<script").count(),
+        1,
+        "only the served script"
+    );
 
     // A wrong token, a cross-origin login: no session.
     let origin = format!("https://{addr}");
-    let bad = request(addr, "POST", "/login", &[("Origin", &origin)], Some("token=gpm_00&next=%2F"))
-        .await
-        .unwrap();
+    let bad = request(
+        addr,
+        "POST",
+        "/login",
+        &[("Origin", &origin)],
+        Some("token=gpm_00&next=%2F"),
+    )
+    .await
+    .unwrap();
     assert_eq!(bad.status, 303);
     assert!(bad.header("set-cookie").is_none());
     let cross = request(
@@ -158,36 +181,80 @@ async fn the_console_refuses_without_a_session_and_sets_its_headers() {
     assert_eq!(a.status, 303);
     assert_eq!(a.header("location"), Some("/grants"));
     let set = a.header("set-cookie").unwrap();
-    for attr in ["gpm_session=", "HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+    for attr in [
+        "gpm_session=",
+        "HttpOnly",
+        "Secure",
+        "SameSite=Strict",
+        "Path=/",
+    ] {
         assert!(set.contains(attr), "{attr} in {set}");
     }
     let cookie = set.split(';').next().unwrap().to_string();
 
     // An auditor reaches the pages, never an admin view.
-    for path in ["/", "/grants", "/violations", "/alarms", "/idle", "/downloads", "/ledger"] {
-        let a = request(addr, "GET", path, &[("Cookie", &cookie)], None).await.unwrap();
+    for path in [
+        "/",
+        "/grants",
+        "/violations",
+        "/alarms",
+        "/idle",
+        "/downloads",
+        "/ledger",
+    ] {
+        let a = request(addr, "GET", path, &[("Cookie", &cookie)], None)
+            .await
+            .unwrap();
         assert_eq!(a.status, 200, "{path}: {}", a.body);
         assert!(a.header("content-security-policy").is_some());
-        assert!(!a.body.contains("/admin/tokens\""), "{path} links no admin view");
+        assert!(
+            !a.body.contains("/admin/tokens\""),
+            "{path} links no admin view"
+        );
     }
     for path in ["/admin/tokens", "/admin/agents"] {
-        let a = request(addr, "GET", path, &[("Cookie", &cookie)], None).await.unwrap();
+        let a = request(addr, "GET", path, &[("Cookie", &cookie)], None)
+            .await
+            .unwrap();
         assert_eq!(a.status, 403, "{path}");
-        assert!(!a.body.contains("id=\"tokens\"") && !a.body.contains("adm-headers"), "{path} shows no token");
+        assert!(
+            !a.body.contains("id=\"tokens\"") && !a.body.contains("adm-headers"),
+            "{path} shows no token"
+        );
     }
     // A POST without the session's CSRF token, or from elsewhere, is refused.
-    let v = request(addr, "POST", "/ledger/verify", &[("Cookie", &cookie), ("Origin", &origin)], Some("csrf=nope"))
-        .await
-        .unwrap();
+    let v = request(
+        addr,
+        "POST",
+        "/ledger/verify",
+        &[("Cookie", &cookie), ("Origin", &origin)],
+        Some("csrf=nope"),
+    )
+    .await
+    .unwrap();
     assert_eq!(v.status, 403);
-    let v = request(addr, "POST", "/logout", &[("Cookie", &cookie), ("Origin", "https://evil.example")], Some("csrf=nope"))
-        .await
-        .unwrap();
+    let v = request(
+        addr,
+        "POST",
+        "/logout",
+        &[("Cookie", &cookie), ("Origin", "https://evil.example")],
+        Some("csrf=nope"),
+    )
+    .await
+    .unwrap();
     assert_eq!(v.status, 403);
 
     // An admin sees the tokens (names and roles, never hashes).
     let admin_cookie = https::login(addr, &admin).await.unwrap();
-    let a = request(addr, "GET", "/admin/tokens", &[("Cookie", &admin_cookie)], None).await.unwrap();
+    let a = request(
+        addr,
+        "GET",
+        "/admin/tokens",
+        &[("Cookie", &admin_cookie)],
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(a.status, 200);
     assert!(a.body.contains("aud-headers") && a.body.contains("adm-headers"));
     let hash = gpumeter_collector::auth::tokens::token_hash(&auditor);
@@ -196,7 +263,9 @@ async fn the_console_refuses_without_a_session_and_sets_its_headers() {
     // Revoking the token ends its session at the next request.
     let store = collector.backend.open().unwrap();
     assert!(store.revoke_token("aud-headers", now_ms()).unwrap());
-    let a = request(addr, "GET", "/grants", &[("Cookie", &cookie)], None).await.unwrap();
+    let a = request(addr, "GET", "/grants", &[("Cookie", &cookie)], None)
+        .await
+        .unwrap();
     assert_eq!(a.status, 303, "a revoked token's session is over");
     collector.stop().await.unwrap();
 }
@@ -269,7 +338,13 @@ async fn the_console_in_a_real_browser() {
     let start = now_ms();
     let switch_s = 30;
     let stop_at = start + 42_000;
-    let mut cfg = agent_config("host-c", "kt", &collector.url, &dir.path().join("host-c"), 64);
+    let mut cfg = agent_config(
+        "host-c",
+        "kt",
+        &collector.url,
+        &dir.path().join("host-c"),
+        64,
+    );
     cfg.sampling = SamplingConfig {
         interval_ms: 500,
         window_ms: WINDOW_MS as u64,
@@ -331,36 +406,52 @@ processes = [{{ pid = 502, uid = 1002, user = "bob" }}]
             goto(&tab, &base, &format!("/grants?period={day}"));
             assert!(tab.get_url().contains("/login?next="), "{}", tab.get_url());
             shot(&tab, "login");
-            tab.wait_for_element("#token").unwrap().type_into(&auditor).unwrap();
+            tab.wait_for_element("#token")
+                .unwrap()
+                .type_into(&auditor)
+                .unwrap();
             tab.wait_for_element("#login").unwrap().click().unwrap();
             wait_url(&tab, "/grants");
 
             // The cookie as the browser keeps it.
             let cookies = tab.get_cookies().unwrap();
-            let session = cookies.iter().find(|c| c.name == "gpm_session").expect("session cookie");
+            let session = cookies
+                .iter()
+                .find(|c| c.name == "gpm_session")
+                .expect("session cookie");
             assert!(session.http_only && session.secure, "{session:?}");
             assert_eq!(format!("{:?}", session.same_site), "Some(Strict)");
             assert_eq!(session.path, "/");
 
             // The card page, live: busy under its grant, then idle, without a reload.
             goto(&tab, &base, &format!("/cards/{c0}?period={day}"));
-            let state = format!("document.querySelector('[data-card=\"{c0}\"] .state').dataset.state");
+            let state =
+                format!("document.querySelector('[data-card=\"{c0}\"] .state').dataset.state");
             assert!(
                 wait_js(&tab, &state, "ok", Duration::from_secs(15)).is_some(),
                 "C0 busy: {}",
                 js(&tab, &state)
             );
-            let util = js(&tab, &format!("document.querySelector('[data-card=\"{c0}\"] .live-util').textContent"));
+            let util = js(
+                &tab,
+                &format!("document.querySelector('[data-card=\"{c0}\"] .live-util').textContent"),
+            );
             assert_eq!(util, "70.0%");
             shot(&tab, "card");
             let idle_seen = wait_js(&tab, &state, "idle", Duration::from_secs(30));
             assert!(idle_seen.is_some(), "C0 turned idle on the open page");
-            let end: i64 = js(&tab, &format!("document.querySelector('[data-card=\"{c0}\"]').dataset.windowEnd"))
-                .parse()
-                .unwrap();
+            let end: i64 = js(
+                &tab,
+                &format!("document.querySelector('[data-card=\"{c0}\"]').dataset.windowEnd"),
+            )
+            .parse()
+            .unwrap();
             // Shown within one window of its window's end (the agent sends at the window end).
             let lag = now_ms() - end;
-            assert!(lag < 2 * WINDOW_MS + 1_000, "idle shown {lag} ms after its window ended");
+            assert!(
+                lag < 2 * WINDOW_MS + 1_000,
+                "idle shown {lag} ms after its window ended"
+            );
             // The fleet page: the host and its live connection.
             goto(&tab, &base, &format!("/?period={day}"));
             assert!(js(&tab, "document.querySelector('#hosts').innerText").contains("host-c"));
@@ -378,24 +469,38 @@ processes = [{{ pid = 502, uid = 1002, user = "bob" }}]
 
             // The unassigned card is violating on its own page.
             goto(&tab, &base, &format!("/cards/{c1}?period={day}"));
-            let state1 = format!("document.querySelector('[data-card=\"{c1}\"] .state').dataset.state");
-            assert!(wait_js(&tab, &state1, "violating", Duration::from_secs(20)).is_some(), "C1 violating");
+            let state1 =
+                format!("document.querySelector('[data-card=\"{c1}\"] .state').dataset.state");
+            assert!(
+                wait_js(&tab, &state1, "violating", Duration::from_secs(20)).is_some(),
+                "C1 violating"
+            );
 
             // Every page answers for an auditor; admin views do not.
             for (path, id, name) in [
                 (format!("/grants?period={day}"), "#grants", "grants"),
                 (format!("/grants/G-C?period={day}"), "#grant-cards", "grant"),
-                (format!("/violations?period={day}"), "#violations", "violations"),
+                (
+                    format!("/violations?period={day}"),
+                    "#violations",
+                    "violations",
+                ),
                 ("/alarms".to_string(), "#alarms", "alarms"),
                 (format!("/idle?period={day}"), "#idle-rule", "idle"),
                 (format!("/downloads?period={day}"), "#formats", "downloads"),
                 ("/ledger".to_string(), "#verify-now", "ledger"),
             ] {
                 goto(&tab, &base, &path);
-                tab.wait_for_element(id).unwrap_or_else(|e| panic!("{path}: {e}"));
+                tab.wait_for_element(id)
+                    .unwrap_or_else(|e| panic!("{path}: {e}"));
                 shot(&tab, name);
             }
-            assert!(js(&tab, "String(!!document.querySelector('a[href=\"/admin/tokens\"]'))") == "false");
+            assert!(
+                js(
+                    &tab,
+                    "String(!!document.querySelector('a[href=\"/admin/tokens\"]'))"
+                ) == "false"
+            );
             for path in ["/admin/tokens", "/admin/agents"] {
                 goto(&tab, &base, path);
                 let body = js(&tab, "document.body.innerText");
@@ -404,7 +509,10 @@ processes = [{{ pid = 502, uid = 1002, user = "bob" }}]
             }
             // Verification from the ledger page (a CSRF-guarded form).
             goto(&tab, &base, "/ledger");
-            tab.wait_for_element("#verify-now").unwrap().click().unwrap();
+            tab.wait_for_element("#verify-now")
+                .unwrap()
+                .click()
+                .unwrap();
             std::thread::sleep(Duration::from_millis(300));
             let ok = (0..100).any(|_| {
                 goto(&tab, &base, "/ledger");
@@ -415,13 +523,28 @@ processes = [{{ pid = 502, uid = 1002, user = "bob" }}]
                 std::thread::sleep(Duration::from_millis(200));
                 false
             });
-            assert!(ok, "the ledger verifies: {}", js(&tab, "document.body.innerText"));
+            assert!(
+                ok,
+                "the ledger verifies: {}",
+                js(&tab, "document.body.innerText")
+            );
             shot(&tab, "ledger");
 
             // The language switch.
             goto(&tab, &base, "/alarms");
-            tab.wait_for_element("#lang-switch").unwrap().click().unwrap();
-            assert!(wait_js(&tab, "document.documentElement.lang", "ko", Duration::from_secs(10)).is_some());
+            tab.wait_for_element("#lang-switch")
+                .unwrap()
+                .click()
+                .unwrap();
+            assert!(
+                wait_js(
+                    &tab,
+                    "document.documentElement.lang",
+                    "ko",
+                    Duration::from_secs(10)
+                )
+                .is_some()
+            );
             assert!(js(&tab, "document.body.innerText").contains("경보"));
 
             // Logout ends the session; an admin's session reaches the admin views.
@@ -429,12 +552,18 @@ processes = [{{ pid = 502, uid = 1002, user = "bob" }}]
             wait_url(&tab, "/login");
             goto(&tab, &base, "/grants");
             assert!(tab.get_url().contains("/login"), "{}", tab.get_url());
-            tab.wait_for_element("#token").unwrap().type_into(&admin).unwrap();
+            tab.wait_for_element("#token")
+                .unwrap()
+                .type_into(&admin)
+                .unwrap();
             tab.wait_for_element("#login").unwrap().click().unwrap();
             wait_url(&tab, "/grants");
             goto(&tab, &base, "/admin/tokens");
             let body = js(&tab, "document.querySelector('#tokens').innerText");
-            assert!(body.contains("browser-auditor") && body.contains("browser-admin"), "{body}");
+            assert!(
+                body.contains("browser-auditor") && body.contains("browser-admin"),
+                "{body}"
+            );
             shot(&tab, "admin");
             goto(&tab, &base, "/lang/en?back=/");
             (browser, tab)
@@ -455,9 +584,12 @@ processes = [{{ pid = 502, uid = 1002, user = "bob" }}]
                 .parse()
                 .unwrap();
             let row = |k: &str| -> u64 {
-                js(&tab, &format!("document.querySelector('[data-grant=\"G-C\"] .fig-{k}').dataset.ms"))
-                    .parse()
-                    .unwrap()
+                js(
+                    &tab,
+                    &format!("document.querySelector('[data-grant=\"G-C\"] .fig-{k}').dataset.ms"),
+                )
+                .parse()
+                .unwrap()
             };
             shot(&tab, "grants");
             ((row("allocated"), row("delivered"), row("active")), head)

@@ -522,7 +522,9 @@ const CONSOLE_TARGET_MS: f64 = 300.0;
 fn console_pages(store: &SqliteStore, cards: usize, grants: usize) -> anyhow::Result<()> {
     use gpumeter_collector::auth::tokens::Role;
     use gpumeter_collector::console::{ListQuery, data, i18n, pages, session::Session};
-    println!("\n   console pages ({cards} cards, {grants} grants; target < {CONSOLE_TARGET_MS} ms each)");
+    println!(
+        "\n   console pages ({cards} cards, {grants} grants; target < {CONSOLE_TARGET_MS} ms each)"
+    );
     let now = NOV_1 + 30 * DAY;
     let t = Instant::now();
     let report = data::compute(store, "2026-11", now).map_err(|e| anyhow::anyhow!(e))?;
@@ -562,16 +564,43 @@ fn console_pages(store: &SqliteStore, cards: usize, grants: usize) -> anyhow::Re
     let not_connected = |_: &str| false;
     type Page<'a> = Box<dyn Fn() -> Result<String, pages::PageError> + 'a>;
     let list: Vec<(&str, Page<'_>)> = vec![
-        ("fleet", Box::new(|| pages::fleet::page(&ctx, &report, &not_connected, &q))),
-        ("grants (page 1 of all)", Box::new(|| pages::grants::list(&ctx, &report, &q))),
-        ("grants (program, CSP, page 3)", Box::new(|| pages::grants::list(&ctx, &report, &filtered))),
-        ("one grant (heatmaps, hours, tenants)", Box::new(|| pages::grants::detail(&ctx, &report, &some_grant, &q))),
-        ("one card", Box::new(|| pages::card::page(&ctx, &report, &some_card, &not_connected, &q))),
-        ("violations", Box::new(|| pages::lists::violations(&ctx, &report, &q))),
+        (
+            "fleet",
+            Box::new(|| pages::fleet::page(&ctx, &report, &not_connected, &q)),
+        ),
+        (
+            "grants (page 1 of all)",
+            Box::new(|| pages::grants::list(&ctx, &report, &q)),
+        ),
+        (
+            "grants (program, CSP, page 3)",
+            Box::new(|| pages::grants::list(&ctx, &report, &filtered)),
+        ),
+        (
+            "one grant (heatmaps, hours, tenants)",
+            Box::new(|| pages::grants::detail(&ctx, &report, &some_grant, &q)),
+        ),
+        (
+            "one card",
+            Box::new(|| pages::card::page(&ctx, &report, &some_card, &not_connected, &q)),
+        ),
+        (
+            "violations",
+            Box::new(|| pages::lists::violations(&ctx, &report, &q)),
+        ),
         ("alarms", Box::new(|| pages::lists::alarms(&ctx, &q))),
-        ("idle grants", Box::new(|| pages::lists::idle(&ctx, &report, &q))),
-        ("downloads", Box::new(|| Ok(pages::ledger::downloads(&ctx, &report)))),
-        ("admin: agents", Box::new(|| pages::ledger::agents(&ctx, &not_connected))),
+        (
+            "idle grants",
+            Box::new(|| pages::lists::idle(&ctx, &report, &q)),
+        ),
+        (
+            "downloads",
+            Box::new(|| Ok(pages::ledger::downloads(&ctx, &report))),
+        ),
+        (
+            "admin: agents",
+            Box::new(|| pages::ledger::agents(&ctx, &not_connected)),
+        ),
     ];
     for (name, page) in list {
         let mut best = Duration::MAX;
@@ -585,7 +614,10 @@ fn console_pages(store: &SqliteStore, cards: usize, grants: usize) -> anyhow::Re
         let ms = best.as_secs_f64() * 1e3;
         row(
             &format!("   {name} ({:.0} kB)", len as f64 / 1e3),
-            &format!("{ms:.1} ms ({:.2}× report)", best.as_secs_f64() / compute.as_secs_f64()),
+            &format!(
+                "{ms:.1} ms ({:.2}× report)",
+                best.as_secs_f64() / compute.as_secs_f64()
+            ),
             &format!("< {CONSOLE_TARGET_MS} ms"),
             pass(ms < CONSOLE_TARGET_MS),
         );

@@ -298,7 +298,10 @@ pub async fn run(
     accept_task.abort();
     let _ = accept_task.await;
     if let Some(mut task) = console_task {
-        if tokio::time::timeout(drain_timeout, &mut task).await.is_err() {
+        if tokio::time::timeout(drain_timeout, &mut task)
+            .await
+            .is_err()
+        {
             task.abort();
             let _ = task.await;
         }

@@ -24,8 +24,14 @@ mod tests {
             let (_, body) = super::get(name).unwrap();
             // The icon's one URL is the SVG namespace, which names and loads nothing.
             let body = body.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
-            assert!(!body.contains("https://") && !body.contains("http://"), "{name}");
-            assert!(!body.contains("@import") && !body.contains("url("), "{name}");
+            assert!(
+                !body.contains("https://") && !body.contains("http://"),
+                "{name}"
+            );
+            assert!(
+                !body.contains("@import") && !body.contains("url("),
+                "{name}"
+            );
             assert!(!body.contains("eval("), "{name}");
         }
         assert!(super::get("../mod.rs").is_none());

@@ -38,7 +38,11 @@ pub fn period_or_month(period: &str, now_ms: i64) -> String {
         return p.to_string();
     }
     chrono::DateTime::from_timestamp_millis(now_ms)
-        .map(|t| t.with_timezone(&crate::report::kst()).format("%Y-%m").to_string())
+        .map(|t| {
+            t.with_timezone(&crate::report::kst())
+                .format("%Y-%m")
+                .to_string()
+        })
         .unwrap_or_default()
 }
 

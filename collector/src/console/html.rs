@@ -163,7 +163,11 @@ pub fn paginate<X>(items: &[X], page: usize, per: usize) -> (&[X], usize, usize)
     let pages = items.len().div_ceil(per).max(1);
     let page = page.clamp(1, pages);
     let from = (page - 1) * per;
-    (&items[from.min(items.len())..(from + per).min(items.len())], page, pages)
+    (
+        &items[from.min(items.len())..(from + per).min(items.len())],
+        page,
+        pages,
+    )
 }
 
 /// A table: header cells (already escaped text) and rows of already-built cell HTML;
@@ -329,7 +333,7 @@ mod tests {
     fn a_page_escapes_what_it_is_given_and_inlines_nothing() {
         let t = T::of(Lang::En);
         let html = page(
-            &t,
+            t,
             None,
             Nav::None,
             "/x\"><script>",
@@ -361,11 +365,17 @@ mod tests {
     #[test]
     fn bars_and_heat_are_attributes_only() {
         let t = T::of(Lang::Ko);
-        let b = bars(3_600_000, 1_800_000, 900_000, &t);
-        assert!(b.contains("width=\"100.0\"") && b.contains("width=\"50.0\""), "{b}");
+        let b = bars(3_600_000, 1_800_000, 900_000, t);
+        assert!(
+            b.contains("width=\"100.0\"") && b.contains("width=\"50.0\""),
+            "{b}"
+        );
         assert!(!b.contains("style"));
         assert_eq!(heat_class(None), "h-none");
         assert_eq!(heat_class(Some(80.0)), "h4");
-        assert!(heat_row(&[("2026-11-01".into(), Some(1.0))]).contains("<title>2026-11-01 1.0%</title>"));
+        assert!(
+            heat_row(&[("2026-11-01".into(), Some(1.0))])
+                .contains("<title>2026-11-01 1.0%</title>")
+        );
     }
 }

@@ -6,8 +6,8 @@
 //! The language is the `gpm_lang` cookie's when set (the switch in every page's header sets
 //! it), else the first of `ko`/`en` in `Accept-Language`, else Korean.
 
-pub use crate::render::Lang;
 use crate::render::Labels;
+pub use crate::render::Lang;
 
 /// The language cookie's name.
 pub const LANG_COOKIE: &str = "gpm_lang";
@@ -27,7 +27,11 @@ pub fn choose(cookie: Option<&str>, accept_language: Option<&str>) -> Lang {
         let mut it = part.trim().split(';');
         let tag = it.next().unwrap_or("").trim().to_ascii_lowercase();
         let q = it
-            .find_map(|p| p.trim().strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()))
+            .find_map(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+            })
             .unwrap_or(1.0);
         let lang = match tag.split('-').next() {
             Some("ko") => Lang::Ko,

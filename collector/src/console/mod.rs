@@ -184,8 +184,10 @@ pub async fn serve(
         config: console_tls(tls)?,
         handshake_timeout: tls.handshake_timeout,
     });
-    let (conns, accept) =
-        crate::auth::tls::incoming(Box::pin(crate::auth::tls::tcp_accepted(listener)), Some(tls));
+    let (conns, accept) = crate::auth::tls::incoming(
+        Box::pin(crate::auth::tls::tcp_accepted(listener)),
+        Some(tls),
+    );
     tracing::info!(url = %format!("https://{addr}/"), "console listening");
     let served = axum::serve(TlsListener { conns, addr }, router(console))
         .with_graceful_shutdown(shutdown)
@@ -225,9 +227,18 @@ pub fn router(console: Arc<Console>) -> Router {
 
 async fn security_headers(mut r: Response<Body>) -> Response<Body> {
     let h = r.headers_mut();
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::STRICT_TRANSPORT_SECURITY,
@@ -278,9 +289,12 @@ fn session_of(c: &Console, headers: &HeaderMap) -> Option<Session> {
 }
 
 /// The session, or the redirect to the login page (which comes back to `path`).
-fn require(c: &Console, headers: &HeaderMap, path: &str) -> Result<Session, Response<Body>> {
+/// An answer in place of a page (a redirect or a refusal), boxed: it is large.
+type Refusal = Box<Response<Body>>;
+
+fn require(c: &Console, headers: &HeaderMap, path: &str) -> Result<Session, Refusal> {
     session_of(c, headers).ok_or_else(|| {
-        Redirect::to(&format!("/login?next={}", html::url_part(path))).into_response()
+        Box::new(Redirect::to(&format!("/login?next={}", html::url_part(path))).into_response())
     })
 }
 
@@ -383,7 +397,11 @@ struct LoginForm {
     next: String,
 }
 
-async fn login(State(c): State<St>, headers: HeaderMap, Form(f): Form<LoginForm>) -> Response<Body> {
+async fn login(
+    State(c): State<St>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response<Body> {
     let t = T::of(lang_of(&headers));
     if !same_origin(&headers) {
         return error_page(t, None, StatusCode::FORBIDDEN, "cross-origin form refused");
@@ -431,24 +449,29 @@ struct CsrfForm {
 }
 
 /// The session of a POST that came from this console with the session's CSRF token.
-fn check_post(c: &Console, headers: &HeaderMap, csrf: &str) -> Result<Session, Response<Body>> {
+fn check_post(c: &Console, headers: &HeaderMap, csrf: &str) -> Result<Session, Refusal> {
     let t = T::of(lang_of(headers));
-    let s = session_of(c, headers).ok_or_else(|| Redirect::to("/login").into_response())?;
+    let s =
+        session_of(c, headers).ok_or_else(|| Box::new(Redirect::to("/login").into_response()))?;
     if !same_origin(headers) || !session::same_secret(csrf, &s.csrf) {
-        return Err(error_page(
+        return Err(Box::new(error_page(
             t,
             Some(&s),
             StatusCode::FORBIDDEN,
             "form refused (origin or CSRF token)",
-        ));
+        )));
     }
     Ok(s)
 }
 
-async fn logout(State(c): State<St>, headers: HeaderMap, Form(f): Form<CsrfForm>) -> Response<Body> {
+async fn logout(
+    State(c): State<St>,
+    headers: HeaderMap,
+    Form(f): Form<CsrfForm>,
+) -> Response<Body> {
     let s = match check_post(&c, &headers, &f.csrf) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     c.sessions.remove(&s.id);
     let mut r = Redirect::to("/login").into_response();
@@ -534,14 +557,19 @@ async fn prepare(
     headers: &HeaderMap,
     path: &str,
     q: &ListQuery,
-) -> Result<(Session, &'static T, Arc<data::Report>), Response<Body>> {
+) -> Result<(Session, &'static T, Arc<data::Report>), Refusal> {
     let s = require(c, headers, path)?;
     let t = T::of(lang_of(headers));
     let now = (c.now)();
     let period = data::period_or_month(&q.period, now);
     match c.reports.get(c.store.clone(), &period, now).await {
         Ok(r) => Ok((s, t, r)),
-        Err(e) => Err(error_page(t, Some(&s), StatusCode::BAD_REQUEST, &e)),
+        Err(e) => Err(Box::new(error_page(
+            t,
+            Some(&s),
+            StatusCode::BAD_REQUEST,
+            &e,
+        ))),
     }
 }
 
@@ -561,7 +589,7 @@ async fn fleet(
     let path = path_with_query("/", uri.query());
     let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let c2 = c.clone();
     let s2 = s.clone();
@@ -581,7 +609,7 @@ async fn grants(
     let path = path_with_query("/grants", uri.query());
     let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (c2, s2) = (c.clone(), s.clone());
     render_page(t, &s, move || {
@@ -601,7 +629,7 @@ async fn grant(
     let path = path_with_query(&format!("/grants/{}", html::url_part(&id)), uri.query());
     let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (c2, s2) = (c.clone(), s.clone());
     render_page(t, &s, move || {
@@ -618,10 +646,13 @@ async fn grant_jobs(
     Path(id): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
-    let path = path_with_query(&format!("/grants/{}/jobs", html::url_part(&id)), uri.query());
+    let path = path_with_query(
+        &format!("/grants/{}/jobs", html::url_part(&id)),
+        uri.query(),
+    );
     let s = match require(&c, &headers, &path) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let t = T::of(lang_of(&headers));
     let (c2, s2) = (c.clone(), s.clone());
@@ -642,7 +673,7 @@ async fn card(
     let path = path_with_query(&format!("/cards/{}", html::url_part(&uuid)), uri.query());
     let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (c2, s2) = (c.clone(), s.clone());
     render_page(t, &s, move || {
@@ -661,7 +692,7 @@ async fn violations(
     let path = path_with_query("/violations", uri.query());
     let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (c2, s2) = (c.clone(), s.clone());
     render_page(t, &s, move || {
@@ -680,7 +711,7 @@ async fn alarms(
     let path = path_with_query("/alarms", uri.query());
     let s = match require(&c, &headers, &path) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let t = T::of(lang_of(&headers));
     let (c2, s2) = (c.clone(), s.clone());
@@ -700,7 +731,7 @@ async fn idle(
     let path = path_with_query("/idle", uri.query());
     let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (c2, s2) = (c.clone(), s.clone());
     render_page(t, &s, move || {
@@ -719,7 +750,7 @@ async fn downloads(
     let path = path_with_query("/downloads", uri.query());
     let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (c2, s2) = (c.clone(), s.clone());
     render_page(t, &s, move || {
@@ -748,7 +779,7 @@ async fn download(
     let path = path_with_query("/downloads/report", uri.query());
     let s = match require(&c, &headers, &path) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let t = T::of(lang_of(&headers));
     let now = (c.now)();
@@ -782,7 +813,7 @@ async fn ledger(
 ) -> Response<Body> {
     let s = match require(&c, &headers, "/ledger") {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let t = T::of(lang_of(&headers));
     let (c2, s2) = (c.clone(), s.clone());
@@ -793,9 +824,13 @@ async fn ledger(
     .await
 }
 
-async fn verify(State(c): State<St>, headers: HeaderMap, Form(f): Form<CsrfForm>) -> Response<Body> {
+async fn verify(
+    State(c): State<St>,
+    headers: HeaderMap,
+    Form(f): Form<CsrfForm>,
+) -> Response<Body> {
     if let Err(r) = check_post(&c, &headers, &f.csrf) {
-        return r;
+        return *r;
     }
     c.verification.start(c.store.clone(), c.now.clone());
     Redirect::to("/ledger").into_response()
@@ -804,7 +839,7 @@ async fn verify(State(c): State<St>, headers: HeaderMap, Form(f): Form<CsrfForm>
 async fn admin_tokens(State(c): State<St>, headers: HeaderMap) -> Response<Body> {
     let s = match require(&c, &headers, "/admin/tokens") {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let t = T::of(lang_of(&headers));
     if !s.is_admin() {
@@ -821,7 +856,7 @@ async fn admin_tokens(State(c): State<St>, headers: HeaderMap) -> Response<Body>
 async fn admin_agents(State(c): State<St>, headers: HeaderMap) -> Response<Body> {
     let s = match require(&c, &headers, "/admin/agents") {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let t = T::of(lang_of(&headers));
     if !s.is_admin() {
@@ -904,11 +939,20 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:7443"));
         assert!(!same_origin(&h), "no Origin: refused");
-        h.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
         assert!(!same_origin(&h));
-        h.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:7443"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:7443"),
+        );
         assert!(!same_origin(&h), "plain http is not this console");
-        h.insert(header::ORIGIN, HeaderValue::from_static("https://127.0.0.1:7443"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://127.0.0.1:7443"),
+        );
         assert!(same_origin(&h));
     }
 

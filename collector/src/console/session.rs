@@ -270,11 +270,20 @@ mod tests {
         let a = s.create(&caller(Role::Auditor), "h", 0).unwrap();
         let c = set_cookie(&a, 0);
         assert!(c.starts_with(&format!("{COOKIE}={}", a.id)), "{c}");
-        for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/", "Max-Age=28800"] {
+        for attr in [
+            "HttpOnly",
+            "Secure",
+            "SameSite=Strict",
+            "Path=/",
+            "Max-Age=28800",
+        ] {
             assert!(c.contains(attr), "{attr} in {c}");
         }
         let gone = clear_cookie();
-        assert!(gone.contains("Max-Age=0") && gone.contains("HttpOnly"), "{gone}");
+        assert!(
+            gone.contains("Max-Age=0") && gone.contains("HttpOnly"),
+            "{gone}"
+        );
         let header = format!("lang=ko; {COOKIE}={}; other=1", a.id);
         assert_eq!(cookie_value(&header, COOKIE), Some(a.id.clone()));
         assert_eq!(cookie_value("lang=ko", COOKIE), None);

@@ -29,7 +29,12 @@ pub fn page(
     let grants = c.store.grants()?;
     let held: Vec<(&crate::grants::Grant, &crate::grants::GrantCard)> = grants
         .iter()
-        .flat_map(|g| g.cards.iter().filter(|x| x.gpu_uuid == uuid).map(move |x| (g, x)))
+        .flat_map(|g| {
+            g.cards
+                .iter()
+                .filter(|x| x.gpu_uuid == uuid)
+                .map(move |x| (g, x))
+        })
         .collect();
     if holder.is_none() && held.is_empty() {
         return Err(PageError::NotFound(format!("{} {uuid}", l.gpu)));
@@ -44,9 +49,18 @@ pub fn page(
         "<div data-live=\"card\" data-live-host=\"{}\">",
         esc(&host_id)
     );
-    b.push_str(&period_line(t, r, &format!("/cards/{}", url_part(uuid)), &[]));
+    b.push_str(&period_line(
+        t,
+        r,
+        &format!("/cards/{}", url_part(uuid)),
+        &[],
+    ));
     // Live.
-    let _ = write!(b, "<h2><span class=\"live-dot\" id=\"live-dot\"></span>{}</h2>", t.live_now);
+    let _ = write!(
+        b,
+        "<h2><span class=\"live-dot\" id=\"live-dot\"></span>{}</h2>",
+        t.live_now
+    );
     let live = html::table(
         "live",
         &[t.state, l.utilization, "power", "window end", "agent"],
@@ -60,7 +74,14 @@ pub fn page(
                 format!(
                     "{} {}",
                     esc(&h.agent_id),
-                    state_badge(t, if connected(&h.agent_id) { "connected" } else { "disconnected" })
+                    state_badge(
+                        t,
+                        if connected(&h.agent_id) {
+                            "connected"
+                        } else {
+                            "disconnected"
+                        }
+                    )
                 )
             }),
         ]],
@@ -68,7 +89,10 @@ pub fn page(
     b.push_str(&html::tag_rows(&live, std::iter::once(("data-card", uuid))));
     // Identity.
     let _ = write!(b, "<h2>{}</h2>", t.identity);
-    let mut rows = vec![vec!["UUID".to_string(), format!("<code>{}</code>", esc(uuid))]];
+    let mut rows = vec![vec![
+        "UUID".to_string(),
+        format!("<code>{}</code>", esc(uuid)),
+    ]];
     if let Some((h, g)) = holder {
         rows.push(vec![l.host.into(), esc(&h.host_id)]);
         rows.push(vec![l.csp.into(), esc(&h.csp)]);
@@ -78,8 +102,10 @@ pub fn page(
         rows.push(vec!["PCI".into(), esc(&g.pci_bus_id)]);
         rows.push(vec![
             "memory".into(),
-            g.memory_total_bytes
-                .map_or_else(|| "–".into(), |m| format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64)),
+            g.memory_total_bytes.map_or_else(
+                || "–".into(),
+                |m| format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64),
+            ),
         ]);
         rows.push(vec!["MIG".into(), esc(&g.mig_mode)]);
         if let Some(m) = &g.mig {
@@ -99,7 +125,12 @@ pub fn page(
         .collect();
     if !alarms.is_empty() {
         let _ = write!(b, "<h2>{}</h2>", l.identity_title);
-        b.push_str(&html::table("identity-alarms", &[t.time, t.kind, t.detail], &[false; 3], &alarms));
+        b.push_str(&html::table(
+            "identity-alarms",
+            &[t.time, t.kind, t.detail],
+            &[false; 3],
+            &alarms,
+        ));
     }
     // History: grants and moves.
     let _ = write!(b, "<h2>{}</h2>", t.holdings);
@@ -142,7 +173,12 @@ pub fn page(
                 ]
             })
             .collect();
-        b.push_str(&html::table("moves", &[t.time, "from", "to", "actor", t.detail], &[false; 5], &rows));
+        b.push_str(&html::table(
+            "moves",
+            &[t.time, "from", "to", "actor", t.detail],
+            &[false; 5],
+            &rows,
+        ));
     }
     // Heatmap over the period (the report's per-day figures for each grant holding it).
     let days = crate::render::period_days(r.rec.from_ms, r.rec.until_ms);
@@ -163,7 +199,12 @@ pub fn page(
     }
     if !heat_rows.is_empty() {
         let _ = write!(b, "<h2>{}</h2>", t.heatmap);
-        b.push_str(&html::table("card-heat", &[l.grant, t.heatmap], &[false, false], &heat_rows));
+        b.push_str(&html::table(
+            "card-heat",
+            &[l.grant, t.heatmap],
+            &[false, false],
+            &heat_rows,
+        ));
     }
     // One day's windows.
     let (day, from, until) = super::grants::chosen_day(r, q)?;
@@ -190,9 +231,12 @@ pub fn page(
                 html::kst(w.start_ms),
                 format!("{} s", (w.end_ms - w.start_ms) / 1000),
                 pct(w.util_avg_pct),
-                w.memory_used_max_bytes
-                    .map_or_else(|| "–".into(), |v| format!("{:.1} GiB", v as f64 / (1u64 << 30) as f64)),
-                w.power_avg_w.map_or_else(|| "–".into(), |p| format!("{p:.0} W")),
+                w.memory_used_max_bytes.map_or_else(
+                    || "–".into(),
+                    |v| format!("{:.1} GiB", v as f64 / (1u64 << 30) as f64),
+                ),
+                w.power_avg_w
+                    .map_or_else(|| "–".into(), |p| format!("{p:.0} W")),
                 esc(w.health),
                 esc(w.assignment_status),
                 esc(&w.grant_id),
@@ -206,10 +250,22 @@ pub fn page(
     b.push_str(&html::table(
         "windows",
         &[
-            t.time, "length", l.utilization, "memory", "power", t.state, "assignment", l.grant,
-            l.occupied, l.active, l.foreign, "seq",
+            t.time,
+            "length",
+            l.utilization,
+            "memory",
+            "power",
+            t.state,
+            "assignment",
+            l.grant,
+            l.occupied,
+            l.active,
+            l.foreign,
+            "seq",
         ],
-        &[false, true, true, true, true, false, false, false, true, true, true, true],
+        &[
+            false, true, true, true, true, false, false, false, true, true, true, true,
+        ],
         &rows,
     ));
     b.push_str(&html::pager(
@@ -230,13 +286,24 @@ pub fn page(
     let xids: Vec<Vec<String>> = events
         .iter()
         .filter(|e| e.event.kind == "xid")
-        .map(|e| vec![html::kst(e.event.at_ms), e.event.code.to_string(), esc(&e.event.detail)])
+        .map(|e| {
+            vec![
+                html::kst(e.event.at_ms),
+                e.event.code.to_string(),
+                esc(&e.event.detail),
+            ]
+        })
         .collect();
     let _ = write!(b, "<h2>{}</h2>", t.xids);
     if xids.is_empty() {
         let _ = write!(b, "<p class=\"muted\">{}</p>", t.none);
     } else {
-        b.push_str(&html::table("xids", &[t.time, "XID", t.detail], &[false, true, false], &xids));
+        b.push_str(&html::table(
+            "xids",
+            &[t.time, "XID", t.detail],
+            &[false, true, false],
+            &xids,
+        ));
     }
     let episodes = crate::episodes::episodes(&events);
     let _ = write!(b, "<h2>{} · {}</h2>", l.violations, t.enforcement);
@@ -274,7 +341,16 @@ pub fn page(
     } else {
         b.push_str(&html::table(
             "card-violations",
-            &[t.time, "pid", l.principal, l.grant, "mode", t.action, t.result, t.enforcement],
+            &[
+                t.time,
+                "pid",
+                l.principal,
+                l.grant,
+                "mode",
+                t.action,
+                t.result,
+                t.enforcement,
+            ],
             &[false, true, false, false, false, false, false, false],
             &rows,
         ));
@@ -295,7 +371,12 @@ pub fn page(
     if other.is_empty() {
         let _ = write!(b, "<p class=\"muted\">{}</p>", t.none);
     } else {
-        b.push_str(&html::table("events", &[t.time, t.kind, "code", t.detail], &[false, false, true, false], &other));
+        b.push_str(&html::table(
+            "events",
+            &[t.time, t.kind, "code", t.detail],
+            &[false, false, true, false],
+            &other,
+        ));
     }
     b.push_str("</div>");
     Ok(c.page(Nav::Cards, &format!("{} {uuid}", t.card_title), &b))

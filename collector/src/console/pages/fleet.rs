@@ -59,7 +59,11 @@ pub fn page(
                     _ => f.csp.as_str(),
                 };
                 vec![
-                    format!("{} <span class=\"muted mono\">{}</span>", esc(name), esc(&f.csp)),
+                    format!(
+                        "{} <span class=\"muted mono\">{}</span>",
+                        esc(name),
+                        esc(&f.csp)
+                    ),
                     if f.program.is_empty() {
                         format!("<span class=\"muted\">{}</span>", l.no_grant)
                     } else {
@@ -75,7 +79,15 @@ pub fn page(
             .collect();
         b.push_str(&html::table(
             "fleet",
-            &[l.csp, l.program, t.committed, t.registered, t.healthy, t.granted, t.delivered_cards],
+            &[
+                l.csp,
+                l.program,
+                t.committed,
+                t.registered,
+                t.healthy,
+                t.granted,
+                t.delivered_cards,
+            ],
             &[false, false, true, true, true, true, true],
             &rows,
         ));
@@ -97,13 +109,26 @@ pub fn page(
                 hours(p.figures.allocated_ms),
                 hours(p.figures.delivered_ms),
                 hours(p.figures.active_ms),
-                html::bars(p.figures.allocated_ms, p.figures.delivered_ms, p.figures.active_ms, t),
+                html::bars(
+                    p.figures.allocated_ms,
+                    p.figures.delivered_ms,
+                    p.figures.active_ms,
+                    t,
+                ),
             ]
         })
         .collect();
     b.push_str(&html::table(
         "programs",
-        &[l.program, l.grants, l.cards, l.allocated, l.delivered, l.active, ""],
+        &[
+            l.program,
+            l.grants,
+            l.cards,
+            l.allocated,
+            l.delivered,
+            l.active,
+            "",
+        ],
         &[false, true, true, true, true, true, false],
         &rows,
     ));
@@ -130,14 +155,24 @@ pub fn page(
         .collect();
     b.push_str(&html::table(
         "csps",
-        &[l.csp, l.grants, l.cards, l.allocated, l.delivered, l.active, l.unassigned_use],
+        &[
+            l.csp,
+            l.grants,
+            l.cards,
+            l.allocated,
+            l.delivered,
+            l.active,
+            l.unassigned_use,
+        ],
         &[false, true, true, true, true, true, true],
         &rows,
     ));
     // Hosts, with the live connection state (first as this collector's sessions stand, then
     // as the hub's frames say).
     let mut hosts = c.store.hosts()?;
-    hosts.sort_by(|a, b| (a.csp.as_str(), a.host_id.as_str()).cmp(&(b.csp.as_str(), b.host_id.as_str())));
+    hosts.sort_by(|a, b| {
+        (a.csp.as_str(), a.host_id.as_str()).cmp(&(b.csp.as_str(), b.host_id.as_str()))
+    });
     let (shown, page, pages) = html::paginate(&hosts, q.page.unwrap_or(1), PER_PAGE);
     let _ = write!(
         b,
@@ -161,10 +196,17 @@ pub fn page(
                 .collect::<Vec<_>>()
                 .join(" ");
             vec![
-                format!("<span class=\"conn-cell\">{}</span>", state_badge(
-                    t,
-                    if connected(&h.agent_id) { "connected" } else { "disconnected" },
-                ))
+                format!(
+                    "<span class=\"conn-cell\">{}</span>",
+                    state_badge(
+                        t,
+                        if connected(&h.agent_id) {
+                            "connected"
+                        } else {
+                            "disconnected"
+                        },
+                    )
+                )
                 .replace("class=\"state ", "class=\"conn state "),
                 format!("<span class=\"mono\">{}</span>", esc(&h.host_id)),
                 esc(&h.csp),
@@ -178,12 +220,24 @@ pub fn page(
         .collect();
     let table = html::table(
         "hosts",
-        &[t.state, l.host, l.csp, "agent", t.last_seen, t.last_record, "seq", l.cards],
+        &[
+            t.state,
+            l.host,
+            l.csp,
+            "agent",
+            t.last_seen,
+            t.last_record,
+            "seq",
+            l.cards,
+        ],
         &[false, false, false, false, false, false, true, false],
         &rows,
     );
     // Each host row names its host for the script.
-    let table = html::tag_rows(&table, shown.iter().map(|h| ("data-host", h.host_id.as_str())));
+    let table = html::tag_rows(
+        &table,
+        shown.iter().map(|h| ("data-host", h.host_id.as_str())),
+    );
     b.push_str(&table);
     b.push_str(&html::pager(
         &format!("/?period={}&", url_part(&r.period)),
@@ -194,4 +248,3 @@ pub fn page(
     b.push_str("</div>");
     Ok(c.page(Nav::Fleet, t.fleet_title, &b))
 }
-

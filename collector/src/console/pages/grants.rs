@@ -13,6 +13,12 @@ use crate::console::html::{self, Nav, esc, hours, pct, url_part};
 use crate::reconcile::{self, Figures, GrantRow, IdleSettings, Inputs};
 
 const HOUR_MS: i64 = 3_600_000;
+
+/// Each card's figures hour by hour, and the windows they were computed from.
+pub type Hourly = (
+    BTreeMap<String, Vec<Figures>>,
+    Vec<crate::store::MeteredWindow>,
+);
 const DAY_MS: i64 = 86_400_000;
 
 /// The grants the filters keep, in report order.
@@ -100,9 +106,21 @@ pub fn list(c: &Ctx<'_>, r: &Report, q: &ListQuery) -> Result<String, PageError>
                 esc(&g.grantee),
                 esc(&g.csp),
                 g.cards.len().to_string(),
-                format!("<span class=\"fig-allocated\" data-ms=\"{}\">{}</span>", f.allocated_ms, hours(f.allocated_ms)),
-                format!("<span class=\"fig-delivered\" data-ms=\"{}\">{}</span>", f.delivered_ms, hours(f.delivered_ms)),
-                format!("<span class=\"fig-active\" data-ms=\"{}\">{}</span>", f.active_ms, hours(f.active_ms)),
+                format!(
+                    "<span class=\"fig-allocated\" data-ms=\"{}\">{}</span>",
+                    f.allocated_ms,
+                    hours(f.allocated_ms)
+                ),
+                format!(
+                    "<span class=\"fig-delivered\" data-ms=\"{}\">{}</span>",
+                    f.delivered_ms,
+                    hours(f.delivered_ms)
+                ),
+                format!(
+                    "<span class=\"fig-active\" data-ms=\"{}\">{}</span>",
+                    f.active_ms,
+                    hours(f.active_ms)
+                ),
                 pct(html::ratio(f.active_ms, f.allocated_ms)),
                 html::bars(f.allocated_ms, f.delivered_ms, f.active_ms, t),
                 "<span class=\"live-reporting\">…</span>".into(),
@@ -114,10 +132,23 @@ pub fn list(c: &Ctx<'_>, r: &Report, q: &ListQuery) -> Result<String, PageError>
     let table = html::table(
         "grants",
         &[
-            l.grant, l.program, l.grantee, l.csp, l.cards, l.allocated, l.delivered, l.active,
-            l.utilization, "", "reporting", l.idle, l.violations,
+            l.grant,
+            l.program,
+            l.grantee,
+            l.csp,
+            l.cards,
+            l.allocated,
+            l.delivered,
+            l.active,
+            l.utilization,
+            "",
+            "reporting",
+            l.idle,
+            l.violations,
         ],
-        &[false, false, false, false, true, true, true, true, true, false, true, true, true],
+        &[
+            false, false, false, false, true, true, true, true, true, false, true, true, true,
+        ],
         &rows,
     );
     b.push_str(&html::tag_rows(
@@ -168,7 +199,9 @@ pub fn chosen_day(r: &Report, q: &ListQuery) -> Result<(String, i64, i64), PageE
         let (from, until) = crate::report::parse_period(q.day.trim())
             .map_err(|e| PageError::BadRequest(format!("day: {e}")))?;
         if until - from != DAY_MS {
-            return Err(PageError::BadRequest("day: one calendar day (YYYY-MM-DD)".into()));
+            return Err(PageError::BadRequest(
+                "day: one calendar day (YYYY-MM-DD)".into(),
+            ));
         }
         return Ok((q.day.trim().to_string(), from, until));
     }
@@ -193,12 +226,15 @@ pub fn hourly(
     from: i64,
     until: i64,
     as_of_ms: i64,
-) -> Result<(BTreeMap<String, Vec<Figures>>, Vec<crate::store::MeteredWindow>), PageError> {
+) -> Result<Hourly, PageError> {
     let mut windows = Vec::new();
     let mut events = Vec::new();
     for card in &grant.cards {
         windows.extend(c.store.windows(from, until, Some(&card.gpu_uuid))?);
-        events.extend(c.store.events(from, until, Some("enforcement"), Some(&card.gpu_uuid))?);
+        events.extend(
+            c.store
+                .events(from, until, Some("enforcement"), Some(&card.gpu_uuid))?,
+        );
     }
     let grants = std::slice::from_ref(grant);
     let mut out: BTreeMap<String, Vec<Figures>> = BTreeMap::new();
@@ -253,17 +289,33 @@ pub fn detail(c: &Ctx<'_>, r: &Report, id: &str, q: &ListQuery) -> Result<String
         "<div data-live=\"grant\" data-live-grant=\"{}\">",
         esc(id)
     );
-    b.push_str(&period_line(t, r, &format!("/grants/{}", url_part(id)), &[]));
+    b.push_str(&period_line(
+        t,
+        r,
+        &format!("/grants/{}", url_part(id)),
+        &[],
+    ));
     let valid = crate::render::kst_span(g.valid_from_ms, g.effective_until_ms());
     let rows = vec![
-        vec![l.program.to_string(), esc(l.program_name(g.program.as_str()))],
+        vec![
+            l.program.to_string(),
+            esc(l.program_name(g.program.as_str())),
+        ],
         vec![l.grantee.to_string(), esc(&g.grantee)],
-        vec![l.principal.to_string(), format!("<code>{}</code>", esc(&g.principal.to_string()))],
+        vec![
+            l.principal.to_string(),
+            format!("<code>{}</code>", esc(&g.principal.to_string())),
+        ],
         vec![l.csp.to_string(), esc(&g.csp)],
         vec![l.valid.to_string(), esc(&valid)],
         vec![l.cards.to_string(), g.cards.len().to_string()],
     ];
-    b.push_str(&html::table("grant-info", &["", ""], &[false, false], &rows));
+    b.push_str(&html::table(
+        "grant-info",
+        &["", ""],
+        &[false, false],
+        &rows,
+    ));
     match row {
         Some(row) => {
             let _ = write!(b, "<h2>{}</h2>", l.summary);
@@ -307,7 +359,12 @@ pub fn detail(c: &Ctx<'_>, r: &Report, id: &str, q: &ListQuery) -> Result<String
             let days = per_card.get(gpu);
             let cells: Vec<(String, Option<f64>)> = period_days
                 .iter()
-                .map(|d| (d.day.clone(), days.and_then(|m| m.get(d.day.as_str()).copied().flatten())))
+                .map(|d| {
+                    (
+                        d.day.clone(),
+                        days.and_then(|m| m.get(d.day.as_str()).copied().flatten()),
+                    )
+                })
                 .collect();
             vec![
                 format!(
@@ -330,13 +387,23 @@ pub fn detail(c: &Ctx<'_>, r: &Report, id: &str, q: &ListQuery) -> Result<String
     let table = html::table(
         "grant-cards",
         &[
-            l.gpu, l.host, t.state, l.utilization, l.allocated, l.delivered, l.active,
-            l.utilization, t.heatmap,
+            l.gpu,
+            l.host,
+            t.state,
+            l.utilization,
+            l.allocated,
+            l.delivered,
+            l.active,
+            l.utilization,
+            t.heatmap,
         ],
         &[false, false, false, true, true, true, true, true, false],
         &card_rows,
     );
-    b.push_str(&html::tag_rows(&table, cards.iter().map(|(_, gpu, _)| ("data-card", *gpu))));
+    b.push_str(&html::tag_rows(
+        &table,
+        cards.iter().map(|(_, gpu, _)| ("data-card", *gpu)),
+    ));
     // One day, hour by hour.
     let (day, from, until) = chosen_day(r, q)?;
     let _ = write!(
@@ -358,9 +425,8 @@ pub fn detail(c: &Ctx<'_>, r: &Report, id: &str, q: &ListQuery) -> Result<String
                 .iter()
                 .enumerate()
                 .map(|(i, f)| {
-                    let u = (f.delivered_ms > 0).then(|| {
-                        html::ratio(f.active_ms, f.allocated_ms).unwrap_or(0.0)
-                    });
+                    let u = (f.delivered_ms > 0)
+                        .then(|| html::ratio(f.active_ms, f.allocated_ms).unwrap_or(0.0));
                     (format!("{day} {i:02}:00"), u)
                 })
                 .collect();
@@ -370,7 +436,12 @@ pub fn detail(c: &Ctx<'_>, r: &Report, id: &str, q: &ListQuery) -> Result<String
             ]
         })
         .collect();
-    b.push_str(&html::table("hourly", &[l.gpu, t.hourly], &[false, false], &hour_rows));
+    b.push_str(&html::table(
+        "hourly",
+        &[l.gpu, t.hourly],
+        &[false, false],
+        &hour_rows,
+    ));
     // Tenants of that day: each principal's occupied and active time on the grant's cards,
     // summed from the windows' principal rows as `Store::usage` sums them.
     let mut tenants: BTreeMap<(&str, bool), (u64, u64, u64)> = BTreeMap::new();
@@ -379,7 +450,9 @@ pub fn detail(c: &Ctx<'_>, r: &Report, id: &str, q: &ListQuery) -> Result<String
             continue;
         }
         for p in &w.window.principals {
-            let e = tenants.entry((p.principal.as_str(), p.matches_grant)).or_default();
+            let e = tenants
+                .entry((p.principal.as_str(), p.matches_grant))
+                .or_default();
             e.0 += p.occupied_ms;
             e.1 += p.active_ms;
             e.2 = e.2.max(p.memory_max_bytes);
@@ -391,7 +464,11 @@ pub fn detail(c: &Ctx<'_>, r: &Report, id: &str, q: &ListQuery) -> Result<String
         .map(|((p, ok), (occ, act, mem))| {
             vec![
                 format!("<code>{}</code>", esc(p)),
-                if *ok { "✓".into() } else { format!("<span class=\"error\">{}</span>", l.foreign) },
+                if *ok {
+                    "✓".into()
+                } else {
+                    format!("<span class=\"error\">{}</span>", l.foreign)
+                },
                 hours(*occ),
                 hours(*act),
                 format!("{:.1} GiB", *mem as f64 / (1u64 << 30) as f64),
@@ -421,7 +498,14 @@ pub fn detail(c: &Ctx<'_>, r: &Report, id: &str, q: &ListQuery) -> Result<String
     let hist: Vec<Vec<String>> = record
         .history
         .iter()
-        .map(|h| vec![html::kst(h.at_ms), esc(&h.actor), esc(&h.action), esc(&h.detail)])
+        .map(|h| {
+            vec![
+                html::kst(h.at_ms),
+                esc(&h.actor),
+                esc(&h.action),
+                esc(&h.detail),
+            ]
+        })
         .collect();
     b.push_str(&html::table(
         "history",
@@ -442,7 +526,9 @@ pub fn jobs(c: &Ctx<'_>, id: &str, q: &ListQuery) -> Result<String, PageError> {
     let (from, until) = crate::report::parse_period(q.day.trim())
         .map_err(|e| PageError::BadRequest(format!("day: {e}")))?;
     if until - from > DAY_MS {
-        return Err(PageError::BadRequest("day: one calendar day (YYYY-MM-DD)".into()));
+        return Err(PageError::BadRequest(
+            "day: one calendar day (YYYY-MM-DD)".into(),
+        ));
     }
     let bodies = c.store.window_bodies(from, until)?;
     let jobs = crate::jobs::jobs(&bodies, Some(id));
@@ -467,7 +553,16 @@ pub fn jobs(c: &Ctx<'_>, id: &str, q: &ListQuery) -> Result<String, PageError> {
     } else {
         b.push_str(&html::table(
             "jobs",
-            &["kind", t.jobs, l.principal, l.cards, "from", "until", l.occupied, l.active],
+            &[
+                "kind",
+                t.jobs,
+                l.principal,
+                l.cards,
+                "from",
+                "until",
+                l.occupied,
+                l.active,
+            ],
             &[false, false, false, true, false, false, true, true],
             &rows,
         ));

@@ -31,14 +31,19 @@ pub fn report_file(
     let &(_, ext, mime) = FORMATS
         .iter()
         .find(|(f, _, _)| *f == format)
-        .ok_or_else(|| format!("format {format:?}: one of table, table-wide, json, csv, focus, html, pdf"))?;
+        .ok_or_else(|| {
+            format!("format {format:?}: one of table, table-wide, json, csv, focus, html, pdf")
+        })?;
     let lang = if korean { "ko" } else { "en" };
     let rendered_as = if format == "pdf" { "html" } else { format };
     let content = crate::provenance::render(&r.rec, &r.days, rendered_as, korean)
         .map_err(|e| e.to_string())?;
     let p = crate::query::provenance_of(&r.query, &r.head, rendered_as, lang, &content);
     let file = crate::provenance::embed(&content, &p);
-    let name = format!("gpumeter-{}-{format}.{lang}.{ext}", r.period.replace("..", "_"));
+    let name = format!(
+        "gpumeter-{}-{format}.{lang}.{ext}",
+        r.period.replace("..", "_")
+    );
     if format == "pdf" {
         let pdf = crate::pdf::print_html(&file).map_err(|e| e.to_string())?;
         return Ok((name, mime, pdf));
@@ -63,7 +68,12 @@ pub fn downloads(c: &Ctx<'_>, r: &Report) -> String {
             vec![format!("<code>{f}</code>"), format!("{} · {}", link("ko"), link("en"))]
         })
         .collect();
-    b.push_str(&html::table("formats", &[t.format, ""], &[false, false], &rows));
+    b.push_str(&html::table(
+        "formats",
+        &[t.format, ""],
+        &[false, false],
+        &rows,
+    ));
     let _ = write!(b, "<h2>provenance</h2>");
     b.push_str(&head_table(t, &r.head));
     c.page(Nav::Downloads, t.downloads_title, &b)
@@ -74,9 +84,18 @@ fn head_table(t: &crate::console::i18n::T, h: &crate::heads::SignedHead) -> Stri
         vec!["head".into(), format!("<b id=\"head-id\">#{}</b>", h.id)],
         vec![t.time.into(), html::kst(h.at_ms)],
         vec!["agents".into(), h.agents.to_string()],
-        vec!["root".into(), format!("<code id=\"head-root\">{}</code>", hex::encode(&h.root))],
-        vec!["collector key".into(), format!("<code>{}</code>", hex::encode(&h.public_key))],
-        vec!["signature".into(), format!("<code>{}</code>", hex::encode(&h.signature))],
+        vec![
+            "root".into(),
+            format!("<code id=\"head-root\">{}</code>", hex::encode(&h.root)),
+        ],
+        vec![
+            "collector key".into(),
+            format!("<code>{}</code>", hex::encode(&h.public_key)),
+        ],
+        vec![
+            "signature".into(),
+            format!("<code>{}</code>", hex::encode(&h.signature)),
+        ],
     ];
     html::table("head", &["", ""], &[false, false], &rows)
 }
@@ -87,7 +106,11 @@ pub fn ledger(c: &Ctx<'_>, v: &VerifyState, _q: &ListQuery) -> Result<String, Pa
     let _ = write!(b, "<h2>{}</h2>", t.ledger_title);
     match &v.last {
         None => {
-            let _ = write!(b, "<p id=\"verify-state\" class=\"muted\">{}</p>", t.verify_never);
+            let _ = write!(
+                b,
+                "<p id=\"verify-state\" class=\"muted\">{}</p>",
+                t.verify_never
+            );
         }
         Some((from, until, Ok(report))) => {
             let bad: usize = report.agents.iter().map(|a| a.findings.len()).sum();
@@ -95,7 +118,11 @@ pub fn ledger(c: &Ctx<'_>, v: &VerifyState, _q: &ListQuery) -> Result<String, Pa
                 b,
                 "<p id=\"verify-state\" class=\"{}\">{} · {} records · {} agents · {} findings · {} … {}</p>",
                 if report.ok { "ok-text" } else { "error" },
-                if report.ok { t.verify_ok } else { t.verify_failed },
+                if report.ok {
+                    t.verify_ok
+                } else {
+                    t.verify_failed
+                },
                 report.records,
                 report.agents.len(),
                 bad,
@@ -127,13 +154,25 @@ pub fn ledger(c: &Ctx<'_>, v: &VerifyState, _q: &ListQuery) -> Result<String, Pa
                 .collect();
             b.push_str(&html::table(
                 "verify-agents",
-                &["agent", "records", "seq", "checkpoints", "flagged", "findings"],
+                &[
+                    "agent",
+                    "records",
+                    "seq",
+                    "checkpoints",
+                    "flagged",
+                    "findings",
+                ],
                 &[false, true, false, true, true, false],
                 &rows,
             ));
         }
         Some((_, _, Err(e))) => {
-            let _ = write!(b, "<p id=\"verify-state\" class=\"error\">{}: {}</p>", t.verify_failed, esc(e));
+            let _ = write!(
+                b,
+                "<p id=\"verify-state\" class=\"error\">{}: {}</p>",
+                t.verify_failed,
+                esc(e)
+            );
         }
     }
     if v.running {
@@ -173,10 +212,7 @@ pub fn tokens(c: &Ctx<'_>) -> Result<String, PageError> {
             ]
         })
         .collect();
-    let mut b = format!(
-        "<p><a href=\"/admin/agents\">{}</a></p>",
-        t.agents_title
-    );
+    let mut b = format!("<p><a href=\"/admin/agents\">{}</a></p>", t.agents_title);
     b.push_str(&html::table(
         "tokens",
         &[t.name, t.role, t.created, t.revoked],
@@ -198,13 +234,28 @@ pub fn agents(c: &Ctx<'_>, connected: &dyn Fn(&str) -> bool) -> Result<String, P
             esc(&h.agent_version),
             registered.map_or_else(|| "–".into(), html::kst),
             html::kst(h.last_seen_ms),
-            super::state_badge(t, if connected(&h.agent_id) { "connected" } else { "disconnected" }),
+            super::state_badge(
+                t,
+                if connected(&h.agent_id) {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+            ),
         ]);
     }
     let mut b = format!("<p><a href=\"/admin/tokens\">{}</a></p>", t.tokens_title);
     b.push_str(&html::table(
         "agents",
-        &["agent", "host", "CSP", "version", "registered", t.last_seen, t.state],
+        &[
+            "agent",
+            "host",
+            "CSP",
+            "version",
+            "registered",
+            t.last_seen,
+            t.state,
+        ],
         &[false; 7],
         &rows,
     ));

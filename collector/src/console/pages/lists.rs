@@ -11,9 +11,12 @@ use crate::console::html::{self, Nav, esc, hours, pct, url_part};
 pub fn violations(c: &Ctx<'_>, r: &Report, q: &ListQuery) -> Result<String, PageError> {
     let t = c.t;
     let l = t.labels();
-    let mut events = c
-        .store
-        .events(r.rec.from_ms, r.rec.elapsed_until_ms.max(r.rec.from_ms), Some("enforcement"), None)?;
+    let mut events = c.store.events(
+        r.rec.from_ms,
+        r.rec.elapsed_until_ms.max(r.rec.from_ms),
+        Some("enforcement"),
+        None,
+    )?;
     // Only records the report's head covers, as the report counts them.
     let covered: std::collections::HashMap<&str, u64> = r
         .head
@@ -21,7 +24,11 @@ pub fn violations(c: &Ctx<'_>, r: &Report, q: &ListQuery) -> Result<String, Page
         .iter()
         .map(|x| (x.agent_id.as_str(), x.seq))
         .collect();
-    events.retain(|e| covered.get(e.agent_id.as_str()).is_some_and(|&s| e.seq <= s));
+    events.retain(|e| {
+        covered
+            .get(e.agent_id.as_str())
+            .is_some_and(|&s| e.seq <= s)
+    });
     let grant = if q.grant.trim().is_empty() {
         None
     } else {
@@ -99,7 +106,17 @@ pub fn violations(c: &Ctx<'_>, r: &Report, q: &ListQuery) -> Result<String, Page
         .collect();
     b.push_str(&html::table(
         "violations",
-        &[t.time, l.gpu, l.host, l.csp, l.grant, l.principal, "pid", t.action, t.result],
+        &[
+            t.time,
+            l.gpu,
+            l.host,
+            l.csp,
+            l.grant,
+            l.principal,
+            "pid",
+            t.action,
+            t.result,
+        ],
         &[false, false, false, false, false, false, true, false, false],
         &rows,
     ));
@@ -127,7 +144,7 @@ pub fn alarms(c: &Ctx<'_>, q: &ListQuery) -> Result<String, PageError> {
     alarms.retain(|a| {
         (q.kind.is_empty() || a.kind == q.kind) && (q.agent.is_empty() || a.agent_id == q.agent)
     });
-    alarms.sort_by(|a, b| b.at_ms.cmp(&a.at_ms));
+    alarms.sort_by_key(|a| std::cmp::Reverse(a.at_ms));
     let mut b = String::new();
     let _ = write!(
         b,
@@ -172,7 +189,11 @@ pub fn alarms(c: &Ctx<'_>, q: &ListQuery) -> Result<String, PageError> {
         &rows,
     ));
     b.push_str(&html::pager(
-        &format!("/alarms?kind={}&agent={}&", url_part(&q.kind), url_part(&q.agent)),
+        &format!(
+            "/alarms?kind={}&agent={}&",
+            url_part(&q.kind),
+            url_part(&q.agent)
+        ),
         page,
         pages,
         t,
@@ -217,16 +238,29 @@ pub fn idle(c: &Ctx<'_>, r: &Report, q: &ListQuery) -> Result<String, PageError>
             p = url_part(&r.period),
         );
         let rows = vec![vec![
-            esc(&crate::render::kst_span(g.window.from_ms, g.window.until_ms)),
+            esc(&crate::render::kst_span(
+                g.window.from_ms,
+                g.window.until_ms,
+            )),
             hours(g.allocated_ms),
             hours(g.delivered_ms),
             hours(g.active_ms),
-            format!("<b class=\"idle-util\">{}</b>", pct(Some(g.utilization_pct))),
+            format!(
+                "<b class=\"idle-util\">{}</b>",
+                pct(Some(g.utilization_pct))
+            ),
             occupied.map_or_else(|| "–".into(), hours),
         ]];
         b.push_str(&html::table(
             "idle-figures",
-            &[l.lookback, l.allocated, l.delivered, l.active, l.utilization, &format!("{} ({})", t.occupied_days, l.period)],
+            &[
+                l.lookback,
+                l.allocated,
+                l.delivered,
+                l.active,
+                l.utilization,
+                &format!("{} ({})", t.occupied_days, l.period),
+            ],
             &[false, true, true, true, true, true],
             &rows,
         ));
@@ -241,7 +275,11 @@ pub fn idle(c: &Ctx<'_>, r: &Report, q: &ListQuery) -> Result<String, PageError>
                         let u = r
                             .days
                             .iter()
-                            .find(|x| x.grant_id == g.grant_id && x.gpu_uuid == rc.gpu_uuid && x.day == d.day)
+                            .find(|x| {
+                                x.grant_id == g.grant_id
+                                    && x.gpu_uuid == rc.gpu_uuid
+                                    && x.day == d.day
+                            })
                             .and_then(|x| x.utilization_pct);
                         (d.day.clone(), u)
                     })
@@ -264,12 +302,24 @@ pub fn idle(c: &Ctx<'_>, r: &Report, q: &ListQuery) -> Result<String, PageError>
         let _ = write!(b, "<h3>{} · {}</h3>", t.evidence, l.reclaimable_cards);
         b.push_str(&html::table(
             "idle-cards",
-            &[l.gpu, l.host, l.allocated, l.active, l.utilization, t.heatmap],
+            &[
+                l.gpu,
+                l.host,
+                l.allocated,
+                l.active,
+                l.utilization,
+                t.heatmap,
+            ],
             &[false, false, true, true, true, false],
             &rows,
         ));
         b.push_str("</section>");
     }
-    b.push_str(&html::pager(&format!("/idle?period={}&", url_part(&r.period)), page, pages, t));
+    b.push_str(&html::pager(
+        &format!("/idle?period={}&", url_part(&r.period)),
+        page,
+        pages,
+        t,
+    ));
     Ok(c.page(Nav::Idle, l.idle_title, &b))
 }

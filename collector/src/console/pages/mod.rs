@@ -78,10 +78,24 @@ impl<'a> Ctx<'a> {
 pub fn state_badge(t: &T, state: &str) -> String {
     let (ok, idle, viol, off, lost, un, conn, disc) = match t.lang {
         super::i18n::Lang::Ko => (
-            "정상", "유휴", "위반", "미보고", "장애", "미배정", "연결됨", "끊김",
+            "정상",
+            "유휴",
+            "위반",
+            "미보고",
+            "장애",
+            "미배정",
+            "연결됨",
+            "끊김",
         ),
         super::i18n::Lang::En => (
-            "ok", "idle", "violating", "off", "lost", "unassigned", "connected", "disconnected",
+            "ok",
+            "idle",
+            "violating",
+            "off",
+            "lost",
+            "unassigned",
+            "connected",
+            "disconnected",
         ),
     };
     let label = match state {
@@ -104,7 +118,12 @@ data-label-unassigned=\"{un}\" data-label-connected=\"{conn}\" data-label-discon
 }
 
 /// The period chooser and the report's head, at the top of every period page.
-pub fn period_line(t: &T, r: &super::data::Report, action: &str, hidden: &[(&str, &str)]) -> String {
+pub fn period_line(
+    t: &T,
+    r: &super::data::Report,
+    action: &str,
+    hidden: &[(&str, &str)],
+) -> String {
     let mut s = format!(
         "<form class=\"filters\" method=\"get\" action=\"{}\"><label>{}<input name=\"period\" value=\"{}\" size=\"22\"></label>",
         esc(action),
@@ -138,7 +157,11 @@ pub fn period_line(t: &T, r: &super::data::Report, action: &str, hidden: &[(&str
 pub fn login(t: &T, next: &str, refused: bool) -> String {
     let mut body = String::from("<section class=\"login\">");
     if refused {
-        let _ = write!(body, "<p class=\"error\" id=\"refused\">{}</p>", t.login_refused);
+        let _ = write!(
+            body,
+            "<p class=\"error\" id=\"refused\">{}</p>",
+            t.login_refused
+        );
     }
     let _ = write!(
         body,
@@ -151,5 +174,12 @@ pub fn login(t: &T, next: &str, refused: bool) -> String {
         t.login_button,
         t.login_note
     );
-    super::html::page(t, None, super::html::Nav::None, "/login", t.login_title, &body)
+    super::html::page(
+        t,
+        None,
+        super::html::Nav::None,
+        "/login",
+        t.login_title,
+        &body,
+    )
 }
