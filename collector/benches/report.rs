@@ -599,7 +599,7 @@ fn console_pages(store: &SqliteStore, cards: usize, grants: usize) -> anyhow::Re
         ),
         (
             "admin: agents",
-            Box::new(|| pages::ledger::agents(&ctx, &not_connected)),
+            Box::new(|| pages::ledger::agents(&ctx, &report, &not_connected)),
         ),
     ];
     for (name, page) in list {

@@ -24,6 +24,9 @@ pub struct Report {
     pub rec: Reconciliation,
     pub days: Vec<CardDay>,
     pub head: SignedHead,
+    /// The hosts and their cards as the store held them then (`Store::hosts`, read with the
+    /// figures: at national scale it is a read of its own worth sharing).
+    pub hosts: Vec<crate::store::HostRow>,
     /// The query it answers (for the downloads' provenance).
     pub query: v1::ReconcileRequest,
     /// When it was computed (Unix ms), and how long that took.
@@ -55,6 +58,7 @@ pub fn compute(store: &dyn Store, period: &str, now_ms: i64) -> Result<Report, S
     let t = Instant::now();
     let (rec, days, head) = crate::query::compute_report_with(store, &query, true)
         .map_err(|e| e.message().to_string())?;
+    let hosts = store.hosts().map_err(|e| e.to_string())?;
     let mut query = query;
     query.as_of_head = head.id;
     Ok(Report {
@@ -62,6 +66,7 @@ pub fn compute(store: &dyn Store, period: &str, now_ms: i64) -> Result<Report, S
         rec,
         days,
         head,
+        hosts,
         query,
         computed_ms: now_ms,
         took: t.elapsed(),

@@ -853,19 +853,22 @@ async fn admin_tokens(State(c): State<St>, headers: HeaderMap) -> Response<Body>
     .await
 }
 
-async fn admin_agents(State(c): State<St>, headers: HeaderMap) -> Response<Body> {
-    let s = match require(&c, &headers, "/admin/agents") {
-        Ok(s) => s,
+async fn admin_agents(
+    State(c): State<St>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response<Body> {
+    let (s, t, r) = match prepare(&c, &headers, "/admin/agents", &q).await {
+        Ok(x) => x,
         Err(r) => return *r,
     };
-    let t = T::of(lang_of(&headers));
     if !s.is_admin() {
         return forbidden(t, &s);
     }
     let (c2, s2) = (c.clone(), s.clone());
     render_page(t, &s, move || {
         let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), "/admin/agents", (c2.now)());
-        pages::ledger::agents(&ctx, &|a| c2.is_connected(a))
+        pages::ledger::agents(&ctx, &r, &|a| c2.is_connected(a))
     })
     .await
 }

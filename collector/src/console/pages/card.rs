@@ -22,7 +22,7 @@ pub fn page(
 ) -> Result<String, PageError> {
     let t = c.t;
     let l = t.labels();
-    let hosts = c.store.hosts()?;
+    let hosts = &r.hosts;
     let holder = hosts
         .iter()
         .find_map(|h| h.gpus.iter().find(|g| g.uuid == uuid).map(|g| (h, g)));

@@ -169,7 +169,7 @@ pub fn page(
     ));
     // Hosts, with the live connection state (first as this collector's sessions stand, then
     // as the hub's frames say).
-    let mut hosts = c.store.hosts()?;
+    let mut hosts: Vec<&crate::store::HostRow> = r.hosts.iter().collect();
     hosts.sort_by(|a, b| {
         (a.csp.as_str(), a.host_id.as_str()).cmp(&(b.csp.as_str(), b.host_id.as_str()))
     });

@@ -222,10 +222,14 @@ pub fn tokens(c: &Ctx<'_>) -> Result<String, PageError> {
     Ok(c.page(Nav::Admin, t.tokens_title, &b))
 }
 
-pub fn agents(c: &Ctx<'_>, connected: &dyn Fn(&str) -> bool) -> Result<String, PageError> {
+pub fn agents(
+    c: &Ctx<'_>,
+    r: &Report,
+    connected: &dyn Fn(&str) -> bool,
+) -> Result<String, PageError> {
     let t = c.t;
     let mut rows = Vec::new();
-    for h in c.store.hosts()? {
+    for h in &r.hosts {
         let registered = c.store.agent_registered_ms(&h.agent_id)?;
         rows.push(vec![
             esc(&h.agent_id),
