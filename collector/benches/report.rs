@@ -509,6 +509,119 @@ fn national(dir: &Path, cards: usize, hosts: usize, grants: usize) -> anyhow::Re
         total.delivered_ms as f64 / 3.6e6,
         total.allocated_ms as f64 / 3.6e6
     );
+    console_pages(&store, cards, grants)?;
+    Ok(())
+}
+
+const CONSOLE_TARGET_MS: f64 = 300.0;
+
+/// The console's pages (issue 15) on the national ledger: the period's figures computed once
+/// as the console holds them (`console::data::compute`, the Reconcile RPC's path), then each
+/// page built from them and the store as its handler builds it, best of three, against the
+/// 300 ms target and as a ratio of the report computation measured here.
+fn console_pages(store: &SqliteStore, cards: usize, grants: usize) -> anyhow::Result<()> {
+    use gpumeter_collector::auth::tokens::Role;
+    use gpumeter_collector::console::{ListQuery, data, i18n, pages, session::Session};
+    println!(
+        "\n   console pages ({cards} cards, {grants} grants; target < {CONSOLE_TARGET_MS} ms each)"
+    );
+    let now = NOV_1 + 30 * DAY;
+    let t = Instant::now();
+    let report = data::compute(store, "2026-11", now).map_err(|e| anyhow::anyhow!(e))?;
+    let compute = t.elapsed();
+    row(
+        "   the period's figures, computed once per 30 s and shared",
+        &format!("{:.0} ms", compute.as_secs_f64() * 1e3),
+        "(report)",
+        "",
+    );
+    let session = Session {
+        id: "bench".into(),
+        name: "bench-auditor".into(),
+        role: Role::Admin,
+        token_hash: String::new(),
+        csrf: "x".into(),
+        created_ms: now,
+        expires_ms: now + DAY,
+        last_seen_ms: now,
+    };
+    let t_ko = i18n::T::of(i18n::Lang::Ko);
+    let some_grant = report
+        .rec
+        .grants
+        .get(report.rec.grants.len() / 2)
+        .map(|g| g.grant_id.clone())
+        .unwrap_or_default();
+    let some_card = gpu(cards / 2);
+    let q = ListQuery::default();
+    let filtered = ListQuery {
+        program: "research".into(),
+        csp: "kt".into(),
+        page: Some(3),
+        ..Default::default()
+    };
+    let ctx = pages::Ctx::new(t_ko, &session, store, "/", now);
+    let not_connected = |_: &str| false;
+    type Page<'a> = Box<dyn Fn() -> Result<String, pages::PageError> + 'a>;
+    let list: Vec<(&str, Page<'_>)> = vec![
+        (
+            "fleet",
+            Box::new(|| pages::fleet::page(&ctx, &report, &not_connected, &q)),
+        ),
+        (
+            "grants (page 1 of all)",
+            Box::new(|| pages::grants::list(&ctx, &report, &q)),
+        ),
+        (
+            "grants (program, CSP, page 3)",
+            Box::new(|| pages::grants::list(&ctx, &report, &filtered)),
+        ),
+        (
+            "one grant (heatmaps, hours, tenants)",
+            Box::new(|| pages::grants::detail(&ctx, &report, &some_grant, &q)),
+        ),
+        (
+            "one card",
+            Box::new(|| pages::card::page(&ctx, &report, &some_card, &not_connected, &q)),
+        ),
+        (
+            "violations",
+            Box::new(|| pages::lists::violations(&ctx, &report, &q)),
+        ),
+        ("alarms", Box::new(|| pages::lists::alarms(&ctx, &q))),
+        (
+            "idle grants",
+            Box::new(|| pages::lists::idle(&ctx, &report, &q)),
+        ),
+        (
+            "downloads",
+            Box::new(|| Ok(pages::ledger::downloads(&ctx, &report))),
+        ),
+        (
+            "admin: agents",
+            Box::new(|| pages::ledger::agents(&ctx, &report, &not_connected)),
+        ),
+    ];
+    for (name, page) in list {
+        let mut best = Duration::MAX;
+        let mut len = 0;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let html = page().map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            best = best.min(t.elapsed());
+            len = html.len();
+        }
+        let ms = best.as_secs_f64() * 1e3;
+        row(
+            &format!("   {name} ({:.0} kB)", len as f64 / 1e3),
+            &format!(
+                "{ms:.1} ms ({:.2}× report)",
+                best.as_secs_f64() / compute.as_secs_f64()
+            ),
+            &format!("< {CONSOLE_TARGET_MS} ms"),
+            pass(ms < CONSOLE_TARGET_MS),
+        );
+    }
     Ok(())
 }
 

@@ -39,6 +39,9 @@ pub struct CollectorConfig {
     pub limits: LimitsConfig,
     /// Seconds between signed ledger heads (default 600; see `crate::heads`).
     pub head_interval_s: Option<u64>,
+    /// Address of the read-only web console (HTTPS with the collector's certificate; off
+    /// when unset; `--console-listen` wins). See docs/console.md.
+    pub console_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
@@ -192,6 +195,10 @@ impl CollectorConfig {
             m.parse::<std::net::SocketAddr>()
                 .map_err(|_| bad("metrics_listen", "must be an address like 127.0.0.1:9401"))?;
         }
+        if let Some(m) = &self.console_listen {
+            m.parse::<std::net::SocketAddr>()
+                .map_err(|_| bad("console_listen", "must be an address like 127.0.0.1:7443"))?;
+        }
         let l = &self.limits;
         if !(1..=100_000).contains(&l.max_batch_records) {
             return Err(bad("limits.max_batch_records", "must be 1..=100000"));
@@ -283,6 +290,12 @@ impl CollectorConfig {
             tls: None,
             reports_dir: None,
             reports_interval: Duration::from_secs(600),
+            console: self
+                .console_listen
+                .as_deref()
+                .and_then(|m| m.parse().ok())
+                .map(crate::server::ConsoleListen::Addr),
+            console_options: crate::console::ConsoleOptions::default(),
         }
     }
 }

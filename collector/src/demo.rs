@@ -330,6 +330,10 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
         .limits
         .max_clock_skew_ms
         .max(i64::from(opts.minutes) * 60_000 + 10 * 60_000);
+    // The web console too (docs/console.md), on a port of its own.
+    let (console, console_addr) = crate::server::ConsoleListen::bind("127.0.0.1:0")?;
+    options.console = Some(console);
+    let console_token = client.token.clone().unwrap_or_default();
     let server = tokio::spawn(run(listener, store, options, async move {
         let _ = stop_rx.changed().await;
     }));
@@ -367,6 +371,9 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
         reply.cards,
         reply.warnings.len()
     );
+    out.push_str(&format!(
+        "console https://{console_addr}/ while the demo runs (log in with the demo's admin token {console_token}; the certificate is the demo CA's)\n"
+    ));
 
     let mut tasks = Vec::new();
     for (i, (host, scenario)) in demo_hosts(opts.minutes).into_iter().enumerate() {

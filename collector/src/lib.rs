@@ -6,6 +6,7 @@ pub mod admission;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod convert;
 mod csv;
 pub mod delivery;

@@ -165,6 +165,10 @@ enum Command {
         /// existing files are never rewritten, and missed months are caught up at start.
         #[arg(long, value_name = "DIR")]
         reports_dir: Option<PathBuf>,
+        /// Serve the read-only web console on this address (HTTPS with the collector's
+        /// certificate; auditor and admin tokens log in); off by default. See docs/console.md.
+        #[arg(long, value_name = "ADDR")]
+        console_listen: Option<String>,
     },
     /// The built-in certificate authority: make it, issue agent and server certificates,
     /// revoke them.
@@ -791,6 +795,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             revoked,
             insecure,
             reports_dir,
+            console_listen,
         } => {
             let cfg = match &config {
                 Some(p) => CollectorConfig::load(p).map_err(|e| Failure {
@@ -841,6 +846,23 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                 })?;
             }
             options.reports_dir = reports_dir;
+            if let Some(addr) = console_listen {
+                let addr = addr.parse().map_err(|_| Failure {
+                    code: 64,
+                    error: anyhow::anyhow!(
+                        "config field console_listen: --console-listen must be an address like 127.0.0.1:7443"
+                    ),
+                })?;
+                options.console = Some(gpumeter_collector::server::ConsoleListen::Addr(addr));
+            }
+            if options.console.is_some() && options.tls.is_none() {
+                return Err(Failure {
+                    code: 64,
+                    error: anyhow::anyhow!(
+                        "config field console_listen: the console needs TLS (its cookie is Secure); it is not served with --insecure"
+                    ),
+                });
+            }
             let store = gpumeter_collector::store::open_store(&db, collector_key.as_deref())
                 .with_context(|| {
                     format!(

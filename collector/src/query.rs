@@ -1088,7 +1088,7 @@ fn now_ms() -> i64 {
 }
 
 /// Whether `grant` held card `gpu` at instant `at`.
-fn held_at(grant: &Grant, gpu: &str, at: i64) -> bool {
+pub(crate) fn held_at(grant: &Grant, gpu: &str, at: i64) -> bool {
     grant.cards.iter().any(|c| {
         let (from, until) = grant.card_interval(c);
         c.gpu_uuid == gpu && at >= from && at < until

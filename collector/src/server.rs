@@ -50,6 +50,42 @@ pub struct ServerOptions {
     pub reports_dir: Option<std::path::PathBuf>,
     /// How often the reports folder is brought up to date (first at start).
     pub reports_interval: Duration,
+    /// Where the web console is served (`serve --console-listen`, see `crate::console`);
+    /// none by default. Needs TLS.
+    pub console: Option<ConsoleListen>,
+    pub console_options: crate::console::ConsoleOptions,
+}
+
+/// Where the console listens: an address to bind, or a listener already bound (tests bind
+/// port 0 and read the port before the server starts).
+#[derive(Debug, Clone)]
+pub enum ConsoleListen {
+    Addr(std::net::SocketAddr),
+    Bound(Arc<Mutex<Option<std::net::TcpListener>>>),
+}
+
+impl ConsoleListen {
+    /// A listener bound now on `addr` (port 0 for any), and its address.
+    pub fn bind(addr: &str) -> std::io::Result<(ConsoleListen, std::net::SocketAddr)> {
+        let l = std::net::TcpListener::bind(addr)?;
+        let a = l.local_addr()?;
+        Ok((ConsoleListen::Bound(Arc::new(Mutex::new(Some(l)))), a))
+    }
+
+    async fn listener(&self) -> anyhow::Result<TcpListener> {
+        match self {
+            ConsoleListen::Addr(a) => Ok(TcpListener::bind(a).await?),
+            ConsoleListen::Bound(l) => {
+                let l = l
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("console listener lock poisoned"))?
+                    .take()
+                    .ok_or_else(|| anyhow::anyhow!("console listener already taken"))?;
+                l.set_nonblocking(true)?;
+                Ok(TcpListener::from_std(l)?)
+            }
+        }
+    }
 }
 
 impl Default for ServerOptions {
@@ -67,6 +103,8 @@ impl Default for ServerOptions {
             tls: None,
             reports_dir: None,
             reports_interval: Duration::from_secs(600),
+            console: None,
+            console_options: crate::console::ConsoleOptions::default(),
         }
     }
 }
@@ -110,6 +148,33 @@ pub async fn run(
         agent_heads: heads,
         hub: hub.clone(),
     };
+    let mut console_task = None;
+    if let Some(listen) = &opts.console {
+        let Some(tls) = &opts.tls else {
+            anyhow::bail!(
+                "the console needs TLS (its session cookie is Secure): drop --console-listen or --insecure"
+            );
+        };
+        let listener = listen.listener().await?;
+        let console = Arc::new(crate::console::Console::new(
+            query.clone(),
+            Some(crate::watch::live_set(ingest.live.clone())),
+            &opts.console_options,
+        ));
+        let mut closing = closing_tx.subscribe();
+        let tls = crate::auth::tls::ServerTls {
+            config: tls.config.clone(),
+            handshake_timeout: opts.connections.handshake_timeout,
+        };
+        console_task = Some(tokio::spawn(async move {
+            let stop = async move {
+                let _ = closing.wait_for(|c| *c).await;
+            };
+            if let Err(e) = crate::console::serve(listener, &tls, console, stop).await {
+                tracing::error!(error = %e, "the console stopped");
+            }
+        }));
+    }
     let store_for_heads = store.clone();
     let query_check = TokenCheck {
         store: store.clone(),
@@ -232,6 +297,15 @@ pub async fn run(
     // The accept task owns the listener: end it before returning, so the port is free.
     accept_task.abort();
     let _ = accept_task.await;
+    if let Some(mut task) = console_task {
+        if tokio::time::timeout(drain_timeout, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            let _ = task.await;
+        }
+    }
     result?;
     info!("collector stopped");
     Ok(())

@@ -8,6 +8,8 @@
 //! (its host id being the agent id) when the URL is `https://`; [`TestCollector::cli`] and
 //! [`cli_env`] give the real CLI the CA and the admin token.
 
+pub mod https;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
