@@ -73,12 +73,22 @@ pub fn compute(store: &dyn Store, period: &str, now_ms: i64) -> Result<Report, S
     })
 }
 
-/// Periods' reports, each kept for `ttl`; one computation at a time (a second page asking
-/// for the same period waits for the first's result instead of computing it again).
-#[derive(Debug)]
+/// Periods' reports. A period asked for the first time is computed while the page waits
+/// (one computation at a time: a second page asking for it waits for the first's result).
+/// After `ttl` the report held is still served at once, marked by its head and computation
+/// time, while one refresh runs in the background, so no page waits for a national-scale
+/// recomputation once its period is held.
+#[derive(Debug, Clone)]
 pub struct ReportCache {
+    inner: Arc<CacheInner>,
+}
+
+#[derive(Debug)]
+struct CacheInner {
     ttl: Duration,
     held: tokio::sync::Mutex<HashMap<String, (Instant, Arc<Report>)>>,
+    /// Periods whose background refresh is running.
+    refreshing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Periods held at most.
@@ -87,8 +97,11 @@ const PERIODS_HELD: usize = 8;
 impl ReportCache {
     pub fn new(ttl: Duration) -> Self {
         Self {
-            ttl,
-            held: tokio::sync::Mutex::new(HashMap::new()),
+            inner: Arc::new(CacheInner {
+                ttl,
+                held: tokio::sync::Mutex::new(HashMap::new()),
+                refreshing: std::sync::Mutex::new(Default::default()),
+            }),
         }
     }
 
@@ -98,18 +111,58 @@ impl ReportCache {
         period: &str,
         now_ms: i64,
     ) -> Result<Arc<Report>, String> {
-        let mut held = self.held.lock().await;
+        let mut held = self.inner.held.lock().await;
         if let Some((at, r)) = held.get(period) {
-            if at.elapsed() < self.ttl {
-                return Ok(r.clone());
+            if at.elapsed() >= self.inner.ttl {
+                self.refresh(store, period, now_ms);
             }
+            return Ok(r.clone());
         }
         let p = period.to_string();
         let r = tokio::task::spawn_blocking(move || compute(store.as_ref(), &p, now_ms))
             .await
             .map_err(|e| e.to_string())??;
         let r = Arc::new(r);
-        if held.len() >= PERIODS_HELD {
+        Self::hold(&mut held, period, r.clone());
+        Ok(r)
+    }
+
+    /// Computes `period` in the background (the current month when the console starts, so
+    /// its first visitor does not wait either), unless a refresh of it is running already.
+    pub fn refresh(&self, store: Arc<dyn Store>, period: &str, now_ms: i64) {
+        {
+            let Ok(mut running) = self.inner.refreshing.lock() else {
+                return;
+            };
+            if !running.insert(period.to_string()) {
+                return;
+            }
+        }
+        let inner = self.inner.clone();
+        let p = period.to_string();
+        tokio::spawn(async move {
+            let q = p.clone();
+            let r = tokio::task::spawn_blocking(move || compute(store.as_ref(), &q, now_ms)).await;
+            match r {
+                Ok(Ok(r)) => {
+                    let mut held = inner.held.lock().await;
+                    Self::hold(&mut held, &p, Arc::new(r));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(period = %p, error = %e, "console: refreshing a period's figures failed; the last ones stay shown");
+                }
+                Err(e) => {
+                    tracing::warn!(period = %p, error = %e, "console: the refresh of a period's figures stopped");
+                }
+            }
+            if let Ok(mut running) = inner.refreshing.lock() {
+                running.remove(&p);
+            }
+        });
+    }
+
+    fn hold(held: &mut HashMap<String, (Instant, Arc<Report>)>, period: &str, r: Arc<Report>) {
+        if !held.contains_key(period) && held.len() >= PERIODS_HELD {
             if let Some(oldest) = held
                 .iter()
                 .min_by_key(|(_, (at, _))| *at)
@@ -118,8 +171,7 @@ impl ReportCache {
                 held.remove(&oldest);
             }
         }
-        held.insert(period.to_string(), (Instant::now(), r.clone()));
-        Ok(r)
+        held.insert(period.to_string(), (Instant::now(), r));
     }
 }
 
@@ -233,6 +285,38 @@ pub fn live_json(frame: &Frame) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Once a period is held, a page never waits for its recomputation: the held report is
+    /// served at once and a fresh one replaces it in the background.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_period_is_served_at_once_and_refreshed_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("c.db")).unwrap());
+        let cache = ReportCache::new(Duration::ZERO);
+        let first = cache.get(store.clone(), "2026-11", 1).await.unwrap();
+        assert_eq!(first.computed_ms, 1);
+        // Expired at once (ttl 0): served as held, a refresh started.
+        let again = cache.get(store.clone(), "2026-11", 2).await.unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the held report, not a new computation"
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = cache.get(store.clone(), "2026-11", 3).await.unwrap();
+            if !Arc::ptr_eq(&now, &first) {
+                assert!(now.computed_ms >= 2, "{}", now.computed_ms);
+                assert_eq!(now.period, "2026-11");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no refresh within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A period asked for the first time is computed for the page that asks.
+        let other = cache.get(store.clone(), "2026-10", 4).await.unwrap();
+        assert_eq!((other.period.as_str(), other.computed_ms), ("2026-10", 4));
+    }
 
     #[test]
     fn the_default_period_is_the_korean_month() {

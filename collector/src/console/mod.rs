@@ -26,9 +26,9 @@
 //!   `https://` + `Host`), and but for the login form carry the session's CSRF token; the
 //!   cookie is `SameSite=Strict` besides.
 //! - **Figures.** A period's figures are [`crate::query::compute_report_with`] over the
-//!   rollups, as the Reconcile RPC computes them, held for [`ConsoleOptions::report_ttl`]
-//!   per period ([`data::ReportCache`]); live state comes from the hub. No page has a
-//!   formula of its own.
+//!   rollups, as the Reconcile RPC computes them, held per period ([`data::ReportCache`])
+//!   and refreshed in the background after [`ConsoleOptions::report_ttl`] (pages show the
+//!   head they are as of); live state comes from the hub. No page has a formula of its own.
 
 pub mod assets;
 pub mod data;
@@ -188,6 +188,11 @@ pub async fn serve(
         Box::pin(crate::auth::tls::tcp_accepted(listener)),
         Some(tls),
     );
+    // The current month's figures are computed now, so its first visitor does not wait.
+    let now = (console.now)();
+    console
+        .reports
+        .refresh(console.store.clone(), &data::period_or_month("", now), now);
     tracing::info!(url = %format!("https://{addr}/"), "console listening");
     let served = axum::serve(TlsListener { conns, addr }, router(console))
         .with_graceful_shutdown(shutdown)
