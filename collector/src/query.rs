@@ -314,7 +314,7 @@ impl Query for QueryService {
         let grant = q.grant_id.trim().to_owned();
         let store = self.store.clone();
         let jobs = blocking(move || -> Result<Vec<v1::JobInfo>, Status> {
-            let bodies = store.window_bodies(from, until)?;
+            let bodies = store.window_bodies(from, until, None)?;
             Ok(
                 crate::jobs::jobs(&bodies, (!grant.is_empty()).then_some(grant.as_str()))
                     .iter()

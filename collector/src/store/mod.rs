@@ -402,8 +402,15 @@ pub trait Store: Send + Sync + 'static {
     fn usage(&self, from_ms: i64, until_ms: i64) -> Result<Usage, StoreError>;
     /// The signed bodies of the windows that count (no flag; not reported for a card another
     /// host holds) starting in `[from, until)`, as (agent, host, seq, body), in (agent, seq)
-    /// order: what `verify` proves, for readers that need fields no derived row keeps.
-    fn window_bodies(&self, from_ms: i64, until_ms: i64) -> Result<Vec<WindowBody>, StoreError>;
+    /// order: what `verify` proves, for readers that need fields no derived row keeps. With
+    /// `cards`, only those cards' windows (read through the by-card index: a grant's day is a
+    /// few thousand windows, not the fleet's).
+    fn window_bodies(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        cards: Option<&[String]>,
+    ) -> Result<Vec<WindowBody>, StoreError>;
 
     fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
 

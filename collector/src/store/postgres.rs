@@ -834,7 +834,9 @@ impl Store for PgStore {
         &self,
         from_ms: i64,
         until_ms: i64,
+        cards: Option<&[String]>,
     ) -> Result<Vec<super::WindowBody>, StoreError> {
+        let cards: Option<Vec<String>> = cards.map(<[String]>::to_vec);
         self.reader.with(|c| {
             let rows = c
                 .query(
@@ -842,10 +844,12 @@ impl Store for PgStore {
                         "SELECT w.agent_id, a.host_id, w.seq, r.body, r.block
                      FROM windows w JOIN records r ON r.agent_id = w.agent_id AND r.seq = w.seq
                      JOIN agents a ON a.agent_id = w.agent_id
-                     WHERE w.start_ms >= $1 AND w.start_ms < $2 AND {COUNTED} AND {UNFLAGGED}
+                     WHERE w.start_ms >= $1 AND w.start_ms < $2
+                       AND ($3::text[] IS NULL OR w.gpu_uuid = ANY($3))
+                       AND {COUNTED} AND {UNFLAGGED}
                      ORDER BY w.agent_id, w.seq"
                     ),
-                    &[&from_ms, &until_ms],
+                    &[&from_ms, &until_ms, &cards],
                 )
                 .map_err(db)?;
             let mut blocks = super::body_block::BlockCache::default();

@@ -1391,6 +1391,7 @@ impl Store for SqliteStore {
         &self,
         from_ms: i64,
         until_ms: i64,
+        cards: Option<&[String]>,
     ) -> Result<Vec<super::WindowBody>, StoreError> {
         let c = self.r();
         let mut st = c
@@ -1398,30 +1399,42 @@ impl Store for SqliteStore {
                 "SELECT w.agent_id, a.host_id, w.seq, r.body, r.block
                  FROM windows w JOIN records r ON r.agent_id = w.agent_id AND r.seq = w.seq
                  JOIN agents a ON a.agent_id = w.agent_id
-                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2 AND {COUNTED}
+                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2 AND (?3 IS NULL OR w.gpu_uuid = ?3)
+                   AND {COUNTED}
                    AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
                  ORDER BY w.agent_id, w.seq"
             ))
             .map_err(db)?;
-        let rows = st
-            .query_map(params![from_ms, until_ms], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)? as u64,
-                    r.get::<_, Option<Vec<u8>>>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                ))
-            })
-            .map_err(db)?;
+        let all = [None];
+        let each: Vec<Option<&str>> = match cards {
+            None => all.to_vec(),
+            Some(cards) => cards.iter().map(|c| Some(c.as_str())).collect(),
+        };
         let mut blocks = super::body_block::BlockCache::default();
         let mut out = Vec::new();
-        for row in rows {
-            let (agent_id, host_id, seq, body, block) = row.map_err(db)?;
-            let body = blocks.body_of(&agent_id, seq, body, block, |id| {
-                super::sqlite_ledger::load_block(&c, &agent_id, id)
-            })?;
-            out.push((agent_id, host_id, seq, body));
+        for card in each {
+            let rows = st
+                .query_map(params![from_ms, until_ms, card], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)? as u64,
+                        r.get::<_, Option<Vec<u8>>>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                    ))
+                })
+                .map_err(db)?;
+            for row in rows {
+                let (agent_id, host_id, seq, body, block) = row.map_err(db)?;
+                let body = blocks.body_of(&agent_id, seq, body, block, |id| {
+                    super::sqlite_ledger::load_block(&c, &agent_id, id)
+                })?;
+                out.push((agent_id, host_id, seq, body));
+            }
+        }
+        if cards.is_some() {
+            out.sort_by(|a, b| (&a.0, a.2).cmp(&(&b.0, b.2)));
+            out.dedup_by(|a, b| a.0 == b.0 && a.2 == b.2);
         }
         Ok(out)
     }

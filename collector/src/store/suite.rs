@@ -423,7 +423,7 @@ pub(super) mod reconcile_reads {
                 ],
             )])
             .unwrap();
-        let got = store.window_bodies(10 * day, 11 * day).unwrap();
+        let got = store.window_bodies(10 * day, 11 * day, None).unwrap();
         let host = "host-a".to_string();
         assert_eq!(
             got,
@@ -432,7 +432,35 @@ pub(super) mod reconcile_reads {
                 ("a".to_string(), host, 2, vec![1u8]),
             ]
         );
-        assert_eq!(store.window_bodies(11 * day, 12 * day).unwrap().len(), 1);
+        assert_eq!(
+            store.window_bodies(11 * day, 12 * day, None).unwrap().len(),
+            1
+        );
+        // Only the cards asked for, in the same order; a card named twice counts once.
+        let gpu2 = [
+            "GPU-2".to_string(),
+            "GPU-9".to_string(),
+            "GPU-2".to_string(),
+        ];
+        assert_eq!(
+            store
+                .window_bodies(10 * day, 11 * day, Some(&gpu2))
+                .unwrap(),
+            vec![("a".to_string(), "host-a".to_string(), 2, vec![1u8])]
+        );
+        let both = ["GPU-2".to_string(), "GPU-1".to_string()];
+        assert_eq!(
+            store
+                .window_bodies(10 * day, 11 * day, Some(&both))
+                .unwrap(),
+            got
+        );
+        assert!(
+            store
+                .window_bodies(10 * day, 11 * day, Some(&[]))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     pub(super) fn windows_events_and_invoices_read_back_for_reconciliation(store: &dyn Store) {

@@ -518,8 +518,9 @@ pub fn detail(c: &Ctx<'_>, r: &Report, id: &str, q: &ListQuery) -> Result<String
 }
 
 /// A grant's jobs on one day ([`crate::jobs::jobs`] over that day's signed window bodies, as
-/// `report --view jobs` reads them). It reads every body of the day, so it is a page of its
-/// own rather than part of the grant's.
+/// `report --view jobs` reads them). It reads the bodies of the cards the grant ever held
+/// (the cards a window saying this grant can come from), a page of its own rather than part
+/// of the grant's.
 pub fn jobs(c: &Ctx<'_>, id: &str, q: &ListQuery) -> Result<String, PageError> {
     let t = c.t;
     let l = t.labels();
@@ -530,7 +531,17 @@ pub fn jobs(c: &Ctx<'_>, id: &str, q: &ListQuery) -> Result<String, PageError> {
             "day: one calendar day (YYYY-MM-DD)".into(),
         ));
     }
-    let bodies = c.store.window_bodies(from, until)?;
+    let record = c
+        .store
+        .grant(id)?
+        .ok_or_else(|| PageError::NotFound(format!("{} {id}", l.grant)))?;
+    let cards: Vec<String> = record
+        .grant
+        .cards
+        .iter()
+        .map(|k| k.gpu_uuid.clone())
+        .collect();
+    let bodies = c.store.window_bodies(from, until, Some(&cards))?;
     let jobs = crate::jobs::jobs(&bodies, Some(id));
     let rows: Vec<Vec<String>> = jobs
         .iter()
