@@ -241,6 +241,66 @@ async fn the_collector_binary_serves_a_postgres_ledger_that_the_cli_verifies() {
         "every body in a block"
     );
     assert!(kept[0].get::<_, i64>(2) > 0);
+
+    // The same ledger as a collector before version 11 kept it (bodies and links verbatim in
+    // their rows, no blocks) is compacted to the same verdict. (The synchronous client runs
+    // on a thread of its own, off the test's runtime, as `pg_rows` does.)
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            for b in c
+                .query("SELECT id, raw_len, data FROM record_blocks", &[])
+                .unwrap()
+            {
+                let id: i64 = b.get(0);
+                let data: Vec<u8> = b.get(2);
+                for (seq, body) in
+                    gpumeter_collector::store::body_block::decode(id, b.get(1), &data).unwrap()
+                {
+                    let n = c
+                    .execute(
+                        "UPDATE records SET body = $1, block = NULL WHERE block = $2 AND seq = $3",
+                        &[&body, &id, &(seq as i64)],
+                    )
+                    .unwrap();
+                    assert_eq!(n, 1);
+                }
+            }
+            c.batch_execute(
+                "UPDATE records r SET prev_hash = p.hash FROM records p
+             WHERE r.prev_hash IS NULL AND p.agent_id = r.agent_id AND p.seq = r.seq - 1;
+             DELETE FROM record_blocks;",
+            )
+            .unwrap();
+        });
+    });
+    let counts = |sql: &str| -> i64 { pg_rows(&url, sql)[0].get(0) };
+    let records = counts("SELECT COUNT(*) FROM records");
+    assert_eq!(
+        counts("SELECT COUNT(*) FROM records WHERE body IS NULL OR prev_hash IS NULL"),
+        0
+    );
+    let (code, verbatim, err) = run(&["verify", "--db", &url]);
+    assert_eq!(code, Some(0), "{verbatim}{err}");
+    let (code, out, err) = run(&["compact", "--per-block", "7", "--vacuum", "--db", &url]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains(&format!("compacted {records} records of 2 agents")),
+        "{out}"
+    );
+    assert_eq!(
+        counts("SELECT COUNT(*) FROM records WHERE body IS NOT NULL"),
+        0
+    );
+    assert!(counts("SELECT COUNT(*) FROM record_blocks") >= records / 7);
+    assert!(counts("SELECT COUNT(*) FROM records WHERE prev_hash IS NULL") > records / 2);
+    let (code, compacted, err) = run(&["verify", "--db", &url]);
+    assert_eq!(code, Some(0), "{compacted}{err}");
+    assert_eq!(compacted, verbatim, "verify says the same before and after");
+    let (code, out, _) = run(&["compact", "--db", &url]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("compacted 0 records"), "{out}");
+
     // A body put back into its row with other bytes is caught.
     pg_rows(
         &url,

@@ -303,13 +303,14 @@ enum Command {
     },
     /// Move the bodies of records stored before the compact ledger (schema version 11) into
     /// compressed blocks, as bodies are stored since; no signed byte changes, and `verify`
-    /// gives the same answer. Runs beside a serving collector, a chunk of records at a time.
+    /// gives the same answer. Runs beside serving collectors, a chunk of records at a time.
     Compact {
-        /// The SQLite ledger file.
+        /// The ledger: a SQLite file, or postgres://….
         #[arg(long)]
         db: PathBuf,
-        /// Then rewrite the file without the freed pages (`VACUUM`; needs as much free disk
-        /// as the file, and holds the database for its length).
+        /// Then give the freed space back: SQLite rewrites the file without its free pages
+        /// (`VACUUM`: as much free disk as the file, the database held for its length);
+        /// PostgreSQL vacuums `records`, so the space is reused.
         #[arg(long)]
         vacuum: bool,
         /// Records per block (and per transaction).
@@ -1047,13 +1048,26 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             vacuum,
             per_block,
         } => {
-            if gpumeter_collector::store::postgres::is_postgres_url(&db.to_string_lossy()) {
-                return Err(Failure {
-                    code: 2,
-                    error: anyhow::anyhow!(
-                        "compact works on a SQLite ledger file; a PostgreSQL ledger keeps rows stored before version 11 as they are"
-                    ),
-                });
+            let url = db.to_string_lossy().to_string();
+            let report = |done: gpumeter_collector::store::body_block::Compacted| {
+                println!(
+                    "compacted {} records of {} agents into {} blocks: {} bytes of bodies now {} bytes; {} prev_hashes restored from the record before instead of stored",
+                    done.records,
+                    done.agents,
+                    done.blocks,
+                    done.body_bytes,
+                    done.block_bytes,
+                    done.links_dropped
+                );
+            };
+            if gpumeter_collector::store::postgres::is_postgres_url(&url) {
+                let store = gpumeter_collector::store::postgres::PgStore::open(&url, None)?;
+                report(store.compact_verbatim(per_block as usize)?);
+                if vacuum {
+                    store.vacuum()?;
+                    println!("vacuumed: the freed space in records is reusable");
+                }
+                return Ok(());
             }
             if !db.exists() {
                 return Err(Failure {
@@ -1063,16 +1077,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             }
             let store = gpumeter_collector::store::sqlite::SqliteStore::open(&db)?;
             let before = file_len(&db);
-            let done = store.compact_verbatim(per_block as usize)?;
-            println!(
-                "compacted {} records of {} agents into {} blocks: {} bytes of bodies now {} bytes; {} prev_hashes restored from the record before instead of stored",
-                done.records,
-                done.agents,
-                done.blocks,
-                done.body_bytes,
-                done.block_bytes,
-                done.links_dropped
-            );
+            report(store.compact_verbatim(per_block as usize)?);
             if vacuum {
                 store.vacuum()?;
                 println!("vacuumed: {} bytes before, {} after", before, file_len(&db));

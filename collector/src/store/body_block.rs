@@ -40,6 +40,25 @@ pub struct Block {
     pub data: Vec<u8>,
 }
 
+/// Records per block written by `gpumeter-collector compact` (a writer's batch is usually
+/// smaller).
+pub const PER_BLOCK: usize = 1024;
+
+/// What a compaction of verbatim bodies into blocks did (`sqlite_compact`,
+/// `postgres_compact`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    pub agents: u64,
+    pub records: u64,
+    pub blocks: u64,
+    /// Bytes of the bodies moved, as they were in their rows.
+    pub body_bytes: u64,
+    /// Bytes of the blocks written for them.
+    pub block_bytes: u64,
+    /// prev_hashes no longer stored (each restored from the record before it).
+    pub links_dropped: u64,
+}
+
 /// Why a stored block cannot be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BlockError {

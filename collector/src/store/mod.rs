@@ -7,6 +7,7 @@ pub mod open;
 pub mod pg_testdb;
 pub mod postgres;
 pub mod postgres_commit;
+pub mod postgres_compact;
 pub mod postgres_integrity;
 pub mod postgres_ledger;
 pub mod postgres_rollup;

@@ -16,22 +16,7 @@ fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
-/// Records per block written by `compact` (a batch of the writer is usually smaller).
-pub const PER_BLOCK: usize = 1024;
-
-/// What a compaction did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Compacted {
-    pub agents: u64,
-    pub records: u64,
-    pub blocks: u64,
-    /// Bytes of the bodies moved, as they were in their rows.
-    pub body_bytes: u64,
-    /// Bytes of the blocks written for them.
-    pub block_bytes: u64,
-    /// prev_hashes no longer stored (each restored from the record before it).
-    pub links_dropped: u64,
-}
+pub use super::body_block::{Compacted, PER_BLOCK};
 
 /// One verbatim record.
 struct Verbatim {
