@@ -556,26 +556,67 @@ pub struct ListQuery {
     pub page: Option<usize>,
 }
 
-/// The page's context, and the period's figures when it needs them.
-async fn prepare(
-    c: &St,
-    headers: &HeaderMap,
-    path: &str,
-    q: &ListQuery,
-) -> Result<(Session, &'static T, Arc<data::Report>), Refusal> {
-    let s = require(c, headers, path)?;
-    let t = T::of(lang_of(headers));
+/// A period's figures (`period`, or this month), held or computed ([`data::ReportCache`]).
+async fn figures(c: &Console, period: &str) -> Result<Arc<data::Report>, String> {
     let now = (c.now)();
-    let period = data::period_or_month(&q.period, now);
-    match c.reports.get(c.store.clone(), &period, now).await {
-        Ok(r) => Ok((s, t, r)),
-        Err(e) => Err(Box::new(error_page(
-            t,
-            Some(&s),
-            StatusCode::BAD_REQUEST,
-            &e,
-        ))),
+    let period = data::period_or_month(period, now);
+    c.reports.get(c.store.clone(), &period, now).await
+}
+
+/// What a page is built from besides its context.
+type PageResult = Result<String, pages::PageError>;
+
+/// Answers a page: the session (an admin's, with `admin`), then `build` off the async threads.
+async fn page<F>(c: St, headers: &HeaderMap, path: String, admin: bool, build: F) -> Response<Body>
+where
+    F: FnOnce(&pages::Ctx<'_>, &Console) -> PageResult + Send + 'static,
+{
+    let s = match require(&c, headers, &path) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let t = T::of(lang_of(headers));
+    if admin && !s.is_admin() {
+        return forbidden(t, &s);
     }
+    let s2 = s.clone();
+    render_page(t, &s, move || {
+        let ctx = pages::Ctx::new(t, &s2, c.store.as_ref(), &path, (c.now)());
+        build(&ctx, &c)
+    })
+    .await
+}
+
+/// [`page`] for a page built from the period's figures (`q.period`, or this month).
+async fn figures_page<F>(
+    c: St,
+    headers: &HeaderMap,
+    path: String,
+    q: ListQuery,
+    admin: bool,
+    build: F,
+) -> Response<Body>
+where
+    F: FnOnce(&pages::Ctx<'_>, &data::Report, &Console, &ListQuery) -> PageResult + Send + 'static,
+{
+    let s = match require(&c, headers, &path) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let t = T::of(lang_of(headers));
+    if admin && !s.is_admin() {
+        return forbidden(t, &s);
+    }
+    let r = match figures(&c, &q.period).await {
+        Ok(r) => r,
+        Err(e) => return error_page(t, Some(&s), StatusCode::BAD_REQUEST, &e),
+    };
+    let s2 = s.clone();
+    render_page(t, &s, move || {
+        let ctx = pages::Ctx::new(t, &s2, c.store.as_ref(), &path, (c.now)());
+        build(&ctx, &r, &c, &q)
+    })
+    .await
 }
 
 fn path_with_query(path: &str, raw: Option<&str>) -> String {
@@ -592,15 +633,8 @@ async fn fleet(
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
     let path = path_with_query("/", uri.query());
-    let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    let c2 = c.clone();
-    let s2 = s.clone();
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), &path, (c2.now)());
-        pages::fleet::page(&ctx, &r, &|a| c2.is_connected(a), &q)
+    figures_page(c, &headers, path, q, false, |ctx, r, c, q| {
+        pages::fleet::page(ctx, r, &|a| c.is_connected(a), q)
     })
     .await
 }
@@ -612,14 +646,8 @@ async fn grants(
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
     let path = path_with_query("/grants", uri.query());
-    let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), &path, (c2.now)());
-        pages::grants::list(&ctx, &r, &q)
+    figures_page(c, &headers, path, q, false, |ctx, r, _, q| {
+        pages::grants::list(ctx, r, q)
     })
     .await
 }
@@ -632,14 +660,8 @@ async fn grant(
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
     let path = path_with_query(&format!("/grants/{}", html::url_part(&id)), uri.query());
-    let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), &path, (c2.now)());
-        pages::grants::detail(&ctx, &r, &id, &q)
+    figures_page(c, &headers, path, q, false, move |ctx, r, _, q| {
+        pages::grants::detail(ctx, r, &id, q)
     })
     .await
 }
@@ -655,15 +677,8 @@ async fn grant_jobs(
         &format!("/grants/{}/jobs", html::url_part(&id)),
         uri.query(),
     );
-    let s = match require(&c, &headers, &path) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let t = T::of(lang_of(&headers));
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), &path, (c2.now)());
-        pages::grants::jobs(&ctx, &id, &q)
+    page(c, &headers, path, false, move |ctx, _| {
+        pages::grants::jobs(ctx, &id, &q)
     })
     .await
 }
@@ -676,14 +691,8 @@ async fn card(
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
     let path = path_with_query(&format!("/cards/{}", html::url_part(&uuid)), uri.query());
-    let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), &path, (c2.now)());
-        pages::card::page(&ctx, &r, &uuid, &|a| c2.is_connected(a), &q)
+    figures_page(c, &headers, path, q, false, move |ctx, r, c, q| {
+        pages::card::page(ctx, r, &uuid, &|a| c.is_connected(a), q)
     })
     .await
 }
@@ -695,14 +704,8 @@ async fn violations(
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
     let path = path_with_query("/violations", uri.query());
-    let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), &path, (c2.now)());
-        pages::lists::violations(&ctx, &r, &q)
+    figures_page(c, &headers, path, q, false, |ctx, r, _, q| {
+        pages::lists::violations(ctx, r, q)
     })
     .await
 }
@@ -714,15 +717,8 @@ async fn alarms(
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
     let path = path_with_query("/alarms", uri.query());
-    let s = match require(&c, &headers, &path) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let t = T::of(lang_of(&headers));
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), &path, (c2.now)());
-        pages::lists::alarms(&ctx, &q)
+    page(c, &headers, path, false, move |ctx, _| {
+        pages::lists::alarms(ctx, &q)
     })
     .await
 }
@@ -734,14 +730,8 @@ async fn idle(
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
     let path = path_with_query("/idle", uri.query());
-    let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), &path, (c2.now)());
-        pages::lists::idle(&ctx, &r, &q)
+    figures_page(c, &headers, path, q, false, |ctx, r, _, q| {
+        pages::lists::idle(ctx, r, q)
     })
     .await
 }
@@ -753,14 +743,8 @@ async fn downloads(
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
     let path = path_with_query("/downloads", uri.query());
-    let (s, t, r) = match prepare(&c, &headers, &path, &q).await {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), &path, (c2.now)());
-        Ok(pages::ledger::downloads(&ctx, &r))
+    figures_page(c, &headers, path, q, false, |ctx, r, _, _| {
+        Ok(pages::ledger::downloads(ctx, r))
     })
     .await
 }
@@ -787,9 +771,7 @@ async fn download(
         Err(r) => return *r,
     };
     let t = T::of(lang_of(&headers));
-    let now = (c.now)();
-    let period = data::period_or_month(&q.period, now);
-    let r = match c.reports.get(c.store.clone(), &period, now).await {
+    let r = match figures(&c, &q.period).await {
         Ok(r) => r,
         Err(e) => return error_page(t, Some(&s), StatusCode::BAD_REQUEST, &e),
     };
@@ -816,15 +798,8 @@ async fn ledger(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
-    let s = match require(&c, &headers, "/ledger") {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let t = T::of(lang_of(&headers));
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), "/ledger", (c2.now)());
-        pages::ledger::ledger(&ctx, &c2.verification.state(), &q)
+    page(c, &headers, "/ledger".into(), false, move |ctx, c| {
+        pages::ledger::ledger(ctx, &c.verification.state(), &q)
     })
     .await
 }
@@ -842,18 +817,8 @@ async fn verify(
 }
 
 async fn admin_tokens(State(c): State<St>, headers: HeaderMap) -> Response<Body> {
-    let s = match require(&c, &headers, "/admin/tokens") {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let t = T::of(lang_of(&headers));
-    if !s.is_admin() {
-        return forbidden(t, &s);
-    }
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), "/admin/tokens", (c2.now)());
-        pages::ledger::tokens(&ctx)
+    page(c, &headers, "/admin/tokens".into(), true, |ctx, _| {
+        pages::ledger::tokens(ctx)
     })
     .await
 }
@@ -863,18 +828,15 @@ async fn admin_agents(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Response<Body> {
-    let (s, t, r) = match prepare(&c, &headers, "/admin/agents", &q).await {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    if !s.is_admin() {
-        return forbidden(t, &s);
-    }
-    let (c2, s2) = (c.clone(), s.clone());
-    render_page(t, &s, move || {
-        let ctx = pages::Ctx::new(t, &s2, c2.store.as_ref(), "/admin/agents", (c2.now)());
-        pages::ledger::agents(&ctx, &r, &|a| c2.is_connected(a))
-    })
+    // An auditor is refused before the period's figures are read for it.
+    figures_page(
+        c,
+        &headers,
+        "/admin/agents".into(),
+        q,
+        true,
+        |ctx, r, c, _| pages::ledger::agents(ctx, r, &|a| c.is_connected(a)),
+    )
     .await
 }
 
