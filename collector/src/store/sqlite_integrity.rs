@@ -94,29 +94,48 @@ pub fn check_window(
         )?;
         return Ok(true);
     }
-    // Windows are at most a day long, so a counted window overlapping this one started less
-    // than a day before it: a range of the card's index (window_rows_by_card, in start order,
-    // so the one named is the earliest, as verify and the PostgreSQL store name it). The row
-    // table is read, not the `windows` view: the index covers every column used here, and a
-    // view's joins would look up each row of the range in the table (a day of the card's
-    // windows per window committed).
-    let other: Option<(String, i64, i64, i64)> = c
-        .prepare_cached(
-            "SELECT a.name, w.seq, w.start_ms, w.end_ms
-             FROM window_rows w JOIN names a ON a.no = w.agent_no
+    // Counted windows of a card never overlap one another (an overlapping one is flagged here
+    // and counts no more), so their ends rise with their starts: if any counted window
+    // overlaps this one, the counted window starting last before this one ends does. That
+    // probe reads a row or two of the card's index (window_rows_by_card) from the top, where
+    // a scan of every window that could overlap would read a day of the card's windows per
+    // window committed. Only when it finds an overlap is the range read, to name the earliest
+    // window overlapping, as verify and the PostgreSQL store name it. Windows are at most a
+    // day long, which bounds the range. The row table is read, not the `windows` view: the
+    // index covers every column used here.
+    let key = params![w.gpu_uuid, w.start_ms, w.end_ms, agent_id, seq as i64];
+    macro_rules! counted {
+        () => {
+            "FROM window_rows w JOIN names a ON a.no = w.agent_no
              WHERE w.card_no = (SELECT no FROM names WHERE name = ?1)
-               AND w.start_ms < ?3 AND w.start_ms > ?2 - 86400000 AND w.end_ms > ?2
+               AND w.start_ms < ?3 AND w.start_ms > ?2 - 86400000
                AND NOT (a.name = ?4 AND w.seq = ?5)
-               AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = a.name AND f.seq = w.seq)
-             LIMIT 1",
-        )
+               AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = a.name AND f.seq = w.seq)"
+        };
+    }
+    let last_end: Option<i64> = c
+        .prepare_cached(concat!(
+            "SELECT w.end_ms ",
+            counted!(),
+            " ORDER BY w.start_ms DESC LIMIT 1"
+        ))
         .map_err(db)?
-        .query_row(
-            params![w.gpu_uuid, w.start_ms, w.end_ms, agent_id, seq as i64],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
+        .query_row(key, |r| r.get(0))
         .optional()
         .map_err(db)?;
+    let other: Option<(String, i64, i64, i64)> = match last_end {
+        Some(end) if end > w.start_ms => c
+            .prepare_cached(concat!(
+                "SELECT a.name, w.seq, w.start_ms, w.end_ms ",
+                counted!(),
+                " AND w.end_ms > ?2 ORDER BY w.start_ms LIMIT 1"
+            ))
+            .map_err(db)?
+            .query_row(key, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .optional()
+            .map_err(db)?,
+        _ => None,
+    };
     if let Some((other_agent, other_seq, from, until)) = other {
         let detail = format!(
             "card {} time {}..{} is already covered by {other_agent} seq {other_seq} ({from}..{until}); this window counts in no figure",

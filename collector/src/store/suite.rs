@@ -55,6 +55,7 @@ both!(
     binding::cards_stay_with_their_first_host_until_an_admin_moves_them,
     binding::a_card_granted_to_a_host_is_its_own_before_that_host_reports_it,
     binding::an_agent_id_is_bound_to_the_host_of_its_first_hello,
+    binding::a_window_overlapping_counted_time_is_flagged_naming_the_earliest,
     dedup::a_resent_record_is_a_duplicate_or_an_equivocation,
     registry::providers_and_hosts_are_kept_with_who_and_when,
 );
@@ -733,6 +734,74 @@ pub(super) mod binding {
                     vec![window("GPU-p", 0, &["user:x", "user:x"])]
                 )])
                 .is_err()
+        );
+    }
+
+    pub(super) fn a_window_overlapping_counted_time_is_flagged_naming_the_earliest(
+        store: &dyn Store,
+    ) {
+        store.hello(&hello("k", "host-k", &[CARD])).unwrap();
+        let span = |start: i64, end: i64| {
+            let mut w = window(CARD, start, &[]);
+            w.end_ms = end;
+            w.expected_samples = ((end - start) / 1_000) as u32;
+            w.good_samples = w.expected_samples;
+            w
+        };
+        let m = 60_000;
+        let windows = vec![
+            // seq 1..=3: three counted minutes.
+            span(0, m),
+            span(m, 2 * m),
+            span(2 * m, 3 * m),
+            // seq 4 covers parts of all three: flagged, naming seq 1, the earliest.
+            span(m / 2, 5 * m / 2),
+            // seq 5 starts where seq 3 ends: counted (seq 4, flagged, overlaps it but does
+            // not count).
+            span(3 * m, 4 * m),
+            // seq 6 lies inside seq 2.
+            span(m + 1_000, m + 2_000),
+            // seq 7 ends where seq 1 starts, sent late: counted.
+            span(-m, 0),
+            // seq 8 begins inside seq 5 and runs past every counted window.
+            span(4 * m - 1_000, 6 * m),
+        ];
+        for (i, w) in windows.into_iter().enumerate() {
+            let out = store
+                .commit_each(&[batch("k", i as u64 + 1, vec![w])])
+                .unwrap();
+            assert!(out[0].is_ok(), "{:?}", out[0]);
+        }
+        let counted: Vec<u64> = store
+            .windows(-10 * m, 10 * m, Some(CARD))
+            .unwrap()
+            .into_iter()
+            .map(|w| w.seq)
+            .collect();
+        assert_eq!(counted, [7, 1, 2, 3, 5]);
+        let overlaps: Vec<(Option<u64>, String)> = store
+            .alarms(Some("k"))
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.kind == "card_time_overlap")
+            .map(|a| (a.seq, a.detail))
+            .collect();
+        let named: Vec<(Option<u64>, bool)> = overlaps
+            .iter()
+            .map(|(seq, d)| {
+                let expect = match seq {
+                    Some(4) => "covered by k seq 1 (0..60000)",
+                    Some(6) => "covered by k seq 2 (60000..120000)",
+                    Some(8) => "covered by k seq 5 (180000..240000)",
+                    _ => "?",
+                };
+                (*seq, d.contains(expect))
+            })
+            .collect();
+        assert_eq!(
+            named,
+            [(Some(4), true), (Some(6), true), (Some(8), true)],
+            "{overlaps:?}"
         );
     }
 
