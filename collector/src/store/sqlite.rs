@@ -12,7 +12,7 @@
 //! `grant_cards` rows, whose own bounds keep every card it ever held.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use gpumeter_proto::chain::{GENESIS, Hash};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -486,7 +486,7 @@ fn db(e: rusqlite::Error) -> StoreError {
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
-    writer: Mutex<Connection>,
+    writer: Arc<Mutex<Connection>>,
     reader: Mutex<Connection>,
     /// The collector's head-signing key, loaded beside the database on first use.
     head_key: std::sync::OnceLock<ed25519_dalek::SigningKey>,
@@ -500,8 +500,17 @@ pub struct SqliteStore {
 /// Copies the write-ahead log into the database off the writer's commit path: the writer's
 /// connection never checkpoints (`wal_autocheckpoint=0`); this thread, on a connection of its
 /// own, runs a PASSIVE checkpoint (which never waits for the writer) every
-/// [`CHECKPOINT_EVERY`], and a TRUNCATE one once the log has grown past [`WAL_TRUNCATE_BYTES`]
-/// so that it cannot grow without bound behind long reads.
+/// [`CHECKPOINT_EVERY`]. Under steady ingest the writer appends while a PASSIVE checkpoint
+/// copies, so the log is never wholly copied when the next commit begins and SQLite never
+/// starts it over: it would grow, every commit writing into fresh file blocks (which the
+/// kernel zeroes first: an eighth of the writer's time at 20,000 records/s). So once the log
+/// passes [`WAL_RESTART_BYTES`], a RESTART checkpoint follows the PASSIVE one, between two
+/// commits (it holds the writer's connection, so no commit is under way and none starts): it
+/// has only the frames appended since the PASSIVE one to copy, and it waits at most
+/// [`RESTART_WAIT`] for readers (a long report must not hold ingest up), to try again next
+/// time. The next commit then starts the log over, reusing its blocks (`journal_size_limit`
+/// bounds what it keeps). A TRUNCATE checkpoint, past [`WAL_TRUNCATE_BYTES`] or as the store
+/// closes, leaves no log.
 #[derive(Debug)]
 struct Checkpointer {
     stop: Option<std::sync::mpsc::Sender<()>>,
@@ -509,10 +518,14 @@ struct Checkpointer {
 }
 
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const WAL_RESTART_BYTES: u64 = 32 << 20;
+const RESTART_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 const WAL_TRUNCATE_BYTES: u64 = 256 << 20;
+/// What the writer keeps of the log's file when it starts the log over.
+const WAL_KEEP_BYTES: i64 = 64 << 20;
 
 impl Checkpointer {
-    fn start(path: &Path) -> Result<Self, StoreError> {
+    fn start(path: &Path, writer: std::sync::Weak<Mutex<Connection>>) -> Result<Self, StoreError> {
         let c = open_conn(path)?;
         let wal = PathBuf::from(format!("{}-wal", path.display()));
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -520,19 +533,39 @@ impl Checkpointer {
             .name("sqlite-checkpoint".into())
             .spawn(move || {
                 use std::sync::mpsc::RecvTimeoutError;
+                let checkpoint = |mode: &str, wait: std::time::Duration| {
+                    let r = c.busy_timeout(wait).and_then(|()| {
+                        c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                            r.get::<_, i64>(0)
+                        })
+                    });
+                    match r {
+                        // 1: another connection held what it waited for (SQLITE_BUSY).
+                        Ok(0) => true,
+                        Ok(_) => false,
+                        Err(e) => {
+                            tracing::warn!(error = %e, mode, "WAL checkpoint failed; retrying");
+                            false
+                        }
+                    }
+                };
+                let log_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
                 loop {
                     let last = !matches!(
                         stopped.recv_timeout(CHECKPOINT_EVERY),
                         Err(RecvTimeoutError::Timeout)
                     );
                     // The last one, as the store closes, leaves no log behind.
-                    let big =
-                        last || std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_TRUNCATE_BYTES);
-                    let mode = if big { "TRUNCATE" } else { "PASSIVE" };
-                    if let Err(e) =
-                        c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()))
-                    {
-                        tracing::warn!(error = %e, mode, "WAL checkpoint failed; retrying");
+                    if last || log_len() > WAL_TRUNCATE_BYTES {
+                        checkpoint("TRUNCATE", std::time::Duration::from_secs(30));
+                    } else {
+                        checkpoint("PASSIVE", std::time::Duration::from_secs(30));
+                        if log_len() > WAL_RESTART_BYTES
+                            && let Some(writer) = writer.upgrade()
+                        {
+                            let _between_commits = writer.lock().unwrap_or_else(|p| p.into_inner());
+                            checkpoint("RESTART", RESTART_WAIT);
+                        }
                     }
                     if last {
                         return;
@@ -602,15 +635,26 @@ impl SqliteStore {
         let mut w = open_conn(path)?;
         migrate(&mut w)?;
         w.pragma_update(None, "wal_autocheckpoint", 0).map_err(db)?;
+        // The writer's group commits touch a page or more per card of every table: a page
+        // cache of SQLite's default 2 MiB spilled them to the log mid-transaction. Each batch's
+        // savepoint keeps the pages it first changes in a statement journal, in memory rather
+        // than in temporary files (migrations, which may build large temporary tables, have
+        // run by now).
+        w.execute_batch(&format!(
+            "PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY; PRAGMA journal_size_limit = {WAL_KEEP_BYTES};"
+        ))
+        .map_err(db)?;
         let r = open_conn(path)?;
         let a = open_conn(path)?;
+        let writer = Arc::new(Mutex::new(w));
+        let checkpointer = Checkpointer::start(path, Arc::downgrade(&writer))?;
         Ok(Self {
             path: path.to_path_buf(),
-            writer: Mutex::new(w),
+            writer,
             reader: Mutex::new(r),
             head_key: std::sync::OnceLock::new(),
             auth: Mutex::new(a),
-            _checkpointer: Checkpointer::start(path)?,
+            _checkpointer: checkpointer,
         })
     }
 
@@ -649,14 +693,37 @@ impl SqliteStore {
         self.reader.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The group commit: one transaction; with `isolate`, a savepoint per batch so a batch
-    /// whose insert fails is rolled back alone (with an alarm), and every later batch of the
-    /// same agent in this commit fails with it (its chain would have a hole).
+    /// The group commit: one transaction. With `isolate`, a batch whose insert fails is
+    /// rolled back alone (with an alarm), and every later batch of the same agent in this
+    /// commit fails with it (its chain would have a hole): the group is first tried whole,
+    /// without a savepoint per batch (a savepoint's statement journal and its own statements
+    /// cost about as much as an 8-record batch's inserts), and only when a batch fails is the
+    /// transaction rolled back and the group committed again with one savepoint per batch.
     fn commit_batches(
         &self,
         batches: &[IngestBatch],
         isolate: bool,
     ) -> Result<Vec<Result<CommitOutcome, StoreError>>, StoreError> {
+        if !isolate {
+            return match self.commit_group(batches, Group::Whole)? {
+                Attempt::Done(outcomes) => Ok(outcomes),
+                Attempt::Failed(e) => Err(e),
+            };
+        }
+        match self.commit_group(batches, Group::Optimistic)? {
+            Attempt::Done(outcomes) => Ok(outcomes),
+            Attempt::Failed(_) => match self.commit_group(batches, Group::Isolated)? {
+                Attempt::Done(outcomes) => Ok(outcomes),
+                Attempt::Failed(e) => Err(e),
+            },
+        }
+    }
+
+    fn commit_group<'b>(
+        &self,
+        batches: &'b [IngestBatch],
+        mode: Group,
+    ) -> Result<Attempt, StoreError> {
         let mut c = self.w();
         // IMMEDIATE: the commit takes the write lock before its first read (the next block
         // id), so another process's write waits under the busy timeout instead of turning
@@ -728,13 +795,14 @@ impl SqliteStore {
                 .map_err(db)?;
             let mut names = super::sqlite_names::Interner::default();
             // A savepoint rolled back takes its new names with it: the interner is then dropped.
-            let mut one = |b: &IngestBatch,
+            // Counted windows go to the rollups per agent, once per group (summed per row
+            // first), or with each batch inside its savepoint when batches are isolated.
+            let mut one = |b: &'b IngestBatch,
                            names: &mut super::sqlite_names::Interner|
-             -> Result<CommitOutcome, StoreError> {
+             -> Result<(CommitOutcome, Rolled<'b>), StoreError> {
                 let mut out = CommitOutcome::default();
                 let mut disputed: Vec<(u64, String)> = Vec::new();
-                // Counted windows, added to the rollups once per batch.
-                let mut rolled: Vec<(i64, &WindowRow, bool)> = Vec::new();
+                let mut rolled: Rolled<'b> = Vec::new();
                 let block = next_block;
                 let mut bodies: Vec<(u64, &[u8])> = Vec::new();
                 // The seq and hash now held just before the record at hand: a record that
@@ -935,7 +1003,6 @@ impl SqliteStore {
                         .map_err(db)?;
                     next_block += 1;
                 }
-                super::sqlite_rollup::add_windows(&tx, &b.agent_id, &rolled)?;
                 // A batch that re-sent a record with other bytes comes with a checkpoint
                 // over the other history (links inside a batch are verified), which the
                 // ledger does not hold: stored, it would make the kept chain fail
@@ -988,12 +1055,24 @@ impl SqliteStore {
                 let st = Self::durable(&tx, &b.agent_id)?;
                 out.durable_seq = st.durable_seq;
                 out.durable_hash = st.durable_hash;
-                Ok(out)
+                Ok((out, rolled))
             };
             let mut failed: std::collections::HashSet<&str> = std::collections::HashSet::new();
+            let mut rolled_by_agent: std::collections::BTreeMap<&str, Rolled<'b>> =
+                Default::default();
             for b in batches {
-                if !isolate {
-                    outcomes.push(Ok(one(b, &mut names)?));
+                if mode != Group::Isolated {
+                    match one(b, &mut names) {
+                        Ok((o, rolled)) => {
+                            rolled_by_agent
+                                .entry(b.agent_id.as_str())
+                                .or_default()
+                                .extend(rolled);
+                            outcomes.push(Ok(o));
+                        }
+                        // Dropped, the transaction rolls back.
+                        Err(e) => return Ok(Attempt::Failed(e)),
+                    }
                     continue;
                 }
                 let last_seq = b.records.last().map_or(b.checkpoint.seq, |r| r.seq);
@@ -1006,7 +1085,11 @@ impl SqliteStore {
                     continue;
                 }
                 tx.execute_batch("SAVEPOINT batch").map_err(db)?;
-                match one(b, &mut names) {
+                let stored = one(b, &mut names).and_then(|(o, rolled)| {
+                    super::sqlite_rollup::add_windows(&tx, &b.agent_id, &rolled)?;
+                    Ok(o)
+                });
+                match stored {
                     Ok(o) => {
                         tx.execute_batch("RELEASE batch").map_err(db)?;
                         outcomes.push(Ok(o));
@@ -1037,10 +1120,15 @@ impl SqliteStore {
                     }
                 }
             }
+            for (agent_id, rolled) in &rolled_by_agent {
+                if let Err(e) = super::sqlite_rollup::add_windows(&tx, agent_id, rolled) {
+                    return Ok(Attempt::Failed(e));
+                }
+            }
         }
 
         tx.commit().map_err(db)?;
-        Ok(outcomes)
+        Ok(Attempt::Done(outcomes))
     }
 
     fn durable(c: &Connection, agent_id: &str) -> Result<AgentState, StoreError> {
@@ -1066,6 +1154,27 @@ impl SqliteStore {
         })
     }
 }
+
+/// How [`SqliteStore::commit_group`] treats a batch that fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    /// The whole group fails with it.
+    Whole,
+    /// The attempt is given up (rolled back), to be made again `Isolated`.
+    Optimistic,
+    /// Each batch under a savepoint: it is rolled back alone.
+    Isolated,
+}
+
+/// What one attempt at a group commit came to.
+enum Attempt {
+    Done(Vec<Result<CommitOutcome, StoreError>>),
+    /// A batch failed (`Whole`, `Optimistic`): nothing was committed.
+    Failed(StoreError),
+}
+
+/// A batch's counted windows for the rollups: (seq, window, disputed).
+type Rolled<'b> = Vec<(i64, &'b WindowRow, bool)>;
 
 fn insert_alarm(c: &Connection, a: &Alarm) -> Result<(), StoreError> {
     c.execute(
