@@ -194,7 +194,14 @@ fn main() -> ExitCode {
             } else {
                 log_format
             });
-            let rt = match tokio::runtime::Runtime::new() {
+            // One thread runs the agent's tasks: they wait on the network, the clock and the
+            // blocking pool (NVML reads, spool appends), never on the CPU for long. A worker
+            // per core (tokio's default) would be 100+ threads on a large GPU host, each with
+            // its stack and malloc arena, for nothing (DESIGN.md §8: under 10 MiB).
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("gpumeter-agent: cannot start runtime: {e}");
