@@ -533,20 +533,14 @@ impl Checkpointer {
             .name("sqlite-checkpoint".into())
             .spawn(move || {
                 use std::sync::mpsc::RecvTimeoutError;
+                // A checkpoint that gave up waiting (SQLITE_BUSY, its first column 1) is
+                // no failure: the next round tries again.
                 let checkpoint = |mode: &str, wait: std::time::Duration| {
                     let r = c.busy_timeout(wait).and_then(|()| {
-                        c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-                            r.get::<_, i64>(0)
-                        })
+                        c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()))
                     });
-                    match r {
-                        // 1: another connection held what it waited for (SQLITE_BUSY).
-                        Ok(0) => true,
-                        Ok(_) => false,
-                        Err(e) => {
-                            tracing::warn!(error = %e, mode, "WAL checkpoint failed; retrying");
-                            false
-                        }
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, mode, "WAL checkpoint failed; retrying");
                     }
                 };
                 let log_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
@@ -704,25 +698,23 @@ impl SqliteStore {
         batches: &[IngestBatch],
         isolate: bool,
     ) -> Result<Vec<Result<CommitOutcome, StoreError>>, StoreError> {
-        if !isolate {
-            return match self.commit_group(batches, Group::Whole)? {
-                Attempt::Done(outcomes) => Ok(outcomes),
-                Attempt::Failed(e) => Err(e),
-            };
-        }
-        match self.commit_group(batches, Group::Optimistic)? {
+        let retry = match self.commit_group(batches, false)? {
+            Attempt::Done(outcomes) => return Ok(outcomes),
+            Attempt::Failed(e) if !isolate => return Err(e),
+            Attempt::Failed(_) => self.commit_group(batches, true)?,
+        };
+        match retry {
             Attempt::Done(outcomes) => Ok(outcomes),
-            Attempt::Failed(_) => match self.commit_group(batches, Group::Isolated)? {
-                Attempt::Done(outcomes) => Ok(outcomes),
-                Attempt::Failed(e) => Err(e),
-            },
+            Attempt::Failed(e) => Err(e),
         }
     }
 
+    /// One attempt at a group commit: `savepoints`, each batch under one of its own, rolled
+    /// back alone when it fails; without, the first batch that fails gives the attempt up.
     fn commit_group<'b>(
         &self,
         batches: &'b [IngestBatch],
-        mode: Group,
+        savepoints: bool,
     ) -> Result<Attempt, StoreError> {
         let mut c = self.w();
         // IMMEDIATE: the commit takes the write lock before its first read (the next block
@@ -1061,7 +1053,7 @@ impl SqliteStore {
             let mut rolled_by_agent: std::collections::BTreeMap<&str, Rolled<'b>> =
                 Default::default();
             for b in batches {
-                if mode != Group::Isolated {
+                if !savepoints {
                     match one(b, &mut names) {
                         Ok((o, rolled)) => {
                             rolled_by_agent
@@ -1155,21 +1147,10 @@ impl SqliteStore {
     }
 }
 
-/// How [`SqliteStore::commit_group`] treats a batch that fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Group {
-    /// The whole group fails with it.
-    Whole,
-    /// The attempt is given up (rolled back), to be made again `Isolated`.
-    Optimistic,
-    /// Each batch under a savepoint: it is rolled back alone.
-    Isolated,
-}
-
 /// What one attempt at a group commit came to.
 enum Attempt {
     Done(Vec<Result<CommitOutcome, StoreError>>),
-    /// A batch failed (`Whole`, `Optimistic`): nothing was committed.
+    /// A batch failed in an attempt without savepoints: nothing was committed.
     Failed(StoreError),
 }
 
