@@ -1,11 +1,12 @@
 //! The production [`GpuSource`]: NVML through `nvml-wrapper`. The only module that touches NVML
 //! types; everything leaves it as the plain data of [`crate::gpu`].
 //!
-//! Threads: [`NvmlSource`] is driven from one blocking thread (NVML calls block). It owns a second
-//! thread that waits on NVML event sets for XID and ECC events and sends every occurrence down a
-//! channel that [`GpuSource::drain_events`] empties. Both share the library through an
-//! `Arc<Nvml>`; `Device` handles borrow the `Nvml`, so they are looked up by UUID for each read
-//! instead of being stored (a table lookup in the driver). Cards are keyed by UUID, never index.
+//! Threads: [`NvmlSource`] is driven from one blocking thread (NVML calls block). It owns a
+//! second thread that waits on one NVML event set, holding every card, for XID and ECC events
+//! and sends every occurrence down a channel that [`GpuSource::drain_events`] empties. Both share
+//! the library through an `Arc<Nvml>`; `Device` handles borrow the `Nvml`, so they are looked up
+//! by UUID for each read instead of being stored (a table lookup in the driver). Cards are keyed
+//! by UUID, never index.
 //!
 //! Utilization comes from the driver's sample buffers, queried with the newest timestamp seen so
 //! far per card, so every sample lands in exactly one read. The buffers are primed when a card
@@ -78,6 +79,11 @@ struct CardState {
     reads: u64,
     /// The health counters last read; changes become events.
     health: Option<HealthCounters>,
+    /// Volatile corrected and uncorrected ECC totals and the accounting mode, as last read
+    /// (every [`HEALTH_EVERY`] reads, with the health counters: they move rarely, and each is
+    /// a driver call per card per slot).
+    ecc_totals: (Option<u64>, Option<u64>),
+    accounting_on: Option<bool>,
     /// A GPU in MIG mode: its processes belong to its MIG devices, which are read as cards of
     /// their own, so the parent lists none (else each would count twice, and on an unassigned
     /// parent be a violation).
@@ -369,7 +375,8 @@ fn accounting(stats: &AccountingStats) -> ProcessAccounting {
 }
 
 /// Per-process accounting records, read only where the operator has enabled accounting mode
-/// (the agent never turns it on: that is the operator's call, and it changes driver state).
+/// (the agent never turns it on: that is the operator's call, and it changes driver state; the
+/// mode is asked with the health counters, so a change is seen within [`HEALTH_EVERY`] reads).
 /// Accounting utilization covers the process's lifetime, so it only stands in where the sample
 /// buffer gave no figure for the pid this read. A running record of a pid no other source
 /// named adds that process: the driver saw it on the card.
@@ -378,15 +385,6 @@ fn read_accounting(
     processes: &mut Vec<GpuProcess>,
     uuid: &str,
 ) -> Result<(), Lost> {
-    // Asked once per card per read: the answer is the same for every process on the card.
-    let enabled = field(
-        dev.is_accounting_enabled(),
-        "nvmlDeviceGetAccountingMode",
-        uuid,
-    )?;
-    if enabled != Some(true) {
-        return Ok(());
-    }
     let listed: Vec<u32> = processes.iter().map(|p| p.pid).collect();
     let recorded = field(dev.accounting_pids(), "nvmlDeviceGetAccountingPids", uuid)?;
     let mut pids = listed.clone();
@@ -447,6 +445,8 @@ impl CardState {
             graphics_hint: 0,
             reads: 0,
             health: None,
+            ecc_totals: (None, None),
+            accounting_on: None,
             mig_parent: false,
             lost: false,
         }
@@ -528,20 +528,27 @@ impl CardState {
             "nvmlDeviceGetCurrentClocksThrottleReasons",
             uuid,
         )?;
-        s.ecc_corrected_total = field(
-            dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile),
-            "nvmlDeviceGetTotalEccErrors",
-            uuid,
-        )?;
-        s.ecc_uncorrected_total = field(
-            dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
-            "nvmlDeviceGetTotalEccErrors",
-            uuid,
-        )?;
-
         if self.health.is_none() || self.reads % HEALTH_EVERY == 0 {
+            self.ecc_totals = (
+                field(
+                    dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile),
+                    "nvmlDeviceGetTotalEccErrors",
+                    uuid,
+                )?,
+                field(
+                    dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
+                    "nvmlDeviceGetTotalEccErrors",
+                    uuid,
+                )?,
+            );
+            self.accounting_on = field(
+                dev.is_accounting_enabled(),
+                "nvmlDeviceGetAccountingMode",
+                uuid,
+            )?;
             s.health = Some(Box::new(read_health(dev, uuid)?));
         }
+        (s.ecc_corrected_total, s.ecc_uncorrected_total) = self.ecc_totals;
         self.reads += 1;
         if self.mig_parent {
             return Ok(s);
@@ -579,7 +586,9 @@ impl CardState {
             }
         }
         self.read_process_utilization(dev, &mut s.processes)?;
-        read_accounting(dev, &mut s.processes, uuid)?;
+        if self.accounting_on == Some(true) {
+            read_accounting(dev, &mut s.processes, uuid)?;
+        }
         Ok(s)
     }
 
@@ -892,13 +901,151 @@ fn card_info(dev: &Device<'_>, index: u32) -> Result<CardInfo, NvmlError> {
 
 // ---- event thread ----
 
-/// One card's event registration. Each card gets its own set, so an event names its card
-/// without asking the (possibly lost) device, and a card that refuses registration does not
-/// take the others' registrations with it (nvml-wrapper frees a set whose registration fails).
-struct Watch<'nvml> {
+/// A card waiting to join the event set, and when to try.
+struct Pending {
     uuid: String,
-    set: Option<EventSet<'nvml>>,
     retry_at: Instant,
+}
+
+/// The event thread's state: one event set holding every card that registered, so one wait
+/// covers the whole host and the thread wakes for an event or once per [`EVENT_ROUND`], not
+/// once per card. An event names its card by the device handle it carries, mapped to the UUID
+/// at registration. nvml-wrapper frees a set whose registration fails, so a card that refuses
+/// takes the others' registrations with it: the set is then made anew and they join it again
+/// at once, while the card that refused waits [`EVENT_RETRY`].
+struct Watcher<'nvml> {
+    nvml: &'nvml Nvml,
+    set: Option<EventSet<'nvml>>,
+    /// Cards in `set`.
+    joined: Vec<String>,
+    pending: Vec<Pending>,
+    /// Device handle → UUID of every card registered.
+    handles: HashMap<usize, String>,
+}
+
+impl<'nvml> Watcher<'nvml> {
+    /// Queues `uuid`; a card already in the set is registered again in a new set (a card that
+    /// was lost may have lost its registration with it).
+    fn add(&mut self, uuid: String) {
+        if self.joined.contains(&uuid) {
+            self.rebuild();
+        }
+        if !self.pending.iter().any(|p| p.uuid == uuid) {
+            self.pending.push(Pending {
+                uuid,
+                retry_at: Instant::now(),
+            });
+        }
+    }
+
+    /// Drops the set; every card that was in it is queued to join a new one now.
+    fn rebuild(&mut self) {
+        self.set = None;
+        let now = Instant::now();
+        for uuid in std::mem::take(&mut self.joined) {
+            if !self.pending.iter().any(|p| p.uuid == uuid) {
+                self.pending.push(Pending {
+                    uuid,
+                    retry_at: now,
+                });
+            }
+        }
+    }
+
+    /// Registers every queued card that is due.
+    fn register_due(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            if self.pending[i].retry_at > now {
+                i += 1;
+                continue;
+            }
+            let uuid = self.pending[i].uuid.clone();
+            match self.register(&uuid) {
+                Ok(()) => {
+                    debug!(gpu = %uuid, "watching XID and ECC events");
+                    self.pending.remove(i);
+                    self.joined.push(uuid);
+                }
+                Err(reason) => {
+                    debug!(gpu = %uuid, %reason, "no event registration; will retry");
+                    self.pending[i].retry_at = now + EVENT_RETRY;
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    fn register(&mut self, uuid: &str) -> Result<(), String> {
+        let dev = self.nvml.device_by_uuid(uuid).map_err(|e| e.to_string())?;
+        let supported = dev.supported_event_types().map_err(|e| e.to_string())?;
+        let wanted = supported
+            & (EventTypes::CRITICAL_XID_ERROR
+                | EventTypes::SINGLE_BIT_ECC_ERROR
+                | EventTypes::DOUBLE_BIT_ECC_ERROR);
+        if wanted.is_empty() {
+            return Err("the card reports neither XID nor ECC events".into());
+        }
+        let set = match self.set.take() {
+            Some(set) => set,
+            None => self.nvml.create_event_set().map_err(|e| e.to_string())?,
+        };
+        match dev.register_events(wanted, set) {
+            Ok(set) => {
+                self.set = Some(set);
+                self.handles.insert(handle_key(&dev), uuid.to_owned());
+                Ok(())
+            }
+            Err(e) => {
+                // The set is gone with the failed registration: the others join a new one.
+                self.rebuild();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Waits up to [`EVENT_ROUND`] for events and sends each; false once the source is gone.
+    fn wait(&mut self, events: &mpsc::Sender<GpuEvent>) -> bool {
+        let Some(set) = &self.set else {
+            std::thread::sleep(EVENT_ROUND);
+            return true;
+        };
+        let mut timeout = u32::try_from(EVENT_ROUND.as_millis()).unwrap_or(u32::MAX);
+        loop {
+            match set.wait(timeout) {
+                Ok(data) => {
+                    // Drain what else is queued without waiting.
+                    timeout = 0;
+                    let Some(uuid) = event_card(&data, &self.handles) else {
+                        continue;
+                    };
+                    for kind in event_kinds(&data) {
+                        let event = GpuEvent {
+                            uuid: uuid.clone(),
+                            at_ms: now_ms(),
+                            kind,
+                        };
+                        info!(gpu = %uuid, kind = ?event.kind, "driver event");
+                        if events.send(event).is_err() {
+                            return false;
+                        }
+                    }
+                }
+                Err(NvmlError::Timeout) => return true,
+                Err(e) => {
+                    debug!(error = %e, "event wait failed; registering every card again");
+                    self.rebuild();
+                    // Not at once: a set that fails to wait may fail again straight away.
+                    let soonest = Instant::now() + EVENT_ROUND;
+                    for p in &mut self.pending {
+                        p.retry_at = p.retry_at.max(soonest);
+                    }
+                    return true;
+                }
+            }
+        }
+    }
 }
 
 fn event_kinds(data: &EventData<'_>) -> Vec<GpuEventKind> {
@@ -927,122 +1074,45 @@ fn handle_key(dev: &Device<'_>) -> usize {
 }
 
 /// The card an event names: by its device handle (known from registration), else by asking
-/// the device for its UUID, else (logged) the card whose set delivered it.
-fn event_card(data: &EventData<'_>, handles: &HashMap<usize, String>, set_card: &str) -> String {
+/// the device for its UUID. An event of a device that answers neither is logged, not
+/// credited to a card it may not be.
+fn event_card(data: &EventData<'_>, handles: &HashMap<usize, String>) -> Option<String> {
     if let Some(uuid) = handles.get(&handle_key(&data.device)) {
-        return uuid.clone();
+        return Some(uuid.clone());
     }
     match data.device.uuid() {
-        Ok(uuid) => uuid,
+        Ok(uuid) => Some(uuid),
         Err(e) => {
-            warn!(gpu = %set_card, error = %e, "an event names a device the agent cannot identify; credited to the card whose event set delivered it");
-            set_card.to_owned()
+            let kinds = event_kinds(data);
+            warn!(error = %e, ?kinds, "an event names a device the agent cannot identify; not recorded");
+            None
         }
     }
 }
 
-fn register<'nvml>(
-    nvml: &'nvml Nvml,
-    uuid: &str,
-    handles: &mut HashMap<usize, String>,
-) -> Result<EventSet<'nvml>, String> {
-    let dev = nvml.device_by_uuid(uuid).map_err(|e| e.to_string())?;
-    handles.insert(handle_key(&dev), uuid.to_owned());
-    let supported = dev.supported_event_types().map_err(|e| e.to_string())?;
-    let wanted = supported
-        & (EventTypes::CRITICAL_XID_ERROR
-            | EventTypes::SINGLE_BIT_ECC_ERROR
-            | EventTypes::DOUBLE_BIT_ECC_ERROR);
-    if wanted.is_empty() {
-        return Err("the card reports neither XID nor ECC events".into());
-    }
-    let set = nvml.create_event_set().map_err(|e| e.to_string())?;
-    dev.register_events(wanted, set).map_err(|e| e.to_string())
-}
-
-/// The event thread: registers each card it is told about and waits on the sets in turn, in
-/// slices short enough that `stop` is seen within about [`EVENT_ROUND`].
+/// The event thread: registers each card it is told about into one set and waits on it, in
+/// waits short enough that `stop` is seen within about [`EVENT_ROUND`].
 fn watch_events(
     nvml: &Nvml,
     cards: &mpsc::Receiver<String>,
     events: &mpsc::Sender<GpuEvent>,
     stop: &AtomicBool,
 ) {
-    let mut watches: Vec<Watch<'_>> = Vec::new();
-    // Device handle → UUID of every card registered, so an event is credited to the device it
-    // names, whichever set delivered it.
-    let mut handles: HashMap<usize, String> = HashMap::new();
+    let mut watcher = Watcher {
+        nvml,
+        set: None,
+        joined: Vec::new(),
+        pending: Vec::new(),
+        handles: HashMap::new(),
+    };
     while !stop.load(Ordering::Relaxed) {
         for uuid in cards.try_iter() {
-            match watches.iter_mut().find(|w| w.uuid == uuid) {
-                Some(w) => {
-                    w.set = None;
-                    w.retry_at = Instant::now();
-                }
-                None => watches.push(Watch {
-                    uuid,
-                    set: None,
-                    retry_at: Instant::now(),
-                }),
-            }
+            watcher.add(uuid);
         }
-        let now = Instant::now();
-        for w in watches
-            .iter_mut()
-            .filter(|w| w.set.is_none() && w.retry_at <= now)
-        {
-            match register(nvml, &w.uuid, &mut handles) {
-                Ok(set) => {
-                    debug!(gpu = %w.uuid, "watching XID and ECC events");
-                    w.set = Some(set);
-                }
-                Err(reason) => {
-                    debug!(gpu = %w.uuid, %reason, "no event registration; will retry");
-                    w.retry_at = now + EVENT_RETRY;
-                }
-            }
-        }
-        let active = watches.iter().filter(|w| w.set.is_some()).count();
-        if active == 0 {
-            std::thread::sleep(EVENT_ROUND / 5);
-            continue;
-        }
-        let slice = EVENT_ROUND
-            .checked_div(u32::try_from(active).unwrap_or(u32::MAX))
-            .unwrap_or(EVENT_ROUND)
-            .max(Duration::from_millis(10));
-        let slice_ms = u32::try_from(slice.as_millis()).unwrap_or(u32::MAX);
-        for w in &mut watches {
-            let Some(set) = &w.set else { continue };
-            let mut timeout = slice_ms;
-            let failed = loop {
-                match set.wait(timeout) {
-                    Ok(data) => {
-                        let uuid = event_card(&data, &handles, &w.uuid);
-                        for kind in event_kinds(&data) {
-                            let event = GpuEvent {
-                                uuid: uuid.clone(),
-                                at_ms: now_ms(),
-                                kind,
-                            };
-                            info!(gpu = %uuid, kind = ?event.kind, "driver event");
-                            if events.send(event).is_err() {
-                                // The source is gone.
-                                return;
-                            }
-                        }
-                        // Drain what else is queued without waiting.
-                        timeout = 0;
-                    }
-                    Err(NvmlError::Timeout) => break None,
-                    Err(e) => break Some(e),
-                }
-            };
-            if let Some(e) = failed {
-                debug!(gpu = %w.uuid, error = %e, "event wait failed; registering again later");
-                w.set = None;
-                w.retry_at = Instant::now() + EVENT_RETRY;
-            }
+        watcher.register_due();
+        if !watcher.wait(events) {
+            // The source is gone.
+            return;
         }
     }
 }
