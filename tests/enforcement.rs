@@ -13,10 +13,10 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use gpumeter_agent::attribution::parse_stat;
 use gpumeter_agent::attribution::{Attributor, ProcAttributor};
 use gpumeter_agent::clock::{SystemClock, align_up};
 use gpumeter_agent::config::{EnforcementConfig, EnforcementMode, SamplingConfig};
-use gpumeter_agent::enforce::parse_stat;
 use gpumeter_agent::gpu::sim::{Scenario, SimSource};
 use gpumeter_agent::gpu::{
     CardReading, GpuError, GpuEvent, GpuProcess, GpuSource, Inventory, ProcessSources,

@@ -22,6 +22,11 @@ pub struct Identity {
     pub k8s_namespace: Option<String>,
     pub k8s_pod_name: Option<String>,
     pub k8s_container_name: Option<String>,
+    /// The process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22), as
+    /// read with this identity; with `uid` it tells this process from a later one on its pid.
+    pub start_ticks: Option<u64>,
+    /// The process had exited (a zombie, or being torn down) when it was read.
+    pub exited: bool,
 }
 
 impl Identity {
@@ -58,7 +63,51 @@ pub trait Attributor: Send + 'static {
 pub struct ProcAttributor {
     proc_root: PathBuf,
     names: NameCache,
+    /// `proc_root` is `/proc`, whose pids are the agent's own pid namespace's (pidfds name them).
+    own_proc: bool,
+    /// What was read of each pid, kept while its start time stays the same.
+    known: HashMap<u32, Known>,
+    pruned: Instant,
 }
+
+/// A process's identity as last read in full.
+#[derive(Debug)]
+struct Known {
+    start_ticks: u64,
+    identity: Identity,
+    read: Instant,
+    /// A pidfd of the process the identity was read from (only where `proc_root` is this pid
+    /// namespace's `/proc`): while it does not poll readable, that process is alive and still
+    /// holds the pid, so the identity is reused without reading `/proc` at all.
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+/// At most this many pidfds are held; processes past it are checked through `stat`.
+const PIDFDS_MAX: usize = 256;
+
+/// Whether the process `fd` refers to is still running (its pidfd polls readable once it has
+/// exited).
+fn running(fd: &std::os::fd::OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&now)), Ok(0))
+}
+
+/// A pidfd for `pid`, when the agent may hold one more.
+fn open_pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// How long a process's identity (uid, gids, cgroup) is reused before `status` and `cgroup`
+/// are read again. Every read checks `stat` first, so a new process on a reused pid is never
+/// taken for the old one; what this bounds is how late a live process's change of uid or
+/// cgroup is seen.
+const IDENTITY_TTL: Duration = Duration::from_secs(10);
 
 /// How long a name found is kept before it is asked for again (renames are rare; a cache keeps
 /// a directory server from being asked once per process per sample).
@@ -156,13 +205,69 @@ impl ProcAttributor {
         Self {
             proc_root: proc_root.to_path_buf(),
             names: NameCache::default(),
+            own_proc: proc_root == Path::new("/proc"),
+            known: HashMap::new(),
+            pruned: Instant::now(),
         }
     }
 }
 
 impl Attributor for ProcAttributor {
     fn identify(&mut self, pid: u32) -> Option<Identity> {
+        let now = Instant::now();
+        if now.duration_since(self.pruned) >= IDENTITY_TTL {
+            // Pids not asked about for a while have left the cards.
+            self.known
+                .retain(|_, k| now.duration_since(k.read) < 2 * IDENTITY_TTL);
+            self.pruned = now;
+        }
+        if let Some(k) = self.known.get(&pid)
+            && now.duration_since(k.read) < IDENTITY_TTL
+            && k.pidfd.as_ref().is_some_and(running)
+        {
+            return Some(k.identity.clone());
+        }
+        // Opened before `stat` is read: if the pidfd's process is still running after the
+        // read, the read was of that process and not of a later one on the same pid.
+        let pidfd = (self.own_proc && self.known.len() < PIDFDS_MAX)
+            .then(|| open_pidfd(pid))
+            .flatten();
         let dir = self.proc_root.join(pid.to_string());
+        let (state, start_ticks) = parse_stat(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
+        let exited = matches!(state, 'Z' | 'X' | 'x');
+        let pidfd = pidfd.filter(|fd| !exited && running(fd));
+        if let Some(k) = self.known.get_mut(&pid)
+            && k.start_ticks == start_ticks
+            && now.duration_since(k.read) < IDENTITY_TTL
+        {
+            k.pidfd = pidfd;
+            return Some(Identity {
+                exited,
+                ..k.identity.clone()
+            });
+        }
+        let identity = self.read_identity(&dir)?;
+        let identity = Identity {
+            start_ticks: Some(start_ticks),
+            exited,
+            ..identity
+        };
+        self.known.insert(
+            pid,
+            Known {
+                start_ticks,
+                identity: identity.clone(),
+                read: now,
+                pidfd,
+            },
+        );
+        Some(identity)
+    }
+}
+
+impl ProcAttributor {
+    /// Reads `status` and `cgroup` of the process at `dir` and names its ids.
+    fn read_identity(&mut self, dir: &Path) -> Option<Identity> {
         let status = std::fs::read_to_string(dir.join("status")).ok()?;
         let st = parse_status(&status);
         let cgroup = std::fs::read_to_string(dir.join("cgroup"))
@@ -198,6 +303,17 @@ pub struct ProcStatus {
     /// Real gid.
     pub gid: Option<u32>,
     pub groups: Vec<u32>,
+}
+
+/// State and start time from the text of `/proc/<pid>/stat`. The command name (field 2) may
+/// hold spaces and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(text: &str) -> Option<(char, u64)> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // `state` is field 3; field 22 is 19 further on.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
 }
 
 pub fn parse_status(text: &str) -> ProcStatus {
@@ -347,6 +463,41 @@ mod tests {
         assert_eq!(a.identify(u32::MAX), None);
     }
 
+    /// A process's identity is reused while its pidfd says it runs, and the reuse ends the
+    /// moment it exits: the zombie is reported exited, and once reaped the pid is nobody's.
+    #[test]
+    fn a_reused_identity_ends_with_the_process() {
+        let mut a = ProcAttributor::default();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let first = a.identify(pid).expect("the child's identity");
+        assert!(!first.exited);
+        let start = first.start_ticks.expect("its start time");
+        assert!(a.known[&pid].pidfd.is_some(), "a pidfd is held for it");
+        // Reused: the same identity, with no /proc read.
+        assert_eq!(a.identify(pid).as_ref(), Some(&first));
+        child.kill().unwrap();
+        // Until the zombie shows, the pidfd may not have fired yet.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let zombie = loop {
+            let id = a.identify(pid).expect("a zombie still has a /proc entry");
+            if id.exited || Instant::now() > deadline {
+                break id;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(zombie.exited, "an exited process is reported so");
+        assert_eq!(zombie.start_ticks, Some(start));
+        assert!(
+            a.known[&pid].pidfd.is_none(),
+            "no pidfd vouches for a zombie"
+        );
+        child.wait().unwrap();
+        assert_eq!(a.identify(pid), None, "a reaped pid is nobody's");
+    }
     #[test]
     fn name_db() {
         let db = parse_name_db(

@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::assignments::{Assignments, CardAssignment, Status};
-use crate::attribution::{Identity, PrincipalSpec, parse_status};
+use crate::attribution::{Identity, PrincipalSpec, parse_stat, parse_status};
 use crate::clock::{Clock, UnixMs};
 use crate::config::{EnforcementConfig, EnforcementMode};
 use crate::gpu::{CardReading, GpuSource};
@@ -106,20 +106,18 @@ pub trait ProcessControl: Send + Sync + 'static {
     fn signal(&self, pid: u32, expect: &ProcStamp, sig: Sig) -> Result<(), EnforceError>;
 }
 
+/// The stamp of a process as its identity was read, when the attributor read its start time.
+fn seen_stamp(id: &Identity) -> Option<ProcStamp> {
+    Some(ProcStamp {
+        uid: id.id.uid,
+        start_ticks: id.start_ticks?,
+        exited: id.exited,
+    })
+}
+
 /// pid 0 (the process group), 1 (init) and the agent itself are never signalled.
 pub fn is_protected(pid: u32, own_pid: u32) -> bool {
     pid <= 1 || pid == own_pid
-}
-
-/// State and start time from the text of `/proc/<pid>/stat`. The command name (field 2) may
-/// hold spaces and parentheses, so fields are counted from the last `)`.
-pub fn parse_stat(text: &str) -> Option<(char, u64)> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // `state` is field 3; field 22 is 19 further on.
-    let start = fields.nth(18)?.parse().ok()?;
-    Some((state, start))
 }
 
 /// Processes through procfs and pidfds.
@@ -445,7 +443,8 @@ impl Enforcer {
                     continue;
                 }
                 let stamp = match (&self.control, id) {
-                    (Some(c), Some(_)) => c.stamp(p.pid),
+                    // The attributor read the process's stat with this slot's reading.
+                    (Some(c), Some(id)) => seen_stamp(id).or_else(|| c.stamp(p.pid)),
                     _ => None,
                 };
                 if self.control.is_some() && id.is_some() && stamp.is_none_or(|s| s.exited) {
