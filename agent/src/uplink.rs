@@ -326,7 +326,10 @@ impl Uplink {
             s.last_error = None;
         });
         let mut acked = welcome.durable_seq;
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        // Appends and acks wake the loop themselves (`appended` keeps a permit for a wake-up
+        // that comes while the loop is busy); the tick is only a backstop, kept rare because
+        // every wake-up of an idle agent is CPU on a GPU server.
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             // Send what the window allows.
             loop {
