@@ -38,6 +38,15 @@ struct Args {
     /// 20 s measured after a 5 s warm-up.
     #[arg(long)]
     quick: bool,
+    /// Seconds between scrapes of the agent's /metrics (per-card metrics on, as an operator
+    /// runs it); 0 turns the endpoint off.
+    #[arg(long, default_value_t = 15)]
+    scrape_secs: u64,
+    /// The agent binary to measure (default: the one built with the benchmark, which is
+    /// rebuilt first). The packaged agent is built with `cargo build --profile agent -p
+    /// gpumeter-agent`, at target/agent/gpumeter-agent.
+    #[arg(long)]
+    agent: Option<std::path::PathBuf>,
     /// Python interpreter with pynvml for the baseline.
     #[arg(long)]
     python: Option<String>,
@@ -186,7 +195,8 @@ fn main() -> anyhow::Result<()> {
     if args.cards == 0 || args.secs == 0 {
         bail!("--cards and --secs must be at least 1");
     }
-    let agent_bin = bin("gpumeter-agent");
+    let built = bin("gpumeter-agent");
+    let agent_bin = args.agent.clone().unwrap_or(built);
     let dir = tempfile::tempdir()?;
     let lib_dir = dir.path().join("driver");
     fs::create_dir_all(&lib_dir)?;
@@ -212,6 +222,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let collector = rt.block_on(TestCollector::start(&dir.path().join("ledger.db")))?;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let metrics = if args.scrape_secs > 0 {
+        format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n")
+    } else {
+        String::new()
+    };
     let cfg = dir.path().join("agent.toml");
     fs::write(
         &cfg,
@@ -219,7 +237,7 @@ fn main() -> anyhow::Result<()> {
             r#"agent_id = "footprint"
 csp = "kt"
 state_dir = "{state}"
-
+{metrics}
 [collector]
 url = "{url}"
 {tls}
@@ -238,10 +256,17 @@ path = "{lib}"
         ),
     )?;
     println!("gpumeter agent footprint benchmark (issue 11)");
+    println!("  agent: {}", agent_bin.display());
     println!(
         "  {} cards of the fake libnvidia-ml, two processes each, sampled every 1 s, 60 s windows; {} s warm-up, {} s measured",
         args.cards, args.warmup, args.secs
     );
+    if args.scrape_secs > 0 {
+        println!(
+            "  per-card metrics on: /metrics scraped every {} s",
+            args.scrape_secs
+        );
+    }
     let log = dir.path().join("agent.log");
     let agent = Command::new(&agent_bin)
         .args(["run", "--config"])
@@ -252,6 +277,12 @@ path = "{lib}"
         .stderr(fs::File::create(&log)?)
         .spawn()?;
     let mut agent = Killed(vec![agent]);
+    let scraping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let scraper = (args.scrape_secs > 0).then(|| {
+        let scraping = std::sync::Arc::clone(&scraping);
+        let every = Duration::from_secs(args.scrape_secs);
+        std::thread::spawn(move || scrape_until(metrics_port, every, &scraping))
+    });
     let (agent_cpu, agent_rss) =
         measure(&mut agent.0[0], args.warmup, args.secs).with_context(|| {
             format!(
@@ -259,6 +290,14 @@ path = "{lib}"
                 fs::read_to_string(&log).unwrap_or_default()
             )
         })?;
+    scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+    if let Some(scraper) = scraper {
+        let (ok, failed) = scraper.join().expect("the scraper thread");
+        println!("  scrapes of /metrics: {ok} with per-card series, {failed} failed");
+        if ok == 0 {
+            bail!("the agent's /metrics never answered with per-card series");
+        }
+    }
     drop(agent);
 
     let python = args
@@ -326,6 +365,33 @@ path = "{lib}"
             .unwrap_or("?")
     );
     Ok(())
+}
+
+/// Scrapes `/metrics` on `port` every `every` while `on` holds, as Prometheus would: (scrapes
+/// that carried per-card series, scrapes that failed).
+fn scrape_until(port: u16, every: Duration, on: &std::sync::atomic::AtomicBool) -> (u64, u64) {
+    use std::io::{Read, Write};
+    let once = || -> std::io::Result<bool> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body.starts_with("HTTP/1.1 200") && body.contains("gpumeter_gpu_utilization_ratio{"))
+    };
+    let (mut ok, mut failed) = (0, 0);
+    let mut next = Instant::now() + every;
+    while on.load(std::sync::atomic::Ordering::Relaxed) {
+        if Instant::now() >= next {
+            match once() {
+                Ok(true) => ok += 1,
+                _ => failed += 1,
+            }
+            next += every;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (ok, failed)
 }
 
 /// Runs the pynvml loop on the same library and measures it like the agent.
