@@ -267,6 +267,44 @@ async fn the_console_refuses_without_a_session_and_sets_its_headers() {
         .await
         .unwrap();
     assert_eq!(a.status, 303, "a revoked token's session is over");
+
+    // Login attempts from one address are limited: wrong tokens until the limit, then 429
+    // with Retry-After, and then even a good token waits.
+    let mut answers = Vec::new();
+    for _ in 0..=gpumeter_collector::console::session::LOGIN_BURST {
+        let a = request(
+            addr,
+            "POST",
+            "/login",
+            &[("Origin", &origin)],
+            Some("token=gpm_00&next=%2F"),
+        )
+        .await
+        .unwrap();
+        answers.push(a.status);
+        if a.status == 429 {
+            let wait: u64 = a.header("retry-after").unwrap().parse().unwrap();
+            assert!(wait >= 1, "Retry-After {wait}");
+            assert!(a.body.contains("too many login attempts"), "{}", a.body);
+            break;
+        }
+    }
+    assert_eq!(answers.last(), Some(&429), "never limited: {answers:?}");
+    assert!(
+        answers[..answers.len() - 1].iter().all(|s| *s == 303),
+        "{answers:?}"
+    );
+    let a = request(
+        addr,
+        "POST",
+        "/login",
+        &[("Origin", &origin)],
+        Some(&format!("token={admin}&next=%2F")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 429, "a good token waits like any other attempt");
+    assert!(a.header("set-cookie").is_none());
     collector.stop().await.unwrap();
 }
 

@@ -87,6 +87,7 @@ pub struct Console {
     pub query: crate::query::QueryService,
     pub connected: Option<IsConnected>,
     pub sessions: Sessions,
+    pub logins: session::LoginLimiter,
     pub reports: data::ReportCache,
     pub verification: data::Verification,
     pub now: Arc<dyn Fn() -> i64 + Send + Sync>,
@@ -109,6 +110,7 @@ impl Console {
             query,
             connected,
             sessions: Sessions::new(opts.sessions),
+            logins: session::LoginLimiter::default(),
             reports: data::ReportCache::new(opts.report_ttl),
             verification: data::Verification::default(),
             now: Arc::new(crate::ingest::now_ms),
@@ -171,6 +173,16 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// The client's address, as handlers see it (`ConnectInfo<Peer>`).
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
 /// Serves the console on `listener` over `tls` until `shutdown` completes. Each TLS
 /// handshake runs in its own task under the handshake timeout, as the gRPC port's do.
 pub async fn serve(
@@ -194,9 +206,12 @@ pub async fn serve(
         .reports
         .refresh(console.store.clone(), &data::period_or_month("", now), now);
     tracing::info!(url = %format!("https://{addr}/"), "console listening");
-    let served = axum::serve(TlsListener { conns, addr }, router(console))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = axum::serve(
+        TlsListener { conns, addr },
+        router(console).into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
     accept.abort();
     let _ = accept.await;
     served?;
@@ -404,12 +419,31 @@ struct LoginForm {
 
 async fn login(
     State(c): State<St>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<Peer>>>,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response<Body> {
     let t = T::of(lang_of(&headers));
     if !same_origin(&headers) {
         return error_page(t, None, StatusCode::FORBIDDEN, "cross-origin form refused");
+    }
+    if let Some(axum::Extension(axum::extract::ConnectInfo(Peer(peer)))) = peer
+        && let Err(wait) = c.logins.attempt(peer.ip())
+    {
+        let secs = wait.as_secs().max(1);
+        tracing::warn!(peer = %peer.ip(), retry_after_s = secs, "console login attempts over the limit; refused");
+        let mut r = error_page(
+            t,
+            None,
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!(
+                "too many login attempts from {}; try again in {secs} s",
+                peer.ip()
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return r;
     }
     // The interceptor's own check, on the token as a bearer header.
     let check = TokenCheck {

@@ -16,9 +16,20 @@
 //! - Sessions live in this process's memory: a restart logs everyone out (nothing about them
 //!   is worth keeping in the ledger), and several collectors behind one address need sticky
 //!   routing for the console.
+//! - Login attempts are limited per client address ([`LoginLimiter`]: a burst of
+//!   [`LOGIN_BURST`], then one every [`LOGIN_EVERY`]); an attempt past it is answered 429 with
+//!   `Retry-After` before any token is looked at. Tokens are 256-bit random, so the limit is
+//!   not what keeps them from being guessed; it keeps a client that tries token after token
+//!   from costing the store a lookup each, and makes such a client visible in the log.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Mutex;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::auth::tokens::{Caller, Role};
 
@@ -41,6 +52,52 @@ impl Default for SessionLimits {
             idle_ms: 30 * 60_000,
             max_sessions: 10_000,
         }
+    }
+}
+
+/// Login attempts one address may make at once.
+pub const LOGIN_BURST: u32 = 10;
+/// After the burst, one more attempt per this long.
+pub const LOGIN_EVERY: Duration = Duration::from_secs(6);
+/// Addresses tracked before those that have not tried for a while are forgotten.
+const LOGIN_TRACKED_MAX: usize = 10_000;
+
+/// Login attempts per client address (GCRA through `governor`).
+pub struct LoginLimiter {
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    clock: DefaultClock,
+}
+
+impl std::fmt::Debug for LoginLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginLimiter")
+            .field("tracked", &self.limiter.len())
+            .finish()
+    }
+}
+
+impl Default for LoginLimiter {
+    fn default() -> Self {
+        let burst = NonZeroU32::new(LOGIN_BURST).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(LOGIN_EVERY)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst);
+        Self {
+            limiter: DefaultKeyedRateLimiter::keyed(quota),
+            clock: DefaultClock::default(),
+        }
+    }
+}
+
+impl LoginLimiter {
+    /// Counts an attempt from `ip`: Ok, or how long until it may try again.
+    pub fn attempt(&self, ip: IpAddr) -> Result<(), Duration> {
+        if self.limiter.len() > LOGIN_TRACKED_MAX {
+            self.limiter.retain_recent();
+        }
+        self.limiter
+            .check_key(&ip)
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 }
 
