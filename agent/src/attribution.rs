@@ -233,7 +233,15 @@ impl Attributor for ProcAttributor {
             .then(|| open_pidfd(pid))
             .flatten();
         let dir = self.proc_root.join(pid.to_string());
-        let (state, start_ticks) = parse_stat(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
+        let Some((state, start_ticks)) = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|t| parse_stat(&t))
+        else {
+            // A procfs without a readable `stat` (a restricted or partial mount): no start
+            // time tells one process on the pid from the next, so nothing is reused.
+            self.known.remove(&pid);
+            return self.read_identity(&dir);
+        };
         let exited = matches!(state, 'Z' | 'X' | 'x');
         let pidfd = pidfd.filter(|fd| !exited && running(fd));
         if let Some(k) = self.known.get_mut(&pid)
@@ -461,6 +469,31 @@ mod tests {
         assert_eq!(me.id.uid, uid);
         assert!(me.label().starts_with("user:") || me.label().starts_with("uid:"));
         assert_eq!(a.identify(u32::MAX), None);
+    }
+
+    /// A procfs with `status` and `cgroup` but no `stat` (a partial mount) still names its
+    /// processes, read afresh each time since no start time tells them apart.
+    #[test]
+    fn a_procfs_without_stat_still_names_processes() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("4100001");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("status"),
+            "Uid:\t1234\t1234\t1234\t1234\nGid:\t99\t99\t99\t99\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("cgroup"), "0::/slurm/uid_1234/job_77/step_0\n").unwrap();
+        let mut a = ProcAttributor::new(root.path());
+        let id = a.identify(4_100_001).expect("named from status");
+        assert_eq!((id.id.uid, id.start_ticks), (Some(1234), None));
+        assert_eq!(id.slurm_job_id.as_deref(), Some("77"));
+        std::fs::write(dir.join("status"), "Uid:\t4321\t4321\t4321\t4321\n").unwrap();
+        assert_eq!(
+            a.identify(4_100_001).unwrap().id.uid,
+            Some(4321),
+            "nothing reused"
+        );
     }
 
     /// A process's identity is reused while its pidfd says it runs, and the reuse ends the
