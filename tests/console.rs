@@ -212,6 +212,20 @@ async fn the_console_refuses_without_a_session_and_sets_its_headers() {
             "{path} links no admin view"
         );
     }
+    // The fleet page streams hosts and the grants page grants, not every card; a stream
+    // asked for anything else is refused.
+    let fleet = request(addr, "GET", "/", &[("Cookie", &cookie)], None)
+        .await
+        .unwrap();
+    assert!(
+        fleet.body.contains("data-live-view=\"hosts\""),
+        "{}",
+        fleet.body
+    );
+    let bogus = request(addr, "GET", "/live?view=all", &[("Cookie", &cookie)], None)
+        .await
+        .unwrap();
+    assert_eq!(bogus.status, 400, "{}", bogus.body);
     for path in ["/admin/tokens", "/admin/agents"] {
         let a = request(addr, "GET", path, &[("Cookie", &cookie)], None)
             .await

@@ -264,20 +264,131 @@ fn grant_json(g: &GrantLive) -> Value {
 }
 
 /// A hub frame as the pages' script reads it.
+/// What a page's live stream carries (`/live?view=`): every card's figures (`cards`, the
+/// default: the card and grant pages, whose rows are cards), the grants' alone (`grants`: the
+/// grants list), or the grants and each host's connection state (`hosts`: the fleet page). A
+/// page of the whole fleet is so never sent every card of it at each window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LiveView {
+    #[default]
+    Cards,
+    Grants,
+    Hosts,
+}
+
+impl LiveView {
+    pub fn parse(s: &str) -> Option<LiveView> {
+        match s {
+            "" | "cards" => Some(LiveView::Cards),
+            "grants" => Some(LiveView::Grants),
+            "hosts" => Some(LiveView::Hosts),
+            _ => None,
+        }
+    }
+}
+
+/// One stream's hosts, for [`LiveView::Hosts`]: which cards each host has and whether each
+/// card's agent is connected, kept from the frames so an update (which names only the cards
+/// that changed) still gives each touched host's whole state.
+#[derive(Debug, Default)]
+pub struct LiveHosts {
+    host_of: HashMap<String, String>,
+    cards: HashMap<String, HashMap<String, bool>>,
+}
+
+impl LiveHosts {
+    /// Takes `frame` in; returns each host it touched with its state now (connected when any
+    /// of its cards is), sorted by host.
+    pub fn apply(&mut self, frame: &Frame) -> Vec<(String, bool)> {
+        let mut touched: Vec<String> = Vec::new();
+        let (cards, removed): (&[CardLive], &[String]) = match frame {
+            Frame::Snapshot(v) => {
+                touched.extend(self.cards.keys().cloned());
+                self.host_of.clear();
+                self.cards.clear();
+                (&v.cards, &[])
+            }
+            Frame::Update(u) => (&u.cards, &u.removed_cards),
+        };
+        for uuid in removed {
+            if let Some(host) = self.host_of.remove(uuid) {
+                if let Some(m) = self.cards.get_mut(&host) {
+                    m.remove(uuid);
+                }
+                touched.push(host);
+            }
+        }
+        for c in cards {
+            if let Some(old) = self.host_of.insert(c.gpu_uuid.clone(), c.host_id.clone())
+                && old != c.host_id
+            {
+                if let Some(m) = self.cards.get_mut(&old) {
+                    m.remove(&c.gpu_uuid);
+                }
+                touched.push(old);
+            }
+            self.cards
+                .entry(c.host_id.clone())
+                .or_default()
+                .insert(c.gpu_uuid.clone(), c.connected);
+            touched.push(c.host_id.clone());
+        }
+        touched.sort();
+        touched.dedup();
+        touched
+            .into_iter()
+            .map(|h| {
+                let connected = self.cards.get(&h).is_some_and(|m| m.values().any(|c| *c));
+                if self.cards.get(&h).is_some_and(HashMap::is_empty) {
+                    self.cards.remove(&h);
+                }
+                (h, connected)
+            })
+            .collect()
+    }
+}
+
+/// A frame as `view` carries it; `hosts` is the stream's own [`LiveHosts`].
+pub fn live_json_as(frame: &Frame, view: LiveView, hosts: &mut LiveHosts) -> Value {
+    let mut v = frame_json(frame, view == LiveView::Cards);
+    match view {
+        LiveView::Cards | LiveView::Grants => {}
+        LiveView::Hosts => {
+            v["hosts"] = hosts
+                .apply(frame)
+                .into_iter()
+                .map(|(host, connected)| json!({ "host": host, "connected": connected }))
+                .collect();
+        }
+    }
+    v
+}
+
 pub fn live_json(frame: &Frame) -> Value {
+    frame_json(frame, true)
+}
+
+fn frame_json(frame: &Frame, with_cards: bool) -> Value {
+    let cards = |cs: &[CardLive]| -> Vec<Value> {
+        if with_cards {
+            cs.iter().map(card_json).collect()
+        } else {
+            Vec::new()
+        }
+    };
     match frame {
         Frame::Snapshot(v) => json!({
             "snapshot": true,
             "version": v.version,
-            "cards": v.cards.iter().map(card_json).collect::<Vec<_>>(),
+            "cards": cards(&v.cards),
             "grants": v.grants.iter().map(grant_json).collect::<Vec<_>>(),
         }),
         Frame::Update(u) => json!({
             "snapshot": false,
             "version": u.version,
-            "cards": u.cards.iter().map(card_json).collect::<Vec<_>>(),
+            "cards": cards(&u.cards),
             "grants": u.grants.iter().map(grant_json).collect::<Vec<_>>(),
-            "removed_cards": u.removed_cards,
+            "removed_cards": if with_cards { u.removed_cards.clone() } else { Vec::new() },
         }),
     }
 }
@@ -285,6 +396,88 @@ pub fn live_json(frame: &Frame) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn live_card(uuid: &str, host: &str, connected: bool) -> CardLive {
+        CardLive {
+            gpu_uuid: uuid.into(),
+            host_id: host.into(),
+            connected,
+            ..CardLive::default()
+        }
+    }
+
+    fn update(version: u64, cards: Vec<CardLive>, removed: &[&str]) -> Frame {
+        Frame::Update(crate::watch::Update {
+            version,
+            at_ms: 0,
+            day: String::new(),
+            day_from_ms: 0,
+            cards,
+            grants: Vec::new(),
+            removed_cards: removed.iter().map(|s| (*s).to_owned()).collect(),
+            removed_grants: Vec::new(),
+        })
+    }
+
+    /// The fleet page's stream names hosts, not cards: a host is connected while any of its
+    /// cards is, an update that names one card still gives its host's whole state, and a
+    /// card that moves or goes away updates the host it left.
+    #[test]
+    fn the_hosts_view_keeps_each_hosts_state_from_its_cards() {
+        let mut hosts = LiveHosts::default();
+        let snapshot = Frame::Snapshot(crate::watch::View {
+            version: 1,
+            at_ms: 0,
+            day: String::new(),
+            day_from_ms: 0,
+            cards: vec![
+                live_card("a1", "h-a", true),
+                live_card("a2", "h-a", false),
+                live_card("b1", "h-b", false),
+            ],
+            grants: Vec::new(),
+        });
+        let v = live_json_as(&snapshot, LiveView::Hosts, &mut hosts);
+        assert_eq!(v["cards"], json!([]), "no card is sent");
+        assert_eq!(
+            v["hosts"],
+            json!([{ "host": "h-a", "connected": true }, { "host": "h-b", "connected": false }])
+        );
+        // a1's agent drops: h-a still has a2, which is not connected either.
+        let v = live_json_as(
+            &update(2, vec![live_card("a1", "h-a", false)], &[]),
+            LiveView::Hosts,
+            &mut hosts,
+        );
+        assert_eq!(v["hosts"], json!([{ "host": "h-a", "connected": false }]));
+        // a2 moves to h-b and is connected there; h-a is left with a1 alone.
+        let v = live_json_as(
+            &update(3, vec![live_card("a2", "h-b", true)], &[]),
+            LiveView::Hosts,
+            &mut hosts,
+        );
+        assert_eq!(
+            v["hosts"],
+            json!([{ "host": "h-a", "connected": false }, { "host": "h-b", "connected": true }])
+        );
+        // a2 leaves the stream: h-b has only b1, not connected.
+        let v = live_json_as(&update(4, Vec::new(), &["a2"]), LiveView::Hosts, &mut hosts);
+        assert_eq!(v["hosts"], json!([{ "host": "h-b", "connected": false }]));
+        // The grants view carries no card and no host; the cards view every card.
+        let frame = update(5, vec![live_card("b1", "h-b", true)], &[]);
+        let g = live_json_as(&frame, LiveView::Grants, &mut LiveHosts::default());
+        assert_eq!((g["cards"].clone(), g.get("hosts")), (json!([]), None));
+        let c = live_json_as(&frame, LiveView::Cards, &mut LiveHosts::default());
+        assert_eq!(c["cards"][0]["uuid"], "b1");
+        assert_eq!(
+            [
+                LiveView::parse(""),
+                LiveView::parse("hosts"),
+                LiveView::parse("x")
+            ],
+            [Some(LiveView::Cards), Some(LiveView::Hosts), None]
+        );
+    }
 
     /// Once a period is held, a page never waits for its recomputation: the held report is
     /// served at once and a fresh one replaces it in the background.

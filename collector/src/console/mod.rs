@@ -879,6 +879,9 @@ async fn admin_agents(
 
 #[derive(Debug, Deserialize, Default)]
 struct LiveQuery {
+    /// `cards` (the default), `grants` or `hosts`: [`data::LiveView`].
+    #[serde(default)]
+    view: String,
     #[serde(default)]
     program: String,
     #[serde(default)]
@@ -899,19 +902,30 @@ async fn live(
     let Some(s) = session_of(&c, &headers) else {
         return (StatusCode::UNAUTHORIZED, "no session").into_response();
     };
+    let Some(view) = data::LiveView::parse(&q.view) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "view must be cards, grants or hosts",
+        )
+            .into_response();
+    };
     let sub = c.hub().subscribe(crate::watch::Filter {
         program: q.program,
         grant_id: q.grant,
         host_id: q.host,
     });
-    let stream = futures::stream::unfold((sub, c.clone(), s.id), |(mut sub, c, id)| async move {
-        let frame = sub.next().await?;
-        c.sessions.get(&id, (c.now)())?;
-        let ev = Event::default()
-            .event("fleet")
-            .data(data::live_json(&frame).to_string());
-        Some((Ok::<_, std::convert::Infallible>(ev), (sub, c, id)))
-    });
+    let hosts = data::LiveHosts::default();
+    let stream = futures::stream::unfold(
+        (sub, c.clone(), s.id, hosts),
+        move |(mut sub, c, id, mut hosts)| async move {
+            let frame = sub.next().await?;
+            c.sessions.get(&id, (c.now)())?;
+            let ev = Event::default()
+                .event("fleet")
+                .data(data::live_json_as(&frame, view, &mut hosts).to_string());
+            Some((Ok::<_, std::convert::Infallible>(ev), (sub, c, id, hosts)))
+        },
+    );
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()

@@ -1,7 +1,9 @@
 // gpumeter console: the pages' live figures. Served by the collector itself (script-src
 // 'self'); it reads the hub's frames from /live (Server-Sent Events) and updates the elements
 // that name a card (data-card="UUID"), a host (data-host="HOST") or a grant
-// (data-grant="ID"). It never sends anything but the subscription.
+// (data-grant="ID"). The page's data-live-view says what its stream carries: every card's
+// figures (the default), the grants' alone, or the grants and each host's connection state.
+// It never sends anything but the subscription.
 "use strict";
 (function () {
   var root = document.querySelector("[data-live]");
@@ -33,12 +35,14 @@
       h[c.uuid] = c.connected;
     }
   }
+  function setHost(host, connected) {
+    document.querySelectorAll('[data-host="' + CSS.escape(host) + '"] .conn').forEach(function (el) {
+      setState(el, connected ? "connected" : "disconnected");
+    });
+  }
   function onHosts() {
     Object.keys(hosts).forEach(function (host) {
-      var any = Object.keys(hosts[host]).some(function (k) { return hosts[host][k]; });
-      document.querySelectorAll('[data-host="' + CSS.escape(host) + '"] .conn').forEach(function (el) {
-        setState(el, any ? "connected" : "disconnected");
-      });
+      setHost(host, Object.keys(hosts[host]).some(function (k) { return hosts[host][k]; }));
     });
   }
   function onGrant(g) {
@@ -49,7 +53,7 @@
     });
   }
   var q = [];
-  ["program", "grant", "host"].forEach(function (k) {
+  ["view", "program", "grant", "host"].forEach(function (k) {
     var v = root.getAttribute("data-live-" + k);
     if (v) { q.push(k + "=" + encodeURIComponent(v)); }
   });
@@ -62,6 +66,8 @@
     (f.cards || []).forEach(onCard);
     (f.grants || []).forEach(onGrant);
     onHosts();
+    // The fleet page's stream ("view=hosts") names each host's state itself.
+    (f.hosts || []).forEach(function (h) { setHost(h.host, h.connected); });
     root.setAttribute("data-live-version", String(f.version));
   });
 })();

@@ -19,7 +19,7 @@ pub fn page(
     let l = t.labels();
     let rec = &r.rec;
     let mut b = String::with_capacity(64 << 10);
-    b.push_str("<div data-live=\"fleet\">");
+    b.push_str("<div data-live=\"fleet\" data-live-view=\"hosts\">");
     b.push_str(&period_line(t, r, "/", &[]));
     let _ = write!(
         b,

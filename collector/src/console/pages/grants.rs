@@ -48,7 +48,7 @@ pub fn list(c: &Ctx<'_>, r: &Report, q: &ListQuery) -> Result<String, PageError>
     let mut b = String::with_capacity(64 << 10);
     let _ = write!(
         b,
-        "<div data-live=\"grants\" data-live-program=\"{}\">",
+        "<div data-live=\"grants\" data-live-view=\"grants\" data-live-program=\"{}\">",
         esc(&q.program)
     );
     b.push_str(&period_line(t, r, "/grants", &[]));
