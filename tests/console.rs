@@ -145,15 +145,7 @@ async fn the_console_refuses_without_a_session_and_sets_its_headers() {
 
     // A wrong token, a cross-origin login: no session.
     let origin = format!("https://{addr}");
-    let bad = request(
-        addr,
-        "POST",
-        "/login",
-        &[("Origin", &origin)],
-        Some("token=gpm_00&next=%2F"),
-    )
-    .await
-    .unwrap();
+    let bad = https::post_login(addr, "gpm_00", "%2F").await.unwrap();
     assert_eq!(bad.status, 303);
     assert!(bad.header("set-cookie").is_none());
     let cross = request(
@@ -169,15 +161,9 @@ async fn the_console_refuses_without_a_session_and_sets_its_headers() {
     assert!(cross.header("set-cookie").is_none());
 
     // The session cookie's flags, as sent.
-    let a = request(
-        addr,
-        "POST",
-        "/login",
-        &[("Origin", &origin)],
-        Some(&format!("token={auditor}&next=%2Fgrants")),
-    )
-    .await
-    .unwrap();
+    let a = https::post_login(addr, &auditor, "%2Fgrants")
+        .await
+        .unwrap();
     assert_eq!(a.status, 303);
     assert_eq!(a.header("location"), Some("/grants"));
     let set = a.header("set-cookie").unwrap();
@@ -286,15 +272,7 @@ async fn the_console_refuses_without_a_session_and_sets_its_headers() {
     // with Retry-After, and then even a good token waits.
     let mut answers = Vec::new();
     for _ in 0..=gpumeter_collector::console::session::LOGIN_BURST {
-        let a = request(
-            addr,
-            "POST",
-            "/login",
-            &[("Origin", &origin)],
-            Some("token=gpm_00&next=%2F"),
-        )
-        .await
-        .unwrap();
+        let a = https::post_login(addr, "gpm_00", "%2F").await.unwrap();
         answers.push(a.status);
         if a.status == 429 {
             let wait: u64 = a.header("retry-after").unwrap().parse().unwrap();
@@ -308,15 +286,7 @@ async fn the_console_refuses_without_a_session_and_sets_its_headers() {
         answers[..answers.len() - 1].iter().all(|s| *s == 303),
         "{answers:?}"
     );
-    let a = request(
-        addr,
-        "POST",
-        "/login",
-        &[("Origin", &origin)],
-        Some(&format!("token={admin}&next=%2F")),
-    )
-    .await
-    .unwrap();
+    let a = https::post_login(addr, &admin, "%2F").await.unwrap();
     assert_eq!(a.status, 429, "a good token waits like any other attempt");
     assert!(a.header("set-cookie").is_none());
     collector.stop().await.unwrap();

@@ -88,18 +88,24 @@ pub async fn request(
     })
 }
 
-/// Logs in with `token` by the login form (as a browser posts it, with its Origin) and
-/// returns the `Cookie` header value that carries the session.
-pub async fn login(addr: SocketAddr, token: &str) -> anyhow::Result<String> {
+/// Posts the login form with `token`, to come back to `next` (an encoded path), as a browser
+/// on the console's own page posts it (with its Origin); the answer as it came.
+pub async fn post_login(addr: SocketAddr, token: &str, next: &str) -> anyhow::Result<Answer> {
     let origin = format!("https://{addr}");
-    let a = request(
+    request(
         addr,
         "POST",
         "/login",
         &[("Origin", &origin)],
-        Some(&format!("token={token}&next=%2F")),
+        Some(&format!("token={token}&next={next}")),
     )
-    .await?;
+    .await
+}
+
+/// Logs in with `token` by the login form and returns the `Cookie` header value that carries
+/// the session.
+pub async fn login(addr: SocketAddr, token: &str) -> anyhow::Result<String> {
+    let a = post_login(addr, token, "%2F").await?;
     let set = a
         .header("set-cookie")
         .ok_or_else(|| anyhow::anyhow!("no session cookie: {a:?}"))?;

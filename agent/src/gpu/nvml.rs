@@ -930,12 +930,7 @@ impl<'nvml> Watcher<'nvml> {
         if self.joined.contains(&uuid) {
             self.rebuild();
         }
-        if !self.pending.iter().any(|p| p.uuid == uuid) {
-            self.pending.push(Pending {
-                uuid,
-                retry_at: Instant::now(),
-            });
-        }
+        self.queue(uuid, Instant::now());
     }
 
     /// Drops the set; every card that was in it is queued to join a new one now.
@@ -943,12 +938,15 @@ impl<'nvml> Watcher<'nvml> {
         self.set = None;
         let now = Instant::now();
         for uuid in std::mem::take(&mut self.joined) {
-            if !self.pending.iter().any(|p| p.uuid == uuid) {
-                self.pending.push(Pending {
-                    uuid,
-                    retry_at: now,
-                });
-            }
+            self.queue(uuid, now);
+        }
+    }
+
+    /// Queues `uuid` to register at `at`, or sooner where it already waits for an earlier time.
+    fn queue(&mut self, uuid: String, at: Instant) {
+        match self.pending.iter_mut().find(|p| p.uuid == uuid) {
+            Some(p) => p.retry_at = p.retry_at.min(at),
+            None => self.pending.push(Pending { uuid, retry_at: at }),
         }
     }
 

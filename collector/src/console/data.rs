@@ -263,7 +263,6 @@ fn grant_json(g: &GrantLive) -> Value {
     })
 }
 
-/// A hub frame as the pages' script reads it.
 /// What a page's live stream carries (`/live?view=`): every card's figures (`cards`, the
 /// default: the card and grant pages, whose rows are cards), the grants' alone (`grants`: the
 /// grants list), or the grants and each host's connection state (`hosts`: the fleet page). A
@@ -338,10 +337,14 @@ impl LiveHosts {
         touched
             .into_iter()
             .map(|h| {
-                let connected = self.cards.get(&h).is_some_and(|m| m.values().any(|c| *c));
-                if self.cards.get(&h).is_some_and(HashMap::is_empty) {
-                    self.cards.remove(&h);
-                }
+                let connected = match self.cards.get(&h) {
+                    Some(m) if m.is_empty() => {
+                        self.cards.remove(&h);
+                        false
+                    }
+                    Some(m) => m.values().any(|c| *c),
+                    None => false,
+                };
                 (h, connected)
             })
             .collect()
@@ -364,6 +367,7 @@ pub fn live_json_as(frame: &Frame, view: LiveView, hosts: &mut LiveHosts) -> Val
     v
 }
 
+/// A hub frame as the pages' script reads it.
 pub fn live_json(frame: &Frame) -> Value {
     frame_json(frame, true)
 }
