@@ -1484,12 +1484,20 @@ impl Store for SqliteStore {
         cards: Option<&[String]>,
     ) -> Result<Vec<super::WindowBody>, StoreError> {
         let c = self.r();
+        // A card's windows are read through `window_rows_by_card`: with `?3 IS NULL OR
+        // w.gpu_uuid = ?3` SQLite plans for either and reads every card's windows of the
+        // period by start, once per card asked for.
+        let card = if cards.is_some() {
+            "AND w.gpu_uuid = ?3"
+        } else {
+            "AND ?3 IS NULL"
+        };
         let mut st = c
             .prepare(&format!(
                 "SELECT w.agent_id, a.host_id, w.seq, r.body, r.block
                  FROM windows w JOIN records r ON r.agent_id = w.agent_id AND r.seq = w.seq
                  JOIN agents a ON a.agent_id = w.agent_id
-                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2 AND (?3 IS NULL OR w.gpu_uuid = ?3)
+                 WHERE w.start_ms >= ?1 AND w.start_ms < ?2 {card}
                    AND {COUNTED}
                    AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)
                  ORDER BY w.agent_id, w.seq"
@@ -1500,10 +1508,11 @@ impl Store for SqliteStore {
             None => all.to_vec(),
             Some(cards) => cards.iter().map(|c| Some(c.as_str())).collect(),
         };
-        let mut blocks = super::body_block::BlockCache::default();
-        let mut out = Vec::new();
+        // Every row first, then the bodies in (agent, seq) order: the cards of one host share
+        // their batches' body blocks, and in that order each block is decoded once.
+        let mut rows = Vec::new();
         for card in each {
-            let rows = st
+            let found = st
                 .query_map(params![from_ms, until_ms, card], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
@@ -1514,17 +1523,21 @@ impl Store for SqliteStore {
                     ))
                 })
                 .map_err(db)?;
-            for row in rows {
-                let (agent_id, host_id, seq, body, block) = row.map_err(db)?;
-                let body = blocks.body_of(&agent_id, seq, body, block, |id| {
-                    super::sqlite_ledger::load_block(&c, &agent_id, id)
-                })?;
-                out.push((agent_id, host_id, seq, body));
+            for row in found {
+                rows.push(row.map_err(db)?);
             }
         }
         if cards.is_some() {
-            out.sort_by(|a, b| (&a.0, a.2).cmp(&(&b.0, b.2)));
-            out.dedup_by(|a, b| a.0 == b.0 && a.2 == b.2);
+            rows.sort_by(|a, b| (&a.0, a.2).cmp(&(&b.0, b.2)));
+            rows.dedup_by(|a, b| a.0 == b.0 && a.2 == b.2);
+        }
+        let mut blocks = super::body_block::BlockCache::default();
+        let mut out = Vec::with_capacity(rows.len());
+        for (agent_id, host_id, seq, body, block) in rows {
+            let body = blocks.body_of(&agent_id, seq, body, block, |id| {
+                super::sqlite_ledger::load_block(&c, &agent_id, id)
+            })?;
+            out.push((agent_id, host_id, seq, body));
         }
         Ok(out)
     }
@@ -1907,9 +1920,15 @@ impl Store for SqliteStore {
         // longer than a day (the agent's window length divides a day).
         // Windows reported for a card another host held count only once it is theirs; flagged
         // windows (impossible, or card time already counted) never count.
+        // One card's windows are read through `window_rows_by_card` (see `window_bodies`).
+        let card = if gpu_uuid.is_some() {
+            "w.gpu_uuid = ?3"
+        } else {
+            "?3 IS NULL"
+        };
         let where_ = format!(
             "w.start_ms >= ?1 - 86400000 AND w.start_ms < ?2 AND w.end_ms > ?1
-             AND (?3 IS NULL OR w.gpu_uuid = ?3) AND {COUNTED}
+             AND {card} AND {COUNTED}
              AND NOT EXISTS (SELECT 1 FROM window_flags f WHERE f.agent_id = w.agent_id AND f.seq = w.seq)"
         );
         let mut st = c
