@@ -1640,32 +1640,21 @@ impl Store for SqliteStore {
             .map_err(db)?
             .collect::<Result<Vec<_>, _>>()
             .map_err(db)?;
+        // Every card in one read, dealt out to its agent: a read per agent has no index on
+        // agent_id to use and reads the whole table each time (2,500 hosts × 20,000 cards).
         let mut gst = c
             .prepare(
                 "SELECT gpu_uuid, idx, name, serial, pci_bus_id, memory_total_bytes, mig_mode,
-                        parent_uuid, mig_profile, mig_slices, parent_slices
-                 FROM gpus WHERE agent_id = ?1 ORDER BY idx, parent_uuid, gpu_uuid",
+                        parent_uuid, mig_profile, mig_slices, parent_slices, agent_id
+                 FROM gpus ORDER BY agent_id, idx, parent_uuid, gpu_uuid",
             )
             .map_err(db)?;
-        let mut last = c
-            .prepare(
-                "SELECT seq, received_ms FROM records WHERE agent_id = ?1 ORDER BY seq DESC LIMIT 1",
-            )
-            .map_err(db)?;
-        for h in &mut hosts {
-            if let Some((seq, received)) = last
-                .query_row(params![h.agent_id], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-                })
-                .optional()
-                .map_err(db)?
-            {
-                h.durable_seq = seq.max(0) as u64;
-                h.last_record_ms = Some(received);
-            }
-            h.gpus = gst
-                .query_map(params![h.agent_id], |r| {
-                    Ok(GpuRow {
+        let mut gpus: std::collections::HashMap<String, Vec<GpuRow>> = Default::default();
+        let rows = gst
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(11)?,
+                    GpuRow {
                         uuid: r.get(0)?,
                         index: r.get(1)?,
                         name: r.get(2)?,
@@ -1682,11 +1671,31 @@ impl Store for SqliteStore {
                                 parent_slices: r.get(10)?,
                             })
                         },
-                    })
+                    },
+                ))
+            })
+            .map_err(db)?;
+        for row in rows {
+            let (agent_id, gpu) = row.map_err(db)?;
+            gpus.entry(agent_id).or_default().push(gpu);
+        }
+        let mut last = c
+            .prepare(
+                "SELECT seq, received_ms FROM records WHERE agent_id = ?1 ORDER BY seq DESC LIMIT 1",
+            )
+            .map_err(db)?;
+        for h in &mut hosts {
+            if let Some((seq, received)) = last
+                .query_row(params![h.agent_id], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
                 })
+                .optional()
                 .map_err(db)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(db)?;
+            {
+                h.durable_seq = seq.max(0) as u64;
+                h.last_record_ms = Some(received);
+            }
+            h.gpus = gpus.remove(&h.agent_id).unwrap_or_default();
         }
         Ok(hosts)
     }
