@@ -2,7 +2,8 @@
 //! simulated agent at real time (2 s windows), the console served on its own port, and
 //! Debian's headless `chromium` driven over the DevTools protocol (crate `headless_chrome`).
 //! The browser logs in with an auditor token, follows every page, and the figures it shows
-//! are checked against the Reconcile RPC as of the same signed head; a card's state is
+//! are checked against the Reconcile RPC as of the same signed head, a grant's jobs against
+//! the StreamJobs RPC; a card's state is
 //! watched changing live; an auditor is refused every admin view; a request without a
 //! session goes to the login page; the cookie's flags and the security headers are read off
 //! the wire. Screenshots go to docs/console/.
@@ -634,6 +635,68 @@ processes = [{{ pid = 502, uid = 1002, user = "bob" }}]
     let f = g.figures.as_ref().unwrap();
     assert_eq!(shown, (f.allocated_ms, f.delivered_ms, f.active_ms));
     assert!(f.delivered_ms > 0 && f.active_ms > 0, "{f:?}");
+
+    // The grant's jobs that day, reached by the grant page's link: each row against the
+    // StreamJobs RPC over the same ledger (the agent has stopped, so it no longer changes).
+    let shown_jobs = tokio::task::spawn_blocking({
+        let (base, day) = (base.clone(), day.clone());
+        let tab = tab.clone();
+        move || {
+            goto(&tab, &base, &format!("/grants/G-C?period={day}"));
+            tab.wait_for_element("#jobs-link").unwrap().click().unwrap();
+            tab.wait_for_element("#jobs").unwrap();
+            let url = tab.get_url();
+            assert!(url.contains("/grants/G-C/jobs?day="), "{url}");
+            js(
+                &tab,
+                "Array.from(document.querySelectorAll('#jobs tbody tr')).map(r => \
+                 Array.from(r.cells).map(c => c.textContent).join('|')).join('\\n')",
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let mut jobs = collector
+        .query()
+        .await
+        .stream_jobs(v1::JobsRequest {
+            period: day.clone(),
+            grant_id: "G-C".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut expected, mut card_time) = (Vec::new(), 0);
+    while let Some(j) = jobs.message().await.unwrap() {
+        card_time += j.occupied_ms;
+        let h = |ms: u64| format!("{:.1}", ms as f64 / 3_600_000.0);
+        expected.push((
+            j.kind.clone(),
+            j.job_id.clone(),
+            j.principal.clone(),
+            j.gpu_uuids.len().to_string(),
+            h(j.occupied_ms),
+            h(j.active_ms),
+        ));
+    }
+    // The run is short: its GPU-hours show as 0.0, so the card time is checked here.
+    assert!(card_time > 0, "G-C ran no job with card time: {expected:?}");
+    let shown_jobs: Vec<_> = shown_jobs
+        .lines()
+        .map(|r| {
+            let c: Vec<&str> = r.split('|').collect();
+            assert_eq!(c.len(), 8, "{r}");
+            (
+                c[0].to_string(),
+                c[1].to_string(),
+                c[2].to_string(),
+                c[3].to_string(),
+                c[6].to_string(),
+                c[7].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(shown_jobs, expected);
     drop(tab);
     drop(browser);
     collector.stop().await.unwrap();
