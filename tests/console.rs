@@ -667,9 +667,9 @@ processes = [{{ pid = 502, uid = 1002, user = "bob" }}]
         .unwrap()
         .into_inner();
     let (mut expected, mut card_time) = (Vec::new(), 0);
+    let h = |ms: u64| format!("{:.1}", ms as f64 / 3_600_000.0);
     while let Some(j) = jobs.message().await.unwrap() {
         card_time += j.occupied_ms;
-        let h = |ms: u64| format!("{:.1}", ms as f64 / 3_600_000.0);
         expected.push((
             j.kind.clone(),
             j.job_id.clone(),

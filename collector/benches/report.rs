@@ -610,7 +610,6 @@ fn console_pages(store: &SqliteStore, cards: usize, grants: usize) -> anyhow::Re
     };
     let ctx = pages::Ctx::new(t_ko, &session, store, "/", now);
     let not_connected = |_: &str| false;
-    type Page<'a> = Box<dyn Fn() -> Result<String, pages::PageError> + 'a>;
     let list: Vec<(&str, Page<'_>)> = vec![
         (
             "fleet",
@@ -665,6 +664,9 @@ fn console_pages(store: &SqliteStore, cards: usize, grants: usize) -> anyhow::Re
     }
     Ok(())
 }
+
+/// A console page as the bench builds it, by name.
+type Page<'a> = Box<dyn Fn() -> Result<String, gpumeter_collector::console::pages::PageError> + 'a>;
 
 /// An admin's console session, as the pages are built for one.
 fn bench_session(now: i64) -> gpumeter_collector::console::session::Session {
@@ -728,7 +730,6 @@ fn jobs_page(store: &SqliteStore, cards: usize, grants: usize) -> anyhow::Result
         day: "2026-11-01".into(),
         ..Default::default()
     };
-    type Page<'a> = Box<dyn Fn() -> Result<String, pages::PageError> + 'a>;
     let list: Vec<(&str, Page<'_>)> = vec![
         (
             "console: one grant's jobs for a day, bodies decoded",
