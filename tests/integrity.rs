@@ -1504,3 +1504,209 @@ proptest::proptest! {
         proptest::prop_assert!(!a.findings.is_empty(), "{edit:?}: nothing at {agent}: {report:?}");
     }
 }
+
+/// host-r's two cards over 10:00-12:00 KST on 2026-04-10: R0 granted to G-R0 from 10:10 (an
+/// edge inside an hour), R1 to G-R1 for all of April.
+const R0: &str = "GPU-0000000f-0000-4000-8000-000000000000";
+const R1: &str = "GPU-0000000f-0000-4000-8000-000000000001";
+
+fn retention_scenario() -> Scenario {
+    toml::from_str(&format!(
+        r#"
+[[cards]]
+uuid = "{R0}"
+idle_power_w = 100
+max_power_w = 500
+[[cards.phases]]
+from_s = 0
+util_pct = 60
+processes = [{{ pid = 7, uid = 1001, user = "alice" }}]
+[[cards]]
+uuid = "{R1}"
+idle_power_w = 100
+max_power_w = 500
+[[cards.phases]]
+from_s = 0
+util_pct = 40
+processes = [{{ pid = 8, uid = 1002, user = "bob" }}]
+"#
+    ))
+    .unwrap()
+}
+
+/// The report's JSON without what names the head it was computed under (retention signs a
+/// newer one).
+fn figures(mut v: Value) -> Value {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                m.retain(|k, _| !k.contains("provenance") && !k.contains("head"));
+                m.values_mut().for_each(strip);
+            }
+            Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut v);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let collector = TestCollector::start(&db).await.unwrap();
+    let url = collector.url.clone();
+    let csv = format!(
+        "grant_id,program,grantee,principal,csp,host_id,gpu_uuid,valid_from,valid_until\n\
+         G-R0,hpc,Acme,user:alice,kt,host-r,{R0},2026-04-10T10:10:00+09:00,2026-04-30\n\
+         G-R1,research,Lab,user:bob,kt,host-r,{R1},2026-04-01,2026-04-30\n"
+    );
+    let r = gpumeter_e2e::admin_at(&url)
+        .await
+        .import_grants(v1::ImportGrantsRequest {
+            csv,
+            actor: "test".into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let t0 = chrono::DateTime::parse_from_rfc3339("2026-04-10T10:00:00+09:00")
+        .unwrap()
+        .timestamp_millis();
+    let agent = spawn_sim_agent(
+        agent_config("host-r", "kt", &url, &dir.path().join("r"), 16),
+        retention_scenario(),
+        t0,
+        t0 + 7_200_000,
+        5_000.0,
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    let report = |period: &str| {
+        run(&[
+            "report", "--period", period, "--format", "json", "--server", &url,
+        ])
+    };
+    let (code, before, err) = report("2026-04");
+    assert_eq!(code, Some(0), "{err}");
+    let before: Value = serde_json::from_str(&before).unwrap();
+    let (code, found, _, _) = verify_db(&db, None);
+    assert_eq!((code, found), (Some(0), vec![]));
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let windows = one(&c, "SELECT COUNT(*) FROM windows");
+    assert!(windows >= 230, "{windows} windows");
+    // The pinned hour: R0's 10:00-11:00 KST, which G-R0's start cuts.
+    let pinned_sql = format!(
+        "SELECT COUNT(*) FROM windows WHERE gpu_uuid = '{R0}' AND start_ms >= {t0} AND start_ms < {}",
+        t0 + 3_600_000
+    );
+    let in_pinned = one(&c, &pinned_sql);
+    assert!(in_pinned >= 55, "{in_pinned}");
+
+    // 400 days before 2027-05-20 falls after April 2026: every window is past the horizon.
+    let retain = |now: &str| {
+        run(&[
+            "retain",
+            "--db",
+            db.to_str().unwrap(),
+            "--now",
+            now,
+            "--json",
+        ])
+    };
+    let (code, out, err) = retain("2027-05-20");
+    assert_eq!(code, Some(0), "{err}");
+    let done: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done["cuts"].as_array().unwrap().len(), 1, "{done}");
+    assert!(done["pins_added"].as_u64().unwrap() >= 1, "{done}");
+    let dropped = done["windows_dropped"].as_i64().unwrap();
+    assert_eq!(one(&c, "SELECT COUNT(*) FROM windows"), windows - dropped);
+    assert_eq!(
+        one(&c, &pinned_sql),
+        in_pinned,
+        "the pinned hour keeps its windows"
+    );
+    assert!(
+        dropped >= windows - in_pinned - 20,
+        "{dropped} of {windows} dropped"
+    );
+    // Nothing signed is gone.
+    assert_eq!(
+        one(&c, "SELECT COUNT(*) FROM records"),
+        one(&c, "SELECT MAX(seq) FROM records")
+    );
+
+    // The same month's figures, the ledger still verifying.
+    let (code, after, err) = report("2026-04");
+    assert_eq!(code, Some(0), "{err}");
+    let after: Value = serde_json::from_str(&after).unwrap();
+    assert_eq!(figures(after), figures(before));
+    let (code, found, _, _) = verify_db(&db, None);
+    assert_eq!((code, found), (Some(0), vec![]));
+
+    // A report cutting inside a dropped hour, the jobs view and the card's timeline say why.
+    let (code, _, err) = report("2026-04-10T10:30:00+09:00..2026-04-10T12:00:00+09:00");
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("dropped by retention") && err.contains(R1),
+        "{err}"
+    );
+    let (code, _, err) = run(&[
+        "report", "--period", "2026-04", "--view", "jobs", "--server", &url,
+    ]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("dropped by retention"), "{err}");
+    let (code, _, err) = run(&[
+        "timeline", "--gpu", R1, "--period", "2026-04", "--server", &url,
+    ]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("dropped by retention"), "{err}");
+
+    // Again: nothing more to drop. A horizon never moves back.
+    let (code, out, err) = retain("2027-05-20");
+    assert_eq!(code, Some(0), "{err}");
+    let again: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(again["windows_dropped"], 0, "{again}");
+    let (code, _, err) = retain("2027-01-01");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("never moves back"), "{err}");
+
+    // Below the horizon the rollups are re-derived from the bodies: an edited rollup row, a
+    // pinned window deleted, or a dropped window's row put back altered are each caught.
+    let hour_row = format!(
+        "SELECT start_ms FROM card_hours WHERE gpu_uuid = '{R1}' AND raw = 0 ORDER BY start_ms LIMIT 1"
+    );
+    let edited = copy(&db, dir.path(), "rollup-edited", |t| {
+        t.execute_batch(&format!(
+            "UPDATE card_hours SET good_ms = good_ms + 1000 WHERE gpu_uuid = '{R1}' AND start_ms = ({hour_row})"
+        ))
+        .unwrap();
+    });
+    let (code, found, _, _) = verify_db(&edited, None);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        found.iter().map(|f| f.1.as_str()).collect::<Vec<_>>(),
+        vec!["rollup_mismatch"],
+        "{found:?}"
+    );
+    let unpinned = copy(&db, dir.path(), "pinned-deleted", |t| {
+        t.execute_batch(&format!(
+            "DELETE FROM windows WHERE gpu_uuid = '{R0}' AND start_ms = {}",
+            t0 + 20 * 60_000
+        ))
+        .unwrap();
+    });
+    let (code, found, _, _) = verify_db(&unpinned, None);
+    assert_eq!(code, Some(1));
+    assert!(found.iter().any(|f| f.1 == "derived_missing"), "{found:?}");
+    drop(c);
+    collector.stop().await.unwrap();
+}

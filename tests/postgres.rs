@@ -16,19 +16,20 @@ use gpumeter_e2e::{
 };
 use gpumeter_proto::v1;
 
-fn scenario() -> Scenario {
-    toml::from_str(
+/// Agent `n`'s two cards (each card of its own host, so no window is disputed).
+fn scenario(n: u8) -> Scenario {
+    toml::from_str(&format!(
         r#"
 [[cards]]
-uuid = "GPU-0000000d-0000-4000-8000-000000000000"
+uuid = "GPU-0000000d-0000-4000-8000-0000000000{n}0"
 [[cards.phases]]
 from_s = 0
 util_pct = 70
-processes = [{ pid = 5, uid = 1001, user = "alice" }]
+processes = [{{ pid = 5, uid = 1001, user = "alice" }}]
 [[cards]]
-uuid = "GPU-0000000d-0000-4000-8000-000000000001"
-"#,
-    )
+uuid = "GPU-0000000d-0000-4000-8000-0000000000{n}1"
+"#
+    ))
     .unwrap()
 }
 
@@ -136,11 +137,11 @@ async fn the_collector_binary_serves_a_postgres_ledger_that_the_cli_verifies() {
     // Two agents, 20 minutes each, small batches (many checkpoints).
     let start = align_down(now_ms() - 7_200_000, 60_000);
     let mut tasks = Vec::new();
-    for id in ["pg-a", "pg-b"] {
+    for (n, id) in [(1, "pg-a"), (2, "pg-b")] {
         tasks.push(
             spawn_sim_agent(
                 agent_config(id, "kt", &server, &dir.path().join(id), 3),
-                scenario(),
+                scenario(n),
                 start,
                 start + 1_200_000,
                 5_000.0,
@@ -301,6 +302,75 @@ async fn the_collector_binary_serves_a_postgres_ledger_that_the_cli_verifies() {
     assert_eq!(code, Some(0));
     assert!(out.contains("compacted 0 records"), "{out}");
 
+    // Retention, with every window two days past a one-day horizon: the same whole days'
+    // figures before and after, the ledger still verifying, an edited rollup row below the
+    // horizon caught from the bodies, and a report cutting inside a dropped hour refused.
+    let kst = chrono::FixedOffset::east_opt(9 * 3600).unwrap();
+    let day = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap()
+            .with_timezone(&kst)
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    let days = format!("{}..{}", day(start), day(start + 1_200_000));
+    let figures = |period: &str| {
+        let (code, out, err) = run(&[
+            "report", "--period", period, "--format", "json", "--server", &server,
+        ]);
+        (
+            code,
+            strip_heads(serde_json::from_str(&out).unwrap_or_default()),
+            err,
+        )
+    };
+    let (code, before, err) = figures(&days);
+    assert_eq!(code, Some(0), "{err}");
+    let now = chrono::DateTime::from_timestamp_millis(start + 2 * 86_400_000)
+        .unwrap()
+        .to_rfc3339();
+    let (code, out, err) = run(&[
+        "retain",
+        "--db",
+        &url,
+        "--now",
+        &now,
+        "--max-age-days",
+        "1",
+        "--collector-key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("2 agents' cuts moved"), "{out}");
+    let left = counts("SELECT COUNT(*) FROM windows");
+    assert!(left < stored / 2, "{left} of {stored} windows left");
+    let (code, after, err) = figures(&days);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(after, before);
+    let (code, retained, err) = run(&["verify", "--db", &url]);
+    assert_eq!(code, Some(0), "{retained}{err}");
+    let (code, _, err) = figures(&period);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("dropped by retention"), "{err}");
+    let edit = |by: i64| {
+        pg_rows(
+            &url,
+            &format!(
+                "UPDATE card_hours SET good_ms = good_ms + {by}
+                 WHERE (start_ms, gpu_uuid, agent_id) = (SELECT start_ms, gpu_uuid, agent_id FROM card_hours
+                     WHERE agent_id = 'pg-a' AND NOT raw AND good_ms > 0 ORDER BY start_ms, gpu_uuid LIMIT 1)
+                   AND NOT raw"
+            ),
+        )
+    };
+    edit(1000);
+    let (code, out, err) = run(&["verify", "--db", &url]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("pg-a") && out.contains("card_hours"), "{out}");
+    edit(-1000);
+    let (code, out, err) = run(&["verify", "--db", &url]);
+    assert_eq!(code, Some(0), "{out}{err}");
+
     // A body put back into its row with other bytes is caught.
     pg_rows(
         &url,
@@ -328,6 +398,23 @@ async fn the_collector_binary_serves_a_postgres_ledger_that_the_cli_verifies() {
         out.contains("record 5: its body cannot be read back: body block"),
         "{out}"
     );
+}
+
+/// A report's JSON without what names the head it was computed under (retention signs a
+/// newer one).
+fn strip_heads(mut v: serde_json::Value) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.retain(|k, _| !k.contains("provenance") && !k.contains("head"));
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut v);
+    v
 }
 
 /// A loopback TCP proxy whose upstream can be switched: the open connections are cut and

@@ -14,7 +14,9 @@ impl From<StoreError> for tonic::Status {
         match &e {
             StoreError::KeyMismatch { .. } => tonic::Status::permission_denied(e.to_string()),
             StoreError::UnknownAgent { .. } => tonic::Status::not_found(e.to_string()),
-            StoreError::Conflict(_) => tonic::Status::failed_precondition(e.to_string()),
+            StoreError::Conflict(_) | StoreError::Retained(_) => {
+                tonic::Status::failed_precondition(e.to_string())
+            }
             StoreError::NotFound { .. } => tonic::Status::not_found(e.to_string()),
             StoreError::Amend(AmendError::Invalid { .. }) => {
                 tonic::Status::invalid_argument(e.to_string())

@@ -30,6 +30,7 @@ pub mod reconcile;
 pub mod registry;
 pub mod render;
 pub mod report;
+pub mod retention;
 pub mod rollup;
 pub mod sanity;
 pub mod server;

@@ -317,6 +317,29 @@ enum Command {
         #[arg(long, default_value_t = gpumeter_collector::store::sqlite_compact::PER_BLOCK as u64, value_parser = clap::value_parser!(u64).range(1..=65536))]
         per_block: u64,
     },
+    /// Drop raw windows older than an age where the rollups stand in for them exactly: a head
+    /// is signed first, and records, bodies, checkpoints and events are all kept, so `verify`
+    /// and every report give the same answers (a report that would need a dropped window says
+    /// so). Runs beside serving collectors, a range of rows at a time.
+    Retain {
+        /// The ledger: a SQLite file, or postgres://….
+        #[arg(long)]
+        db: String,
+        /// Keep raw windows of this many days back (whole Korean days).
+        #[arg(long, default_value_t = gpumeter_collector::retention::DEFAULT_MAX_AGE_DAYS, value_parser = clap::value_parser!(u32).range(1..=36500))]
+        max_age_days: u32,
+        /// The instant the age counts back from (RFC 3339 or a Korean calendar day) [default: now].
+        #[arg(long)]
+        now: Option<String>,
+        /// The collector's signing key (PostgreSQL: required, it is kept in a file).
+        #[arg(long)]
+        collector_key: Option<PathBuf>,
+        /// Then give the freed space back (SQLite: `VACUUM`).
+        #[arg(long)]
+        vacuum: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Fetch the collector's signed ledger heads and append the new ones to an append-only
     /// file an auditor keeps (with --server, a fresh head is signed first).
     Heads {
@@ -1081,6 +1104,69 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             if vacuum {
                 store.vacuum()?;
                 println!("vacuumed: {} bytes before, {} after", before, file_len(&db));
+            }
+            Ok(())
+        }
+        Command::Retain {
+            db,
+            max_age_days,
+            now,
+            collector_key,
+            vacuum,
+            json,
+        } => {
+            let now = match now {
+                Some(t) => parse_as_of(&t)?,
+                None => gpumeter_collector::ingest::now_ms(),
+            };
+            let is_pg = gpumeter_collector::store::postgres::is_postgres_url(&db);
+            if is_pg && collector_key.is_none() {
+                return Err(usage(anyhow::anyhow!(
+                    "--collector-key PATH: a PostgreSQL db needs the collector's signing key, kept in a file, to sign the head retention runs under"
+                )));
+            }
+            if !is_pg && !std::path::Path::new(&db).exists() {
+                return Err(Failure {
+                    code: 2,
+                    error: anyhow::anyhow!("--db {db}: no such ledger file"),
+                });
+            }
+            let store = gpumeter_collector::store::open_store(&db, collector_key.as_deref())?;
+            let req = gpumeter_collector::retention::RetainRequest {
+                horizon_ms: gpumeter_collector::retention::horizon(now, max_age_days),
+                at_ms: gpumeter_collector::ingest::now_ms(),
+                actor: "gpumeter-collector retain".into(),
+                edges: store
+                    .grants()?
+                    .iter()
+                    .flat_map(|g| {
+                        g.cards.iter().flat_map(move |c| {
+                            let (from, until) = g.card_interval(c);
+                            [(c.gpu_uuid.clone(), from), (c.gpu_uuid.clone(), until)]
+                        })
+                    })
+                    .collect(),
+            };
+            let done = store.retain(&req)?;
+            drop(store);
+            if vacuum && !is_pg {
+                gpumeter_collector::store::sqlite::SqliteStore::open(std::path::Path::new(&db))?
+                    .vacuum()?;
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&done).map_err(anyhow::Error::from)?
+                );
+            } else {
+                println!(
+                    "raw windows before {} retained as rollups only (under head {}): {} agents' cuts moved, {} window rows dropped, {} card-hours pinned",
+                    gpumeter_collector::retention::kst(done.horizon_ms),
+                    done.head_id,
+                    done.cuts.len(),
+                    done.windows_dropped,
+                    done.pins_added
+                );
             }
             Ok(())
         }

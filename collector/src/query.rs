@@ -165,6 +165,7 @@ impl Query for QueryService {
         }
         let store = self.store.clone();
         let (windows, events, grants) = blocking(move || {
+            store.retention()?.check_raw(from, "a card's timeline")?;
             Ok::<_, StoreError>((
                 store.windows(from, until, Some(&gpu))?,
                 store.events(from, until, None, Some(&gpu))?,
@@ -314,6 +315,7 @@ impl Query for QueryService {
         let grant = q.grant_id.trim().to_owned();
         let store = self.store.clone();
         let jobs = blocking(move || -> Result<Vec<v1::JobInfo>, Status> {
+            store.retention()?.check_raw(from, "the jobs view")?;
             let bodies = store.window_bodies(from, until, None)?;
             Ok(
                 crate::jobs::jobs(&bodies, (!grant.is_empty()).then_some(grant.as_str()))

@@ -248,35 +248,154 @@ pub fn batch_rows<'a>(
 ) -> BTreeMap<(i64, &'a str, &'a str, &'a str), Add> {
     let mut rows: BTreeMap<(i64, &str, &str, &str), Add> = BTreeMap::new();
     for &(seq, w, disputed) in windows {
-        match entry(level, w, disputed) {
-            Entry::Summed(start) => {
-                let s = RollupSums::of(w);
-                let a = rows
-                    .entry((start, &w.gpu_uuid, w.assignment_status, &w.grant_id))
-                    .or_default();
-                a.windows += 1;
-                a.max_seq = a.max_seq.max(seq);
-                let t = &mut a.sums;
-                t.good_ms += s.good_ms;
-                t.unavailable_ms += s.unavailable_ms;
-                t.unattributed_ms += s.unattributed_ms;
-                t.energy_mj = t.energy_mj.saturating_add(s.energy_mj);
-                t.occupied_ms += s.occupied_ms;
-                t.grantee_occupied_ms += s.grantee_occupied_ms;
-                t.active_ms += s.active_ms;
-                t.foreign_ms += s.foreign_ms;
-            }
-            Entry::Marks(starts) => {
-                for start in starts {
-                    let a = rows.entry((start, &w.gpu_uuid, "", "")).or_default();
-                    a.windows += 1;
-                    a.raw = true;
-                    a.max_seq = a.max_seq.max(seq);
-                }
-            }
+        for (start, marker, d) in increments(level, seq, w, disputed) {
+            let key = if marker {
+                (start, w.gpu_uuid.as_str(), "", "")
+            } else {
+                (
+                    start,
+                    w.gpu_uuid.as_str(),
+                    w.assignment_status,
+                    w.grant_id.as_str(),
+                )
+            };
+            rows.entry(key).or_default().merge(&d);
         }
     }
     rows
+}
+
+impl Add {
+    fn merge(&mut self, d: &Add) {
+        self.windows += d.windows;
+        self.raw |= d.raw;
+        self.max_seq = self.max_seq.max(d.max_seq);
+        let (t, s) = (&mut self.sums, d.sums);
+        t.good_ms += s.good_ms;
+        t.unavailable_ms += s.unavailable_ms;
+        t.unattributed_ms += s.unattributed_ms;
+        t.energy_mj = t.energy_mj.saturating_add(s.energy_mj);
+        t.occupied_ms += s.occupied_ms;
+        t.grantee_occupied_ms += s.grantee_occupied_ms;
+        t.active_ms += s.active_ms;
+        t.foreign_ms += s.foreign_ms;
+    }
+}
+
+/// What one counted window adds to the rows of `level` it enters: (bucket start, whether
+/// the row is a marker, the increment).
+fn increments(level: Level, seq: i64, w: &WindowRow, disputed: bool) -> Vec<(i64, bool, Add)> {
+    match entry(level, w, disputed) {
+        Entry::Summed(start) => vec![(
+            start,
+            false,
+            Add {
+                windows: 1,
+                raw: false,
+                sums: RollupSums::of(w),
+                max_seq: seq,
+            },
+        )],
+        Entry::Marks(starts) => starts
+            .into_iter()
+            .map(|start| {
+                let mark = Add {
+                    windows: 1,
+                    raw: true,
+                    sums: RollupSums::default(),
+                    max_seq: seq,
+                };
+                (start, true, mark)
+            })
+            .collect(),
+    }
+}
+
+/// The key of one rollup row of one agent: level, bucket start, card, status, grant.
+pub type FoldKey = (Level, i64, String, &'static str, String);
+
+/// One agent's rollup rows in the buckets before `until_ms`, summed from its windows one at a
+/// time as `verify` reads them from the signed bodies (where retention dropped the window
+/// rows the SQL derivation reads).
+#[derive(Debug, Default)]
+pub struct Fold {
+    pub until_ms: i64,
+    pub rows: BTreeMap<FoldKey, Add>,
+}
+
+impl Fold {
+    pub fn new(until_ms: i64) -> Self {
+        Self {
+            until_ms,
+            rows: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a window that counts (`disputed`: reported for a card another host held).
+    pub fn add(&mut self, seq: u64, w: &WindowRow, disputed: bool) {
+        for level in [Level::Hour, Level::Day] {
+            for (start, marker, d) in increments(level, seq as i64, w, disputed) {
+                // Rows at or after the horizon are compared by the SQL derivation.
+                if start >= self.until_ms {
+                    continue;
+                }
+                let key = if marker {
+                    (level, start, w.gpu_uuid.clone(), "", String::new())
+                } else {
+                    (
+                        level,
+                        start,
+                        w.gpu_uuid.clone(),
+                        w.assignment_status,
+                        w.grant_id.clone(),
+                    )
+                };
+                self.rows.entry(key).or_default().merge(&d);
+            }
+        }
+    }
+
+    /// The stored rows (of this agent, before `until_ms`) that differ from the fold.
+    pub fn mismatches(self, agent_id: &str, stored: Vec<RollupRow>) -> Vec<RollupMismatch> {
+        let mut derived = self.rows;
+        let mut out = Vec::new();
+        let mut push = |level: Level, start_ms: i64, gpu_uuid: String, problem| {
+            out.push(RollupMismatch {
+                table: crate::store::rollup_sql::table(level),
+                start_ms,
+                gpu_uuid,
+                agent_id: agent_id.to_owned(),
+                problem,
+            })
+        };
+        for r in stored {
+            let key = (
+                r.level,
+                r.start_ms,
+                r.gpu_uuid,
+                r.assignment_status,
+                r.grant_id,
+            );
+            let got = Add {
+                windows: r.windows as i64,
+                raw: r.raw,
+                sums: r.sums,
+                max_seq: r.max_seq as i64,
+            };
+            match derived.remove(&key) {
+                Some(want) if want == got => {}
+                Some(_) => push(key.0, key.1, key.2, "differs"),
+                None => push(key.0, key.1, key.2, "not derived"),
+            }
+        }
+        for (k, _) in derived {
+            push(k.0, k.1, k.2, "missing");
+        }
+        out.sort_by(|a, b| {
+            (a.table, a.start_ms, &a.gpu_uuid).cmp(&(b.table, b.start_ms, &b.gpu_uuid))
+        });
+        out
+    }
 }
 
 /// A rollup row (or a run of them, `len` ms long) as one window spanning it, for
@@ -485,7 +604,7 @@ pub fn metered(
                 count(Counted::of_row(&r));
                 days.push(r, cuts);
             },
-            &mut |day, gpu| {
+            &mut |day, gpu, _| {
                 need_hours.entry(day).or_default().insert(gpu.to_owned());
             },
         );
@@ -500,6 +619,13 @@ pub fn metered(
         return Ok(ws);
     }
     let mut need_raw: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    // An hour read window by window must still hold its windows (see `crate::retention`).
+    let retention = if need_hours.is_empty() {
+        crate::retention::Retention::default()
+    } else {
+        store.retention()?
+    };
+    let mut refused: Option<StoreError> = None;
     for (day, cards) in need_hours {
         let (f, u) = (day.max(from_ms), (day + DAY_MS).min(until_ms));
         store.rollups(Level::Hour, f, u, &mut |group| {
@@ -514,11 +640,17 @@ pub fn metered(
                     count(Counted::of_row(&r));
                     out.push(as_window(r, HOUR_MS));
                 },
-                &mut |hour, gpu| {
+                &mut |hour, gpu, rows| {
+                    if let Err(e) = retention.check_hour(rows) {
+                        refused.get_or_insert(e);
+                    }
                     need_raw.entry(hour).or_default().insert(gpu.to_owned());
                 },
             );
         })?;
+    }
+    if let Some(e) = refused {
+        return Err(e);
     }
     // A window crossing a bucket's edge is read for each bucket it touches: once is kept.
     let mut seen: HashSet<(String, u64)> = HashSet::new();
@@ -552,7 +684,7 @@ fn take_or_descend(
     cuts: &Cuts,
     in_head: &dyn Fn(&str, u64) -> bool,
     take: &mut dyn FnMut(RollupRow),
-    descend: &mut dyn FnMut(i64, &str),
+    descend: &mut dyn FnMut(i64, &str, &[RollupRow]),
 ) {
     let Some(first) = group.first() else {
         return;
@@ -565,7 +697,7 @@ fn take_or_descend(
     if exact {
         group.into_iter().filter(|r| r.windows > 0).for_each(take);
     } else {
-        descend(start, &first.gpu_uuid);
+        descend(start, &first.gpu_uuid, &group);
     }
 }
 

@@ -104,6 +104,26 @@ pub trait ChainSource {
     fn rollup_mismatches(&self) -> Result<Vec<crate::rollup::RollupMismatch>, StoreError> {
         Ok(Vec::new())
     }
+    /// What retention dropped: each agent's cut and horizon, and the pinned card-hours. The
+    /// SQL behind [`ChainSource::rollup_mismatches`] leaves out each agent's rows before its
+    /// horizon; verification re-derives those from the bodies.
+    fn retention(&self) -> Result<crate::retention::Retention, StoreError> {
+        Ok(Default::default())
+    }
+    /// Seqs of an agent's windows reported for a card another host held.
+    fn disputed(&self, agent_id: &str) -> Result<std::collections::HashSet<u64>, StoreError> {
+        let _ = agent_id;
+        Ok(Default::default())
+    }
+    /// An agent's stored rollup rows (both levels) whose bucket starts before `until_ms`.
+    fn rollups_before(
+        &self,
+        agent_id: &str,
+        until_ms: i64,
+    ) -> Result<Vec<crate::rollup::RollupRow>, StoreError> {
+        let _ = (agent_id, until_ms);
+        Ok(Vec::new())
+    }
 }
 
 /// One entry of an agent's key history: `public_key` signs checkpoints from `from_seq` until
@@ -420,11 +440,20 @@ fn canonical(d: &Derived) -> Derived {
 struct Pending {
     seq: u64,
     expected: Vec<Option<Derived>>,
+    /// Retention may have dropped its window rows: they are compared if present, and not
+    /// missed if absent.
+    dropped: bool,
 }
 
 impl Pending {
     fn finish(self, findings: &mut Vec<Finding>) {
-        for d in self.expected.into_iter().flatten() {
+        let dropped = self.dropped;
+        for d in self
+            .expected
+            .into_iter()
+            .flatten()
+            .filter(|d| !(dropped && matches!(d, Derived::Window(_) | Derived::Principals(_))))
+        {
             findings.push(Finding::DerivedMissing {
                 seq: self.seq,
                 table: d.table(),
@@ -450,7 +479,7 @@ pub fn verify_agent(
     key: &[u8],
 ) -> Result<AgentVerification, StoreError> {
     let card_memory = src.card_memory()?;
-    verify_agent_with(src, agent_id, key, &card_memory)
+    verify_agent_with(src, agent_id, key, &card_memory, &src.retention()?)
 }
 
 fn verify_agent_with(
@@ -458,6 +487,7 @@ fn verify_agent_with(
     agent_id: &str,
     key: &[u8],
     card_memory: &HashMap<String, u64>,
+    retention: &crate::retention::Retention,
 ) -> Result<AgentVerification, StoreError> {
     let mut findings = Vec::new();
     let history = src.key_history(agent_id)?;
@@ -475,6 +505,19 @@ fn verify_agent_with(
     }
     let checkpoints = src.checkpoints(agent_id)?;
     let mut cps = checkpoints.iter().peekable();
+    // Below an agent's retention horizon its rollups are re-derived here, from the bodies.
+    let cut = retention.cuts.get(agent_id).copied();
+    let mut fold = match cut {
+        Some(c) => Some((
+            crate::rollup::Fold::new(c.horizon_ms),
+            src.flagged(agent_id)?
+                .into_iter()
+                .map(|f| f.seq)
+                .collect::<std::collections::HashSet<u64>>(),
+            src.disputed(agent_id)?,
+        )),
+        None => None,
+    };
     let mut prev: Option<(u64, Hash)> = None;
     let mut first_seq = 0;
     let mut records = 0u64;
@@ -522,12 +565,24 @@ fn verify_agent_with(
             unreadable_seq = Some(row.seq);
             chain::to_hash(&row.hash).unwrap_or([0xff; 32])
         } else {
+            let expected = expected_derived(&row.body, card_memory);
+            let mut dropped = false;
+            if let Some(Derived::Window(w)) = expected.first() {
+                dropped = retention.may_drop(agent_id, row.seq, &w.gpu_uuid, w.start_ms);
+                if let Some((fold, uncounted, disputed)) = fold.as_mut() {
+                    if w.start_ms < fold.until_ms && !uncounted.contains(&row.seq) {
+                        let mut w = w.clone();
+                        if let Some(Derived::Principals(p)) = expected.get(1) {
+                            w.principals = p.clone();
+                        }
+                        fold.add(row.seq, &w, disputed.contains(&row.seq));
+                    }
+                }
+            }
             pending = Some(Pending {
                 seq: row.seq,
-                expected: expected_derived(&row.body, card_memory)
-                    .into_iter()
-                    .map(Some)
-                    .collect(),
+                expected: expected.into_iter().map(Some).collect(),
+                dropped,
             });
             let computed = chain::record_hash(&prev_hash, row.seq, &row.body);
             if row.hash.as_slice() != computed.as_slice() {
@@ -590,6 +645,17 @@ fn verify_agent_with(
     })?;
     if let Some(p) = pending.take() {
         p.finish(&mut findings);
+    }
+    if let (Some((fold, _, _)), Some(c)) = (fold, cut) {
+        let stored = src.rollups_before(agent_id, c.horizon_ms)?;
+        for m in fold.mismatches(agent_id, stored) {
+            findings.push(Finding::RollupMismatch {
+                table: m.table,
+                start_ms: m.start_ms,
+                gpu_uuid: m.gpu_uuid,
+                problem: m.problem,
+            });
+        }
     }
     let last_seq = prev.map_or(0, |p| p.0);
     if let Some(cp) = checkpoints.last() {
@@ -692,16 +758,17 @@ pub fn verify(src: &dyn ChainSource) -> Result<VerifyReport, StoreError> {
         ..Default::default()
     };
     let card_memory = src.card_memory()?;
+    let retention = src.retention()?;
     let agents = src.agents()?;
     for (agent_id, key) in &agents {
-        let a = verify_agent_with(src, agent_id, key, &card_memory)?;
+        let a = verify_agent_with(src, agent_id, key, &card_memory, &retention)?;
         report.records += a.records;
         report.agents.push(a);
     }
     // Derived rows of an agent with no agents row: every one is an orphan.
     for id in src.derived_agents()? {
         if !agents.iter().any(|(a, _)| *a == id) {
-            let a = verify_agent_with(src, &id, &[], &card_memory)?;
+            let a = verify_agent_with(src, &id, &[], &card_memory, &retention)?;
             report.agents.push(a);
         }
     }

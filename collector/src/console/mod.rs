@@ -371,6 +371,10 @@ where
         Ok(Err(pages::PageError::BadRequest(what))) => {
             error_page(t, Some(s), StatusCode::BAD_REQUEST, &what)
         }
+        // Raw windows retention dropped: gone, and the message says from when on they are kept.
+        Ok(Err(pages::PageError::Store(crate::store::StoreError::Retained(what)))) => {
+            error_page(t, Some(s), StatusCode::GONE, &what)
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "console page failed");
             error_page(t, Some(s), StatusCode::SERVICE_UNAVAILABLE, &e.to_string())

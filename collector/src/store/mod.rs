@@ -10,6 +10,7 @@ pub mod postgres_commit;
 pub mod postgres_compact;
 pub mod postgres_integrity;
 pub mod postgres_ledger;
+pub mod postgres_retention;
 pub mod postgres_rollup;
 pub mod postgres_schema;
 pub mod rollup_sql;
@@ -18,6 +19,7 @@ pub mod sqlite_compact;
 pub mod sqlite_integrity;
 pub mod sqlite_ledger;
 pub mod sqlite_names;
+pub mod sqlite_retention;
 pub mod sqlite_rollup;
 #[cfg(test)]
 mod suite;
@@ -48,6 +50,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("{what} {id} not found")]
     NotFound { what: &'static str, id: String },
+    /// What was asked for needs raw windows that retention dropped (see `crate::retention`).
+    #[error("{0}")]
+    Retained(String),
     /// An amendment the grant rules refuse; nothing was stored.
     #[error(transparent)]
     Amend(#[from] AmendError),
@@ -573,6 +578,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError> {
         let _ = (level, from_ms, until_ms, visit);
         Ok(false)
+    }
+
+    /// What retention has dropped ([`crate::retention`]); empty where it never ran.
+    fn retention(&self) -> Result<crate::retention::Retention, StoreError> {
+        Ok(Default::default())
+    }
+
+    /// Signs a head, then drops the window rows before `req.horizon_ms` that the rollups
+    /// stand in for ([`crate::retention`]); nothing signed is deleted.
+    fn retain(
+        &self,
+        req: &crate::retention::RetainRequest,
+    ) -> Result<crate::retention::Retained, StoreError> {
+        let _ = req;
+        Err(StoreError::Conflict(
+            "this store keeps no rollups, so it cannot drop raw windows".into(),
+        ))
     }
 
     /// Stores providers (already validated, ids normalised) in one transaction: a CSP held

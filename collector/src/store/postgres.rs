@@ -771,6 +771,22 @@ impl Store for PgStore {
         Ok(true)
     }
 
+    fn retention(&self) -> Result<crate::retention::Retention, StoreError> {
+        self.reader.with(super::postgres_retention::load)
+    }
+
+    fn retain(
+        &self,
+        req: &crate::retention::RetainRequest,
+    ) -> Result<crate::retention::Retained, StoreError> {
+        let head = self.sign_head(req.at_ms)?;
+        crate::retention::run(
+            &mut super::postgres_retention::Ops(&self.writer),
+            req,
+            &head,
+        )
+    }
+
     fn card_moves(&self, gpu_uuid: Option<&str>) -> Result<Vec<CardMoveRow>, StoreError> {
         self.reader.with(|c| {
             let rows = c

@@ -386,6 +386,24 @@ impl ChainSource for PgLedger {
         self.conn.with(super::postgres_rollup::mismatches)
     }
 
+    fn retention(&self) -> Result<crate::retention::Retention, StoreError> {
+        self.conn.with(super::postgres_retention::load)
+    }
+
+    fn disputed(&self, agent_id: &str) -> Result<std::collections::HashSet<u64>, StoreError> {
+        self.conn
+            .with(|c| super::postgres_retention::disputed(c, agent_id))
+    }
+
+    fn rollups_before(
+        &self,
+        agent_id: &str,
+        until_ms: i64,
+    ) -> Result<Vec<crate::rollup::RollupRow>, StoreError> {
+        self.conn
+            .with(|c| super::postgres_retention::rollups_before(c, agent_id, until_ms))
+    }
+
     fn flagged(&self, agent_id: &str) -> Result<Vec<FlaggedWindow>, StoreError> {
         Ok(self
             .rows(

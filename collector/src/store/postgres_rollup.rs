@@ -191,7 +191,7 @@ pub fn visit(
 pub fn mismatches(c: &mut impl GenericClient) -> Result<Vec<RollupMismatch>, StoreError> {
     let mut out = Vec::new();
     for level in [Level::Hour, Level::Day] {
-        let sql = mismatch_sql(Dialect::Postgres, level, Source::Inline);
+        let sql = mismatch_sql(Dialect::Postgres, level, Source::Inline, true);
         for r in c.query(sql.as_str(), &[]).map_err(db)? {
             out.push(RollupMismatch {
                 table: table(level),

@@ -172,15 +172,26 @@ pub fn derive(d: Dialect, level: Level, source: Source) -> String {
 
 /// The keys of `level` whose stored row differs from the derived one, as (start_ms,
 /// gpu_uuid, agent_id, problem): "differs", "missing" (derived, not stored) or "not derived"
-/// (stored, not derived).
-pub fn mismatch_sql(d: Dialect, level: Level, source: Source) -> String {
+/// (stored, not derived). With `retained` (the ledger has `retention_cuts`), an agent's rows
+/// before its retention horizon are left out on both sides: their windows may be gone, and
+/// `verify` re-derives those rows from the bodies (`crate::retention`).
+pub fn mismatch_sql(d: Dialect, level: Level, source: Source, retained: bool) -> String {
     let t = table(level);
+    let kept = |x: &str| {
+        if retained {
+            format!(
+                " WHERE NOT EXISTS (SELECT 1 FROM retention_cuts r WHERE r.agent_id = {x}.agent_id AND {x}.start_ms < r.horizon_ms)"
+            )
+        } else {
+            String::new()
+        }
+    };
     let same = "l.start_ms = e.start_ms AND l.gpu_uuid = e.gpu_uuid AND l.agent_id = e.agent_id
                 AND l.assignment_status = e.assignment_status AND l.grant_id = e.grant_id";
     format!(
         "WITH derived ({COLUMNS}) AS ({derive}),
-         extra AS (SELECT {COLUMNS} FROM {t} EXCEPT SELECT {COLUMNS} FROM derived),
-         lacking AS (SELECT {COLUMNS} FROM derived EXCEPT SELECT {COLUMNS} FROM {t})
+         extra AS (SELECT {COLUMNS} FROM {t} s{kept_s} EXCEPT SELECT {COLUMNS} FROM derived),
+         lacking AS (SELECT {COLUMNS} FROM derived x{kept_x} EXCEPT SELECT {COLUMNS} FROM {t})
          SELECT e.start_ms, e.gpu_uuid, e.agent_id,
                 CASE WHEN EXISTS (SELECT 1 FROM lacking l WHERE {same})
                      THEN 'differs' ELSE 'not derived' END
@@ -190,6 +201,8 @@ pub fn mismatch_sql(d: Dialect, level: Level, source: Source) -> String {
          WHERE NOT EXISTS (SELECT 1 FROM extra e WHERE {same})
          ORDER BY 1, 2, 3",
         derive = derive(d, level, source),
+        kept_s = kept("s"),
+        kept_x = kept("x"),
     )
 }
 

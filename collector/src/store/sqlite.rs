@@ -467,6 +467,9 @@ ALTER TABLE window_principals_v11 RENAME TO window_principals;
     // 12: names interned (crate::store::sqlite_names): windows and window principals become
     // views over narrow row tables keyed by numbers.
     super::sqlite_names::MIGRATION,
+    // 13: retention (crate::retention): cuts, pins and runs; rollups by agent; grant cards by
+    // card.
+    super::sqlite_retention::MIGRATION,
 ];
 
 /// The version whose migration is followed by the rollups' backfill.
@@ -1415,6 +1418,18 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         super::sqlite_rollup::visit(&self.r(), level, from_ms, until_ms, visit)?;
         Ok(true)
+    }
+
+    fn retention(&self) -> Result<crate::retention::Retention, StoreError> {
+        super::sqlite_retention::load(&self.r(), super::sqlite_retention::VERSION)
+    }
+
+    fn retain(
+        &self,
+        req: &crate::retention::RetainRequest,
+    ) -> Result<crate::retention::Retained, StoreError> {
+        let head = self.sign_head(req.at_ms)?;
+        crate::retention::run(&mut super::sqlite_retention::Ops(&mut self.w()), req, &head)
     }
 
     fn card_moves(&self, gpu_uuid: Option<&str>) -> Result<Vec<CardMoveRow>, StoreError> {

@@ -182,7 +182,29 @@ impl ChainSource for SqliteLedger {
         if !has {
             return Ok(Vec::new());
         }
-        super::sqlite_rollup::mismatches(&self.conn)
+        super::sqlite_rollup::mismatches(
+            &self.conn,
+            self.schema_version()? >= super::sqlite_retention::VERSION,
+        )
+    }
+
+    fn retention(&self) -> Result<crate::retention::Retention, StoreError> {
+        super::sqlite_retention::load(&self.conn, self.schema_version()?)
+    }
+
+    fn disputed(&self, agent_id: &str) -> Result<std::collections::HashSet<u64>, StoreError> {
+        if !self.has_integrity_tables()? {
+            return Ok(Default::default());
+        }
+        super::sqlite_retention::disputed(&self.conn, agent_id)
+    }
+
+    fn rollups_before(
+        &self,
+        agent_id: &str,
+        until_ms: i64,
+    ) -> Result<Vec<crate::rollup::RollupRow>, StoreError> {
+        super::sqlite_retention::rollups_before(&self.conn, agent_id, until_ms)
     }
 
     fn flagged(&self, agent_id: &str) -> Result<Vec<FlaggedWindow>, StoreError> {

@@ -202,12 +202,17 @@ pub fn visit(
 
 /// Re-derives both rollup tables from the windows (as migration 9 fills them) and lists every
 /// row that differs, by key. Runs on a connection that may write temporary tables.
-pub fn mismatches(c: &Connection) -> Result<Vec<Mismatch>, StoreError> {
+pub fn mismatches(c: &Connection, retained: bool) -> Result<Vec<Mismatch>, StoreError> {
     create_source(c)?;
     let mut out = Vec::new();
     for level in [Level::Hour, Level::Day] {
         let mut st = c
-            .prepare(&mismatch_sql(Dialect::Sqlite, level, Source::Table(SOURCE)))
+            .prepare(&mismatch_sql(
+                Dialect::Sqlite,
+                level,
+                Source::Table(SOURCE),
+                retained,
+            ))
             .map_err(db)?;
         let rows = st
             .query_map([], |r| {
@@ -451,13 +456,28 @@ mod tests {
     fn report(
         store: &dyn Store,
         grants: &[Grant],
-        (from, until, as_of): (i64, i64, i64),
+        span: (i64, i64, i64),
         covered: &HashMap<&str, u64>,
         rollups: bool,
     ) -> (
         crate::reconcile::Reconciliation,
         Vec<crate::render::CardDay>,
     ) {
+        try_report(store, grants, span, covered, rollups).unwrap()
+    }
+
+    type Figures = (
+        crate::reconcile::Reconciliation,
+        Vec<crate::render::CardDay>,
+    );
+
+    fn try_report(
+        store: &dyn Store,
+        grants: &[Grant],
+        (from, until, as_of): (i64, i64, i64),
+        covered: &HashMap<&str, u64>,
+        rollups: bool,
+    ) -> Result<Figures, StoreError> {
         let in_head = |a: &str, s: u64| covered.get(a).is_some_and(|&c| s <= c);
         let idle = IdleSettings {
             threshold_pct: 10.0,
@@ -483,7 +503,6 @@ mod tests {
             rollups,
             true,
         )
-        .unwrap()
     }
 
     #[test]
@@ -882,6 +901,7 @@ mod tests {
         period: (i64, i64, i64),
         edges: (i64, Option<i64>),
         head: (u64, u64),
+        keep_days: i64,
     ) -> Result<(), TestCaseError> {
         // host-a holds every card; what agent b reports is disputed.
         store.hello(&hello("a", &CARDS)).unwrap();
@@ -932,10 +952,58 @@ mod tests {
         // A period of whole days reads rollups and still agrees.
         let whole = (T0, T0 + 3 * DAY_MS, T0 + 3 * DAY_MS);
         let all: HashMap<&str, u64> = [("a", u64::MAX), ("b", u64::MAX)].into();
+        let whole_before = report(store, &grants, whole, &all, true);
+        prop_assert_eq!(&whole_before, &report(store, &grants, whole, &all, false));
+
+        // Retention to a horizon anywhere in those days: every report gives the answer it gave
+        // before, or says that it needs windows retention dropped; whole days always answer.
+        let before_windows = store.windows(T0 - DAY_MS, T0 + 5 * DAY_MS, None).unwrap();
+        let horizon = T0 + keep_days * DAY_MS;
+        let edges = grants
+            .iter()
+            .flat_map(|g| {
+                g.cards.iter().flat_map(move |c| {
+                    let (f, u) = g.card_interval(c);
+                    [(c.gpu_uuid.clone(), f), (c.gpu_uuid.clone(), u)]
+                })
+            })
+            .collect();
+        let req = crate::retention::RetainRequest {
+            horizon_ms: horizon,
+            at_ms: T0 + 10 * DAY_MS,
+            actor: "test".into(),
+            edges,
+        };
+        let done = store.retain(&req).unwrap();
+        let kept = store.retention().unwrap();
+        let after_windows = store.windows(T0 - DAY_MS, T0 + 5 * DAY_MS, None).unwrap();
         prop_assert_eq!(
-            report(store, &grants, whole, &all, true),
-            report(store, &grants, whole, &all, false)
+            before_windows.len() - after_windows.len(),
+            done.windows_dropped as usize
         );
+        let key = |w: &crate::store::MeteredWindow| (w.agent_id.clone(), w.seq);
+        let left: std::collections::HashSet<_> = after_windows.iter().map(key).collect();
+        for w in &before_windows {
+            let may = kept.may_drop(&w.agent_id, w.seq, &w.window.gpu_uuid, w.window.start_ms);
+            prop_assert_eq!(!left.contains(&key(w)), may, "{:?}", (&w.agent_id, w.seq));
+            if may {
+                prop_assert!(w.window.end_ms <= horizon);
+            }
+        }
+        prop_assert_eq!(store.ledger().unwrap().rollup_mismatches().unwrap(), vec![]);
+        match try_report(store, &grants, span, &covered, true) {
+            Ok(after) => prop_assert_eq!(&after, &rolled),
+            Err(StoreError::Retained(_)) => prop_assert!(done.windows_dropped > 0),
+            Err(e) => panic!("{e}"),
+        }
+        prop_assert_eq!(&report(store, &grants, whole, &all, true), &whole_before);
+        // Run again: nothing more goes; a horizon before it is refused.
+        prop_assert_eq!(store.retain(&req).unwrap().windows_dropped, 0);
+        let back = crate::retention::RetainRequest {
+            horizon_ms: horizon - DAY_MS,
+            ..req
+        };
+        prop_assert!(matches!(store.retain(&back), Err(StoreError::Conflict(_))));
         Ok(())
     }
 
@@ -952,10 +1020,11 @@ mod tests {
             period in (0i64..3 * 1440, 1i64..3 * 1440, 0i64..4 * 1440),
             edges in (0i64..3 * 1440, proptest::option::of(0i64..3 * 1440)),
             head in (0u64..130, 0u64..130),
+            keep_days in 0i64..4,
         ) {
             let dir = tempfile::tempdir().unwrap();
             let store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
-            rollups_agree(&store, &gens, split, period, edges, head)?;
+            rollups_agree(&store, &gens, split, period, edges, head, keep_days)?;
         }
     }
 
@@ -970,6 +1039,7 @@ mod tests {
             period in (0i64..3 * 1440, 1i64..3 * 1440, 0i64..4 * 1440),
             edges in (0i64..3 * 1440, proptest::option::of(0i64..3 * 1440)),
             head in (0u64..130, 0u64..130),
+            keep_days in 0i64..4,
         ) {
             let Some(db) = crate::store::pg_testdb::TestPg::create("rollups") else {
                 return Ok(());
@@ -978,7 +1048,7 @@ mod tests {
             let store =
                 crate::store::postgres::PgStore::open(&db.url, Some(&dir.path().join("key")))
                     .unwrap();
-            rollups_agree(&store, &gens, split, period, edges, head)?;
+            rollups_agree(&store, &gens, split, period, edges, head, keep_days)?;
         }
     }
 }

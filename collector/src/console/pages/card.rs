@@ -208,6 +208,7 @@ pub fn page(
     }
     // One day's windows.
     let (day, from, until) = super::grants::chosen_day(r, q)?;
+    c.store.retention()?.check_raw(from, "a card's windows")?;
     let windows = c.store.windows(from, until, Some(uuid))?;
     let (shown, page, pages) = html::paginate(&windows, q.page.unwrap_or(1), WINDOWS_PER_PAGE);
     let _ = write!(

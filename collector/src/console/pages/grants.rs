@@ -227,6 +227,7 @@ pub fn hourly(
     until: i64,
     as_of_ms: i64,
 ) -> Result<Hourly, PageError> {
+    c.store.retention()?.check_raw(from, "a grant's hours")?;
     let mut windows = Vec::new();
     let mut events = Vec::new();
     for card in &grant.cards {
@@ -541,6 +542,7 @@ pub fn jobs(c: &Ctx<'_>, id: &str, q: &ListQuery) -> Result<String, PageError> {
         .iter()
         .map(|k| k.gpu_uuid.clone())
         .collect();
+    c.store.retention()?.check_raw(from, "the jobs view")?;
     let bodies = c.store.window_bodies(from, until, Some(&cards))?;
     let jobs = crate::jobs::jobs(&bodies, Some(id));
     let rows: Vec<Vec<String>> = jobs
