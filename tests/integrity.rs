@@ -1612,20 +1612,33 @@ async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
     assert!(in_pinned >= 55, "{in_pinned}");
 
     // 400 days before 2027-05-20 falls after April 2026: every window is past the horizon.
-    let retain = |now: &str| {
+    let retain = |now: &str, archive: &Path| {
         run(&[
             "retain",
             "--db",
             db.to_str().unwrap(),
             "--now",
             now,
+            "--archive",
+            archive.to_str().unwrap(),
             "--json",
         ])
     };
-    let (code, out, err) = retain("2027-05-20");
+    let archive = dir.path().join("2026.archive");
+    let (code, out, err) = retain("2027-05-20", &archive);
     assert_eq!(code, Some(0), "{err}");
     let done: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(done["cuts"].as_array().unwrap().len(), 1, "{done}");
+    // The archive holds every record below the cut, each with its checkpoints.
+    let cut = done["cuts"][0]["cut"].as_i64().unwrap();
+    assert_eq!(done["archive"]["records"].as_i64().unwrap(), cut, "{done}");
+    assert_eq!(
+        done["archive"]["checkpoints"].as_i64().unwrap(),
+        one(
+            &c,
+            &format!("SELECT COUNT(*) FROM checkpoints WHERE seq <= {cut}")
+        )
+    );
     assert!(done["pins_added"].as_u64().unwrap() >= 1, "{done}");
     let dropped = done["windows_dropped"].as_i64().unwrap();
     assert_eq!(one(&c, "SELECT COUNT(*) FROM windows"), windows - dropped);
@@ -1651,6 +1664,55 @@ async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
     assert_eq!(figures(after), figures(before));
     let (code, found, _, _) = verify_db(&db, None);
     assert_eq!((code, found), (Some(0), vec![]));
+    let check_archive = |path: &Path| {
+        let (code, out, err) = run(&[
+            "verify",
+            "--json",
+            "--db",
+            db.to_str().unwrap(),
+            "--archive",
+            path.to_str().unwrap(),
+        ]);
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        (code, v["archives"][0].clone())
+    };
+    let (code, a) = check_archive(&archive);
+    assert_eq!(code, Some(0), "{a}");
+    assert_eq!(a["records"].as_i64().unwrap(), cut);
+    assert_eq!(a["findings"], serde_json::json!([]));
+    // An archive with one body byte changed, or cut short, is caught.
+    let text = String::from_utf8(zstd::decode_all(std::fs::File::open(&archive).unwrap()).unwrap())
+        .unwrap();
+    let edited_body = {
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let i = (2..lines.len())
+            .find(|&i| lines[i].contains(r#""kind":"record""#))
+            .unwrap();
+        let mut rec: Value = serde_json::from_str(&lines[i]).unwrap();
+        let body = rec["body"].as_str().unwrap().to_owned();
+        let flipped = if body.ends_with('0') { "1" } else { "0" };
+        rec["body"] = format!("{}{flipped}", &body[..body.len() - 1]).into();
+        lines[i] = rec.to_string();
+        (i + 1, lines.join("\n") + "\n")
+    };
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, zstd::encode_all(text.as_bytes(), 3).unwrap()).unwrap();
+        p
+    };
+    let (code, a) = check_archive(&write("edited.archive", &edited_body.1));
+    assert_eq!(code, Some(1), "{a}");
+    let found = a["findings"].to_string();
+    assert!(
+        found.contains(&format!("line {}:", edited_body.0))
+            && found.contains("does not match its body")
+            && found.contains("end line"),
+        "{found}"
+    );
+    let short: String = text.lines().take(9).map(|l| format!("{l}\n")).collect();
+    let (code, a) = check_archive(&write("short.archive", &short));
+    assert_eq!(code, Some(1), "{a}");
+    assert!(a["findings"].to_string().contains("cut short"), "{a}");
 
     // A report cutting inside a dropped hour, the jobs view and the card's timeline say why.
     let (code, _, err) = report("2026-04-10T10:30:00+09:00..2026-04-10T12:00:00+09:00");
@@ -1671,11 +1733,15 @@ async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
     assert!(err.contains("dropped by retention"), "{err}");
 
     // Again: nothing more to drop. A horizon never moves back.
-    let (code, out, err) = retain("2027-05-20");
+    let (code, _, err) = retain("2027-05-20", &archive);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("never overwritten"), "{err}");
+    let (code, out, err) = retain("2027-05-20", &dir.path().join("again.archive"));
     assert_eq!(code, Some(0), "{err}");
     let again: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(again["windows_dropped"], 0, "{again}");
-    let (code, _, err) = retain("2027-01-01");
+    assert_eq!(again["archive"]["records"], 0, "{again}");
+    let (code, _, err) = retain("2027-01-01", &dir.path().join("back.archive"));
     assert_ne!(code, Some(0));
     assert!(err.contains("never moves back"), "{err}");
 

@@ -326,6 +326,7 @@ async fn the_collector_binary_serves_a_postgres_ledger_that_the_cli_verifies() {
     };
     let (code, before, err) = figures(&days);
     assert_eq!(code, Some(0), "{err}");
+    let archive = dir.path().join("retained.archive");
     let now = chrono::DateTime::from_timestamp_millis(start + 2 * 86_400_000)
         .unwrap()
         .to_rfc3339();
@@ -339,9 +340,23 @@ async fn the_collector_binary_serves_a_postgres_ledger_that_the_cli_verifies() {
         "1",
         "--collector-key",
         key.to_str().unwrap(),
+        "--archive",
+        archive.to_str().unwrap(),
     ]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("2 agents' cuts moved"), "{out}");
+    let (code, out, err) = run(&[
+        "verify",
+        "--db",
+        &url,
+        "--archive",
+        archive.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("every record is the ledger's") && out.contains("of 2 agents"),
+        "{out}"
+    );
     let left = counts("SELECT COUNT(*) FROM windows");
     assert!(left < stored / 2, "{left} of {stored} windows left");
     let (code, after, err) = figures(&days);

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod archive;
 pub mod auth;
 pub mod client;
 pub mod config;

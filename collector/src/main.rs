@@ -298,6 +298,10 @@ enum Command {
         /// An auditor's heads file (from `heads --out`): the ledger must still extend each.
         #[arg(long)]
         heads: Option<PathBuf>,
+        /// A retention archive (from `retain --archive`) to check against the ledger
+        /// (with --db; repeatable).
+        #[arg(long, requires = "db")]
+        archive: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -334,6 +338,10 @@ enum Command {
         /// The collector's signing key (PostgreSQL: required, it is kept in a file).
         #[arg(long)]
         collector_key: Option<PathBuf>,
+        /// Write the signed records this run puts below the cuts, with their checkpoints, to
+        /// this archive file (`verify --archive` checks it against the ledger).
+        #[arg(long)]
+        archive: Option<PathBuf>,
         /// Then give the freed space back (SQLite: `VACUUM`).
         #[arg(long)]
         vacuum: bool,
@@ -1112,9 +1120,16 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             max_age_days,
             now,
             collector_key,
+            archive,
             vacuum,
             json,
         } => {
+            if let Some(path) = archive.as_ref().filter(|p| p.exists()) {
+                return Err(usage(anyhow::anyhow!(
+                    "--archive {}: the file exists; an archive is never overwritten",
+                    path.display()
+                )));
+            }
             let now = match now {
                 Some(t) => parse_as_of(&t)?,
                 None => gpumeter_collector::ingest::now_ms(),
@@ -1149,16 +1164,46 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             };
             let done = store.retain(&req)?;
             drop(store);
+            let archived = match &archive {
+                Some(path) => {
+                    let ranges: Vec<(String, u64, u64)> = done
+                        .cuts
+                        .iter()
+                        .map(|c| (c.agent_id.clone(), c.above, c.cut))
+                        .collect();
+                    let ledger = gpumeter_collector::store::open_ledger(&db)?;
+                    let written = gpumeter_collector::archive::write(
+                        ledger.source(),
+                        path,
+                        &ranges,
+                        (done.horizon_ms, done.head_id, req.at_ms),
+                    )
+                    .map_err(|e| anyhow::anyhow!("--archive {}: {e}", path.display()))?;
+                    Some(written)
+                }
+                None => None,
+            };
             if vacuum && !is_pg {
                 gpumeter_collector::store::sqlite::SqliteStore::open(std::path::Path::new(&db))?
                     .vacuum()?;
             }
             if json {
+                let mut v = serde_json::to_value(&done).map_err(anyhow::Error::from)?;
+                v["archive"] = serde_json::to_value(&archived).map_err(anyhow::Error::from)?;
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&done).map_err(anyhow::Error::from)?
+                    serde_json::to_string_pretty(&v).map_err(anyhow::Error::from)?
                 );
             } else {
+                if let (Some(a), Some(path)) = (&archived, &archive) {
+                    println!(
+                        "archived {} records and {} checkpoints to {} ({} bytes)",
+                        a.records,
+                        a.checkpoints,
+                        path.display(),
+                        a.bytes
+                    );
+                }
                 println!(
                     "raw windows before {} retained as rollups only (under head {}): {} agents' cuts moved, {} window rows dropped, {} card-hours pinned",
                     gpumeter_collector::retention::kst(done.horizon_ms),
@@ -1174,6 +1219,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
             server,
             db,
             heads,
+            archive,
             json,
         } => {
             let heads = match &heads {
@@ -1181,6 +1227,7 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     .map_err(|e| anyhow::anyhow!("--heads: {e}"))?,
                 None => Vec::new(),
             };
+            let mut archives = Vec::new();
             let reply = match (server, db) {
                 (Some(server), _) => {
                     let mut c = query_client(&server)
@@ -1204,6 +1251,9 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     let mut report = gpumeter_collector::verify::verify(ledger)?;
                     report.heads = gpumeter_collector::heads::verify_heads(&heads, ledger)?;
                     report.ok &= report.heads.is_empty();
+                    for path in &archive {
+                        archives.push(gpumeter_collector::archive::check(ledger, path)?);
+                    }
                     eprintln!("verified in {:.2} s", started.elapsed().as_secs_f64());
                     gpumeter_collector::query::report_to_wire(&report)
                 }
@@ -1214,15 +1264,37 @@ async fn dispatch(cmd: Command) -> Result<(), Failure> {
                     });
                 }
             };
-            if json {
+            let archives_ok = archives.iter().all(|a| a.findings.is_empty());
+            if json && archive.is_empty() {
                 println!("{}", verify_json(&reply));
+            } else if json {
+                let mut v: serde_json::Value =
+                    serde_json::from_str(&verify_json(&reply)).map_err(anyhow::Error::from)?;
+                v["archives"] = serde_json::to_value(&archives).map_err(anyhow::Error::from)?;
+                v["ok"] = (reply.ok && archives_ok).into();
+                println!("{v}");
             } else {
                 print!("{}", render_verify(&reply));
+                for a in &archives {
+                    if a.findings.is_empty() {
+                        println!(
+                            "archive {}: {} records and {} checkpoints of {} agents: every chain and signature verifies, and every record is the ledger's",
+                            a.path, a.records, a.checkpoints, a.agents
+                        );
+                    } else {
+                        println!("archive {}: {} problems", a.path, a.findings.len());
+                        for f in &a.findings {
+                            println!("  {f}");
+                        }
+                    }
+                }
             }
-            if reply.ok {
-                Ok(())
-            } else {
+            if !reply.ok {
                 Err(anyhow::anyhow!("the ledger does not verify").into())
+            } else if !archives_ok {
+                Err(anyhow::anyhow!("an archive does not verify against the ledger").into())
+            } else {
+                Ok(())
             }
         }
         Command::Heads {

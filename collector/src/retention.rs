@@ -153,10 +153,18 @@ pub struct Retained {
     pub horizon_ms: i64,
     /// The head signed first, that covers every cut.
     pub head_id: u64,
-    /// Agents whose cut moved, with their new cut.
-    pub cuts: Vec<(String, u64)>,
+    /// Agents whose cut moved: from above `above` to `cut`.
+    pub cuts: Vec<MovedCut>,
     pub pins_added: u64,
     pub windows_dropped: u64,
+}
+
+/// One agent's cut as a run moved it: records in `(above, cut]` went below it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MovedCut {
+    pub agent_id: String,
+    pub above: u64,
+    pub cut: u64,
 }
 
 /// What `retain` is asked for.
@@ -201,7 +209,7 @@ pub trait RetainOps {
         req: &RetainRequest,
         head_id: u64,
         pins: &BTreeSet<(String, i64)>,
-        cuts: &[(String, u64)],
+        cuts: &[MovedCut],
     ) -> Result<u64, StoreError>;
     /// Every agent's recorded cut.
     fn cuts(&mut self) -> Result<Vec<(String, u64)>, StoreError>;
@@ -237,7 +245,11 @@ pub fn run(
         let (before, first_after) = ops.first_after(&leaf.agent_id, h)?;
         let checkpoints = ops.checkpoints(&leaf.agent_id, before, leaf.seq)?;
         if let Some(cut) = pick_cut(&checkpoints, leaf.seq, first_after, before) {
-            cuts.push((leaf.agent_id.clone(), cut));
+            cuts.push(MovedCut {
+                agent_id: leaf.agent_id.clone(),
+                above: before,
+                cut,
+            });
         }
     }
     let mut pins: BTreeSet<(String, i64)> = edge_pins(req.edges.iter().cloned())

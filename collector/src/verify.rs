@@ -464,7 +464,7 @@ impl Pending {
 
 /// The key that signed a checkpoint at `seq`: the last history entry starting at or below it,
 /// or the pinned key when there is no history.
-fn key_for<'a>(history: &'a [KeyEntry], pinned: &'a [u8], seq: u64) -> &'a [u8] {
+pub(crate) fn key_for<'a>(history: &'a [KeyEntry], pinned: &'a [u8], seq: u64) -> &'a [u8] {
     history
         .iter()
         .rev()

@@ -197,7 +197,7 @@ impl crate::retention::RetainOps for Ops<'_> {
         req: &RetainRequest,
         head_id: u64,
         pins: &BTreeSet<(String, i64)>,
-        cuts: &[(String, u64)],
+        cuts: &[crate::retention::MovedCut],
     ) -> Result<u64, StoreError> {
         self.0.with(|c| {
             let mut tx = c.transaction().map_err(db)?;
@@ -210,12 +210,12 @@ impl crate::retention::RetainOps for Ops<'_> {
                     &[&gpus, &hours],
                 )
                 .map_err(db)?;
-            for (agent, cut) in cuts {
+            for c in cuts {
                 tx.execute(
                     "INSERT INTO retention_cuts (agent_id, cut_seq, horizon_ms, at_ms) VALUES ($1, $2, $3, $4)
                      ON CONFLICT (agent_id) DO UPDATE SET cut_seq = excluded.cut_seq,
                          horizon_ms = excluded.horizon_ms, at_ms = excluded.at_ms",
-                    &[agent, &(*cut as i64), &req.horizon_ms, &req.at_ms],
+                    &[&c.agent_id, &(c.cut as i64), &req.horizon_ms, &req.at_ms],
                 )
                 .map_err(db)?;
             }

@@ -261,7 +261,7 @@ impl crate::retention::RetainOps for Ops<'_> {
         req: &RetainRequest,
         head_id: u64,
         pins: &BTreeSet<(String, i64)>,
-        cuts: &[(String, u64)],
+        cuts: &[crate::retention::MovedCut],
     ) -> Result<u64, StoreError> {
         let tx = self
             .0
@@ -282,8 +282,8 @@ impl crate::retention::RetainOps for Ops<'_> {
                          horizon_ms = excluded.horizon_ms, at_ms = excluded.at_ms",
                 )
                 .map_err(db)?;
-            for (agent, cut) in cuts {
-                st.execute(params![agent, *cut as i64, req.horizon_ms, req.at_ms])
+            for c in cuts {
+                st.execute(params![c.agent_id, c.cut as i64, req.horizon_ms, req.at_ms])
                     .map_err(db)?;
             }
         }
