@@ -873,6 +873,9 @@ struct RunResult {
     bytes: u64,
     /// Pages per table and index (SQLite's `dbstat`), largest first.
     tables: Vec<(String, u64)>,
+    /// After `retain` past every window and a `VACUUM`: the ledger's bytes (tables and
+    /// indexes), and the window rows dropped.
+    retained: Option<(u64, u64)>,
     /// First send to last ack, over the whole fleet.
     wall: Duration,
     /// First send to last send.
@@ -953,6 +956,7 @@ fn drive_fleet<M>(
             stored_checkpoints: 0,
             bytes: 0,
             tables: Vec::new(),
+            retained: None,
             wall: last_ack - first,
             send_span: last_send - first,
             latencies,
@@ -1055,7 +1059,32 @@ fn ingest_run(
     result.bytes = db_bytes(db);
     let wal = std::fs::metadata(format!("{}-wal", db.display())).map_or(0, |m| m.len());
     result.tables.push(("(write-ahead log)".into(), wal));
+    result.retained = Some(retained_bytes(db)?);
     Ok(result)
+}
+
+/// Retention past every window stored (issue 12 item 6), then `VACUUM`: what the ledger keeps
+/// once its raw windows are old (records, bodies, checkpoints, rollups), and the rows dropped.
+fn retained_bytes(db: &Path) -> anyhow::Result<(u64, u64)> {
+    use gpumeter_collector::store::Store;
+    let store = gpumeter_collector::store::sqlite::SqliteStore::open(db)?;
+    let last_end: i64 = Connection::open(db)?.query_row(
+        "SELECT COALESCE(MAX(end_ms), 0) FROM windows",
+        [],
+        |r| r.get(0),
+    )?;
+    let req = gpumeter_collector::retention::RetainRequest {
+        horizon_ms: gpumeter_collector::retention::horizon(last_end + 2 * 86_400_000, 1),
+        at_ms: gpumeter_collector::ingest::now_ms(),
+        actor: "bench".into(),
+        edges: Vec::new(),
+    };
+    let done = store.retain(&req)?;
+    store.vacuum()?;
+    drop(store);
+    let c = Connection::open(db)?;
+    let bytes: i64 = c.query_row("SELECT SUM(pgsize) FROM dbstat", [], |r| r.get(0))?;
+    Ok((bytes as u64, done.windows_dropped))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1538,6 +1567,18 @@ fn main() -> anyhow::Result<()> {
         row(
             &format!("  of which {table}"),
             &format!("{:.0}", per_record(*b)),
+            "",
+            "",
+        );
+    }
+    if let Some((bytes, dropped)) = sat.retained {
+        row(
+            "  once retention has dropped its raw windows",
+            &format!(
+                "{:.0} ({} window rows dropped)",
+                per_record(bytes),
+                thousands(dropped as f64)
+            ),
             "",
             "",
         );
