@@ -1505,8 +1505,8 @@ proptest::proptest! {
     }
 }
 
-/// host-r's two cards over 10:00-12:00 KST on 2026-04-10: R0 granted to G-R0 from 10:10 (an
-/// edge inside an hour), R1 to G-R1 for all of April.
+/// host-r's two cards over 22:00-01:00 KST across 2026-04-10 and 11: R0 granted to G-R0 from
+/// 22:10 (an edge inside an hour), R1 to G-R1 for all of April.
 const R0: &str = "GPU-0000000f-0000-4000-8000-000000000000";
 const R1: &str = "GPU-0000000f-0000-4000-8000-000000000001";
 
@@ -1559,7 +1559,7 @@ async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
     let url = collector.url.clone();
     let csv = format!(
         "grant_id,program,grantee,principal,csp,host_id,gpu_uuid,valid_from,valid_until\n\
-         G-R0,hpc,Acme,user:alice,kt,host-r,{R0},2026-04-10T10:10:00+09:00,2026-04-30\n\
+         G-R0,hpc,Acme,user:alice,kt,host-r,{R0},2026-04-10T22:10:00+09:00,2026-04-30\n\
          G-R1,research,Lab,user:bob,kt,host-r,{R1},2026-04-01,2026-04-30\n"
     );
     let r = gpumeter_e2e::admin_at(&url)
@@ -1573,14 +1573,29 @@ async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
         .unwrap()
         .into_inner();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
-    let t0 = chrono::DateTime::parse_from_rfc3339("2026-04-10T10:00:00+09:00")
+    // A registered provider and host: the report's fleet table reads each card's health at
+    // the period's end from its latest window.
+    let providers = dir.path().join("providers.csv");
+    std::fs::write(
+        &providers,
+        "csp,name_ko,name_en,committed_hpc,committed_research,committed_advanced\nkt,케이티,KT,1,1,0\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["providers", "import", providers.to_str().unwrap()],
+        vec!["hosts", "register", "host-r", "--csp", "kt"],
+    ] {
+        let (code, out, err) = run(&[args.as_slice(), &["--server", &url]].concat());
+        assert_eq!(code, Some(0), "{args:?}: {out}{err}");
+    }
+    let t0 = chrono::DateTime::parse_from_rfc3339("2026-04-10T22:00:00+09:00")
         .unwrap()
         .timestamp_millis();
     let agent = spawn_sim_agent(
         agent_config("host-r", "kt", &url, &dir.path().join("r"), 16),
         retention_scenario(),
         t0,
-        t0 + 7_200_000,
+        t0 + 3 * 3_600_000,
         5_000.0,
     )
     .unwrap();
@@ -1595,21 +1610,39 @@ async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
             "report", "--period", period, "--format", "json", "--server", &url,
         ])
     };
-    let (code, before, err) = report("2026-04");
-    assert_eq!(code, Some(0), "{err}");
-    let before: Value = serde_json::from_str(&before).unwrap();
+    // The month, and the two days (the first ends at midnight: the fleet's health is read
+    // from the windows of 23:45-24:00).
+    let periods = ["2026-04", "2026-04-10", "2026-04-11"];
+    let figures_of = |period: &str| {
+        let (code, out, err) = report(period);
+        assert_eq!(code, Some(0), "{period}: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        figures(v)
+    };
+    let before: Vec<Value> = periods.iter().map(|p| figures_of(p)).collect();
+    assert!(
+        before[1].to_string().contains("healthy"),
+        "the day's report has its fleet table: {}",
+        before[1]
+    );
     let (code, found, _, _) = verify_db(&db, None);
     assert_eq!((code, found), (Some(0), vec![]));
     let c = rusqlite::Connection::open(&db).unwrap();
     let windows = one(&c, "SELECT COUNT(*) FROM windows");
-    assert!(windows >= 230, "{windows} windows");
-    // The pinned hour: R0's 10:00-11:00 KST, which G-R0's start cuts.
+    assert!(windows >= 350, "{windows} windows");
+    // The pinned hours: R0's 22:00-23:00 KST, which G-R0's start cuts, and both cards' last
+    // hour of the day.
+    let hour = |h: i64| (t0 + h * 3_600_000, t0 + (h + 1) * 3_600_000);
     let pinned_sql = format!(
-        "SELECT COUNT(*) FROM windows WHERE gpu_uuid = '{R0}' AND start_ms >= {t0} AND start_ms < {}",
-        t0 + 3_600_000
+        "SELECT COUNT(*) FROM windows WHERE (gpu_uuid = '{R0}' AND start_ms >= {} AND start_ms < {})
+            OR (start_ms >= {} AND start_ms < {})",
+        hour(0).0,
+        hour(0).1,
+        hour(1).0,
+        hour(1).1
     );
     let in_pinned = one(&c, &pinned_sql);
-    assert!(in_pinned >= 55, "{in_pinned}");
+    assert!(in_pinned >= 170, "{in_pinned}");
 
     // 400 days before 2027-05-20 falls after April 2026: every window is past the horizon.
     let retain = |now: &str, archive: &Path| {
@@ -1657,11 +1690,10 @@ async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
         one(&c, "SELECT MAX(seq) FROM records")
     );
 
-    // The same month's figures, the ledger still verifying.
-    let (code, after, err) = report("2026-04");
-    assert_eq!(code, Some(0), "{err}");
-    let after: Value = serde_json::from_str(&after).unwrap();
-    assert_eq!(figures(after), figures(before));
+    // The same figures, the ledger still verifying.
+    for (p, b) in periods.iter().zip(&before) {
+        assert_eq!(&figures_of(p), b, "{p}");
+    }
     let (code, found, _, _) = verify_db(&db, None);
     assert_eq!((code, found), (Some(0), vec![]));
     let check_archive = |path: &Path| {
@@ -1715,10 +1747,16 @@ async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
     assert!(a["findings"].to_string().contains("cut short"), "{a}");
 
     // A report cutting inside a dropped hour, the jobs view and the card's timeline say why.
-    let (code, _, err) = report("2026-04-10T10:30:00+09:00..2026-04-10T12:00:00+09:00");
+    let (code, _, err) = report("2026-04-11T00:30:00+09:00..2026-04-11T02:00:00+09:00");
     assert_ne!(code, Some(0));
     assert!(
-        err.contains("dropped by retention") && err.contains(R1),
+        err.contains("dropped by retention") && err.contains("GPU-0000000f"),
+        "{err}"
+    );
+    let (code, _, err) = report("2026-04-10T00:00:00+09:00..2026-04-11T01:00:00+09:00");
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("dropped by retention") && err.contains("health"),
         "{err}"
     );
     let (code, _, err) = run(&[

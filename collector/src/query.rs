@@ -934,6 +934,14 @@ fn fleet_of(
         .collect();
     let end = report.elapsed_until_ms;
     let mut latest: std::collections::HashMap<String, (i64, CardState)> = Default::default();
+    // Retention keeps every card's last hour of each Korean day, so a period ending at a day's
+    // end still finds each card's latest window.
+    if end > report.from_ms && crate::rollup::Level::Day.bucket(end) != end {
+        store.retention()?.check_raw(
+            end - HEALTH_LOOKBACK_MS,
+            "the fleet's card health at a period's end",
+        )?;
+    }
     if end > report.from_ms {
         for w in store.windows((end - HEALTH_LOOKBACK_MS).max(report.from_ms), end, None)? {
             if !in_head(&w.agent_id, w.seq) {

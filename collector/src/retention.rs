@@ -9,7 +9,9 @@
 //! - an hour holding a rollup marker (a window across a bucket edge, or disputed), which
 //!   reports always read window by window;
 //! - an hour touched by a flagged window (kept as evidence, and for the card-time check);
-//! - an hour a grant's card interval starts or ends strictly inside.
+//! - an hour a grant's card interval starts or ends strictly inside;
+//! - the last hour of every Korean day, for every card (a report ending at a day's end reads
+//!   each card's health from its last quarter hour).
 //!
 //! Pins are added only for hours from the previous horizon on (earlier hours may already have
 //! lost rows), and a horizon never moves back. Nothing signed is deleted: records, bodies,
@@ -62,9 +64,11 @@ impl Retention {
         self.cuts.values().map(|c| c.horizon_ms).max()
     }
 
+    /// Whether the card-hour holding `start_ms` keeps every window: pinned when retention
+    /// ran, or the last hour of a Korean day (see [`last_hour_of_day`]).
     pub fn pinned(&self, gpu_uuid: &str, start_ms: i64) -> bool {
-        self.pins
-            .contains(&(gpu_uuid.to_owned(), Level::Hour.bucket(start_ms)))
+        let hour = Level::Hour.bucket(start_ms);
+        last_hour_of_day(hour) || self.pins.contains(&(gpu_uuid.to_owned(), hour))
     }
 
     /// Whether `agent_id`'s window row at `seq` (on `gpu_uuid`, starting at `start_ms`) may
@@ -109,6 +113,18 @@ impl Retention {
             _ => Ok(()),
         }
     }
+}
+
+/// The last hour of a Korean day (14:00-15:00 UTC) keeps every window, for every card: a
+/// report ending at a day's end reads each card's health from its latest window of the
+/// quarter hour before ([`crate::query::HEALTH_LOOKBACK_MS`]), so that window must stay.
+pub fn last_hour_of_day(hour_ms: i64) -> bool {
+    Level::Day.bucket(hour_ms + HOUR_MS) == hour_ms + HOUR_MS
+}
+
+/// SQL for [`last_hour_of_day`] of the hour holding `start` (an integer column, ms).
+pub fn last_hour_sql(start: &str) -> String {
+    format!("((({start}) - ((({start}) % 3600000) + 3600000) % 3600000 + 36000000) % 86400000 = 0)")
 }
 
 /// The horizon for `max_age_days` before `now_ms`: the start of that Korean day.
@@ -359,6 +375,16 @@ mod tests {
         assert!(!r.may_drop("a", 101, "GPU-1", HOUR_MS + 5));
         assert!(r.check_raw(h, "the timeline").is_ok());
         assert!(r.check_raw(h - 1, "the timeline").is_err());
+    }
+
+    #[test]
+    fn the_last_hour_of_each_korean_day_is_always_pinned() {
+        // 2026-04-10 23:00 KST is 14:00 UTC.
+        let h = 1_775_829_600_000;
+        assert!(last_hour_of_day(h));
+        assert!(!last_hour_of_day(h - HOUR_MS) && !last_hour_of_day(h + HOUR_MS));
+        let r = Retention::default();
+        assert!(r.pinned("any", h + 59 * 60_000) && !r.pinned("any", h + HOUR_MS));
     }
 
     #[test]

@@ -13,10 +13,15 @@ use super::rollup_sql::{COLUMNS, table};
 use crate::retention::{Cut, RetainRequest, Retention};
 use crate::rollup::{Level, RollupRow};
 
-/// A window row's hour is pinned (alias `w`).
-const PINNED: &str = "EXISTS (SELECT 1 FROM retention_pins p
-    WHERE p.gpu_uuid = w.gpu_uuid
-      AND p.hour_ms = w.start_ms - ((w.start_ms % 3600000) + 3600000) % 3600000)";
+/// A window row's hour is pinned (alias `w`): see `Retention::pinned`.
+fn pinned() -> String {
+    format!(
+        "({} OR EXISTS (SELECT 1 FROM retention_pins p
+            WHERE p.gpu_uuid = w.gpu_uuid
+              AND p.hour_ms = w.start_ms - ((w.start_ms % 3600000) + 3600000) % 3600000))",
+        crate::retention::last_hour_sql("w.start_ms")
+    )
+}
 
 /// What retention has dropped.
 pub fn load(c: &mut impl GenericClient) -> Result<Retention, StoreError> {
@@ -258,7 +263,8 @@ impl crate::retention::RetainOps for Ops<'_> {
                 &format!(
                     "DELETE FROM window_principals WHERE agent_id = $1 AND seq IN (
                          SELECT seq FROM windows w
-                         WHERE w.agent_id = $1 AND w.seq > $2 AND w.seq <= $3 AND NOT {PINNED})"
+                         WHERE w.agent_id = $1 AND w.seq > $2 AND w.seq <= $3 AND NOT {})",
+                    pinned()
                 ),
                 &[&agent_id, &lo, &hi],
             )
@@ -267,7 +273,8 @@ impl crate::retention::RetainOps for Ops<'_> {
                 .execute(
                     &format!(
                         "DELETE FROM windows w
-                         WHERE w.agent_id = $1 AND w.seq > $2 AND w.seq <= $3 AND NOT {PINNED}"
+                         WHERE w.agent_id = $1 AND w.seq > $2 AND w.seq <= $3 AND NOT {}",
+                        pinned()
                     ),
                     &[&agent_id, &lo, &hi],
                 )

@@ -51,10 +51,16 @@ CREATE INDEX IF NOT EXISTS grant_cards_by_gpu ON grant_cards(gpu_uuid);
 /// The first schema version with retention's tables.
 pub const VERSION: i64 = 13;
 
-/// A window row's hour is pinned (alias `w`, a `window_rows` row).
-const PINNED: &str = "EXISTS (SELECT 1 FROM retention_pins p
-    WHERE p.gpu_uuid = (SELECT name FROM names WHERE no = w.card_no)
-      AND p.hour_ms = w.start_ms - ((w.start_ms % 3600000) + 3600000) % 3600000)";
+/// A window row's hour is pinned (alias `w`, a `window_rows` row): see
+/// `Retention::pinned`.
+fn pinned() -> String {
+    format!(
+        "({} OR EXISTS (SELECT 1 FROM retention_pins p
+            WHERE p.gpu_uuid = (SELECT name FROM names WHERE no = w.card_no)
+              AND p.hour_ms = w.start_ms - ((w.start_ms % 3600000) + 3600000) % 3600000))",
+        crate::retention::last_hour_sql("w.start_ms")
+    )
+}
 
 /// What retention has dropped; empty on a ledger from before migration 13.
 pub fn load(c: &Connection, version: i64) -> Result<Retention, StoreError> {
@@ -336,7 +342,8 @@ impl crate::retention::RetainOps for Ops<'_> {
             &format!(
                 "DELETE FROM window_principal_rows WHERE agent_no = ?1 AND seq IN (
                      SELECT seq FROM window_rows w
-                     WHERE w.agent_no = ?1 AND w.seq > ?2 AND w.seq <= ?3 AND NOT {PINNED})"
+                     WHERE w.agent_no = ?1 AND w.seq > ?2 AND w.seq <= ?3 AND NOT {})",
+                pinned()
             ),
             range,
         )
@@ -345,7 +352,8 @@ impl crate::retention::RetainOps for Ops<'_> {
             .execute(
                 &format!(
                     "DELETE FROM window_rows AS w
-                     WHERE w.agent_no = ?1 AND w.seq > ?2 AND w.seq <= ?3 AND NOT {PINNED}"
+                     WHERE w.agent_no = ?1 AND w.seq > ?2 AND w.seq <= ?3 AND NOT {}",
+                    pinned()
                 ),
                 range,
             )
