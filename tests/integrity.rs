@@ -1769,6 +1769,21 @@ async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
     ]);
     assert_ne!(code, Some(0));
     assert!(err.contains("dropped by retention"), "{err}");
+    let refused = gpumeter_e2e::query_at(&url)
+        .await
+        .usage(v1::UsageRequest {
+            from_unix_ms: t0,
+            until_unix_ms: t0 + 3 * 3_600_000,
+            host_id: String::new(),
+            gpu_uuid: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert!(
+        refused.message().contains("dropped by retention"),
+        "{refused}"
+    );
 
     // Again: nothing more to drop. A horizon never moves back.
     let (code, _, err) = retain("2027-05-20", &archive);

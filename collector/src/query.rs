@@ -424,9 +424,12 @@ impl QueryService {
         }
         let store = self.store.clone();
         let (from, until) = (q.from_unix_ms, q.until_unix_ms);
-        let usage = tokio::task::spawn_blocking(move || store.usage(from, until))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let usage = tokio::task::spawn_blocking(move || {
+            store.retention()?.check_raw(from, "the usage report")?;
+            store.usage(from, until)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         let keep_host = |h: &str| q.host_id.is_empty() || q.host_id == h;
         let keep_gpu = |g: &str| q.gpu_uuid.is_empty() || q.gpu_uuid == g;
         Ok(v1::UsageReport {
