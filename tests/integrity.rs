@@ -1534,23 +1534,6 @@ processes = [{{ pid = 8, uid = 1002, user = "bob" }}]
     .unwrap()
 }
 
-/// The report's JSON without what names the head it was computed under (retention signs a
-/// newer one).
-fn figures(mut v: Value) -> Value {
-    fn strip(v: &mut Value) {
-        match v {
-            Value::Object(m) => {
-                m.retain(|k, _| !k.contains("provenance") && !k.contains("head"));
-                m.values_mut().for_each(strip);
-            }
-            Value::Array(a) => a.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    strip(&mut v);
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
     let dir = tempfile::tempdir().unwrap();
@@ -1617,7 +1600,7 @@ async fn retention_drops_raw_windows_and_every_answer_stays_the_same() {
         let (code, out, err) = report(period);
         assert_eq!(code, Some(0), "{period}: {err}");
         let v: Value = serde_json::from_str(&out).unwrap();
-        figures(v)
+        gpumeter_e2e::without_heads(v)
     };
     let before: Vec<Value> = periods.iter().map(|p| figures_of(p)).collect();
     assert!(

@@ -320,7 +320,7 @@ async fn the_collector_binary_serves_a_postgres_ledger_that_the_cli_verifies() {
         ]);
         (
             code,
-            strip_heads(serde_json::from_str(&out).unwrap_or_default()),
+            gpumeter_e2e::without_heads(serde_json::from_str(&out).unwrap_or_default()),
             err,
         )
     };
@@ -418,23 +418,6 @@ async fn the_collector_binary_serves_a_postgres_ledger_that_the_cli_verifies() {
         out.contains("record 5: its body cannot be read back: body block"),
         "{out}"
     );
-}
-
-/// A report's JSON without what names the head it was computed under (retention signs a
-/// newer one).
-fn strip_heads(mut v: serde_json::Value) -> serde_json::Value {
-    fn strip(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(m) => {
-                m.retain(|k, _| !k.contains("provenance") && !k.contains("head"));
-                m.values_mut().for_each(strip);
-            }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    strip(&mut v);
-    v
 }
 
 /// A loopback TCP proxy whose upstream can be switched: the open connections are cut and

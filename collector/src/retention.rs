@@ -32,6 +32,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+/// Card-hours, by card: hour starts.
+pub type Pins = HashMap<String, BTreeSet<i64>>;
+
 use crate::rollup::{DAY_MS, HOUR_MS, Level, RollupRow};
 use crate::store::StoreError;
 
@@ -50,8 +53,8 @@ pub struct Cut {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Retention {
     pub cuts: HashMap<String, Cut>,
-    /// Card-hours (card, hour start) whose windows are all kept.
-    pub pins: BTreeSet<(String, i64)>,
+    /// Card-hours whose windows are all kept, by card.
+    pub pins: Pins,
 }
 
 impl Retention {
@@ -68,7 +71,12 @@ impl Retention {
     /// ran, or the last hour of a Korean day (see [`last_hour_of_day`]).
     pub fn pinned(&self, gpu_uuid: &str, start_ms: i64) -> bool {
         let hour = Level::Hour.bucket(start_ms);
-        last_hour_of_day(hour) || self.pins.contains(&(gpu_uuid.to_owned(), hour))
+        last_hour_of_day(hour) || self.pins.get(gpu_uuid).is_some_and(|h| h.contains(&hour))
+    }
+
+    /// Records a pinned card-hour, as loaded.
+    pub fn pin(&mut self, gpu_uuid: String, hour_ms: i64) {
+        self.pins.entry(gpu_uuid).or_default().insert(hour_ms);
     }
 
     /// Whether `agent_id`'s window row at `seq` (on `gpu_uuid`, starting at `start_ms`) may
@@ -211,13 +219,14 @@ pub trait RetainOps {
         above: u64,
         upto: u64,
     ) -> Result<Vec<u64>, StoreError>;
-    /// The card-hours in `[from_ms, until_ms)` holding a rollup marker, or touched by a
-    /// flagged window.
+    /// The card-hours in `[from_ms, until_ms)` holding a rollup marker.
     fn marked_hours(
         &mut self,
         from_ms: i64,
         until_ms: i64,
-    ) -> Result<BTreeSet<(String, i64)>, StoreError>;
+    ) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Every flagged window starting before `until_ms`: card, start, end.
+    fn flagged_windows(&mut self, until_ms: i64) -> Result<Vec<(String, i64, i64)>, StoreError>;
     /// In one transaction: the pins (those new counted), the cuts (at `horizon_ms`) and the
     /// run's row.
     fn record(
@@ -273,6 +282,11 @@ pub fn run(
         .filter(|(_, hour)| *hour >= from && *hour < h)
         .collect();
     pins.extend(ops.marked_hours(from, h)?);
+    for (gpu, start, end) in ops.flagged_windows(h)? {
+        for hour in hours_touched(start, end, from, h) {
+            pins.insert((gpu.clone(), hour));
+        }
+    }
     let pins_added = ops.record(req, head.id, &pins, &cuts)?;
     let mut dropped = 0;
     for (agent, cut) in ops.cuts()? {
@@ -368,7 +382,7 @@ mod tests {
         assert!(err.to_string().contains("GPU-1"), "{err}");
         assert!(r.check_hour(&[row("b", 0)]).is_ok());
         assert!(r.check_hour(&[row("a", h)]).is_ok());
-        r.pins.insert(("GPU-1".into(), 0));
+        r.pin("GPU-1".into(), 0);
         assert!(r.check_hour(&[row("a", 0)]).is_ok());
         assert!(r.may_drop("a", 100, "GPU-1", HOUR_MS + 5));
         assert!(!r.may_drop("a", 100, "GPU-1", 5));

@@ -171,6 +171,18 @@ pub struct RollupSums {
 }
 
 impl RollupSums {
+    /// Adds `o` (energy saturating, as it is summed everywhere).
+    pub fn add(&mut self, o: RollupSums) {
+        self.good_ms += o.good_ms;
+        self.unavailable_ms += o.unavailable_ms;
+        self.unattributed_ms += o.unattributed_ms;
+        self.energy_mj = self.energy_mj.saturating_add(o.energy_mj);
+        self.occupied_ms += o.occupied_ms;
+        self.grantee_occupied_ms += o.grantee_occupied_ms;
+        self.active_ms += o.active_ms;
+        self.foreign_ms += o.foreign_ms;
+    }
+
     /// What one window adds (as [`crate::reconcile`] reads a window).
     pub fn of(w: &WindowRow) -> Self {
         Self {
@@ -270,15 +282,7 @@ impl Add {
         self.windows += d.windows;
         self.raw |= d.raw;
         self.max_seq = self.max_seq.max(d.max_seq);
-        let (t, s) = (&mut self.sums, d.sums);
-        t.good_ms += s.good_ms;
-        t.unavailable_ms += s.unavailable_ms;
-        t.unattributed_ms += s.unattributed_ms;
-        t.energy_mj = t.energy_mj.saturating_add(s.energy_mj);
-        t.occupied_ms += s.occupied_ms;
-        t.grantee_occupied_ms += s.grantee_occupied_ms;
-        t.active_ms += s.active_ms;
-        t.foreign_ms += s.foreign_ms;
+        self.sums.add(d.sums);
     }
 }
 
@@ -553,15 +557,7 @@ impl DayRuns {
                 *len += day;
                 run.windows += row.windows;
                 run.max_seq = run.max_seq.max(row.max_seq);
-                let (a, b) = (&mut run.sums, row.sums);
-                a.good_ms += b.good_ms;
-                a.unavailable_ms += b.unavailable_ms;
-                a.unattributed_ms += b.unattributed_ms;
-                a.energy_mj = a.energy_mj.saturating_add(b.energy_mj);
-                a.occupied_ms += b.occupied_ms;
-                a.grantee_occupied_ms += b.grantee_occupied_ms;
-                a.active_ms += b.active_ms;
-                a.foreign_ms += b.foreign_ms;
+                run.sums.add(row.sums);
             }
             _ => {
                 if let Some((run, len)) = self.runs.insert(key, (row, day)) {

@@ -524,6 +524,23 @@ pub fn target_dir() -> PathBuf {
         .expect("test binary lives in target/<profile>/deps")
 }
 
+/// A report's JSON without what names the head it was computed under (provenance, head ids):
+/// its figures, to compare reports computed under different heads.
+pub fn without_heads(mut v: serde_json::Value) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.retain(|k, _| !k.contains("provenance") && !k.contains("head"));
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut v);
+    v
+}
+
 /// Milliseconds since the epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

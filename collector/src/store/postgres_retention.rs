@@ -46,7 +46,7 @@ pub fn load(c: &mut impl GenericClient) -> Result<Retention, StoreError> {
         .query("SELECT gpu_uuid, hour_ms FROM retention_pins", &[])
         .map_err(db)?
     {
-        out.pins.insert((r.get(0), r.get(1)));
+        out.pin(r.get(0), r.get(1));
     }
     Ok(out)
 }
@@ -76,20 +76,10 @@ pub fn rollups_before(
             table(level)
         );
         for r in c.query(sql.as_str(), &[&agent_id, &until_ms]).map_err(db)? {
-            let mut n = [0i64; 10];
-            for (k, v) in n.iter_mut().enumerate() {
-                *v = r.get(if k == 0 { 5 } else { k + 6 });
-            }
-            out.push(RollupRow::stored(
+            out.push(super::postgres_rollup::stored_row(
+                &r,
                 level,
-                r.get(0),
-                r.get(1),
-                r.get(2),
-                Default::default(),
-                r.get::<_, &str>(3),
-                r.get(4),
-                r.get(6),
-                n,
+                &Default::default(),
             ));
         }
     }
@@ -166,34 +156,31 @@ impl crate::retention::RetainOps for Ops<'_> {
         &mut self,
         from_ms: i64,
         until_ms: i64,
-    ) -> Result<BTreeSet<(String, i64)>, StoreError> {
+    ) -> Result<Vec<(String, i64)>, StoreError> {
         self.0.with(|c| {
-            let mut out = BTreeSet::new();
-            for r in c
-                .query(
-                    "SELECT gpu_uuid, start_ms FROM card_hours WHERE start_ms >= $1 AND start_ms < $2 AND raw",
-                    &[&from_ms, &until_ms],
-                )
-                .map_err(db)?
-            {
-                out.insert((r.get(0), r.get(1)));
-            }
-            for r in c
-                .query(
-                    "SELECT w.gpu_uuid, w.start_ms, w.end_ms FROM window_flags f
-                     JOIN windows w ON w.agent_id = f.agent_id AND w.seq = f.seq
-                     WHERE w.start_ms < $1",
-                    &[&until_ms],
-                )
-                .map_err(db)?
-            {
-                let gpu: String = r.get(0);
-                for hour in crate::retention::hours_touched(r.get(1), r.get(2), from_ms, until_ms)
-                {
-                    out.insert((gpu.clone(), hour));
-                }
-            }
-            Ok(out)
+            Ok(c.query(
+                "SELECT gpu_uuid, start_ms FROM card_hours WHERE start_ms >= $1 AND start_ms < $2 AND raw",
+                &[&from_ms, &until_ms],
+            )
+            .map_err(db)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+        })
+    }
+
+    fn flagged_windows(&mut self, until_ms: i64) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        self.0.with(|c| {
+            Ok(c.query(
+                "SELECT w.gpu_uuid, w.start_ms, w.end_ms FROM window_flags f
+                 JOIN windows w ON w.agent_id = f.agent_id AND w.seq = f.seq
+                 WHERE w.start_ms < $1",
+                &[&until_ms],
+            )
+            .map_err(db)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
         })
     }
 

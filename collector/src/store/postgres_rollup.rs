@@ -162,28 +162,32 @@ pub fn visit(
         )
         .map_err(db)?;
     let mut buckets = Buckets::default();
+    let none = (String::new(), String::new());
     for r in rows {
-        let agent_id: String = r.get(2);
-        let at = agents.get(&agent_id).cloned().unwrap_or_default();
-        let mut n = [0i64; 10];
-        for (k, v) in n.iter_mut().enumerate() {
-            *v = r.get(if k == 0 { 5 } else { k + 6 });
-        }
-        let row = RollupRow::stored(
-            level,
-            r.get(0),
-            r.get(1),
-            agent_id,
-            at,
-            r.get::<_, &str>(3),
-            r.get(4),
-            r.get(6),
-            n,
-        );
-        buckets.push(row, visit);
+        let at = agents.get(r.get::<_, &str>(2)).unwrap_or(&none);
+        buckets.push(stored_row(&r, level, at), visit);
     }
     buckets.finish(visit);
     Ok(())
+}
+
+/// A rollup row read in [`COLUMNS`] order, with its agent's host and CSP.
+pub fn stored_row(r: &postgres::Row, level: Level, at: &(String, String)) -> RollupRow {
+    let mut n = [0i64; 10];
+    for (k, v) in n.iter_mut().enumerate() {
+        *v = r.get(if k == 0 { 5 } else { k + 6 });
+    }
+    RollupRow::stored(
+        level,
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        at.clone(),
+        r.get::<_, &str>(3),
+        r.get(4),
+        r.get(6),
+        n,
+    )
 }
 
 /// Re-derives both tables from the windows and lists every row that differs, by key (read-only:

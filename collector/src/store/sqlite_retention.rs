@@ -96,7 +96,8 @@ pub fn load(c: &Connection, version: i64) -> Result<Retention, StoreError> {
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .map_err(db)?;
     for r in rows {
-        out.pins.insert(r.map_err(db)?);
+        let (gpu, hour) = r.map_err(db)?;
+        out.pin(gpu, hour);
     }
     Ok(out)
 }
@@ -132,22 +133,7 @@ pub fn rollups_before(
             .map_err(db)?;
         let mut rows = st.query(params![agent_id, until_ms]).map_err(db)?;
         while let Some(r) = rows.next().map_err(db)? {
-            let mut n = [0i64; 10];
-            for (k, v) in n.iter_mut().enumerate() {
-                *v = r.get(if k == 0 { 5 } else { k + 6 }).map_err(db)?;
-            }
-            let status: String = r.get(3).map_err(db)?;
-            out.push(RollupRow::stored(
-                level,
-                r.get(0).map_err(db)?,
-                r.get(1).map_err(db)?,
-                r.get(2).map_err(db)?,
-                Default::default(),
-                &status,
-                r.get(4).map_err(db)?,
-                r.get(6).map_err(db)?,
-                n,
-            ));
+            out.push(super::sqlite_rollup::stored_row(r, level, &Default::default()).map_err(db)?);
         }
     }
     Ok(out)
@@ -227,39 +213,32 @@ impl crate::retention::RetainOps for Ops<'_> {
         &mut self,
         from_ms: i64,
         until_ms: i64,
-    ) -> Result<BTreeSet<(String, i64)>, StoreError> {
-        let c = &*self.0;
-        let mut out = BTreeSet::new();
-        let mut st = c
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut st = self
+            .0
             .prepare(
                 "SELECT gpu_uuid, start_ms FROM card_hours WHERE start_ms >= ?1 AND start_ms < ?2 AND raw <> 0",
             )
             .map_err(db)?;
-        let rows = st
-            .query_map(params![from_ms, until_ms], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(db)?;
-        for r in rows {
-            out.insert(r.map_err(db)?);
-        }
-        let mut st = c
+        st.query_map(params![from_ms, until_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db)?
+            .collect::<Result<_, _>>()
+            .map_err(db)
+    }
+
+    fn flagged_windows(&mut self, until_ms: i64) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        let mut st = self
+            .0
             .prepare(
                 "SELECT w.gpu_uuid, w.start_ms, w.end_ms FROM window_flags f
                  JOIN windows w ON w.agent_id = f.agent_id AND w.seq = f.seq
                  WHERE w.start_ms < ?1",
             )
             .map_err(db)?;
-        let rows = st
-            .query_map(params![until_ms], |r| {
-                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?))
-            })
-            .map_err(db)?;
-        for r in rows {
-            let (gpu, start, end) = r.map_err(db)?;
-            for hour in crate::retention::hours_touched(start, end, from_ms, until_ms) {
-                out.insert((gpu.clone(), hour));
-            }
-        }
-        Ok(out)
+        st.query_map(params![until_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(db)?
+            .collect::<Result<_, _>>()
+            .map_err(db)
     }
 
     fn record(

@@ -175,29 +175,38 @@ pub fn visit(
         .query(params![from_ms, until_ms, level.len_ms()])
         .map_err(db)?;
     let mut buckets = Buckets::default();
+    let none = (String::new(), String::new());
     while let Some(r) = rows.next().map_err(db)? {
         let agent_id: String = r.get(2).map_err(db)?;
-        let at = agents.get(&agent_id).cloned().unwrap_or_default();
-        let status: String = r.get(3).map_err(db)?;
-        let mut n = [0i64; 10];
-        for (k, v) in n.iter_mut().enumerate() {
-            *v = r.get(if k == 0 { 5 } else { k + 6 }).map_err(db)?;
-        }
-        let row = RollupRow::stored(
-            level,
-            r.get(0).map_err(db)?,
-            r.get(1).map_err(db)?,
-            agent_id,
-            at,
-            &status,
-            r.get(4).map_err(db)?,
-            r.get(6).map_err(db)?,
-            n,
-        );
-        buckets.push(row, visit);
+        let at = agents.get(&agent_id).unwrap_or(&none);
+        buckets.push(stored_row(r, level, at).map_err(db)?, visit);
     }
     buckets.finish(visit);
     Ok(())
+}
+
+/// A rollup row read in [`COLUMNS`] order, with its agent's host and CSP.
+pub fn stored_row(
+    r: &rusqlite::Row<'_>,
+    level: Level,
+    at: &(String, String),
+) -> rusqlite::Result<RollupRow> {
+    let mut n = [0i64; 10];
+    for (k, v) in n.iter_mut().enumerate() {
+        *v = r.get(if k == 0 { 5 } else { k + 6 })?;
+    }
+    let status: String = r.get(3)?;
+    Ok(RollupRow::stored(
+        level,
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        at.clone(),
+        &status,
+        r.get(4)?,
+        r.get(6)?,
+        n,
+    ))
 }
 
 /// Re-derives both rollup tables from the windows (as migration 9 fills them) and lists every
